@@ -1,0 +1,1 @@
+"""The bundle: the only contract between the host and the device (numpy + stdlib only)."""

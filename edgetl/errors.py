@@ -1,0 +1,41 @@
+"""The one error hierarchy of edgetl.
+
+Every error edgetl raises on purpose is an :class:`EdgeTLError`. The subclasses say which
+half of the contract was broken, so callers can catch narrowly. ``InputError`` is also a
+``ValueError`` so code written against plain Python conventions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class EdgeTLError(Exception):
+    """Base class of every error edgetl raises deliberately."""
+
+
+class InputError(EdgeTLError, ValueError):
+    """An argument, file or dataset given by the caller is not acceptable.
+
+    The message says what was received and what is allowed.
+    """
+
+
+class DataError(InputError):
+    """A dataset cannot be used: unreadable, empty, a single class, wrong columns."""
+
+
+class BackboneError(InputError):
+    """A backbone cannot be created or cut as asked (unknown name, bad shape, bad file)."""
+
+
+class BundleError(EdgeTLError):
+    """A bundle is malformed, tampered with, or cannot be written where asked."""
+
+
+class DependencyError(EdgeTLError, ImportError):
+    """An optional dependency (TensorFlow, onnxruntime, ...) is not installed."""
+
+
+def describe(value: object, limit: int = 80) -> str:
+    """Short repr of a received value for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,413 @@
+"""Datasets for the host side: image folders, ``.npz`` files and CSV feature tables.
+
+Everything loads into a :class:`Dataset` held in memory as numpy arrays (edge datasets
+are small; the device-side personalizer works on the same arrays). Images stay ``uint8``
+pixels in ``[0, 255]`` because every edgetl model takes raw inputs and does its own
+preprocessing; feature vectors are ``float32``.
+
+    >>> ds = load_dataset("photos/")            # photos/cat/*.jpg, photos/dog/*.png
+    >>> splits = stratified_split(ds, seed=0)   # deterministic train / val / test
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from edgetl.errors import DataError, InputError, describe
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+DataKind = Literal["image", "features"]
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Examples and integer labels with their class names.
+
+    Attributes:
+        x: ``(n, h, w, c)`` uint8 pixels for images, ``(n, d)`` float32 for features.
+        y: ``(n,)`` int64 class indices into ``class_names``.
+        class_names: one name per class, index = label.
+        kind: ``"image"`` or ``"features"``.
+        source: where it was loaded from (for messages and run records).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: tuple[str, ...]
+    kind: DataKind
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"x and y differ in length: received {len(self.x)} examples and {len(self.y)} labels in {self.source or 'dataset'}")
+        if self.kind not in ("image", "features"):
+            raise DataError(f"dataset kind must be 'image' or 'features', received {describe(self.kind)}")
+        expected_rank = 4 if self.kind == "image" else 2
+        if self.x.ndim != expected_rank:
+            raise DataError(f"{self.kind} data must have rank {expected_rank}, received x.shape={self.x.shape}")
+        if self.kind == "features" and not np.all(np.isfinite(self.x)):
+            bad = int(np.argwhere(~np.isfinite(self.x))[0][0])
+            raise DataError(f"{self.source or 'dataset'}: example {bad} has a NaN or infinite feature; clean the data before training")
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.class_names)):
+            raise DataError(f"labels must lie in [0, {len(self.class_names) - 1}], received range [{self.y.min()}, {self.y.max()}]")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.y, minlength=self.num_classes)
+        return {name: int(c) for name, c in zip(self.class_names, counts)}
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> "Dataset":
+        index = np.asarray(index, dtype=np.int64)
+        return Dataset(self.x[index], self.y[index], self.class_names, self.kind, self.source)
+
+    def require_trainable(self) -> None:
+        """Raise :class:`DataError` unless there are two or more classes, none empty."""
+        counts = self.class_counts()
+        if len(counts) < 2:
+            raise DataError(f"{self.source or 'dataset'} has {len(counts)} class ({', '.join(counts) or 'none'}); at least two classes are needed to train a classifier")
+        empty = [name for name, c in counts.items() if c == 0]
+        if empty:
+            raise DataError(f"{self.source or 'dataset'}: class(es) {', '.join(map(repr, empty))} have no usable examples; add examples or remove the class")
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    *,
+    image_size: tuple[int, int] | int | None = None,
+    channels: int | None = None,
+    label_column: str = "label",
+) -> Dataset:
+    """Load an image folder, an ``.npz`` file or a CSV file, chosen by what ``path`` is.
+
+    Args:
+        path: ``"builtin:digits"`` (scikit-learn's digits, offline), a directory with one subfolder per class, a ``.npz`` with arrays ``x`` and
+            ``y`` (optionally ``class_names``), or a ``.csv`` with a header row.
+        image_size: ``(height, width)`` or one int; images are resized to it. ``None``
+            keeps the size of the first readable image.
+        channels: 1 (grayscale) or 3 (RGB) for images; ``None`` picks 3 when any image
+            has colour, else 1.
+        label_column: the CSV column that holds the class.
+
+    Raises:
+        DataError: missing path, unsupported format, fewer than two classes, an empty class.
+    """
+    if str(path) == "builtin:digits":
+        return load_digits_dataset()
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {str(p)!r} does not exist; expected an image folder, a .npz file or a .csv file")
+    if p.is_dir():
+        ds = load_image_folder(p, image_size=image_size, channels=channels)
+    elif p.suffix.lower() == ".npz":
+        ds = load_npz(p)
+    elif p.suffix.lower() == ".csv":
+        ds = load_csv(p, label_column=label_column)
+    else:
+        raise DataError(f"cannot load {str(p)!r}: unsupported file type {p.suffix!r}; allowed: a directory of class folders, .npz, .csv")
+    ds.require_trainable()
+    return ds
+
+
+def _normalize_size(image_size: tuple[int, int] | int | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    h, w = (int(v) for v in image_size)
+    if h < 1 or w < 1:
+        raise InputError(f"image_size must be positive, received {image_size}")
+    return h, w
+
+
+def load_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    image_size: tuple[int, int] | int | None = None,
+    channels: int | None = None,
+) -> Dataset:
+    """Load ``root/<class name>/<image>`` files; unreadable files are skipped with a warning."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    size = _normalize_size(image_size)
+    if channels not in (None, 1, 3):
+        raise InputError(f"channels must be 1, 3 or None, received {describe(channels)}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{str(root)!r} has no class subfolders; expected one folder per class, e.g. {root}/cat/img1.png")
+
+    images: list[Any] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        for file in sorted(class_dir.iterdir()):
+            if file.name.startswith(".") or file.is_dir():
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                warnings.warn(f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})", stacklevel=2)
+                continue
+            try:
+                with Image.open(file) as im:
+                    im.load()
+                    images.append(im.copy())
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                warnings.warn(f"skipping {file}: cannot be read as an image ({exc})", stacklevel=2)
+                continue
+            labels.append(label)
+    names = tuple(d.name for d in class_dirs)
+    if not images:
+        raise DataError(f"{str(root)!r} has no readable images in its class folders ({', '.join(names)})")
+
+    if channels is None:
+        channels = 3 if any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images) else 1
+    if size is None:
+        size = (images[0].height, images[0].width)
+    mode = "L" if channels == 1 else "RGB"
+    x = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)
+    for i, im in enumerate(images):
+        im = im.convert(mode)
+        if (im.height, im.width) != size:
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        x[i] = np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
+    return Dataset(x, np.asarray(labels, dtype=np.int64), names, "image", str(root))
+
+
+def _encode_labels(raw: np.ndarray, class_names: Sequence[str] | None, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Map raw labels (ints or strings) to indices 0..k-1 and names."""
+    if class_names is not None:
+        names = tuple(str(n) for n in class_names)
+        if raw.dtype.kind not in "iu":
+            raise DataError(f"{source}: with class_names given, y must hold integer indices, received dtype {raw.dtype}")
+        return raw.astype(np.int64), names
+    values = np.unique(raw)
+    names = tuple(str(v) for v in values)
+    index = {v: i for i, v in enumerate(values.tolist())}
+    return np.asarray([index[v] for v in raw.tolist()], dtype=np.int64), names
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """Load arrays ``x`` and ``y`` (and optional ``class_names``) from an ``.npz`` file.
+
+    ``x`` of rank 3 or 4 (with uint8 or float values in [0, 255]) is treated as images;
+    rank 2 as feature vectors. Loaded with ``allow_pickle=False``.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read {str(path)!r} as .npz ({exc})") from exc
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"{str(path)!r} lacks array(s) {missing}; an edgetl .npz needs 'x' and 'y', found {sorted(arrays)}")
+    x, raw_y = arrays["x"], arrays["y"].reshape(-1)
+    names = arrays.get("class_names")
+    y, class_names = _encode_labels(raw_y, None if names is None else names.tolist(), str(path))
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim == 4:
+        if x.dtype != np.uint8:
+            if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 255:
+                raise DataError(f"{str(path)!r}: image pixels must lie in [0, 255]; received range [{np.nanmin(x)}, {np.nanmax(x)}]")
+            x = np.round(x).astype(np.uint8)
+        return Dataset(x, y, class_names, "image", str(path))
+    if x.ndim == 2:
+        return Dataset(x.astype(np.float32), y, class_names, "features", str(path))
+    raise DataError(f"{str(path)!r}: x must have rank 2 (features) or 3/4 (images), received shape {x.shape}")
+
+
+def load_csv(path: str | os.PathLike[str], *, label_column: str = "label") -> Dataset:
+    """Load a CSV with a header; every column except ``label_column`` must be numeric."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {str(path)!r} as CSV ({exc})") from exc
+    if not rows:
+        raise DataError(f"{str(path)!r} is empty; expected a header row and data rows")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(f"{str(path)!r} has no label column {label_column!r}; its columns are {header}. Pass --label-column NAME")
+    li = header.index(label_column)
+    features, labels = [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{str(path)}:{line_no}: expected {len(header)} columns, received {len(row)}")
+        values = []
+        for ci, cell in enumerate(row):
+            if ci == li:
+                continue
+            try:
+                values.append(float(cell))
+            except ValueError:
+                raise DataError(f"{str(path)}:{line_no}: column {header[ci]!r} must be numeric, received {describe(cell)}") from None
+        features.append(values)
+        labels.append(row[li].strip())
+    if not features:
+        raise DataError(f"{str(path)!r} has a header but no data rows")
+    raw = np.asarray(labels)
+    try:  # numeric labels sort numerically ("2" before "10")
+        numeric = raw.astype(np.int64)
+        y, names = _encode_labels(numeric, None, str(path))
+    except ValueError:
+        y, names = _encode_labels(raw, None, str(path))
+    return Dataset(np.asarray(features, dtype=np.float32), y, names, "features", str(path))
+
+
+def stratified_split(ds: Dataset, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """Split each class by the same fractions, deterministically for a given seed.
+
+    Every class keeps at least one training example; a class too small for a validation
+    or test example simply has none there.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise InputError(f"{name} must be in [0, 1), received {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise InputError(f"val_fraction + test_fraction must be below 1, received {val_fraction} + {test_fraction}")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in range(ds.num_classes):
+        idx = rng.permutation(np.flatnonzero(ds.y == c))
+        n = len(idx)
+        n_test = min(int(round(n * test_fraction)), max(n - 1, 0))
+        n_val = min(int(round(n * val_fraction)), max(n - 1 - n_test, 0))
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
+    out = {k: ds.subset(np.sort(np.concatenate(v))) for k, v in parts.items()}
+    return Splits(**out)
+
+
+def sample_shots(ds: Dataset, shots: int, *, seed: int = 0) -> Dataset:
+    """Take ``shots`` examples of every class (all of a class if it has fewer)."""
+    if shots < 1:
+        raise InputError(f"shots must be a positive integer, received {shots}")
+    rng = np.random.default_rng(seed)
+    idx = [rng.permutation(np.flatnonzero(ds.y == c))[:shots] for c in range(ds.num_classes)]
+    return ds.subset(np.sort(np.concatenate(idx)))
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights ``n / (k * n_c)``, as scikit-learn's ``"balanced"``."""
+    counts = Counter(y.tolist())
+    n = len(y)
+    return {c: n / (num_classes * counts[c]) if counts.get(c) else 0.0 for c in range(num_classes)}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Image augmentation applied to training batches only (never to val/test/export).
+
+    The preset ``"default"`` equals ``Augmentation()``.
+    """
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    rotation: float = 0.05  # fraction of a full turn
+    zoom: float = 0.1
+    brightness: float = 0.1  # fraction of the [0, 255] range
+
+    def __post_init__(self) -> None:
+        if self.flip not in ("none", "horizontal", "vertical", "horizontal_and_vertical"):
+            raise InputError(f"flip must be none|horizontal|vertical|horizontal_and_vertical, received {self.flip!r}")
+        for name in ("rotation", "zoom", "brightness"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise InputError(f"augmentation {name} must be in [0, 1), received {v}")
+
+    def build(self) -> Any:
+        """A ``tf_keras.Sequential`` of preprocessing layers (random only when training=True)."""
+        from edgetl.host._tf import keras
+
+        k = keras()
+        layers = []
+        if self.flip != "none":
+            layers.append(k.layers.RandomFlip(self.flip))
+        if self.rotation:
+            layers.append(k.layers.RandomRotation(self.rotation, fill_mode="constant"))
+        if self.zoom:
+            layers.append(k.layers.RandomZoom(self.zoom, fill_mode="constant"))
+        if self.brightness:
+            layers.append(k.layers.RandomBrightness(self.brightness, value_range=(0, 255)))
+        return k.Sequential(layers, name="augmentation")
+
+
+def to_tf_dataset(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    *,
+    num_classes: int,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    augmentation: Augmentation | None = None,
+    sample_weights: np.ndarray | None = None,
+) -> Any:
+    """Batched, prefetched ``tf.data.Dataset`` of ``(float32 x, one-hot y)``.
+
+    Augmentation runs in the input pipeline with ``training=True`` so it never becomes
+    part of the model that gets exported.
+    """
+    from edgetl.host._tf import tf
+
+    t = tf()
+    items: tuple[Any, ...] = (x.astype(np.float32, copy=False),)
+    if y is not None:
+        items += (np.eye(num_classes, dtype=np.float32)[y],)
+        if sample_weights is not None:
+            items += (sample_weights.astype(np.float32),)
+    ds = t.data.Dataset.from_tensor_slices(items if len(items) > 1 else items[0])
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augmentation is not None:
+        aug = augmentation.build()
+        ds = ds.map(lambda xb, *rest: (aug(xb, training=True), *rest), num_parallel_calls=t.data.AUTOTUNE)
+    return ds.prefetch(t.data.AUTOTUNE)
+
+
+BUILTIN_DATASETS = ("builtin:digits",)
+
+
+def load_digits_dataset(classes: Sequence[int] | None = None) -> Dataset:
+    """scikit-learn's handwritten digits (1,797 images, 8x8) as uint8 pixels in [0, 255].
+
+    Ships inside scikit-learn, so it works offline. ``classes`` keeps only those digits
+    (relabelled 0..k-1, names stay the digits).
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    keep = list(range(10)) if classes is None else [int(c) for c in classes]
+    mask = np.isin(y, keep)
+    remap = {c: i for i, c in enumerate(keep)}
+    return Dataset(x[mask], np.asarray([remap[v] for v in y[mask]], dtype=np.int64), tuple(str(c) for c in keep), "image", "builtin:digits")

@@ -1,0 +1,70 @@
+"""Source-task pretraining: learn the shared layers that a target task will reuse.
+
+``pretrain`` trains a backbone end to end with a softmax classifier on a source dataset.
+Its run directory holds ``backbone.keras`` (raw input -> embedding), which
+``create_backbone(run_dir)`` and ``edgetl train --backbone RUN_DIR`` reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgetl.errors import InputError
+from edgetl.host._tf import keras
+from edgetl.host.backbones import Backbone, adapt_normalization, create_backbone
+from edgetl.host.data import Dataset, Splits, stratified_split
+from edgetl.host.transfer import TrainConfig, TrainResult, TransferModel, _compile, _fit, evaluate_model, make_strategy, trainable_parameter_count
+
+
+def pretrain(
+    data: Splits | Dataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 0,
+) -> TrainResult:
+    """Train ``config.backbone`` (all layers) plus a classifier on the source task.
+
+    Only registry backbones with ``weights=None`` or a weights file are pretrained here;
+    fusion and fine-tuning options do not apply and are refused.
+    """
+    k = keras()
+    if config.fusion != "none" or config.fine_tune_layers:
+        raise InputError("pretrain trains every layer; fusion and fine_tune_layers apply to `train` only")
+    splits = data if isinstance(data, Splits) else stratified_split(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    splits.train.require_trainable()
+    k.utils.set_random_seed(config.seed)
+    strategy = make_strategy(config.strategy)
+    with strategy.scope():
+        backbone: Backbone = create_backbone(config.backbone, splits.train.input_shape, weights=config.weights)
+        if backbone.source == "registry":
+            adapt_normalization(backbone.model, splits.train.x.astype(np.float32))
+        inputs = k.Input(shape=splits.train.input_shape, name="input")
+        emb = backbone.model(inputs)
+        emb_in = k.Input(shape=(backbone.embedding_size,), name="embedding")
+        x = k.layers.Dropout(config.dropout, seed=config.seed)(emb_in) if config.dropout else emb_in
+        head = k.Model(emb_in, k.layers.Dense(splits.train.num_classes, activation="softmax", name="classifier")(x), name="head")
+        model = k.Model(inputs, head(emb), name="source_model")
+        _compile(model, config.learning_rate, config.label_smoothing)
+    val = (splits.val.x, splits.val.y) if len(splits.val) else None
+    t0 = time.perf_counter()
+    history = _fit(model, (splits.train.x, splits.train.y), val, config=replace(config, cache_embeddings=False), epochs=config.epochs, num_classes=splits.train.num_classes, augmentation=config.augmentation, callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - t0
+    history["phase"] = [1.0] * len(history["loss"])
+    metrics, confusion = evaluate_model(model, splits.test if len(splits.test) else splits.val, splits.train.num_classes)
+    metrics.update(
+        {
+            "trainable_params": trainable_parameter_count(model),
+            "total_params": int(model.count_params()),
+            "embedding_size": backbone.embedding_size,
+            "train_examples": len(splits.train),
+            "test_examples": len(splits.test),
+            "train_seconds": round(seconds, 4),
+        }
+    )
+    spec = dict(backbone.input_spec)
+    return TrainResult(TransferModel(model, backbone.model, head, backbone), config, splits.train.class_names, history, metrics, confusion, spec)

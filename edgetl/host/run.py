@@ -1,0 +1,159 @@
+"""Run directories: what a training run leaves on disk.
+
+``RUN/`` holds ``model.keras`` (raw input -> probabilities), ``backbone.keras`` (raw input
+-> embedding, for pretrain runs and for the exporter), ``config.json`` (the exact
+:class:`TrainConfig`, labels and input spec), ``history.json``, ``metrics.json``,
+``training_curves.png`` and ``confusion_matrix.png``.
+
+A run is written into a temporary sibling directory and renamed into place, so a crash
+never leaves a half-written run under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.errors import InputError
+from edgetl.host.transfer import TrainConfig, TrainResult
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "train", overwrite: bool = False) -> Path:
+    """Write ``result`` as a run directory at ``out``.
+
+    Raises:
+        InputError: ``out`` exists and ``overwrite`` is false.
+    """
+    from edgetl.host._tf import tf
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"run directory {str(out)!r} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result.transfer.model.save(tmp / "model.keras")
+        result.transfer.features.save(tmp / "backbone.keras")
+        write_json(
+            tmp / "config.json",
+            {
+                "kind": kind,
+                "edgetl_version": __version__,
+                "tensorflow_version": tf().__version__,
+                "class_names": list(result.class_names),
+                "input_spec": result.input_spec,
+                "backbone_name": result.transfer.backbone.name,
+                "config": result.config.to_dict(),
+            },
+        )
+        write_json(tmp / "history.json", result.history)
+        write_json(tmp / "metrics.json", {**result.metrics, "confusion_matrix": result.confusion})
+        plot_history(result.history, tmp / "training_curves.png")
+        plot_confusion(result.confusion, result.class_names, tmp / "confusion_matrix.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class Run:
+    """A run directory read back: the model (loaded in safe mode) and its records."""
+
+    path: Path
+    model: Any
+    class_names: list[str]
+    input_spec: dict[str, Any]
+    config: TrainConfig
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by :func:`save_run`."""
+    from edgetl.host.backbones import load_keras_model
+
+    path = Path(path)
+    missing = [f for f in ("model.keras", "config.json") if not (path / f).is_file()]
+    if missing:
+        raise InputError(f"{str(path)!r} is not an edgetl run directory (missing {missing}); create one with `edgetl train`")
+    info = json.loads((path / "config.json").read_text())
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    model = load_keras_model(path / "model.keras")
+    return Run(path, model, info["class_names"], info["input_spec"], TrainConfig.from_dict(info["config"]), metrics, info)
+
+
+def plot_history(history: dict[str, list[float]], path: Path) -> None:
+    """Loss and accuracy per epoch (train and validation), phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in history:
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        phases = history.get("phase", [])
+        if 2.0 in phases:
+            ax.axvline(phases.index(2.0) + 0.5, color="grey", linewidth=0.8, label="fine-tune starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...] | list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if confusion[i, j]:
+                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color="black")
+    ax.set_title("confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
