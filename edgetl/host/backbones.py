@@ -179,7 +179,9 @@ def _build_edgetl_mlp(input_shape: tuple[int, ...], weights: WeightsArg) -> Any:
     """
     k = keras()
     inputs = k.Input(shape=input_shape, name="features")
-    x = k.layers.Normalization(name="standardize", mean=np.zeros(input_shape), variance=np.ones(input_shape))(inputs)
+    # No mean/variance arguments: those become constants; as weights (identity until
+    # adapt_normalization sets them) they are saved with the model and can be adapted later.
+    x = k.layers.Normalization(name="standardize")(inputs)
     x = k.layers.Dense(64, activation="relu", name="dense1")(x)
     x = k.layers.Dense(32, activation="relu", name="embedding")(x)
     model = k.Model(inputs, x, name="backbone")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +218,10 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # Open the file ourselves: np.load leaks its handle when the zip is corrupt.
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read {str(path)!r} as .npz ({exc})") from exc
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:

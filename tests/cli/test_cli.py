@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgetl.cli import main
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+
+
+def test_backbones_lists_registry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv3small" in out and "576" in out
+
+
+def test_train_from_pretrain_run_writes_run_and_refuses_overwrite(tmp_path, source_run, capsys):
+    path, _ = source_run
+    out = tmp_path / "run"
+    argv = ["train", "--data", "builtin:digits", "--backbone", str(path), "--epochs", "2", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.3
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_pretrain_cli(tmp_path):
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--data", "builtin:digits", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    assert (out / "backbone.keras").is_file()
+    info = json.loads((out / "config.json").read_text())
+    assert info["kind"] == "pretrain" and info["input_spec"]["shape"] == [8, 8, 1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "MISSING"], "does not exist"),
+        (["--data", "builtin:digits", "--backbone", "resnet51"], "unknown backbone 'resnet51'; allowed"),
+        (["--data", "builtin:digits", "--backbone", "mobilenetv2", "--image-size", "8"], "cannot take input_shape=(8, 8, 1)"),
+        (["--data", "builtin:digits", "--epochs", "0"], "epochs must be a positive integer"),
+        (["--data", "CSV", "--label-column", "klass"], "no label column 'klass'"),
+        (["--data", "builtin:digits", "--image-size", "1", "2", "3"], "--image-size takes N or H W"),
+    ],
+)
+def test_train_failures_exit_non_zero_with_clear_message(tmp_path, capsys, args, message):
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,label\n1,x\n2,y\n")
+    args = [str(csv) if a == "CSV" else str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    code = main(["train", *args, "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_exit_non_zero(capsys):
+    assert main([]) != 0
+    assert main(["train"]) != 0  # --data and --out are required
+    assert main(["train", "--data", "x", "--out", "y", "--fusion", "sum"]) != 0
+
+
+def test_demo_console_script(tmp_path):
+    """The Quickstart's `edgetl demo`, run as users run it (console script, fresh process)."""
+    exe = shutil.which("edgetl", path=str(Path(sys.executable).parent)) or shutil.which("edgetl")
+    assert exe, "the edgetl console script is not installed"
+    proc = subprocess.run([exe, "demo", "--seeds", "2", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for shots in ("1", "3", "5", "10", "all"):
+        assert any(line.strip().startswith(f"{shots} |") for line in out.splitlines()), out
+    assert "Reading it" in out and "demo wall time" in out
+    results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    rows = {str(r["shots"]): r for r in results["rows"]}
+    assert len(rows["1"]["per_seed"]["transfer_accuracy"]) == 2
+    assert rows["all"]["transfer_accuracy_mean"] > 0.9  # DESIGN.md measured ~0.95 with conv features
+    assert rows["1"]["transfer_trainable_params"] < 0.1 * rows["1"]["scratch_trainable_params"]
+    assert (tmp_path / "demo" / "target_run" / "model.keras").is_file()

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from edgetl.errors import BackboneError, InputError
+from edgetl.host._tf import keras
+from edgetl.host.backbones import count_macs, create_backbone, leaf_layers
+from edgetl.host.data import Dataset, Splits, load_digits_dataset, stratified_split
+from edgetl.host.pretrain import pretrain
+from edgetl.host.run import load_run, save_run
+from edgetl.host.transfer import TrainConfig, build_transfer_model, train_transfer, unfreeze_top_layers
+
+
+@pytest.fixture(scope="module")
+def target_splits(digits_target):
+    return stratified_split(digits_target, val_fraction=0.1, test_fraction=0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def transfer_result(source_run, target_splits):
+    path, _ = source_run
+    return train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=60, learning_rate=1e-2, early_stopping_patience=10))
+
+
+def test_transfer_on_digits_beats_chance_with_a_small_head(transfer_result, source_run):
+    m = transfer_result.metrics
+    assert m["test_accuracy"] > 0.85  # chance is 0.2 on five target digits
+    scratch_params = source_run[1].metrics["trainable_params"]  # same architecture, every layer trained
+    assert m["trainable_params_head_phase"] < 0.1 * scratch_params
+    # Training work per example: the head alone versus backbone + head (forward MACs; the
+    # backward pass scales the same way). Wall time is measured by the demo, not asserted.
+    tm = transfer_result.transfer
+    assert count_macs(tm.head) < 0.01 * count_macs(tm.model)
+    assert m["cached_embeddings"] is True and m["unfrozen_layers"] == []
+    assert transfer_result.confusion.sum() == m["test_examples"]
+
+
+def test_backbone_stays_frozen_in_inference_mode(transfer_result, source_run):
+    _, src = source_run
+    bb = transfer_result.transfer.backbone.model
+    assert not bb.trainable
+    for ours, pretrained in zip(bb.get_weights(), src.transfer.features.get_weights()):
+        np.testing.assert_array_equal(ours, pretrained)
+
+
+def test_run_directory_round_trip(tmp_path, transfer_result, target_splits):
+    out = save_run(transfer_result, tmp_path / "run")
+    for name in ("model.keras", "backbone.keras", "config.json", "history.json", "metrics.json", "training_curves.png", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    run = load_run(out)
+    assert run.class_names == list(transfer_result.class_names)
+    assert run.config == transfer_result.config
+    assert run.input_spec["shape"] == [8, 8, 1]
+    x = target_splits.test.x[:16].astype(np.float32)
+    np.testing.assert_allclose(run.model.predict(x, verbose=0), transfer_result.model.predict(x, verbose=0), atol=1e-6)
+    with pytest.raises(InputError, match="already exists"):
+        save_run(transfer_result, out)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == len(history["phase"]) >= 1
+
+
+def test_fine_tune_unfreezes_exactly_n_layers(source_run, target_splits):
+    path, _ = source_run
+    result = train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=2, fine_tune_layers=2, fine_tune_epochs=1))
+    assert result.metrics["unfrozen_layers"] == ["conv3", "conv2"]
+    assert result.history["phase"].count(2.0) == 1
+    head_params = result.metrics["trainable_params_head_phase"]
+    conv_params = sum(int(np.prod(w.shape)) for name in ("conv2", "conv3") for w in result.transfer.backbone.model.get_layer(name).weights)
+    assert result.metrics["trainable_params_fine_tune"] == head_params + conv_params
+
+
+def test_unfreeze_counts_nested_application_layers_and_skips_batchnorm():
+    k = keras()
+    bb = create_backbone("mobilenetv2_035", (32, 32, 3))
+    names = unfreeze_top_layers(bb.model, 5)
+    trainable = [l for l in leaf_layers(bb.model) if l.trainable and l.weights]
+    assert len(names) == len(trainable) == 5
+    assert not any(isinstance(l, k.layers.BatchNormalization) for l in trainable)
+    with pytest.raises(InputError, match="exceeds"):
+        unfreeze_top_layers(bb.model, 10_000)
+
+
+@pytest.mark.parametrize("fusion", ["none", "concat"])
+def test_fusion_on_and_off(source_run, target_splits, fusion):
+    path, _ = source_run
+    result = train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=3, fusion=fusion, fusion_units=8, head_hidden_units=16))
+    tm = result.transfer
+    layer_names = [l.name for l in tm.features.layers]
+    assert ("fusion" in layer_names) == (fusion == "concat")
+    assert result.metrics["embedding_size"] == 256 + (8 if fusion == "concat" else 0)
+    assert result.metrics["cached_embeddings"] == (fusion == "none")
+    assert tm.head.get_layer("head_hidden").units == 16
+    assert result.metrics["test_accuracy"] > 0.3
+
+
+def test_features_mlp_on_csv_class_weights_label_smoothing_callbacks(tmp_path):
+    k = keras()
+    digits = load_digits_dataset()
+    rows = ["," .join([f"f{i}" for i in range(64)] + ["label"])]
+    for x, y in zip(digits.x.reshape(len(digits), -1)[:600], digits.y[:600]):
+        rows.append(",".join(map(str, x.tolist())) + f",{y}")
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    from edgetl.host.data import load_dataset
+
+    ds = load_dataset(tmp_path / "d.csv")
+    seen = []
+    cb = k.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    cfg = TrainConfig(backbone="edgetl_mlp", epochs=15, learning_rate=1e-2, early_stopping_patience=0, class_weight="balanced", label_smoothing=0.1, cache_embeddings=False)
+    result = train_transfer(ds, cfg, callbacks=[cb])
+    assert seen == list(range(15))
+    assert result.metrics["test_accuracy"] > 0.6  # random-init MLP features + trained head; chance is 0.1
+    norm = result.transfer.backbone.model.get_layer("standardize")
+    assert not np.allclose(norm.mean.numpy(), 0.0)  # adapted to the training data
+
+
+def test_same_seed_same_model(source_run, target_splits):
+    path, _ = source_run
+    cfg = TrainConfig(backbone=str(path), epochs=2, seed=7)
+    a = train_transfer(target_splits, cfg).transfer.head.get_weights()
+    b = train_transfer(target_splits, cfg).transfer.head.get_weights()
+    for wa, wb in zip(a, b):
+        np.testing.assert_allclose(wa, wb, atol=1e-6)
+
+
+def test_train_config_validation_and_from_dict():
+    with pytest.raises(InputError, match="epochs must be a positive integer, received epochs=0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(InputError, match=r"fusion must be one of \('none', 'concat'\), received fusion='sum'"):
+        TrainConfig(fusion="sum")
+    with pytest.raises(InputError, match="strategy"):
+        TrainConfig(strategy="tpu")
+    cfg = TrainConfig(epochs=3)
+    data = cfg.to_dict() | {"removed_option": 1}
+    with pytest.warns(UserWarning, match="removed_option"):
+        assert TrainConfig.from_dict(data) == cfg
+
+
+def test_data_shape_the_file_backbone_cannot_take(source_run):
+    path, _ = source_run
+    x = np.zeros((10, 16, 16, 1), np.uint8)
+    ds = Dataset(x, np.arange(10) % 2, ("a", "b"), "image")
+    with pytest.raises(BackboneError, match=r"takes input_shape=\(8, 8, 1\), the data has shape \(16, 16, 1\)"):
+        train_transfer(ds, TrainConfig(backbone=str(path), epochs=1))
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, source_run):
+    """Runs in a child process: logical devices must be configured before TensorFlow starts."""
+    path, _ = source_run
+    out = tmp_path / "mirrored"
+    cmd = [sys.executable, "-m", "edgetl.cli", "train", "--data", "builtin:digits", "--backbone", str(path), "--epochs", "2", "--strategy", "mirrored", "--cpu-devices", "2", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["replicas"] == 2
+    assert metrics["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_application_backbone_transfer_and_fine_tune(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(24, 32, 32, 3)).astype(np.uint8)
+    ds = Dataset(x, np.arange(24) % 3, ("a", "b", "c"), "image")
+    splits = Splits(ds.subset(range(18)), ds.subset([]), ds.subset(range(18, 24)))
+    result = train_transfer(splits, TrainConfig(backbone="mobilenetv3small", epochs=1, fine_tune_layers=3, fine_tune_epochs=1, batch_size=8))
+    assert len(result.metrics["unfrozen_layers"]) == 3
+    assert result.model.output_shape == (None, 3)
