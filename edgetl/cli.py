@@ -55,7 +55,7 @@ def _add_training_args(p: argparse.ArgumentParser, *, transfer: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge: train, (export, personalize,) demo.")
+    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge: pretrain, train, export, verify, inspect, demo.")
     parser.add_argument("--version", action="version", version=f"edgetl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -73,6 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, transfer=True)
 
     sub.add_parser("backbones", help="list registered backbones with input size and embedding size")
+
+    p = sub.add_parser("export", help="quantize a run and export a verified bundle (TFLite + ONNX)")
+    p.add_argument("run", help="run directory written by `edgetl train`")
+    p.add_argument("--quantize", default="none", help="comma-separated: none,dynamic,float16,int8 (fp32 is always included)")
+    p.add_argument("--format", default="tflite,onnx", help="comma-separated: tflite,onnx")
+    p.add_argument("--calibration", help="labelled data like the training data (needed for int8; its test split measures accuracy)")
+    p.add_argument("--calibration-samples", type=int, default=200)
+    p.add_argument("--image-size", type=int, nargs="+", metavar="N", help="resize calibration images (default: the model's input size)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--max-classes", type=int, help="head capacity for classes added on the device (default: 2x labels)")
+    p.add_argument("--out", required=True, help="bundle directory to create (NAME.edgetl)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("verify", help="re-run a bundle's parity checks in onnxruntime and LiteRT; exit 1 on failure")
+    p.add_argument("bundle")
+    p.add_argument("--data", help="labelled data to measure each model's accuracy on")
+    p.add_argument("--label-column", default="label")
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest as a readable summary")
+    p.add_argument("bundle")
     return parser
 
 
@@ -116,6 +137,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("pretrain", "train"):
         return _train(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "inspect":
+        return _inspect(args)
     raise InputError(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses first
 
 
@@ -163,6 +190,80 @@ def _train(args: argparse.Namespace) -> int:
     save_run(result, out, kind=args.command, overwrite=args.overwrite)
     m = result.metrics
     print(f"test accuracy {m['test_accuracy']:.4f} on {m.get('test_examples', '?')} examples; trainable parameters {m.get('trainable_params_head_phase', m.get('trainable_params'))}; wrote {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edgetl.host.data import load_dataset
+    from edgetl.host.export import QuantizeConfig, export_bundle
+    from edgetl.host.run import load_run
+
+    run = load_run(args.run)
+    configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples) for m in args.quantize.split(",") if m.strip()]
+    calibration = None
+    if args.calibration:
+        size = tuple(args.image_size) if args.image_size and len(args.image_size) == 2 else (args.image_size[0] if args.image_size else None)
+        if size is None and run.input_spec.get("kind") == "image":
+            size = tuple(run.input_spec["shape"][:2])
+        channels = run.input_spec["shape"][-1] if run.input_spec.get("kind") == "image" else None
+        calibration = load_dataset(args.calibration, image_size=size, channels=channels, label_column=args.label_column)
+    bundle, report = export_bundle(run, args.out, quantize=configs, formats=[f.strip() for f in args.format.split(",")], calibration=calibration, opset=args.opset, max_classes=args.max_classes, overwrite=args.overwrite)
+    _print_checks(report)
+    print(f"wrote {bundle.path} in {report['export_seconds']:.1f}s")
+    return 0 if report["ok"] else 1
+
+
+def _print_checks(report: dict) -> None:
+    print(f"{'file':<26} {'role':<11} {'check':<34} {'accuracy':>8}  ok")
+    for c in report["checks"]:
+        if "max_abs_diff" in c:
+            what = f"max|diff| {c['max_abs_diff']:.2e} <= {c['tolerance']:.0e}"
+        elif "top1_agreement" in c:
+            what = f"top-1 agreement {c['top1_agreement']:.3f} >= {c['min_agreement']}"
+        else:
+            what = f"relative error {c['relative_error']:.2e}"
+        acc = f"{c['accuracy']:.4f}" if "accuracy" in c else ""
+        print(f"{c['file']:<26} {c['role']:<11} {what:<34} {acc:>8}  {'yes' if c['ok'] else 'NO'}")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from edgetl.bundle import read_bundle
+    from edgetl.device.verify import verify_bundle
+
+    bundle = read_bundle(args.bundle)
+    x = y = None
+    if args.data:
+        from edgetl.host.data import load_dataset
+
+        spec = bundle.input_spec
+        image = spec.get("kind") == "image"
+        data = load_dataset(args.data, image_size=tuple(spec["shape"][:2]) if image else None, channels=spec["shape"][-1] if image else None, label_column=args.label_column)
+        if list(data.class_names) != bundle.labels:
+            raise InputError(f"--data classes {list(data.class_names)} differ from the bundle's labels {bundle.labels}")
+        x, y = data.x, data.y
+    report = verify_bundle(bundle, x, y)
+    _print_checks(report)
+    print("verification passed" if report["ok"] else "verification FAILED")
+    return 0 if report["ok"] else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from edgetl.bundle import read_bundle
+
+    b = read_bundle(args.bundle)
+    m = b.manifest
+    spec = m["input_spec"]
+    print(f"bundle {m['name']} (schema {m['schema_version']}) at {b.path}")
+    print(f"  labels ({len(m['labels'])}): {', '.join(m['labels'])}")
+    print(f"  input: {spec['shape']} {spec['dtype']} {spec.get('layout', '')}; {spec.get('preprocessing', '')}")
+    print(f"  embedding size {m['embedding_size']}; head {m['head'].get('kind')} with capacity {m['head']['max_classes']} classes")
+    print(f"  {'file':<26} {'role':<11} {'format':<7} {'precision':<9} {'bytes':>10}  sha256")
+    for a in m["artifacts"]:
+        print(f"  {a['file']:<26} {a['role']:<11} {a['format']:<7} {a['precision']:<9} {a['size']:>10,}  {a['sha256'][:12]}")
+    parity = m.get("parity")
+    if parity:
+        print(f"  parity at export: {'passed' if parity['ok'] else 'FAILED'} ({len(parity['checks'])} checks)")
+    print(f"  produced by {', '.join(f'{k} {v}' for k, v in m.get('producer', {}).items() if k != 'run')}")
     return 0
 
 

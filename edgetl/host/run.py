@@ -58,6 +58,7 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
         raise InputError(f"run directory {str(out)!r} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         result.transfer.model.save(tmp / "model.keras")
         result.transfer.features.save(tmp / "backbone.keras")

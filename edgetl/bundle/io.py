@@ -1,0 +1,144 @@
+"""Reading and writing bundle directories (stdlib + numpy only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgetl.bundle.manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, safe_file_name, validate_manifest
+from edgetl.errors import BundleError
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle whose manifest and every file hash have been checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return dict(self.manifest["input_spec"])
+
+    def artifacts(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
+        return [a for a in self.manifest["artifacts"] if (role is None or a["role"] == role) and (fmt is None or a["format"] == fmt) and (precision is None or a["precision"] == precision)]
+
+    def artifact(self, role: str, fmt: str, precision: str = "fp32") -> Path:
+        """Path of the one artifact with this role, format and precision."""
+        found = self.artifacts(role, fmt, precision)
+        if not found:
+            have = sorted({(a["role"], a["format"], a["precision"]) for a in self.manifest["artifacts"]})
+            raise BundleError(f"bundle {self.path.name!r} has no {role} artifact in {fmt}/{precision}; it has {have}")
+        return self.path / found[0]["file"]
+
+    def precisions(self, role: str = "fused", fmt: str | None = None) -> list[str]:
+        return sorted({a["precision"] for a in self.artifacts(role, fmt)})
+
+
+def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Bundle:
+    """Open a bundle directory: parse and validate the manifest, then check every file.
+
+    Raises:
+        BundleError: not a bundle, unreadable or invalid manifest, a missing file, a file
+            that is a symlink or leaves the bundle, a size or hash mismatch.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle {str(root)!r} is not a directory; expected NAME.edgetl/ written by `edgetl export`")
+    mpath = root / "manifest.json"
+    if not mpath.is_file() or mpath.is_symlink():
+        raise BundleError(f"bundle {str(root)!r} has no manifest.json (or it is a symlink)")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"manifest.json is {mpath.stat().st_size} bytes; at most {MAX_MANIFEST_BYTES} are allowed")
+    try:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(f"manifest.json of {str(root)!r} is not valid JSON: {exc}") from None
+    validate_manifest(manifest)
+    real_root = root.resolve()
+    for a in manifest["artifacts"]:
+        f = root / a["file"]
+        if f.is_symlink() or f.resolve().parent != real_root:
+            raise BundleError(f"artifact {a['file']!r} is a symlink or lies outside the bundle; refused")
+        if not f.is_file():
+            raise BundleError(f"artifact {a['file']!r} listed in the manifest is missing from {str(root)!r}")
+        size = f.stat().st_size
+        if size != a["size"]:
+            raise BundleError(f"artifact {a['file']!r} is {size} bytes, the manifest says {a['size']}: truncated or replaced")
+        if verify_hashes and sha256_file(f) != a["sha256"]:
+            raise BundleError(f"artifact {a['file']!r} fails its sha256 check: the file was modified or corrupted")
+    return Bundle(root, manifest)
+
+
+def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str] | bytes], *, overwrite: bool = False) -> Bundle:
+    """Write a bundle atomically: files and manifest go into a temporary sibling, fsynced,
+    then renamed to ``out``.
+
+    Args:
+        out: bundle directory to create.
+        manifest: manifest fields; each ``artifacts`` entry needs ``file``, ``role``,
+            ``format`` and ``precision`` (``sha256`` and ``size`` are filled in here).
+        files: file name -> bytes or a path to copy.
+        overwrite: replace an existing ``out``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        for name, content in files.items():
+            target = tmp / safe_file_name(name, "write_bundle")
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+            with open(target, "rb+") as f:
+                os.fsync(f.fileno())
+        m = json.loads(json.dumps(dict(manifest)))  # deep copy, JSON types only
+        m["schema_version"] = SCHEMA_VERSION
+        for a in m["artifacts"]:
+            f = tmp / a["file"]
+            a["sha256"] = sha256_file(f)
+            a["size"] = f.stat().st_size
+        validate_manifest(m)
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(m, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out, m)

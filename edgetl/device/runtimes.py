@@ -1,0 +1,70 @@
+"""Thin wrappers that run one model file in onnxruntime or the LiteRT interpreter.
+
+Both take and return numpy arrays and import their runtime lazily, so importing this
+module costs nothing and never touches TensorFlow.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import DependencyError
+
+
+class OnnxModel:
+    """A single-input, single-output ONNX model in onnxruntime (CPU)."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover
+            raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class TFLiteModel:
+    """A single-input, single-output TFLite model in ``ai_edge_litert``'s interpreter.
+
+    The interpreter is not thread-safe, so calls are serialised with a lock; the input is
+    resized when the batch size changes.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:  # pragma: no cover
+            raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self._in = self.interpreter.get_input_details()[0]
+        self._out = self.interpreter.get_output_details()[0]
+        self._batch = int(self._in["shape"][0])
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if x.shape[0] != self._batch:
+                self.interpreter.resize_tensor_input(self._in["index"], list(x.shape))
+                self.interpreter.allocate_tensors()
+                self._batch = x.shape[0]
+            self.interpreter.set_tensor(self._in["index"], x.astype(self._in["dtype"], copy=False))
+            self.interpreter.invoke()
+            return self.interpreter.get_tensor(self._out["index"]).copy()
+
+
+def load_model(path: str | Path, fmt: str, *, threads: int | None = None) -> Any:
+    """Open ``path`` in the runtime for ``fmt`` (``"onnx"`` or ``"tflite"``)."""
+    return OnnxModel(path, threads=threads) if fmt == "onnx" else TFLiteModel(path, threads=threads)

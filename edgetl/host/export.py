@@ -1,0 +1,302 @@
+"""Quantize and export a trained run to a verified bundle (TFLite + ONNX).
+
+For each precision the bundle gets the **fused** model (raw input -> probabilities) and the
+**backbone** (raw input -> embedding, the seam where the trainable head starts). The head is
+exported as ``head_init.npz`` (host-trained weights padded to ``max_classes`` with an
+active-class mask) plus ONNX inference and train-step graphs (SGD with momentum and Adam)
+that run on plain onnxruntime.
+
+    >>> bundle = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], calibration=data)
+    >>> # on the device, without TensorFlow:
+    >>> import onnxruntime as ort
+    >>> ort.InferenceSession("digits.edgetl/model.int8.onnx").run(None, {...})
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.bundle import Bundle, write_bundle
+from edgetl.errors import InputError, describe
+from edgetl.host._tf import keras, tf
+from edgetl.host.data import Dataset, stratified_split
+
+FORMATS = ("tflite", "onnx")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize; the preset strings equal these defaults.
+
+    ``"none"`` = ``QuantizeConfig("none")`` (fp32), ``"dynamic"`` (int8 weights, float
+    activations), ``"float16"`` (fp16 weights), ``"int8"`` (full-integer weights and
+    activations, calibrated on ``calibration_samples`` training examples; inputs and
+    outputs stay float32 so the device feeds raw values).
+    """
+
+    mode: Literal["none", "dynamic", "float16", "int8"] = "none"
+    calibration_samples: int = 200
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRECISION_OF:
+            raise InputError(f"quantize mode must be one of {tuple(PRECISION_OF)}, received {self.mode!r} (QAT is not implemented yet)")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise InputError(f"calibration_samples must be a positive integer, received {describe(self.calibration_samples)}")
+
+    @property
+    def precision(self) -> str:
+        return PRECISION_OF[self.mode]
+
+    @classmethod
+    def preset(cls, value: "str | QuantizeConfig") -> "QuantizeConfig":
+        return value if isinstance(value, QuantizeConfig) else cls(mode=value)  # type: ignore[arg-type]
+
+
+PRECISION_OF = {"none": "fp32", "dynamic": "dynamic", "float16": "float16", "int8": "int8"}
+
+
+def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None) -> bytes:
+    """Convert a Keras model with ``tf.lite.TFLiteConverter``."""
+    t = tf()
+    conv = t.lite.TFLiteConverter.from_keras_model(model)
+    if q.mode == "dynamic":
+        conv.optimizations = [t.lite.Optimize.DEFAULT]
+    elif q.mode == "float16":
+        conv.optimizations = [t.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [t.float16]
+    elif q.mode == "int8":
+        if calibration is None or not len(calibration):
+            raise InputError("int8 quantization needs calibration data (--calibration D)")
+        samples = calibration.astype(np.float32)
+
+        def representative() -> Any:
+            for i in range(len(samples)):
+                yield [samples[i : i + 1]]
+
+        conv.optimizations = [t.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = t.float32
+        conv.inference_output_type = t.float32
+    return conv.convert()
+
+
+def keras_to_onnx(model: Any, opset: int) -> bytes:
+    import tf2onnx
+
+    t = tf()
+    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    return proto.SerializeToString()
+
+
+def tflite_to_onnx(tflite: bytes, opset: int) -> bytes:
+    """Quantized ONNX from the quantized TFLite, so both formats carry the same int8 graph.
+
+    (Comparing with onnxruntime's own static QDQ quantization is still to be done.)
+    """
+    import tf2onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.tflite")
+        Path(path).write_bytes(tflite)
+        proto, _ = tf2onnx.convert.from_tflite(path, opset=opset)
+    return proto.SerializeToString()
+
+
+def split_model(model: Any) -> tuple[Any, Any]:
+    """(raw input -> embedding at the seam, the trainable classifier Dense layer).
+
+    The seam is the classifier's input: a hidden head layer, if any, goes with the backbone,
+    so the device trains exactly one linear layer.
+    """
+    k = keras()
+    features, head = model.get_layer("features"), model.get_layer("head")
+    x = features(model.input)
+    for layer in head.layers[1:-1]:
+        x = layer(x)
+    classifier = head.layers[-1]
+    if not isinstance(classifier, k.layers.Dense):
+        raise InputError(f"the head must end in a Dense classifier, found {classifier.__class__.__name__}")
+    return k.Model(model.input, x, name="backbone_export"), classifier
+
+
+def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input/output names and shapes of an artifact, read back from the file itself."""
+    if fmt == "onnx":
+        import onnx
+
+        m = onnx.load_from_string(content)
+        init = {i.name for i in m.graph.initializer}
+
+        def desc(v: Any) -> dict[str, Any]:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            return {"name": v.name, "shape": dims}
+
+        return [desc(v) for v in m.graph.input if v.name not in init], [desc(v) for v in m.graph.output]
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=content)
+
+    def desc_t(d: dict[str, Any]) -> dict[str, Any]:
+        q = d.get("quantization_parameters", {})
+        out = {"name": d["name"], "shape": [None] + [int(v) for v in d["shape"][1:]], "dtype": np.dtype(d["dtype"]).name}
+        if len(q.get("scales", [])):
+            out["quantization"] = {"scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]]}
+        return out
+
+    return [desc_t(d) for d in it.get_input_details()], [desc_t(d) for d in it.get_output_details()]
+
+
+def export_bundle(
+    run: str | os.PathLike[str] | Any,
+    out: str | os.PathLike[str],
+    *,
+    quantize: Sequence[str | QuantizeConfig] = ("none",),
+    formats: Sequence[str] = FORMATS,
+    calibration: Dataset | None = None,
+    opset: int = 17,
+    max_classes: int | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Bundle, dict[str, Any]]:
+    """Export ``run`` (a run directory or :class:`edgetl.host.run.Run`) to a verified bundle.
+
+    Args:
+        quantize: one or more presets/configs; fp32 is always included as the reference.
+        formats: subset of ``("tflite", "onnx")``.
+        calibration: labelled data like the training data; its train split (by the run's
+            seed and fractions) calibrates int8, its test split measures accuracy.
+        opset: ONNX opset (>= 13).
+        max_classes: head capacity for classes added on the device (default: 2x labels).
+
+    Returns:
+        The written :class:`Bundle` and the verification report (also in the manifest).
+
+    Raises:
+        InputError: bad options or data; BundleError: ``out`` exists (without overwrite).
+    """
+    from edgetl.device.verify import verify_bundle
+    from edgetl.host.head_graphs import head_infer_onnx, head_train_onnx
+    from edgetl.host.run import Run, load_run
+
+    started = time.perf_counter()
+    r: Run = run if isinstance(run, Run) else load_run(run)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InputError(f"formats must be a non-empty subset of {FORMATS}, received {list(formats)}")
+    if not 13 <= opset <= 21:
+        raise InputError(f"opset must be in 13..21, received {opset}")
+    configs = [QuantizeConfig.preset(q) for q in quantize]
+    if not any(c.mode == "none" for c in configs):
+        configs.insert(0, QuantizeConfig("none"))
+    n_labels = len(r.class_names)
+    cap = max_classes or 2 * n_labels
+    if cap < n_labels:
+        raise InputError(f"max_classes must be at least the {n_labels} trained classes, received {cap}")
+    if Path(out).exists() and not overwrite:
+        from edgetl.errors import BundleError
+
+        raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+
+    shape = tuple(r.input_spec["shape"])
+    calib_x = test_x = test_y = None
+    if calibration is not None:
+        if calibration.input_shape != shape:
+            raise InputError(f"calibration data has input shape {calibration.input_shape}, the model takes {shape}")
+        if tuple(calibration.class_names) != tuple(r.class_names):
+            raise InputError(f"calibration data classes {list(calibration.class_names)} differ from the run's {r.class_names}")
+        splits = stratified_split(calibration, val_fraction=r.config.val_fraction, test_fraction=r.config.test_fraction, seed=r.config.seed)
+        rng = np.random.default_rng(0)
+        n_cal = max(c.calibration_samples for c in configs)
+        calib_x = splits.train.x[rng.permutation(len(splits.train))[:n_cal]].astype(np.float32)
+        test_x, test_y = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y)
+    elif any(c.mode == "int8" for c in configs):
+        raise InputError("int8 quantization needs calibration data: pass calibration=Dataset (--calibration D)")
+
+    backbone, classifier = split_model(r.model)
+    W, b = (w.astype(np.float32) for w in classifier.get_weights())
+    emb_size = W.shape[0]
+    Wp = np.zeros((emb_size, cap), np.float32)
+    Wp[:, :n_labels] = W
+    bp = np.zeros(cap, np.float32)
+    bp[:n_labels] = b
+    mask = np.zeros(cap, np.float32)
+    mask[:n_labels] = 1.0
+
+    # Parity inputs: held-out examples when given, else values spread over the input range.
+    if test_x is not None:
+        parity_x = test_x[:32].astype(np.float32)
+    else:
+        hi = 255.0 if r.input_spec.get("value_range") else 1.0
+        parity_x = np.random.default_rng(0).uniform(0, hi, size=(32, *shape)).astype(np.float32)
+    probs = r.model.predict(parity_x, verbose=0)
+    embs = backbone.predict(parity_x, verbose=0)
+
+    files: dict[str, bytes] = {}
+    artifacts: list[dict[str, Any]] = []
+
+    def add(fname: str, content: bytes, role: str, fmt: str, precision: str, **extra: Any) -> None:
+        files[fname] = content
+        entry = {"file": fname, "role": role, "format": fmt, "precision": precision, **extra}
+        if fmt in FORMATS:
+            entry["inputs"], entry["outputs"] = _io(content, fmt)
+        artifacts.append(entry)
+
+    timings: dict[str, float] = {}
+    for c in configs:
+        p = c.precision
+        for role, model in (("fused", r.model), ("backbone", backbone)):
+            stem = "model" if role == "fused" else "backbone"
+            t0 = time.perf_counter()
+            tfl = to_tflite(model, c, calib_x[: c.calibration_samples] if calib_x is not None else None)
+            if "tflite" in formats:
+                add(f"{stem}.{p}.tflite", tfl, role, "tflite", p)
+            if "onnx" in formats:
+                add(f"{stem}.{p}.onnx", keras_to_onnx(model, opset) if p == "fp32" else tflite_to_onnx(tfl, opset), role, "onnx", p)
+            timings[f"{stem}.{p}"] = round(time.perf_counter() - t0, 3)
+
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, W=Wp, b=bp, mask=mask)
+    add("head_init.npz", buf.getvalue(), "head_init", "npz", "fp32")
+    if "onnx" in formats:
+        add("head_infer.onnx", head_infer_onnx(emb_size, cap), "head_infer", "onnx", "fp32")
+        for opt in ("sgd", "adam"):
+            add(f"head_train_{opt}.onnx", head_train_onnx(emb_size, cap, opt), "head_train", "onnx", "fp32", optimizer=opt)
+    buf = io.BytesIO()
+    np.savez(buf, x=parity_x, probabilities=probs.astype(np.float32), embeddings=embs.astype(np.float32))
+    add("parity.npz", buf.getvalue(), "parity", "npz", "fp32")
+
+    tf_version = tf().__version__
+    import onnx as _onnx
+    import tf2onnx as _tf2onnx
+
+    manifest = {
+        "name": name or Path(out).name.removesuffix(".edgetl"),
+        "labels": list(r.class_names),
+        "input_spec": {**r.input_spec, "dtype": "float32", "shape": list(shape)},
+        "embedding_size": int(emb_size),
+        "head": {"kind": "linear_softmax", "max_classes": cap, "active_classes": n_labels, "optimizers": ["sgd", "adam"], "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2"},
+        "artifacts": artifacts,
+        "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},
+        "producer": {"edgetl": __version__, "tensorflow": tf_version, "tf2onnx": _tf2onnx.__version__, "onnx": _onnx.__version__, "onnx_opset": opset, "run": str(r.path)},
+    }
+    bundle = write_bundle(out, manifest, files, overwrite=overwrite)
+    report = verify_bundle(bundle, test_x, test_y)
+    report["export_seconds"] = round(time.perf_counter() - started, 2)
+    report["conversion_seconds"] = timings
+    manifest = dict(bundle.manifest)
+    manifest["parity"] = report
+    # The manifest is rewritten with the parity report; artifact hashes are unchanged.
+    bundle = write_bundle(out, manifest, files, overwrite=True)
+    return bundle, report

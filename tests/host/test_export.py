@@ -1,0 +1,92 @@
+"""Export a real trained run in every precision and format, verified in the real runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgetl.bundle import read_bundle
+from edgetl.cli import main
+from edgetl.device.head_math import masked_softmax
+from edgetl.device.runtimes import load_model
+from edgetl.errors import BundleError, InputError
+from edgetl.host.export import QuantizeConfig, export_bundle
+from edgetl.host.run import save_run
+from edgetl.host.transfer import TrainConfig, train_transfer
+
+
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory, source_run, digits_target):
+    path, _ = source_run
+    result = train_transfer(digits_target, TrainConfig(backbone=str(path), epochs=40, learning_rate=1e-2))
+    return save_run(result, tmp_path_factory.mktemp("export") / "target")
+
+
+@pytest.fixture(scope="module")
+def full_bundle(tmp_path_factory, target_run, digits_target):
+    out = tmp_path_factory.mktemp("bundles") / "digits.edgetl"
+    return export_bundle(target_run, out, quantize=["none", "dynamic", "float16", "int8"], calibration=digits_target)
+
+
+def test_every_precision_and_format_passes_parity(full_bundle):
+    bundle, report = full_bundle
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+    have = {(a["role"], a["format"], a["precision"]) for a in bundle.manifest["artifacts"]}
+    for precision in ("fp32", "dynamic", "float16", "int8"):
+        for fmt in ("tflite", "onnx"):
+            assert ("fused", fmt, precision) in have and ("backbone", fmt, precision) in have
+    fp32 = [c for c in report["checks"] if c["precision"] == "fp32" and c["role"] in ("fused", "backbone")]
+    assert len(fp32) == 4 and all(c["max_abs_diff"] <= 1e-4 for c in fp32)
+    int8 = [c for c in report["checks"] if c["precision"] == "int8" and c["role"] == "fused"]
+    assert all(c["accuracy_drop"] <= 0.03 for c in int8)
+    heads = [c for c in report["checks"] if c["role"] == "head_train"]
+    assert {c["optimizer"] for c in heads} == {"sgd", "adam"} and all(c["max_abs_diff"] <= 1e-5 for c in heads)
+
+
+def test_int8_is_smaller_and_the_manifest_round_trips(full_bundle):
+    bundle, _ = full_bundle
+    again = read_bundle(bundle.path)
+    assert again.manifest == bundle.manifest and again.manifest["parity"]["ok"]
+    size = {a["file"]: a["size"] for a in again.manifest["artifacts"]}
+    assert size["model.int8.tflite"] < 0.35 * size["model.fp32.tflite"]
+    int8 = next(a for a in again.manifest["artifacts"] if a["file"] == "model.int8.tflite")
+    assert int8["inputs"][0]["dtype"] == "float32"  # the device feeds raw values
+
+
+def test_backbone_plus_head_init_equals_fused(full_bundle):
+    bundle, _ = full_bundle
+    x = np.load(bundle.artifact("parity", "npz"))["x"][:8]
+    init = np.load(bundle.artifact("head_init", "npz"), allow_pickle=False)
+    emb = load_model(bundle.artifact("backbone", "onnx"), "onnx")(x)
+    probs = masked_softmax(emb @ init["W"] + init["b"], init["mask"])[:, : len(bundle.labels)]
+    np.testing.assert_allclose(probs, load_model(bundle.artifact("fused", "tflite"), "tflite")(x), atol=1e-5)
+
+
+def test_export_refusals(tmp_path, target_run, digits_target, full_bundle):
+    with pytest.raises(InputError, match="calibration"):
+        export_bundle(target_run, tmp_path / "a.edgetl", quantize=["int8"])
+    with pytest.raises(InputError, match="quantize mode must be one of"):
+        QuantizeConfig("int4")
+    with pytest.raises(InputError, match="formats"):
+        export_bundle(target_run, tmp_path / "b.edgetl", formats=["coreml"])
+    with pytest.raises(BundleError, match="already exists"):
+        export_bundle(target_run, full_bundle[0].path)
+    assert QuantizeConfig.preset("int8") == QuantizeConfig(mode="int8", calibration_samples=200)
+
+
+def test_cli_export_verify_inspect(tmp_path, target_run, capsys):
+    out = tmp_path / "cli.edgetl"
+    assert main(["export", str(target_run), "--format", "onnx", "--out", str(out)]) == 0
+    assert not list(out.glob("*.tflite"))
+    assert main(["inspect", str(out)]) == 0
+    assert "model.fp32.onnx" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0
+    # tamper: verify must refuse before any runtime parses the file
+    f = out / "model.fp32.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 2
+    assert "sha256" in capsys.readouterr().err
