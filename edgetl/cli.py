@@ -159,12 +159,8 @@ def _train(args: argparse.Namespace) -> int:
     from edgetl.host.run import save_run
     from edgetl.host.transfer import TrainConfig, train_transfer
 
-    image_size = None
-    if args.image_size:
-        if len(args.image_size) not in (1, 2):
-            raise InputError(f"--image-size takes N or H W, received {args.image_size}")
-        image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
-    elif args.backbone.lower() in list_backbones("image") and args.backbone.lower() != "edgetl_cnn":
+    image_size = _image_size(args.image_size)
+    if image_size is None and args.backbone.lower() in list_backbones("image") and args.backbone.lower() != "edgetl_cnn":
         image_size = get_recipe(args.backbone).default_input_shape[:2]
     data = load_dataset(args.data, image_size=image_size, channels=args.channels, label_column=args.label_column)
     print(f"data: {data.source}: {len(data)} examples, {data.num_classes} classes, input shape {data.input_shape}")
@@ -193,8 +189,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _image_size(values: list[int] | None) -> tuple[int, int] | int | None:
+    """``--image-size N`` or ``--image-size H W``."""
+    if not values:
+        return None
+    if len(values) not in (1, 2):
+        raise InputError(f"--image-size takes N or H W, received {values}")
+    return (values[0], values[1]) if len(values) == 2 else values[0]
+
+
+def _load_for_spec(path: str, spec: dict, label_column: str, image_size: tuple[int, int] | int | None = None):
+    """Load data the way a model's input spec expects it (image size and channels)."""
     from edgetl.host.data import load_dataset
+
+    image = spec.get("kind") == "image"
+    if image_size is None and image:
+        image_size = (spec["shape"][0], spec["shape"][1])
+    return load_dataset(path, image_size=image_size, channels=spec["shape"][-1] if image else None, label_column=label_column)
+
+
+def _export(args: argparse.Namespace) -> int:
     from edgetl.host.export import QuantizeConfig, export_bundle
     from edgetl.host.run import load_run
 
@@ -202,11 +216,7 @@ def _export(args: argparse.Namespace) -> int:
     configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples) for m in args.quantize.split(",") if m.strip()]
     calibration = None
     if args.calibration:
-        size = tuple(args.image_size) if args.image_size and len(args.image_size) == 2 else (args.image_size[0] if args.image_size else None)
-        if size is None and run.input_spec.get("kind") == "image":
-            size = tuple(run.input_spec["shape"][:2])
-        channels = run.input_spec["shape"][-1] if run.input_spec.get("kind") == "image" else None
-        calibration = load_dataset(args.calibration, image_size=size, channels=channels, label_column=args.label_column)
+        calibration = _load_for_spec(args.calibration, run.input_spec, args.label_column, _image_size(args.image_size))
     bundle, report = export_bundle(run, args.out, quantize=configs, formats=[f.strip() for f in args.format.split(",")], calibration=calibration, opset=args.opset, max_classes=args.max_classes, overwrite=args.overwrite)
     _print_checks(report)
     print(f"wrote {bundle.path} in {report['export_seconds']:.1f}s")
@@ -233,11 +243,7 @@ def _verify(args: argparse.Namespace) -> int:
     bundle = read_bundle(args.bundle)
     x = y = None
     if args.data:
-        from edgetl.host.data import load_dataset
-
-        spec = bundle.input_spec
-        image = spec.get("kind") == "image"
-        data = load_dataset(args.data, image_size=tuple(spec["shape"][:2]) if image else None, channels=spec["shape"][-1] if image else None, label_column=args.label_column)
+        data = _load_for_spec(args.data, bundle.input_spec, args.label_column)
         if list(data.class_names) != bundle.labels:
             raise InputError(f"--data classes {list(data.class_names)} differ from the bundle's labels {bundle.labels}")
         x, y = data.x, data.y

@@ -6,11 +6,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgetl._atomic import atomic_directory, replace_file
 from edgetl.bundle.manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, safe_file_name, validate_manifest
 from edgetl.errors import BundleError
 
@@ -21,14 +21,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -97,8 +89,8 @@ def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> 
 
 
 def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str] | bytes], *, overwrite: bool = False) -> Bundle:
-    """Write a bundle atomically: files and manifest go into a temporary sibling, fsynced,
-    then renamed to ``out``.
+    """Write a bundle atomically (:func:`edgetl._atomic.atomic_directory`): files and
+    manifest go into a temporary sibling, are fsynced, then renamed to ``out``.
 
     Args:
         out: bundle directory to create.
@@ -110,18 +102,13 @@ def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with atomic_directory(out) as tmp:
         for name, content in files.items():
             target = tmp / safe_file_name(name, "write_bundle")
             if isinstance(content, bytes):
                 target.write_bytes(content)
             else:
                 shutil.copyfile(content, target)
-            with open(target, "rb+") as f:
-                os.fsync(f.fileno())
         m = json.loads(json.dumps(dict(manifest)))  # deep copy, JSON types only
         m["schema_version"] = SCHEMA_VERSION
         for a in m["artifacts"]:
@@ -129,16 +116,19 @@ def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files
             a["sha256"] = sha256_file(f)
             a["size"] = f.stat().st_size
         validate_manifest(m)
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(m, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(m, indent=2))
     return Bundle(out, m)
+
+
+def update_manifest(bundle: Bundle, **fields: Any) -> Bundle:
+    """Add or replace top-level manifest fields (e.g. a parity report) of a written bundle.
+
+    Only ``manifest.json`` is rewritten (atomically); artifacts, their hashes and the
+    listed artifacts cannot be changed this way.
+    """
+    if "artifacts" in fields or "schema_version" in fields:
+        raise BundleError("update_manifest cannot change artifacts or schema_version; write a new bundle")
+    m = {**bundle.manifest, **json.loads(json.dumps(fields))}
+    validate_manifest(m)
+    replace_file(bundle.path / "manifest.json", json.dumps(m, indent=2).encode())
+    return Bundle(bundle.path, m)

@@ -15,19 +15,24 @@ import numpy as np
 from edgetl.errors import DependencyError
 
 
+def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with warnings silenced and an optional thread count."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover
+        raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxModel:
     """A single-input, single-output ONNX model in onnxruntime (CPU)."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover
-            raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

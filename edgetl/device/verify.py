@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device.runtimes import load_model
+from edgetl.device.runtimes import load_model, onnx_session
 
 # fp32 exports must match Keras to this max abs difference on probabilities/embeddings.
 # Not 1e-6: converters fuse ops and reorder float sums (tf2onnx, XNNPACK in LiteRT).
@@ -67,7 +67,7 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
     labels = np.eye(W.shape[1], dtype=np.float32)[np.arange(len(emb)) % n_active]
     out = []
     for a in bundle.artifacts("head_infer", "onnx"):
-        model = _session(bundle.path / a["file"])
+        model = onnx_session(bundle.path / a["file"])
         p = model.run(None, {"embedding": emb, "W": W, "b": b, "mask": mask})[0]
         want = np.zeros_like(p)
         want[:, :n_active] = ref["probabilities"][:8]  # inactive classes must get exactly 0
@@ -75,7 +75,7 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
         out.append({"file": a["file"], "role": a["role"], "format": "onnx", "precision": "fp32", "max_abs_diff": diff, "tolerance": FP32_TOLERANCE, "ok": diff <= FP32_TOLERANCE})
     for a in bundle.artifacts("head_train", "onnx"):
         opt = a.get("optimizer", "sgd")
-        sess = _session(bundle.path / a["file"])
+        sess = onnx_session(bundle.path / a["file"])
         state = initial_state(W, b, opt)
         feeds = {"embedding": emb, "labels": labels, "mask": mask, "W0": W, "lr": np.float32(0.05), "l2": np.float32(0.01), **state}
         if opt == "sgd":
@@ -102,10 +102,3 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
         out.append(check)
     return out
 
-
-def _session(path: Any) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

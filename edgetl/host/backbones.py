@@ -115,14 +115,14 @@ def _applications_builder(
         kwargs = dict(extra)
         if preprocess == "builtin" and constructor.startswith(("MobileNetV3", "EfficientNetV2")):
             kwargs["include_preprocessing"] = True
-        if constructor.startswith("MobileNetV3"):
-            # A fixed input size other than 224 makes Keras warn about imagenet weights; the
-            # warning is about accuracy, not correctness.
-            warnings.filterwarnings("ignore", message=".*input_shape is undefined or non-square.*")
         try:
-            app = getattr(k.applications, constructor)(
-                input_shape=rgb_shape, include_top=False, weights=weights, pooling="avg", **kwargs
-            )
+            with warnings.catch_warnings():
+                # MobileNetV3 at an input size other than 224 warns about imagenet weights;
+                # the warning is about accuracy, not correctness.
+                warnings.filterwarnings("ignore", message=".*input_shape is undefined or non-square.*")
+                app = getattr(k.applications, constructor)(
+                    input_shape=rgb_shape, include_top=False, weights=weights, pooling="avg", **kwargs
+                )
         except Exception as exc:  # network failure when downloading imagenet weights
             if weights == "imagenet":
                 raise BackboneError(

@@ -81,6 +81,7 @@ def run_demo(
     Returns the results as a dict (also written to ``out/demo_results.json``).
     """
     from edgetl.host._tf import keras
+    from edgetl.host.backbones import Backbone
     from edgetl.host.pretrain import pretrain
     from edgetl.host.run import save_run
     from edgetl.host.transfer import TrainConfig, train_transfer
@@ -114,8 +115,6 @@ def run_demo(
             k.backend.clear_session()
 
             # Transfer: the pretrained backbone, frozen; only the linear head trains.
-            from edgetl.host.backbones import Backbone
-
             bb_model = k.models.clone_model(src.transfer.features)
             bb_model.set_weights(backbone_weights)
             bb = Backbone(bb_model, "edgetl_cnn(pretrained on digits 0-4)", src.transfer.backbone.embedding_size, src.input_spec, "run")

@@ -25,7 +25,8 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl.bundle import Bundle, write_bundle
-from edgetl.errors import InputError, describe
+from edgetl.bundle.io import update_manifest
+from edgetl.errors import BundleError, InputError, describe
 from edgetl.host._tf import keras, tf
 from edgetl.host.data import Dataset, stratified_split
 
@@ -203,8 +204,6 @@ def export_bundle(
     if cap < n_labels:
         raise InputError(f"max_classes must be at least the {n_labels} trained classes, received {cap}")
     if Path(out).exists() and not overwrite:
-        from edgetl.errors import BundleError
-
         raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
 
     shape = tuple(r.input_spec["shape"])
@@ -295,8 +294,5 @@ def export_bundle(
     report = verify_bundle(bundle, test_x, test_y)
     report["export_seconds"] = round(time.perf_counter() - started, 2)
     report["conversion_seconds"] = timings
-    manifest = dict(bundle.manifest)
-    manifest["parity"] = report
-    # The manifest is rewritten with the parity report; artifact hashes are unchanged.
-    bundle = write_bundle(out, manifest, files, overwrite=True)
+    bundle = update_manifest(bundle, parity=report)
     return bundle, report

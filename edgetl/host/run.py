@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__
+from edgetl._atomic import atomic_directory
 from edgetl.errors import InputError
 from edgetl.host.transfer import TrainConfig, TrainResult
 
@@ -56,10 +55,7 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"run directory {str(out)!r} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with atomic_directory(out) as tmp:
         result.transfer.model.save(tmp / "model.keras")
         result.transfer.features.save(tmp / "backbone.keras")
         write_json(
@@ -78,12 +74,6 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
         write_json(tmp / "metrics.json", {**result.metrics, "confusion_matrix": result.confusion})
         plot_history(result.history, tmp / "training_curves.png")
         plot_confusion(result.confusion, result.class_names, tmp / "confusion_matrix.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -395,7 +395,3 @@ def evaluate_model(model: Any, ds: Dataset, num_classes: int) -> tuple[dict[str,
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(ds)), ds.y], 1e-7, 1.0))))
     return {"test_accuracy": float((pred == ds.y).mean()), "test_loss": loss}, confusion
 
-
-def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    """``dataclasses.replace`` that ignores ``None`` values (handy for CLI flags)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
