@@ -142,7 +142,9 @@ def _applications_builder(
             perm[0, 0, 2, 0] = perm[0, 0, 1, 1] = perm[0, 0, 0, 2] = 1.0
             conv.set_weights([perm, -np.array([103.939, 116.779, 123.68], dtype=np.float32)])
             x = conv(x)
-        x = app(x, training=False)
+        # No training= here: transfer calls the backbone with training=False (frozen, BN in
+        # inference mode, propagated to nested layers), while pretrain must train BN.
+        x = app(x)
         return k.Model(inputs, x, name="backbone")
 
     return build

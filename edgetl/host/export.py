@@ -64,10 +64,28 @@ class QuantizeConfig:
 PRECISION_OF = {"none": "fp32", "dynamic": "dynamic", "float16": "float16", "int8": "int8"}
 
 
-def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None) -> bytes:
-    """Convert a Keras model with ``tf.lite.TFLiteConverter``."""
+def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
+    """A plain ``tf.Module`` holding the model's variables and one serving function.
+
+    Why not ``TFLiteConverter.from_keras_model``: it first saves a Keras SavedModel, and
+    tf_keras's SavedModel serialization traces every layer's call functions for Keras
+    metadata the converter never reads (cProfile: ~75% of a 14 s MobileNetV2-0.35
+    conversion). Converting this module's concrete function gives the same flatbuffer
+    outputs (max diff 1.7e-16) in ~3 s.
+    """
     t = tf()
-    conv = t.lite.TFLiteConverter.from_keras_model(model)
+    module = t.Module()
+    module.model_variables = list(model.variables)
+    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")
+    module.serve = t.function(lambda x: {output_name: model(x, training=False)}, input_signature=[spec])
+    return module, module.serve.get_concrete_function()
+
+
+def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output") -> bytes:
+    """Convert a Keras model with ``tf.lite.TFLiteConverter`` (signature ``serving_default``)."""
+    t = tf()
+    module, fn = _servable(model, output_name)
+    conv = t.lite.TFLiteConverter.from_concrete_functions([fn], module)
     if q.mode == "dynamic":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
     elif q.mode == "float16":
@@ -120,7 +138,12 @@ def split_model(model: Any) -> tuple[Any, Any]:
     so the device trains exactly one linear layer.
     """
     k = keras()
-    features, head = model.get_layer("features"), model.get_layer("head")
+    names = {layer.name for layer in model.layers}
+    if "head" not in names or not names & {"features", "backbone"}:
+        raise InputError(f"model {model.name!r} is not an edgetl transfer or pretrain model (needs layers 'features' or 'backbone', and 'head'); its layers are {sorted(names)}")
+    # `edgetl train` models call it "features" (backbone + fusion); `edgetl pretrain` "backbone".
+    features = model.get_layer("features" if "features" in names else "backbone")
+    head = model.get_layer("head")
     x = features(model.input)
     for layer in head.layers[1:-1]:
         x = layer(x)
@@ -253,10 +276,10 @@ def export_bundle(
     timings: dict[str, float] = {}
     for c in configs:
         p = c.precision
-        for role, model in (("fused", r.model), ("backbone", backbone)):
+        for role, model, output in (("fused", r.model, "probabilities"), ("backbone", backbone, "embedding")):
             stem = "model" if role == "fused" else "backbone"
             t0 = time.perf_counter()
-            tfl = to_tflite(model, c, calib_x[: c.calibration_samples] if calib_x is not None else None)
+            tfl = to_tflite(model, c, calib_x[: c.calibration_samples] if calib_x is not None else None, output_name=output)
             if "tflite" in formats:
                 add(f"{stem}.{p}.tflite", tfl, role, "tflite", p)
             if "onnx" in formats:

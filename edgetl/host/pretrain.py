@@ -53,6 +53,7 @@ def pretrain(
     val = (splits.val.x, splits.val.y) if len(splits.val) else None
     t0 = time.perf_counter()
     history = _fit(model, (splits.train.x, splits.train.y), val, config=replace(config, cache_embeddings=False), epochs=config.epochs, num_classes=splits.train.num_classes, augmentation=config.augmentation, callbacks=callbacks, verbose=verbose)
+    recalibrated = recalibrate_batchnorm(backbone.model, splits.train.x)
     seconds = time.perf_counter() - t0
     history["phase"] = [1.0] * len(history["loss"])
     metrics, confusion = evaluate_model(model, splits.test if len(splits.test) else splits.val, splits.train.num_classes)
@@ -64,7 +65,37 @@ def pretrain(
             "train_examples": len(splits.train),
             "test_examples": len(splits.test),
             "train_seconds": round(seconds, 4),
+            "batchnorm_layers_recalibrated": recalibrated,
         }
     )
     spec = dict(backbone.input_spec)
     return TrainResult(TransferModel(model, backbone.model, head, backbone), config, splits.train.class_names, history, metrics, confusion, spec)
+
+
+def recalibrate_batchnorm(model: Any, x: np.ndarray, *, batch_size: int = 128, max_examples: int = 2048) -> int:
+    """Recompute every BatchNorm layer's moving mean/variance from the final weights.
+
+    Keras applications use BN momentum 0.999, so after a short pretraining (hundreds of
+    steps) the moving statistics that inference uses are still mostly their initial values
+    (measured: MobileNetV2-0.35 on digits scored 0.10 in inference mode after 3 epochs).
+    Running the trained network over training data in training mode, with momentum set
+    so that batch i gets weight 1/(i+1), makes them the average batch statistics of the
+    final weights. Returns the number of BatchNorm layers updated.
+    """
+    from edgetl.host.backbones import leaf_layers
+
+    k = keras()
+    layers = [l for l in leaf_layers(model) if isinstance(l, k.layers.BatchNormalization)]
+    if not layers:
+        return 0
+    saved = [l.momentum for l in layers]
+    data = x[:max_examples].astype(np.float32)
+    try:
+        for i, start in enumerate(range(0, len(data), batch_size)):
+            for l in layers:
+                l.momentum = i / (i + 1)
+            model(data[start : start + batch_size], training=True)
+    finally:
+        for l, m in zip(layers, saved):
+            l.momentum = m
+    return len(layers)

@@ -138,3 +138,20 @@ def test_count_macs_of_a_known_graph():
     x = k.layers.DepthwiseConv2D(3, padding="same")(x)  # 8*8*3*3*4 = 2304
     x = k.layers.Dense(5)(k.layers.Flatten()(x))  # 256*5 = 1280
     assert count_macs(k.Model(inputs, x)) == 6912 + 2304 + 1280
+
+
+def test_batchnorm_follows_the_caller_training_flag():
+    """Pretraining must update BatchNorm statistics; a frozen transfer backbone must not."""
+    from edgetl.host.transfer import TrainConfig, build_transfer_model
+
+    k = keras()
+    bb = create_backbone("mobilenetv3small", (32, 32, 3))
+    bn = next(l for l in bb.model.get_layer("MobilenetV3small").layers if isinstance(l, k.layers.BatchNormalization))
+    x = np.random.default_rng(0).uniform(0, 255, size=(4, 32, 32, 3)).astype(np.float32)
+    before = bn.moving_mean.numpy().copy()
+    bb.model(x, training=True)  # the backbone on its own, as pretrain trains it
+    trained = bn.moving_mean.numpy().copy()
+    assert not np.allclose(trained, before)
+    tm = build_transfer_model(bb, 2, TrainConfig())
+    tm.model(x, training=True)  # the frozen transfer model: BN stays in inference mode
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), trained)

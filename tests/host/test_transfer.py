@@ -171,3 +171,19 @@ def test_application_backbone_transfer_and_fine_tune(tmp_path):
     result = train_transfer(splits, TrainConfig(backbone="mobilenetv3small", epochs=1, fine_tune_layers=3, fine_tune_epochs=1, batch_size=8))
     assert len(result.metrics["unfrozen_layers"]) == 3
     assert result.model.output_shape == (None, 3)
+
+
+def test_recalibrate_batchnorm_sets_the_average_batch_statistics():
+    from edgetl.host.pretrain import recalibrate_batchnorm
+
+    k = keras()
+    inputs = k.Input((6, 6, 2))
+    conv = k.layers.Conv2D(3, 3, name="conv")
+    bn = k.layers.BatchNormalization(momentum=0.999, name="bn")
+    model = k.Model(inputs, bn(conv(inputs)))
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(40, 6, 6, 2)).astype(np.float32)
+    assert recalibrate_batchnorm(model, x, batch_size=10) == 1
+    feats = conv(x).numpy()
+    batch_means = [feats[i : i + 10].mean(axis=(0, 1, 2)) for i in range(0, 40, 10)]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(batch_means, axis=0), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.999  # restored
