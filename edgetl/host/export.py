@@ -3,8 +3,9 @@
 For each precision the bundle gets the **fused** model (raw input -> probabilities) and the
 **backbone** (raw input -> embedding, the seam where the trainable head starts). The head is
 exported as ``head_init.npz`` (host-trained weights padded to ``max_classes`` with an
-active-class mask) plus ONNX inference and train-step graphs (SGD with momentum and Adam)
-that run on plain onnxruntime.
+active-class mask), as ``head.tflite`` with ``infer``/``train``/``get_weights``/
+``set_weights`` signatures for LiteRT, and as ONNX inference and train-step graphs (SGD
+with momentum and Adam) that run on plain onnxruntime.
 
     >>> bundle = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], calibration=data)
     >>> # on the device, without TensorFlow:
@@ -209,7 +210,7 @@ def export_bundle(
         InputError: bad options or data; BundleError: ``out`` exists (without overwrite).
     """
     from edgetl.device.verify import verify_bundle
-    from edgetl.host.head_graphs import head_infer_onnx, head_train_onnx
+    from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
     from edgetl.host.run import Run, load_run
 
     started = time.perf_counter()
@@ -269,7 +270,7 @@ def export_bundle(
     def add(fname: str, content: bytes, role: str, fmt: str, precision: str, **extra: Any) -> None:
         files[fname] = content
         entry = {"file": fname, "role": role, "format": fmt, "precision": precision, **extra}
-        if fmt in FORMATS:
+        if fmt in FORMATS and role != "head":  # the head's tensors are per signature (see head_tflite)
             entry["inputs"], entry["outputs"] = _io(content, fmt)
         artifacts.append(entry)
 
@@ -291,6 +292,8 @@ def export_bundle(
     buf = io.BytesIO()
     np.savez(buf, W=Wp, b=bp, mask=mask)
     add("head_init.npz", buf.getvalue(), "head_init", "npz", "fp32")
+    if "tflite" in formats:
+        add("head.tflite", head_tflite(Wp, bp, mask), "head", "tflite", "fp32", signatures=["infer", "train", "get_weights", "set_weights"], optimizers=["sgd", "adam"])
     if "onnx" in formats:
         add("head_infer.onnx", head_infer_onnx(emb_size, cap), "head_infer", "onnx", "fp32")
         for opt in ("sgd", "adam"):

@@ -43,6 +43,9 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     assert all(c["accuracy_drop"] <= 0.03 for c in int8)
     heads = [c for c in report["checks"] if c["role"] == "head_train"]
     assert {c["optimizer"] for c in heads} == {"sgd", "adam"} and all(c["max_abs_diff"] <= 1e-5 for c in heads)
+    litert = [c for c in report["checks"] if c["role"] == "head"]  # head.tflite under LiteRT
+    assert {c["optimizer"] for c in litert} == {"sgd", "adam"}
+    assert all(c["max_abs_diff"] <= 1e-5 and c["infer_max_abs_diff"] <= 1e-4 for c in litert)
 
 
 def test_int8_is_smaller_and_the_manifest_round_trips(full_bundle):
@@ -90,3 +93,28 @@ def test_cli_export_verify_inspect(tmp_path, target_run, capsys):
     f.write_bytes(bytes(data))
     assert main(["verify", str(out)]) == 2
     assert "sha256" in capsys.readouterr().err
+
+
+def test_tflite_head_signatures_train_add_class_and_reset(full_bundle):
+    """The LiteRT head: builtin ops only, trains, takes a new class through set_weights."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    bundle, _ = full_bundle
+    interpreter = Interpreter(model_path=str(bundle.artifact("head", "tflite")))
+    assert set(interpreter.get_signature_list()) == {"infer", "train", "get_weights", "set_weights"}
+    w = interpreter.get_signature_runner("get_weights")()
+    n = len(bundle.labels)
+    assert w["mask"].tolist() == [1.0] * n + [0.0] * (len(w["mask"]) - n)
+    emb = np.load(bundle.artifact("parity", "npz"))["embeddings"][:10]
+    # add a class: activate column n (starting from zero weights), then train on it
+    mask = w["mask"].copy()
+    mask[n] = 1.0
+    W = w["W"].copy()
+    interpreter.get_signature_runner("set_weights")(W=W, b=w["b"], mask=mask, anchor=W)
+    labels = np.zeros((10, len(mask)), np.float32)
+    labels[:, n] = 1.0
+    train = interpreter.get_signature_runner("train")
+    losses = [float(train(embedding=emb, labels=labels, lr=np.float32(0.1), l2=np.float32(0.0), momentum=np.float32(0.9), optimizer=np.float32(0.0))["loss"]) for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]
+    probs = interpreter.get_signature_runner("infer")(embedding=emb)["probabilities"]
+    assert (probs.argmax(1) == n).all() and probs[:, n + 1 :].max() == 0.0
