@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="quantize a run and export a verified bundle (TFLite + ONNX)")
     p.add_argument("run", help="run directory written by `edgetl train`")
-    p.add_argument("--quantize", default="none", help="comma-separated: none,dynamic,float16,int8 (fp32 is always included)")
+    p.add_argument("--quantize", default="none", help="comma-separated: none,dynamic,float16,int8,qat (fp32 is always included; int8 and qat need --calibration)")
     p.add_argument("--format", default="tflite,onnx", help="comma-separated: tflite,onnx")
     p.add_argument("--calibration", help="labelled data like the training data (needed for int8; its test split measures accuracy)")
     p.add_argument("--calibration-samples", type=int, default=200)
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--qat-learning-rate", type=float, default=1e-4)
     p.add_argument("--image-size", type=int, nargs="+", metavar="N", help="resize calibration images (default: the model's input size)")
     p.add_argument("--label-column", default="label")
     p.add_argument("--opset", type=int, default=17)
@@ -213,7 +215,7 @@ def _export(args: argparse.Namespace) -> int:
     from edgetl.host.run import load_run
 
     run = load_run(args.run)
-    configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples) for m in args.quantize.split(",") if m.strip()]
+    configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples, qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate) for m in args.quantize.split(",") if m.strip()]
     calibration = None
     if args.calibration:
         calibration = _load_for_spec(args.calibration, run.input_spec, args.label_column, _image_size(args.image_size))

@@ -54,6 +54,7 @@ def main() -> int:
         bundle, report = export_bundle(run, Path(d) / "m.edgetl", quantize=["none", "int8"], calibration=ds)
         seconds = time.perf_counter() - t0
         size = {a["file"]: a["size"] for a in bundle.manifest["artifacts"]}
+        onnx_int8 = next(a for a in bundle.manifest["artifacts"] if a["file"] == "model.int8.onnx")
     print(f"export + verify, fp32 + int8, TFLite + ONNX, MobileNetV2-0.35 96x96: {seconds:.1f}s (target < 60s); all checks ok: {report['ok']}")
     for fmt in ("tflite", "onnx"):
         print(f"  int8 / fp32 size, fused {fmt}: {size[f'model.int8.{fmt}'] / size[f'model.fp32.{fmt}']:.3f}")
@@ -61,6 +62,8 @@ def main() -> int:
         if c["role"] == "fused":
             detail = f"max|diff| {c['max_abs_diff']:.1e}" if "max_abs_diff" in c else f"top-1 agreement {c['top1_agreement']:.3f}"
             print(f"  {c['file']:<20} {detail:<24} accuracy {c['accuracy']:.4f}  drop {c['accuracy_drop'] * 100:+.2f} points")
+
+    print(f"  int8 ONNX candidates (test accuracy): {onnx_int8['int8_candidate_accuracy']} -> kept {onnx_int8['int8_method']}")
 
     bb = create_backbone("mobilenetv2", (96, 96, 3))
     rng = np.random.default_rng(0)

@@ -27,20 +27,26 @@ def target_run(tmp_path_factory, source_run, digits_target):
 @pytest.fixture(scope="module")
 def full_bundle(tmp_path_factory, target_run, digits_target):
     out = tmp_path_factory.mktemp("bundles") / "digits.edgetl"
-    return export_bundle(target_run, out, quantize=["none", "dynamic", "float16", "int8"], calibration=digits_target)
+    return export_bundle(target_run, out, quantize=["none", "dynamic", "float16", "int8", "qat"], calibration=digits_target)
 
 
 def test_every_precision_and_format_passes_parity(full_bundle):
     bundle, report = full_bundle
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
     have = {(a["role"], a["format"], a["precision"]) for a in bundle.manifest["artifacts"]}
-    for precision in ("fp32", "dynamic", "float16", "int8"):
+    for precision in ("fp32", "dynamic", "float16", "int8", "qat"):
         for fmt in ("tflite", "onnx"):
             assert ("fused", fmt, precision) in have and ("backbone", fmt, precision) in have
     fp32 = [c for c in report["checks"] if c["precision"] == "fp32" and c["role"] in ("fused", "backbone")]
     assert len(fp32) == 4 and all(c["max_abs_diff"] <= 1e-4 for c in fp32)
     int8 = [c for c in report["checks"] if c["precision"] == "int8" and c["role"] == "fused"]
     assert all(c["accuracy_drop"] <= 0.03 for c in int8)
+    qat = [c for c in report["checks"] if c["precision"] == "qat" and c["role"] == "fused"]
+    assert len(qat) == 2 and all(c["accuracy_drop"] <= 0.03 and c["top1_agreement"] >= 0.9 for c in qat)
+    onnx_int8 = next(a for a in bundle.manifest["artifacts"] if a["file"] == "model.int8.onnx")
+    scores = onnx_int8["int8_candidate_accuracy"]
+    assert set(scores) == {"tf2onnx_from_tflite", "onnxruntime_qdq"}
+    assert scores[onnx_int8["int8_method"]] == max(scores.values())
     heads = [c for c in report["checks"] if c["role"] == "head_train"]
     assert {c["optimizer"] for c in heads} == {"sgd", "adam"} and all(c["max_abs_diff"] <= 1e-5 for c in heads)
     litert = [c for c in report["checks"] if c["role"] == "head"]  # head.tflite under LiteRT
@@ -70,6 +76,10 @@ def test_backbone_plus_head_init_equals_fused(full_bundle):
 def test_export_refusals(tmp_path, target_run, digits_target, full_bundle):
     with pytest.raises(InputError, match="calibration"):
         export_bundle(target_run, tmp_path / "a.edgetl", quantize=["int8"])
+    with pytest.raises(InputError, match="calibration"):
+        export_bundle(target_run, tmp_path / "a.edgetl", quantize=["qat"])
+    with pytest.raises(InputError, match="qat_epochs must be a positive integer"):
+        QuantizeConfig("qat", qat_epochs=0)
     with pytest.raises(InputError, match="quantize mode must be one of"):
         QuantizeConfig("int4")
     with pytest.raises(InputError, match="formats"):
@@ -77,6 +87,7 @@ def test_export_refusals(tmp_path, target_run, digits_target, full_bundle):
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(target_run, full_bundle[0].path)
     assert QuantizeConfig.preset("int8") == QuantizeConfig(mode="int8", calibration_samples=200)
+    assert QuantizeConfig.preset("qat") == QuantizeConfig(mode="qat", qat_epochs=2, qat_learning_rate=1e-4)
 
 
 def test_cli_export_verify_inspect(tmp_path, target_run, capsys):
@@ -118,3 +129,15 @@ def test_tflite_head_signatures_train_add_class_and_reset(full_bundle):
     assert losses[-1] < 0.5 * losses[0]
     probs = interpreter.get_signature_runner("infer")(embedding=emb)["probabilities"]
     assert (probs.argmax(1) == n).all() and probs[:, n + 1 :].max() == 0.0
+
+
+def test_flatten_model_is_exact_and_shares_weights(source_run, target_run):
+    from edgetl.host.qat import flatten_model
+    from edgetl.host.run import load_run
+
+    run = load_run(target_run)
+    flat = flatten_model(run.model)
+    assert not any(hasattr(l, "layers") for l in flat.layers)  # no nested models left
+    x = np.random.default_rng(0).uniform(0, 255, size=(8, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_array_equal(flat.predict(x, verbose=0), run.model.predict(x, verbose=0))
+    assert flat.get_layer("classifier") is run.model.get_layer("head").get_layer("classifier")
