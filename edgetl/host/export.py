@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -114,7 +115,12 @@ def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = No
         conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = t.float32
         conv.inference_output_type = t.float32
-    return conv.convert()
+    with warnings.catch_warnings():
+        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
+        # edgetl itself runs models only with ai_edge_litert. Not actionable for users.
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
+        return conv.convert()
 
 
 def keras_to_onnx(model: Any, opset: int) -> bytes:
@@ -186,6 +192,13 @@ def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.n
     return best, scores
 
 
+def _check_matches(data: Dataset, shape: tuple[int, ...], class_names: Sequence[str], what: str) -> None:
+    if data.input_shape != shape:
+        raise InputError(f"{what} data has input shape {data.input_shape}, the model takes {shape}")
+    if tuple(data.class_names) != tuple(class_names):
+        raise InputError(f"{what} data classes {list(data.class_names)} differ from the run's {list(class_names)}")
+
+
 def split_model(model: Any) -> tuple[Any, Any]:
     """(raw input -> embedding at the seam, the trainable classifier Dense layer).
 
@@ -242,6 +255,7 @@ def export_bundle(
     quantize: Sequence[str | QuantizeConfig] = ("none",),
     formats: Sequence[str] = FORMATS,
     calibration: Dataset | None = None,
+    evaluation: Dataset | None = None,
     opset: int = 17,
     max_classes: int | None = None,
     name: str | None = None,
@@ -253,7 +267,9 @@ def export_bundle(
         quantize: one or more presets/configs; fp32 is always included as the reference.
         formats: subset of ``("tflite", "onnx")``.
         calibration: labelled data like the training data; its train split (by the run's
-            seed and fractions) calibrates int8, its test split measures accuracy.
+            seed and fractions) calibrates int8 and fine-tunes QAT, its test split measures
+            accuracy unless ``evaluation`` is given.
+        evaluation: labelled held-out data to measure every artifact's accuracy on.
         opset: ONNX opset (>= 13).
         max_classes: head capacity for classes added on the device (default: 2x labels).
 
@@ -288,16 +304,16 @@ def export_bundle(
     calib_x = test_x = test_y = None
     train_xy: tuple[np.ndarray, np.ndarray] | None = None
     if calibration is not None:
-        if calibration.input_shape != shape:
-            raise InputError(f"calibration data has input shape {calibration.input_shape}, the model takes {shape}")
-        if tuple(calibration.class_names) != tuple(r.class_names):
-            raise InputError(f"calibration data classes {list(calibration.class_names)} differ from the run's {r.class_names}")
+        _check_matches(calibration, shape, r.class_names, "calibration")
         splits = stratified_split(calibration, val_fraction=r.config.val_fraction, test_fraction=r.config.test_fraction, seed=r.config.seed)
         rng = np.random.default_rng(0)
         n_cal = max(c.calibration_samples for c in configs)
         calib_x = splits.train.x[rng.permutation(len(splits.train))[:n_cal]].astype(np.float32)
         train_xy = (splits.train.x, splits.train.y)
         test_x, test_y = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y)
+    if evaluation is not None:
+        _check_matches(evaluation, shape, r.class_names, "evaluation")
+        test_x, test_y = evaluation.x, evaluation.y
     elif any(c.mode in ("int8", "qat") for c in configs):
         raise InputError("int8 and qat quantization need labelled calibration data: pass calibration=Dataset (--calibration D)")
 

@@ -85,3 +85,11 @@ def test_demo_console_script(tmp_path):
     assert rows["all"]["transfer_accuracy_mean"] > 0.9  # DESIGN.md measured ~0.95 with conv features
     assert rows["1"]["transfer_trainable_params"] < 0.1 * rows["1"]["scratch_trainable_params"]
     assert (tmp_path / "demo" / "target_run" / "model.keras").is_file()
+    # the export step: fp32, int8 and QAT in both formats, verified, printed
+    assert results["export"]["ok"] is True
+    for name in ("model.fp32.tflite", "model.int8.onnx", "model.qat.tflite", "head.tflite", "head_train_sgd.onnx"):
+        assert name in out and (tmp_path / "demo" / "digits.edgetl" / name).is_file(), name
+    checks = {c["file"]: c for c in results["export"]["checks"] if c["role"] == "fused"}
+    assert checks["model.int8.tflite"]["accuracy_drop"] <= 0.02  # issue target: <= 1 point (measured 0.2)
+    sizes = results["export"]["sizes"]
+    assert sizes["model.int8.tflite"] < 0.4 * sizes["model.fp32.tflite"]

@@ -141,3 +141,22 @@ def test_flatten_model_is_exact_and_shares_weights(source_run, target_run):
     x = np.random.default_rng(0).uniform(0, 255, size=(8, 8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(flat.predict(x, verbose=0), run.model.predict(x, verbose=0))
     assert flat.get_layer("classifier") is run.model.get_layer("head").get_layer("classifier")
+
+
+@pytest.mark.parametrize("family", ["mobilenetv2", "mobilenetv3small", "efficientnetb0"])
+def test_application_backbones_export_with_fp32_parity_in_both_runtimes(tmp_path, family):
+    """Hard-swish (MobileNetV3), swish and squeeze-excite (EfficientNet) are where converters break."""
+    from edgetl.host.data import Dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(30, 32, 32, 3)).astype(np.uint8)
+    ds = Dataset(x, np.arange(30) % 3, ("a", "b", "c"), "image")
+    result = train_transfer(ds, TrainConfig(backbone=family, epochs=3, learning_rate=0.05, early_stopping_patience=0, test_fraction=0.2, val_fraction=0.0))
+    run = save_run(result, tmp_path / "run")
+    bundle, report = export_bundle(run, tmp_path / f"{family}.edgetl")
+    parity = np.load(bundle.artifact("parity", "npz"))
+    assert parity["probabilities"].std(axis=1).mean() > 1e-3  # not uniform: parity means something
+    fp32 = [c for c in report["checks"] if c["role"] in ("fused", "backbone")]
+    assert {(c["role"], c["format"]) for c in fp32} == {("fused", "tflite"), ("fused", "onnx"), ("backbone", "tflite"), ("backbone", "onnx")}
+    assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in fp32), fp32
+    assert report["ok"]
