@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="tflite,onnx", help="comma-separated: tflite,onnx")
     p.add_argument("--calibration", help="labelled data like the training data (needed for int8; its test split measures accuracy)")
     p.add_argument("--calibration-samples", type=int, default=200)
+    p.add_argument("--io-dtype", choices=("float32", "int8", "uint8"), default="float32", help="input/output type of int8/qat TFLite models (ONNX stays float32)")
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--qat-learning-rate", type=float, default=1e-4)
     p.add_argument("--image-size", type=int, nargs="+", metavar="N", help="resize calibration images (default: the model's input size)")
@@ -215,7 +216,7 @@ def _export(args: argparse.Namespace) -> int:
     from edgetl.host.run import load_run
 
     run = load_run(args.run)
-    configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples, qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate) for m in args.quantize.split(",") if m.strip()]
+    configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples, qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate, io_dtype=args.io_dtype if m.strip() in ('int8', 'qat') else 'float32') for m in args.quantize.split(",") if m.strip()]
     calibration = None
     if args.calibration:
         calibration = _load_for_spec(args.calibration, run.input_spec, args.label_column, _image_size(args.image_size))

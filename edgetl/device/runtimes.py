@@ -43,7 +43,8 @@ class OnnxModel:
 class TFLiteModel:
     """A single-input, single-output TFLite model in ``ai_edge_litert``'s interpreter.
 
-    The interpreter is not thread-safe, so calls are serialised with a lock; the input is
+    Takes and returns float values: integer-I/O models are quantized and dequantized with
+    the scale and zero point stored in the model. The interpreter is not thread-safe, so calls are serialised with a lock; the input is
     resized when the batch size changes.
     """
 
@@ -65,9 +66,26 @@ class TFLiteModel:
                 self.interpreter.resize_tensor_input(self._in["index"], list(x.shape))
                 self.interpreter.allocate_tensors()
                 self._batch = x.shape[0]
-            self.interpreter.set_tensor(self._in["index"], x.astype(self._in["dtype"], copy=False))
+            self.interpreter.set_tensor(self._in["index"], _quantize(x, self._in))
             self.interpreter.invoke()
-            return self.interpreter.get_tensor(self._out["index"]).copy()
+            return _dequantize(self.interpreter.get_tensor(self._out["index"]), self._out)
+
+
+def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """Raw float values -> the tensor's dtype (integer tensors: round(x / scale) + zero_point)."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind not in "iu":
+        return x.astype(dtype, copy=False)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind not in "iu":
+        return y.copy()
+    scale, zero = detail["quantization"]
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 def load_model(path: str | Path, fmt: str, *, threads: int | None = None) -> Any:

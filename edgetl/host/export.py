@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -43,14 +43,18 @@ class QuantizeConfig:
     weights), ``"int8"`` (full-integer weights and activations, calibrated on
     ``calibration_samples`` training examples), ``"qat"`` (quantization-aware training with
     tfmot for ``qat_epochs`` at ``qat_learning_rate`` on the calibration data's train split,
-    then full-integer conversion). Quantized models keep float32 inputs and outputs so the
-    device feeds raw values.
+    then full-integer conversion). ``io_dtype`` chooses the input/output type of the int8
+    and QAT TFLite models: ``"float32"`` (default; the model quantizes internally) or
+    ``"int8"``/``"uint8"`` (fully integer models for integer-only accelerators; the
+    manifest records the scale and zero point, and ``edgetl.device`` applies them). ONNX
+    artifacts keep float32 inputs and outputs.
     """
 
     mode: Literal["none", "dynamic", "float16", "int8", "qat"] = "none"
     calibration_samples: int = 200
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-4
+    io_dtype: Literal["float32", "int8", "uint8"] = "float32"
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_OF:
@@ -59,12 +63,29 @@ class QuantizeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, received {describe(v)}")
+        if self.io_dtype not in ("float32", "int8", "uint8"):
+            raise InputError(f"io_dtype must be float32, int8 or uint8, received {self.io_dtype!r}")
+        if self.io_dtype != "float32" and self.mode not in ("int8", "qat"):
+            raise InputError(f"integer io_dtype={self.io_dtype!r} needs mode 'int8' or 'qat', received mode={self.mode!r}")
         if not 0 < self.qat_learning_rate < 1:
             raise InputError(f"qat_learning_rate must be in (0, 1), received {self.qat_learning_rate}")
 
     @property
     def precision(self) -> str:
         return PRECISION_OF[self.mode]
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about how an artifact was quantized."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode in ("int8", "qat"):
+            out.update(calibration_samples=self.calibration_samples, io_dtype=self.io_dtype, weights="int8 per-channel", activations="int8 per-tensor")
+        if self.mode == "qat":
+            out.update(qat_epochs=self.qat_epochs, qat_learning_rate=self.qat_learning_rate)
+        if self.mode == "dynamic":
+            out.update(weights="int8", activations="float32")
+        if self.mode == "float16":
+            out.update(weights="float16", activations="float32")
+        return out
 
     @classmethod
     def preset(cls, value: "str | QuantizeConfig") -> "QuantizeConfig":
@@ -113,8 +134,9 @@ def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = No
         conv.optimizations = [t.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv.inference_input_type = t.float32
-        conv.inference_output_type = t.float32
+        io = {"float32": t.float32, "int8": t.int8, "uint8": t.uint8}[q.io_dtype]
+        conv.inference_input_type = io
+        conv.inference_output_type = io
     with warnings.catch_warnings():
         # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
         # edgetl itself runs models only with ai_edge_litert. Not actionable for users.
@@ -311,11 +333,11 @@ def export_bundle(
         calib_x = splits.train.x[rng.permutation(len(splits.train))[:n_cal]].astype(np.float32)
         train_xy = (splits.train.x, splits.train.y)
         test_x, test_y = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y)
+    elif any(c.mode in ("int8", "qat") for c in configs):
+        raise InputError("int8 and qat quantization need labelled calibration data: pass calibration=Dataset (--calibration D)")
     if evaluation is not None:
         _check_matches(evaluation, shape, r.class_names, "evaluation")
         test_x, test_y = evaluation.x, evaluation.y
-    elif any(c.mode in ("int8", "qat") for c in configs):
-        raise InputError("int8 and qat quantization need labelled calibration data: pass calibration=Dataset (--calibration D)")
 
     backbone, classifier = split_model(r.model)
     W, b = (w.astype(np.float32) for w in classifier.get_weights())
@@ -363,9 +385,12 @@ def export_bundle(
         for role, model, output in (("fused", fused, "probabilities"), ("backbone", seam, "embedding")):
             stem = "model" if role == "fused" else "backbone"
             t0 = time.perf_counter()
-            tfl = to_tflite(model, c, calib_x[: c.calibration_samples] if calib_x is not None else None, output_name=output)
+            calib = calib_x[: c.calibration_samples] if calib_x is not None else None
+            tfl = to_tflite(model, c, calib, output_name=output)
             if "tflite" in formats:
-                add(f"{stem}.{p}.tflite", tfl, role, "tflite", p)
+                add(f"{stem}.{p}.tflite", tfl, role, "tflite", p, quantization=c.describe())
+            if c.io_dtype != "float32" and "onnx" in formats:  # ONNX keeps float I/O
+                tfl = to_tflite(model, replace(c, io_dtype="float32"), calib, output_name=output)
             if "onnx" in formats:
                 if p == "fp32":
                     fp32_onnx[role] = keras_to_onnx(model, opset)
@@ -375,9 +400,9 @@ def export_bundle(
                     # The backbone follows the fused model's choice (no labels for embeddings).
                     if role == "fused":
                         int8_choice = choose_int8_onnx(candidates, test_x, test_y)
-                    add(f"{stem}.{p}.onnx", candidates[int8_choice[0]], role, "onnx", p, int8_method=int8_choice[0], int8_candidate_accuracy=int8_choice[1])
+                    add(f"{stem}.{p}.onnx", candidates[int8_choice[0]], role, "onnx", p, quantization=replace(c, io_dtype="float32").describe(), int8_method=int8_choice[0], int8_candidate_accuracy=int8_choice[1])
                 else:
-                    add(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, opset), role, "onnx", p)
+                    add(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, opset), role, "onnx", p, quantization=replace(c, io_dtype="float32").describe())
             timings[f"{stem}.{p}"] = round(time.perf_counter() - t0, 3)
 
     import io

@@ -160,3 +160,18 @@ def test_application_backbones_export_with_fp32_parity_in_both_runtimes(tmp_path
     assert {(c["role"], c["format"]) for c in fp32} == {("fused", "tflite"), ("fused", "onnx"), ("backbone", "tflite"), ("backbone", "onnx")}
     assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in fp32), fp32
     assert report["ok"]
+
+
+def test_integer_io_int8_tflite(tmp_path, target_run, digits_target):
+    bundle, report = export_bundle(target_run, tmp_path / "io.edgetl", quantize=[QuantizeConfig("int8", io_dtype="uint8")], calibration=digits_target)
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+    tfl = next(a for a in bundle.manifest["artifacts"] if a["file"] == "model.int8.tflite")
+    assert tfl["inputs"][0]["dtype"] == "uint8" and tfl["outputs"][0]["dtype"] == "uint8"
+    assert tfl["inputs"][0]["quantization"]["scale"][0] > 0  # the device needs these to feed raw pixels
+    assert tfl["quantization"]["io_dtype"] == "uint8"
+    onnx_int8 = next(a for a in bundle.manifest["artifacts"] if a["file"] == "model.int8.onnx")
+    assert onnx_int8["quantization"]["io_dtype"] == "float32"
+    int8 = next(c for c in report["checks"] if c["file"] == "model.int8.tflite")
+    assert int8["top1_agreement"] >= 0.9 and int8["accuracy_drop"] <= 0.03
+    with pytest.raises(InputError, match="integer io_dtype"):
+        QuantizeConfig("float16", io_dtype="int8")
