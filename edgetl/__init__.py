@@ -12,6 +12,7 @@ from edgetl.errors import (
     DependencyError,
     EdgeTLError,
     InputError,
+    StoreError,
 )
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = [
     "DataError",
     "BackboneError",
     "BundleError",
+    "StoreError",
     "DependencyError",
 ]

@@ -31,6 +31,10 @@ class BundleError(EdgeTLError):
     """A bundle is malformed, tampered with, or cannot be written where asked."""
 
 
+class StoreError(EdgeTLError):
+    """The head store cannot be read or written (read-only, full disk, corrupt, foreign)."""
+
+
 class DependencyError(EdgeTLError, ImportError):
     """An optional dependency (TensorFlow, onnxruntime, ...) is not installed."""
 

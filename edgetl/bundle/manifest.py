@@ -12,7 +12,7 @@ from typing import Any
 from edgetl.errors import BundleError, describe
 
 SCHEMA_VERSION = 1
-ROLES = ("fused", "backbone", "head_infer", "head_train", "head", "head_init", "parity")
+ROLES = ("fused", "backbone", "head_infer", "head_train", "head", "head_init", "parity", "replay")
 FORMATS = ("tflite", "onnx", "npz")
 PRECISIONS = ("fp32", "dynamic", "float16", "int8", "qat")
 # A plain file name inside the bundle: no directories, no "..", no hidden files.

@@ -413,3 +413,29 @@ def load_digits_dataset(classes: Sequence[int] | None = None) -> Dataset:
     mask = np.isin(y, keep)
     remap = {c: i for i, c in enumerate(keep)}
     return Dataset(x[mask], np.asarray([remap[v] for v in y[mask]], dtype=np.int64), tuple(str(c) for c in keep), "image", "builtin:digits")
+
+
+def restyle_digits(x: np.ndarray, *, thickness: int = 1, slant: float = 0.35) -> np.ndarray:
+    """Draw digit images the way a different person might: thicker strokes, slanted.
+
+    Thickness is a dilation (max over ``thickness`` pixels to the right and below); the
+    slant shifts each row horizontally in proportion to its height (a shear). Returns a
+    new uint8 array; ``x`` is not modified.
+    """
+    out = x.astype(np.float32).copy()
+    for _ in range(thickness):
+        right = np.zeros_like(out)
+        right[:, :, 1:] = out[:, :, :-1]
+        down = np.zeros_like(out)
+        down[:, 1:] = out[:, :-1]
+        out = np.maximum(out, np.maximum(right, down))
+    h = out.shape[1]
+    sheared = np.zeros_like(out)
+    for r in range(h):
+        shift = int(round(slant * ((h - 1) / 2 - r)))
+        sheared[:, r] = np.roll(out[:, r], shift, axis=1)
+        if shift > 0:
+            sheared[:, r, :shift] = 0
+        elif shift < 0:
+            sheared[:, r, shift:] = 0
+    return np.clip(sheared, 0, 255).astype(np.uint8)

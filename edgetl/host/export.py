@@ -33,6 +33,7 @@ from edgetl.host._tf import keras, tf
 from edgetl.host.data import Dataset, stratified_split
 
 FORMATS = ("tflite", "onnx")
+REPLAY_PER_CLASS = 20
 
 
 @dataclass(frozen=True)
@@ -416,6 +417,14 @@ def export_bundle(
         add("head_infer.onnx", head_infer_onnx(emb_size, cap), "head_infer", "onnx", "fp32")
         for opt in ("sgd", "adam"):
             add(f"head_train_{opt}.onnx", head_train_onnx(emb_size, cap, opt), "head_train", "onnx", "fp32", optimizer=opt)
+    if train_xy is not None:
+        # Replay buffer for the device: class-balanced embeddings of training examples, so
+        # personalization can check (and train against) forgetting of the factory classes.
+        rng = np.random.default_rng(1)
+        keep = np.concatenate([rng.permutation(np.flatnonzero(train_xy[1] == c))[:REPLAY_PER_CLASS] for c in range(n_labels)])
+        buf = io.BytesIO()
+        np.savez(buf, embeddings=backbone.predict(train_xy[0][keep].astype(np.float32), verbose=0).astype(np.float32), labels=train_xy[1][keep].astype(np.int64))
+        add("replay.npz", buf.getvalue(), "replay", "npz", "fp32", per_class=REPLAY_PER_CLASS)
     buf = io.BytesIO()
     np.savez(buf, x=parity_x, probabilities=probs.astype(np.float32), embeddings=embs.astype(np.float32))
     add("parity.npz", buf.getvalue(), "parity", "npz", "fp32")

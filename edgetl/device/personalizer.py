@@ -1,0 +1,218 @@
+"""Head-only personalization on the device, with a guarded, crash-safe commit.
+
+    >>> clf = Classifier.open("digits.edgetl", store="heads/")
+    >>> p = Personalizer(clf, "heads/")
+    >>> p.add_examples(images, ["7", "7", "1", ...])   # each embedded once, cached
+    >>> p.add_class("smiley", smiley_images)          # imprinted, then trained
+    >>> p.train()                                     # runs the bundle's train graph
+    >>> p.commit()                                    # guarded; the store keeps versions
+    CommitResult(accepted=True, version=3, ...)
+
+Training is executed by the runtime (onnxruntime's train-step graph or LiteRT's ``train``
+signature); numpy only batches. Part of the user's examples is held out; a new head that
+is worse than the active one on held-out examples plus the replay buffer (examples of the
+factory classes shipped in the bundle) by more than ``margin`` is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgetl.device.classifier import Classifier
+from edgetl.device.head import HeadState, TrainSettings
+from edgetl.device.head_math import masked_softmax
+from edgetl.device.store import HeadStore
+from edgetl.errors import InputError, describe
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    accepted: bool
+    version: int  # the active version after the call
+    candidate_accuracy: float
+    active_accuracy: float
+    margin: float
+    reason: str
+
+
+class Personalizer:
+    """Collects labelled examples, trains a candidate head, and commits it if it is no worse.
+
+    Args:
+        classifier: the :class:`Classifier` whose head is personalized (its backend trains).
+        store: a :class:`HeadStore` or its directory.
+        holdout_fraction: share of each class's user examples kept out of training for the guard.
+        replay_per_class: bound of the replay buffer per factory class.
+        margin: largest accuracy drop (0..1) a new head may show and still be committed.
+        settings: training hyperparameters.
+    """
+
+    def __init__(self, classifier: Classifier, store: HeadStore | str | os.PathLike[str], *, holdout_fraction: float = 0.25, replay_per_class: int = 20, margin: float = 0.02, settings: TrainSettings = TrainSettings()) -> None:
+        if not 0 <= holdout_fraction < 1:
+            raise InputError(f"holdout_fraction must be in [0, 1), received {holdout_fraction}")
+        if not 0 <= margin <= 1:
+            raise InputError(f"margin must be in [0, 1], received {margin}")
+        self.classifier = classifier
+        self.store = store if isinstance(store, HeadStore) else HeadStore(store, classifier.bundle)
+        active = self.store.active()
+        classifier.set_head(active.head, active.number)
+        self.holdout_fraction, self.margin, self.settings = holdout_fraction, margin, settings
+        self._emb = np.zeros((0, classifier.factory.W.shape[0]), np.float32)
+        self._labels: list[str] = []
+        self._base = active.head  # the head being extended (new classes) before training
+        self.candidate: HeadState | None = None
+        self.replay_emb, self.replay_labels = self._load_replay(replay_per_class)
+
+    # ------------------------------------------------------------------ data
+
+    def _load_replay(self, per_class: int) -> tuple[np.ndarray, list[str]]:
+        found = self.classifier.bundle.artifacts("replay", "npz")
+        if not found or per_class <= 0:
+            return np.zeros((0, self._emb.shape[1]), np.float32), []
+        with np.load(self.classifier.bundle.path / found[0]["file"], allow_pickle=False) as f:
+            emb, y = f["embeddings"].astype(np.float32), f["labels"]
+        keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
+        labels = [self.classifier.bundle.labels[int(i)] for i in y[keep]]
+        return emb[keep], labels
+
+    @property
+    def examples(self) -> int:
+        return len(self._labels)
+
+    def add_examples(self, x: Any, labels: Sequence[str]) -> None:
+        """Embed ``x`` once with the backbone and cache it with its ``labels``.
+
+        Raises:
+            InputError: bad inputs (shape, dtype, NaN, empty), a label count that differs
+                from the example count, or a label the head does not have (use add_class).
+        """
+        labels = [str(l) for l in (labels if not isinstance(labels, str) else [labels])]
+        batch = self.classifier.check_inputs(x)
+        if len(labels) != len(batch):
+            raise InputError(f"received {len(batch)} examples and {len(labels)} labels; give one label per example")
+        known = set(self._base.labels)
+        unknown = sorted(set(labels) - known)
+        if unknown:
+            raise InputError(f"unknown label(s) {unknown}; the head knows {list(self._base.labels)}. Use add_class(name, examples) for a new class")
+        self._cache(batch, labels)
+
+    def _cache(self, batch: np.ndarray, labels: list[str]) -> None:
+        emb = self.classifier.embed(batch)
+        self._emb = np.concatenate([self._emb, emb])
+        self._labels += labels
+
+    def add_class(self, name: str, x: Any) -> None:
+        """Add a class up to the head's capacity, initialised by weight imprinting.
+
+        The new column is the mean of the examples' normalised embeddings, scaled to the
+        mean norm of the existing columns, so the class is recognisable before training.
+        """
+        if not isinstance(name, str) or not name.strip() or len(name) > 256:
+            raise InputError(f"class name must be a non-empty string of at most 256 characters, received {describe(name)}")
+        base = self._base
+        if name in base.labels:
+            raise InputError(f"class {name!r} already exists; add examples to it with add_examples")
+        free = np.flatnonzero(base.mask == 0)
+        if not len(free):
+            raise InputError(f"the head is full: capacity {base.capacity} classes ({len(base.labels)} active); export the bundle with a larger max_classes")
+        batch = self.classifier.check_inputs(x)
+        emb = self.classifier.embed(batch)
+        col = int(free[0])
+        active = np.flatnonzero(base.mask > 0)
+        direction = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).mean(axis=0)
+        scale = float(np.linalg.norm(base.W[:, active], axis=0).mean())
+        W, b, mask, anchor = base.W.copy(), base.b.copy(), base.mask.copy(), base.anchor.copy()
+        W[:, col] = direction / max(float(np.linalg.norm(direction)), 1e-12) * scale
+        b[col] = float(b[active].mean())
+        mask[col] = 1.0
+        anchor[:, col] = W[:, col]  # the L2 pull keeps the new class near its imprint
+        self._base = HeadState(W, b, mask, anchor, (*base.labels, name))
+        self._emb = np.concatenate([self._emb, emb])
+        self._labels += [name] * len(emb)
+
+    # ------------------------------------------------------------------ train
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per class, hold out ``holdout_fraction`` of the user examples (deterministic)."""
+        rng = np.random.default_rng(self.settings.seed)
+        labels = np.asarray(self._labels)
+        train, held = [], []
+        for name in sorted(set(self._labels)):
+            idx = rng.permutation(np.flatnonzero(labels == name))
+            n_held = int(round(len(idx) * self.holdout_fraction)) if len(idx) > 1 else 0
+            held += idx[:n_held].tolist()
+            train += idx[n_held:].tolist()
+        return np.asarray(sorted(train), dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)
+
+    def _onehot(self, labels: Sequence[str], head: HeadState) -> np.ndarray:
+        column = dict(zip(head.labels, np.flatnonzero(head.mask > 0)))
+        y = np.zeros((len(labels), head.capacity), np.float32)
+        y[np.arange(len(labels)), [column[l] for l in labels]] = 1.0
+        return y
+
+    def train(self, settings: TrainSettings | None = None) -> HeadState:
+        """Train a candidate head on the user's examples plus the replay buffer."""
+        if not self._labels:
+            raise InputError("no examples yet: call add_examples or add_class first")
+        settings = settings or self.settings
+        train_idx, _ = self._split()
+        emb = np.concatenate([self._emb[train_idx], self.replay_emb])
+        labels = [self._labels[i] for i in train_idx] + self.replay_labels
+        self.candidate, self.losses = self.classifier.head_runtime.train(self._base, emb, self._onehot(labels, self._base), settings)
+        return self.candidate
+
+    def evaluate(self, head: HeadState | None = None, x: Any = None, labels: Sequence[str] | None = None) -> float:
+        """Accuracy of ``head`` (default: the active one) on ``x``/``labels``, or, without
+        them, on the held-out user examples plus the replay buffer. A label the head does
+        not have counts as wrong."""
+        head = head or self.classifier.head
+        if x is not None:
+            emb = self.classifier.embed(x)
+            labels = [str(l) for l in labels or []]
+            if len(labels) != len(emb):
+                raise InputError(f"received {len(emb)} examples and {len(labels)} labels")
+        else:
+            _, held = self._split()
+            emb = np.concatenate([self._emb[held], self.replay_emb])
+            labels = [self._labels[i] for i in held] + self.replay_labels
+        if not len(labels):
+            raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
+        active = np.flatnonzero(head.mask > 0)
+        probs = self.classifier.head_runtime.probabilities(head, emb)[:, active]
+        predicted = [head.labels[j] for j in probs.argmax(axis=1)]
+        return float(np.mean([p == l for p, l in zip(predicted, labels)]))
+
+    def commit(self, margin: float | None = None) -> CommitResult:
+        """Commit the trained candidate unless it is worse than the active head by more than
+        ``margin`` on held-out data; the classifier switches to it only once it is stored."""
+        if self.candidate is None:
+            raise InputError("no candidate head: call train() first")
+        margin = self.margin if margin is None else margin
+        cand = self.evaluate(self.candidate)
+        current = self.evaluate(self.classifier.head)
+        if cand < current - margin:
+            return CommitResult(False, self.classifier.head_version, cand, current, margin, f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than {margin:.3f}")
+        version = self.store.commit(self.candidate, {"heldout_accuracy": cand, "previous_accuracy": current, "examples": self.examples})
+        self.classifier.set_head(self.candidate, version)
+        self._base, self.candidate = self.classifier.head, None
+        return CommitResult(True, version, cand, current, margin, "committed")
+
+    def rollback(self) -> int:
+        version = self.store.rollback()
+        self._activate()
+        return version
+
+    def reset(self) -> int:
+        """Back to the factory head (stored as a reset; earlier versions stay on disk)."""
+        version = self.store.reset()
+        self._activate()
+        return version
+
+    def _activate(self) -> None:
+        active = self.store.active()
+        self.classifier.set_head(active.head, active.number)
+        self._base, self.candidate = active.head, None
