@@ -41,3 +41,20 @@ def source_run(tmp_path_factory, digits_source):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory, source_run, digits_target):
+    """Target digits 5-9 transferred from the source run, exported fp32 + int8, both formats."""
+    from edgetl.host.data import stratified_split
+    from edgetl.host.export import export_bundle
+    from edgetl.host.run import save_run
+    from edgetl.host.transfer import TrainConfig, train_transfer
+
+    halves = stratified_split(digits_target, val_fraction=0.0, test_fraction=0.5, seed=0)
+    result = train_transfer(halves.train, TrainConfig(backbone=str(source_run[0]), epochs=60, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0))
+    base = tmp_path_factory.mktemp("device")
+    run = save_run(result, base / "target")
+    bundle, report = export_bundle(run, base / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test)
+    assert report["ok"]
+    return bundle, halves

@@ -162,7 +162,11 @@ def tflite_to_onnx(tflite: bytes, opset: int) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.tflite")
         Path(path).write_bytes(tflite)
-        proto, _ = tf2onnx.convert.from_tflite(path, opset=opset)
+        with warnings.catch_warnings():
+            # tf2onnx reads the .tflite with TensorFlow's deprecated tf.lite.Interpreter;
+            # not something edgetl users run or can change.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            proto, _ = tf2onnx.convert.from_tflite(path, opset=opset)
     return proto.SerializeToString()
 
 
