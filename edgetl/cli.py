@@ -8,6 +8,7 @@ anything unexpected (with a traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -54,8 +55,14 @@ def _add_training_args(p: argparse.ArgumentParser, *, transfer: bool) -> None:
         p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5)
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("onnxruntime", "litert"), help="default: onnxruntime if installed, else LiteRT")
+    p.add_argument("--precision", default="fp32", help="fp32, dynamic, float16, int8 or qat, as exported")
+    p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge: pretrain, train, export, verify, inspect, demo.")
+    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge. Host (TensorFlow): pretrain, train, export, verify, inspect, demo. Device (onnxruntime/LiteRT only): predict, personalize, store.")
     parser.add_argument("--version", action="version", version=f"edgetl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -97,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print a bundle's manifest as a readable summary")
     p.add_argument("bundle")
+
+    p = sub.add_parser("predict", help="classify inputs on the device runtime (no TensorFlow)")
+    p.add_argument("bundle")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, .npy arrays (one example or a batch), or .npz with x")
+    _add_device_args(p)
+    p.add_argument("--store", help="head store: predict with its active (personalized) head")
+    p.add_argument("--top-k", type=int, default=3)
+
+    p = sub.add_parser("personalize", help="fine-tune the head on the device with labelled examples; guarded, crash-safe commit (exit 3 if the guard rejects the new head)")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True, help="labelled examples: image folder, .npz or .csv, as for training")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--store", required=True, help="head store directory (created if missing)")
+    _add_device_args(p)
+    p.add_argument("--add-classes", action="store_true", help="labels the head does not know become new classes (up to its capacity)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=0.1, help="for sgd relative to the embedding scale; for adam absolute (e.g. 0.01)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--l2", type=float, default=1e-3, help="pull toward the factory head")
+    p.add_argument("--margin", type=float, default=0.02, help="largest drop of the guard score (held-out user examples and replay) accepted at commit")
+    p.add_argument("--holdout", type=float, default=0.25, help="share of the examples held out for the guard")
+
+    p = sub.add_parser("store", help="inspect or move a head store: history, rollback, reset")
+    p.add_argument("action", choices=("history", "rollback", "reset"))
+    p.add_argument("--store", required=True)
+    p.add_argument("--bundle", help="the store's bundle (needed only to verify it belongs to it)")
     return parser
 
 
@@ -146,6 +180,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _verify(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "personalize":
+        return _personalize(args)
+    if args.command == "store":
+        return _store(args)
     raise InputError(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses first
 
 
@@ -273,6 +313,101 @@ def _inspect(args: argparse.Namespace) -> int:
     if parity:
         print(f"  parity at export: {'passed' if parity['ok'] else 'FAILED'} ({len(parity['checks'])} checks)")
     print(f"  produced by {', '.join(f'{k} {v}' for k, v in m.get('producer', {}).items() if k != 'run')}")
+    return 0
+
+
+def _read_inputs(paths: list[str], spec: dict) -> tuple["np.ndarray", list[str]]:
+    """Examples from image files, .npy or .npz (x), shaped as the bundle's input spec."""
+    import numpy as np
+
+    shape = tuple(spec["shape"])
+    arrays, names = [], []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise InputError(f"input {raw!r} does not exist")
+        if path.suffix.lower() in (".npy", ".npz"):
+            try:
+                data = np.load(path, allow_pickle=False)
+                arr = data["x"] if path.suffix.lower() == ".npz" else data
+            except (OSError, ValueError, KeyError) as exc:
+                raise InputError(f"cannot read {raw!r} as an array ({exc}); .npz inputs need an array 'x'") from None
+            arr = arr[None] if arr.shape == shape else arr
+            arrays.append(arr)
+            names += [f"{path.name}[{i}]" for i in range(len(arr))] if len(arr) > 1 else [path.name]
+        else:
+            try:
+                from PIL import Image
+            except ImportError:
+                raise InputError('reading image files needs Pillow: pip install pillow (or pass .npy arrays)') from None
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("L" if shape[-1] == 1 else "RGB").resize((shape[1], shape[0]), Image.BILINEAR)
+                    arrays.append(np.asarray(im, dtype=np.uint8).reshape(1, *shape))
+            except OSError as exc:
+                raise InputError(f"cannot read {raw!r} as an image ({exc})") from None
+            names.append(path.name)
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise InputError(f"inputs have different shapes {sorted(shapes)}; the bundle takes {shape}")
+    return np.concatenate(arrays), names
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from edgetl.device.classifier import Classifier
+
+    clf = Classifier.open(args.bundle, backend=args.backend, precision=args.precision, store=args.store, threads=args.threads)
+    x, names = _read_inputs(args.inputs, clf.bundle.input_spec)
+    result = clf.predict(x, top_k=args.top_k)
+    print(f"# backend {clf.backend}, precision {clf.precision}, head version {result.head_version}")
+    for name, top in zip(names, result.top_k):
+        print(f"{name}\t" + "\t".join(f"{label} {p:.4f}" for label, p in top))
+    return 0
+
+
+def _personalize(args: argparse.Namespace) -> int:
+    from edgetl.device.classifier import Classifier
+    from edgetl.device.head import TrainSettings
+    from edgetl.device.personalizer import Personalizer
+
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.optimizer, l2=args.l2)
+    clf = Classifier.open(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
+    data = _load_for_spec(args.data, clf.bundle.input_spec, args.label_column)
+    labels = [data.class_names[i] for i in data.y]
+    p = Personalizer(clf, args.store, holdout_fraction=args.holdout, margin=args.margin, settings=settings)
+    new = sorted(set(labels) - set(clf.head.labels))
+    if new and not args.add_classes:
+        raise InputError(f"labels {new} are not classes of the head {list(clf.head.labels)}; pass --add-classes to add them")
+    for name in new:
+        p.add_class(name, data.x[[l == name for l in labels]])
+    known = [i for i, l in enumerate(labels) if l not in new]
+    if known:
+        p.add_examples(data.x[known], [labels[i] for i in known])
+    p.train()
+    result = p.commit()
+    print(f"{len(labels)} examples ({len(new)} new classes), backend {clf.backend}: held-out accuracy {result.candidate_accuracy:.4f} (active head {result.active_accuracy:.4f})")
+    print(f"{result.reason}; active version {result.version}")
+    return 0 if result.accepted else 3  # 3: the guard rejected the new head (documented in --help)
+
+
+def _store(args: argparse.Namespace) -> int:
+    from edgetl.device.store import HeadStore
+
+    bundle = None
+    if args.bundle:
+        from edgetl.bundle import read_bundle
+
+        bundle = read_bundle(args.bundle)
+    store = HeadStore(args.store, bundle)
+    if args.action == "rollback":
+        print(f"active version {store.rollback()}")
+    elif args.action == "reset":
+        print(f"active version {store.reset()} (factory head)")
+    else:
+        print(f"active version {store.active_version}")
+        for h in store.history():
+            extra = h.get("metrics") or ({"from": h["from"]} if "from" in h else {})
+            print(f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}")
     return 0
 
 

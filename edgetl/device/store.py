@@ -59,14 +59,19 @@ class HeadStore:
         bundle: the bundle whose heads it holds; a store of another bundle is refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str], bundle: Bundle) -> None:
+    def __init__(self, path: str | os.PathLike[str], bundle: Bundle | None) -> None:
         self.path = Path(path)
-        self.bundle = bundle
-        self.bundle_id = bundle_identity(bundle)
-        self._factory = HeadState.factory(bundle)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store {str(self.path)!r} exists and is not a directory")
         pointer = self._read_pointer()
+        if bundle is None:  # history, rollback and reset of an existing store need no bundle
+            if pointer is None:
+                raise StoreError(f"{str(self.path)!r} is not a head store (no {POINTER}); give the bundle to create one")
+            self.bundle, self.bundle_id, self._factory = None, pointer.get("bundle_id"), None
+            return
+        self.bundle = bundle
+        self.bundle_id = bundle_identity(bundle)
+        self._factory = HeadState.factory(bundle)
         if pointer is not None and pointer.get("bundle_id") != self.bundle_id:
             raise StoreError(f"store {str(self.path)!r} belongs to another bundle ({pointer.get('bundle_name')!r}); use a separate store directory per bundle")
 
@@ -85,7 +90,7 @@ class HeadStore:
             raise StoreError(f"store pointer {str(f)!r} is unreadable ({exc})") from None
 
     def _pointer(self) -> dict[str, Any]:
-        return self._read_pointer() or {"format": FORMAT, "bundle_id": self.bundle_id, "bundle_name": self.bundle.manifest["name"], "active": 0, "file": None, "sha256": None, "stack": [], "history": []}
+        return self._read_pointer() or {"format": FORMAT, "bundle_id": self.bundle_id, "bundle_name": self.bundle.manifest["name"] if self.bundle else None, "active": 0, "file": None, "sha256": None, "stack": [], "history": []}
 
     @property
     def active_version(self) -> int:
@@ -95,6 +100,8 @@ class HeadStore:
         """The active head, checksum-verified; version 0 is the factory head."""
         p = self._pointer()
         if p["active"] == 0:
+            if self._factory is None:
+                raise StoreError("the factory head lives in the bundle: open the store with its bundle")
             return Version(0, self._factory, {"action": "factory"})
         return Version(int(p["active"]), self._load(p["file"], p["sha256"]), p["history"][-1] if p["history"] else {})
 
@@ -109,7 +116,7 @@ class HeadStore:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             labels = tuple(str(v) for v in z["labels"].tolist())
             head = HeadState(z["W"], z["b"], z["mask"], z["anchor"], labels)
-        if head.W.shape != self._factory.W.shape:
+        if self._factory is not None and head.W.shape != self._factory.W.shape:
             raise StoreError(f"head version {name!r} has shape {head.W.shape}, the bundle's head is {self._factory.W.shape}")
         return head
 
@@ -130,6 +137,8 @@ class HeadStore:
             StoreError: the store cannot be written (read-only, disk full); the active head
                 and every committed version are left as they were.
         """
+        if self._factory is None:
+            raise StoreError("committing a head needs the bundle: open the store with it")
         if head.W.shape != self._factory.W.shape:
             raise StoreError(f"head shape {head.W.shape} does not match the bundle's {self._factory.W.shape}")
         pointer = self._pointer()

@@ -93,3 +93,39 @@ def test_demo_console_script(tmp_path):
     assert checks["model.int8.tflite"]["accuracy_drop"] <= 0.02  # issue target: <= 1 point (measured 0.2)
     sizes = results["export"]["sizes"]
     assert sizes["model.int8.tflite"] < 0.4 * sizes["model.fp32.tflite"]
+    # the personalization step: both backends improve the new user, matching the host reference
+    pers = results["personalization"]
+    for backend in ("onnxruntime", "litert"):
+        assert pers[backend]["committed"] and pers[backend]["after"] > pers[backend]["before"] + 0.05
+        assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
+    assert "on the device, litert" in out and "Keras retraining the same head" in out
+
+
+def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):
+    import numpy as np
+
+    bundle, halves = digits_bundle
+    np.save(tmp_path / "bad.npy", np.zeros((2, 9, 9, 1)))
+    assert main(["predict", str(bundle.path), str(tmp_path / "bad.npy")]) == 2
+    assert "must have shape (8, 8, 1)" in capsys.readouterr().err
+    assert main(["predict", str(bundle.path), str(tmp_path / "missing.png")]) == 2
+    assert main(["predict", str(bundle.path), str(tmp_path / "bad.npy"), "--precision", "float16"]) == 2
+    assert "available precisions" in capsys.readouterr().err
+    np.savez(tmp_path / "new.npz", x=halves.test.x[:6], y=np.arange(6) % 2, class_names=np.array(["5", "zero"]))
+    assert main(["personalize", str(bundle.path), "--data", str(tmp_path / "new.npz"), "--store", str(tmp_path / "s")]) == 2
+    assert "pass --add-classes" in capsys.readouterr().err
+    assert main(["store", "history", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "not a head store" in capsys.readouterr().err
+    assert main(["store", "rollback", "--store", str(tmp_path / "s")]) == 2  # nothing was committed
+
+
+def test_personalize_cli_exit_3_when_the_guard_rejects(tmp_path, digits_bundle, capsys):
+    import numpy as np
+
+    from edgetl.host.data import restyle_digits
+
+    bundle, halves = digits_bundle
+    shuffled = np.random.default_rng(1).permutation(halves.test.y[:60])
+    np.savez(tmp_path / "noise.npz", x=restyle_digits(halves.test.x[:60]), y=shuffled, class_names=np.array(halves.test.class_names))
+    code = main(["personalize", str(bundle.path), "--data", str(tmp_path / "noise.npz"), "--store", str(tmp_path / "s"), "--epochs", "60"])
+    assert code == 3 and "rejected" in capsys.readouterr().out
