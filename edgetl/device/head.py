@@ -51,7 +51,7 @@ class TrainSettings:
 
     epochs: int = 30
     batch_size: int = 16
-    # For SGD this is relative to the embeddings' scale (see `runtime_settings`), so one
+    # For SGD this is relative to the embeddings' scale (see `effective_learning_rate`), so one
     # value suits any backbone; for Adam it is the usual absolute step size.
     learning_rate: float = 0.1
     l2: float = 1e-3  # pull toward the factory (anchor) weights, against forgetting
@@ -72,19 +72,22 @@ class TrainSettings:
             raise InputError(f"optimizer must be 'sgd' or 'adam', received {self.optimizer!r}")
 
 
-def runtime_settings(settings: TrainSettings, emb: np.ndarray) -> TrainSettings:
-    """The settings handed to the runtime, with SGD's step normalised by the embeddings.
+def effective_learning_rate(settings: TrainSettings, emb: np.ndarray) -> float:
+    """The step size handed to the runtime: for SGD, normalised by the embeddings' scale.
 
     The gradient of the logits w.r.t. W scales with ||e||^2, so a fixed SGD learning rate
     that is stable for one backbone diverges on another (measured: lr 0.05 with momentum
     0.9 on the digits CNN's 256-d embeddings drove the loss from 0.08 to 13). Dividing by
-    the mean squared embedding norm (as normalised LMS does) makes ``learning_rate`` a
-    fraction of the largest stable step. Adam normalises its steps itself.
+    the mean squared norm of the input (as normalised LMS does) makes ``learning_rate`` a
+    fraction of the largest stable step. The input includes the constant 1 the bias
+    multiplies, hence ``+ 1``: without it, all-zero embeddings (a dead backbone) gave a
+    huge step on the bias, whose gradient does not shrink with e, and NaN weights.
+    Adam normalises its steps itself.
     """
     if settings.optimizer != "sgd" or not len(emb):
-        return settings
-    scale = float(np.mean(np.sum(emb.astype(np.float64) ** 2, axis=1)))
-    return replace(settings, learning_rate=settings.learning_rate / max(scale, 1e-12))
+        return float(settings.learning_rate)
+    scale = float(np.mean(np.sum(emb.astype(np.float64) ** 2, axis=1))) + 1.0
+    return float(settings.learning_rate / scale)
 
 
 def batches(n: int, settings: TrainSettings) -> list[np.ndarray]:
@@ -109,12 +112,12 @@ class OnnxHeadTrainer:
         self._infer = onnx_session(bundle.artifact("head_infer", "onnx"), threads=threads)
 
     def train(self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings) -> tuple[HeadState, list[float]]:
-        settings = runtime_settings(settings, emb)
+        lr = effective_learning_rate(settings, emb)
         sess = self._sessions[settings.optimizer]
         names = [o.name for o in sess.get_outputs()]
         state = initial_state(head.W, head.b, settings.optimizer)
         # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
-        fixed = {"mask": head.mask, "W0": head.anchor, "lr": np.array(settings.learning_rate, np.float32), "l2": np.array(settings.l2, np.float32)}
+        fixed = {"mask": head.mask, "W0": head.anchor, "lr": np.array(lr, np.float32), "l2": np.array(settings.l2, np.float32)}
         if settings.optimizer == "sgd":
             fixed["momentum"] = np.array(settings.momentum, np.float32)
         losses = []
@@ -147,7 +150,7 @@ class LiteRTHeadTrainer:
             self._loaded = head
 
     def train(self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings) -> tuple[HeadState, list[float]]:
-        settings = runtime_settings(settings, emb)
+        lr = np.float32(effective_learning_rate(settings, emb))
         flag = np.float32(1.0 if settings.optimizer == "adam" else 0.0)
         with self._lock:
             self._loaded = None
@@ -155,7 +158,7 @@ class LiteRTHeadTrainer:
             train = self._interpreter.get_signature_runner("train")
             losses = []
             for idx in batches(len(emb), settings):
-                out = train(embedding=emb[idx], labels=onehot[idx], lr=np.float32(settings.learning_rate), l2=np.float32(settings.l2), momentum=np.float32(settings.momentum), optimizer=flag)
+                out = train(embedding=emb[idx], labels=onehot[idx], lr=lr, l2=np.float32(settings.l2), momentum=np.float32(settings.momentum), optimizer=flag)
                 losses.append(float(out["loss"]))
             w = self._interpreter.get_signature_runner("get_weights")()
             self._loaded = None  # the interpreter now holds the trained weights, not `head`

@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.device.head import HeadState, TrainSettings, batches, runtime_settings
+from edgetl.device.head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.device.head_math import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
 from edgetl.host._tf import keras, tf
 
 
 def keras_retrain(head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings) -> HeadState:
     k, t = keras(), tf()
-    settings = runtime_settings(settings, emb)
+    lr = effective_learning_rate(settings, emb)
     anchor = t.constant(head.anchor)
     mask_bias = t.constant((1.0 - head.mask) * MASK_NEG)
 
@@ -37,9 +37,9 @@ def keras_retrain(head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings
     dense.set_weights([head.W, head.b])
     if settings.optimizer == "sgd":
         # Keras: v = m*v - lr*g; w += v. The device: v = m*v + g; w -= lr*v. Same for a fixed lr.
-        opt = k.optimizers.SGD(settings.learning_rate, momentum=settings.momentum)
+        opt = k.optimizers.SGD(lr, momentum=settings.momentum)
     else:
-        opt = k.optimizers.Adam(settings.learning_rate, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2, epsilon=ADAM_EPS)
+        opt = k.optimizers.Adam(lr, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2, epsilon=ADAM_EPS)
     model.compile(optimizer=opt, loss=k.losses.CategoricalCrossentropy())
     for idx in batches(len(emb), settings):
         model.train_on_batch(emb[idx], onehot[idx])

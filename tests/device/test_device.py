@@ -322,3 +322,14 @@ def test_store_survives_sigkill_at_random_moments(tmp_path, digits_bundle):
         expected = factory.W + np.float32(active.number) if active.number else factory.W
         np.testing.assert_allclose(active.head.W, expected, atol=1e-3)  # a whole version, not a mix
     assert last_seen > kills  # commits really happened between kills
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_embeddings_train_to_finite_weights(digits_bundle, backend):
+    """A dead backbone (all-zero embeddings) once gave the bias a 1e11 step and NaN weights."""
+    bundle = digits_bundle[0]
+    head = HeadState.factory(bundle)
+    emb = np.zeros((20, head.W.shape[0]), np.float32)
+    onehot = np.eye(head.capacity, dtype=np.float32)[np.arange(20) % 5]
+    trained, losses = make_trainer(bundle, backend).train(head, emb, onehot, TrainSettings(epochs=5))
+    assert np.isfinite(trained.W).all() and np.isfinite(trained.b).all() and np.isfinite(losses).all()
