@@ -8,7 +8,7 @@ lists. :func:`read_bundle` trusts nothing until the schema and every hash check 
     >>> b.labels, b.artifact("fused", "onnx", "int8")
 """
 
-from edgetl.bundle.io import Bundle, read_bundle, sha256_file, write_bundle
+from edgetl.bundle.io import Bundle, pack_bundle, read_bundle, sha256_file, unpack_bundle, write_bundle
 from edgetl.bundle.manifest import FORMATS, PRECISIONS, ROLES, SCHEMA_VERSION, validate_manifest
 
-__all__ = ["Bundle", "read_bundle", "write_bundle", "sha256_file", "validate_manifest", "SCHEMA_VERSION", "ROLES", "FORMATS", "PRECISIONS"]
+__all__ = ["Bundle", "read_bundle", "write_bundle", "pack_bundle", "unpack_bundle", "sha256_file", "validate_manifest", "SCHEMA_VERSION", "ROLES", "FORMATS", "PRECISIONS"]

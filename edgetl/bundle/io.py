@@ -132,3 +132,77 @@ def update_manifest(bundle: Bundle, **fields: Any) -> Bundle:
     validate_manifest(m)
     replace_file(bundle.path / "manifest.json", json.dumps(m, indent=2).encode())
     return Bundle(bundle.path, m)
+
+
+MAX_UNPACKED_BYTES = 4 << 30  # refuse archives that would unpack to more than 4 GiB
+MAX_ENTRIES = 128
+
+
+def pack_bundle(bundle: Bundle | str | os.PathLike[str], archive: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Pack a verified bundle into one ``.zip`` file for shipping (flat: the manifest and
+    the files it lists, nothing else)."""
+    import zipfile
+
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    archive = Path(archive)
+    if archive.exists() and not overwrite:
+        raise BundleError(f"archive {str(archive)!r} already exists; choose another name or pass overwrite=True")
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.write(b.path / "manifest.json", "manifest.json")
+        for a in b.manifest["artifacts"]:
+            z.write(b.path / a["file"], a["file"])
+    replace_file(archive, tmp.read_bytes())
+    tmp.unlink()
+    return archive
+
+
+def unpack_bundle(archive: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Bundle:
+    """Unpack an archive made by :func:`pack_bundle` into ``out`` and verify it.
+
+    Every entry must be a plain file name (no directories, ``..``, absolute paths or
+    symlinks: nothing can land outside ``out``); the total unpacked size is bounded. The
+    files go into a temporary sibling that is verified as a bundle before it is renamed to
+    ``out``, so a bad archive leaves nothing behind.
+    """
+    import stat
+    import zipfile
+    import zlib
+
+    archive, out = Path(archive), Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"output {str(out)!r} already exists; choose another or pass overwrite=True")
+    try:
+        z = zipfile.ZipFile(archive)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+        raise BundleError(f"{str(archive)!r} is not a bundle archive: {exc}") from None
+    with z:
+        infos = z.infolist()
+        if not infos or len(infos) > MAX_ENTRIES:
+            raise BundleError(f"archive has {len(infos)} entries; a bundle has 2..{MAX_ENTRIES}")
+        total = 0
+        for info in infos:
+            safe_file_name(info.filename, f"archive entry {info.filename!r}")
+            if stat.S_ISLNK(info.external_attr >> 16) or info.is_dir():
+                raise BundleError(f"archive entry {info.filename!r} is a link or directory; refused")
+            total += info.file_size
+        if total > MAX_UNPACKED_BYTES:
+            raise BundleError(f"archive would unpack to {total} bytes; at most {MAX_UNPACKED_BYTES} are allowed")
+        if "manifest.json" not in {i.filename for i in infos}:
+            raise BundleError("archive has no manifest.json")
+        with atomic_directory(out) as tmp:
+            written = 0
+            for info in infos:
+                try:
+                    with z.open(info) as src, open(tmp / info.filename, "wb") as dst:
+                        # Count what is really decompressed: the sizes in the header can lie.
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            written += len(chunk)
+                            if written > MAX_UNPACKED_BYTES:
+                                raise BundleError(f"archive unpacks to more than {MAX_UNPACKED_BYTES} bytes; refused")
+                            dst.write(chunk)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
+                    # Found by tools/fuzz_bundle.py: CRC and inflate errors surface while reading.
+                    raise BundleError(f"archive entry {info.filename!r} is corrupt: {exc}") from None
+            read_bundle(tmp)  # schema, names, sizes and hashes, before the rename
+    return read_bundle(out)
