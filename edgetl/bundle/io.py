@@ -49,6 +49,26 @@ class Bundle:
             raise BundleError(f"bundle {self.path.name!r} has no {role} artifact in {fmt}/{precision}; it has {have}")
         return self.path / found[0]["file"]
 
+    def arrays(self, role: str, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The named arrays of the bundle's ``.npz`` with this role, loaded without pickle.
+
+        A bundle's author also writes its hashes, so a verified file can still be hostile:
+        object arrays (pickles) and missing keys are refused with a BundleError.
+        """
+        import zipfile
+
+        import numpy as np
+
+        path = self.artifact(role, "npz")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = [k for k in keys if k not in f.files]
+                if missing:
+                    raise BundleError(f"{path.name} lacks array(s) {missing}; found {sorted(f.files)}")
+                return {k: f[k] for k in keys}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path.name} cannot be loaded safely ({exc}); edgetl never unpickles bundle data") from None
+
     def precisions(self, role: str = "fused", fmt: str | None = None) -> list[str]:
         return sorted({a["precision"] for a in self.artifacts(role, fmt)})
 

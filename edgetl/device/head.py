@@ -37,8 +37,8 @@ class HeadState:
 
     @classmethod
     def factory(cls, bundle: Bundle) -> "HeadState":
-        with np.load(bundle.artifact("head_init", "npz"), allow_pickle=False) as f:
-            W, b, mask = (f[k].astype(np.float32) for k in ("W", "b", "mask"))
+        arrays = bundle.arrays("head_init", ("W", "b", "mask"))
+        W, b, mask = (arrays[k].astype(np.float32) for k in ("W", "b", "mask"))
         return cls(W, b, mask, W.copy(), tuple(bundle.labels))
 
     def arrays(self) -> dict[str, np.ndarray]:

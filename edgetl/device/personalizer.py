@@ -79,8 +79,8 @@ class Personalizer:
         found = self.classifier.bundle.artifacts("replay", "npz")
         if not found or per_class <= 0:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
-        with np.load(self.classifier.bundle.path / found[0]["file"], allow_pickle=False) as f:
-            emb, y = f["embeddings"].astype(np.float32), f["labels"]
+        arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
+        emb, y = arrays["embeddings"].astype(np.float32), arrays["labels"]
         keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
         labels = [self.classifier.bundle.labels[int(i)] for i in y[keep]]
         return emb[keep], labels

@@ -113,9 +113,12 @@ class HeadStore:
             raise StoreError(f"head version file {str(f)!r} cannot be read ({exc})") from None
         if hashlib.sha256(data).hexdigest() != sha256:
             raise StoreError(f"head version file {str(f)!r} fails its sha256 check: corrupted; roll back or reset the store")
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            labels = tuple(str(v) for v in z["labels"].tolist())
-            head = HeadState(z["W"], z["b"], z["mask"], z["anchor"], labels)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                labels = tuple(str(v) for v in z["labels"].tolist())
+                head = HeadState(z["W"], z["b"], z["mask"], z["anchor"], labels)
+        except (ValueError, KeyError, OSError, EOFError) as exc:  # e.g. a pickled object array
+            raise StoreError(f"head version file {str(f)!r} cannot be loaded safely ({exc})") from None
         if self._factory is not None and head.W.shape != self._factory.W.shape:
             raise StoreError(f"head version {name!r} has shape {head.W.shape}, the bundle's head is {self._factory.W.shape}")
         return head

@@ -26,7 +26,7 @@ MIN_TOP1_AGREEMENT = {"dynamic": 0.95, "float16": 0.99, "int8": 0.9, "qat": 0.9}
 
 def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | None = None) -> dict[str, Any]:
     """Run every check; return a report whose ``ok`` is False if any check failed."""
-    ref = np.load(bundle.artifact("parity", "npz"), allow_pickle=False)
+    ref = bundle.arrays("parity", ("x", "probabilities", "embeddings"))
     checks: list[dict[str, Any]] = []
     for a in bundle.artifacts():
         if a["role"] not in ("fused", "backbone"):
@@ -61,7 +61,7 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
 def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
     from edgetl.device.head_math import initial_state, reference_step
 
-    init = np.load(bundle.artifact("head_init", "npz"), allow_pickle=False)
+    init = bundle.arrays("head_init", ("W", "b", "mask"))
     W, b, mask = init["W"], init["b"], init["mask"]
     emb = ref["embeddings"][:8].astype(np.float32)
     n_active = int(mask.sum())

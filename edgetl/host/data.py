@@ -54,7 +54,7 @@ class Dataset:
         expected_rank = 4 if self.kind == "image" else 2
         if self.x.ndim != expected_rank:
             raise DataError(f"{self.kind} data must have rank {expected_rank}, received x.shape={self.x.shape}")
-        if self.kind == "features" and not np.all(np.isfinite(self.x)):
+        if self.x.dtype.kind == "f" and not np.all(np.isfinite(self.x)):
             bad = int(np.argwhere(~np.isfinite(self.x))[0][0])
             raise DataError(f"{self.source or 'dataset'}: example {bad} has a NaN or infinite feature; clean the data before training")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.class_names)):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -203,23 +201,66 @@ def test_bad_personalization_inputs_change_nothing(tmp_path, digits_bundle, user
     assert p.examples == 0 and clf.head_version == 0 and not (tmp_path / "store").exists()
 
 
-def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digits_bundle, user):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions; test_failed_write_refuses_commit_and_keeps_the_active_head covers the same path with a kernel-enforced write failure")
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys, numpy as np
+    from dataclasses import replace
+    from edgetl.bundle import read_bundle
+    from edgetl.device.head import HeadState
+    from edgetl.device.store import HeadStore
+    from edgetl.errors import StoreError
+    store = HeadStore(sys.argv[2], read_bundle(sys.argv[1]))
+    head = store.active().head
+    # The kernel now refuses writes past 1 KB with EFBIG, as a full disk refuses them.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+    try:
+        store.commit(replace(head, W=head.W + 1))
+    except StoreError as exc:
+        print("refused:", exc)
+    """
+)
+
+
+def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_bundle, user):
     (x, y), _ = user
-    store = tmp_path / "store"
-    store.mkdir()
-    store.chmod(0o500)
-    clf = Classifier.open(digits_bundle[0].path, backend="onnxruntime")
-    p = Personalizer(clf, store)
+    bundle = digits_bundle[0]
+    clf = Classifier.open(bundle.path, backend="onnxruntime")
+    p = Personalizer(clf, tmp_path / "store")
     p.add_examples(x, y)
     p.train()
-    with pytest.raises(StoreError, match="read-only"):
-        p.commit()
-    assert clf.head_version == 0
+    assert p.commit().version == 1
+    files_before = sorted(f.name for f in (tmp_path / "store").iterdir())
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(bundle.path), str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert "refused: cannot write to store" in proc.stdout and "the active head is unchanged" in proc.stdout, proc.stderr[-2000:]
+    store = HeadStore(tmp_path / "store", bundle)
+    assert store.active_version == 1
+    np.testing.assert_array_equal(store.active().head.W, clf.head.W)
+    assert sorted(f.name for f in (tmp_path / "store").iterdir()) == files_before  # no partial files left
 
 
-FULL_DISK_
+def test_store_of_another_bundle_and_corrupt_versions(tmp_path, digits_bundle, user):
+    (x, y), _ = user
+    bundle = digits_bundle[0]
+    clf = Classifier.open(bundle.path, backend="onnxruntime")
+    p = Personalizer(clf, tmp_path / "store")
+    p.add_examples(x, y)
+    p.train()
+    p.commit()
+    pointer = (tmp_path / "store" / "ACTIVE.json")
+    text = pointer.read_text()
+    pointer.write_text(text.replace(p.store.bundle_id, "0" * 64))
+    with pytest.raises(StoreError, match="belongs to another bundle"):
+        HeadStore(tmp_path / "store", bundle)
+    pointer.write_text(text)
+    f = tmp_path / "store" / "v000001.npz"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="sha256"):
+        Classifier.open(bundle.path, store=tmp_path / "store")
+    assert HeadStore(tmp_path / "store", bundle).reset() == 0  # the factory head is always restorable
+
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
