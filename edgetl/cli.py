@@ -62,7 +62,7 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge. Host (TensorFlow): pretrain, train, export, verify, inspect, demo. Device (onnxruntime/LiteRT only): predict, personalize, store.")
+    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge. Host (TensorFlow): pretrain, train, export, verify, inspect, report, demo. Device (onnxruntime/LiteRT only): predict, personalize, store, bench.")
     parser.add_argument("--version", action="version", version=f"edgetl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -127,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.02, help="largest drop of the guard score (held-out user examples and replay) accepted at commit")
     p.add_argument("--holdout", type=float, default=0.25, help="share of the examples held out for the guard")
 
+    p = sub.add_parser("bench", help="latency, throughput, size, memory, accuracy and train-step time per backend x precision")
+    p.add_argument("bundle")
+    p.add_argument("--data", help="labelled data to measure accuracy on")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--backend", choices=("onnxruntime", "litert"), help="default: every installed backend")
+    p.add_argument("--threads", type=int, help="runtime threads")
+    p.add_argument("--runs", type=int, default=100, help="timed batch-1 predictions per configuration")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("report", help="one self-contained HTML page for a run or a bundle (works offline)")
+    p.add_argument("target", metavar="RUN|BUNDLE")
+    p.add_argument("--out", help="HTML file (default: RUN/report.html or NAME.report.html beside the bundle)")
+    p.add_argument("--bench", nargs="?", const="run", help="include a benchmark: a JSON file from `edgetl bench --json`, or no value to run one now (bundles)")
+
     p = sub.add_parser("store", help="inspect or move a head store: history, rollback, reset")
     p.add_argument("action", choices=("history", "rollback", "reset"))
     p.add_argument("--store", required=True)
@@ -186,6 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _personalize(args)
     if args.command == "store":
         return _store(args)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "report":
+        return _report(args)
     raise InputError(f"unknown command {args.command!r}")  # pragma: no cover - argparse refuses first
 
 
@@ -388,6 +406,42 @@ def _personalize(args: argparse.Namespace) -> int:
     print(f"{len(labels)} examples ({len(new)} new classes), backend {clf.backend}: held-out accuracy {result.candidate_accuracy:.4f} (active head {result.active_accuracy:.4f})")
     print(f"{result.reason}; active version {result.version}")
     return 0 if result.accepted else 3  # 3: the guard rejected the new head (documented in --help)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edgetl.bundle import read_bundle
+    from edgetl.device.bench import bench_bundle, format_table, to_json
+
+    bundle = read_bundle(args.bundle)
+    if args.runs < 5:
+        raise InputError(f"--runs must be at least 5 for percentiles, received {args.runs}")
+    data = None
+    if args.data:
+        ds = _load_for_spec(args.data, bundle.input_spec, args.label_column)
+        if list(ds.class_names) != bundle.labels:
+            raise InputError(f"--data classes {list(ds.class_names)} differ from the bundle's labels {bundle.labels}")
+        data = (ds.x, ds.y)
+    result = bench_bundle(bundle, data=data, backends=(args.backend,) if args.backend else None, threads=args.threads, runs=args.runs)
+    print(to_json(result) if args.json else format_table(result))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from edgetl.host.report import write_report
+
+    bench = None
+    if args.bench == "run":
+        from edgetl.bundle import read_bundle
+        from edgetl.device.bench import bench_bundle
+
+        bench = bench_bundle(read_bundle(args.target), runs=30)
+    elif args.bench:
+        try:
+            bench = json.loads(Path(args.bench).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--bench {args.bench!r} is not a JSON file from `edgetl bench --json` ({exc})") from None
+    print(f"wrote {write_report(args.target, args.out, bench=bench)}")
+    return 0
 
 
 def _store(args: argparse.Namespace) -> int:

@@ -86,7 +86,10 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         if not 0 < size <= 1 << 32:
             raise BundleError(f"manifest: {where}size must be in 1..2^32 bytes, received {size}")
         for key in ("inputs", "outputs"):
-            for j, t in enumerate(a.get(key, [])):
+            tensors = a.get(key, [])
+            if not isinstance(tensors, list) or len(tensors) > 64:  # found by tools/fuzz_bundle.py
+                raise BundleError(f"manifest: {where}{key} must be a list of at most 64 tensors, received {describe(tensors)}")
+            for j, t in enumerate(tensors):
                 if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                     raise BundleError(f"manifest: {where}{key}[{j}] must be an object with a string name, received {describe(t)}")
                 _shape(t.get("shape", []), f"{where}{key}[{j}].shape")

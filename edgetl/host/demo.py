@@ -151,6 +151,14 @@ def run_demo(
         echo(f"  wrote {out_path / 'source_run'} (pretrained backbone) and {out_path / 'target_run'} (transfer model, all shots, seed {seeds[0]})")
         result["export"] = export_demo_bundle(out_path, final_halves, echo)
         result["personalization"] = personalize_demo(out_path, final_halves, echo)
+        from edgetl.bundle import read_bundle
+        from edgetl.device.bench import bench_bundle
+        from edgetl.host.report import write_report
+
+        bench = bench_bundle(read_bundle(out_path / "digits.edgetl"), data=(final_halves.test.x, final_halves.test.y), runs=30)
+        report = write_report(out_path / "digits.edgetl", out_path / "report.html", bench=bench)
+        result["report"] = str(report)
+        echo(f"  report (training curves, confusion matrix, quantization, parity, benchmark): {report}")
         (out_path / "demo_results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     echo(f"  demo wall time: {result['wall_seconds']:.0f}s")
     return result

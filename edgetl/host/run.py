@@ -143,7 +143,8 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...] | list[st
     for i in range(n):
         for j in range(n):
             if confusion[i, j]:
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color="black")
+                dark = confusion[i, j] > confusion.max() / 2  # white on dark cells, black on light
+                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_title("confusion matrix (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

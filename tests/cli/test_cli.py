@@ -99,6 +99,7 @@ def test_demo_console_script(tmp_path):
         assert pers[backend]["committed"] and pers[backend]["after"] > pers[backend]["before"] + 0.05
         assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
     assert "on the device, litert" in out and "Keras retraining the same head" in out
+    assert (tmp_path / "demo" / "report.html").is_file() and "report.html" in out
 
 
 def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):

@@ -89,3 +89,12 @@ def test_zip_slip_entries_write_nothing_outside(tmp_path, digits_bundle):
     assert not list(tmp_path.rglob("escaped.txt")) and not target.exists()
     clean = pack_bundle(digits_bundle[0].path, tmp_path / "clean.zip")
     assert unpack_bundle(clean, tmp_path / "ok.edgetl").labels == digits_bundle[0].labels
+
+
+@pytest.mark.parametrize("value", [7, "abc", {"name": "x"}, None, [1] * 65])
+def test_artifact_tensor_lists_of_the_wrong_type(value):
+    """Regression: the long fuzz run found `inputs: 7` raising TypeError instead of BundleError."""
+    manifest = json.loads(json.dumps(VALID))
+    manifest["artifacts"][0]["inputs"] = value
+    with pytest.raises(BundleError, match="inputs"):
+        validate_manifest(manifest)

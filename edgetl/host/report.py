@@ -1,0 +1,130 @@
+"""``edgetl report``: one self-contained HTML page (works offline) for a run or a bundle.
+
+Images are embedded as base64 PNGs and there is no script or external stylesheet, so the
+file can be mailed, archived by CI or opened on a machine without network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}.ok{color:#080}.bad{color:#b00;font-weight:bold}
+img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class _Raw(str):
+    """Trusted HTML built here (never from file contents)."""
+
+
+def _ok(flag: bool) -> _Raw:
+    return _Raw('<span class="ok">yes</span>' if flag else '<span class="bad">NO</span>')
+
+
+def _img(path_or_bytes: Path | bytes, alt: str) -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _run_section(run: Path) -> list[str]:
+    info = json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    out = [f"<h2>Training run <code>{html.escape(run.name)}</code></h2>"]
+    keys = [k for k in metrics if k != "confusion_matrix" and not isinstance(metrics[k], (list, dict))]
+    out.append(_table(["metric", "value"], [[k, _fmt(metrics[k])] for k in keys], "metrics"))
+    cfg = info.get("config", {})
+    out.append(_table(["setting", "value"], [[k, _fmt(v)] for k, v in cfg.items()], "config"))
+    for name, alt in (("training_curves.png", "training curves"), ("confusion_matrix.png", "confusion matrix")):
+        if (run / name).exists():
+            out.append(_img(run / name, alt))
+    return out
+
+
+def _bundle_section(manifest: dict[str, Any]) -> list[str]:
+    out = [f"<h2>Bundle <code>{html.escape(manifest['name'])}</code></h2>"]
+    out.append(f"<p>labels: {html.escape(', '.join(manifest['labels']))}; input {html.escape(str(manifest['input_spec'].get('shape')))} ({html.escape(str(manifest['input_spec'].get('preprocessing', '')))}); head capacity {manifest['head']['max_classes']}</p>")
+    rows = [[a["file"], a["role"], a["format"], a["precision"], f"{a['size']:,}", a.get("int8_method", "")] for a in manifest["artifacts"]]
+    out.append(_table(["file", "role", "format", "precision", "bytes", "int8 method"], rows, "artifacts"))
+    parity = manifest.get("parity")
+    if parity:
+        out.append("<h2>Quantization and parity (exported files run in their runtimes vs Keras)</h2>")
+        rows = []
+        for c in parity["checks"]:
+            check = f"max|diff| {c['max_abs_diff']:.2e} ≤ {c['tolerance']:.0e}" if "max_abs_diff" in c else f"top-1 agreement {c['top1_agreement']:.3f}" if "top1_agreement" in c else f"relative error {c.get('relative_error', 0):.2e}"
+            rows.append([c["file"], c["role"], c["precision"], c.get("optimizer", ""), check, _fmt(c.get("accuracy", "")), _fmt(c["accuracy_drop"] * 100) + " pts" if "accuracy_drop" in c else "", _ok(c["ok"])])
+        out.append(_table(["file", "role", "precision", "optimizer", "check", "accuracy", "drop vs fp32", "ok"], rows, "parity"))
+    return out
+
+
+def _bench_section(bench: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = ["<h2>Benchmark (this machine)</h2>"]
+    rows = [[r["backend"], r["precision"], f"{r['size_bytes']:,}", _fmt(r["latency_ms"]["50"] if "50" in r["latency_ms"] else r["latency_ms"][50]), _fmt(r["sdk_overhead_ratio_p50"]), _fmt(r["throughput_examples_per_s"]), _fmt(r["peak_rss_mb"]), _fmt(r["train_step_ms"]), _fmt(r.get("accuracy", ""))] for r in bench["rows"]]
+    out.append(_table(["backend", "precision", "bytes", "p50 ms", "SDK/raw", "examples/s", "peak RSS MB", "train step ms", "accuracy"], rows, "bench"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in bench["rows"]:
+        lat = r["latency_ms"].get("50", r["latency_ms"].get(50))
+        ax.scatter(r["size_bytes"] / 1e3, lat, label=f"{r['backend']} {r['precision']}")
+    ax.set_xlabel("file size (kB)")
+    ax.set_ylabel("p50 latency, batch 1 (ms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    out.append(_img(buf.getvalue(), "latency vs size"))
+    return out
+
+
+def write_report(target: str | Path, out: str | Path | None = None, *, bench: dict[str, Any] | None = None) -> Path:
+    """Write the report for a run directory or a bundle; returns the HTML path."""
+    from edgetl.errors import InputError
+
+    target = Path(target)
+    sections: list[str] = []
+    if (target / "manifest.json").is_file():
+        from edgetl.bundle import read_bundle
+
+        manifest = read_bundle(target).manifest
+        run = Path(manifest.get("producer", {}).get("run", ""))
+        if run.name and (run / "config.json").is_file():
+            sections += _run_section(run)
+        sections += _bundle_section(manifest)
+        title = f"edgetl report: bundle {manifest['name']}"
+        default = target.with_name(target.name.removesuffix(".edgetl") + ".report.html")
+    elif (target / "config.json").is_file():
+        sections += _run_section(target)
+        title = f"edgetl report: run {target.name}"
+        default = target / "report.html"
+    else:
+        raise InputError(f"{str(target)!r} is neither a run directory (config.json) nor a bundle (manifest.json)")
+    if bench is not None:
+        sections += _bench_section(bench)
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
+    path = Path(out) if out else default
+    path.write_text(page, encoding="utf-8")
+    return path
