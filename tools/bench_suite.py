@@ -166,8 +166,6 @@ PEER_SCRIPT = textwrap.dedent(
     module = Module(d + "/training_model.onnx", state, d + "/eval_model.onnx", "cpu")
     opt = Optimizer(d + "/optimizer_model.onnx", module)
     x = np.random.default_rng(0).random((16, D), dtype=np.float32); y = (np.arange(16) % 5).astype(np.int64)
-    import onnxruntime
-    # one thread, like edgetl's runtimes in this suite (set before the sessions are built)
     module.train()
     def step():
         module(x, y); opt.step(); module.lazy_reset_grad()
@@ -185,6 +183,9 @@ def ort_training_peer(d: int, c: int) -> tuple[float | None, str]:
 
     Its optimizer graphs offer AdamW/SGD via generate_artifacts; AdamW is used (its SGD
     artifact support varies by version), so the peer does slightly more work per step.
+    Its training Module takes no session options, so it runs with onnxruntime's default
+    threads (all cores) while edgetl's runtimes here use one: a head this small gains
+    little from threads, but the comparison leans toward the peer.
     """
     venv = Path(tempfile.gettempdir()) / "edgetl_ort_training_venv"
     py = venv / "bin" / "python"
