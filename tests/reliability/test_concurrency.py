@@ -58,3 +58,4 @@ def test_predictions_during_commits_each_use_one_whole_head(tmp_path, digits_bun
     assert len(versions) > 2  # predictions really overlapped several commits
     for version, probs in seen:
         np.testing.assert_allclose(probs, expected[version], atol=1e-5)
+    print(f"{backend}: {len(seen)} predictions from {THREADS} threads across {len(versions)} head versions, each from one whole version")
