@@ -62,12 +62,12 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge. Host (TensorFlow): pretrain, train, export, verify, inspect, report, demo. Device (onnxruntime/LiteRT only): predict, personalize, store, bench.")
+    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning from the host to the edge. Host (TensorFlow): pretrain, train, export, report, demo. Device (numpy + onnxruntime/LiteRT, no TensorFlow): predict, personalize, store, bench, verify, inspect.")
     parser.add_argument("--version", action="version", version=f"edgetl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="the whole story on scikit-learn digits, offline (about a minute)")
+    p = sub.add_parser("demo", help="the whole story on scikit-learn digits, offline: transfer vs scratch, export, verify, personalize, report (about 1.5 minutes)")
     p.add_argument("--out", default="edgetl-demo", help="folder for the demo's runs and results (its own subfolders are replaced; default: edgetl-demo)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds to average over (>= 2 recommended)")
 
