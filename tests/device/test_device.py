@@ -29,6 +29,17 @@ def user(digits_bundle):
     return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
 
 
+def committed_once(bundle, store, user):
+    """A classifier and personalizer whose store holds one committed head (version 1)."""
+    (x, y), _ = user
+    clf = Classifier.open(bundle.path, backend="onnxruntime")
+    p = Personalizer(clf, store)
+    p.add_examples(x, y)
+    p.train()
+    assert p.commit().version == 1
+    return clf, p
+
+
 def accuracy(clf, x, labels):
     return float(np.mean(np.asarray(clf.predict(x).labels) == labels))
 
@@ -222,13 +233,8 @@ FULL_DISK_CHILD = textwrap.dedent(
 
 
 def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_bundle, user):
-    (x, y), _ = user
     bundle = digits_bundle[0]
-    clf = Classifier.open(bundle.path, backend="onnxruntime")
-    p = Personalizer(clf, tmp_path / "store")
-    p.add_examples(x, y)
-    p.train()
-    assert p.commit().version == 1
+    clf, _ = committed_once(bundle, tmp_path / "store", user)
     files_before = sorted(f.name for f in (tmp_path / "store").iterdir())
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(bundle.path), str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
     assert "refused: cannot write to store" in proc.stdout and "the active head is unchanged" in proc.stdout, proc.stderr[-2000:]
@@ -239,13 +245,8 @@ def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_
 
 
 def test_store_of_another_bundle_and_corrupt_versions(tmp_path, digits_bundle, user):
-    (x, y), _ = user
     bundle = digits_bundle[0]
-    clf = Classifier.open(bundle.path, backend="onnxruntime")
-    p = Personalizer(clf, tmp_path / "store")
-    p.add_examples(x, y)
-    p.train()
-    p.commit()
+    _, p = committed_once(bundle, tmp_path / "store", user)
     pointer = (tmp_path / "store" / "ACTIVE.json")
     text = pointer.read_text()
     pointer.write_text(text.replace(p.store.bundle_id, "0" * 64))
