@@ -45,14 +45,20 @@ def _add_training_args(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if transfer:
-        p.add_argument("--cut-layer", help="for a model-file backbone: the layer whose output is the embedding (default: the layer feeding the classifier)")
+        p.add_argument("--cut-layer", help="for a model-file backbone: the layer whose output is the embedding (default: the classifier's input; see `edgetl layers MODEL`)")
+        p.add_argument("--input-preprocessing", choices=("none", "0-1", "-1-1", "imagenet", "caffe"), help="what a model-file backbone expects its raw pixels turned into: 0-1 (x/255), -1-1 (x/127.5-1), imagenet (mean/std), caffe (BGR, mean); baked into the exported models")
+        p.add_argument("--input-scale", type=float, help="custom preprocessing for a model file: x*SCALE+OFFSET, then (x-MEAN)/STD")
+        p.add_argument("--input-offset", type=float)
+        p.add_argument("--input-mean", type=float, nargs="+", metavar="M", help="per-channel mean (1 or C values)")
+        p.add_argument("--input-std", type=float, nargs="+", metavar="S", help="per-channel std (1 or C values)")
+        p.add_argument("--head-C", type=float, help="inverse L2 strength of the linear head (default: chosen on the validation split)")
         p.add_argument("--unsafe", action="store_true", help="allow model files with Python code (Lambda layers); only for files you trust")
         p.add_argument("--fusion", choices=("none", "concat"), default="none", help="concat: fuse a trainable task branch with the shared embedding")
         p.add_argument("--fusion-units", type=int, default=16)
         p.add_argument("--head-hidden-units", type=int, default=0, help="0 = linear softmax head; N adds Dense(N, relu)")
         p.add_argument("--fine-tune-layers", type=int, default=0, help="after the head phase, fine-tune the top N backbone layers")
         p.add_argument("--fine-tune-epochs", type=int, default=10)
-        p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5)
+        p.add_argument("--fine-tune-learning-rate", type=float, default=1e-3, help="Adam learning rate of the fine-tune phase (kept only if validation improves)")
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -81,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list registered backbones with input size and embedding size")
 
+    p = sub.add_parser("layers", help="list a Keras model file's layers with output shapes; marks where edgetl cuts the embedding")
+    p.add_argument("model", help="a .keras or .h5 model file (or a SavedModel directory)")
+    p.add_argument("--cut-layer", help="show this layer as the cut instead of the default")
+    p.add_argument("--unsafe", action="store_true", help="allow model files with Python code (Lambda layers); only for files you trust")
+
     p = sub.add_parser("export", help="quantize a run and export a verified bundle (TFLite + ONNX)")
     p.add_argument("run", help="run directory written by `edgetl train`")
-    p.add_argument("--quantize", default="none", help="comma-separated: none,dynamic,float16,int8,qat (fp32 is always included; int8 and qat need --calibration)")
+    p.add_argument("--quantize", default="none", help="comma-separated: none,dynamic,float16,int8,qat (fp32 is always included; int8 and qat need labelled data: --calibration or the run's own)")
     p.add_argument("--format", default="tflite,onnx", help="comma-separated: tflite,onnx")
-    p.add_argument("--calibration", help="labelled data like the training data (needed for int8; its test split measures accuracy)")
+    p.add_argument("--calibration", help="labelled data like the training data (calibrates int8/qat; its test split measures accuracy); default: the run's own training data when it is unchanged")
+    p.add_argument("--evaluation", help="labelled held-out data to measure every exported model's accuracy on (default: the calibration data's test split)")
     p.add_argument("--calibration-samples", type=int, default=200)
     p.add_argument("--io-dtype", choices=("float32", "int8", "uint8"), default="float32", help="input/output type of int8/qat TFLite models (ONNX stays float32)")
     p.add_argument("--qat-epochs", type=int, default=2)
@@ -96,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-classes", type=int, help="head capacity for classes added on the device (default: 2x labels)")
     p.add_argument("--out", required=True, help="bundle directory to create (NAME.edgetl)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict", action="store_true", help="any failed check is fatal; by default a quantized format/precision that fails its gate is left out of the bundle")
 
     p = sub.add_parser("verify", help="re-run a bundle's parity checks in onnxruntime and LiteRT; exit 1 on failure")
     p.add_argument("bundle")
@@ -125,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--l2", type=float, default=1e-3, help="pull toward the factory head")
     p.add_argument("--margin", type=float, default=0.02, help="largest drop of the guard score (held-out user examples and replay) accepted at commit")
+    p.add_argument("--forget-margin", type=float, default=0.05, help="largest drop of held-out accuracy on the factory classes (replay) accepted at commit")
     p.add_argument("--holdout", type=float, default=0.25, help="share of the examples held out for the guard")
 
     p = sub.add_parser("bench", help="latency, throughput, size, memory, accuracy and train-step time per backend x precision")
@@ -149,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse takes "-1-1" (a preset name) for an option; bind it to its flag first.
+    for i in range(len(argv) - 1):
+        if argv[i] == "--input-preprocessing" and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"--input-preprocessing={argv[i + 1]}"]
+            break
     return build_parser().parse_args(argv)
 
 
@@ -186,6 +206,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             r = get_recipe(name)
             print(f"{name:<18} {r.kind:<9} {'x'.join(map(str, r.default_input_shape)):<14} {r.embedding_size:>9}  {r.preprocessing}")
         return 0
+    if args.command == "layers":
+        return _layers(args)
     if args.command in ("pretrain", "train"):
         return _train(args)
     if args.command == "export":
@@ -215,15 +237,17 @@ def _train(args: argparse.Namespace) -> int:
         from edgetl.host.transfer import configure_cpu_devices
 
         configure_cpu_devices(args.cpu_devices)
-    from edgetl.host.backbones import get_recipe, list_backbones
+    from edgetl.host.backbones import input_shape_of
     from edgetl.host.data import Augmentation, load_dataset
     from edgetl.host.run import save_run
     from edgetl.host.transfer import TrainConfig, train_transfer
 
-    image_size = _image_size(args.image_size)
-    if image_size is None and args.backbone.lower() in list_backbones("image") and args.backbone.lower() != "edgetl_cnn":
-        image_size = get_recipe(args.backbone).default_input_shape[:2]
-    data = load_dataset(args.data, image_size=image_size, channels=args.channels, label_column=args.label_column)
+    image_size, channels = _image_size(args.image_size), args.channels
+    shape = input_shape_of(args.backbone, safe_mode=not getattr(args, "unsafe", False))
+    if shape is not None and len(shape) == 3:  # load images at the backbone's input size and channels
+        image_size = image_size or (shape[0], shape[1])
+        channels = channels or shape[2]
+    data = load_dataset(args.data, image_size=image_size, channels=channels, label_column=args.label_column)
     print(f"data: {data.source}: {len(data)} examples, {data.num_classes} classes, input shape {data.input_shape}")
     common = dict(
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
@@ -239,14 +263,44 @@ def _train(args: argparse.Namespace) -> int:
         result = pretrain(data, TrainConfig(**common), verbose=verbose)
     else:
         config = TrainConfig(
-            **common, cut_layer=args.cut_layer, fusion=args.fusion, fusion_units=args.fusion_units,
+            **common, cut_layer=args.cut_layer, input_preprocessing=_preprocessing(args), head_C=args.head_C,
+            fusion=args.fusion, fusion_units=args.fusion_units,
             head_hidden_units=args.head_hidden_units, fine_tune_layers=args.fine_tune_layers,
             fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
         )
         result = train_transfer(data, config, safe_mode=not args.unsafe, verbose=verbose)
     save_run(result, out, kind=args.command, overwrite=args.overwrite)
+    for note in result.assumptions:
+        print(f"assumed: {note}")
     m = result.metrics
+    fit = m.get("head_fit") or {}
+    if fit.get("method") == "lbfgs":
+        print(f"head: L-BFGS to convergence ({fit['steps']} steps, gradient {fit['grad_norm']:.1e}, C={fit['C']:g} chosen by {fit['selection']})")
+    if "fine_tune_kept" in m:
+        verdict = "kept" if m["fine_tune_kept"] else "discarded (head-only was better on validation)"
+        print(f"fine-tune: {verdict}" + (f"; validation accuracy {m['head_only_val_accuracy']:.4f} head-only -> {m['fine_tuned_val_accuracy']:.4f} fine-tuned" if m.get("fine_tune_validated") else "; no validation split to judge it"))
     print(f"test accuracy {m['test_accuracy']:.4f} on {m.get('test_examples', '?')} examples; trainable parameters {m.get('trainable_params_head_phase', m.get('trainable_params'))}; wrote {out}")
+    return 0
+
+
+def _preprocessing(args: argparse.Namespace):
+    """--input-preprocessing PRESET, or a custom one from --input-scale/offset/mean/std."""
+    from edgetl.host.backbones import InputPreprocessing
+
+    custom = {k: v for k, v in (("scale", args.input_scale), ("offset", args.input_offset), ("mean", args.input_mean), ("std", args.input_std)) if v is not None}
+    if custom and args.input_preprocessing:
+        raise InputError(f"give --input-preprocessing {args.input_preprocessing} or custom --input-scale/offset/mean/std, not both (received {sorted(custom)})")
+    return InputPreprocessing(**custom) if custom else args.input_preprocessing
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from edgetl.host.backbones import describe_layers
+
+    rows = describe_layers(args.model, cut_layer=args.cut_layer, safe_mode=not args.unsafe)
+    print(f"{'layer':<32} {'class':<24} {'output shape':<22} {'params':>9}")
+    for r in rows:
+        params = "" if r["params"] is None else f"{r['params']:,}"
+        print(f"{r['name']:<32} {r['class']:<24} {str(r['output_shape']):<22} {params:>9}  {r['note']}".rstrip())
     return 0
 
 
@@ -259,42 +313,43 @@ def _image_size(values: list[int] | None) -> tuple[int, int] | int | None:
     return (values[0], values[1]) if len(values) == 2 else values[0]
 
 
-def _load_for_spec(path: str, spec: dict, label_column: str, image_size: tuple[int, int] | int | None = None):
+def _load_for_spec(path: str, spec: dict, label_column: str, image_size: tuple[int, int] | int | None = None, *, require_trainable: bool = True):
     """Load data the way a model's input spec expects it (image size and channels)."""
     from edgetl.host.data import load_dataset
 
     image = spec.get("kind") == "image"
     if image_size is None and image:
         image_size = (spec["shape"][0], spec["shape"][1])
-    return load_dataset(path, image_size=image_size, channels=spec["shape"][-1] if image else None, label_column=label_column)
+    return load_dataset(path, image_size=image_size, channels=spec["shape"][-1] if image else None, label_column=label_column, require_trainable=require_trainable)
 
 
 def _export(args: argparse.Namespace) -> int:
     from edgetl.host.export import QuantizeConfig, export_bundle
     from edgetl.host.run import load_run
 
+    if Path(args.out).exists() and not args.overwrite:  # cheap check before loading anything
+        raise InputError(f"output {args.out!r} already exists; choose another --out or pass --overwrite")
     run = load_run(args.run)
     configs = [QuantizeConfig(mode=m.strip(), calibration_samples=args.calibration_samples, qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate, io_dtype=args.io_dtype if m.strip() in ('int8', 'qat') else 'float32') for m in args.quantize.split(",") if m.strip()]
-    calibration = None
+    calibration = evaluation = None
     if args.calibration:
         calibration = _load_for_spec(args.calibration, run.input_spec, args.label_column, _image_size(args.image_size))
-    bundle, report = export_bundle(run, args.out, quantize=configs, formats=[f.strip() for f in args.format.split(",")], calibration=calibration, opset=args.opset, max_classes=args.max_classes, overwrite=args.overwrite)
-    _print_checks(report)
-    print(f"wrote {bundle.path} in {report['export_seconds']:.1f}s")
-    return 0 if report["ok"] else 1
+    if args.evaluation:
+        evaluation = _load_for_spec(args.evaluation, run.input_spec, args.label_column, _image_size(args.image_size))
+    result = export_bundle(run, args.out, quantize=configs, formats=[f.strip() for f in args.format.split(",")], calibration=calibration, evaluation=evaluation, opset=args.opset, max_classes=args.max_classes, overwrite=args.overwrite, strict=args.strict)
+    print(f"data: {result.manifest['data'].get('calibration')}")
+    print(result.describe())
+    if not result.ok:
+        print(f"no bundle written: {len(result.fatal)} check(s) failed" + ("" if args.strict else " (fp32 models and head graphs must pass)"))
+        return 1
+    print(f"wrote {result.bundle.path} in {result.timings['export_seconds']:.1f}s" + (f"; {len(result.omitted)} quantized configuration(s) left out" if result.omitted else ""))
+    return 0
 
 
 def _print_checks(report: dict) -> None:
-    print(f"{'file':<26} {'role':<11} {'check':<34} {'accuracy':>8}  ok")
-    for c in report["checks"]:
-        if "max_abs_diff" in c:
-            what = f"max|diff| {c['max_abs_diff']:.2e} <= {c['tolerance']:.0e}"
-        elif "top1_agreement" in c:
-            what = f"top-1 agreement {c['top1_agreement']:.3f} >= {c['min_agreement']}"
-        else:
-            what = f"relative error {c['relative_error']:.2e}"
-        acc = f"{c['accuracy']:.4f}" if "accuracy" in c else ""
-        print(f"{c['file']:<26} {c['role']:<11} {what:<34} {acc:>8}  {'yes' if c['ok'] else 'NO'}")
+    from edgetl.device.verify import format_checks
+
+    print(format_checks(report["checks"]))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -390,9 +445,9 @@ def _personalize(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.optimizer, l2=args.l2)
     clf = Classifier.open(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
-    data = _load_for_spec(args.data, clf.bundle.input_spec, args.label_column)
+    data = _load_for_spec(args.data, clf.bundle.input_spec, args.label_column, require_trainable=False)
     labels = [data.class_names[i] for i in data.y]
-    p = Personalizer(clf, args.store, holdout_fraction=args.holdout, margin=args.margin, settings=settings)
+    p = Personalizer(clf, args.store, holdout_fraction=args.holdout, margin=args.margin, forget_margin=args.forget_margin, settings=settings)
     new = sorted(set(labels) - set(clf.head.labels))
     if new and not args.add_classes:
         raise InputError(f"labels {new} are not classes of the head {list(clf.head.labels)}; pass --add-classes to add them")

@@ -55,6 +55,20 @@ def digits_bundle(tmp_path_factory, source_run, digits_target):
     result = train_transfer(halves.train, TrainConfig(backbone=str(source_run[0]), epochs=60, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0))
     base = tmp_path_factory.mktemp("device")
     run = save_run(result, base / "target")
-    bundle, report = export_bundle(run, base / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test)
-    assert report["ok"]
+    result = export_bundle(run, base / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test)
+    assert result.ok and not result.omitted, result.describe()
+    bundle = result.bundle
     return bundle, halves
+
+
+def informative_random_backbone(family: str, x: np.ndarray):
+    """A keras.applications backbone with random weights whose BatchNorm statistics are
+    estimated on ``x``: in inference mode with the initial statistics its embeddings
+    vanish (~1e-13, refused by train_transfer), with estimated ones they are random but
+    informative features, enough to exercise conversion and parity. No download needed."""
+    from edgetl.host.backbones import create_backbone
+    from edgetl.host.pretrain import recalibrate_batchnorm
+
+    bb = create_backbone(family, x.shape[1:], weights=None)
+    recalibrate_batchnorm(bb.model, x)
+    return bb

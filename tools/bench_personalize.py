@@ -64,7 +64,7 @@ def make_bundle(d: Path) -> Path:
     # (a weights=None MobileNetV2 in inference mode outputs ~0, which says nothing).
     result = pretrain(ds, TrainConfig(backbone="mobilenetv2_035", epochs=1, early_stopping_patience=0))
     run = save_run(result, d / "run", kind="pretrain")
-    bundle, _ = export_bundle(run, d / "m.edgetl", quantize=["none", "int8"], calibration=ds)
+    bundle = export_bundle(run, d / "m.edgetl", quantize=["none", "int8"], calibration=ds).bundle
     return bundle.path
 
 

@@ -73,14 +73,14 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
     target = load_digits_dataset((5, 6, 7, 8, 9))
     halves = stratified_split(target, val_fraction=0.0, test_fraction=0.5, seed=0)
     run = save_run(train_transfer(halves.train, TrainConfig(backbone=str(src), epochs=40, learning_rate=1e-2)), work / "digits")
-    bundle, _ = export_bundle(run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test)
+    bundle = export_bundle(run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test).bundle
     out.append(("digits_cnn (8x8)", bundle.path, load_run(run).model))
     rng = np.random.default_rng(0)
     for name, family, size in (("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96), ("mobilenetv3small (224x224)", "mobilenetv3small", 224), ("efficientnetb0 (224x224)", "efficientnetb0", 224)):
         x = rng.integers(0, 255, size=(40, size, size, 3)).astype(np.uint8)
         ds = Dataset(x, np.arange(40) % 4, ("a", "b", "c", "d"), "image", "random")
         run = save_run(train_transfer(ds, TrainConfig(backbone=family, epochs=2, learning_rate=0.05, early_stopping_patience=0, val_fraction=0.0)), work / family)
-        bundle, _ = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
+        bundle = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds).bundle
         out.append((name, bundle.path, load_run(run).model))
     return out
 

@@ -51,7 +51,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         run = save_run(result, Path(d) / "run", kind="pretrain")
         t0 = time.perf_counter()
-        bundle, report = export_bundle(run, Path(d) / "m.edgetl", quantize=["none", "int8"], calibration=ds)
+        result = export_bundle(run, Path(d) / "m.edgetl", quantize=["none", "int8"], calibration=ds)
+        bundle, report = result.bundle, {**result.report, **result.timings}
         seconds = time.perf_counter() - t0
         size = {a["file"]: a["size"] for a in bundle.manifest["artifacts"]}
         onnx_int8 = next(a for a in bundle.manifest["artifacts"] if a["file"] == "model.int8.onnx")

@@ -18,7 +18,7 @@ classes shipped in the bundle).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,12 +32,17 @@ from edgetl.errors import InputError, describe
 
 @dataclass(frozen=True)
 class CommitResult:
+    """What the guard decided. ``*_accuracy`` is the guard score (the mean of the held-out
+    user and held-out replay accuracies); ``*_scores`` has each part."""
+
     accepted: bool
     version: int  # the active version after the call
     candidate_accuracy: float
     active_accuracy: float
     margin: float
     reason: str
+    candidate_scores: dict = field(default_factory=dict)
+    active_scores: dict = field(default_factory=dict)
 
 
 class Personalizer:
@@ -54,14 +59,21 @@ class Personalizer:
             batches of 60-300 examples dropped it by 0.03-0.06, a genuine style adaptation
             by -0.03 to +0.02. With few held-out examples, expect both some false
             rejections and small harmful batches within the margin.
+        forget_margin: largest drop (0..1) of the held-out replay accuracy (the factory
+            classes) a new head may show, whatever it gains on the user's examples. The
+            mean alone let a head that agrees with its user buy that with forgetting: a
+            batch of every digit labelled "5" trained with Adam at 0.5 took the factory
+            classes from 0.98 to 0.78 and the mean still rose.
         settings: training hyperparameters.
     """
 
-    def __init__(self, classifier: Classifier, store: HeadStore | str | os.PathLike[str], *, holdout_fraction: float = 0.25, replay_per_class: int = 20, margin: float = 0.02, settings: TrainSettings = TrainSettings()) -> None:
+    def __init__(self, classifier: Classifier, store: HeadStore | str | os.PathLike[str], *, holdout_fraction: float = 0.25, replay_per_class: int = 20, margin: float = 0.02, forget_margin: float = 0.05, settings: TrainSettings = TrainSettings()) -> None:
         if not 0 <= holdout_fraction < 1:
             raise InputError(f"holdout_fraction must be in [0, 1), received {holdout_fraction}")
-        if not 0 <= margin <= 1:
-            raise InputError(f"margin must be in [0, 1], received {margin}")
+        for name, value in (("margin", margin), ("forget_margin", forget_margin)):
+            if not 0 <= value <= 1:
+                raise InputError(f"{name} must be in [0, 1], received {value}")
+        self.forget_margin = forget_margin
         self.classifier = classifier
         self.store = store if isinstance(store, HeadStore) else HeadStore(store, classifier.bundle)
         active = self.store.active()
@@ -218,13 +230,18 @@ class Personalizer:
             if len(labels) != len(emb):
                 raise InputError(f"received {len(emb)} examples and {len(labels)} labels")
             return self._accuracy(head, emb, labels)
-        _, held = self._split()
-        _, replay = self._replay_split()
-        parts = [(self._emb[held], [self._labels[i] for i in held]), (self.replay_emb[replay], [self.replay_labels[i] for i in replay])]
-        scores = [self._accuracy(head, emb, names) for emb, names in parts if len(names)]
+        scores = self.guard_scores(head)
         if not scores:
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
-        return float(np.mean(scores))
+        return float(np.mean(list(scores.values())))
+
+    def guard_scores(self, head: HeadState) -> dict[str, float]:
+        """``{"user": ..., "replay": ...}``: accuracy on the held-out user examples and on the
+        held-out replay half (the factory classes); a part without examples is absent."""
+        _, held = self._split()
+        _, replay = self._replay_split()
+        parts = {"user": (self._emb[held], [self._labels[i] for i in held]), "replay": (self.replay_emb[replay], [self.replay_labels[i] for i in replay])}
+        return {name: self._accuracy(head, emb, names) for name, (emb, names) in parts.items() if len(names)}
 
     def _accuracy(self, head: HeadState, emb: np.ndarray, labels: Sequence[str]) -> float:
         active = np.flatnonzero(head.mask > 0)
@@ -234,18 +251,27 @@ class Personalizer:
 
     def commit(self, margin: float | None = None) -> CommitResult:
         """Commit the trained candidate unless it is worse than the active head by more than
-        ``margin`` on held-out data; the classifier switches to it only once it is stored."""
+        ``margin`` on the guard score, or forgets the factory classes (held-out replay
+        accuracy down by more than ``forget_margin``); the classifier switches to it only
+        once it is stored."""
         if self.candidate is None:
             raise InputError("no candidate head: call train() first")
         margin = self.margin if margin is None else margin
-        cand = self.evaluate(self.candidate)
-        current = self.evaluate(self.classifier.head)
+        cand_scores, cur_scores = self.guard_scores(self.candidate), self.guard_scores(self.classifier.head)
+        if not cand_scores:
+            raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
+        cand, current = float(np.mean(list(cand_scores.values()))), float(np.mean(list(cur_scores.values())))
+        reason = None
         if cand < current - margin:
-            return CommitResult(False, self.classifier.head_version, cand, current, margin, f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than {margin:.3f}")
-        version = self.store.commit(self.candidate, {"heldout_accuracy": cand, "previous_accuracy": current, "examples": self.examples})
+            reason = f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than {margin:.3f}"
+        elif "replay" in cand_scores and cand_scores["replay"] < cur_scores["replay"] - self.forget_margin:
+            reason = f"rejected: it forgets the factory classes (held-out replay accuracy {cur_scores['replay']:.3f} -> {cand_scores['replay']:.3f}, more than the {self.forget_margin:.3f} allowed)"
+        if reason:
+            return CommitResult(False, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores)
+        version = self.store.commit(self.candidate, {"heldout_accuracy": cand, "previous_accuracy": current, "scores": cand_scores, "examples": self.examples})
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None
-        return CommitResult(True, version, cand, current, margin, "committed")
+        return CommitResult(True, version, cand, current, margin, "committed", cand_scores, cur_scores)
 
     def rollback(self) -> int:
         version = self.store.rollback()

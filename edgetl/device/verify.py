@@ -16,10 +16,17 @@ import numpy as np
 from edgetl.bundle import Bundle
 from edgetl.device.runtimes import load_model, onnx_session
 
-# fp32 exports must match Keras to this max abs difference on probabilities/embeddings.
+# fp32 exports must match Keras to this max abs difference on probabilities, and on
+# embeddings to this times their largest magnitude (standardized embeddings reach ~10, and
+# float32 reordering error is relative: MobileNetV2's measured 3.3e-4 on values up to ~8).
 # Not 1e-6: converters fuse ops and reorder float sums (tf2onnx, XNNPACK in LiteRT).
 FP32_TOLERANCE = 1e-4
-HEAD_STEP_TOLERANCE = 1e-5
+# One head train step must match the float64 numpy step to HEAD_STEP_ATOL plus
+# HEAD_STEP_RTOL of the step's own size: float32 rounding in W - lr*update scales with the
+# update, and Adam's update is ~lr per element whatever the gradient, so a fixed 1e-5 failed
+# healthy heads (issue 9: 1.31e-5 on a head whose Adam step was 0.05 per element).
+HEAD_STEP_ATOL = 1e-5
+HEAD_STEP_RTOL = 1e-3
 # Quantized artifacts are compared by top-1 agreement with Keras instead of values.
 MIN_TOP1_AGREEMENT = {"dynamic": 0.95, "float16": 0.99, "int8": 0.9, "qat": 0.9}
 
@@ -37,7 +44,8 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
         check: dict[str, Any] = {"file": a["file"], "role": a["role"], "format": a["format"], "precision": a["precision"]}
         if a["precision"] == "fp32":
             diff = float(np.max(np.abs(out - ref[key])))
-            check.update(max_abs_diff=diff, tolerance=FP32_TOLERANCE, ok=diff <= FP32_TOLERANCE)
+            tolerance = FP32_TOLERANCE * max(1.0, float(np.max(np.abs(ref[key]))))
+            check.update(max_abs_diff=diff, tolerance=tolerance, ok=diff <= tolerance)
         elif a["role"] == "fused":
             agree = float(np.mean(out.argmax(1) == ref[key].argmax(1)))
             need = MIN_TOP1_AGREEMENT[a["precision"]]
@@ -86,7 +94,7 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
         outputs = dict(zip(names, sess.run(None, {k: np.asarray(v, np.float32) for k, v in feeds.items()})))
         got = {k: outputs[f"{k}_out"] for k in state}
         want, _ = reference_step(state, emb, labels, mask, W, optimizer=opt, lr=lr, l2=l2, momentum=momentum)
-        out.append(_step_check(a, "onnx", opt, got, want))
+        out.append(_step_check(a, "onnx", opt, got, want, state))
     for a in bundle.artifacts("head", "tflite"):
         from ai_edge_litert.interpreter import Interpreter
 
@@ -95,8 +103,9 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
             probs = interpreter.get_signature_runner("infer")(embedding=emb)["probabilities"]
             interpreter.get_signature_runner("train")(embedding=emb, labels=labels, lr=np.float32(lr), l2=np.float32(l2), momentum=np.float32(momentum), optimizer=np.float32(flag))
             weights = interpreter.get_signature_runner("get_weights")()
-            want, _ = reference_step(initial_state(W, b, opt), emb, labels, mask, W, optimizer=opt, lr=lr, l2=l2, momentum=momentum)
-            check = _step_check(a, "tflite", opt, {"W": weights["W"], "b": weights["b"]}, want)
+            start = initial_state(W, b, opt)
+            want, _ = reference_step(start, emb, labels, mask, W, optimizer=opt, lr=lr, l2=l2, momentum=momentum)
+            check = _step_check(a, "tflite", opt, {"W": weights["W"], "b": weights["b"]}, want, start)
             check["infer_max_abs_diff"] = float(np.max(np.abs(probs[:, :n_active] - ref["probabilities"][:8])))
             check["ok"] = check["ok"] and check["infer_max_abs_diff"] <= FP32_TOLERANCE
             out.append(check)
@@ -104,10 +113,13 @@ def _verify_head_graphs(bundle: Bundle, ref: Any) -> list[dict[str, Any]]:
 
 
 
-def _step_check(artifact: dict[str, Any], fmt: str, opt: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Compare one runtime train step with the numpy reference, key by key."""
+def _step_check(artifact: dict[str, Any], fmt: str, opt: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray], before: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Compare one runtime train step with the numpy reference, key by key, within a
+    tolerance that scales with the step (see HEAD_STEP_RTOL)."""
     from edgetl.device.head_math import ADAM_BETA1, ADAM_EPS
 
+    step = max(float(np.max(np.abs(want[k] - before[k]))) for k in ("W", "b"))
+    tolerance = HEAD_STEP_ATOL + HEAD_STEP_RTOL * step
     diffs, skipped = [], 0
     for k, value in got.items():
         d = np.abs(value - want[k])
@@ -123,7 +135,22 @@ def _step_check(artifact: dict[str, Any], fmt: str, opt: str, got: dict[str, np.
             d = d[well_conditioned]
         diffs.append(float(d.max()) if d.size else 0.0)
     diff = max(diffs)
-    check = {"file": artifact["file"], "role": artifact["role"], "format": fmt, "precision": "fp32", "optimizer": opt, "max_abs_diff": diff, "tolerance": HEAD_STEP_TOLERANCE, "ok": diff <= HEAD_STEP_TOLERANCE}
+    check = {"file": artifact["file"], "role": artifact["role"], "format": fmt, "precision": "fp32", "optimizer": opt, "max_abs_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance}
     if opt == "adam":
         check["ill_conditioned_elements_skipped"] = skipped
     return check
+
+
+def format_checks(checks: list[dict[str, Any]]) -> str:
+    """The verification checks as a table: one renderer for the CLI, the demo and export."""
+    lines = [f"{'file':<26} {'role':<11} {'check':<40} {'accuracy':>8}  ok"]
+    for c in checks:
+        if "max_abs_diff" in c:
+            what = f"max|diff| {c['max_abs_diff']:.2e} <= {c['tolerance']:.1e}"
+        elif "top1_agreement" in c:
+            what = f"top-1 agreement {c['top1_agreement']:.3f} >= {c['min_agreement']}"
+        else:
+            what = f"relative error {c['relative_error']:.2e}"
+        acc = f"{c['accuracy']:.4f}" if "accuracy" in c else ""
+        lines.append(f"{c['file']:<26} {c['role']:<11} {what:<40} {acc:>8}  {'yes' if c['ok'] else 'NO'}")
+    return "\n".join(lines)

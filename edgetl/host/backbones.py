@@ -65,6 +65,86 @@ class Backbone:
     embedding_size: int
     input_spec: dict[str, Any]
     source: str  # "registry", "file" or "run"
+    # False for a registry family built with weights=None: its embeddings are random
+    # features, usually useless for transfer (train warns before fitting the head).
+    pretrained: bool = True
+
+
+PREPROCESSING_PRESETS = ("none", "0-1", "-1-1", "imagenet", "caffe")
+
+
+@dataclass(frozen=True)
+class InputPreprocessing:
+    """What a model file expects its raw inputs (pixels in [0, 255]) to be turned into.
+
+    ``y = (x[..., channel_order] * scale + offset - mean) / std``, per channel. Baked into
+    the backbone as a frozen first layer, so the exported models still take raw inputs.
+    Each preset string equals its config (:meth:`preset`): ``"none"``, ``"0-1"`` (x/255),
+    ``"-1-1"`` (x/127.5 - 1), ``"imagenet"`` (mean/std of ImageNet in pixel units, RGB),
+    ``"caffe"`` (RGB -> BGR, minus the ImageNet BGR mean).
+    """
+
+    scale: float = 1.0
+    offset: float = 0.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in np.atleast_1d(self.mean)))
+        object.__setattr__(self, "std", tuple(float(v) for v in np.atleast_1d(self.std)))
+        if not np.isfinite(self.scale) or self.scale == 0 or not np.isfinite(self.offset):
+            raise BackboneError(f"input scale must be a non-zero finite number and offset finite, received scale={self.scale}, offset={self.offset}")
+        if not all(np.isfinite(self.mean)) or not all(np.isfinite(s) and s > 0 for s in self.std):
+            raise BackboneError(f"input mean must be finite and std positive, received mean={self.mean}, std={self.std}")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise BackboneError(f"channel_order must be 'rgb' or 'bgr', received {self.channel_order!r}")
+
+    @classmethod
+    def preset(cls, value: "str | InputPreprocessing | dict | None") -> "InputPreprocessing":
+        if value is None or isinstance(value, InputPreprocessing):
+            return value or cls()
+        if isinstance(value, dict):
+            return cls(**value)
+        presets = {
+            "none": cls(),
+            "0-1": cls(scale=1 / 255.0),
+            "-1-1": cls(scale=1 / 127.5, offset=-1.0),
+            "imagenet": cls(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)),
+            "caffe": cls(mean=(103.939, 116.779, 123.68), channel_order="bgr"),
+        }
+        if value not in presets:
+            raise BackboneError(f"unknown input preprocessing {value!r}; allowed presets: {', '.join(PREPROCESSING_PRESETS)}")
+        return presets[value]
+
+    @property
+    def is_identity(self) -> bool:
+        return self == InputPreprocessing()
+
+    def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        for name, v in (("mean", mean), ("std", std)):
+            if len(v) not in (1, channels):
+                raise BackboneError(f"input {name} has {len(v)} values, the model takes {channels} channels; give 1 or {channels}")
+        return np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy()
+
+    def order(self, channels: int) -> list[int]:
+        if self.channel_order == "bgr":
+            if channels != 3:
+                raise BackboneError(f"channel_order 'bgr' needs 3 channels, the model takes {channels}")
+            return [2, 1, 0]
+        return list(range(channels))
+
+    def describe(self) -> str:
+        parts = ["RGB->BGR"] if self.channel_order == "bgr" else []
+        if self.scale != 1.0 or self.offset != 0.0:
+            parts.append(f"x*{self.scale:.6g}{self.offset:+.6g}" if self.offset else f"x*{self.scale:.6g}")
+        if any(self.mean) or any(s != 1 for s in self.std):
+            parts.append(f"(x - {list(self.mean)}) / {list(self.std)}")
+        return ", then ".join(parts) or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "offset": self.offset, "mean": list(self.mean), "std": list(self.std), "channel_order": self.channel_order}
 
 
 _REGISTRY: dict[str, BackboneRecipe] = {}
@@ -247,6 +327,7 @@ def create_backbone(
     weights: WeightsArg = None,
     cut_layer: str | None = None,
     safe_mode: bool = True,
+    preprocessing: "InputPreprocessing | str | None" = None,
 ) -> Backbone:
     """Build a registered backbone or load one from a file or an ``edgetl pretrain`` run.
 
@@ -260,17 +341,22 @@ def create_backbone(
             layer feeding the final classifier.
         safe_mode: refuse model files that would execute Python code (``Lambda`` layers
             serialised as bytecode). Only pass ``False`` for files you trust.
+        preprocessing: what a model file expects its raw inputs turned into (a preset
+            name or :class:`InputPreprocessing`); baked in as its first layer. Registry
+            backbones and runs already contain theirs.
 
     Raises:
         BackboneError: unknown name, unusable input shape, unreadable or unsafe file.
     """
     path = Path(name_or_path)
-    looks_like_path = path.exists() or path.suffix in (".keras", ".h5") or "/" in str(name_or_path)
-    if looks_like_path:
+    pre = InputPreprocessing.preset(preprocessing)
+    if not is_registry_name(name_or_path):
         if weights is not None:
             raise BackboneError(f"weights={describe(weights)} applies to registry backbones only; a model file brings its own weights")
-        return _backbone_from_path(path, input_shape, cut_layer, safe_mode)
+        return _backbone_from_path(path, input_shape, cut_layer, safe_mode, pre)
     recipe = get_recipe(str(name_or_path))
+    if not pre.is_identity:
+        raise BackboneError(f"registry backbone {recipe.name!r} has its preprocessing built in ({recipe.preprocessing}); input preprocessing can be declared for model files only")
     if cut_layer is not None:
         raise BackboneError(f"cut_layer applies to model files, not to registry backbone {recipe.name!r}")
     if weights is not None and weights != "imagenet":
@@ -291,7 +377,8 @@ def create_backbone(
         "value_range": [0, 255] if recipe.kind == "image" else None,
         "preprocessing": recipe.preprocessing,
     }
-    return Backbone(model, recipe.name, int(model.output_shape[-1]), spec, "registry")
+    spec["embedding"] = f"{recipe.name}'s pooled features ({int(model.output_shape[-1])}-d)"
+    return Backbone(model, recipe.name, int(model.output_shape[-1]), spec, "registry", pretrained=weights is not None)
 
 
 def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
@@ -316,52 +403,182 @@ def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
         raise BackboneError(f"cannot load Keras model {str(path)!r}: {exc}{hint}") from exc
 
 
-def _classifier_input_layer(model: Any) -> Any:
-    """The layer feeding the final classifier: the input side of the last Dense layer."""
+# Layers without weights that may follow a classifier: they shape or squash its output.
+_HEAD_TAIL = ("Activation", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise", "Flatten", "Reshape",
+              "GlobalAveragePooling2D", "GlobalMaxPooling2D", "AveragePooling2D", "MaxPooling2D", "ReLU")
+
+
+def _inbound(layer: Any) -> list[Any]:
+    nodes = layer._inbound_nodes
+    if not nodes:
+        return []
+    inbound = nodes[0].inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
+def default_cut(model: Any) -> tuple[Any, str]:
+    """The layer whose output is the embedding of a classifier ``model``, and why.
+
+    Walks back from the output over weight-free tail layers (softmax ``Activation``,
+    ``Dropout``, ``Flatten``/``Reshape``, pooling) to the classifier: the last ``Dense``,
+    or a ``Conv2D`` (typically 1x1) whose map is pooled into class scores, together with a
+    ``BatchNormalization`` right after it. The cut is the classifier's input, skipping
+    ``Dropout`` (identity at inference) so the embedding is the real features.
+
+    Raises:
+        BackboneError: no such classifier (several outputs, a branch, an unknown layer).
+    """
     k = keras()
-    dense_idx = [i for i, l in enumerate(model.layers) if isinstance(l, k.layers.Dense)]
-    if not dense_idx:
-        raise BackboneError(f"model {model.name!r} has no Dense classifier to cut before; pass cut_layer=NAME (--cut-layer). Layers: {[l.name for l in model.layers]}")
-    last = model.layers[dense_idx[-1]]
-    inbound = last._inbound_nodes[0].inbound_layers
-    layer = inbound[0] if isinstance(inbound, list) else inbound
-    # Dropout is identity at inference; cut before it so the embedding is the real features.
-    while isinstance(layer, k.layers.Dropout):
-        nxt = layer._inbound_nodes[0].inbound_layers
-        layer = nxt[0] if isinstance(nxt, list) else nxt
-    return layer
+    if len(model.outputs) != 1:
+        raise BackboneError(f"model {model.name!r} has {len(model.outputs)} outputs; pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}")
+    layer = model.get_layer(index=-1) if not model.output_names else model.get_layer(model.output_names[0])
+    seen_tail = []
+    while layer.__class__.__name__ in _HEAD_TAIL or isinstance(layer, k.layers.BatchNormalization):
+        seen_tail.append(layer)
+        inbound = _inbound(layer)
+        if len(inbound) != 1:
+            raise BackboneError(f"cannot find the classifier of {model.name!r}: {layer.name!r} does not have one input. Pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}")
+        layer = inbound[0]
+    if not isinstance(layer, (k.layers.Dense, k.layers.Conv2D)) or isinstance(layer, k.layers.DepthwiseConv2D):
+        raise BackboneError(
+            f"cannot find the classifier of {model.name!r}: expected a Dense or Conv2D layer before the output "
+            f"({[l.name for l in reversed(seen_tail)] or 'directly'}), found {layer.__class__.__name__} {layer.name!r}. "
+            f"Pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}"
+        )
+    classifier = layer
+    inbound = _inbound(classifier)
+    if len(inbound) != 1:
+        raise BackboneError(f"the classifier {classifier.name!r} of {model.name!r} has {len(inbound)} inputs; pass cut_layer=NAME (--cut-layer)")
+    cut = inbound[0]
+    while isinstance(cut, (k.layers.Dropout, k.layers.SpatialDropout2D)) and len(_inbound(cut)) == 1:
+        cut = _inbound(cut)[0]
+    kind = "Dense" if isinstance(classifier, k.layers.Dense) else f"{classifier.kernel_size[0]}x{classifier.kernel_size[1]} Conv2D"
+    return cut, f"input of the {kind} classifier {classifier.name!r}"
 
 
-def _backbone_from_path(path: Path, input_shape: tuple[int, ...] | None, cut_layer: str | None, safe_mode: bool) -> Backbone:
+def _layer_hint(model: Any) -> str:
+    return f"Its layers: {[l.name for l in model.layers]} (see `edgetl layers MODEL`)"
+
+
+def _backbone_from_path(path: Path, input_shape: tuple[int, ...] | None, cut_layer: str | None, safe_mode: bool, preprocessing: InputPreprocessing) -> Backbone:
     k = keras()
     if path.is_dir() and (path / "backbone.keras").is_file():  # an `edgetl pretrain` run
+        if not preprocessing.is_identity:
+            raise BackboneError(f"{str(path)!r} is an edgetl run: its backbone already contains its preprocessing; do not declare input preprocessing for it")
         model = load_keras_model(path / "backbone.keras", safe_mode=safe_mode)
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         spec = dict(config.get("input_spec") or {})
-        name, source = f"run:{path.name}", "run"
+        name, source, cut_note = f"run:{path.name}", "run", "the run's embedding"
         if cut_layer is not None:
             model = k.Model(model.inputs, _get_layer(model, cut_layer).output, name="backbone")
+            cut_note = f"layer {cut_layer!r}"
     else:
         full = load_keras_model(path, safe_mode=safe_mode)
-        layer = _get_layer(full, cut_layer) if cut_layer else _classifier_input_layer(full)
+        layer, cut_note = (_get_layer(full, cut_layer), f"layer {cut_layer!r} (given)") if cut_layer else default_cut(full)
         out = layer.output
         if len(out.shape) == 4:  # a feature map: pool it into an embedding vector
             out = k.layers.GlobalAveragePooling2D(name="embedding_pool")(out)
+            cut_note += ", global-average-pooled"
         if len(out.shape) != 2:
             raise BackboneError(f"layer {layer.name!r} of {str(path)!r} outputs shape {tuple(out.shape)}; an embedding must be a vector (or a feature map to pool)")
         model = k.Model(full.inputs, out, name="backbone")
-        name, source, spec = f"file:{path.name}", "file", {}
+        name, source = f"file:{path.name}", "file"
+        spec = {"preprocessing": f"declared: {preprocessing.describe()}, inside the exported models" if not preprocessing.is_identity else "none declared: the model file gets raw inputs (declare it with --input-preprocessing if it expects scaled inputs)"}
     model_shape = tuple(int(d) for d in model.input_shape[1:] if d is not None)
     if len(model_shape) != len(model.input_shape) - 1:
         raise BackboneError(f"{str(path)!r} has an input with unknown dimensions {model.input_shape}; edgetl needs a fixed input shape")
     if input_shape is not None and tuple(input_shape) != model_shape:
         raise BackboneError(f"backbone {str(path)!r} takes input_shape={model_shape}, the data has shape {tuple(input_shape)}; resize the data (e.g. --image-size) or use a matching backbone")
+    if not preprocessing.is_identity:
+        model = _with_preprocessing(model, preprocessing)
     spec.setdefault("shape", list(model_shape))
     spec.setdefault("dtype", "float32")
     spec.setdefault("kind", "image" if len(model_shape) == 3 else "features")
     spec.setdefault("layout", "NHWC" if len(model_shape) == 3 else "NC")
-    spec.setdefault("preprocessing", "whatever the model file does (edgetl feeds it raw inputs)")
+    if spec["kind"] == "image":
+        spec.setdefault("value_range", [0, 255])
+    spec["embedding"] = cut_note
     return Backbone(model, name, int(model.output_shape[-1]), spec, source)
+
+
+def _with_preprocessing(model: Any, pre: InputPreprocessing) -> Any:
+    """``model`` behind a frozen layer doing ``pre``: the result takes raw inputs.
+
+    Images get one frozen 1x1 convolution that does the channel order, scale, offset, mean
+    and std at once (no Lambda: it serialises safely and converts to every runtime);
+    feature vectors get ``Rescaling`` and ``Normalization`` constants.
+    """
+    k = keras()
+    shape = tuple(model.input_shape[1:])
+    inputs = k.Input(shape=shape, name="pixels" if len(shape) == 3 else "features")
+    channels = shape[-1]
+    mean, std = pre.per_channel(channels)
+    if len(shape) == 3:
+        kernel = np.zeros((1, 1, channels, channels), np.float32)
+        order = pre.order(channels)
+        for j in range(channels):
+            kernel[0, 0, order[j], j] = pre.scale / std[j]
+        bias = ((pre.offset - mean) / std).astype(np.float32)
+        conv = k.layers.Conv2D(channels, 1, name="input_preprocessing", trainable=False)
+        conv.build((None, None, None, channels))
+        conv.set_weights([kernel, bias])
+        x = conv(inputs)
+    else:
+        x = k.layers.Rescaling(pre.scale, offset=pre.offset, name="input_rescale")(inputs)
+        norm = k.layers.Normalization(name="input_preprocessing")
+        norm.build((None, channels))
+        norm.set_weights([mean.astype(np.float32), (std**2).astype(np.float32), np.array(0, np.int64)])
+        norm.trainable = False
+        x = norm(x)
+    return k.Model(inputs, model(x), name="backbone")
+
+
+def is_registry_name(name_or_path: str | Path) -> bool:
+    """True when ``name_or_path`` names a registered backbone rather than a file or run."""
+    path = Path(name_or_path)
+    return not (path.exists() or path.suffix in (".keras", ".h5") or "/" in str(name_or_path))
+
+
+def input_shape_of(name_or_path: str | Path, *, safe_mode: bool = True) -> tuple[int, ...] | None:
+    """The raw input shape a backbone needs, or ``None`` when it adapts to the data.
+
+    Registry families report their usual deployment size, except the built-in
+    ``edgetl_cnn``/``edgetl_mlp`` which take the data's shape. Files and runs report the
+    shape they were built for (read from the saved config when possible, else by loading).
+    """
+    path = Path(name_or_path)
+    if is_registry_name(name_or_path):
+        recipe = get_recipe(str(name_or_path))
+        return None if recipe.name in ("edgetl_cnn", "edgetl_mlp") else tuple(recipe.default_input_shape)
+    if path.is_dir() and (path / "config.json").is_file():
+        spec = json.loads((path / "config.json").read_text()).get("input_spec") or {}
+        if spec.get("shape"):
+            return tuple(int(d) for d in spec["shape"])
+    model = load_keras_model(path / "backbone.keras" if path.is_dir() and (path / "backbone.keras").is_file() else path, safe_mode=safe_mode)
+    return tuple(int(d) for d in model.input_shape[1:])
+
+
+def describe_layers(path: str | Path, *, cut_layer: str | None = None, safe_mode: bool = True) -> list[dict[str, Any]]:
+    """Every layer of a model file with class, output shape and parameters; the layer
+    edgetl cuts at by default (or ``cut_layer``) has ``cut=True`` and a ``note``."""
+    model = load_keras_model(Path(path), safe_mode=safe_mode)
+    if cut_layer:
+        cut, note = _get_layer(model, cut_layer), "given cut"
+    else:
+        try:
+            cut, note = default_cut(model)
+        except BackboneError as exc:  # listed, not raised: the listing is how to choose one
+            cut, note = None, str(exc)
+    rows = []
+    for layer in model.layers:
+        shape = layer.output_shape
+        shape = shape[0] if isinstance(shape, list) and len(shape) == 1 else shape
+        pooled = layer is cut and isinstance(shape, tuple) and len(shape) == 4
+        rows.append({"name": layer.name, "class": layer.__class__.__name__, "output_shape": shape, "params": int(layer.count_params()), "cut": layer is cut,
+                     "note": (f"<- embedding ({note}{', global-average-pooled' if pooled else ''})" if layer is cut else "")})
+    if cut is None:
+        rows.append({"name": "(no default cut)", "class": "", "output_shape": "", "params": None, "cut": False, "note": note})
+    return rows
 
 
 def _get_layer(model: Any, name: str) -> Any:

@@ -12,11 +12,13 @@ preprocessing; feature vectors are ``float32``.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import warnings
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -45,6 +47,9 @@ class Dataset:
     class_names: tuple[str, ...]
     kind: DataKind
     source: str = ""
+    # How to load it again (``load_dataset`` keyword arguments), recorded by runs so that
+    # export can find the training data without being told (see ``Dataset.record``).
+    origin: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -79,6 +84,18 @@ class Dataset:
         index = np.asarray(index, dtype=np.int64)
         return Dataset(self.x[index], self.y[index], self.class_names, self.kind, self.source)
 
+    def fingerprint(self) -> str:
+        """sha256 of the examples, labels and class names: the same data loads the same."""
+        h = hashlib.sha256()
+        h.update(json.dumps([list(self.class_names), list(self.x.shape), str(self.x.dtype)]).encode())
+        h.update(np.ascontiguousarray(self.x).tobytes())
+        h.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """What a run records about its data: where it came from, how it was loaded, a hash."""
+        return {"source": self.source, "load": self.origin, "examples": len(self), "shape": list(self.input_shape), "sha256": self.fingerprint()}
+
     def require_trainable(self) -> None:
         """Raise :class:`DataError` unless there are two or more classes, none empty."""
         counts = self.class_counts()
@@ -102,6 +119,7 @@ def load_dataset(
     image_size: tuple[int, int] | int | None = None,
     channels: int | None = None,
     label_column: str = "label",
+    require_trainable: bool = True,
 ) -> Dataset:
     """Load an image folder, an ``.npz`` file or a CSV file, chosen by what ``path`` is.
 
@@ -109,16 +127,18 @@ def load_dataset(
         path: ``"builtin:digits"`` (scikit-learn's digits, offline), a directory with one subfolder per class, a ``.npz`` with arrays ``x`` and
             ``y`` (optionally ``class_names``), or a ``.csv`` with a header row.
         image_size: ``(height, width)`` or one int; images are resized to it. ``None``
-            keeps the size of the first readable image.
+            uses the most common size in the folder.
         channels: 1 (grayscale) or 3 (RGB) for images; ``None`` picks 3 when any image
             has colour, else 1.
         label_column: the CSV column that holds the class.
+        require_trainable: refuse data with fewer than two classes or an empty class (what
+            training needs); ``False`` for examples added to an existing model.
 
     Raises:
         DataError: missing path, unsupported format, fewer than two classes, an empty class.
     """
     if str(path) == "builtin:digits":
-        return load_digits_dataset()
+        return replace(load_digits_dataset(), origin={"path": "builtin:digits"})
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist; expected an image folder, a .npz file or a .csv file")
@@ -130,8 +150,11 @@ def load_dataset(
         ds = load_csv(p, label_column=label_column)
     else:
         raise DataError(f"cannot load {str(p)!r}: unsupported file type {p.suffix!r}; allowed: a directory of class folders, .npz, .csv")
-    ds.require_trainable()
-    return ds
+    if require_trainable:
+        ds.require_trainable()
+    size = _normalize_size(image_size)
+    origin = {"path": str(p.resolve()), "image_size": list(size) if size else None, "channels": channels, "label_column": label_column}
+    return replace(ds, origin=origin)
 
 
 def _normalize_size(image_size: tuple[int, int] | int | None) -> tuple[int, int] | None:
@@ -185,8 +208,11 @@ def load_image_folder(
 
     if channels is None:
         channels = 3 if any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images) else 1
-    if size is None:
-        size = (images[0].height, images[0].width)
+    if size is None:  # mixed sizes: the most common one (ties: the first seen), reported
+        sizes = Counter((im.height, im.width) for im in images)
+        size = sizes.most_common(1)[0][0]
+        if len(sizes) > 1:
+            warnings.warn(f"{root}: images have {len(sizes)} different sizes; resizing all to the most common, {size[0]}x{size[1]} (pass image_size / --image-size to choose)", stacklevel=2)
     mode = "L" if channels == 1 else "RGB"
     x = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)
     for i, im in enumerate(images):
@@ -195,6 +221,41 @@ def load_image_folder(
             im = im.resize((size[1], size[0]), Image.BILINEAR)
         x[i] = np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
     return Dataset(x, np.asarray(labels, dtype=np.int64), names, "image", str(root))
+
+
+def conform_images(ds: Dataset, shape: Sequence[int]) -> tuple[Dataset, list[str]]:
+    """Resize images to ``shape[:2]`` and convert them to ``shape[2]`` channels.
+
+    Returns the conformed dataset (``ds`` itself when nothing changes) and what was done,
+    in words, for the run record. Resizing is bilinear (Pillow), as the folder loader's;
+    RGB -> gray uses ITU-R 601 luma, gray -> RGB repeats the channel.
+    """
+    if ds.kind != "image":
+        return ds, []
+    h, w, c = (int(v) for v in shape)
+    notes = []
+    x = ds.x
+    if x.shape[-1] != c:
+        if c == 3:
+            x = np.repeat(x, 3, axis=-1)
+            notes.append("grayscale images repeated to 3 channels")
+        elif c == 1:
+            x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(np.uint8)
+            notes.append("RGB images converted to grayscale")
+        else:
+            raise DataError(f"the model takes {c} channels; images can be converted to 1 or 3 channels, the data has {x.shape[-1]}")
+    if x.shape[1:3] != (h, w):
+        from PIL import Image
+
+        notes.append(f"images resized from {x.shape[1]}x{x.shape[2]} to {h}x{w}")
+        out = np.empty((len(x), h, w, x.shape[-1]), np.uint8)
+        for i, im in enumerate(x):
+            img = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+            out[i] = np.asarray(img.resize((w, h), Image.BILINEAR), np.uint8).reshape(h, w, -1)
+        x = out
+    if not notes:
+        return ds, []
+    return Dataset(x, ds.y, ds.class_names, ds.kind, ds.source, ds.origin), notes
 
 
 def _encode_labels(raw: np.ndarray, class_names: Sequence[str] | None, source: str) -> tuple[np.ndarray, tuple[str, ...]]:

@@ -197,7 +197,8 @@ def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -
     and parity of each file, measured on the held-out half of the target digits."""
     from edgetl.host.export import export_bundle
 
-    bundle, report = export_bundle(out / "target_run", out / "digits.edgetl", quantize=["none", "int8", "qat"], calibration=halves.train, evaluation=halves.test, overwrite=True)
+    result = export_bundle(out / "target_run", out / "digits.edgetl", quantize=["none", "int8", "qat"], calibration=halves.train, evaluation=halves.test, overwrite=True)
+    bundle, report = result.bundle, {**result.report, **result.timings}
     size = {a["file"]: a["size"] for a in bundle.manifest["artifacts"]}
     echo("")
     echo(f"  exported {bundle.path} and verified it in onnxruntime and LiteRT (held-out target digits: {len(halves.test)}):")

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -27,7 +27,6 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl.bundle import Bundle, write_bundle
-from edgetl.bundle.io import update_manifest
 from edgetl.errors import BundleError, InputError, describe
 from edgetl.host._tf import keras, tf
 from edgetl.host.data import Dataset, stratified_split
@@ -200,18 +199,21 @@ def onnx_static_qdq(fp32_onnx: bytes, calibration: np.ndarray) -> bytes:
         return Path(dst).read_bytes()
 
 
-def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.ndarray | None, sample: np.ndarray) -> tuple[str, dict[str, dict[str, float]]]:
-    """Pick the int8 ONNX candidate by measured accuracy, then by measured speed.
+def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.ndarray | None, sample: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+    """Pick the int8 ONNX candidate: one that passes its gate, then by accuracy, then speed.
 
-    Why measure instead of fixing one: it depends on the model. On MobileNetV2-0.35
-    (``python tools/measure_export.py``), ORT's QDQ was 1.1 points more accurate than
-    tf2onnx-from-TFLite, and tf2onnx's graph ran 3x slower in onnxruntime: it keeps 109
-    DequantizeLinear, 46 QuantizeLinear and 31 Transpose nodes and 25 float convolutions,
-    where QDQ turns all 52 convolutions into QLinearConv (0.97 vs 0.33 ms, fp32 0.40 ms).
-    On the demo's digits CNN the two tie on accuracy. Candidates within half a point of
-    the best accuracy (or all, without held-out data) compete on batch-1 latency.
+    The gate is the one ``verify`` applies (top-1 agreement with the Keras reference on
+    ``reference = (inputs, probabilities)``): a candidate that fails it is never chosen
+    over one that passes, so the bundle keeps an int8 ONNX model whenever one is good
+    enough. Why measure instead of fixing one method: it depends on the model. On
+    MobileNetV2-0.35 (``python tools/measure_export.py``), ORT's QDQ was 1.1 points more
+    accurate than tf2onnx-from-TFLite, and tf2onnx's graph ran 3x slower in onnxruntime
+    (it keeps 109 DequantizeLinear, 46 QuantizeLinear and 31 Transpose nodes and 25 float
+    convolutions; QDQ turns all 52 convolutions into QLinearConv). Candidates within half
+    a point of the best accuracy (or all, without held-out data) compete on batch-1 latency.
     """
     from edgetl.device.runtimes import OnnxModel
+    from edgetl.device.verify import MIN_TOP1_AGREEMENT
 
     stats: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -220,19 +222,26 @@ def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.n
             path.write_bytes(content)
             model = OnnxModel(path, threads=1)
             one = sample[:1].astype(np.float32)
-            for _ in range(3):
-                model(one)
-            times = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                model(one)
-                times.append(time.perf_counter() - t0)
-            stats[name] = {"latency_ms": float(np.median(times) * 1e3)}
+            stats[name] = {"latency_ms": _median_ms(lambda: model(one))}
             if x is not None and y is not None and len(y):
                 stats[name]["accuracy"] = float(np.mean(model(x.astype(np.float32)).argmax(1) == y))
-    best_acc = max((s.get("accuracy", 0.0) for s in stats.values()), default=0.0)
-    contenders = [n for n, s in stats.items() if s.get("accuracy", best_acc) >= best_acc - 0.005]
+            if reference is not None:
+                stats[name]["top1_agreement"] = float(np.mean(model(reference[0]).argmax(1) == reference[1].argmax(1)))
+    passing = [n for n, s in stats.items() if s.get("top1_agreement", 1.0) >= MIN_TOP1_AGREEMENT["int8"]] or list(stats)
+    best_acc = max((stats[n].get("accuracy", 0.0) for n in passing), default=0.0)
+    contenders = [n for n in passing if stats[n].get("accuracy", best_acc) >= best_acc - 0.005]
     return min(contenders, key=lambda n: stats[n]["latency_ms"]), stats
+
+
+def _median_ms(fn: Any, warmup: int = 3, runs: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
 
 
 def _check_matches(data: Dataset, shape: tuple[int, ...], class_names: Sequence[str], what: str) -> None:
@@ -291,43 +300,69 @@ def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, 
     return [desc_t(d) for d in it.get_input_details()], [desc_t(d) for d in it.get_output_details()]
 
 
-def export_bundle(
-    run: str | os.PathLike[str] | Any,
-    out: str | os.PathLike[str],
-    *,
-    quantize: Sequence[str | QuantizeConfig] = ("none",),
-    formats: Sequence[str] = FORMATS,
-    calibration: Dataset | None = None,
-    evaluation: Dataset | None = None,
-    opset: int = 17,
-    max_classes: int | None = None,
-    name: str | None = None,
-    overwrite: bool = False,
-) -> tuple[Bundle, dict[str, Any]]:
-    """Export ``run`` (a run directory or :class:`edgetl.host.run.Run`) to a verified bundle.
+# ----------------------------------------------------------------------------- the pipeline
+#
+#   plan_export      options, the run, and the data (given, or the run's own training data)
+#   reference_outputs  Keras outputs the exported files are compared with
+#   convert_models   fused + backbone models, per precision and format
+#   head_artifacts   the trainable head (npz, TFLite with signatures, ONNX graphs)
+#   data_artifacts   replay buffer and parity references
+#   build_manifest   the manifest, from the artifacts
+#   verify           staged in a temporary bundle, run in onnxruntime and LiteRT; quantized
+#                    artifacts that fail their gate are left out (unless strict)
+#   ExportResult.save  the final bundle, written atomically
 
-    Args:
-        quantize: one or more presets/configs; fp32 is always included as the reference.
-        formats: subset of ``("tflite", "onnx")``.
-        calibration: labelled data like the training data; its train split (by the run's
-            seed and fractions) calibrates int8 and fine-tunes QAT, its test split measures
-            accuracy unless ``evaluation`` is given.
-        evaluation: labelled held-out data to measure every artifact's accuracy on.
-        opset: ONNX opset (>= 13).
-        max_classes: head capacity for classes added on the device (default: 2x labels).
 
-    Returns:
-        The written :class:`Bundle` and the verification report (also in the manifest).
+@dataclass(frozen=True)
+class Artifact:
+    """One file of the bundle, in memory, with what the manifest says about it."""
 
-    Raises:
-        InputError: bad options or data; BundleError: ``out`` exists (without overwrite).
-    """
-    from edgetl.device.verify import verify_bundle
-    from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+    file: str
+    content: bytes = field(repr=False)
+    role: str
+    format: str
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def entry(self) -> dict[str, Any]:
+        out = {"file": self.file, "role": self.role, "format": self.format, "precision": self.precision, **self.extra}
+        if self.format in FORMATS and self.role != "head":  # the head's tensors are per signature (see head_tflite)
+            out["inputs"], out["outputs"] = _io(self.content, self.format)
+        return out
+
+
+@dataclass
+class ExportData:
+    """The labelled data export uses: calibration inputs, the training split (QAT, replay)
+    and held-out examples (accuracy of every artifact, parity inputs)."""
+
+    calibration_x: np.ndarray | None = None
+    train: tuple[np.ndarray, np.ndarray] | None = None
+    test: tuple[np.ndarray, np.ndarray] | None = None
+    source: dict[str, Any] = field(default_factory=lambda: {"calibration": "none"})
+
+
+@dataclass
+class ExportPlan:
+    run: Any
+    configs: list[QuantizeConfig]
+    formats: tuple[str, ...]
+    opset: int
+    capacity: int
+    name: str
+    strict: bool
+    data: ExportData
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.run.input_spec["shape"])
+
+
+def plan_export(run: Any, *, quantize: Sequence[str | QuantizeConfig] = ("none",), formats: Sequence[str] = FORMATS, calibration: Dataset | None = None, evaluation: Dataset | None = None,
+                opset: int = 17, max_classes: int | None = None, name: str = "model", strict: bool = False) -> ExportPlan:
+    """Check the options (cheap things first) and gather the data; nothing is converted yet."""
     from edgetl.host.run import Run, load_run
 
-    started = time.perf_counter()
-    r: Run = run if isinstance(run, Run) else load_run(run)
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"formats must be a non-empty subset of {FORMATS}, received {list(formats)}")
@@ -336,136 +371,312 @@ def export_bundle(
     configs = [QuantizeConfig.preset(q) for q in quantize]
     if not any(c.mode == "none" for c in configs):
         configs.insert(0, QuantizeConfig("none"))
+    r: Run = run if isinstance(run, Run) else load_run(run)
     n_labels = len(r.class_names)
     cap = max_classes or 2 * n_labels
     if cap < n_labels:
         raise InputError(f"max_classes must be at least the {n_labels} trained classes, received {cap}")
-    if Path(out).exists() and not overwrite:
-        raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    data = resolve_data(r, calibration, evaluation, need_labels=any(c.mode in ("int8", "qat") for c in configs), samples=max(c.calibration_samples for c in configs))
+    return ExportPlan(r, configs, tuple(formats), opset, cap, name, strict, data)
 
-    shape = tuple(r.input_spec["shape"])
-    calib_x = test_x = test_y = None
-    train_xy: tuple[np.ndarray, np.ndarray] | None = None
+
+def resolve_data(run: Any, calibration: Dataset | None, evaluation: Dataset | None, *, need_labels: bool, samples: int) -> ExportData:
+    """Calibration and evaluation data: as given, else the run's own training data when it is
+    still where the run recorded it and unchanged (same sha256), split exactly as training
+    split it (the train split calibrates, the test split evaluates)."""
+    shape, names = tuple(run.input_spec["shape"]), run.class_names
+    source: dict[str, Any] = {"calibration": "given" if calibration is not None else "none"}
+    if calibration is None:
+        calibration, note = run.training_data()
+        source = {"calibration": note}
+        if calibration is None and need_labels:
+            raise InputError(f"int8 and qat quantization need labelled calibration data, and the run's own data cannot be used ({note}): pass calibration=Dataset (--calibration D)")
+        if calibration is None:
+            warnings.warn(f"exporting without data ({note}): parity uses random inputs and no accuracy is measured; pass --calibration D", stacklevel=3)
+    out = ExportData(source=source)
     if calibration is not None:
-        _check_matches(calibration, shape, r.class_names, "calibration")
-        splits = stratified_split(calibration, val_fraction=r.config.val_fraction, test_fraction=r.config.test_fraction, seed=r.config.seed)
+        _check_matches(calibration, shape, names, "calibration")
+        splits = stratified_split(calibration, val_fraction=run.config.val_fraction, test_fraction=run.config.test_fraction, seed=run.config.seed)
         rng = np.random.default_rng(0)
-        n_cal = max(c.calibration_samples for c in configs)
-        calib_x = splits.train.x[rng.permutation(len(splits.train))[:n_cal]].astype(np.float32)
-        train_xy = (splits.train.x, splits.train.y)
-        test_x, test_y = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y)
-    elif any(c.mode in ("int8", "qat") for c in configs):
-        raise InputError("int8 and qat quantization need labelled calibration data: pass calibration=Dataset (--calibration D)")
+        out.calibration_x = splits.train.x[rng.permutation(len(splits.train))[:samples]].astype(np.float32)
+        out.train = (splits.train.x, splits.train.y)
+        out.test = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y) if len(splits.val) else None
     if evaluation is not None:
-        _check_matches(evaluation, shape, r.class_names, "evaluation")
-        test_x, test_y = evaluation.x, evaluation.y
+        _check_matches(evaluation, shape, names, "evaluation")
+        out.test = (evaluation.x, evaluation.y)
+        out.source["evaluation"] = "given"
+    return out
 
-    backbone, classifier = split_model(r.model)
-    W, b = (w.astype(np.float32) for w in classifier.get_weights())
-    emb_size = W.shape[0]
-    Wp = np.zeros((emb_size, cap), np.float32)
-    Wp[:, :n_labels] = W
-    bp = np.zeros(cap, np.float32)
-    bp[:n_labels] = b
-    mask = np.zeros(cap, np.float32)
-    mask[:n_labels] = 1.0
 
-    # Parity inputs: held-out examples when given, else values spread over the input range.
-    if test_x is not None:
-        parity_x = test_x[:32].astype(np.float32)
+@dataclass
+class References:
+    """Keras outputs on the parity inputs: what every exported file must reproduce."""
+
+    x: np.ndarray
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+
+
+def reference_outputs(plan: ExportPlan, backbone: Any) -> References:
+    """Parity inputs (held-out examples when there are some, else values spread over the
+    input range) and the Keras model's outputs on them."""
+    if plan.data.test is not None and len(plan.data.test[0]):
+        x = plan.data.test[0][:32].astype(np.float32)
     else:
-        hi = 255.0 if r.input_spec.get("value_range") else 1.0
-        parity_x = np.random.default_rng(0).uniform(0, hi, size=(32, *shape)).astype(np.float32)
-    probs = r.model.predict(parity_x, verbose=0)
-    embs = backbone.predict(parity_x, verbose=0)
+        hi = 255.0 if plan.run.input_spec.get("value_range") else 1.0
+        x = np.random.default_rng(0).uniform(0, hi, size=(32, *plan.shape)).astype(np.float32)
+    return References(x, plan.run.model.predict(x, verbose=0), backbone.predict(x, verbose=0))
 
-    files: dict[str, bytes] = {}
-    artifacts: list[dict[str, Any]] = []
 
-    def add(fname: str, content: bytes, role: str, fmt: str, precision: str, **extra: Any) -> None:
-        files[fname] = content
-        entry = {"file": fname, "role": role, "format": fmt, "precision": precision, **extra}
-        if fmt in FORMATS and role != "head":  # the head's tensors are per signature (see head_tflite)
-            entry["inputs"], entry["outputs"] = _io(content, fmt)
-        artifacts.append(entry)
-
+def convert_models(plan: ExportPlan, backbone: Any, references: References) -> tuple[list[Artifact], dict[str, float]]:
+    """The fused and backbone models in every requested precision and format."""
+    artifacts: list[Artifact] = []
     timings: dict[str, float] = {}
     fp32_onnx: dict[str, bytes] = {}
-    int8_choice: tuple[str, dict[str, dict[str, float]]] = ("onnxruntime_qdq", {})
-    for c in configs:
-        p = c.precision
-        fused, seam = r.model, backbone
+    for c in plan.configs:
+        fused, seam = plan.run.model, backbone
         if c.mode == "qat":
             from edgetl.host.qat import train_qat
 
             t0 = time.perf_counter()
-            fused = train_qat(r.model, *train_xy, num_classes=n_labels, epochs=c.qat_epochs, learning_rate=c.qat_learning_rate, seed=r.config.seed)
-            # The QAT model is flat; its seam is the input of the (wrapped) classifier.
-            seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")
+            fused = train_qat(plan.run.model, *plan.data.train, num_classes=len(plan.run.class_names), epochs=c.qat_epochs, learning_rate=c.qat_learning_rate, seed=plan.run.config.seed)
+            seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
+        int8_choice: tuple[str, dict[str, Any]] | None = None
         for role, model, output in (("fused", fused, "probabilities"), ("backbone", seam, "embedding")):
-            stem = "model" if role == "fused" else "backbone"
             t0 = time.perf_counter()
-            calib = calib_x[: c.calibration_samples] if calib_x is not None else None
-            tfl = to_tflite(model, c, calib, output_name=output)
-            if "tflite" in formats:
-                add(f"{stem}.{p}.tflite", tfl, role, "tflite", p, quantization=c.describe())
-            if c.io_dtype != "float32" and "onnx" in formats:  # ONNX keeps float I/O
-                tfl = to_tflite(model, replace(c, io_dtype="float32"), calib, output_name=output)
-            if "onnx" in formats:
-                if p == "fp32":
-                    fp32_onnx[role] = keras_to_onnx(model, opset)
-                    add(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p)
-                elif p == "int8":
-                    candidates = {"tf2onnx_from_tflite": tflite_to_onnx(tfl, opset), "onnxruntime_qdq": onnx_static_qdq(fp32_onnx[role], calib_x[: c.calibration_samples])}
-                    # The backbone follows the fused model's choice (no labels for embeddings).
-                    if role == "fused":
-                        int8_choice = choose_int8_onnx(candidates, test_x, test_y, calib_x)
-                    add(f"{stem}.{p}.onnx", candidates[int8_choice[0]], role, "onnx", p, quantization=replace(c, io_dtype="float32").describe(), int8_method=int8_choice[0], int8_candidates=int8_choice[1])
-                else:
-                    add(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, opset), role, "onnx", p, quantization=replace(c, io_dtype="float32").describe())
-            timings[f"{stem}.{p}"] = round(time.perf_counter() - t0, 3)
+            new, int8_choice = _convert_one(plan, c, role, model, output, fp32_onnx, int8_choice, references)
+            artifacts += new
+            timings[f"{'model' if role == 'fused' else 'backbone'}.{c.precision}"] = round(time.perf_counter() - t0, 3)
+    return artifacts, timings
 
+
+def _convert_one(plan: ExportPlan, c: QuantizeConfig, role: str, model: Any, output: str, fp32_onnx: dict[str, bytes], int8_choice: Any, references: References) -> tuple[list[Artifact], Any]:
+    """One model (fused or backbone) in one precision, in every requested format."""
+    stem, p = ("model" if role == "fused" else "backbone"), c.precision
+    calib = plan.data.calibration_x[: c.calibration_samples] if plan.data.calibration_x is not None else None
+    out = []
+    tfl = to_tflite(model, c, calib, output_name=output)
+    if "tflite" in plan.formats:
+        out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, {"quantization": c.describe()}))
+    if "onnx" not in plan.formats:
+        return out, int8_choice
+    if c.io_dtype != "float32":  # ONNX keeps float I/O
+        tfl = to_tflite(model, replace(c, io_dtype="float32"), calib, output_name=output)
+    float_io = replace(c, io_dtype="float32").describe()
+    if p == "fp32":
+        fp32_onnx[role] = keras_to_onnx(model, plan.opset)
+        out.append(Artifact(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p))
+    elif p == "int8":
+        candidates = {"tf2onnx_from_tflite": tflite_to_onnx(tfl, plan.opset), "onnxruntime_qdq": onnx_static_qdq(fp32_onnx[role], calib)}
+        if role == "fused":  # the backbone follows the fused model's choice (no labels for embeddings)
+            test = plan.data.test or (None, None)
+            int8_choice = choose_int8_onnx(candidates, test[0], test[1], calib, reference=(references.x, references.probabilities))
+        out.append(Artifact(f"{stem}.{p}.onnx", candidates[int8_choice[0]], role, "onnx", p, {"quantization": float_io, "int8_method": int8_choice[0], "int8_candidates": int8_choice[1]}))
+    else:
+        out.append(Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io}))
+    return out, int8_choice
+
+
+def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
+    """The host-trained head padded to the capacity, and its trainable forms for the device."""
+    from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+
+    W, b = (w.astype(np.float32) for w in classifier.get_weights())
+    n, cap, d = len(plan.run.class_names), plan.capacity, W.shape[0]
+    Wp, bp, mask = np.zeros((d, cap), np.float32), np.zeros(cap, np.float32), np.zeros(cap, np.float32)
+    Wp[:, :n], bp[:n], mask[:n] = W, b, 1.0
+    out = [Artifact("head_init.npz", _npz(W=Wp, b=bp, mask=mask), "head_init", "npz", "fp32")]
+    if "tflite" in plan.formats:
+        out.append(Artifact("head.tflite", head_tflite(Wp, bp, mask), "head", "tflite", "fp32", {"signatures": ["infer", "train", "get_weights", "set_weights"], "optimizers": ["sgd", "adam"]}))
+    if "onnx" in plan.formats:
+        out.append(Artifact("head_infer.onnx", head_infer_onnx(d, cap), "head_infer", "onnx", "fp32"))
+        out += [Artifact(f"head_train_{opt}.onnx", head_train_onnx(d, cap, opt), "head_train", "onnx", "fp32", {"optimizer": opt}) for opt in ("sgd", "adam")]
+    return out
+
+
+def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> list[Artifact]:
+    """``replay.npz`` (class-balanced embeddings of training examples, so personalization can
+    train against and detect forgetting of the factory classes) and ``parity.npz``."""
+    out = []
+    if plan.data.train is not None:
+        x, y = plan.data.train
+        rng = np.random.default_rng(1)
+        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))])
+        emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
+        out.append(Artifact("replay.npz", _npz(embeddings=emb, labels=y[keep].astype(np.int64)), "replay", "npz", "fp32", {"per_class": REPLAY_PER_CLASS}))
+    parity = _npz(x=references.x, probabilities=references.probabilities.astype(np.float32), embeddings=references.embeddings.astype(np.float32))
+    out.append(Artifact("parity.npz", parity, "parity", "npz", "fp32"))
+    return out
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, W=Wp, b=bp, mask=mask)
-    add("head_init.npz", buf.getvalue(), "head_init", "npz", "fp32")
-    if "tflite" in formats:
-        add("head.tflite", head_tflite(Wp, bp, mask), "head", "tflite", "fp32", signatures=["infer", "train", "get_weights", "set_weights"], optimizers=["sgd", "adam"])
-    if "onnx" in formats:
-        add("head_infer.onnx", head_infer_onnx(emb_size, cap), "head_infer", "onnx", "fp32")
-        for opt in ("sgd", "adam"):
-            add(f"head_train_{opt}.onnx", head_train_onnx(emb_size, cap, opt), "head_train", "onnx", "fp32", optimizer=opt)
-    if train_xy is not None:
-        # Replay buffer for the device: class-balanced embeddings of training examples, so
-        # personalization can check (and train against) forgetting of the factory classes.
-        rng = np.random.default_rng(1)
-        keep = np.concatenate([rng.permutation(np.flatnonzero(train_xy[1] == c))[:REPLAY_PER_CLASS] for c in range(n_labels)])
-        buf = io.BytesIO()
-        np.savez(buf, embeddings=backbone.predict(train_xy[0][keep].astype(np.float32), verbose=0).astype(np.float32), labels=train_xy[1][keep].astype(np.int64))
-        add("replay.npz", buf.getvalue(), "replay", "npz", "fp32", per_class=REPLAY_PER_CLASS)
-    buf = io.BytesIO()
-    np.savez(buf, x=parity_x, probabilities=probs.astype(np.float32), embeddings=embs.astype(np.float32))
-    add("parity.npz", buf.getvalue(), "parity", "npz", "fp32")
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
-    tf_version = tf().__version__
-    import onnx as _onnx
-    import tf2onnx as _tf2onnx
 
-    manifest = {
-        "name": name or Path(out).name.removesuffix(".edgetl"),
+def build_manifest(plan: ExportPlan, artifacts: Sequence[Artifact], embedding_size: int) -> dict[str, Any]:
+    import onnx
+    import tf2onnx
+
+    r = plan.run
+    return {
+        "name": plan.name,
         "labels": list(r.class_names),
-        "input_spec": {**r.input_spec, "dtype": "float32", "shape": list(shape)},
-        "embedding_size": int(emb_size),
-        "head": {"kind": "linear_softmax", "max_classes": cap, "active_classes": n_labels, "optimizers": ["sgd", "adam"], "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2"},
-        "artifacts": artifacts,
+        "input_spec": {**r.input_spec, "dtype": "float32", "shape": list(plan.shape)},
+        "embedding_size": int(embedding_size),
+        "head": {"kind": "linear_softmax", "max_classes": plan.capacity, "active_classes": len(r.class_names), "optimizers": ["sgd", "adam"], "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2"},
+        "artifacts": [a.entry() for a in artifacts],
         "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},
-        "producer": {"edgetl": __version__, "tensorflow": tf_version, "tf2onnx": _tf2onnx.__version__, "onnx": _onnx.__version__, "onnx_opset": opset, "run": str(r.path)},
+        "data": plan.data.source,
+        "producer": {"edgetl": __version__, "tensorflow": tf().__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnx_opset": plan.opset, "run": str(r.path)},
     }
-    bundle = write_bundle(out, manifest, files, overwrite=overwrite)
-    report = verify_bundle(bundle, test_x, test_y)
-    report["export_seconds"] = round(time.perf_counter() - started, 2)
-    report["conversion_seconds"] = timings
-    bundle = update_manifest(bundle, parity=report)
-    return bundle, report
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` produced and verified; :meth:`save` writes the bundle.
+
+    ``omitted`` lists quantized artifacts left out because they failed their gate (with
+    the failed checks); ``fatal`` lists failures that forbid writing any bundle (fp32 or
+    head graphs, or anything with ``strict=True``).
+    """
+
+    manifest: dict[str, Any]
+    artifacts: list[Artifact]
+    report: dict[str, Any]
+    omitted: list[dict[str, Any]]
+    fatal: list[dict[str, Any]]
+    timings: dict[str, Any]
+    bundle: Bundle | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal
+
+    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Bundle:
+        """Write the bundle atomically; refused when a fatal check failed.
+
+        Raises:
+            BundleError: ``out`` exists (without ``overwrite``), or verification failed.
+        """
+        if not self.ok:
+            raise BundleError(f"not writing a bundle that failed verification: {'; '.join(c['message'] for c in self.fatal)}")
+        self.bundle = write_bundle(out, self.manifest, {a.file: a.content for a in self.artifacts}, overwrite=overwrite)
+        return self.bundle
+
+    def describe(self) -> str:
+        from edgetl.device.verify import format_checks
+
+        lines = [format_checks(self.report["checks"])]
+        lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
+        lines += [f"FAILED: {c['message']}" for c in self.fatal]
+        return "\n".join(lines)
+
+
+def export(
+    run: str | os.PathLike[str] | Any,
+    *,
+    quantize: Sequence[str | QuantizeConfig] = ("none",),
+    formats: Sequence[str] = FORMATS,
+    calibration: Dataset | None = None,
+    evaluation: Dataset | None = None,
+    opset: int = 17,
+    max_classes: int | None = None,
+    name: str = "model",
+    strict: bool = False,
+) -> ExportResult:
+    """Convert, verify and return (without writing) the bundle for ``run``.
+
+    Args:
+        run: a run directory or :class:`edgetl.host.run.Run`.
+        quantize: one or more presets/configs; fp32 is always included as the reference.
+        formats: subset of ``("tflite", "onnx")``.
+        calibration: labelled data like the training data; its train split (by the run's
+            seed and fractions) calibrates int8 and fine-tunes QAT, its test split measures
+            accuracy unless ``evaluation`` is given. Default: the run's own training data,
+            when it is still where the run recorded it and unchanged (sha256).
+        evaluation: labelled held-out data to measure every artifact's accuracy on.
+        opset: ONNX opset (13..21).
+        max_classes: head capacity for classes added on the device (default: 2x labels).
+        name: the bundle's name in its manifest.
+        strict: any failed check is fatal; by default a quantized format/precision that
+            fails its gate is left out of the bundle (reported in ``omitted``).
+
+    Returns:
+        An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
+    """
+    started = time.perf_counter()
+    plan = plan_export(run, quantize=quantize, formats=formats, calibration=calibration, evaluation=evaluation, opset=opset, max_classes=max_classes, name=name, strict=strict)
+    backbone, classifier = split_model(plan.run.model)
+    references = reference_outputs(plan, backbone)
+    artifacts, timings = convert_models(plan, backbone, references)
+    artifacts += head_artifacts(plan, classifier)
+    artifacts += data_artifacts(plan, backbone, references)
+    manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0])
+    result = verify_staged(plan, manifest, artifacts)
+    result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}
+    result.manifest["parity"] = {**result.report, **result.timings}
+    return result
+
+
+def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Artifact]) -> ExportResult:
+    """Write the bundle to a temporary directory, verify it in the runtimes, and decide:
+    a quantized (format, precision) whose fused or backbone check failed is left out
+    (both files: a device needs the pair); any other failure is fatal, as is everything
+    with ``plan.strict``."""
+    from edgetl.device.verify import verify_bundle
+
+    test = plan.data.test or (None, None)
+    with tempfile.TemporaryDirectory() as d:
+        staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
+        report = verify_bundle(staged, test[0], test[1])
+    failed = [c for c in report["checks"] if not c["ok"]]
+    fatal, dropped = [], set()
+    for c in failed:
+        if c["precision"] != "fp32" and c["role"] in ("fused", "backbone") and not plan.strict:
+            dropped.add((c["format"], c["precision"]))
+        else:
+            fatal.append({**c, "message": f"{c['file']}: {describe_failure(c)}"})
+    omitted = []
+    for fmt, precision in sorted(dropped):
+        files = [a.file for a in artifacts if a.format == fmt and a.precision == precision]
+        reasons = "; ".join(f"{c['file']}: {describe_failure(c)}" for c in failed if (c["format"], c["precision"]) == (fmt, precision))
+        omitted.append({"format": fmt, "precision": precision, "files": files, "reason": reasons})
+    keep = [a for a in artifacts if (a.format, a.precision) not in dropped]
+    kept_files = {a.file for a in keep}
+    report = {"ok": not fatal, "checks": [c for c in report["checks"] if c["file"] in kept_files], "omitted": omitted}
+    manifest = {**manifest, "artifacts": [e for e in manifest["artifacts"] if e["file"] in kept_files]}
+    return ExportResult(manifest, keep, report, omitted, fatal, {})
+
+
+def describe_failure(check: dict[str, Any]) -> str:
+    """What a failed check measured against what it needed, in words."""
+    if "top1_agreement" in check:
+        return f"top-1 agreement with Keras {check['top1_agreement']:.3f} < {check['min_agreement']}"
+    if "max_abs_diff" in check:
+        return f"max |difference| {check['max_abs_diff']:.2e} > {check['tolerance']:.1e}"
+    return ", ".join(f"{k}={v}" for k, v in check.items() if k not in ("file", "role", "format", "precision", "ok"))
+
+
+def export_bundle(run: str | os.PathLike[str] | Any, out: str | os.PathLike[str], *, overwrite: bool = False, name: str | None = None, **options: Any) -> ExportResult:
+    """:func:`export` then :meth:`ExportResult.save` to ``out`` when verification passed.
+
+    ``out`` is checked first, before any conversion. The bundle's name defaults to
+    ``out``'s name without ``.edgetl``. A failed (fatal) verification writes nothing and
+    returns the result with ``ok == False`` and ``bundle is None``.
+
+        >>> result = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"])
+        >>> # on the device, without TensorFlow:
+        >>> import onnxruntime as ort
+        >>> ort.InferenceSession("digits.edgetl/model.int8.onnx").run(None, {"input": x})
+    """
+    if Path(out).exists() and not overwrite:
+        raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    result = export(run, name=name or Path(out).name.removesuffix(".edgetl"), **options)
+    if result.ok:
+        result.save(out, overwrite=overwrite)
+    return result

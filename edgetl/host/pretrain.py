@@ -52,7 +52,10 @@ def pretrain(
         _compile(model, config.learning_rate, config.label_smoothing)
     val = (splits.val.x, splits.val.y) if len(splits.val) else None
     t0 = time.perf_counter()
-    history = _fit(model, (splits.train.x, splits.train.y), val, config=replace(config, cache_embeddings=False), epochs=config.epochs, num_classes=splits.train.num_classes, augmentation=config.augmentation, callbacks=callbacks, verbose=verbose)
+    # Validate the network inference will run: BatchNorm statistics re-estimated from the
+    # current weights before every validation (see batchnorm_before_validation).
+    bn_callback = batchnorm_before_validation(backbone.model, splits.train.x)
+    history = _fit(model, (splits.train.x, splits.train.y), val, config=replace(config, cache_embeddings=False), epochs=config.epochs, num_classes=splits.train.num_classes, augmentation=config.augmentation, callbacks=[bn_callback, *callbacks], verbose=verbose)
     recalibrated = recalibrate_batchnorm(backbone.model, splits.train.x)
     seconds = time.perf_counter() - t0
     history["phase"] = [1.0] * len(history["loss"])
@@ -72,6 +75,28 @@ def pretrain(
     return TrainResult(TransferModel(model, backbone.model, head, backbone), config, splits.train.class_names, history, metrics, confusion, spec)
 
 
+def batchnorm_before_validation(model: Any, x: np.ndarray, max_examples: int = 512) -> Any:
+    """A Keras callback that re-estimates ``model``'s BatchNorm statistics before each validation.
+
+    While a network trains, BatchNorm normalises with each batch's statistics, but
+    validation (and every exported model) uses the moving averages, which with
+    keras.applications' momentum 0.999 still hold mostly their initial values after a
+    few hundred steps. Measured (issue 9): MobileNetV2-0.35 pretraining on 901 digit images
+    went from 0.35 to 0.98 training accuracy while validation stayed at chance (0.20)
+    every epoch, so early stopping kept the first epoch. Re-estimating the statistics from
+    the current weights makes every validation measure the network inference will run,
+    so early stopping and best-weight restoring choose weights that are really best.
+    ``on_test_begin`` is the hook: ``fit`` runs its validation through ``evaluate`` with
+    the same callbacks. Training itself is unchanged (it uses batch statistics).
+    """
+
+    class BatchNormBeforeValidation(keras().callbacks.Callback):
+        def on_test_begin(self, logs: Any = None) -> None:
+            recalibrate_batchnorm(model, x, max_examples=max_examples)
+
+    return BatchNormBeforeValidation()
+
+
 def recalibrate_batchnorm(model: Any, x: np.ndarray, *, batch_size: int = 128, max_examples: int = 2048) -> int:
     """Recompute every BatchNorm layer's moving mean/variance from the final weights.
 
@@ -89,7 +114,9 @@ def recalibrate_batchnorm(model: Any, x: np.ndarray, *, batch_size: int = 128, m
     if not layers:
         return 0
     saved = [l.momentum for l in layers]
-    data = x[:max_examples].astype(np.float32)
+    # A fixed random sample: data is often ordered by class, and batches of one class
+    # would give biased statistics.
+    data = x[np.random.default_rng(0).permutation(len(x))[:max_examples]].astype(np.float32)
     try:
         for i, start in enumerate(range(0, len(data), batch_size)):
             for l in layers:

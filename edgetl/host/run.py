@@ -68,6 +68,10 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
                 "input_spec": result.input_spec,
                 "backbone_name": result.transfer.backbone.name,
                 "config": result.config.to_dict(),
+                # Where the training data came from and its hash: export calibrates and
+                # evaluates on it by default (when it is still there, unchanged).
+                "data": result.data,
+                "assumptions": result.assumptions,
             },
         )
         write_json(tmp / "history.json", result.history)
@@ -88,6 +92,38 @@ class Run:
     config: TrainConfig
     metrics: dict[str, Any]
     info: dict[str, Any]
+
+    def training_data(self) -> tuple[Any, str]:
+        """The run's training data loaded again, or ``None``, and a note saying which and why.
+
+        Used only when it is still where the run recorded it and hashes to the same
+        sha256 (the same examples, labels and classes), then conformed to the model's input
+        as training conformed it. Anything else returns ``None`` with the reason.
+        """
+        import warnings
+
+        from edgetl.errors import EdgeTLError
+        from edgetl.host.data import conform_images, load_dataset
+
+        record = self.info.get("data") or {}
+        load = dict(record.get("load") or {})
+        path = load.pop("path", None)
+        if not path or not record.get("sha256"):
+            return None, "the run does not record its training data"
+        if path != "builtin:digits" and not Path(path).exists():
+            return None, f"the run's training data {path!r} no longer exists"
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in load.items() if v is not None}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = load_dataset(path, **kwargs)
+        except EdgeTLError as exc:
+            return None, f"the run's training data {path!r} cannot be loaded ({exc})"
+        found = data.fingerprint()
+        if found != record["sha256"]:
+            return None, f"the run's training data {path!r} changed since training (sha256 {found[:12]}, the run recorded {record['sha256'][:12]})"
+        data, _ = conform_images(data, self.input_spec["shape"])
+        return data, f"the run's training data {path} (sha256 {found[:12]} verified)"
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
