@@ -1,0 +1,330 @@
+"""Head training with many steps per runtime call (numpy + onnxruntime or LiteRT only).
+
+:mod:`edgetl.device.head`'s trainers call the runtime once per step, so the weights and
+optimizer state cross into Python on every step. The trainers here hand the runtime the
+whole step plan instead and it loops inside: one onnxruntime ``run`` of
+``head_train_loop_{sgd,adam}.onnx`` (an ONNX ``Scan``), or one invoke of ``head_loop.tflite``'s
+``train_steps`` signature (a TFLite ``WHILE``). Both graphs come from
+:mod:`edgetl.host.head_loop_graphs` and give the weights of step-by-step training: same
+batches (:func:`plan_steps` is :func:`edgetl.device.head.batches` as arrays), same formulas.
+
+The trainers take the model bytes (or paths) rather than a bundle, until bundles carry
+these graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgetl.device.head import HeadState, TrainSettings, batches, effective_learning_rate
+from edgetl.device.head_math import initial_state
+from edgetl.errors import DependencyError, InputError, describe
+
+
+def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The step plan of :func:`edgetl.device.head.batches` as the loop graphs' inputs.
+
+    Args:
+        n: Number of training examples.
+        settings: Epochs, batch size and seed decide the plan.
+
+    Returns:
+        ``order[S, B]`` (int64): step s uses examples ``order[s, :B_s]``; and
+        ``row_weight[S, B]`` (float32): ``1/B_s`` for those, 0 for the padding slots of a
+        smaller last batch (they point at a real example, so every index is valid, and
+        their weight 0 makes their contribution exactly 0). ``B = min(batch_size, n)``.
+
+    Raises:
+        InputError: ``n`` is not a positive integer.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"the step plan needs at least 1 example, received n={describe(n)}")
+    steps = batches(int(n), settings)
+    sizes = np.fromiter(map(len, steps), np.int64, count=len(steps))
+    flat = np.concatenate(steps).astype(np.int64)
+    starts = np.cumsum(sizes) - sizes
+    # Vectorised (a Python loop over the steps cost ~4 us per step): padding slots repeat
+    # their step's first example, then each step's examples fill its row from the left.
+    order = np.repeat(flat[starts], int(sizes.max())).reshape(len(steps), -1)
+    rows = np.repeat(np.arange(len(steps)), sizes)
+    cols = np.arange(len(flat)) - np.repeat(starts, sizes)
+    order[rows, cols] = flat
+    row_weight = np.zeros(order.shape, np.float32)
+    row_weight[rows, cols] = np.repeat(1.0 / sizes, sizes)
+    return order, row_weight
+
+
+def check_training_data(head: HeadState, emb: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and one-hot labels as contiguous float32, or an :class:`InputError`."""
+    d, c = head.W.shape
+    emb, onehot = np.asarray(emb), np.asarray(onehot)
+    if emb.ndim != 2 or emb.shape[1] != d:
+        raise InputError(f"embeddings must have shape (N, {d}) for this head, received shape {emb.shape}")
+    if onehot.ndim != 2 or onehot.shape[1] != c:
+        raise InputError(
+            f"labels must be one-hot with shape (N, {c}) (the head's capacity), received shape {onehot.shape}"
+        )
+    if len(emb) != len(onehot):
+        raise InputError(
+            f"embeddings and labels must have the same number of rows, received {len(emb)} and {len(onehot)}"
+        )
+    if len(emb) == 0:
+        raise InputError("training needs at least 1 example, received 0 (the step plan would be empty)")
+    for name, arr in (("embeddings", emb), ("labels", onehot)):
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"{name} must be numbers, received dtype {arr.dtype}")
+        if not np.isfinite(arr).all():
+            bad = int(np.size(arr) - np.isfinite(arr).sum())
+            raise InputError(f"{name} must be finite numbers, received {bad} NaN or inf value(s)")
+    return np.ascontiguousarray(emb, np.float32), np.ascontiguousarray(onehot, np.float32)
+
+
+def check_plan(order: np.ndarray, row_weight: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A step plan as the graphs' dtypes, or an :class:`InputError` saying what is wrong."""
+    order, row_weight = np.asarray(order), np.asarray(row_weight)
+    if order.ndim != 2 or order.shape != row_weight.shape:
+        raise InputError(
+            f"order and row_weight must both have shape (steps, batch), received {order.shape} and {row_weight.shape}"
+        )
+    if order.size == 0:
+        raise InputError(
+            f"the step plan is empty (shape {order.shape}); it needs at least 1 step of at least 1 example"
+        )
+    if order.dtype.kind not in "iu" or order.min() < 0 or order.max() >= n:
+        raise InputError(
+            f"order must hold integer example indices in [0, {n}), received dtype {order.dtype},"
+            f" range [{order.min()}, {order.max()}]"
+        )
+    if not np.all(np.isfinite(row_weight)) or row_weight.min() < 0:
+        raise InputError("row_weight must be finite and >= 0 (1/B_s for a step's examples, 0 for padding)")
+    return np.ascontiguousarray(order, np.int64), np.ascontiguousarray(row_weight, np.float32)
+
+
+def _onnx_session(model: bytes | str | Path, threads: int | None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover
+        raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxLoopHeadTrainer:
+    """Runs ``head_train_loop_{opt}.onnx``: every step of a ``train`` call in one ``run``.
+
+    Args:
+        train_models: ``{"sgd": model, "adam": model}`` (either may be missing), each the
+            bytes or path of :func:`edgetl.host.head_loop_graphs.head_train_loop_onnx`.
+        infer_model: bytes or path of :func:`edgetl.host.head_graphs.head_infer_onnx`.
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        train_models: Mapping[str, bytes | str | Path],
+        infer_model: bytes | str | Path,
+        threads: int | None = None,
+    ) -> None:
+        unknown = set(train_models) - {"sgd", "adam"}
+        if unknown or not train_models:
+            raise InputError(
+                f"train_models must map 'sgd' and/or 'adam' to a model, received keys {sorted(train_models)}"
+            )
+        self._sessions = {opt: _onnx_session(m, threads) for opt, m in train_models.items()}
+        self._outputs = {opt: [o.name for o in s.get_outputs()] for opt, s in self._sessions.items()}
+        self._infer = _onnx_session(infer_model, threads)
+
+    def train(
+        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
+    ) -> tuple[HeadState, list[float]]:
+        """Train ``head`` on the examples; same contract as :class:`edgetl.device.head.OnnxHeadTrainer`.
+
+        Returns:
+            The trained head (optimizer state starts at zero, as step-by-step) and the loss
+            of every step.
+
+        Raises:
+            InputError: shapes do not match the head, no examples, non-finite values, or no
+                graph for ``settings.optimizer``.
+        """
+        emb, onehot = check_training_data(head, emb, onehot)
+        state, losses = self._train(
+            head,
+            emb,
+            onehot,
+            *plan_steps(len(emb), settings),
+            settings,
+            initial_state(head.W, head.b, settings.optimizer),
+        )
+        return replace(head, W=state["W"], b=state["b"]), losses
+
+    def train_plan(
+        self,
+        head: HeadState,
+        emb: np.ndarray,
+        onehot: np.ndarray,
+        order: np.ndarray,
+        row_weight: np.ndarray,
+        settings: TrainSettings,
+        state: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], list[float]]:
+        """Run any step plan (see :func:`plan_steps`) from any optimizer state, in one call.
+
+        Args:
+            state: ``W``, ``b`` and the optimizer's state, named as
+                :func:`edgetl.device.head_math.initial_state` names them.
+
+        Returns:
+            The state after the plan (same keys) and the loss of every step.
+        """
+        emb, onehot = check_training_data(head, emb, onehot)
+        order, row_weight = check_plan(order, row_weight, len(emb))
+        expected = set(initial_state(head.W, head.b, settings.optimizer))
+        if set(state) != expected:
+            raise InputError(
+                f"state for {settings.optimizer} must have keys {sorted(expected)}, received {sorted(state)}"
+            )
+        return self._train(head, emb, onehot, order, row_weight, settings, state)
+
+    def _train(
+        self,
+        head: HeadState,
+        emb: np.ndarray,
+        onehot: np.ndarray,
+        order: np.ndarray,
+        row_weight: np.ndarray,
+        settings: TrainSettings,
+        state: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], list[float]]:
+        if settings.optimizer not in self._sessions:
+            raise InputError(
+                f"no loop graph for optimizer {settings.optimizer!r}; this trainer has {sorted(self._sessions)}"
+            )
+        # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
+        feed = {
+            "embedding": emb,
+            "labels": onehot,
+            "order": order,
+            "row_weight": row_weight,
+            "mask": head.mask,
+            "W0": head.anchor,
+            "lr": np.array(effective_learning_rate(settings, emb), np.float32),
+            "l2": np.array(settings.l2, np.float32),
+            **{k: np.asarray(v, np.float32) for k, v in state.items()},
+        }
+        if settings.optimizer == "sgd":
+            feed["momentum"] = np.array(settings.momentum, np.float32)
+        out = dict(zip(self._outputs[settings.optimizer], self._sessions[settings.optimizer].run(None, feed)))
+        return {k: out[f"{k}_out"] for k in state}, out["losses"].tolist()
+
+    def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
+        return self._infer.run(
+            None, {"embedding": np.asarray(emb, np.float32), "W": head.W, "b": head.b, "mask": head.mask}
+        )[0]
+
+
+class LiteRTLoopHeadTrainer:
+    """Runs ``head_loop.tflite``'s ``train_steps`` signature: every step in one invoke.
+
+    The model is :func:`edgetl.host.head_loop_graphs.head_tflite_loop`; its weights live in
+    the interpreter, so each call loads the head it is given first (under a lock:
+    interpreters are not thread-safe).
+
+    Args:
+        model: bytes or path of the TFLite model.
+        threads: interpreter threads (None: its default).
+    """
+
+    backend = "litert"
+
+    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:  # pragma: no cover
+            raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        self._interpreter = Interpreter(**source, num_threads=threads)
+        signatures = self._interpreter.get_signature_list()
+        missing = {"infer", "train_steps", "get_weights", "set_weights"} - set(signatures)
+        if missing:
+            raise InputError(f"the TFLite model lacks signatures {sorted(missing)}; it has {sorted(signatures)}")
+        self._run = {
+            name: self._interpreter.get_signature_runner(name)
+            for name in ("infer", "train_steps", "get_weights", "set_weights")
+        }
+        self._lock = threading.Lock()
+        self._loaded: HeadState | None = None
+
+    def _load(self, head: HeadState) -> None:
+        if self._loaded is not head:
+            self._run["set_weights"](**head.arrays())  # also resets the optimizer state
+            self._loaded = head
+
+    def train(
+        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
+    ) -> tuple[HeadState, list[float]]:
+        """Same contract as :meth:`OnnxLoopHeadTrainer.train`."""
+        emb, onehot = check_training_data(head, emb, onehot)
+        return self._train(head, emb, onehot, *plan_steps(len(emb), settings), settings)
+
+    def train_plan(
+        self,
+        head: HeadState,
+        emb: np.ndarray,
+        onehot: np.ndarray,
+        order: np.ndarray,
+        row_weight: np.ndarray,
+        settings: TrainSettings,
+    ) -> tuple[HeadState, list[float]]:
+        """Run any step plan (see :func:`plan_steps`) from ``head`` and a zero optimizer state."""
+        emb, onehot = check_training_data(head, emb, onehot)
+        return self._train(head, emb, onehot, *check_plan(order, row_weight, len(emb)), settings)
+
+    def _train(
+        self,
+        head: HeadState,
+        emb: np.ndarray,
+        onehot: np.ndarray,
+        order: np.ndarray,
+        row_weight: np.ndarray,
+        settings: TrainSettings,
+    ) -> tuple[HeadState, list[float]]:
+        with self._lock:
+            self._loaded = None
+            self._load(head)  # also resets the optimizer state
+            losses = self._train_steps(emb, onehot, order, row_weight, settings)
+            w = self._run["get_weights"]()
+            self._loaded = None  # the interpreter now holds the trained weights, not `head`
+        return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
+
+    def _train_steps(
+        self, emb: np.ndarray, onehot: np.ndarray, order: np.ndarray, row_weight: np.ndarray, settings: TrainSettings
+    ) -> list[float]:
+        out = self._run["train_steps"](
+            embedding=emb,
+            labels=onehot,
+            order=order,
+            row_weight=row_weight,
+            lr=np.float32(effective_learning_rate(settings, emb)),
+            l2=np.float32(settings.l2),
+            momentum=np.float32(settings.momentum),
+            optimizer=np.float32(1.0 if settings.optimizer == "adam" else 0.0),
+        )
+        return out["losses"].tolist()
+
+    def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._load(head)
+            return self._run["infer"](embedding=np.asarray(emb, np.float32))["probabilities"].copy()
