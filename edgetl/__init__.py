@@ -2,7 +2,8 @@
 
 Host side (needs the ``host`` extra, TensorFlow): :mod:`edgetl.host`.
 Device side (numpy and one runtime, never TensorFlow): :mod:`edgetl.device`.
-The two halves meet only in the bundle format, :mod:`edgetl.bundle`.
+The two halves meet only in the bundle format, :mod:`edgetl.bundle`; both load data
+with :mod:`edgetl.data`. Architecture: docs/architecture.md.
 """
 
 from edgetl.errors import (

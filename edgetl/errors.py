@@ -7,6 +7,17 @@ half of the contract was broken, so callers can catch narrowly. ``InputError`` i
 
 from __future__ import annotations
 
+__all__ = [
+    "EdgeTLError",
+    "InputError",
+    "DataError",
+    "BackboneError",
+    "BundleError",
+    "StoreError",
+    "DependencyError",
+    "describe",
+]
+
 
 class EdgeTLError(Exception):
     """Base class of every error edgetl raises deliberately."""

@@ -14,14 +14,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def digits_source():
-    from edgetl.host.data import load_digits_dataset
+    from edgetl.data import load_digits_dataset
 
     return load_digits_dataset((0, 1, 2, 3, 4))
 
 
 @pytest.fixture(scope="session")
 def digits_target():
-    from edgetl.host.data import load_digits_dataset
+    from edgetl.data import load_digits_dataset
 
     return load_digits_dataset((5, 6, 7, 8, 9))
 
@@ -29,9 +29,9 @@ def digits_target():
 @pytest.fixture(scope="session")
 def source_run(tmp_path_factory, digits_source):
     """edgetl_cnn pretrained on digits 0-4, saved as an `edgetl pretrain` run directory."""
-    from edgetl.host.pretrain import pretrain
-    from edgetl.host.run import save_run
-    from edgetl.host.transfer import TrainConfig
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig
 
     result = pretrain(digits_source, TrainConfig(backbone="edgetl_cnn", epochs=15, seed=0))
     path = save_run(result, tmp_path_factory.mktemp("runs") / "source", kind="pretrain")
@@ -46,16 +46,21 @@ def rng():
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory, source_run, digits_target):
     """Target digits 5-9 transferred from the source run, exported fp32 + int8, both formats."""
-    from edgetl.host.data import stratified_split
-    from edgetl.host.export import export_bundle
-    from edgetl.host.run import save_run
-    from edgetl.host.transfer import TrainConfig, train_transfer
+    from edgetl.data import stratified_split
+    from edgetl.host._export import export_bundle
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
 
     halves = stratified_split(digits_target, val_fraction=0.0, test_fraction=0.5, seed=0)
-    result = train_transfer(halves.train, TrainConfig(backbone=str(source_run[0]), epochs=60, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0))
+    result = train_transfer(
+        halves.train,
+        TrainConfig(backbone=str(source_run[0]), epochs=60, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0),
+    )
     base = tmp_path_factory.mktemp("device")
     run = save_run(result, base / "target")
-    result = export_bundle(run, base / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test)
+    result = export_bundle(
+        run, base / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test
+    )
     assert result.ok and not result.omitted, result.describe()
     bundle = result.bundle
     return bundle, halves
@@ -66,8 +71,8 @@ def informative_random_backbone(family: str, x: np.ndarray):
     estimated on ``x``: in inference mode with the initial statistics its embeddings
     vanish (~1e-13, refused by train_transfer), with estimated ones they are random but
     informative features, enough to exercise conversion and parity. No download needed."""
-    from edgetl.host.backbones import create_backbone
-    from edgetl.host.pretrain import recalibrate_batchnorm
+    from edgetl.host._backbones import create_backbone
+    from edgetl.host._pretrain import recalibrate_batchnorm
 
     bb = create_backbone(family, x.shape[1:], weights=None)
     recalibrate_batchnorm(bb.model, x)

@@ -8,10 +8,10 @@ D=256, C=10 (5 active classes), batch 16, 160 examples; one `train` call runs 10
 side by side in interleaved rounds; per step = time of a whole `train` call / its steps,
 median over rounds, as wall-clock and as this thread's CPU time:
 
-* edgetl stepwise onnxruntime / LiteRT: the existing trainers of edgetl.device.head
+* edgetl stepwise onnxruntime / LiteRT: the existing trainers of edgetl.device._head
   (one runtime call per step), on a bundle holding only the head's files;
-* edgetl loop onnxruntime / LiteRT: edgetl.device.head_loop (one call per `train`);
-* numpy reference: edgetl.device.head_math.reference_step (float64), step by step;
+* edgetl loop onnxruntime / LiteRT: edgetl.device._head_loop (one call per `train`);
+* numpy reference: edgetl.bundle._head.reference_step (float64), step by step;
 * onnxruntime-training 1.19.2 (the peer: AdamW, one step = module call + optimizer step),
   twice per round: tools/bench_suite.ort_training_peer (the suite's number: default
   threads, median of 200 single-step timings), and the same model, venv and step with one
@@ -50,8 +50,8 @@ TARGET = 0.5
 def build(work: Path) -> dict[str, Any]:
     """The head's models (host side, TensorFlow), a bundle for the stepwise trainers."""
     from edgetl.bundle import write_bundle
-    from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
-    from edgetl.host.head_loop_graphs import head_tflite_loop, head_train_loop_onnx
+    from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+    from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((D, C)) * 0.05).astype(np.float32)
@@ -160,7 +160,8 @@ def peer_blocks(d: int, c: int) -> dict[int, tuple[float, float]] | None:
 def measure(models: dict[str, Any], rounds: int, peer: bool) -> dict[str, Any]:
     from bench_suite import ort_training_peer
 
-    from edgetl.device.head import (
+    from edgetl.bundle._head import initial_state, reference_step
+    from edgetl.device._head import (
         HeadState,
         LiteRTHeadTrainer,
         OnnxHeadTrainer,
@@ -168,8 +169,7 @@ def measure(models: dict[str, Any], rounds: int, peer: bool) -> dict[str, Any]:
         batches,
         effective_learning_rate,
     )
-    from edgetl.device.head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
-    from edgetl.device.head_math import initial_state, reference_step
+    from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     head = HeadState.factory(models["bundle"])
     rng = np.random.default_rng(1)

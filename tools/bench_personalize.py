@@ -14,7 +14,6 @@ The MobileNetV2 bundle is built with weights=None (speed does not depend on the 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ IMPORT_PROBE = textwrap.dedent(
     sys.meta_path.insert(0, Block())
     t0 = time.perf_counter()
     import edgetl.device
-    from edgetl.device.classifier import Classifier
+    from edgetl.device._classifier import Classifier
     import onnxruntime
     seconds = time.perf_counter() - t0
     print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -46,16 +45,19 @@ IMPORT_PROBE = textwrap.dedent(
 
 
 def import_cost() -> tuple[float, float]:
-    runs = [subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True).stdout.split() for _ in range(5)]
+    runs = [
+        subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(5)
+    ]
     return float(np.median([float(r[0]) for r in runs])), float(np.median([float(r[1]) for r in runs]))
 
 
 def make_bundle(d: Path) -> Path:
-    from edgetl.host.data import Dataset
-    from edgetl.host.export import export_bundle
-    from edgetl.host.run import save_run
-    from edgetl.host.pretrain import pretrain
-    from edgetl.host.transfer import TrainConfig
+    from edgetl.data import Dataset
+    from edgetl.host._export import export_bundle
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, size=(200, 96, 96, 3)).astype(np.uint8)
@@ -68,9 +70,11 @@ def make_bundle(d: Path) -> Path:
     return bundle.path
 
 
-def personalize_seconds(bundle: Path, backend: str, precision: str, x: np.ndarray, labels: list[str]) -> tuple[float, np.ndarray]:
-    from edgetl.device.classifier import Classifier
-    from edgetl.device.personalizer import Personalizer
+def personalize_seconds(
+    bundle: Path, backend: str, precision: str, x: np.ndarray, labels: list[str]
+) -> tuple[float, np.ndarray]:
+    from edgetl.device._classifier import Classifier
+    from edgetl.device._personalizer import Personalizer
 
     times, W = [], None
     for _ in range(5):
@@ -89,7 +93,9 @@ def main() -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
     seconds, rss = import_cost()
-    print(f"import edgetl.device + onnxruntime: {seconds:.3f}s (target < 0.5s), peak RSS {rss:.0f} MB (target < 100 MB)")
+    print(
+        f"import edgetl.device + onnxruntime: {seconds:.3f}s (target < 0.5s), peak RSS {rss:.0f} MB (target < 100 MB)"
+    )
     with tempfile.TemporaryDirectory() as d:
         bundle = make_bundle(Path(d))
         rng = np.random.default_rng(1)
@@ -100,10 +106,16 @@ def main() -> int:
             for precision in ("fp32", "int8"):
                 s, W = personalize_seconds(bundle, backend, precision, x, labels)
                 results[(backend, precision)] = (s, W)
-                print(f"personalize 10 classes x 20 examples, {backend:<11} {precision}: {s:.3f}s on one core (target < 1s)")
+                print(
+                    f"personalize 10 classes x 20 examples, {backend:<11} {precision}: {s:.3f}s on one core (target < "
+                    "1s)"
+                )
         diff = float(np.abs(results[("onnxruntime", "fp32")][1] - results[("litert", "fp32")][1]).max())
         assert np.isfinite(results[("onnxruntime", "fp32")][1]).all()
-        print(f"onnxruntime vs LiteRT head weights after the same steps (fp32 backbones): max |diff| {diff:.2e} (target <= 1e-5)")
+        print(
+            f"onnxruntime vs LiteRT head weights after the same steps (fp32 backbones): max |diff| {diff:.2e} (target "
+            "<= 1e-5)"
+        )
     return 0
 
 

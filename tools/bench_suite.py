@@ -38,15 +38,27 @@ def cpu_peak() -> dict[str, Any]:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
     mhz = float(next((l.split(":", 1)[1] for l in info.splitlines() if l.startswith("cpu MHz")), "2000"))
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.processor())
+    model = next(
+        (l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.processor()
+    )
     if "avx512f" in flags:
-        fp32, int8, why = 32, 128 if "avx512_vnni" in flags else 64, "AVX-512: 2 x 16-lane FP32 FMA per cycle; VNNI: 2 x 64 int8 MAC per cycle"
+        fp32, int8, why = (
+            32,
+            128 if "avx512_vnni" in flags else 64,
+            "AVX-512: 2 x 16-lane FP32 FMA per cycle; VNNI: 2 x 64 int8 MAC per cycle",
+        )
     elif "avx2" in flags and "fma" in flags:
         fp32, int8, why = 16, 64 if "avx_vnni" in flags else 32, "AVX2+FMA: 2 x 8-lane FP32 FMA per cycle"
     else:
         fp32, int8, why = 4, 8, "no AVX2: SSE estimate"
-    return {"cpu": model, "mhz": mhz, "fp32_macs_per_cycle": fp32, "int8_macs_per_cycle": int8,
-            "assumption": f"{why}, at the reported {mhz:.0f} MHz on one core; both optimistic (a split 512-bit unit or lower clocks only raise the bound's distance), so measured/bound >= 1 always"}
+    return {
+        "cpu": model,
+        "mhz": mhz,
+        "fp32_macs_per_cycle": fp32,
+        "int8_macs_per_cycle": int8,
+        "assumption": f"{why}, at the reported {mhz:.0f} MHz on one core; both optimistic (a split 512-bit unit or "
+        "lower clocks only raise the bound's distance), so measured/bound >= 1 always",
+    }
 
 
 def median_seconds(fn, warmup: int, runs: int) -> float:
@@ -62,24 +74,40 @@ def median_seconds(fn, warmup: int, runs: int) -> float:
 
 def build_models(work: Path) -> list[tuple[str, Path, Any]]:
     """(name, bundle path, Keras model) for each suite model."""
-    from edgetl.host.data import Dataset, load_digits_dataset, stratified_split
-    from edgetl.host.export import export_bundle
-    from edgetl.host.pretrain import pretrain
-    from edgetl.host.run import load_run, save_run
-    from edgetl.host.transfer import TrainConfig, train_transfer
+    from edgetl.data import Dataset, load_digits_dataset, stratified_split
+    from edgetl.host._export import export_bundle
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import load_run, save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
 
     out = []
-    src = save_run(pretrain(load_digits_dataset((0, 1, 2, 3, 4)), TrainConfig(epochs=15)), work / "src", kind="pretrain")
+    src = save_run(
+        pretrain(load_digits_dataset((0, 1, 2, 3, 4)), TrainConfig(epochs=15)), work / "src", kind="pretrain"
+    )
     target = load_digits_dataset((5, 6, 7, 8, 9))
     halves = stratified_split(target, val_fraction=0.0, test_fraction=0.5, seed=0)
-    run = save_run(train_transfer(halves.train, TrainConfig(backbone=str(src), epochs=40, learning_rate=1e-2)), work / "digits")
-    bundle = export_bundle(run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test).bundle
+    run = save_run(
+        train_transfer(halves.train, TrainConfig(backbone=str(src), epochs=40, learning_rate=1e-2)), work / "digits"
+    )
+    bundle = export_bundle(
+        run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test
+    ).bundle
     out.append(("digits_cnn (8x8)", bundle.path, load_run(run).model))
     rng = np.random.default_rng(0)
-    for name, family, size in (("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96), ("mobilenetv3small (224x224)", "mobilenetv3small", 224), ("efficientnetb0 (224x224)", "efficientnetb0", 224)):
+    for name, family, size in (
+        ("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96),
+        ("mobilenetv3small (224x224)", "mobilenetv3small", 224),
+        ("efficientnetb0 (224x224)", "efficientnetb0", 224),
+    ):
         x = rng.integers(0, 255, size=(40, size, size, 3)).astype(np.uint8)
         ds = Dataset(x, np.arange(40) % 4, ("a", "b", "c", "d"), "image", "random")
-        run = save_run(train_transfer(ds, TrainConfig(backbone=family, epochs=2, learning_rate=0.05, early_stopping_patience=0, val_fraction=0.0)), work / family)
+        run = save_run(
+            train_transfer(
+                ds,
+                TrainConfig(backbone=family, epochs=2, learning_rate=0.05, early_stopping_patience=0, val_fraction=0.0),
+            ),
+            work / family,
+        )
         bundle = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds).bundle
         out.append((name, bundle.path, load_run(run).model))
     return out
@@ -87,9 +115,9 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
 
 def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str, Any], runs: int) -> dict[str, Any]:
     from edgetl.bundle import read_bundle
-    from edgetl.device.classifier import Classifier
-    from edgetl.device.runtimes import load_model
-    from edgetl.host.backbones import count_macs
+    from edgetl.device._classifier import Classifier
+    from edgetl.device._runtimes import load_model
+    from edgetl.host._backbones import count_macs
 
     bundle = read_bundle(bundle_path)
     x = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
@@ -110,7 +138,10 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
             row["size"][key] = bundle.artifact("fused", fmt, precision).stat().st_size
     row["keras_ms"] = median_seconds(lambda: keras_model(x, training=False), 3, runs) * 1e3
     ghz = peak["mhz"] / 1e3
-    row["bound_ms"] = {"fp32": macs / (peak["fp32_macs_per_cycle"] * ghz * 1e9) * 1e3, "int8": macs / (peak["int8_macs_per_cycle"] * ghz * 1e9) * 1e3}
+    row["bound_ms"] = {
+        "fp32": macs / (peak["fp32_macs_per_cycle"] * ghz * 1e9) * 1e3,
+        "int8": macs / (peak["int8_macs_per_cycle"] * ghz * 1e9) * 1e3,
+    }
     lat, raw, size = row["latency_ms"], row["raw_ms"], row["size"]
     row["ratios"] = {
         **{f"sdk_over_raw {k}": lat[k] / raw[k] for k in lat},
@@ -126,8 +157,8 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
 def head_step_times(bundle_path: Path, peer: bool) -> dict[str, Any]:
     """One head train step (SGD, batch 16) per implementation, on the same tensors."""
     from edgetl.bundle import read_bundle
-    from edgetl.device.head import HeadState, TrainSettings, make_trainer
-    from edgetl.device.head_math import initial_state, reference_step
+    from edgetl.bundle._head import initial_state, reference_step
+    from edgetl.device._head import HeadState, TrainSettings, make_trainer
 
     bundle = read_bundle(bundle_path)
     head = HeadState.factory(bundle)
@@ -141,10 +172,21 @@ def head_step_times(bundle_path: Path, peer: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"embedding": head.W.shape[0], "classes": head.capacity, "batch": 16}
     for backend in ("onnxruntime", "litert"):
         trainer = make_trainer(bundle, backend, threads=1)
-        out[f"edgetl_{backend}_ms"] = median_seconds(lambda: trainer.train(head, emb, onehot, settings), 1, 5) * 1e3 / steps
+        out[f"edgetl_{backend}_ms"] = (
+            median_seconds(lambda: trainer.train(head, emb, onehot, settings), 1, 5) * 1e3 / steps
+        )
     state = initial_state(head.W, head.b, "sgd")
-    out["numpy_reference_ms"] = median_seconds(lambda: reference_step(state, emb, onehot, head.mask, head.anchor, optimizer="sgd", lr=0.01, l2=1e-3), 5, 200) * 1e3
-    out["onnxruntime_training_ms"], out["onnxruntime_training_note"] = ort_training_peer(head.W.shape[0], head.capacity) if peer else (None, "skipped (--no-peer)")
+    out["numpy_reference_ms"] = (
+        median_seconds(
+            lambda: reference_step(state, emb, onehot, head.mask, head.anchor, optimizer="sgd", lr=0.01, l2=1e-3),
+            5,
+            200,
+        )
+        * 1e3
+    )
+    out["onnxruntime_training_ms"], out["onnxruntime_training_note"] = (
+        ort_training_peer(head.W.shape[0], head.capacity) if peer else (None, "skipped (--no-peer)")
+    )
     return out
 
 
@@ -157,11 +199,14 @@ PEER_SCRIPT = textwrap.dedent(
     D, C = int(sys.argv[1]), int(sys.argv[2])
     W = helper.make_tensor("W", TensorProto.FLOAT, [D, C], np.zeros(D * C, np.float32))
     b = helper.make_tensor("b", TensorProto.FLOAT, [C], np.zeros(C, np.float32))
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
-        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", C])], [W, b])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])
+    out_info = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", C])
+    g = helper.make_graph(nodes, "head", [x_info], [out_info], [W, b])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 9
     d = tempfile.mkdtemp()
-    artifacts.generate_artifacts(m, requires_grad=["W", "b"], loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW, artifact_directory=d)
+    loss, optim = artifacts.LossType.CrossEntropyLoss, artifacts.OptimType.AdamW
+    artifacts.generate_artifacts(m, requires_grad=["W", "b"], loss=loss, optimizer=optim, artifact_directory=d)
     state = CheckpointState.load_checkpoint(d + "/checkpoint")
     module = Module(d + "/training_model.onnx", state, d + "/eval_model.onnx", "cpu")
     opt = Optimizer(d + "/optimizer_model.onnx", module)
@@ -194,10 +239,29 @@ def ort_training_peer(d: int, c: int) -> tuple[float | None, str]:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
             # Its Python API imports torch (onnxruntime/training/optim/_modifier.py); 2.13.0 is the
             # CPU wheel this machine kind keeps on disk for pip (no multi-GB CUDA download).
-            subprocess.run([str(py), "-m", "pip", "install", "-q", "onnxruntime-training==1.19.2", "numpy<2", "onnx==1.16.2", "torch==2.13.0"], check=True, timeout=900, capture_output=True)
+            subprocess.run(
+                [
+                    str(py),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "onnxruntime-training==1.19.2",
+                    "numpy<2",
+                    "onnx==1.16.2",
+                    "torch==2.13.0",
+                ],
+                check=True,
+                timeout=900,
+                capture_output=True,
+            )
         out = subprocess.run([str(py), "-c", PEER_SCRIPT, str(d), str(c)], capture_output=True, text=True, timeout=600)
         if out.returncode:
-            return None, f"skipped: the peer failed to run ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no message'})"
+            return (
+                None,
+                "skipped: the peer failed to run "
+                f"({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no message'})",
+            )
         return float(out.stdout.split()[-1]), "onnxruntime-training 1.19.2 (AdamW artifact), same D x C head, batch 16"
     except (subprocess.SubprocessError, OSError) as exc:
         return None, f"skipped: could not install onnxruntime-training 1.19.2 ({type(exc).__name__})"
@@ -206,19 +270,56 @@ def ort_training_peer(d: int, c: int) -> tuple[float | None, str]:
 def write_outputs(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# edgetl benchmark suite", "", f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, Python {results['machine']['python']}; runtime threads = 1.", f"Peak-rate assumption: {results['peak']['assumption']}.", "", "Generated by `python tools/bench_suite.py`; every ratio is measured side by side in one run.", ""]
-    lines += ["| model | MACs | backend/precision | SDK ms | raw ms | SDK/raw | bytes | lower bound ms | raw/bound |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# edgetl benchmark suite",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, Python "
+        f"{results['machine']['python']}; runtime threads = 1.",
+        f"Peak-rate assumption: {results['peak']['assumption']}.",
+        "",
+        "Generated by `python tools/bench_suite.py`; every ratio is measured side by side in one run.",
+        "",
+    ]
+    lines += [
+        "| model | MACs | backend/precision | SDK ms | raw ms | SDK/raw | bytes | lower bound ms | raw/bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         for k in r["latency_ms"]:
-            lines.append(f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {k} | {r['latency_ms'][k]:.3f} | {r['raw_ms'][k]:.3f} | {r['ratios'][f'sdk_over_raw {k}']:.3f} | {r['size'][k]:,} | {r['bound_ms'][k.split('/')[1]]:.4f} | {r['ratios'][f'measured_over_bound {k}']:.1f} |")
-    lines += ["", "| model | int8/fp32 latency ORT | int8/fp32 latency LiteRT | int8/fp32 size ORT | int8/fp32 size LiteRT | LiteRT/ORT fp32 | LiteRT/ORT int8 | exported fp32 / Keras |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {k} | {r['latency_ms'][k]:.3f} | {r['raw_ms'][k]:.3f} | "
+                f"{r['ratios'][f'sdk_over_raw {k}']:.3f} | {r['size'][k]:,} | {r['bound_ms'][k.split('/')[1]]:.4f} | "
+                f"{r['ratios'][f'measured_over_bound {k}']:.1f} |"
+            )
+    lines += [
+        "",
+        "| model | int8/fp32 latency ORT | int8/fp32 latency LiteRT | int8/fp32 size ORT | int8/fp32 size LiteRT | "
+        "LiteRT/ORT fp32 | LiteRT/ORT int8 | exported fp32 / Keras |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         q = r["ratios"]
-        lines.append(f"| {r['model']} | {q['int8_over_fp32_latency onnxruntime']:.2f} | {q['int8_over_fp32_latency litert']:.2f} | {q['int8_over_fp32_size onnxruntime']:.3f} | {q['int8_over_fp32_size litert']:.3f} | {q['litert_over_onnxruntime fp32']:.2f} | {q['litert_over_onnxruntime int8']:.2f} | {q['best_exported_fp32_over_keras']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {q['int8_over_fp32_latency onnxruntime']:.2f} | "
+            f"{q['int8_over_fp32_latency litert']:.2f} | {q['int8_over_fp32_size onnxruntime']:.3f} | "
+            f"{q['int8_over_fp32_size litert']:.3f} | {q['litert_over_onnxruntime fp32']:.2f} | "
+            f"{q['litert_over_onnxruntime int8']:.2f} | {q['best_exported_fp32_over_keras']:.3f} |"
+        )
     h = results["head_step"]
     peer = f"{h['onnxruntime_training_ms']:.3f} ms" if h["onnxruntime_training_ms"] else "n/a"
-    lines += ["", f"Head train step (D={h['embedding']}, C={h['classes']}, batch {h['batch']}): edgetl onnxruntime {h['edgetl_onnxruntime_ms']:.3f} ms, edgetl LiteRT {h['edgetl_litert_ms']:.3f} ms, numpy reference {h['numpy_reference_ms']:.3f} ms, onnxruntime-training {peer} ({h['onnxruntime_training_note']}).", ""]
-    lines += [f"Targets: SDK/raw <= {TARGETS['sdk_over_raw']}, int8/fp32 latency <= {TARGETS['int8_over_fp32_latency']}, int8/fp32 size <= {TARGETS['int8_over_fp32_size']}, edgetl step <= onnxruntime-training step.", "", "![latency vs size](latency_vs_size.png)"]
+    lines += [
+        "",
+        f"Head train step (D={h['embedding']}, C={h['classes']}, batch {h['batch']}): edgetl onnxruntime "
+        f"{h['edgetl_onnxruntime_ms']:.3f} ms, edgetl LiteRT {h['edgetl_litert_ms']:.3f} ms, numpy reference "
+        f"{h['numpy_reference_ms']:.3f} ms, onnxruntime-training {peer} ({h['onnxruntime_training_note']}).",
+        "",
+    ]
+    lines += [
+        f"Targets: SDK/raw <= {TARGETS['sdk_over_raw']}, int8/fp32 latency <= {TARGETS['int8_over_fp32_latency']}, "
+        f"int8/fp32 size <= {TARGETS['int8_over_fp32_size']}, edgetl step <= onnxruntime-training step.",
+        "",
+        "![latency vs size](latency_vs_size.png)",
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -228,7 +329,9 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results["models"]:
         for k in r["latency_ms"]:
-            ax.scatter(r["size"][k] / 1e6, r["latency_ms"][k], marker="o" if "fp32" in k else "^", label=f"{r['model']} {k}")
+            ax.scatter(
+                r["size"][k] / 1e6, r["latency_ms"][k], marker="o" if "fp32" in k else "^", label=f"{r['model']} {k}"
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("model file (MB)")
@@ -258,7 +361,18 @@ def main() -> int:
         models = build_models(Path(d))
         rows = [measure_model(name, path, model, peak, args.runs) for name, path, model in models]
         head = head_step_times(models[0][1], not args.no_peer)
-    results = {"machine": {"cpu": peak["cpu"], "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}, "peak": peak, "models": rows, "head_step": head, "seconds": round(time.perf_counter() - t0, 1)}
+    results = {
+        "machine": {
+            "cpu": peak["cpu"],
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "peak": peak,
+        "models": rows,
+        "head_step": head,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_outputs(args.out, results)
     print((args.out / "results.md").read_text())
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -32,8 +31,39 @@ from edgetl.bundle import pack_bundle, read_bundle, unpack_bundle  # noqa: E402
 from edgetl.errors import BundleError  # noqa: E402
 
 CASE_SECONDS = 1.0
-HOSTILE_NAMES = ["../evil.onnx", "/tmp/evil.onnx", "a/b.onnx", "..", ".", "", "manifest.json", "x" * 300, "model\x00.onnx", "C:\\evil.onnx", "~/.ssh/x", " model.onnx", "mödel.onnx"]
-WEIRD_VALUES: list[Any] = [None, True, -1, 0, 2**63, 1e308, float("inf"), "", "x" * 10000, [], {}, [[[]]], {"a": {"b": {}}}, [1] * 10000, "../..", -(2**63)]
+HOSTILE_NAMES = [
+    "../evil.onnx",
+    "/tmp/evil.onnx",
+    "a/b.onnx",
+    "..",
+    ".",
+    "",
+    "manifest.json",
+    "x" * 300,
+    "model\x00.onnx",
+    "C:\\evil.onnx",
+    "~/.ssh/x",
+    " model.onnx",
+    "mödel.onnx",
+]
+WEIRD_VALUES: list[Any] = [
+    None,
+    True,
+    -1,
+    0,
+    2**63,
+    1e308,
+    float("inf"),
+    "",
+    "x" * 10000,
+    [],
+    {},
+    [[[]]],
+    {"a": {"b": {}}},
+    [1] * 10000,
+    "../..",
+    -(2**63),
+]
 
 
 def _manifest(case: Path) -> dict[str, Any]:
@@ -131,7 +161,7 @@ def zip_slip(case: Path, rng: random.Random) -> Path:
         kind = rng.choice(["dotdot", "absolute", "symlink", "dir"])
         if kind == "symlink":
             info = zipfile.ZipInfo("link.onnx")
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             z.writestr(info, "/etc/passwd")
         elif kind == "dir":
             z.writestr("sub/x.onnx", b"x")
@@ -154,11 +184,20 @@ def corrupt_archive(case: Path, rng: random.Random) -> Path:
 
 
 DIRECTORY_MUTATIONS: dict[str, Callable[[Path, random.Random], None]] = {
-    "truncate": truncate_file, "bit_flip": flip_bits, "json_type": wrong_json_type, "huge_shape": huge_shape,
-    "deep_nesting": deep_nesting, "unknown_fields": unknown_fields, "hostile_path": hostile_path,
-    "symlink_outside": symlink_outside, "missing_file": remove_file,
+    "truncate": truncate_file,
+    "bit_flip": flip_bits,
+    "json_type": wrong_json_type,
+    "huge_shape": huge_shape,
+    "deep_nesting": deep_nesting,
+    "unknown_fields": unknown_fields,
+    "hostile_path": hostile_path,
+    "symlink_outside": symlink_outside,
+    "missing_file": remove_file,
 }
-ARCHIVE_MUTATIONS: dict[str, Callable[[Path, random.Random], Path]] = {"zip_slip": zip_slip, "corrupt_archive": corrupt_archive}
+ARCHIVE_MUTATIONS: dict[str, Callable[[Path, random.Random], Path]] = {
+    "zip_slip": zip_slip,
+    "corrupt_archive": corrupt_archive,
+}
 
 
 def _snapshot(root: Path) -> set[str]:
@@ -200,8 +239,14 @@ def run(bundle: Path, cases: int, seed: int = 0) -> dict[str, Any]:
             slowest = max(slowest, elapsed)
             assert elapsed < CASE_SECONDS, f"case {i} ({kind}) took {elapsed:.2f}s"
             after_outside = _snapshot(sentinel_dir) | {p.name for p in Path("/tmp").glob("edgetl_escaped*")}
-            assert after_outside == before_outside, f"case {i} ({kind}) wrote outside its directory: {after_outside - before_outside}"
-            escaped = [p for p in case_root.parent.iterdir() if p.name not in {f"case{i}", "outside_world"} and not p.name.startswith("case")]
+            assert after_outside == before_outside, (
+                f"case {i} ({kind}) wrote outside its directory: {after_outside - before_outside}"
+            )
+            escaped = [
+                p
+                for p in case_root.parent.iterdir()
+                if p.name not in {f"case{i}", "outside_world"} and not p.name.startswith("case")
+            ]
             assert not escaped, f"case {i} ({kind}) wrote {escaped}"
             shutil.rmtree(case_root)
     return {"cases": cases, "outcomes": dict(sorted(outcome.items())), "slowest_seconds": round(slowest, 4)}
@@ -216,7 +261,10 @@ def main() -> int:
     t0 = time.perf_counter()
     stats = run(args.bundle, args.cases, args.seed)
     print(json.dumps(stats, indent=1))
-    print(f"{stats['cases']} cases in {time.perf_counter() - t0:.0f}s: no exception other than BundleError, no case over {CASE_SECONDS}s, nothing written outside")
+    print(
+        f"{stats['cases']} cases in {time.perf_counter() - t0:.0f}s: no exception other than BundleError, no case over "
+        f"{CASE_SECONDS}s, nothing written outside"
+    )
     return 0
 
 

@@ -33,8 +33,8 @@ CHILD = textwrap.dedent(
     import sys, numpy as np
     from dataclasses import replace
     from edgetl.bundle import read_bundle
-    from edgetl.device.head import HeadState
-    from edgetl.device.store import HeadStore
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
     bundle = read_bundle(sys.argv[1], verify_hashes=False)
     store = HeadStore(sys.argv[2], bundle)
     head = HeadState.factory(bundle)
@@ -49,15 +49,17 @@ CHILD = textwrap.dedent(
 
 def run(bundle: Path, store_dir: Path, kills: int, seed: int = 0) -> dict[str, Any]:
     from edgetl.bundle import read_bundle
-    from edgetl.device.head import HeadState
-    from edgetl.device.store import HeadStore
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
 
     b = read_bundle(bundle)
     factory = HeadState.factory(b)
     rng = np.random.default_rng(seed)
     last_reported, lost, survived, commits = 0, 0, 0, 0
     for _ in range(kills):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(bundle), str(store_dir)], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(bundle), str(store_dir)], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready", "child failed to start"
         time.sleep(rng.uniform(0.0, 0.05))  # a random instant inside the commit loop
@@ -74,9 +76,17 @@ def run(bundle: Path, store_dir: Path, kills: int, seed: int = 0) -> dict[str, A
         # the weights are checked against the step recorded with the commit, not the number.
         step = active.info.get("metrics", {}).get("step", 0) if active.number else 0
         expected = factory.W + np.float32(step)
-        assert np.allclose(active.head.W, expected, atol=1e-3), f"version {active.number} (step {step}) holds other weights"
+        assert np.allclose(active.head.W, expected, atol=1e-3), (
+            f"version {active.number} (step {step}) holds other weights"
+        )
         survived += 1
-    return {"kills": kills, "survived": survived, "versions_lost": lost, "commits_seen": commits, "final_version": last_reported}
+    return {
+        "kills": kills,
+        "survived": survived,
+        "versions_lost": lost,
+        "commits_seen": commits,
+        "final_version": last_reported,
+    }
 
 
 def main() -> int:
@@ -89,7 +99,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         stats = run(args.bundle, Path(d) / "store", args.kills, args.seed)
     print(json.dumps(stats))
-    print(f"{stats['survived']}/{stats['kills']} kills survived, {stats['versions_lost']} committed versions lost, in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"{stats['survived']}/{stats['kills']} kills survived, {stats['versions_lost']} committed versions lost, in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
     return 0 if stats["versions_lost"] == 0 and stats["survived"] == stats["kills"] else 1
 
 

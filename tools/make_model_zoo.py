@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def recipes() -> list[dict]:
-    from edgetl.host.backbones import count_macs, create_backbone, get_recipe, list_backbones
+    from edgetl.host._backbones import count_macs, create_backbone, get_recipe, list_backbones
 
     rows = []
     for name in list_backbones():
@@ -60,26 +60,29 @@ def write_recipes(rows: list[dict]) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| `{r['name']}` | {r['kind']} | {'x'.join(map(str, r['input_shape']))} | `{r['embedding_layer']}` | {r['embedding_size']} "
+            f"| `{r['name']}` | {r['kind']} | {'x'.join(map(str, r['input_shape']))} | `{r['embedding_layer']}` | "
+            f"{r['embedding_size']} "
             f"| {r['params']:,} | {r['macs'] / 1e6:,.1f} M | {', '.join(r['weights'])} | {r['preprocessing']} |"
         )
     lines += [
         "",
         "## Reference backbones",
         "",
-        "`reference/digits04_edgetl_cnn/`: `edgetl_cnn` pretrained on scikit-learn digits 0-4 (the demo's source task),",
-        "an `edgetl pretrain` run directory. Use it with `edgetl train --backbone models/reference/digits04_edgetl_cnn`.",
+        "`reference/digits04_edgetl_cnn/`: `edgetl_cnn` pretrained on scikit-learn digits 0-4 (the demo's source "
+        "task),",
+        "an `edgetl pretrain` run directory. Use it with `edgetl train --backbone "
+        "models/reference/digits04_edgetl_cnn`.",
         "Reproduce with `python tools/make_model_zoo.py`.",
     ]
     (ROOT / "models" / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def train_reference() -> None:
-    from edgetl.host.data import load_digits_dataset
-    from edgetl.host.demo import SOURCE_CLASSES
-    from edgetl.host.pretrain import pretrain
-    from edgetl.host.run import save_run
-    from edgetl.host.transfer import TrainConfig
+    from edgetl.data import load_digits_dataset
+    from edgetl.host._demo import SOURCE_CLASSES
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig
 
     result = pretrain(load_digits_dataset(SOURCE_CLASSES), TrainConfig(backbone="edgetl_cnn", epochs=30, seed=0))
     out = save_run(result, ROOT / "models" / "reference" / "digits04_edgetl_cnn", kind="pretrain", overwrite=True)

@@ -40,8 +40,10 @@ def _placeholder(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
 
     def __getattr__(attr: str) -> Any:
-        raise AttributeError(f"{name} is not installed in this environment (only MediaPipe's drawing utilities use "
-                             f"it); install it to use {name}.{attr}")
+        raise AttributeError(
+            f"{name} is not installed in this environment (only MediaPipe's drawing utilities use "
+            f"it); install it to use {name}.{attr}"
+        )
 
     module.__getattr__ = __getattr__  # type: ignore[method-assign]
     return module
@@ -75,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
     images = np.load(args.images, allow_pickle=False)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        print(json.dumps({"error": f"images must be uint8 (N, H, W[, C]), got {images.dtype} {images.shape}",
-                          "stage": "input"}))
+        print(
+            json.dumps(
+                {"error": f"images must be uint8 (N, H, W[, C]), got {images.dtype} {images.shape}", "stage": "input"}
+            )
+        )
         return 2
     base = BaseOptions(model_asset_path=args.model)
     try:
@@ -114,8 +119,9 @@ def _run_one(task: Any, image: Any, mode: str) -> dict[str, Any]:
         head = task.classify(image).classifications[0]
         return {
             "head_name": head.head_name,
-            "categories": [{"index": c.index, "category_name": c.category_name, "score": float(c.score)}
-                           for c in head.categories],
+            "categories": [
+                {"index": c.index, "category_name": c.category_name, "score": float(c.score)} for c in head.categories
+            ],
         }
     emb = task.embed(image).embeddings[0]
     return {"head_name": emb.head_name, "embedding": [float(v) for v in emb.embedding]}

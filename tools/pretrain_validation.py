@@ -38,7 +38,9 @@ GAP_TARGET = 0.15  # final training minus validation accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="pretrain MobileNetV2-0.35 on digits 0-4 and check validation tracks training")
+    parser = argparse.ArgumentParser(
+        description="pretrain MobileNetV2-0.35 on digits 0-4 and check validation tracks training"
+    )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", help="keep runs here (default: a temporary folder)")
@@ -46,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import user_models as um
 
-    from edgetl.host.data import Dataset
-    from edgetl.host.pretrain import pretrain
-    from edgetl.host.run import save_run
-    from edgetl.host.transfer import TrainConfig, train_transfer
+    from edgetl.data import Dataset
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.out or tmp)
@@ -61,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")
             result = pretrain(source, config)
         h = result.history
-        print(f"pretrain mobilenetv2_035 at {args.image_size}x{args.image_size} on {len(source)} images (digits 0-4), random init:")
+        print(
+            f"pretrain mobilenetv2_035 at {args.image_size}x{args.image_size} on {len(source)} images (digits 0-4), "
+            "random init:"
+        )
         print(f"{'epoch':>5} {'train acc':>10} {'val acc':>8} {'val loss':>9}")
         for i, (a, va, vl) in enumerate(zip(h["accuracy"], h["val_accuracy"], h["val_loss"]), start=1):
             print(f"{i:>5} {a:>10.3f} {va:>8.3f} {vl:>9.3f}")
         run = save_run(result, base / "source", kind="pretrain", overwrite=True)
         best = int(np.argmin(h["val_loss"]))
         gap = h["accuracy"][best] - h["val_accuracy"][best]
-        print(f"kept epoch {best + 1} (lowest validation loss): train {h['accuracy'][best]:.3f}, val {h['val_accuracy'][best]:.3f}, gap {gap:+.3f}; source test accuracy {result.metrics['test_accuracy']:.3f}")
+        print(
+            f"kept epoch {best + 1} (lowest validation loss): train {h['accuracy'][best]:.3f}, val "
+            f"{h['val_accuracy'][best]:.3f}, gap {gap:+.3f}; source test accuracy "
+            f"{result.metrics['test_accuracy']:.3f}"
+        )
 
         x, y = um.digit_images((5, 6, 7, 8, 9), args.image_size, 3, seed=1)
         target = Dataset(x, y, tuple("56789"), "image", "digits 5-9")
@@ -78,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         acc = transfer.metrics["test_accuracy"]
         print(f"transfer to digits 5-9 (head only, defaults): test accuracy {acc:.3f} (chance 0.200)")
         ok_gap, ok_transfer = gap <= GAP_TARGET, acc >= TRANSFER_TARGET
-        print(f"validation tracks training (gap <= {GAP_TARGET}): {'PASS' if ok_gap else 'MISS'}; transfer >= {TRANSFER_TARGET}: {'PASS' if ok_transfer else 'MISS'}")
-        (base / "pretrain_validation.json").write_text(json.dumps({"history": h, "gap": gap, "transfer_accuracy": acc}, indent=1))
+        print(
+            f"validation tracks training (gap <= {GAP_TARGET}): {'PASS' if ok_gap else 'MISS'}; transfer >= "
+            f"{TRANSFER_TARGET}: {'PASS' if ok_transfer else 'MISS'}"
+        )
+        (base / "pretrain_validation.json").write_text(
+            json.dumps({"history": h, "gap": gap, "transfer_accuracy": acc}, indent=1)
+        )
     return 0 if ok_gap and ok_transfer else 1
 
 

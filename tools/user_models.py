@@ -20,7 +20,15 @@ import numpy as np
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
-def digit_images(classes: Sequence[int], size: int, channels: int, *, seed: int = 0, per_class: int | None = None, restyle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def digit_images(
+    classes: Sequence[int],
+    size: int,
+    channels: int,
+    *,
+    seed: int = 0,
+    per_class: int | None = None,
+    restyle: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Digits ``classes`` as uint8 images ``(n, size, size, channels)`` and labels ``0..k-1``.
 
     Upscaled bilinearly from 8x8, shifted by up to 1/8 of the size, and for RGB tinted
@@ -30,7 +38,7 @@ def digit_images(classes: Sequence[int], size: int, channels: int, *, seed: int 
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from edgetl.host.data import restyle_digits
+    from edgetl.data import restyle_digits
 
     d = load_digits()
     if restyle:
@@ -55,7 +63,9 @@ def digit_images(classes: Sequence[int], size: int, channels: int, *, seed: int 
     return out, np.asarray([remap[int(t)] for t in d.target[keep]], np.int64)
 
 
-def dense_classifier_model(path: str | Path, *, classes: Sequence[int] = tuple(range(10)), epochs: int = 4, seed: int = 0) -> Path:
+def dense_classifier_model(
+    path: str | Path, *, classes: Sequence[int] = tuple(range(10)), epochs: int = 4, seed: int = 0
+) -> Path:
     """A user's small CNN (32x32x3 raw pixels in, its own ``Rescaling(1/255)``), a
     ``Dense(64, relu)`` embedding, ``Dropout`` and a ``Dense`` softmax classifier, trained
     on ``classes``; saved as ``.keras``."""
@@ -82,7 +92,9 @@ def dense_classifier_model(path: str | Path, *, classes: Sequence[int] = tuple(r
     return path
 
 
-def allconv_h5_model(path: str | Path, *, classes: Sequence[int] = (0, 1, 2, 3, 4, 5, 6), epochs: int = 3, seed: int = 0) -> Path:
+def allconv_h5_model(
+    path: str | Path, *, classes: Sequence[int] = (0, 1, 2, 3, 4, 5, 6), epochs: int = 3, seed: int = 0
+) -> Path:
     """A Keras 2 HDF5 file like the public face/emotion classifiers: 64x64x1 input, Conv2D +
     BatchNorm blocks, classifier ``Conv2D(k, 1x1)`` -> ``GlobalAveragePooling2D`` ->
     ``Activation("softmax")``, no Dense. It was trained on ``(x/255 - 0.5) * 2`` inputs,
@@ -110,7 +122,16 @@ def allconv_h5_model(path: str | Path, *, classes: Sequence[int] = (0, 1, 2, 3, 
     return path
 
 
-def write_image_folder(root: str | Path, x: np.ndarray, y: np.ndarray, names: Sequence[str], *, sizes: Sequence[int] = (28, 32, 40), gray_every: int = 0, seed: int = 0) -> Path:
+def write_image_folder(
+    root: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    names: Sequence[str],
+    *,
+    sizes: Sequence[int] = (28, 32, 40),
+    gray_every: int = 0,
+    seed: int = 0,
+) -> Path:
     """Write ``root/<name>/<i>.png|.jpg`` with sizes cycling through ``sizes``, PNG and
     JPEG alternating, and (for RGB data) every ``gray_every``-th image saved grayscale."""
     from PIL import Image

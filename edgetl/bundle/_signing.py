@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgetl import _atomic
-from edgetl.bundle.manifest import MAX_MANIFEST_BYTES
+from edgetl.bundle._manifest import MAX_MANIFEST_BYTES
 from edgetl.errors import BundleError, DependencyError, InputError, describe
 
 SIGNATURE_FILE = "manifest.sig"
@@ -305,14 +305,12 @@ def load_public_key(path_or_pem: KeySource) -> Any:
         if type(path_or_pem).__module__.startswith("cryptography"):
             raise InputError(f"received {_key_kind(path_or_pem)}; edgetl signs with Ed25519")
         raise InputError(
-            "a public key must be an Ed25519 public key object, PEM bytes or a path, received "
-            f"{describe(path_or_pem)}"
+            f"a public key must be an Ed25519 public key object, PEM bytes or a path, received {describe(path_or_pem)}"
         )
     _require_pem(data, where, "public key")
     if b"PRIVATE KEY-----" in data:
         raise InputError(
-            f"{where} holds a private key; a device must be given only the public key (openssl pkey -in KEY "
-            "-pubout)"
+            f"{where} holds a private key; a device must be given only the public key (openssl pkey -in KEY -pubout)"
         )
     try:
         key = c.serialization.load_pem_public_key(data)
@@ -347,7 +345,7 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
 
     The bundle is verified first (schema, every artifact's size and sha256), so a vendor
     never signs a manifest whose files do not match it. Any later change of
-    ``manifest.json`` (including :func:`edgetl.bundle.io.update_manifest`) invalidates the
+    ``manifest.json`` (including :func:`edgetl.bundle._io.update_manifest`) invalidates the
     signature: sign last.
 
     Args:
@@ -362,7 +360,7 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
         BundleError: the bundle is invalid or ``manifest.sig`` cannot be written.
         InputError: the key is not a usable Ed25519 private key.
     """
-    from edgetl.bundle.io import read_bundle  # here: io will import this module for trust=
+    from edgetl.bundle._io import read_bundle  # here: io will import this module for trust=
 
     c = _crypto()
     if isinstance(private_key, (str, os.PathLike)):

@@ -591,8 +591,15 @@ class ExampleStore:
             if s.entry is not None:
                 entries.append(s.entry)
             else:  # not written yet: a placeholder of the length its entry will have
-                entries.append({"file": "seg-00000000.npz", "label": s.label, "seq": list(s.seq), "sha256": "0" * 64,
-                                "bytes": s.size})
+                entries.append(
+                    {
+                        "file": "seg-00000000.npz",
+                        "label": s.label,
+                        "seq": list(s.seq),
+                        "sha256": "0" * 64,
+                        "bytes": s.size,
+                    }
+                )
         doc = {k: v for k, v in index.items() if k != "segments"}
         doc["segments"] = entries
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -671,8 +678,7 @@ class ExampleStore:
             raise StoreError(f"example segment {str(f)!r} cannot be read ({exc})") from None
         if len(data) != e["bytes"]:
             raise StoreError(
-                f"example segment {str(f)!r} is {len(data)} bytes, the index says {e['bytes']}: truncated or "
-                "replaced"
+                f"example segment {str(f)!r} is {len(data)} bytes, the index says {e['bytes']}: truncated or replaced"
             )
         if hashlib.sha256(data).hexdigest() != e["sha256"]:
             raise StoreError(f"example segment {str(f)!r} fails its sha256 check: corrupted")
@@ -818,8 +824,7 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
         dims = None
     if not dims or len(dims) > 8 or not all(_is_int(d) and 0 < d <= 1 << 20 for d in dims):
         raise InputError(
-            "input_shape must be 1 to 8 positive ints (one example, no batch dimension), received "
-            f"{describe(shape)}"
+            f"input_shape must be 1 to 8 positive ints (one example, no batch dimension), received {describe(shape)}"
         )
     return tuple(int(d) for d in dims)
 
@@ -837,8 +842,7 @@ def _check_dtype(dtype: Any) -> np.dtype:
 def _check_label(label: Any, where: str) -> str:
     if not isinstance(label, str) or not 0 < len(label) <= MAX_LABEL_CHARS:
         raise InputError(
-            f"{where} must be a non-empty string of at most {MAX_LABEL_CHARS} characters, received "
-            f"{describe(label)}"
+            f"{where} must be a non-empty string of at most {MAX_LABEL_CHARS} characters, received {describe(label)}"
         )
     return str(label)
 

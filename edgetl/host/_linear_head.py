@@ -85,17 +85,27 @@ class _Objective:
         z -= z.max(axis=1, keepdims=True)
         logsum = np.log(np.exp(z).sum(axis=1, keepdims=True))
         logp = z - logsum
-        loss = -float(np.sum(self.s * self.t * logp, dtype=np.float64)) + 0.5 * self.l2 * float(np.sum(W.astype(np.float64) ** 2))
+        loss = -float(np.sum(self.s * self.t * logp, dtype=np.float64)) + 0.5 * self.l2 * float(
+            np.sum(W.astype(np.float64) ** 2)
+        )
         g = self.s * (np.exp(logp) - self.t)  # target rows sum to 1, so dCE/dz = p - t
         gW = self.x.T @ g + self.l2 * W
         gb = g.sum(axis=0)
         return loss, np.concatenate([gW.ravel(), gb]).astype(np.float64)
 
 
-def _fit_one(x: np.ndarray, t: np.ndarray, s: np.ndarray, l2: float, theta0: np.ndarray, *, tol: float, max_steps: int) -> tuple[np.ndarray, Any]:
+def _fit_one(
+    x: np.ndarray, t: np.ndarray, s: np.ndarray, l2: float, theta0: np.ndarray, *, tol: float, max_steps: int
+) -> tuple[np.ndarray, Any]:
     from scipy.optimize import minimize
 
-    res = minimize(_Objective(x, t, s, l2), theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_steps, "gtol": tol, "ftol": 1e-12, "maxcor": 20})
+    res = minimize(
+        _Objective(x, t, s, l2),
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_steps, "gtol": tol, "ftol": 1e-12, "maxcor": 20},
+    )
     return res.x, res
 
 
@@ -165,15 +175,8 @@ def _fit_linear_head(
         A :class:`LinearHeadFit` (float32 ``W``, ``b``) with the fit's diagnostics.
     """
     start = time.perf_counter()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64)
+    x, y = _checked(x, y, num_classes)
     n, d = x.shape
-    if n == 0 or len(y) != n:
-        raise InputError(f"fit_linear_head needs matching non-empty x and y, received {x.shape} and {y.shape}")
-    if not np.all(np.isfinite(x)):
-        raise InputError("embeddings contain NaN or infinite values; the backbone output is broken")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise InputError(f"labels must lie in [0, {num_classes - 1}], received range [{y.min()}, {y.max()}]")
     s = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
     t = _targets(y, num_classes, label_smoothing)
     fit_kw = {"tol": tol, "max_steps": max_steps}
@@ -183,7 +186,9 @@ def _fit_linear_head(
     if C is not None:
         chosen, selection = float(C), "given"
     elif x_val is not None and y_val is not None and len(y_val):
-        chosen, candidates = _select_on_validation(x, t, s, np.ascontiguousarray(x_val, dtype=np.float32), np.asarray(y_val), C_grid, fit_kw)
+        chosen, candidates = _select_on_validation(
+            x, t, s, np.ascontiguousarray(x_val, dtype=np.float32), np.asarray(y_val), C_grid, fit_kw
+        )
         selection = "validation"
     else:
         chosen, candidates = _select_by_cross_validation(x, y, t, s, num_classes, C_grid, fit_kw)
@@ -196,10 +201,33 @@ def _fit_linear_head(
     # stop on rounding ("ABNORMAL_TERMINATION_IN_LNSRCH") with the gradient at ~1e-5; that
     # is converged for any purpose here, so the gradient decides, not only scipy's flag.
     converged = bool(res.success or grad_norm <= 10 * tol)
-    return LinearHeadFit(W, b, chosen, l2, int(res.nit), float(res.fun), grad_norm, converged, selection, candidates, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return LinearHeadFit(
+        W, b, chosen, l2, int(res.nit), float(res.fun), grad_norm, converged, selection, candidates, seconds
+    )
 
 
-def _select_on_validation(x: np.ndarray, t: np.ndarray, s: np.ndarray, xv: np.ndarray, yv: np.ndarray, C_grid: Sequence[float], fit_kw: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+def _checked(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    if len(x) == 0 or len(y) != len(x) or x.ndim != 2:
+        raise InputError(f"fit_linear_head needs non-empty (n, D) x and (n,) y, received {x.shape} and {y.shape}")
+    if not np.all(np.isfinite(x)):
+        raise InputError("embeddings contain NaN or infinite values; the backbone output is broken")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise InputError(f"labels must lie in [0, {num_classes - 1}], received range [{y.min()}, {y.max()}]")
+    return x, y
+
+
+def _select_on_validation(
+    x: np.ndarray,
+    t: np.ndarray,
+    s: np.ndarray,
+    xv: np.ndarray,
+    yv: np.ndarray,
+    C_grid: Sequence[float],
+    fit_kw: dict[str, Any],
+) -> tuple[float, list[dict[str, Any]]]:
     """The C with the lowest validation log-loss, fitting along the path (warm starts)."""
     d, k = x.shape[1], t.shape[1]
     theta = np.zeros(d * k + k)
@@ -211,7 +239,9 @@ def _select_on_validation(x: np.ndarray, t: np.ndarray, s: np.ndarray, xv: np.nd
     return min(candidates, key=lambda r: r["val_loss"])["C"], candidates
 
 
-def _select_by_cross_validation(x: np.ndarray, y: np.ndarray, t: np.ndarray, s: np.ndarray, k: int, C_grid: Sequence[float], fit_kw: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+def _select_by_cross_validation(
+    x: np.ndarray, y: np.ndarray, t: np.ndarray, s: np.ndarray, k: int, C_grid: Sequence[float], fit_kw: dict[str, Any]
+) -> tuple[float, list[dict[str, Any]]]:
     """The C with the lowest stratified k-fold log-loss; scikit-learn's default C = 1
     (and no candidates) when a class has fewer than two examples."""
     folds = _stratified_folds(y, k)
@@ -229,7 +259,9 @@ def _select_by_cross_validation(x: np.ndarray, y: np.ndarray, t: np.ndarray, s: 
     return grid[int(np.argmin(losses))], candidates
 
 
-def _stratified_folds(y: np.ndarray, num_classes: int, max_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]] | None:
+def _stratified_folds(
+    y: np.ndarray, num_classes: int, max_folds: int = 5
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Deterministic stratified folds; ``None`` when a present class has fewer than two examples."""
     counts = np.bincount(y, minlength=num_classes)
     present = counts[counts > 0]
@@ -287,7 +319,9 @@ def standardization(e: np.ndarray) -> Standardization:
     """
     e = np.asarray(e, dtype=np.float64)
     if not np.all(np.isfinite(e)):
-        return Standardization(np.zeros(e.shape[1], np.float32), np.ones(e.shape[1], np.float32), e.shape[1], float("nan"))
+        return Standardization(
+            np.zeros(e.shape[1], np.float32), np.ones(e.shape[1], np.float32), e.shape[1], float("nan")
+        )
     scale = float(np.mean(np.abs(e)))
     std = e.std(axis=0)
     # Relative to the embedding's own scale: float32 rounding of a constant output is ~1e-7.

@@ -33,9 +33,16 @@ INPUT_SPEC_KEY = "edgetl.input_spec"
 _JSON_KEYS = {LABELS_KEY: list, INPUT_SPEC_KEY: dict}
 
 
-def edgetl_onnx_props(*, bundle_name: str, bundle_version: str, input_spec: dict[str, Any],
-                      labels: list[str] | None = None, producer: str | None = None,
-                      author: str = "edgetl", license: str | None = None) -> dict[str, str]:
+def edgetl_onnx_props(
+    *,
+    bundle_name: str,
+    bundle_version: str,
+    input_spec: dict[str, Any],
+    labels: list[str] | None = None,
+    producer: str | None = None,
+    author: str = "edgetl",
+    license: str | None = None,
+) -> dict[str, str]:
     """The ``metadata_props`` edgetl writes for a bundle's ONNX file.
 
     Args:
@@ -80,23 +87,27 @@ def _check_props(props: Any) -> dict[str, str]:
         raise InputError(f"props must be a dict of str to str, received {type(props).__name__}")
     for key, value in props.items():
         if not isinstance(key, str) or not key or not isinstance(value, str):
-            raise InputError(f"props must map non-empty str keys to str values, "
-                             f"received {describe(key)}: {describe(value)}")
+            raise InputError(
+                f"props must map non-empty str keys to str values, received {describe(key)}: {describe(value)}"
+            )
         if key in _JSON_KEYS:
             try:
                 parsed = json.loads(value)
             except ValueError as exc:
                 raise InputError(f"props[{key!r}] must be JSON, received {describe(value)} ({exc})") from exc
             if not isinstance(parsed, _JSON_KEYS[key]):
-                raise InputError(f"props[{key!r}] must be a JSON {'list' if _JSON_KEYS[key] is list else 'object'}, "
-                                 f"received {describe(value)}")
+                raise InputError(
+                    f"props[{key!r}] must be a JSON {'list' if _JSON_KEYS[key] is list else 'object'}, "
+                    f"received {describe(value)}"
+                )
             if key == LABELS_KEY and not all(isinstance(x, str) and x for x in parsed):
                 raise InputError(f"props[{key!r}] must be a JSON list of non-empty strings, received {describe(value)}")
     return props
 
 
-def write_onnx_metadata(model: bytes, props: dict[str, str], *, doc_string: str, input_docs: dict[str, str],
-                        output_docs: dict[str, str]) -> bytes:
+def write_onnx_metadata(
+    model: bytes, props: dict[str, str], *, doc_string: str, input_docs: dict[str, str], output_docs: dict[str, str]
+) -> bytes:
     """Return ``model`` with ``metadata_props`` set and doc strings on the model and its inputs/outputs.
 
     Existing ``metadata_props`` keys not in ``props`` are kept; keys in ``props`` are replaced. Only
@@ -120,8 +131,9 @@ def write_onnx_metadata(model: bytes, props: dict[str, str], *, doc_string: str,
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DependencyError(f"writing ONNX metadata needs the onnx package ({exc}). Install the host extra: "
-                              'pip install "edgetl[host]"') from exc
+        raise DependencyError(
+            f'writing ONNX metadata needs the onnx package ({exc}). Install the host extra: pip install "edgetl[host]"'
+        ) from exc
     if not isinstance(model, (bytes, bytearray, memoryview)):
         raise InputError(f"the model must be the bytes of an .onnx file, received {type(model).__name__}")
     _check_props(props)
@@ -141,8 +153,9 @@ def write_onnx_metadata(model: bytes, props: dict[str, str], *, doc_string: str,
             raise InputError(f"{what} must be a dict of tensor name to doc string, received {type(docs).__name__}")
         for name, text in docs.items():
             if name not in values:
-                raise InputError(f"{what}: the graph has no {what[:-5]} named {name!r}; its {what[:-5]}s are "
-                                 f"{sorted(values)}")
+                raise InputError(
+                    f"{what}: the graph has no {what[:-5]} named {name!r}; its {what[:-5]}s are {sorted(values)}"
+                )
             if not isinstance(text, str):
                 raise InputError(f"{what}[{name!r}] must be a str, received {describe(text)}")
             values[name].doc_string = text
@@ -174,8 +187,9 @@ def read_onnx_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[st
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DependencyError(f"reading ONNX metadata needs onnxruntime ({exc}). Install the device extra: "
-                              'pip install "edgetl[device]"') from exc
+        raise DependencyError(
+            f'reading ONNX metadata needs onnxruntime ({exc}). Install the device extra: pip install "edgetl[device]"'
+        ) from exc
     is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
     source: Any = bytes(path_or_bytes) if is_bytes else os.fspath(path_or_bytes)
     options = ort.SessionOptions()

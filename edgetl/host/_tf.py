@@ -17,15 +17,31 @@ _INSTALL_HINT = 'Install the host extra: pip install "edgetl[host]"'
 
 
 def tf() -> ModuleType:
-    """Return the ``tensorflow`` module, importing it with the settings edgetl needs."""
+    """Return the ``tensorflow`` module, importing it with the settings edgetl needs.
+
+    The first import is quiet (unless ``EDGETL_VERBOSE``): TensorFlow's C++ side prints its
+    CUDA probe ("failed call to cuInit", "Could not find cuda drivers") and absl's
+    "All log messages before absl::InitializeLog()" straight to file descriptor 2, and its
+    Python loggers warn about tf.function retracing on every ``predict`` of a new model.
+    """
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    from edgetl._quiet import native_output_silenced, quiet_python_loggers, verbose
+
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "3")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), native_output_silenced():
             warnings.simplefilter("ignore")
             import tensorflow
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DependencyError(f"edgetl's host side needs TensorFlow ({exc}). {_INSTALL_HINT}") from exc
+    quiet_python_loggers()
+    if not verbose():
+        tensorflow.get_logger().setLevel("ERROR")
+        tensorflow.autograph.set_verbosity(0)
     return tensorflow
 
 

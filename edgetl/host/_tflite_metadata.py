@@ -66,30 +66,55 @@ _FILE_SCANN_INDEX = 6
 _UNIONS: dict[str, tuple[str, ...]] = {  # index 0 is NONE
     "ContentProperties": ("NONE", "FeatureProperties", "ImageProperties", "BoundingBoxProperties", "AudioProperties"),
     "ProcessUnitOptions": (
-        "NONE", "NormalizationOptions", "ScoreCalibrationOptions", "ScoreThresholdingOptions",
-        "BertTokenizerOptions", "SentencePieceTokenizerOptions", "RegexTokenizerOptions",
+        "NONE",
+        "NormalizationOptions",
+        "ScoreCalibrationOptions",
+        "ScoreThresholdingOptions",
+        "BertTokenizerOptions",
+        "SentencePieceTokenizerOptions",
+        "RegexTokenizerOptions",
     ),
 }
 
 _TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     # metadata_schema.fbs (schema 1.5.0), complete.
     "ModelMetadata": (
-        ("name", "str"), ("description", "str"), ("version", "str"), ("subgraph_metadata", "[SubGraphMetadata]"),
-        ("author", "str"), ("license", "str"), ("associated_files", "[AssociatedFile]"), ("min_parser_version", "str"),
+        ("name", "str"),
+        ("description", "str"),
+        ("version", "str"),
+        ("subgraph_metadata", "[SubGraphMetadata]"),
+        ("author", "str"),
+        ("license", "str"),
+        ("associated_files", "[AssociatedFile]"),
+        ("min_parser_version", "str"),
     ),
     "SubGraphMetadata": (
-        ("name", "str"), ("description", "str"), ("input_tensor_metadata", "[TensorMetadata]"),
-        ("output_tensor_metadata", "[TensorMetadata]"), ("associated_files", "[AssociatedFile]"),
-        ("input_process_units", "[ProcessUnit]"), ("output_process_units", "[ProcessUnit]"),
-        ("input_tensor_groups", "[TensorGroup]"), ("output_tensor_groups", "[TensorGroup]"),
+        ("name", "str"),
+        ("description", "str"),
+        ("input_tensor_metadata", "[TensorMetadata]"),
+        ("output_tensor_metadata", "[TensorMetadata]"),
+        ("associated_files", "[AssociatedFile]"),
+        ("input_process_units", "[ProcessUnit]"),
+        ("output_process_units", "[ProcessUnit]"),
+        ("input_tensor_groups", "[TensorGroup]"),
+        ("output_tensor_groups", "[TensorGroup]"),
         ("custom_metadata", "[CustomMetadata]"),
     ),
     "TensorMetadata": (
-        ("name", "str"), ("description", "str"), ("dimension_names", "[str]"), ("content", "Content"),
-        ("process_units", "[ProcessUnit]"), ("stats", "Stats"), ("associated_files", "[AssociatedFile]"),
+        ("name", "str"),
+        ("description", "str"),
+        ("dimension_names", "[str]"),
+        ("content", "Content"),
+        ("process_units", "[ProcessUnit]"),
+        ("stats", "Stats"),
+        ("associated_files", "[AssociatedFile]"),
     ),
     "AssociatedFile": (
-        ("name", "str"), ("description", "str"), ("type", "int8"), ("locale", "str"), ("version", "str"),
+        ("name", "str"),
+        ("description", "str"),
+        ("type", "int8"),
+        ("locale", "str"),
+        ("version", "str"),
     ),
     "Content": (("content_properties", "union ContentProperties"), ("range", "ValueRange")),
     "FeatureProperties": (),
@@ -110,11 +135,21 @@ _TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "CustomMetadata": (("name", "str"), ("data", "[ubyte]")),
     # tensorflow/lite/schema/schema.fbs: only the fields the reader needs (read-only).
     "Model": (
-        ("version", "uint32"), ("operator_codes", "-"), ("subgraphs", "[SubGraph]"), ("description", "str"),
-        ("buffers", "[Buffer]"), ("metadata_buffer", "-"), ("metadata", "[Metadata]"), ("signature_defs", "-"),
+        ("version", "uint32"),
+        ("operator_codes", "-"),
+        ("subgraphs", "[SubGraph]"),
+        ("description", "str"),
+        ("buffers", "[Buffer]"),
+        ("metadata_buffer", "-"),
+        ("metadata", "[Metadata]"),
+        ("signature_defs", "-"),
     ),
     "SubGraph": (
-        ("tensors", "[Tensor]"), ("inputs", "[int32]"), ("outputs", "[int32]"), ("operators", "-"), ("name", "str"),
+        ("tensors", "[Tensor]"),
+        ("inputs", "[int32]"),
+        ("outputs", "[int32]"),
+        ("operators", "-"),
+        ("name", "str"),
     ),
     "Tensor": (("shape", "[int32]"), ("type", "int8"), ("buffer", "uint32"), ("name", "str")),
     "Buffer": (("data", "[ubyte]"), ("offset", "uint64"), ("size", "uint64")),
@@ -122,9 +157,15 @@ _TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-_SCALARS = {"int8": "PrependInt8Slot", "uint8": "PrependUint8Slot", "int32": "PrependInt32Slot",
-            "uint32": "PrependUint32Slot", "uint64": "PrependUint64Slot", "float": "PrependFloat32Slot",
-            "bool": "PrependBoolSlot"}
+_SCALARS = {
+    "int8": "PrependInt8Slot",
+    "uint8": "PrependUint8Slot",
+    "int32": "PrependInt32Slot",
+    "uint32": "PrependUint32Slot",
+    "uint64": "PrependUint64Slot",
+    "float": "PrependFloat32Slot",
+    "bool": "PrependBoolSlot",
+}
 
 
 class _Malformed(Exception):
@@ -139,70 +180,97 @@ def _slots(table: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _decode(buf: Any, pos: int, table: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Decode the table at ``pos`` into a dict (absent fields are ``None``; unions carry ``_type``)."""
-    import flatbuffers.number_types as nt
-    import numpy as np
-    from flatbuffers.table import Table
+_ARRAYS = {"[float]": "<f4", "[int32]": "<i4", "[uint32]": "<u4"}
 
-    size = len(buf)
-    tab = Table(buf, pos)
 
-    def vector(o: int, elem: int) -> tuple[int, int]:
-        start, n = tab.Vector(o), tab.VectorLen(o)
-        if start < 0 or start + n * elem > size:
-            raise _Malformed(f"{table}: a vector of {n} elements at byte {start} runs past the end ({size} bytes)")
+class _TableReader:
+    """Bounds-checked access to the fields of one flatbuffer table (raises :class:`_Malformed`)."""
+
+    def __init__(self, buf: Any, pos: int, table: str) -> None:
+        import flatbuffers.number_types as nt
+        from flatbuffers.table import Table
+
+        self.buf, self.table, self.size, self.nt = buf, table, len(buf), nt
+        self.tab = Table(buf, pos)
+        self.scalars = {
+            "bool": nt.BoolFlags,
+            "int8": nt.Int8Flags,
+            "uint8": nt.Uint8Flags,
+            "int32": nt.Int32Flags,
+            "uint32": nt.Uint32Flags,
+            "uint64": nt.Uint64Flags,
+            "float": nt.Float32Flags,
+        }
+
+    def vector(self, o: int, elem: int) -> tuple[int, int]:
+        start, n = self.tab.Vector(o), self.tab.VectorLen(o)
+        if start < 0 or start + n * elem > self.size:
+            raise _Malformed(
+                f"{self.table}: a vector of {n} elements at byte {start} runs past the end ({self.size} bytes)"
+            )
         return start, n
 
-    def string(at: int) -> str:
-        start = at + nt.UOffsetTFlags.py_type(tab.Get(nt.UOffsetTFlags, at))
-        n = tab.Get(nt.UOffsetTFlags, start)
-        if start + 4 + n > size:
-            raise _Malformed(f"{table}: a string at byte {start} runs past the end ({size} bytes)")
-        return bytes(buf[start + 4 : start + 4 + n]).decode("utf-8")
+    def string(self, at: int) -> str:
+        uoffset = self.nt.UOffsetTFlags
+        start = at + uoffset.py_type(self.tab.Get(uoffset, at))
+        n = self.tab.Get(uoffset, start)
+        if start + 4 + n > self.size:
+            raise _Malformed(f"{self.table}: a string at byte {start} runs past the end ({self.size} bytes)")
+        return bytes(self.buf[start + 4 : start + 4 + n]).decode("utf-8")
 
-    scalars = {"bool": nt.BoolFlags, "int8": nt.Int8Flags, "uint8": nt.Uint8Flags, "int32": nt.Int32Flags,
-               "uint32": nt.Uint32Flags, "uint64": nt.Uint64Flags, "float": nt.Float32Flags}
-    arrays = {"[float]": "<f4", "[int32]": "<i4", "[uint32]": "<u4"}
+    def union(self, name: str, kind: str, slot: int) -> dict[str, Any] | None:
+        """The union in ``slot`` (type byte) and ``slot + 1`` (value), with its member in ``_type``."""
+        tab = self.tab
+        t_off, v_off = tab.Offset(4 + 2 * slot), tab.Offset(6 + 2 * slot)
+        members = _UNIONS[kind[6:]]
+        index = tab.Get(self.nt.Uint8Flags, t_off + tab.Pos) if t_off else 0
+        if not index or not v_off:
+            return None
+        if index >= len(members):
+            raise _Malformed(f"{self.table}.{name}: unknown union member {index}")
+        value = _decode(self.buf, tab.Indirect(v_off + tab.Pos), members[index])
+        value["_type"] = members[index]
+        return value
+
+    def field(self, kind: str, slot: int) -> Any:
+        """The value of a non-union field; absent scalars are 0 (their default), other absent fields ``None``."""
+        import numpy as np
+
+        tab = self.tab
+        o = tab.Offset(4 + 2 * slot)
+        if not o:
+            # Flatbuffers omit scalars equal to their default (0 for every scalar here).
+            return 0 if kind in self.scalars else None
+        if kind in self.scalars:
+            return tab.Get(self.scalars[kind], o + tab.Pos)
+        if kind == "str":
+            return self.string(o + tab.Pos)
+        if kind in _ARRAYS:
+            start, n = self.vector(o, 4)
+            return np.frombuffer(self.buf, _ARRAYS[kind], n, start).tolist()
+        if kind == "[ubyte]":
+            start, n = self.vector(o, 1)
+            return memoryview(self.buf)[start : start + n]  # zero-copy: model buffers can be large
+        if kind == "[str]":
+            start, n = self.vector(o, 4)
+            return [self.string(start + 4 * i) for i in range(n)]
+        if kind.startswith("["):
+            start, n = self.vector(o, 4)
+            return [_decode(self.buf, tab.Indirect(start + 4 * i), kind[1:-1]) for i in range(n)]
+        return _decode(self.buf, tab.Indirect(o + tab.Pos), kind)
+
+
+def _decode(buf: Any, pos: int, table: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Decode the table at ``pos`` into a dict (absent fields are ``None``; unions carry ``_type``)."""
+    reader = _TableReader(buf, pos, table)
     out: dict[str, Any] = {}
     for name, kind, slot in _slots(table):
         if kind == "-" or (only is not None and name not in only):
             continue
         if kind.startswith("union "):
-            t_off, v_off = tab.Offset(4 + 2 * slot), tab.Offset(6 + 2 * slot)
-            members = _UNIONS[kind[6:]]
-            index = tab.Get(nt.Uint8Flags, t_off + tab.Pos) if t_off else 0
-            if not index or not v_off:
-                out[name] = None
-                continue
-            if index >= len(members):
-                raise _Malformed(f"{table}.{name}: unknown union member {index}")
-            value = _decode(buf, tab.Indirect(v_off + tab.Pos), members[index])
-            value["_type"] = members[index]
-            out[name] = value
-            continue
-        o = tab.Offset(4 + 2 * slot)
-        if not o:
-            # Flatbuffers omit scalars equal to their default (0 for every scalar here).
-            out[name] = 0 if kind in scalars else None
-        elif kind in scalars:
-            out[name] = tab.Get(scalars[kind], o + tab.Pos)
-        elif kind == "str":
-            out[name] = string(o + tab.Pos)
-        elif kind in arrays:
-            start, n = vector(o, 4)
-            out[name] = np.frombuffer(buf, arrays[kind], n, start).tolist()
-        elif kind == "[ubyte]":
-            start, n = vector(o, 1)
-            out[name] = memoryview(buf)[start : start + n]  # zero-copy: model buffers can be large
-        elif kind == "[str]":
-            start, n = vector(o, 4)
-            out[name] = [string(start + 4 * i) for i in range(n)]
-        elif kind.startswith("["):
-            start, n = vector(o, 4)
-            out[name] = [_decode(buf, tab.Indirect(start + 4 * i), kind[1:-1]) for i in range(n)]
+            out[name] = reader.union(name, kind, slot)
         else:
-            out[name] = _decode(buf, tab.Indirect(o + tab.Pos), kind)
+            out[name] = reader.field(kind, slot)
     return out
 
 
@@ -329,8 +397,10 @@ def decode_metadata(metadata_buffer: bytes | memoryview) -> dict[str, Any]:
     """
     if len(metadata_buffer) < 8 or bytes(metadata_buffer[4:8]) != METADATA_IDENTIFIER:
         head = bytes(metadata_buffer[4:8])
-        raise InputError(f"the {METADATA_NAME} buffer must be a ModelMetadata flatbuffer with file identifier "
-                         f"{METADATA_IDENTIFIER!r}, received identifier {head!r} ({len(metadata_buffer)} bytes)")
+        raise InputError(
+            f"the {METADATA_NAME} buffer must be a ModelMetadata flatbuffer with file identifier "
+            f"{METADATA_IDENTIFIER!r}, received identifier {head!r} ({len(metadata_buffer)} bytes)"
+        )
     try:
         import flatbuffers.encode as enc
         import flatbuffers.packer as packer
@@ -361,8 +431,10 @@ def _floats(value: Any, field: str) -> tuple[float, ...]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InputError(f"TFLiteModelInfo.{field} must be a finite number or a sequence of finite numbers, "
-                         f"received {describe(value)}")
+        raise InputError(
+            f"TFLiteModelInfo.{field} must be a finite number or a sequence of finite numbers, "
+            f"received {describe(value)}"
+        )
     return out
 
 
@@ -432,51 +504,78 @@ class TFLiteModelInfo:
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16:
                 raise InputError(f"TFLiteModelInfo.{field} must be an integer in [1, 65536], received {describe(v)}")
         if self.color_space not in COLOR_SPACES:
-            raise InputError(f"TFLiteModelInfo.color_space must be one of {tuple(COLOR_SPACES)}, "
-                             f"received {describe(self.color_space)}")
+            raise InputError(
+                f"TFLiteModelInfo.color_space must be one of {tuple(COLOR_SPACES)}, "
+                f"received {describe(self.color_space)}"
+            )
         if self.channels != _CHANNELS_OF[self.color_space]:
-            raise InputError(f"TFLiteModelInfo: color_space {self.color_space} has {_CHANNELS_OF[self.color_space]} "
-                             f"channel(s), received channels={self.channels}")
+            raise InputError(
+                f"TFLiteModelInfo: color_space {self.color_space} has {_CHANNELS_OF[self.color_space]} "
+                f"channel(s), received channels={self.channels}"
+            )
         mean, std = _floats(self.mean, "mean"), _floats(self.std, "std")
         if len(mean) != len(std) or len(mean) not in {1, self.channels}:
-            raise InputError(f"TFLiteModelInfo: mean and std must have the same length, 1 or channels "
-                             f"({self.channels}); received {len(mean)} mean and {len(std)} std values")
+            raise InputError(
+                f"TFLiteModelInfo: mean and std must have the same length, 1 or channels "
+                f"({self.channels}); received {len(mean)} mean and {len(std)} std values"
+            )
         if not all(s > 0 for s in std):
             raise InputError(f"TFLiteModelInfo.std values must be > 0, received {describe(std)}")
         vr = _floats(self.value_range, "value_range")
         if len(vr) != 2 or not vr[0] < vr[1]:
-            raise InputError(f"TFLiteModelInfo.value_range must be (min, max) with min < max, "
-                             f"received {describe(self.value_range)}")
-        if isinstance(self.labels, str):
-            raise InputError(f"TFLiteModelInfo.labels must be a sequence of strings, received the string "
-                             f"{describe(self.labels)}")
-        labels = tuple(self.labels)
-        if self.kind == "classifier":
-            if not labels:
-                raise InputError("TFLiteModelInfo.labels: a classifier needs at least one label (one per output "
-                                 "score), received none")
-            for i, label in enumerate(labels):
-                if not isinstance(label, str) or not label.strip() or "\n" in label or "\r" in label:
-                    raise InputError(f"TFLiteModelInfo.labels[{i}] must be a non-empty single-line string (labels.txt "
-                                     f"holds one label per line), received {describe(label)}")
-            if len(set(labels)) != len(labels):
-                dupes = sorted({x for x in labels if labels.count(x) > 1})
-                raise InputError(f"TFLiteModelInfo.labels must be distinct, received duplicates {describe(dupes)}")
-        elif labels:
-            raise InputError(f"TFLiteModelInfo.labels: an embedder has no labels, received {describe(labels)}")
+            raise InputError(
+                f"TFLiteModelInfo.value_range must be (min, max) with min < max, received {describe(self.value_range)}"
+            )
+        labels = _check_labels(self.kind, self.labels)
         if self.score_type not in SCORE_TYPES:
-            raise InputError(f"TFLiteModelInfo.score_type must be one of {SCORE_TYPES}, "
-                             f"received {describe(self.score_type)}")
-        output_name = self.output_name if self.output_name is not None else (
-            "probability" if self.kind == "classifier" else "embedding")
-        output_description = self.output_description if self.output_description is not None else (
-            "Probability of each label, in labels.txt order." if self.kind == "classifier"
-            else "Embedding vector of the input image.")
+            raise InputError(
+                f"TFLiteModelInfo.score_type must be one of {SCORE_TYPES}, received {describe(self.score_type)}"
+            )
+        output_name, output_description = self.output_name, self.output_description
+        if output_name is None:
+            output_name = "probability" if self.kind == "classifier" else "embedding"
+        if output_description is None:
+            output_description = (
+                "Probability of each label, in labels.txt order."
+                if self.kind == "classifier"
+                else "Embedding vector of the input image."
+            )
         _text(output_name, "output_name")
         _text(output_description, "output_description", empty=True)
-        for field, value in (("mean", mean), ("std", std), ("value_range", vr), ("labels", labels),
-                             ("output_name", output_name), ("output_description", output_description)):
+        for field, value in (
+            ("mean", mean),
+            ("std", std),
+            ("value_range", vr),
+            ("labels", labels),
+            ("output_name", output_name),
+            ("output_description", output_description),
+        ):
             object.__setattr__(self, field, value)
+
+
+def _check_labels(kind: str, value: Any) -> tuple[str, ...]:
+    """``TFLiteModelInfo.labels`` as a tuple: one distinct single-line name per score, none for an embedder."""
+    if isinstance(value, str):
+        raise InputError(f"TFLiteModelInfo.labels must be a sequence of strings, received the string {describe(value)}")
+    labels = tuple(value)
+    if kind != "classifier":
+        if labels:
+            raise InputError(f"TFLiteModelInfo.labels: an embedder has no labels, received {describe(labels)}")
+        return labels
+    if not labels:
+        raise InputError(
+            "TFLiteModelInfo.labels: a classifier needs at least one label (one per output score), received none"
+        )
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip() or "\n" in label or "\r" in label:
+            raise InputError(
+                f"TFLiteModelInfo.labels[{i}] must be a non-empty single-line string (labels.txt "
+                f"holds one label per line), received {describe(label)}"
+            )
+    if len(set(labels)) != len(labels):
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        raise InputError(f"TFLiteModelInfo.labels must be distinct, received duplicates {describe(dupes)}")
+    return labels
 
 
 def _tensor_spec(model: Any, index: int) -> tuple[list[int], str]:
@@ -508,8 +607,10 @@ def _build_metadata(info: TFLiteModelInfo, input_dtype: str, output_dtype: str) 
     }
     # Stats describe the tensor's values, i.e. after normalization, as metadata_info.InputImageTensorMd does.
     if input_dtype == "float32":
-        image["stats"] = {"min": [(lo - m) / s for m, s in zip(info.mean, info.std, strict=True)],
-                          "max": [(hi - m) / s for m, s in zip(info.mean, info.std, strict=True)]}
+        image["stats"] = {
+            "min": [(lo - m) / s for m, s in zip(info.mean, info.std, strict=True)],
+            "max": [(hi - m) / s for m, s in zip(info.mean, info.std, strict=True)],
+        }
     elif input_dtype == "uint8":
         image["stats"] = {"min": [0.0] * channels, "max": [255.0] * channels}
     output: dict[str, Any] = {
@@ -518,11 +619,13 @@ def _build_metadata(info: TFLiteModelInfo, input_dtype: str, output_dtype: str) 
         "content": {"content_properties": {"_type": "FeatureProperties"}, "range": None},
     }
     if info.kind == "classifier":
-        output["associated_files"] = [{
-            "name": LABELS_FILE,
-            "description": "Labels for categories that the model can recognize.",
-            "type": _FILE_TENSOR_AXIS_LABELS,
-        }]
+        output["associated_files"] = [
+            {
+                "name": LABELS_FILE,
+                "description": "Labels for categories that the model can recognize.",
+                "type": _FILE_TENSOR_AXIS_LABELS,
+            }
+        ]
         if info.score_type == "probability":
             output["stats"] = {"min": [0.0], "max": [1.0 if output_dtype == "float32" else 255.0]}
     metadata: dict[str, Any] = {
@@ -546,8 +649,10 @@ def _schema_module() -> Any:
         try:
             from tensorflow.lite.python import schema_py_generated  # type: ignore[no-redef]
         except ImportError as exc:
-            raise DependencyError("writing TFLite metadata needs the TFLite schema module from ai-edge-litert or "
-                                  f"tensorflow ({exc}). Install: pip install \"edgetl[host,device]\"") from exc
+            raise DependencyError(
+                "writing TFLite metadata needs the TFLite schema module from ai-edge-litert or "
+                f'tensorflow ({exc}). Install: pip install "edgetl[host,device]"'
+            ) from exc
     return schema_py_generated
 
 
@@ -556,8 +661,10 @@ def _check_tflite(model: Any) -> bytes:
         raise InputError(f"the model must be the bytes of a .tflite file, received {type(model).__name__}")
     data = bytes(model)
     if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
-        raise InputError(f"the model is not a TFLite flatbuffer: expected file identifier {TFLITE_IDENTIFIER!r} at "
-                         f"bytes 4-8, received {data[4:8]!r} ({len(data)} bytes)")
+        raise InputError(
+            f"the model is not a TFLite flatbuffer: expected file identifier {TFLITE_IDENTIFIER!r} at "
+            f"bytes 4-8, received {data[4:8]!r} ({len(data)} bytes)"
+        )
     return data
 
 
@@ -593,7 +700,6 @@ def write_tflite_metadata(model: bytes, info: TFLiteModelInfo) -> bytes:
         DependencyError: neither ai-edge-litert nor tensorflow is installed.
     """
     import flatbuffers
-    import numpy as np
 
     if not isinstance(info, TFLiteModelInfo):
         raise InputError(f"info must be a TFLiteModelInfo, received {type(info).__name__}")
@@ -603,34 +709,63 @@ def write_tflite_metadata(model: bytes, info: TFLiteModelInfo) -> bytes:
         m = schema.ModelT.InitFromPackedBuf(data, 0)
     except Exception as exc:  # the generated reader raises whatever struct/index error a corrupt file causes
         raise InputError(f"the model is not a readable TFLite flatbuffer ({type(exc).__name__}: {exc})") from exc
+    in_dtype, out_dtype = _check_model_fits(m, info)
+    metadata = _metadata_bytes(_build_metadata(info, in_dtype, out_dtype))
+    _set_metadata_buffer(m, schema, metadata)
+    builder = flatbuffers.Builder(len(data) + len(metadata) + 1024)
+    builder.Finish(m.Pack(builder), TFLITE_IDENTIFIER)
+    out = io.BytesIO()
+    out.write(builder.Output())
+    if info.kind == "classifier":
+        _append_labels_zip(out, info.labels)
+    return out.getvalue()
+
+
+def _check_model_fits(m: Any, info: TFLiteModelInfo) -> tuple[str, str]:
+    """Check that the unpacked model (``ModelT``) is the image model ``info`` describes; return its I/O dtypes."""
     if not m.subgraphs:
         raise InputError("the model has no subgraph; MediaPipe runs subgraph 0 of an image model")
     sg = m.subgraphs[0]
     n_in, n_out = len(sg.inputs if sg.inputs is not None else []), len(sg.outputs if sg.outputs is not None else [])
     if n_in != 1 or n_out != 1:
-        raise InputError(f"image model metadata describes one input and one output tensor, received a model with "
-                         f"{n_in} input(s) and {n_out} output(s) in subgraph 0")
+        raise InputError(
+            f"image model metadata describes one input and one output tensor, received a model with "
+            f"{n_in} input(s) and {n_out} output(s) in subgraph 0"
+        )
     in_shape, in_dtype = _tensor_spec(m, int(sg.inputs[0]))
     out_shape, out_dtype = _tensor_spec(m, int(sg.outputs[0]))
     expected = [info.height, info.width, info.channels]
     if len(in_shape) != 4 or in_shape[1:] != expected:
-        raise InputError(f"the model's input shape {in_shape} does not match TFLiteModelInfo (height, width, "
-                         f"channels) = {tuple(expected)}; expected [1, {', '.join(map(str, expected))}]")
+        raise InputError(
+            f"the model's input shape {in_shape} does not match TFLiteModelInfo (height, width, "
+            f"channels) = {tuple(expected)}; expected [1, {', '.join(map(str, expected))}]"
+        )
     for what, dtype in (("input", in_dtype), ("output", out_dtype)):
         if dtype not in _IMAGE_TYPES:
-            raise InputError(f"the model's {what} is {dtype}; MediaPipe Tasks accept only float32 or uint8 image "
-                             "models (export the TFLite with float32 input/output, io_dtype='float32')")
+            raise InputError(
+                f"the model's {what} is {dtype}; MediaPipe Tasks accept only float32 or uint8 image "
+                "models (export the TFLite with float32 input/output, io_dtype='float32')"
+            )
     if info.kind == "classifier" and (not out_shape or out_shape[-1] != len(info.labels)):
-        raise InputError(f"the model's output shape {out_shape} does not match {len(info.labels)} labels; a "
-                         f"classifier's last output dimension must equal the number of labels")
+        raise InputError(
+            f"the model's output shape {out_shape} does not match {len(info.labels)} labels; a "
+            f"classifier's last output dimension must equal the number of labels"
+        )
     if info.kind == "embedder" and len(out_shape) != 2:
         raise InputError(f"an embedder's output must be [1, D], received shape {out_shape}")
     for i, b in enumerate(m.buffers or []):
         if b.offset > 1:  # > 2 GB models keep tensor data outside the flatbuffer at absolute file offsets
-            raise InputError(f"buffer {i} of the model is stored outside the flatbuffer (offset {b.offset}); models "
-                             "using external buffers (> 2 GB) are not supported")
+            raise InputError(
+                f"buffer {i} of the model is stored outside the flatbuffer (offset {b.offset}); models "
+                "using external buffers (> 2 GB) are not supported"
+            )
+    return in_dtype, out_dtype
 
-    metadata = _metadata_bytes(_build_metadata(info, in_dtype, out_dtype))
+
+def _set_metadata_buffer(m: Any, schema: Any, metadata: bytes) -> None:
+    """Put ``metadata`` in a buffer of the unpacked model ``m`` named by the ``TFLITE_METADATA`` entry."""
+    import numpy as np
+
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(metadata, dtype=np.uint8)
     m.buffers = m.buffers or []
@@ -644,20 +779,18 @@ def write_tflite_metadata(model: bytes, info: TFLiteModelInfo) -> bytes:
         entry.name = METADATA_NAME
         entry.buffer = len(m.buffers) - 1
         m.metadata.append(entry)
-    builder = flatbuffers.Builder(len(data) + len(metadata) + 1024)
-    builder.Finish(m.Pack(builder), TFLITE_IDENTIFIER)
-    out = io.BytesIO()
-    out.write(builder.Output())
-    if info.kind == "classifier":
-        # zipfile's append mode on a non-zip file writes the archive after the existing bytes with
-        # absolute offsets, exactly as the populator's _populate_associated_files does. A fixed
-        # timestamp keeps exports reproducible (the populator stamps the current time).
-        with zipfile.ZipFile(out, "a") as zf:
-            entry_info = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
-            entry_info.compress_type = zipfile.ZIP_STORED
-            entry_info.external_attr = 0o600 << 16
-            zf.writestr(entry_info, "\n".join(info.labels).encode("utf-8"))
-    return out.getvalue()
+
+
+def _append_labels_zip(out: io.BytesIO, labels: tuple[str, ...]) -> None:
+    """Append ``labels.txt`` to the model bytes in ``out`` as a stored (uncompressed) zip archive."""
+    # zipfile's append mode on a non-zip file writes the archive after the existing bytes with
+    # absolute offsets, exactly as the populator's _populate_associated_files does. A fixed
+    # timestamp keeps exports reproducible (the populator stamps the current time).
+    with zipfile.ZipFile(out, "a") as zf:
+        entry_info = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
+        entry_info.compress_type = zipfile.ZIP_STORED
+        entry_info.external_attr = 0o600 << 16
+        zf.writestr(entry_info, "\n".join(labels).encode("utf-8"))
 
 
 def _root(data: bytes | memoryview) -> dict[str, Any]:
@@ -688,6 +821,41 @@ def read_tflite_metadata(model: bytes) -> dict[str, Any] | None:
             metadata names is missing from the zip.
     """
     data = _check_tflite(model)
+    located = _locate_metadata(data)
+    if located is None:
+        return None
+    raw, in_t, out_t = located
+    md = decode_metadata(raw)
+    files = _associated_files(data)
+    sgm = (md.get("subgraph_metadata") or [{}])[0]
+    in_md = (sgm.get("input_tensor_metadata") or [{}])[0]
+    out_md = (sgm.get("output_tensor_metadata") or [{}])[0]
+    image = _input_description(in_md, in_t)
+    label_file = next(
+        (f for f in out_md.get("associated_files") or [] if f.get("type") == _FILE_TENSOR_AXIS_LABELS), None
+    )
+    labels = None if label_file is None else _read_labels(label_file.get("name"), files)
+    return {
+        "name": md.get("name"),
+        "description": md.get("description"),
+        "version": md.get("version"),
+        "author": md.get("author"),
+        "license": md.get("license"),
+        "min_parser_version": md.get("min_parser_version"),
+        "kind": "classifier" if label_file is not None else "embedder",
+        "labels": labels,
+        "associated_files": sorted(files),
+        "input": image,
+        "output": _output_description(out_md, out_t, has_labels=label_file is not None),
+        "metadata": _plain(md),
+    }
+
+
+def _locate_metadata(data: bytes) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """The ``TFLITE_METADATA`` buffer's bytes and subgraph 0's input and output tensors, or ``None``.
+
+    The tensors are decoded ``Tensor`` tables, ``{}`` where the model has none.
+    """
     try:
         root = _root(data)
         entry = next((e for e in root["metadata"] or [] if e["name"] == METADATA_NAME), None)
@@ -695,8 +863,10 @@ def read_tflite_metadata(model: bytes) -> dict[str, Any] | None:
             return None
         buffers = root["buffers"] or []
         if not 0 <= entry["buffer"] < len(buffers):
-            raise InputError(f"the {METADATA_NAME} entry points to buffer {entry['buffer']}, but the model has "
-                             f"{len(buffers)} buffers")
+            raise InputError(
+                f"the {METADATA_NAME} entry points to buffer {entry['buffer']}, but the model has "
+                f"{len(buffers)} buffers"
+            )
         buf = buffers[entry["buffer"]]
         # Models over 2 GB keep buffers outside the flatbuffer, at an absolute offset in the file.
         raw = buf["data"] if buf["data"] is not None else memoryview(data)[buf["offset"] : buf["offset"] + buf["size"]]
@@ -709,84 +879,88 @@ def read_tflite_metadata(model: bytes) -> dict[str, Any] | None:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"the model is not a valid TFLite flatbuffer: {exc}") from exc
-    md = decode_metadata(raw)
+    return raw, in_t, out_t
 
-    files: dict[str, bytes] = {}
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            files = {n: zf.read(n) for n in zf.namelist()}
 
-    sgm = (md.get("subgraph_metadata") or [{}])[0]
-    in_md = (sgm.get("input_tensor_metadata") or [{}])[0]
-    out_md = (sgm.get("output_tensor_metadata") or [{}])[0]
-    props = ((in_md.get("content") or {}).get("content_properties") or {})
-    norm = next((u["options"] for u in in_md.get("process_units") or []
-                 if (u.get("options") or {}).get("_type") == "NormalizationOptions"), {})
+def _associated_files(data: bytes) -> dict[str, bytes]:
+    """The files of the zip archive appended to the model, by name (``{}`` when there is none)."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _input_description(in_md: dict[str, Any], in_t: dict[str, Any]) -> dict[str, Any]:
+    """The ``input`` entry of :func:`read_tflite_metadata`, from the input's TensorMetadata and Tensor."""
+    props = (in_md.get("content") or {}).get("content_properties") or {}
+    norm = next(
+        (
+            u["options"]
+            for u in in_md.get("process_units") or []
+            if (u.get("options") or {}).get("_type") == "NormalizationOptions"
+        ),
+        {},
+    )
     mean, std = norm.get("mean"), norm.get("std")
     in_shape, in_dtype = in_t.get("shape"), _TENSOR_TYPES.get(in_t.get("type") or 0)
-    value_range = None
-    stats = in_md.get("stats") or {}
-    if in_dtype == "float32" and mean and std and stats.get("min") and stats.get("max"):
-        # Undo the normalization the writer applied to the raw range; keep it when channels agree.
-        lo = {round(v * std[i % len(std)] + mean[i % len(mean)], 4) for i, v in enumerate(stats["min"])}
-        hi = {round(v * std[i % len(std)] + mean[i % len(mean)], 4) for i, v in enumerate(stats["max"])}
-        value_range = [lo.pop(), hi.pop()] if len(lo) == len(hi) == 1 else None
-    elif in_dtype == "uint8":
-        value_range = [0.0, 255.0]
-
-    label_file = next((f for f in out_md.get("associated_files") or []
-                       if f.get("type") == _FILE_TENSOR_AXIS_LABELS), None)
-    labels = None
-    if label_file is not None:
-        name = label_file.get("name")
-        if name not in files:
-            raise InputError(f"the metadata names the label file {name!r}, but the model's appended zip holds "
-                             f"{sorted(files) or 'no files'}")
-        try:
-            lines = files[name].decode("utf-8").split("\n")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"the label file {name!r} is not UTF-8 text: {exc}") from exc
-        if lines and lines[-1] == "":  # MediaPipe's BuildLabelMapFromFiles drops one trailing empty line
-            lines.pop()
-        labels = [line.rstrip("\r") for line in lines]
-    out_stats = out_md.get("stats") or {}
-    score_type = None
-    if label_file is not None:
-        probability = out_stats.get("min") == [0.0] and out_stats.get("max") in ([1.0], [255.0])
-        score_type = "probability" if probability else "logit"
     color = {v: k for k, v in COLOR_SPACES.items()}.get(props.get("color_space"), "UNKNOWN")
     size = props.get("default_size") or {}
     return {
-        "name": md.get("name"),
-        "description": md.get("description"),
-        "version": md.get("version"),
-        "author": md.get("author"),
-        "license": md.get("license"),
-        "min_parser_version": md.get("min_parser_version"),
-        "kind": "classifier" if label_file is not None else "embedder",
-        "labels": labels,
-        "associated_files": sorted(files),
-        "input": {
-            "name": in_md.get("name"),
-            "description": in_md.get("description"),
-            "color_space": color,
-            "width": size.get("width"),
-            "height": size.get("height"),
-            "channels": in_shape[-1] if in_shape else None,
-            "shape": in_shape,
-            "dtype": in_dtype,
-            "mean": mean,
-            "std": std,
-            "value_range": value_range,
-        },
-        "output": {
-            "name": out_md.get("name"),
-            "description": out_md.get("description"),
-            "shape": out_t.get("shape"),
-            "dtype": _TENSOR_TYPES.get(out_t.get("type") or 0),
-            "score_type": score_type,
-        },
-        "metadata": _plain(md),
+        "name": in_md.get("name"),
+        "description": in_md.get("description"),
+        "color_space": color,
+        "width": size.get("width"),
+        "height": size.get("height"),
+        "channels": in_shape[-1] if in_shape else None,
+        "shape": in_shape,
+        "dtype": in_dtype,
+        "mean": mean,
+        "std": std,
+        "value_range": _value_range(in_dtype, mean, std, in_md.get("stats") or {}),
+    }
+
+
+def _value_range(dtype: str | None, mean: Any, std: Any, stats: dict[str, Any]) -> list[float] | None:
+    """The raw pixel range the input expects: its Stats with the normalization undone (float32), or 0-255."""
+    if dtype == "float32" and mean and std and stats.get("min") and stats.get("max"):
+        # Undo the normalization the writer applied to the raw range; keep it when channels agree.
+        lo = {round(v * std[i % len(std)] + mean[i % len(mean)], 4) for i, v in enumerate(stats["min"])}
+        hi = {round(v * std[i % len(std)] + mean[i % len(mean)], 4) for i, v in enumerate(stats["max"])}
+        return [lo.pop(), hi.pop()] if len(lo) == len(hi) == 1 else None
+    if dtype == "uint8":
+        return [0.0, 255.0]
+    return None
+
+
+def _read_labels(name: Any, files: dict[str, bytes]) -> list[str]:
+    """The labels in the associated file ``name``, one per line, as MediaPipe reads them."""
+    if name not in files:
+        raise InputError(
+            f"the metadata names the label file {name!r}, but the model's appended zip holds "
+            f"{sorted(files) or 'no files'}"
+        )
+    try:
+        lines = files[name].decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the label file {name!r} is not UTF-8 text: {exc}") from exc
+    if lines and lines[-1] == "":  # MediaPipe's BuildLabelMapFromFiles drops one trailing empty line
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def _output_description(out_md: dict[str, Any], out_t: dict[str, Any], *, has_labels: bool) -> dict[str, Any]:
+    """The ``output`` entry of :func:`read_tflite_metadata`; ``score_type`` only for a classifier."""
+    out_stats = out_md.get("stats") or {}
+    score_type = None
+    if has_labels:
+        probability = out_stats.get("min") == [0.0] and out_stats.get("max") in ([1.0], [255.0])
+        score_type = "probability" if probability else "logit"
+    return {
+        "name": out_md.get("name"),
+        "description": out_md.get("description"),
+        "shape": out_t.get("shape"),
+        "dtype": _TENSOR_TYPES.get(out_t.get("type") or 0),
+        "score_type": score_type,
     }
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 
 from edgetl.bundle import read_bundle, write_bundle
@@ -114,19 +112,3 @@ def test_existing_output_is_not_overwritten(bundle):
         write_bundle(bundle.path, _manifest(), {"head_init.npz": b"other"})
     assert (bundle.path / "manifest.json").read_bytes() == before
     assert not [p for p in bundle.path.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
-
-
-def test_update_manifest_rewrites_only_the_manifest(bundle):
-    from edgetl.bundle.io import update_manifest
-
-    data_before = (bundle.path / "head_init.npz").read_bytes()
-    updated = update_manifest(bundle, parity={"ok": True, "checks": []})
-    again = read_bundle(bundle.path)
-    assert again.manifest == updated.manifest and again.manifest["parity"]["ok"] is True
-    assert (bundle.path / "head_init.npz").read_bytes() == data_before
-    assert sorted(p.name for p in bundle.path.iterdir()) == ["head_init.npz", "manifest.json"]  # no temp file left
-    with pytest.raises(BundleError, match="cannot change artifacts"):
-        update_manifest(bundle, artifacts=[])
-    with pytest.raises(BundleError, match="labels"):
-        update_manifest(bundle, labels=["only"])
-    assert read_bundle(bundle.path).manifest == updated.manifest  # refused updates change nothing

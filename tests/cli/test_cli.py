@@ -47,7 +47,10 @@ def test_pretrain_cli(tmp_path):
     [
         (["--data", "MISSING"], "does not exist"),
         (["--data", "builtin:digits", "--backbone", "resnet51"], "unknown backbone 'resnet51'; allowed"),
-        (["--data", "builtin:digits", "--backbone", "mobilenetv2", "--image-size", "8"], "cannot take input_shape=(8, 8, 1)"),
+        (
+            ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--image-size", "8"],
+            "cannot take input_shape=(8, 8, 1)",
+        ),
         (["--data", "builtin:digits", "--epochs", "0"], "epochs must be a positive integer"),
         (["--data", "CSV", "--label-column", "klass"], "no label column 'klass'"),
         (["--data", "builtin:digits", "--image-size", "1", "2", "3"], "--image-size takes N or H W"),
@@ -73,7 +76,9 @@ def test_demo_console_script(tmp_path):
     """The Quickstart's `edgetl demo`, run as users run it (console script, fresh process)."""
     exe = shutil.which("edgetl", path=str(Path(sys.executable).parent)) or shutil.which("edgetl")
     assert exe, "the edgetl console script is not installed"
-    proc = subprocess.run([exe, "demo", "--seeds", "2", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [exe, "demo", "--seeds", "2", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for shots in ("1", "3", "5", "10", "all"):
@@ -113,8 +118,11 @@ def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):
     assert main(["predict", str(bundle.path), str(tmp_path / "bad.npy"), "--precision", "float16"]) == 2
     assert "available precisions" in capsys.readouterr().err
     np.savez(tmp_path / "new.npz", x=halves.test.x[:6], y=np.arange(6) % 2, class_names=np.array(["5", "zero"]))
-    assert main(["personalize", str(bundle.path), "--data", str(tmp_path / "new.npz"), "--store", str(tmp_path / "s")]) == 2
-    assert "pass --add-classes" in capsys.readouterr().err
+    assert (
+        main(["personalize", str(bundle.path), "--data", str(tmp_path / "new.npz"), "--store", str(tmp_path / "s")])
+        == 2
+    )
+    assert "(--add-classes) to add them" in capsys.readouterr().err
     assert main(["store", "history", "--store", str(tmp_path / "nowhere")]) == 2
     assert "not a head store" in capsys.readouterr().err
     assert main(["store", "rollback", "--store", str(tmp_path / "s")]) == 2  # nothing was committed
@@ -123,10 +131,32 @@ def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):
 def test_personalize_cli_exit_3_when_the_guard_rejects(tmp_path, digits_bundle, capsys):
     import numpy as np
 
-    from edgetl.host.data import restyle_digits
+    from edgetl.data import restyle_digits
 
     bundle, halves = digits_bundle
     all_fives = np.zeros(60, np.int64)  # every digit labelled "5" (class 0): trained hard, it forgets the others
-    np.savez(tmp_path / "noise.npz", x=restyle_digits(halves.test.x[:60]), y=all_fives, class_names=np.array(halves.test.class_names))
-    code = main(["personalize", str(bundle.path), "--data", str(tmp_path / "noise.npz"), "--store", str(tmp_path / "s"), "--epochs", "100", "--optimizer", "adam", "--learning-rate", "0.5", "--l2", "0"])
+    np.savez(
+        tmp_path / "noise.npz",
+        x=restyle_digits(halves.test.x[:60]),
+        y=all_fives,
+        class_names=np.array(halves.test.class_names),
+    )
+    code = main(
+        [
+            "personalize",
+            str(bundle.path),
+            "--data",
+            str(tmp_path / "noise.npz"),
+            "--store",
+            str(tmp_path / "s"),
+            "--epochs",
+            "100",
+            "--optimizer",
+            "adam",
+            "--learning-rate",
+            "0.5",
+            "--l2",
+            "0",
+        ]
+    )
     assert code == 3 and "forgets the factory classes" in capsys.readouterr().out

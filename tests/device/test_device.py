@@ -9,12 +9,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgetl.device.classifier import Classifier
-from edgetl.device.head import HeadState, TrainSettings, make_trainer
-from edgetl.device.personalizer import Personalizer
-from edgetl.device.store import HeadStore
+from edgetl.data import restyle_digits
+from edgetl.device._classifier import Classifier
+from edgetl.device._head import HeadState, TrainSettings, make_trainer
+from edgetl.device._personalizer import Personalizer
+from edgetl.device._store import HeadStore
 from edgetl.errors import InputError, StoreError
-from edgetl.host.data import restyle_digits
 
 BACKENDS = ["onnxruntime", "litert"]
 
@@ -63,7 +63,9 @@ def test_classifier_predicts_one_example_and_batches(digits_bundle, backend, pre
 def test_backends_agree_on_probabilities(digits_bundle):
     bundle, halves = digits_bundle
     ort, lite = (Classifier.open(bundle.path, backend=b) for b in BACKENDS)
-    np.testing.assert_allclose(ort.predict(halves.test.x[:64]).probabilities, lite.predict(halves.test.x[:64]).probabilities, atol=1e-4)
+    np.testing.assert_allclose(
+        ort.predict(halves.test.x[:64]).probabilities, lite.predict(halves.test.x[:64]).probabilities, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,9 @@ def test_onnxruntime_and_litert_heads_train_to_the_same_weights(digits_bundle, u
     column = {name: i for i, name in enumerate(head.labels)}
     onehot = np.eye(head.capacity, dtype=np.float32)[[column[l] for l in y]]
     for optimizer in ("sgd", "adam"):
-        settings = TrainSettings(epochs=5, batch_size=16, optimizer=optimizer, learning_rate=0.1 if optimizer == "sgd" else 0.01)
+        settings = TrainSettings(
+            epochs=5, batch_size=16, optimizer=optimizer, learning_rate=0.1 if optimizer == "sgd" else 0.01
+        )
         a, _ = make_trainer(bundle, "onnxruntime").train(head, emb, onehot, settings)
         b, _ = make_trainer(bundle, "litert").train(head, emb, onehot, settings)
         # SGD: the 1e-5. Adam divides by sqrt(v) + 1e-7, which amplifies float32
@@ -126,7 +130,7 @@ def test_onnxruntime_and_litert_heads_train_to_the_same_weights(digits_bundle, u
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_add_class_by_imprinting_then_training(tmp_path, digits_bundle, backend):
-    from edgetl.host.data import load_digits_dataset
+    from edgetl.data import load_digits_dataset
 
     zeros = load_digits_dataset((0,)).x  # digit "0": a class the bundle never saw
     _, halves = digits_bundle
@@ -240,8 +244,8 @@ FULL_DISK_CHILD = textwrap.dedent(
     import resource, signal, sys, numpy as np
     from dataclasses import replace
     from edgetl.bundle import read_bundle
-    from edgetl.device.head import HeadState
-    from edgetl.device.store import HeadStore
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
     from edgetl.errors import StoreError
     store = HeadStore(sys.argv[2], read_bundle(sys.argv[1]))
     head = store.active().head
@@ -260,8 +264,15 @@ def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_
     bundle = digits_bundle[0]
     clf, _ = committed_once(bundle, tmp_path / "store", user)
     files_before = sorted(f.name for f in (tmp_path / "store").iterdir())
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(bundle.path), str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
-    assert "refused: cannot write to store" in proc.stdout and "the active head is unchanged" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD, str(bundle.path), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "refused: cannot write to store" in proc.stdout and "the active head is unchanged" in proc.stdout, (
+        proc.stderr[-2000:]
+    )
     store = HeadStore(tmp_path / "store", bundle)
     assert store.active_version == 1
     np.testing.assert_array_equal(store.active().head.W, clf.head.W)
@@ -271,7 +282,7 @@ def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_
 def test_store_of_another_bundle_and_corrupt_versions(tmp_path, digits_bundle, user):
     bundle = digits_bundle[0]
     _, p = committed_once(bundle, tmp_path / "store", user)
-    pointer = (tmp_path / "store" / "ACTIVE.json")
+    pointer = tmp_path / "store" / "ACTIVE.json"
     text = pointer.read_text()
     pointer.write_text(text.replace(p.store.bundle_id, "0" * 64))
     with pytest.raises(StoreError, match="belongs to another bundle"):
@@ -284,7 +295,6 @@ def test_store_of_another_bundle_and_corrupt_versions(tmp_path, digits_bundle, u
     with pytest.raises(StoreError, match="sha256"):
         Classifier.open(bundle.path, store=tmp_path / "store")
     assert HeadStore(tmp_path / "store", bundle).reset() == 0  # the factory head is always restorable
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -171,7 +171,7 @@ def test_budget_eviction_keeps_class_balance_and_the_newest(tmp_path, rng):
     x, labels = store.examples()
     for k in per_batch:
         kept = x[[i for i, l in enumerate(labels) if l == k]]
-        np.testing.assert_array_equal(kept, np.stack(history[k][len(history[k]) - counts[k]:]))
+        np.testing.assert_array_equal(kept, np.stack(history[k][len(history[k]) - counts[k] :]))
 
     # A smaller budget evicts now, still from the largest classes first.
     r = store.set_budget(8_000)
@@ -217,7 +217,7 @@ def test_forget_leaves_no_readable_copy(tmp_path, rng):
     for seg in old_segment_bytes:
         assert not _found(seg, after)
         for start in range(0, len(seg) - 64, 256):  # nor any 64-byte piece of the old files
-            assert not _found(seg[start:start + 64], after)
+            assert not _found(seg[start : start + 64], after)
     assert not _found(b"secret-class", after)  # the index no longer names the label
     assert not any(p.exists() for p in secret_segments)
     x, labels = store.examples()
@@ -258,7 +258,7 @@ def test_forget_compressible_data(tmp_path):
     assert _found(old[100:164], _all_file_bytes(store.path))
     store.forget("s")
     after = _all_file_bytes(store.path)
-    assert not _found(old, after) and not any(_found(old[i:i + 32], after) for i in range(0, len(old) - 32, 16))
+    assert not _found(old, after) and not any(_found(old[i : i + 32], after) for i in range(0, len(old) - 32, 16))
     np.testing.assert_array_equal(store.examples()[0], smooth[:2] + 10)
 
 

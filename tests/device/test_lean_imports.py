@@ -23,9 +23,9 @@ def test_device_and_bundle_import_without_tensorflow():
     code = BLOCKER + textwrap.dedent(
         """
         import edgetl, edgetl.device, edgetl.bundle, edgetl.errors, edgetl.cli
-        import edgetl.device.classifier, edgetl.device.personalizer, edgetl.device.store
-        import edgetl.device.verify, edgetl.device.runtimes, edgetl.device.head
-        import edgetl.host.data  # the device CLI reuses its loaders; TensorFlow only inside functions
+        import edgetl.device._classifier, edgetl.device._personalizer, edgetl.device._store
+        import edgetl.device._verify, edgetl.device._runtimes, edgetl.device._head
+        import edgetl.data  # the one data path, shared with the host
         assert edgetl.cli.main(["--version"]) == 0
         heavy = [m for m in sys.modules if m.split(".")[0] in HEAVY]
         assert not heavy, heavy
@@ -57,19 +57,27 @@ def test_device_cli_runs_with_tensorflow_blocked(digits_bundle, tmp_path):
     (The guard is tested elsewhere; --margin 1 makes the commit certain here.)"""
     import numpy as np
 
-    from edgetl.host.data import restyle_digits
+    from edgetl.data import restyle_digits
 
     bundle, halves = digits_bundle
-    np.savez(tmp_path / "user.npz", x=restyle_digits(halves.test.x[:60]), y=halves.test.y[:60], class_names=np.array(halves.test.class_names))
+    np.savez(
+        tmp_path / "user.npz",
+        x=restyle_digits(halves.test.x[:60]),
+        y=halves.test.y[:60],
+        class_names=np.array(halves.test.class_names),
+    )
     np.save(tmp_path / "one.npy", halves.test.x[0])
     code = BLOCKER + textwrap.dedent(
         f"""
         from edgetl.cli import main
         store = {str(tmp_path / "store")!r}
         assert main(["predict", {str(bundle.path)!r}, {str(tmp_path / "one.npy")!r}]) == 0
-        assert main(["personalize", {str(bundle.path)!r}, "--data", {str(tmp_path / "user.npz")!r}, "--store", store, "--backend", "litert", "--margin", "1"]) == 0
+        bundle, data = {str(bundle.path)!r}, {str(tmp_path / "user.npz")!r}
+        args = ["--data", data, "--store", store, "--backend", "litert", "--margin", "1"]
+        assert main(["personalize", bundle, *args]) == 0
         assert main(["store", "history", "--store", store]) == 0
-        assert main(["predict", {str(bundle.path)!r}, {str(tmp_path / "one.npy")!r}, "--store", store, "--backend", "onnxruntime"]) == 0
+        one = {str(tmp_path / "one.npy")!r}
+        assert main(["predict", bundle, one, "--store", store, "--backend", "onnxruntime"]) == 0
         assert main(["store", "reset", "--store", store]) == 0
         heavy = [m for m in sys.modules if m.split(".")[0] in HEAVY]
         assert not heavy, heavy

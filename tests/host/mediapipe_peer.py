@@ -77,21 +77,33 @@ def ensure_mediapipe(timeout: float = 900.0) -> Path:
         start = time.perf_counter()
         base = getattr(sys, "_base_executable", sys.executable)
         # Bounded network waits: without network pip fails fast instead of retrying for minutes.
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-               "--timeout", "60", "--retries", "2"]
+        pip = [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--timeout",
+            "60",
+            "--retries",
+            "2",
+        ]
         steps = [[base, "-m", "venv", str(venv)], [*pip, "--no-deps", MEDIAPIPE], [*pip, *RUNTIME_DEPS]]
         for cmd in steps:
             try:
                 proc = _run(cmd, timeout)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 shutil.rmtree(venv, ignore_errors=True)
-                raise MediaPipeUnavailable(f"cannot set up a MediaPipe venv in {venv} "
-                                           f"({' '.join(cmd[1:4])}): {exc}") from exc
+                raise MediaPipeUnavailable(
+                    f"cannot set up a MediaPipe venv in {venv} ({' '.join(cmd[1:4])}): {exc}"
+                ) from exc
             if proc.returncode != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-                raise MediaPipeUnavailable(f"cannot install {MEDIAPIPE} into {venv} ({' '.join(cmd[1:4])} exited "
-                                           f"{proc.returncode}): {tail}")
+                raise MediaPipeUnavailable(
+                    f"cannot install {MEDIAPIPE} into {venv} ({' '.join(cmd[1:4])} exited {proc.returncode}): {tail}"
+                )
         seconds = time.perf_counter() - start
         size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
         record = {"recipe": RECIPE, "install_seconds": round(seconds, 1), "size_mb": round(size / 2**20)}
@@ -99,8 +111,9 @@ def ensure_mediapipe(timeout: float = 900.0) -> Path:
         return python
 
 
-def run_client(model: str | os.PathLike[str], images: np.ndarray, mode: str, *,
-               timeout: float = 300.0) -> dict[str, Any]:
+def run_client(
+    model: str | os.PathLike[str], images: np.ndarray, mode: str, *, timeout: float = 300.0
+) -> dict[str, Any]:
     """Run tools/mediapipe_client.py on ``images`` (uint8 (N, H, W, C)) in the MediaPipe venv.
 
     Returns:
@@ -115,8 +128,9 @@ def run_client(model: str | os.PathLike[str], images: np.ndarray, mode: str, *,
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "images.npy"
         np.save(path, np.ascontiguousarray(images, dtype=np.uint8))
-        proc = subprocess.run([str(python), str(CLIENT), str(model), str(path), mode], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [str(python), str(CLIENT), str(model), str(path), mode], capture_output=True, text=True, timeout=timeout
+        )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode not in (0, 2) or not lines:
         raise RuntimeError(f"mediapipe_client exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")

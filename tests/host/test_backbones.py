@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 
 from edgetl.errors import BackboneError
+from edgetl.host._backbones import count_macs, create_backbone, get_recipe, list_backbones
 from edgetl.host._tf import keras
-from edgetl.host.backbones import count_macs, create_backbone, get_recipe, list_backbones
 
-APPLICATION_FAMILIES = ["mobilenetv2", "mobilenetv2_035", "mobilenetv3small", "mobilenetv3large", "efficientnetb0", "efficientnetv2b0", "resnet50"]
+APPLICATION_FAMILIES = [
+    "mobilenetv2",
+    "mobilenetv2_035",
+    "mobilenetv3small",
+    "mobilenetv3large",
+    "efficientnetb0",
+    "efficientnetv2b0",
+    "resnet50",
+]
 
 
 def test_registry_covers_the_device_families():
@@ -142,7 +150,7 @@ def test_count_macs_of_a_known_graph():
 
 def test_batchnorm_follows_the_caller_training_flag():
     """Pretraining must update BatchNorm statistics; a frozen transfer backbone must not."""
-    from edgetl.host.transfer import TrainConfig, build_transfer_model
+    from edgetl.host._transfer import TrainConfig, build_transfer_model
 
     k = keras()
     bb = create_backbone("mobilenetv3small", (32, 32, 3))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from edgetl.cli import main
+from edgetl.data import load_dataset, stratified_split
 from edgetl.errors import BackboneError
+from edgetl.host._backbones import create_backbone, default_cut, describe_layers
 from edgetl.host._tf import keras
-from edgetl.host.backbones import create_backbone, default_cut, describe_layers
-from edgetl.host.data import load_dataset, stratified_split
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -41,9 +41,14 @@ def um():
 def files(tmp_path_factory, um):
     """The user's model files and image folders (mixed sizes, PNG/JPEG, gray mixed into RGB)."""
     base = tmp_path_factory.mktemp("byom")
-    out = {"dense": um.dense_classifier_model(base / "user_cnn.keras", epochs=3), "allconv": um.allconv_h5_model(base / "mini.h5", epochs=3)}
+    out = {
+        "dense": um.dense_classifier_model(base / "user_cnn.keras", epochs=3),
+        "allconv": um.allconv_h5_model(base / "mini.h5", epochs=3),
+    }
     x, y = um.digit_images(tuple(range(10)), 40, 3, seed=1, restyle=True, per_class=40)
-    out["photos"] = um.write_image_folder(base / "photos", x, y, [f"d{i}" for i in range(10)], sizes=(28, 32, 40), gray_every=5)
+    out["photos"] = um.write_image_folder(
+        base / "photos", x, y, [f"d{i}" for i in range(10)], sizes=(28, 32, 40), gray_every=5
+    )
     x, y = um.digit_images((7, 9), 25, 1, seed=2, per_class=60)
     out["crops"] = um.write_image_folder(base / "crops", x, y, ["seven", "nine"], sizes=(25,))
     return out
@@ -55,12 +60,14 @@ def _reference(run: Path) -> tuple[float, float]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgetl.host.run import load_run
+    from edgetl.host._run import load_run
 
     r = load_run(run)
     load = dict(r.info["data"]["load"])
     data = load_dataset(load.pop("path"), image_size=tuple(load["image_size"]), channels=load["channels"])
-    splits = stratified_split(data, val_fraction=r.config.val_fraction, test_fraction=r.config.test_fraction, seed=r.config.seed)
+    splits = stratified_split(
+        data, val_fraction=r.config.val_fraction, test_fraction=r.config.test_fraction, seed=r.config.seed
+    )
     bb = create_backbone(r.config.backbone, cut_layer=r.config.cut_layer, preprocessing=r.config.input_preprocessing)
     emb = {s: bb.model.predict(getattr(splits, s).x.astype(np.float32), verbose=0) for s in ("train", "val", "test")}
     clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=5, max_iter=5000))
@@ -73,14 +80,33 @@ def _reference(run: Path) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory, files):
     out = tmp_path_factory.mktemp("runs") / "dense"
-    assert main(["train", "--data", str(files["photos"]), "--backbone", str(files["dense"]), "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(["train", "--data", str(files["photos"]), "--backbone", str(files["dense"]), "--quiet", "--out", str(out)])
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def allconv_run(tmp_path_factory, files):
     out = tmp_path_factory.mktemp("runs") / "allconv"
-    assert main(["train", "--data", str(files["crops"]), "--backbone", str(files["allconv"]), "--input-preprocessing", "-1-1", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(files["crops"]),
+                "--backbone",
+                str(files["allconv"]),
+                "--input-preprocessing",
+                "-1-1",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -93,7 +119,13 @@ def test_dense_classifier_file_and_mixed_folder_with_default_flags(dense_run):
     assert config["input_spec"]["embedding"] == "input of the Dense classifier 'predictions'"
     metrics = json.loads((dense_run / "metrics.json").read_text())
     fit = metrics["head_fit"]
-    assert fit["method"] == "lbfgs" and fit["converged"] and fit["grad_norm"] <= 1e-4 and fit["steps"] > 0 and fit["final_loss"] > 0
+    assert (
+        fit["method"] == "lbfgs"
+        and fit["converged"]
+        and fit["grad_norm"] <= 1e-4
+        and fit["steps"] > 0
+        and fit["final_loss"] > 0
+    )
     ours, reference = _reference(dense_run)
     assert reference > 0.5  # the embeddings carry the task (chance is 0.1)
     assert ours >= reference - 0.03, (ours, reference)
@@ -112,9 +144,9 @@ def test_allconv_h5_with_declared_preprocessing(allconv_run, files):
 def test_preprocessing_is_baked_into_tflite_and_onnx(tmp_path, allconv_run, files):
     """The exported backbone takes raw pixels and equals the user's own model (run by plain
     tf_keras on (x/255 - 0.5) * 2, cut and pooled as edgetl cuts it) after standardization."""
-    from edgetl.device.runtimes import load_model
-    from edgetl.host.export import export_bundle
-    from edgetl.host.run import load_run
+    from edgetl.device._runtimes import load_model
+    from edgetl.host._export import export_bundle
+    from edgetl.host._run import load_run
 
     result = export_bundle(allconv_run, tmp_path / "crops.edgetl")
     assert result.ok, result.describe()
@@ -159,8 +191,8 @@ def test_layers_command_marks_the_default_cut(files, capsys):
 def test_backbone_without_information_is_refused_before_training(tmp_path, files):
     """A file whose kernels were zeroed gives the same embedding for every input (the
     biases); one with everything zeroed gives zeros (vanishing)."""
-    from edgetl.host.data import Dataset
-    from edgetl.host.transfer import TrainConfig, train_transfer
+    from edgetl.data import Dataset
+    from edgetl.host._transfer import TrainConfig, train_transfer
 
     k = keras()
     model = k.models.load_model(files["dense"], compile=False)
@@ -178,18 +210,20 @@ def test_backbone_without_information_is_refused_before_training(tmp_path, files
 
 def test_random_weights_registry_backbone_is_reported(tmp_path):
     """keras.applications with weights=None in inference mode: embeddings vanish (~1e-16)."""
-    from edgetl.host.data import Dataset
-    from edgetl.host.transfer import TrainConfig, train_transfer
+    from edgetl.data import Dataset
+    from edgetl.host._transfer import TrainConfig, train_transfer
 
     rng = np.random.default_rng(0)
-    ds = Dataset(rng.integers(0, 255, size=(30, 32, 32, 3)).astype(np.uint8), np.arange(30) % 3, ("a", "b", "c"), "image")
+    ds = Dataset(
+        rng.integers(0, 255, size=(30, 32, 32, 3)).astype(np.uint8), np.arange(30) % 3, ("a", "b", "c"), "image"
+    )
     with pytest.raises(BackboneError, match=r"random weights \(weights=None\).*--weights") as info:
         train_transfer(ds, TrainConfig(backbone="mobilenetv2_035"))
     assert "vanish" in str(info.value) or "same for every input" in str(info.value)
 
 
 def test_preprocessing_declarations_are_validated(files):
-    from edgetl.host.backbones import InputPreprocessing
+    from edgetl.host._backbones import InputPreprocessing
 
     assert InputPreprocessing.preset("-1-1") == InputPreprocessing(scale=1 / 127.5, offset=-1.0)
     with pytest.raises(BackboneError, match="allowed presets"):
@@ -200,4 +234,21 @@ def test_preprocessing_declarations_are_validated(files):
         create_backbone("edgetl_cnn", (8, 8, 1), preprocessing="0-1")
     with pytest.raises(BackboneError, match="3 values, the model takes 1 channels"):
         create_backbone(files["allconv"], preprocessing=InputPreprocessing(mean=(1.0, 2.0, 3.0)))
-    assert main(["train", "--data", "builtin:digits", "--backbone", str(files["allconv"]), "--input-preprocessing", "imagenet", "--input-scale", "2", "--out", "/nonexistent/x"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "builtin:digits",
+                "--backbone",
+                str(files["allconv"]),
+                "--input-preprocessing",
+                "imagenet",
+                "--input-scale",
+                "2",
+                "--out",
+                "/nonexistent/x",
+            ]
+        )
+        == 2
+    )

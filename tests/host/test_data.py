@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgetl.data import Dataset, load_dataset, sample_shots, stratified_split
 from edgetl.errors import DataError, InputError
-from edgetl.host.data import (
-    Augmentation,
-    Dataset,
-    load_dataset,
-    sample_shots,
-    stratified_split,
-    to_tf_dataset,
-)
+from edgetl.host._tf_data import Augmentation, to_tf_dataset
 
 
 def _write_image(path, size, mode, value):
@@ -90,7 +84,12 @@ def test_npz_images_and_features(tmp_path):
     ds = load_dataset(tmp_path / "img.npz")
     assert ds.kind == "image" and ds.x.shape == (12, 6, 6, 1)
     assert ds.class_names == ("a", "b") and ds.y[0] == 1
-    np.savez(tmp_path / "feat.npz", x=np.ones((6, 3), np.float64), y=np.array([0, 1, 2] * 2), class_names=np.array(["x", "y", "z"]))
+    np.savez(
+        tmp_path / "feat.npz",
+        x=np.ones((6, 3), np.float64),
+        y=np.array([0, 1, 2] * 2),
+        class_names=np.array(["x", "y", "z"]),
+    )
     feats = load_dataset(tmp_path / "feat.npz")
     assert feats.kind == "features" and feats.x.dtype == np.float32 and feats.class_names == ("x", "y", "z")
 

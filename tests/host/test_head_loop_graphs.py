@@ -1,6 +1,6 @@
 """Head training loops (one runtime call for a whole step plan) against step-by-step training.
 
-References: the step graphs of edgetl.host.head_graphs run one step per call (what
+References: the step graphs of edgetl.host._head_graphs run one step per call (what
 OnnxHeadTrainer and LiteRTHeadTrainer do) and the float64 numpy `reference_step`.
 
 Tolerances, absolute, on weights and state of scale ~1 that training moves by 0.1-1:
@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgetl.device.head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device.head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer, plan_steps
-from edgetl.device.head_math import initial_state, masked_softmax, reference_step
+from edgetl.bundle._head import initial_state, masked_softmax, reference_step
+from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
+from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer, plan_steps
 from edgetl.errors import InputError
-from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
-from edgetl.host.head_loop_graphs import LOOP_INPUTS, LOOP_OUTPUTS, head_tflite_loop, head_train_loop_onnx
+from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+from edgetl.host._head_loop_graphs import LOOP_INPUTS, LOOP_OUTPUTS, head_tflite_loop, head_train_loop_onnx
 
 D, C, N = 6, 5, 11  # 11 examples in batches of 4: every epoch ends with a batch of 3
 MASK = np.array([1, 1, 1, 0, 0], np.float32)  # classes 3 and 4 inactive

@@ -32,8 +32,14 @@ from edgetl.host._tflite_metadata import (
 LABELS = ("red", "green", "blue", "grüne Äpfel")  # a non-ASCII label with a space: labels.txt is UTF-8
 SIZE = 32
 COLORS = np.array([[255, 40, 40], [40, 255, 40], [40, 40, 255], [255, 255, 255]], dtype=np.float32)
-INPUT_SPEC = {"shape": [SIZE, SIZE, 3], "dtype": "float32", "kind": "image", "layout": "NHWC", "value_range": [0, 255],
-              "preprocessing": "raw RGB pixels in [0, 255]; rescaling inside the model"}
+INPUT_SPEC = {
+    "shape": [SIZE, SIZE, 3],
+    "dtype": "float32",
+    "kind": "image",
+    "layout": "NHWC",
+    "value_range": [0, 255],
+    "preprocessing": "raw RGB pixels in [0, 255]; rescaling inside the model",
+}
 
 
 def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,14 +107,25 @@ def models():
     onnx_model, _ = tf2onnx.convert.from_keras(clf, input_signature=spec, opset=13)
     test_x, test_y = _images(60, seed=2)
     return {
-        "fp32": convert(clf), "int8": convert(clf, int8=True), "embedder": convert(embedder),
-        "onnx": onnx_model.SerializeToString(), "x": test_x, "y": test_y,
+        "fp32": convert(clf),
+        "int8": convert(clf, int8=True),
+        "embedder": convert(embedder),
+        "onnx": onnx_model.SerializeToString(),
+        "x": test_x,
+        "y": test_y,
     }
 
 
 def _info(kind: str = "classifier", **kw) -> TFLiteModelInfo:
-    base = dict(name="patches", description="Colour of the patch.", version="1.2.0", kind=kind, width=SIZE,
-                height=SIZE, labels=LABELS if kind == "classifier" else ())
+    base = dict(
+        name="patches",
+        description="Colour of the patch.",
+        version="1.2.0",
+        kind=kind,
+        width=SIZE,
+        height=SIZE,
+        labels=LABELS if kind == "classifier" else (),
+    )
     return TFLiteModelInfo(**{**base, **kw})
 
 
@@ -177,8 +194,15 @@ def test_reader_needs_no_tensorflow(with_metadata, models, tmp_path):
     """The device side reads both formats' metadata with TensorFlow (and the onnx package) unimportable."""
     tfl, onx = tmp_path / "m.tflite", tmp_path / "m.onnx"
     tfl.write_bytes(with_metadata["int8"])
-    onx.write_bytes(write_onnx_metadata(models["onnx"], edgetl_onnx_props(bundle_name="b", bundle_version="1",
-                    input_spec=INPUT_SPEC, labels=list(LABELS)), doc_string="d", input_docs={}, output_docs={}))
+    onx.write_bytes(
+        write_onnx_metadata(
+            models["onnx"],
+            edgetl_onnx_props(bundle_name="b", bundle_version="1", input_spec=INPUT_SPEC, labels=list(LABELS)),
+            doc_string="d",
+            input_docs={},
+            output_docs={},
+        )
+    )
     code = textwrap.dedent(
         """
         import sys, json, importlib.abc
@@ -214,10 +238,18 @@ def test_min_parser_version_follows_the_schema_rules():
         (sg(tensor={"associated_files": [{"name": "v.txt", "type": 5}]}), "1.0.1"),  # VOCABULARY
         (sg(input_process_units=[]), "1.1.0"),  # present, even empty
         (sg(output_tensor_groups=[{"name": "g", "tensor_names": ["t"]}]), "1.2.0"),
-        (sg(tensor={"process_units": [{"options": {"_type": "RegexTokenizerOptions", "delim_regex_pattern": " "}}]}),
-         "1.2.1"),
-        (sg(tensor={"content": {"content_properties": {"_type": "AudioProperties", "sample_rate": 16000,
-                                                       "channels": 1}}}), "1.3.0"),
+        (
+            sg(tensor={"process_units": [{"options": {"_type": "RegexTokenizerOptions", "delim_regex_pattern": " "}}]}),
+            "1.2.1",
+        ),
+        (
+            sg(
+                tensor={
+                    "content": {"content_properties": {"_type": "AudioProperties", "sample_rate": 16000, "channels": 1}}
+                }
+            ),
+            "1.3.0",
+        ),
         (sg(tensor={"associated_files": [{"name": "i", "type": 6}]}), "1.4.0"),  # SCANN_INDEX_FILE
         (sg(tensor={"associated_files": [{"name": "l.txt", "type": 2, "version": "7"}]}), "1.4.1"),
         (sg(custom_metadata=[{"name": "c", "data": b"\x01\x02"}]), "1.5.0"),
@@ -231,26 +263,46 @@ def test_min_parser_version_follows_the_schema_rules():
 
 
 def test_onnx_metadata_reads_back(models):
-    props = edgetl_onnx_props(bundle_name="patches", bundle_version="1.2.0", input_spec=INPUT_SPEC, labels=list(LABELS),
-                              license="Apache-2.0")
-    model = write_onnx_metadata(models["onnx"], props, doc_string="Colour of the patch.",
-                                input_docs={"image": "raw RGB pixels, NHWC, [0, 255]"}, output_docs={})
+    props = edgetl_onnx_props(
+        bundle_name="patches", bundle_version="1.2.0", input_spec=INPUT_SPEC, labels=list(LABELS), license="Apache-2.0"
+    )
+    model = write_onnx_metadata(
+        models["onnx"],
+        props,
+        doc_string="Colour of the patch.",
+        input_docs={"image": "raw RGB pixels, NHWC, [0, 255]"},
+        output_docs={},
+    )
     md = read_onnx_metadata(model)
     assert md["labels"] == list(LABELS) and md["input_spec"] == INPUT_SPEC
     assert md["description"] == "Colour of the patch."
-    assert {k: md["props"][k] for k in ("edgetl.bundle_name", "edgetl.bundle_version", "model_author", "model_license",
-                                         "Image.BitmapPixelFormat", "Image.NominalPixelRange")} == {
-        "edgetl.bundle_name": "patches", "edgetl.bundle_version": "1.2.0", "model_author": "edgetl",
-        "model_license": "Apache-2.0", "Image.BitmapPixelFormat": "Rgb8",
-        "Image.NominalPixelRange": "NominalRange_0_255"}
+    assert {
+        k: md["props"][k]
+        for k in (
+            "edgetl.bundle_name",
+            "edgetl.bundle_version",
+            "model_author",
+            "model_license",
+            "Image.BitmapPixelFormat",
+            "Image.NominalPixelRange",
+        )
+    } == {
+        "edgetl.bundle_name": "patches",
+        "edgetl.bundle_version": "1.2.0",
+        "model_author": "edgetl",
+        "model_license": "Apache-2.0",
+        "Image.BitmapPixelFormat": "Rgb8",
+        "Image.NominalPixelRange": "NominalRange_0_255",
+    }
     assert md["props"]["edgetl.producer"].startswith("edgetl ")
     import onnx
 
     proto = onnx.load_from_string(model)
     assert [i.doc_string for i in proto.graph.input if i.name == "image"] == ["raw RGB pixels, NHWC, [0, 255]"]
     # Replacing a key keeps the others.
-    again = read_onnx_metadata(write_onnx_metadata(model, {"edgetl.bundle_version": "2"}, doc_string="x",
-                                                   input_docs={}, output_docs={}))
+    again = read_onnx_metadata(
+        write_onnx_metadata(model, {"edgetl.bundle_version": "2"}, doc_string="x", input_docs={}, output_docs={})
+    )
     assert again["props"]["edgetl.bundle_version"] == "2" and again["labels"] == list(LABELS)
 
 
@@ -264,8 +316,9 @@ def test_runtime_outputs_are_unchanged(models, with_metadata):
         assert np.array_equal(before, after), key
     probs = _litert(models["fp32"], x)
     assert probs.max(axis=1).mean() > 0.6 and (probs.argmax(1) == models["y"]).mean() > 0.9  # a real classifier
-    onnx_after = write_onnx_metadata(models["onnx"], {"edgetl.labels": json.dumps(LABELS)}, doc_string="d",
-                                     input_docs={}, output_docs={})
+    onnx_after = write_onnx_metadata(
+        models["onnx"], {"edgetl.labels": json.dumps(LABELS)}, doc_string="d", input_docs={}, output_docs={}
+    )
     assert np.array_equal(_ort(models["onnx"], x), _ort(onnx_after, x))
 
 
@@ -312,18 +365,21 @@ def test_tf2onnx_still_converts_the_tflite(models, with_metadata, tmp_path):
 # ---------------------------------------------------------------------------------------------- (c)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"labels": ()}, "needs at least one label"),
-    ({"labels": ["a", "b\nc", "d", "e"]}, r"labels\[1\] must be a non-empty single-line string"),
-    ({"labels": ["a", "a", "b", "c"]}, "must be distinct"),
-    ({"mean": (0.0, 0.0, 0.0), "std": (1.0,)}, "same length"),
-    ({"mean": (0.0, 0.0), "std": (1.0, 1.0)}, r"1 or channels \(3\)"),
-    ({"std": (0.0,)}, "must be > 0"),
-    ({"kind": "detector"}, "kind must be one of"),
-    ({"color_space": "GRAYSCALE"}, "GRAYSCALE has 1 channel"),
-    ({"value_range": (255, 0)}, "min < max"),
-    ({"width": 0}, "width must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": ()}, "needs at least one label"),
+        ({"labels": ["a", "b\nc", "d", "e"]}, r"labels\[1\] must be a non-empty single-line string"),
+        ({"labels": ["a", "a", "b", "c"]}, "must be distinct"),
+        ({"mean": (0.0, 0.0, 0.0), "std": (1.0,)}, "same length"),
+        ({"mean": (0.0, 0.0), "std": (1.0, 1.0)}, r"1 or channels \(3\)"),
+        ({"std": (0.0,)}, "must be > 0"),
+        ({"kind": "detector"}, "kind must be one of"),
+        ({"color_space": "GRAYSCALE"}, "GRAYSCALE has 1 channel"),
+        ({"value_range": (255, 0)}, "min < max"),
+        ({"width": 0}, "width must be an integer"),
+    ],
+)
 def test_bad_model_info_is_refused_clearly(kwargs, message):
     with pytest.raises(InputError, match=message):
         _info(**kwargs)
@@ -392,8 +448,10 @@ def test_mediapipe_image_classifier_agrees_with_litert(mediapipe, models, with_m
             mp_scores[i, c["index"]] = c["score"]
         assert r["categories"][0]["index"] == int(np.argmax(mp_scores[i]))
     agreement = float((mp_scores.argmax(1) == ref.argmax(1)).mean())
-    print(f"\nMediaPipe vs LiteRT ({precision}): top-1 agreement {agreement:.3f} on {len(x)} images, "
-          f"max |score diff| {np.abs(mp_scores - ref).max():.2e}")
+    print(
+        f"\nMediaPipe vs LiteRT ({precision}): top-1 agreement {agreement:.3f} on {len(x)} images, "
+        f"max |score diff| {np.abs(mp_scores - ref).max():.2e}"
+    )
     assert len(x) >= 50 and agreement >= 0.98
     if precision == "fp32":
         assert np.abs(mp_scores - ref).max() <= 0.01
@@ -425,8 +483,9 @@ def test_mediapipe_input_constraints(mediapipe):
         inp = k.Input((8, 8, channels))
         out = k.layers.Dense(2, activation="softmax")(k.layers.Flatten()(k.layers.Rescaling(1 / 255.0)(inp)))
         tfl = t.lite.TFLiteConverter.from_keras_model(k.Model(inp, out)).convert()
-        info = _info(width=8, height=8, channels=channels, color_space="RGB" if channels == 3 else "GRAYSCALE",
-                     labels=("a", "b"))
+        info = _info(
+            width=8, height=8, channels=channels, color_space="RGB" if channels == 3 else "GRAYSCALE", labels=("a", "b")
+        )
         x = np.random.default_rng(3).integers(0, 256, (2, 8, 8, channels), dtype=np.uint8)
         results[channels] = _mp(mediapipe, write_tflite_metadata(tfl, info), x, "classify", f"c{channels}")
     assert "error" not in results[3] and len(results[3]["results"]) == 2, results[3]

@@ -12,7 +12,16 @@ import pytest
 
 from edgetl.cli import main
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +30,12 @@ def chromium():
     exe = shutil.which("chromium")
     if exe is None and shutil.which("apt-get"):
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900, env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            capture_output=True,
+            timeout=900,
+            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
         exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("chromium is not installed and could not be installed with apt-get")
@@ -31,7 +45,7 @@ def chromium():
 @pytest.fixture(scope="module")
 def bench_json(digits_bundle):
     from edgetl.bundle import read_bundle
-    from edgetl.device.bench import bench_bundle
+    from edgetl.device._bench import bench_bundle
 
     bundle, halves = digits_bundle
     return bench_bundle(read_bundle(bundle.path), data=(halves.test.x, halves.test.y), runs=10, warmup=2)
@@ -39,7 +53,9 @@ def bench_json(digits_bundle):
 
 def test_bench_structure(bench_json, digits_bundle):
     rows = bench_json["rows"]
-    assert {(r["backend"], r["precision"]) for r in rows} == {(b, p) for b in ("onnxruntime", "litert") for p in ("fp32", "int8")}
+    assert {(r["backend"], r["precision"]) for r in rows} == {
+        (b, p) for b in ("onnxruntime", "litert") for p in ("fp32", "int8")
+    }
     for r in rows:
         assert set(r["latency_ms"]) == {50, 90, 99} and r["latency_ms"][50] <= r["latency_ms"][99]
         assert r["size_bytes"] > 0 and r["throughput_examples_per_s"] > 0 and r["peak_rss_mb"] > 10
@@ -58,18 +74,34 @@ def test_bench_cli_json_and_table(digits_bundle, capsys):
 
 
 def test_report_renders_in_headless_chromium(tmp_path, digits_bundle, bench_json, chromium):
-    from edgetl.host.report import write_report
+    from edgetl.host._report import write_report
 
     path = write_report(digits_bundle[0].path, tmp_path / "report.html", bench=json.loads(json.dumps(bench_json)))
     page = path.read_text()
     assert "<script" not in page and "http" not in page.replace("charset", "")  # self-contained, offline
     user_dir = tempfile.mkdtemp()
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", "--dump-dom", path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for table in ("metrics", "config", "artifacts", "parity", "bench"):
         assert f'id="{table}"' in dom, table
     assert dom.count("<img") == 3  # curves, confusion matrix, latency-vs-size plot
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", "--window-size=1200,1600", f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={user_dir}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)

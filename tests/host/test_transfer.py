@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -9,13 +8,13 @@ import warnings
 import numpy as np
 import pytest
 
-from edgetl.errors import BackboneError, InputError
+from edgetl.data import Dataset, Splits, load_digits_dataset, stratified_split
+from edgetl.errors import InputError
+from edgetl.host._backbones import count_macs, create_backbone, leaf_layers
+from edgetl.host._pretrain import pretrain
+from edgetl.host._run import load_run, save_run
 from edgetl.host._tf import keras
-from edgetl.host.backbones import count_macs, create_backbone, leaf_layers
-from edgetl.host.data import Dataset, Splits, load_digits_dataset, stratified_split
-from edgetl.host.pretrain import pretrain
-from edgetl.host.run import load_run, save_run
-from edgetl.host.transfer import TrainConfig, build_transfer_model, train_transfer, unfreeze_top_layers
+from edgetl.host._transfer import TrainConfig, train_transfer, unfreeze_top_layers
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,9 @@ def target_splits(digits_target):
 @pytest.fixture(scope="module")
 def transfer_result(source_run, target_splits):
     path, _ = source_run
-    return train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=60, learning_rate=1e-2, early_stopping_patience=10))
+    return train_transfer(
+        target_splits, TrainConfig(backbone=str(path), epochs=60, learning_rate=1e-2, early_stopping_patience=10)
+    )
 
 
 def test_transfer_on_digits_beats_chance_with_a_small_head(transfer_result, source_run):
@@ -52,7 +53,15 @@ def test_backbone_stays_frozen_in_inference_mode(transfer_result, source_run):
 
 def test_run_directory_round_trip(tmp_path, transfer_result, target_splits):
     out = save_run(transfer_result, tmp_path / "run")
-    for name in ("model.keras", "backbone.keras", "config.json", "history.json", "metrics.json", "training_curves.png", "confusion_matrix.png"):
+    for name in (
+        "model.keras",
+        "backbone.keras",
+        "config.json",
+        "history.json",
+        "metrics.json",
+        "training_curves.png",
+        "confusion_matrix.png",
+    ):
         assert (out / name).is_file(), name
     run = load_run(out)
     assert run.class_names == list(transfer_result.class_names)
@@ -68,11 +77,17 @@ def test_run_directory_round_trip(tmp_path, transfer_result, target_splits):
 
 def test_fine_tune_unfreezes_exactly_n_layers(source_run, target_splits):
     path, _ = source_run
-    result = train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=2, fine_tune_layers=2, fine_tune_epochs=1))
+    result = train_transfer(
+        target_splits, TrainConfig(backbone=str(path), epochs=2, fine_tune_layers=2, fine_tune_epochs=1)
+    )
     assert result.metrics["unfrozen_layers"] == ["conv3", "conv2"] and "fine_tune_kept" in result.metrics
     assert result.history["phase"].count(2.0) == 1
     head_params = result.metrics["trainable_params_head_phase"]
-    conv_params = sum(int(np.prod(w.shape)) for name in ("conv2", "conv3") for w in result.transfer.backbone.model.get_layer(name).weights)
+    conv_params = sum(
+        int(np.prod(w.shape))
+        for name in ("conv2", "conv3")
+        for w in result.transfer.backbone.model.get_layer(name).weights
+    )
     assert result.metrics["trainable_params_fine_tune"] == head_params + conv_params
 
 
@@ -90,7 +105,9 @@ def test_unfreeze_counts_nested_application_layers_and_skips_batchnorm():
 @pytest.mark.parametrize("fusion", ["none", "concat"])
 def test_fusion_on_and_off(source_run, target_splits, fusion):
     path, _ = source_run
-    result = train_transfer(target_splits, TrainConfig(backbone=str(path), epochs=3, fusion=fusion, fusion_units=8, head_hidden_units=16))
+    result = train_transfer(
+        target_splits, TrainConfig(backbone=str(path), epochs=3, fusion=fusion, fusion_units=8, head_hidden_units=16)
+    )
     tm = result.transfer
     layer_names = [l.name for l in tm.features.layers]
     assert ("fusion" in layer_names) == (fusion == "concat")
@@ -103,16 +120,24 @@ def test_fusion_on_and_off(source_run, target_splits, fusion):
 def test_features_mlp_on_csv_class_weights_label_smoothing_callbacks(tmp_path):
     k = keras()
     digits = load_digits_dataset()
-    rows = ["," .join([f"f{i}" for i in range(64)] + ["label"])]
+    rows = [",".join([f"f{i}" for i in range(64)] + ["label"])]
     for x, y in zip(digits.x.reshape(len(digits), -1)[:600], digits.y[:600]):
         rows.append(",".join(map(str, x.tolist())) + f",{y}")
     (tmp_path / "d.csv").write_text("\n".join(rows))
-    from edgetl.host.data import load_dataset
+    from edgetl.data import load_dataset
 
     ds = load_dataset(tmp_path / "d.csv")
     seen = []
     cb = k.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
-    cfg = TrainConfig(backbone="edgetl_mlp", epochs=15, learning_rate=1e-2, early_stopping_patience=0, class_weight="balanced", label_smoothing=0.1, cache_embeddings=False)
+    cfg = TrainConfig(
+        backbone="edgetl_mlp",
+        epochs=15,
+        learning_rate=1e-2,
+        early_stopping_patience=0,
+        class_weight="balanced",
+        label_smoothing=0.1,
+        cache_embeddings=False,
+    )
     result = train_transfer(ds, cfg, callbacks=[cb])
     assert seen == list(range(15))
     assert result.metrics["test_accuracy"] > 0.6  # random-init MLP features + trained head; chance is 0.1
@@ -147,7 +172,9 @@ def test_data_of_another_size_is_conformed_to_a_file_backbone(source_run, digits
     from PIL import Image
 
     path, _ = source_run
-    x = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((16, 16), Image.BILINEAR))[..., None] for im in digits_target.x])
+    x = np.stack(
+        [np.asarray(Image.fromarray(im[..., 0]).resize((16, 16), Image.BILINEAR))[..., None] for im in digits_target.x]
+    )
     ds = Dataset(x, digits_target.y, digits_target.class_names, "image")
     with pytest.warns(UserWarning, match="resized from 16x16 to 8x8"):
         result = train_transfer(ds, TrainConfig(backbone=str(path)))
@@ -191,7 +218,16 @@ def test_fine_tuning_that_hurts_validation_is_discarded(source_run, target_split
     (every variable, not only the trainable ones) and says so; the history has both phases."""
     path, src = source_run
     with pytest.warns(UserWarning, match="did not improve validation accuracy"):
-        hurt = train_transfer(target_splits, TrainConfig(backbone=str(path), fine_tune_layers=2, fine_tune_epochs=2, fine_tune_learning_rate=5.0, early_stopping_patience=0))
+        hurt = train_transfer(
+            target_splits,
+            TrainConfig(
+                backbone=str(path),
+                fine_tune_layers=2,
+                fine_tune_epochs=2,
+                fine_tune_learning_rate=5.0,
+                early_stopping_patience=0,
+            ),
+        )
     m = hurt.metrics
     assert m["fine_tune_kept"] is False and m["fine_tuned_val_accuracy"] < m["head_only_val_accuracy"]
     for ours, pretrained in zip(hurt.transfer.backbone.model.get_weights(), src.transfer.features.get_weights()):
@@ -200,8 +236,12 @@ def test_fine_tuning_that_hurts_validation_is_discarded(source_run, target_split
     assert np.mean(probs.argmax(1) == target_splits.val.y) == m["head_only_val_accuracy"]
     assert hurt.history["phase"].count(1.0) == 1 and hurt.history["phase"].count(2.0) == 2
     for seed in (0, 1):  # whatever fine-tuning does, the shipped model is never below head-only on validation
-        run = train_transfer(target_splits, TrainConfig(backbone=str(path), fine_tune_layers=2, fine_tune_epochs=3, seed=seed))
-        final = np.mean(run.model.predict(target_splits.val.x.astype(np.float32), verbose=0).argmax(1) == target_splits.val.y)
+        run = train_transfer(
+            target_splits, TrainConfig(backbone=str(path), fine_tune_layers=2, fine_tune_epochs=3, seed=seed)
+        )
+        final = np.mean(
+            run.model.predict(target_splits.val.x.astype(np.float32), verbose=0).argmax(1) == target_splits.val.y
+        )
         assert final >= run.metrics["head_only_val_accuracy"]
 
 
@@ -209,7 +249,25 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, source_run):
     """Runs in a child process: logical devices must be configured before TensorFlow starts."""
     path, _ = source_run
     out = tmp_path / "mirrored"
-    cmd = [sys.executable, "-m", "edgetl.cli", "train", "--data", "builtin:digits", "--backbone", str(path), "--epochs", "2", "--strategy", "mirrored", "--cpu-devices", "2", "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgetl.cli",
+        "train",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        str(path),
+        "--epochs",
+        "2",
+        "--strategy",
+        "mirrored",
+        "--cpu-devices",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -228,13 +286,17 @@ def test_application_backbone_transfer_and_fine_tune(tmp_path):
     bb = informative_random_backbone("mobilenetv3small", x.astype(np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights; fine-tuning without a validation split
-        result = train_transfer(splits, TrainConfig(backbone="mobilenetv3small", epochs=1, fine_tune_layers=3, fine_tune_epochs=1, batch_size=8), backbone=bb)
+        result = train_transfer(
+            splits,
+            TrainConfig(backbone="mobilenetv3small", epochs=1, fine_tune_layers=3, fine_tune_epochs=1, batch_size=8),
+            backbone=bb,
+        )
     assert len(result.metrics["unfrozen_layers"]) == 3
     assert result.model.output_shape == (None, 3)
 
 
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics():
-    from edgetl.host.pretrain import recalibrate_batchnorm
+    from edgetl.host._pretrain import recalibrate_batchnorm
 
     k = keras()
     inputs = k.Input((6, 6, 2))
@@ -258,13 +320,18 @@ def test_pretrain_validates_the_network_inference_will_run():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("user_models", Path(__file__).resolve().parents[2] / "tools" / "user_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "user_models", Path(__file__).resolve().parents[2] / "tools" / "user_models.py"
+    )
     um = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(um)
     x, y = um.digit_images((0, 1, 2, 3, 4), 48, 3, seed=0, per_class=100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = pretrain(Dataset(x, y, tuple("01234"), "image"), TrainConfig(backbone="mobilenetv2_035", epochs=6, learning_rate=3e-3, early_stopping_patience=0))
+        result = pretrain(
+            Dataset(x, y, tuple("01234"), "image"),
+            TrainConfig(backbone="mobilenetv2_035", epochs=6, learning_rate=3e-3, early_stopping_patience=0),
+        )
     train, val = result.history["accuracy"], result.history["val_accuracy"]
     assert val[-1] >= 0.45 and val[-1] >= val[0] + 0.15, val  # chance is 0.2
     assert train[-1] - val[-1] <= 0.2, (train, val)

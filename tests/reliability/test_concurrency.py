@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edgetl.device.classifier import Classifier
-from edgetl.device.head import HeadState
-from edgetl.device.store import HeadStore
+from edgetl.device._classifier import Classifier
+from edgetl.device._head import HeadState
+from edgetl.device._store import HeadStore
 
 THREADS, COMMITS = 4, 30
 
@@ -27,7 +27,9 @@ def test_predictions_during_commits_each_use_one_whole_head(tmp_path, digits_bun
     # Version v shifts every weight by v * 0.01: any mix of two versions is detectable.
     heads = {0: factory}
     for v in range(1, COMMITS + 1):
-        heads[v] = replace(factory, W=factory.W + np.float32(0.01 * v) * np.sign(factory.W), b=factory.b + np.float32(0.01 * v))
+        heads[v] = replace(
+            factory, W=factory.W + np.float32(0.01 * v) * np.sign(factory.W), b=factory.b + np.float32(0.01 * v)
+        )
     expected = {v: clf.head_runtime.probabilities(h, emb)[:, :5] for v, h in heads.items()}
     expected[0] = clf.predict(x).probabilities  # version 0 answers through the fused model
 
@@ -58,4 +60,7 @@ def test_predictions_during_commits_each_use_one_whole_head(tmp_path, digits_bun
     assert len(versions) > 2  # predictions really overlapped several commits
     for version, probs in seen:
         np.testing.assert_allclose(probs, expected[version], atol=1e-5)
-    print(f"{backend}: {len(seen)} predictions from {THREADS} threads across {len(versions)} head versions, each from one whole version")
+    print(
+        f"{backend}: {len(seen)} predictions from {THREADS} threads across {len(versions)} head versions, each from "
+        "one whole version"
+    )

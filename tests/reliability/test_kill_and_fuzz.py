@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgetl.bundle import read_bundle, unpack_bundle, validate_manifest, write_bundle
+from edgetl.bundle import unpack_bundle, validate_manifest
 from edgetl.errors import BundleError
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
@@ -32,7 +32,15 @@ def test_store_survives_sigkill_during_commits(tmp_path, digits_bundle):
 def test_fuzzed_bundles_and_archives_only_raise_bundle_errors(digits_bundle):
     stats = _tool("fuzz_bundle").run(digits_bundle[0].path, cases=220, seed=0)  # 20 per mutation kind
     outcomes = stats["outcomes"]
-    for kind in ("truncate", "missing_file", "hostile_path", "symlink_outside", "deep_nesting", "zip_slip", "corrupt_archive"):
+    for kind in (
+        "truncate",
+        "missing_file",
+        "hostile_path",
+        "symlink_outside",
+        "deep_nesting",
+        "zip_slip",
+        "corrupt_archive",
+    ):
         assert outcomes.get(f"{kind}:refused") == 20 and f"{kind}:opened" not in outcomes, kind
     assert outcomes.get("unknown_fields:opened") == 20  # forward compatible: ignored, not refused
 
@@ -60,7 +68,9 @@ VALID = {
     "input_spec": {"shape": [3], "dtype": "float32"},
     "embedding_size": 3,
     "head": {"max_classes": 4},
-    "artifacts": [{"file": "w.npz", "role": "head_init", "format": "npz", "precision": "fp32", "sha256": "0" * 64, "size": 1}],
+    "artifacts": [
+        {"file": "w.npz", "role": "head_init", "format": "npz", "precision": "fp32", "sha256": "0" * 64, "size": 1}
+    ],
 }
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from edgetl.cli import main
-from edgetl.device.classifier import Classifier
-from edgetl.device.personalizer import Personalizer
+from edgetl.data import Dataset, restyle_digits
+from edgetl.device._classifier import Classifier
+from edgetl.device._personalizer import Personalizer
 from edgetl.errors import DataError, InputError, StoreError
-from edgetl.host.data import Dataset, restyle_digits
 
 
 def _immutable(path, on: bool) -> bool:
@@ -48,8 +48,8 @@ def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digi
 
 
 def test_nan_or_misshapen_data_is_refused_before_anything_is_written(tmp_path, digits_bundle, source_run):
-    from edgetl.host.export import export_bundle
-    from edgetl.host.run import load_run
+    from edgetl.host._export import export_bundle
+    from edgetl.host._run import load_run
 
     x = np.full((4, 8, 8, 1), np.nan, np.float32)
     with pytest.raises(DataError, match="NaN"):
@@ -60,10 +60,38 @@ def test_nan_or_misshapen_data_is_refused_before_anything_is_written(tmp_path, d
         export_bundle(run, tmp_path / "wrong.edgetl", quantize=["int8"], calibration=digits)
     assert not (tmp_path / "wrong.edgetl").exists()
     np.savez(tmp_path / "nan.npz", x=x, y=np.arange(4) % 2)
-    assert main(["export", str(source_run[0]), "--quantize", "int8", "--calibration", str(tmp_path / "nan.npz"), "--out", str(tmp_path / "nan.edgetl")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(source_run[0]),
+                "--quantize",
+                "int8",
+                "--calibration",
+                str(tmp_path / "nan.npz"),
+                "--out",
+                str(tmp_path / "nan.edgetl"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "nan.edgetl").exists()
     (tmp_path / "nan.csv").write_text("a,b,label\n1,nan,x\n2,3,y\n4,5,x\n")
-    assert main(["train", "--data", str(tmp_path / "nan.csv"), "--backbone", "edgetl_mlp", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "nan.csv"),
+                "--backbone",
+                "edgetl_mlp",
+                "--out",
+                str(tmp_path / "run"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 

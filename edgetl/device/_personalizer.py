@@ -18,15 +18,14 @@ classes shipped in the bundle).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from edgetl.device.classifier import Classifier
-from edgetl.device.head import HeadState, TrainSettings
-from edgetl.device.head_math import masked_softmax
-from edgetl.device.store import HeadStore
+from edgetl.device._classifier import Classifier
+from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._store import HeadStore
 from edgetl.errors import InputError, describe
 
 
@@ -43,6 +42,13 @@ class CommitResult:
     reason: str
     candidate_scores: dict = field(default_factory=dict)
     active_scores: dict = field(default_factory=dict)
+
+
+# Guard defaults (see the Personalizer docstring for what was measured).
+DEFAULT_HOLDOUT = 0.25
+DEFAULT_MARGIN = 0.02
+DEFAULT_FORGET_MARGIN = 0.05
+DEFAULT_REPLAY_PER_CLASS = 20
 
 
 class Personalizer:
@@ -67,7 +73,17 @@ class Personalizer:
         settings: training hyperparameters.
     """
 
-    def __init__(self, classifier: Classifier, store: HeadStore | str | os.PathLike[str], *, holdout_fraction: float = 0.25, replay_per_class: int = 20, margin: float = 0.02, forget_margin: float = 0.05, settings: TrainSettings = TrainSettings()) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        store: HeadStore | str | os.PathLike[str],
+        *,
+        holdout_fraction: float = DEFAULT_HOLDOUT,
+        replay_per_class: int = DEFAULT_REPLAY_PER_CLASS,
+        margin: float = DEFAULT_MARGIN,
+        forget_margin: float = DEFAULT_FORGET_MARGIN,
+        settings: TrainSettings = TrainSettings(),
+    ) -> None:
         if not 0 <= holdout_fraction < 1:
             raise InputError(f"holdout_fraction must be in [0, 1), received {holdout_fraction}")
         for name, value in (("margin", margin), ("forget_margin", forget_margin)):
@@ -126,7 +142,10 @@ class Personalizer:
         known = set(self._base.labels)
         unknown = sorted(set(labels) - known)
         if unknown:
-            raise InputError(f"unknown label(s) {unknown}; the head knows {list(self._base.labels)}. Use add_class(name, examples) for a new class")
+            raise InputError(
+                f"unknown label(s) {unknown}; the head knows {list(self._base.labels)}. Use add_class(name, examples) "
+                "for a new class"
+            )
         self._cache(batch, labels)
 
     def _cache(self, batch: np.ndarray, labels: list[str]) -> None:
@@ -138,13 +157,18 @@ class Personalizer:
         """Add a class up to the head's capacity, initialised by weight imprinting
         (see :meth:`_imprint`), so it is recognisable before any training."""
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise InputError(f"class name must be a non-empty string of at most 256 characters, received {describe(name)}")
+            raise InputError(
+                f"class name must be a non-empty string of at most 256 characters, received {describe(name)}"
+            )
         base = self._base
         if name in base.labels:
             raise InputError(f"class {name!r} already exists; add examples to it with add_examples")
         free = np.flatnonzero(base.mask == 0)
         if not len(free):
-            raise InputError(f"the head is full: capacity {base.capacity} classes ({len(base.labels)} active); export the bundle with a larger max_classes")
+            raise InputError(
+                f"the head is full: capacity {base.capacity} classes ({len(base.labels)} active); export the bundle "
+                "with a larger max_classes"
+            )
         batch = self.classifier.check_inputs(x)
         emb = self.classifier.embed(batch)
         col = int(free[0])
@@ -189,7 +213,8 @@ class Personalizer:
             train += idx[n_held:].tolist()
         return np.asarray(sorted(train), dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)
 
-    def _onehot(self, labels: Sequence[str], head: HeadState) -> np.ndarray:
+    def onehot(self, labels: Sequence[str], head: HeadState) -> np.ndarray:
+        """One-hot rows over the head's columns (a label's column is its position among the active ones)."""
         column = dict(zip(head.labels, np.flatnonzero(head.mask > 0)))
         y = np.zeros((len(labels), head.capacity), np.float32)
         y[np.arange(len(labels)), [column[l] for l in labels]] = 1.0
@@ -209,7 +234,9 @@ class Personalizer:
             raise InputError("no examples yet: call add_examples or add_class first")
         settings = settings or self.settings
         emb, labels = self.training_set()
-        self.candidate, self.losses = self.classifier.head_runtime.train(self._base, emb, self._onehot(labels, self._base), settings)
+        self.candidate, self.losses = self.classifier.head_runtime.train(
+            self._base, emb, self.onehot(labels, self._base), settings
+        )
         return self.candidate
 
     def evaluate(self, head: HeadState | None = None, x: Any = None, labels: Sequence[str] | None = None) -> float:
@@ -240,7 +267,10 @@ class Personalizer:
         held-out replay half (the factory classes); a part without examples is absent."""
         _, held = self._split()
         _, replay = self._replay_split()
-        parts = {"user": (self._emb[held], [self._labels[i] for i in held]), "replay": (self.replay_emb[replay], [self.replay_labels[i] for i in replay])}
+        parts = {
+            "user": (self._emb[held], [self._labels[i] for i in held]),
+            "replay": (self.replay_emb[replay], [self.replay_labels[i] for i in replay]),
+        }
         return {name: self._accuracy(head, emb, names) for name, (emb, names) in parts.items() if len(names)}
 
     def _accuracy(self, head: HeadState, emb: np.ndarray, labels: Sequence[str]) -> float:
@@ -263,15 +293,63 @@ class Personalizer:
         cand, current = float(np.mean(list(cand_scores.values()))), float(np.mean(list(cur_scores.values())))
         reason = None
         if cand < current - margin:
-            reason = f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than {margin:.3f}"
+            reason = (
+                f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than "
+                f"{margin:.3f}"
+            )
         elif "replay" in cand_scores and cand_scores["replay"] < cur_scores["replay"] - self.forget_margin:
-            reason = f"rejected: it forgets the factory classes (held-out replay accuracy {cur_scores['replay']:.3f} -> {cand_scores['replay']:.3f}, more than the {self.forget_margin:.3f} allowed)"
+            reason = (
+                f"rejected: it forgets the factory classes (held-out replay accuracy {cur_scores['replay']:.3f} -> "
+                f"{cand_scores['replay']:.3f}, more than the {self.forget_margin:.3f} allowed)"
+            )
         if reason:
-            return CommitResult(False, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores)
-        version = self.store.commit(self.candidate, {"heldout_accuracy": cand, "previous_accuracy": current, "scores": cand_scores, "examples": self.examples})
+            return CommitResult(
+                False, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores
+            )
+        version = self.store.commit(
+            self.candidate,
+            {"heldout_accuracy": cand, "previous_accuracy": current, "scores": cand_scores, "examples": self.examples},
+        )
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None
         return CommitResult(True, version, cand, current, margin, "committed", cand_scores, cur_scores)
+
+    def personalize(
+        self, x: Any, labels: Sequence[str], *, add_classes: bool = False, settings: TrainSettings | None = None
+    ) -> CommitResult:
+        """The whole flow in one call: add the examples, train a candidate, commit it if the
+        guard accepts it (what ``edgetl personalize`` runs).
+
+        Labels the head does not know become new classes (imprinted from their examples)
+        when ``add_classes`` is true, and are refused otherwise.
+
+        Raises:
+            InputError: bad inputs, a label count that differs from the example count, an
+                unknown label without ``add_classes``, a head without room for new classes.
+        """
+        labels = [str(l) for l in labels]
+        batch = self.classifier.check_inputs(x)
+        if len(labels) != len(batch):
+            raise InputError(f"received {len(batch)} examples and {len(labels)} labels; give one label per example")
+        new = sorted(set(labels) - set(self._base.labels), key=labels.index)
+        if new and not add_classes:
+            raise InputError(
+                f"labels {new} are not classes of the head {list(self._base.labels)}; pass add_classes=True "
+                "(--add-classes) to add them"
+            )
+        free = int((self._base.mask == 0).sum())
+        if len(new) > free:
+            raise InputError(
+                f"{len(new)} new classes {new} do not fit: the head has room for {free} more (capacity "
+                f"{self._base.capacity}); export the bundle with a larger max_classes"
+            )
+        for name in new:
+            self.add_class(name, batch[[l == name for l in labels]])
+        known = [i for i, l in enumerate(labels) if l not in new]
+        if known:
+            self.add_examples(batch[known], [labels[i] for i in known])
+        self.train(settings)
+        return self.commit()
 
     def rollback(self) -> int:
         version = self.store.rollback()

@@ -1,19 +1,11 @@
-"""The trainable head as ONNX graphs that run on plain onnxruntime, and its numpy reference.
+"""The trainable head as graphs the device runtimes execute (host side: onnx, TensorFlow).
 
-The head is linear: ``p = masked_softmax(e @ W + b)`` with a capacity of ``max_classes``
-columns; ``mask`` (1 = active class) lets the device add classes without a new graph.
-One train step on a batch of embeddings ``e`` and one-hot labels ``y``:
-
-    g_logits = (p - y) / B
-    gW = e^T g_logits + l2 * (W - W0)        # L2 pull toward the factory head W0
-    gb = sum(g_logits)
-    SGD with momentum:  v = mu v + g;  w -= lr v
-    Adam:               m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  t += 1
-                        w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
-
-Weights and optimizer state are graph inputs and outputs (no onnxruntime-training: it is
-deprecated, imports torch, and rejects IR version > 10). Hyperparameters are inputs too,
-so one graph serves every learning rate.
+What the head computes, its tensor names and the float64 reference step are the head
+contract, :mod:`edgetl.bundle._head`; this module builds exactly that as ONNX graphs
+(``head_infer.onnx``, ``head_train_{sgd,adam}.onnx``: weights and optimizer state are
+inputs and outputs, no onnxruntime-training, which is deprecated, imports torch and
+rejects IR version > 10) and as one TFLite model with signatures (``head.tflite``).
+Hyperparameters are inputs too, so one graph serves every learning rate.
 """
 
 from __future__ import annotations
@@ -22,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.device.head_math import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
+from edgetl.bundle._head import (
+    ADAM_BETA1,
+    ADAM_BETA2,
+    ADAM_EPS,
+    HYPERPARAMETERS,
+    MASK_NEG,
+    STATE,
+    TRAIN_INPUTS,
+    state_output,
+)
 
 OPSET = 17
 
@@ -56,7 +57,12 @@ def head_infer_onnx(embedding_size: int, max_classes: int) -> bytes:
     graph = h.make_graph(
         nodes,
         "edgetl_head_infer",
-        [h.make_tensor_value_info("embedding", f, ["batch", d]), h.make_tensor_value_info("W", f, [d, c]), h.make_tensor_value_info("b", f, [c]), h.make_tensor_value_info("mask", f, [c])],
+        [
+            h.make_tensor_value_info("embedding", f, ["batch", d]),
+            h.make_tensor_value_info("W", f, [d, c]),
+            h.make_tensor_value_info("b", f, [c]),
+            h.make_tensor_value_info("mask", f, [c]),
+        ],
         [h.make_tensor_value_info("probabilities", f, ["batch", c])],
         initializer=_consts(h, onnx),
     )
@@ -101,9 +107,18 @@ def head_train_onnx(embedding_size: int, max_classes: int, optimizer: str) -> by
         h.make_node("Add", ["gW_ce", "gW_l2"], ["gW"]),
         h.make_node("ReduceSum", ["g_logits", "axis0"], ["gb"], keepdims=0),
     ]
-    inputs = ["embedding", "labels", "mask", "W", "b", "W0", "lr", "l2"]
-    outputs = ["W_out", "b_out"]
-    shapes = {"embedding": ["batch", d], "labels": ["batch", c], "mask": [c], "W": [d, c], "b": [c], "W0": [d, c], "lr": [], "l2": []}
+    inputs = list(TRAIN_INPUTS)
+    outputs = [state_output("W"), state_output("b")]
+    shapes = {
+        "embedding": ["batch", d],
+        "labels": ["batch", c],
+        "mask": [c],
+        "W": [d, c],
+        "b": [c],
+        "W0": [d, c],
+        "lr": [],
+        "l2": [],
+    }
     if optimizer == "sgd":
         for w in ("W", "b"):
             n += [
@@ -112,8 +127,8 @@ def head_train_onnx(embedding_size: int, max_classes: int, optimizer: str) -> by
                 h.make_node("Mul", [f"vel_{w}_out", "lr"], [f"step_{w}"]),
                 h.make_node("Sub", [w, f"step_{w}"], [f"{w}_out"]),
             ]
-        inputs += ["vel_W", "vel_b", "momentum"]
-        outputs += ["vel_W_out", "vel_b_out"]
+        inputs += [*STATE["sgd"][2:], *HYPERPARAMETERS["sgd"]]
+        outputs += [state_output(n) for n in STATE["sgd"][2:]]
         shapes.update({"vel_W": [d, c], "vel_b": [c], "momentum": []})
     elif optimizer == "adam":
         n += [
@@ -142,8 +157,8 @@ def head_train_onnx(embedding_size: int, max_classes: int, optimizer: str) -> by
                 h.make_node("Mul", [f"upd_{w}", "lr"], [f"step_{w}"]),
                 h.make_node("Sub", [w, f"step_{w}"], [f"{w}_out"]),
             ]
-        inputs += ["m_W", "m_b", "v_W", "v_b", "t"]
-        outputs += ["m_W_out", "m_b_out", "v_W_out", "v_b_out", "t_out"]
+        inputs += list(STATE["adam"][2:])
+        outputs += [state_output(n) for n in STATE["adam"][2:]]
         shapes.update({"m_W": [d, c], "m_b": [c], "v_W": [d, c], "v_b": [c], "t": []})
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', received {optimizer!r}")
@@ -156,7 +171,11 @@ def head_train_onnx(embedding_size: int, max_classes: int, optimizer: str) -> by
         h.make_tensor("zero_i", onnx.TensorProto.INT64, [], [0]),
     ]
     if optimizer == "adam":
-        init += [h.make_tensor("beta1", f, [], [ADAM_BETA1]), h.make_tensor("beta2", f, [], [ADAM_BETA2]), h.make_tensor("eps", f, [], [ADAM_EPS])]
+        init += [
+            h.make_tensor("beta1", f, [], [ADAM_BETA1]),
+            h.make_tensor("beta2", f, [], [ADAM_BETA2]),
+            h.make_tensor("eps", f, [], [ADAM_EPS]),
+        ]
     out_shapes = {o: shapes.get(o[: -len("_out")], []) for o in outputs if o != "loss"}
     graph = h.make_graph(
         n,
@@ -229,9 +248,14 @@ def head_tflite(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
             p = self._probs(embedding)
             batch = t.cast(t.shape(embedding)[0], t.float32)
             d_anchor = self.W - self.anchor
-            loss = -t.reduce_mean(t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
+            loss = -t.reduce_mean(
+                t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)
+            ) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
             g_logits = (p - labels) / batch
-            grads = {"W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor, "b": t.reduce_sum(g_logits, axis=0)}
+            grads = {
+                "W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor,
+                "b": t.reduce_sum(g_logits, axis=0),
+            }
             adam, sgd = optimizer, 1.0 - optimizer
             step_t = self.t + adam  # Adam's step counter advances only on Adam steps
             bc1 = 1.0 - t.pow(ADAM_BETA1, t.maximum(step_t, 1.0))
@@ -252,7 +276,12 @@ def head_tflite(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
 
         @t.function(input_signature=[])
         def get_weights(self) -> Any:
-            return {"W": t.identity(self.W), "b": t.identity(self.b), "mask": t.identity(self.mask), "anchor": t.identity(self.anchor)}
+            return {
+                "W": t.identity(self.W),
+                "b": t.identity(self.b),
+                "mask": t.identity(self.mask),
+                "anchor": t.identity(self.anchor),
+            }
 
         @t.function(
             input_signature=[
@@ -271,8 +300,16 @@ def head_tflite(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
             return {"ok": t.constant(1.0)}
 
     head = Head()
-    fns = [head.infer.get_concrete_function(), head.train.get_concrete_function(), head.get_weights.get_concrete_function(), head.set_weights.get_concrete_function()]
+    fns = [
+        head.infer.get_concrete_function(),
+        head.train.get_concrete_function(),
+        head.get_weights.get_concrete_function(),
+        head.set_weights.get_concrete_function(),
+    ]
     conv = t.lite.TFLiteConverter.from_concrete_functions(fns, head)
     conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS]
     conv.experimental_enable_resource_variables = True
-    return conv.convert()
+    from edgetl._quiet import native_output_silenced
+
+    with native_output_silenced():  # the converter prints from C++
+        return conv.convert()

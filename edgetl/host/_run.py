@@ -23,7 +23,7 @@ import numpy as np
 from edgetl import __version__
 from edgetl._atomic import atomic_directory
 from edgetl.errors import InputError
-from edgetl.host.transfer import TrainConfig, TrainResult
+from edgetl.host._transfer import TrainConfig, TrainResult
 
 
 def _jsonable(value: Any) -> Any:
@@ -102,8 +102,8 @@ class Run:
         """
         import warnings
 
+        from edgetl.data import conform_images, load_dataset
         from edgetl.errors import EdgeTLError
-        from edgetl.host.data import conform_images, load_dataset
 
         record = self.info.get("data") or {}
         load = dict(record.get("load") or {})
@@ -121,23 +121,31 @@ class Run:
             return None, f"the run's training data {path!r} cannot be loaded ({exc})"
         found = data.fingerprint()
         if found != record["sha256"]:
-            return None, f"the run's training data {path!r} changed since training (sha256 {found[:12]}, the run recorded {record['sha256'][:12]})"
+            return (
+                None,
+                f"the run's training data {path!r} changed since training (sha256 {found[:12]}, the run recorded "
+                f"{record['sha256'][:12]})",
+            )
         data, _ = conform_images(data, self.input_spec["shape"])
         return data, f"the run's training data {path} (sha256 {found[:12]} verified)"
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by :func:`save_run`."""
-    from edgetl.host.backbones import load_keras_model
+    from edgetl.host._backbones import load_keras_model
 
     path = Path(path)
     missing = [f for f in ("model.keras", "config.json") if not (path / f).is_file()]
     if missing:
-        raise InputError(f"{str(path)!r} is not an edgetl run directory (missing {missing}); create one with `edgetl train`")
+        raise InputError(
+            f"{str(path)!r} is not an edgetl run directory (missing {missing}); create one with `edgetl train`"
+        )
     info = json.loads((path / "config.json").read_text())
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     model = load_keras_model(path / "model.keras")
-    return Run(path, model, info["class_names"], info["input_spec"], TrainConfig.from_dict(info["config"]), metrics, info)
+    return Run(
+        path, model, info["class_names"], info["input_spec"], TrainConfig.from_dict(info["config"]), metrics, info
+    )
 
 
 def plot_history(history: dict[str, list[float]], path: Path) -> None:
@@ -180,7 +188,9 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...] | list[st
         for j in range(n):
             if confusion[i, j]:
                 dark = confusion[i, j] > confusion.max() / 2  # white on dark cells, black on light
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+                ax.text(
+                    j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                )
     ax.set_title("confusion matrix (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

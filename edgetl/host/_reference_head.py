@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.device.head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device.head_math import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
+from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
+from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.host._tf import keras, tf
 
 

@@ -26,10 +26,11 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from edgetl import __version__
+from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
+from edgetl.data import Dataset, stratified_split
 from edgetl.errors import BundleError, InputError, describe
 from edgetl.host._tf import keras, tf
-from edgetl.host.data import Dataset, stratified_split
 
 FORMATS = ("tflite", "onnx")
 REPLAY_PER_CLASS = 20
@@ -66,7 +67,9 @@ class QuantizeConfig:
         if self.io_dtype not in ("float32", "int8", "uint8"):
             raise InputError(f"io_dtype must be float32, int8 or uint8, received {self.io_dtype!r}")
         if self.io_dtype != "float32" and self.mode not in ("int8", "qat"):
-            raise InputError(f"integer io_dtype={self.io_dtype!r} needs mode 'int8' or 'qat', received mode={self.mode!r}")
+            raise InputError(
+                f"integer io_dtype={self.io_dtype!r} needs mode 'int8' or 'qat', received mode={self.mode!r}"
+            )
         if not 0 < self.qat_learning_rate < 1:
             raise InputError(f"qat_learning_rate must be in (0, 1), received {self.qat_learning_rate}")
 
@@ -78,7 +81,12 @@ class QuantizeConfig:
         """What the manifest records about how an artifact was quantized."""
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode in ("int8", "qat"):
-            out.update(calibration_samples=self.calibration_samples, io_dtype=self.io_dtype, weights="int8 per-channel", activations="int8 per-tensor")
+            out.update(
+                calibration_samples=self.calibration_samples,
+                io_dtype=self.io_dtype,
+                weights="int8 per-channel",
+                activations="int8 per-tensor",
+            )
         if self.mode == "qat":
             out.update(qat_epochs=self.qat_epochs, qat_learning_rate=self.qat_learning_rate)
         if self.mode == "dynamic":
@@ -112,7 +120,9 @@ def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
     return module, module.serve.get_concrete_function()
 
 
-def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output") -> bytes:
+def to_tflite(
+    model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
+) -> bytes:
     """Convert a Keras model with ``tf.lite.TFLiteConverter`` (signature ``serving_default``)."""
     t = tf()
     module, fn = _servable(model, output_name)
@@ -137,9 +147,10 @@ def to_tflite(model: Any, q: QuantizeConfig, calibration: np.ndarray | None = No
         io = {"float32": t.float32, "int8": t.int8, "uint8": t.uint8}[q.io_dtype]
         conv.inference_input_type = io
         conv.inference_output_type = io
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), native_output_silenced():
         # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
-        # edgetl itself runs models only with ai_edge_litert. Not actionable for users.
+        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
+        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
         return conv.convert()
@@ -150,7 +161,8 @@ def keras_to_onnx(model: Any, opset: int) -> bytes:
 
     t = tf()
     spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")]
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    with native_output_silenced():
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto.SerializeToString()
 
 
@@ -161,7 +173,7 @@ def tflite_to_onnx(tflite: bytes, opset: int) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.tflite")
         Path(path).write_bytes(tflite)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), native_output_silenced():
             # tf2onnx reads the .tflite with TensorFlow's deprecated tf.lite.Interpreter;
             # not something edgetl users run or can change.
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
@@ -194,12 +206,27 @@ def onnx_static_qdq(fp32_onnx: bytes, calibration: np.ndarray) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         src, pre, dst = (os.path.join(d, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         Path(src).write_bytes(fp32_onnx)
-        quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, dst, Reader(model.graph.input[0].name), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with native_output_silenced():
+            quant_pre_process(src, pre, skip_symbolic_shape=True)
+        quantize_static(
+            pre,
+            dst,
+            Reader(model.graph.input[0].name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         return Path(dst).read_bytes()
 
 
-def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.ndarray | None, sample: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+def choose_int8_onnx(
+    candidates: dict[str, bytes],
+    x: np.ndarray | None,
+    y: np.ndarray | None,
+    sample: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[str, dict[str, dict[str, float]]]:
     """Pick the int8 ONNX candidate: one that passes its gate, then by accuracy, then speed.
 
     The gate is the one ``verify`` applies (top-1 agreement with the Keras reference on
@@ -212,8 +239,8 @@ def choose_int8_onnx(candidates: dict[str, bytes], x: np.ndarray | None, y: np.n
     convolutions; QDQ turns all 52 convolutions into QLinearConv). Candidates within half
     a point of the best accuracy (or all, without held-out data) compete on batch-1 latency.
     """
-    from edgetl.device.runtimes import OnnxModel
-    from edgetl.device.verify import MIN_TOP1_AGREEMENT
+    from edgetl.device._runtimes import OnnxModel
+    from edgetl.device._verify import MIN_TOP1_AGREEMENT
 
     stats: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -260,7 +287,10 @@ def split_model(model: Any) -> tuple[Any, Any]:
     k = keras()
     names = {layer.name for layer in model.layers}
     if "head" not in names or not names & {"features", "backbone"}:
-        raise InputError(f"model {model.name!r} is not an edgetl transfer or pretrain model (needs layers 'features' or 'backbone', and 'head'); its layers are {sorted(names)}")
+        raise InputError(
+            f"model {model.name!r} is not an edgetl transfer or pretrain model (needs layers 'features' or 'backbone', "
+            f"and 'head'); its layers are {sorted(names)}"
+        )
     # `edgetl train` models call it "features" (backbone + fusion); `edgetl pretrain` "backbone".
     features = model.get_layer("features" if "features" in names else "backbone")
     head = model.get_layer("head")
@@ -292,9 +322,16 @@ def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, 
 
     def desc_t(d: dict[str, Any]) -> dict[str, Any]:
         q = d.get("quantization_parameters", {})
-        out = {"name": d["name"], "shape": [None] + [int(v) for v in d["shape"][1:]], "dtype": np.dtype(d["dtype"]).name}
+        out = {
+            "name": d["name"],
+            "shape": [None] + [int(v) for v in d["shape"][1:]],
+            "dtype": np.dtype(d["dtype"]).name,
+        }
         if len(q.get("scales", [])):
-            out["quantization"] = {"scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]]}
+            out["quantization"] = {
+                "scale": [float(s) for s in q["scales"]],
+                "zero_point": [int(z) for z in q["zero_points"]],
+            }
         return out
 
     return [desc_t(d) for d in it.get_input_details()], [desc_t(d) for d in it.get_output_details()]
@@ -358,10 +395,20 @@ class ExportPlan:
         return tuple(self.run.input_spec["shape"])
 
 
-def plan_export(run: Any, *, quantize: Sequence[str | QuantizeConfig] = ("none",), formats: Sequence[str] = FORMATS, calibration: Dataset | None = None, evaluation: Dataset | None = None,
-                opset: int = 17, max_classes: int | None = None, name: str = "model", strict: bool = False) -> ExportPlan:
+def plan_export(
+    run: Any,
+    *,
+    quantize: Sequence[str | QuantizeConfig] = ("none",),
+    formats: Sequence[str] = FORMATS,
+    calibration: Dataset | None = None,
+    evaluation: Dataset | None = None,
+    opset: int = 17,
+    max_classes: int | None = None,
+    name: str = "model",
+    strict: bool = False,
+) -> ExportPlan:
     """Check the options (cheap things first) and gather the data; nothing is converted yet."""
-    from edgetl.host.run import Run, load_run
+    from edgetl.host._run import Run, load_run
 
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -376,11 +423,19 @@ def plan_export(run: Any, *, quantize: Sequence[str | QuantizeConfig] = ("none",
     cap = max_classes or 2 * n_labels
     if cap < n_labels:
         raise InputError(f"max_classes must be at least the {n_labels} trained classes, received {cap}")
-    data = resolve_data(r, calibration, evaluation, need_labels=any(c.mode in ("int8", "qat") for c in configs), samples=max(c.calibration_samples for c in configs))
+    data = resolve_data(
+        r,
+        calibration,
+        evaluation,
+        need_labels=any(c.mode in ("int8", "qat") for c in configs),
+        samples=max(c.calibration_samples for c in configs),
+    )
     return ExportPlan(r, configs, tuple(formats), opset, cap, name, strict, data)
 
 
-def resolve_data(run: Any, calibration: Dataset | None, evaluation: Dataset | None, *, need_labels: bool, samples: int) -> ExportData:
+def resolve_data(
+    run: Any, calibration: Dataset | None, evaluation: Dataset | None, *, need_labels: bool, samples: int
+) -> ExportData:
     """Calibration and evaluation data: as given, else the run's own training data when it is
     still where the run recorded it and unchanged (same sha256), split exactly as training
     split it (the train split calibrates, the test split evaluates)."""
@@ -390,17 +445,35 @@ def resolve_data(run: Any, calibration: Dataset | None, evaluation: Dataset | No
         calibration, note = run.training_data()
         source = {"calibration": note}
         if calibration is None and need_labels:
-            raise InputError(f"int8 and qat quantization need labelled calibration data, and the run's own data cannot be used ({note}): pass calibration=Dataset (--calibration D)")
+            raise InputError(
+                "int8 and qat quantization need labelled calibration data, and the run's own data cannot be used "
+                f"({note}): pass calibration=Dataset (--calibration D)"
+            )
         if calibration is None:
-            warnings.warn(f"exporting without data ({note}): parity uses random inputs and no accuracy is measured; pass --calibration D", stacklevel=3)
+            warnings.warn(
+                f"exporting without data ({note}): parity uses random inputs and no accuracy is measured; pass "
+                "--calibration D",
+                stacklevel=3,
+            )
     out = ExportData(source=source)
     if calibration is not None:
         _check_matches(calibration, shape, names, "calibration")
-        splits = stratified_split(calibration, val_fraction=run.config.val_fraction, test_fraction=run.config.test_fraction, seed=run.config.seed)
+        splits = stratified_split(
+            calibration,
+            val_fraction=run.config.val_fraction,
+            test_fraction=run.config.test_fraction,
+            seed=run.config.seed,
+        )
         rng = np.random.default_rng(0)
         out.calibration_x = splits.train.x[rng.permutation(len(splits.train))[:samples]].astype(np.float32)
         out.train = (splits.train.x, splits.train.y)
-        out.test = (splits.test.x, splits.test.y) if len(splits.test) else (splits.val.x, splits.val.y) if len(splits.val) else None
+        out.test = (
+            (splits.test.x, splits.test.y)
+            if len(splits.test)
+            else (splits.val.x, splits.val.y)
+            if len(splits.val)
+            else None
+        )
     if evaluation is not None:
         _check_matches(evaluation, shape, names, "evaluation")
         out.test = (evaluation.x, evaluation.y)
@@ -433,13 +506,22 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
     artifacts: list[Artifact] = []
     timings: dict[str, float] = {}
     fp32_onnx: dict[str, bytes] = {}
-    for c in plan.configs:
+    from edgetl._quiet import progress
+
+    for c in progress(plan.configs, desc="export: precisions"):
         fused, seam = plan.run.model, backbone
         if c.mode == "qat":
-            from edgetl.host.qat import train_qat
+            from edgetl.host._qat import train_qat
 
             t0 = time.perf_counter()
-            fused = train_qat(plan.run.model, *plan.data.train, num_classes=len(plan.run.class_names), epochs=c.qat_epochs, learning_rate=c.qat_learning_rate, seed=plan.run.config.seed)
+            fused = train_qat(
+                plan.run.model,
+                *plan.data.train,
+                num_classes=len(plan.run.class_names),
+                epochs=c.qat_epochs,
+                learning_rate=c.qat_learning_rate,
+                seed=plan.run.config.seed,
+            )
             seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
         int8_choice: tuple[str, dict[str, Any]] | None = None
@@ -451,7 +533,16 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
     return artifacts, timings
 
 
-def _convert_one(plan: ExportPlan, c: QuantizeConfig, role: str, model: Any, output: str, fp32_onnx: dict[str, bytes], int8_choice: Any, references: References) -> tuple[list[Artifact], Any]:
+def _convert_one(
+    plan: ExportPlan,
+    c: QuantizeConfig,
+    role: str,
+    model: Any,
+    output: str,
+    fp32_onnx: dict[str, bytes],
+    int8_choice: Any,
+    references: References,
+) -> tuple[list[Artifact], Any]:
     """One model (fused or backbone) in one precision, in every requested format."""
     stem, p = ("model" if role == "fused" else "backbone"), c.precision
     calib = plan.data.calibration_x[: c.calibration_samples] if plan.data.calibration_x is not None else None
@@ -468,19 +559,35 @@ def _convert_one(plan: ExportPlan, c: QuantizeConfig, role: str, model: Any, out
         fp32_onnx[role] = keras_to_onnx(model, plan.opset)
         out.append(Artifact(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p))
     elif p == "int8":
-        candidates = {"tf2onnx_from_tflite": tflite_to_onnx(tfl, plan.opset), "onnxruntime_qdq": onnx_static_qdq(fp32_onnx[role], calib)}
+        candidates = {
+            "tf2onnx_from_tflite": tflite_to_onnx(tfl, plan.opset),
+            "onnxruntime_qdq": onnx_static_qdq(fp32_onnx[role], calib),
+        }
         if role == "fused":  # the backbone follows the fused model's choice (no labels for embeddings)
             test = plan.data.test or (None, None)
-            int8_choice = choose_int8_onnx(candidates, test[0], test[1], calib, reference=(references.x, references.probabilities))
-        out.append(Artifact(f"{stem}.{p}.onnx", candidates[int8_choice[0]], role, "onnx", p, {"quantization": float_io, "int8_method": int8_choice[0], "int8_candidates": int8_choice[1]}))
+            int8_choice = choose_int8_onnx(
+                candidates, test[0], test[1], calib, reference=(references.x, references.probabilities)
+            )
+        out.append(
+            Artifact(
+                f"{stem}.{p}.onnx",
+                candidates[int8_choice[0]],
+                role,
+                "onnx",
+                p,
+                {"quantization": float_io, "int8_method": int8_choice[0], "int8_candidates": int8_choice[1]},
+            )
+        )
     else:
-        out.append(Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io}))
+        out.append(
+            Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
+        )
     return out, int8_choice
 
 
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
-    from edgetl.host.head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+    from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
 
     W, b = (w.astype(np.float32) for w in classifier.get_weights())
     n, cap, d = len(plan.run.class_names), plan.capacity, W.shape[0]
@@ -488,10 +595,24 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     Wp[:, :n], bp[:n], mask[:n] = W, b, 1.0
     out = [Artifact("head_init.npz", _npz(W=Wp, b=bp, mask=mask), "head_init", "npz", "fp32")]
     if "tflite" in plan.formats:
-        out.append(Artifact("head.tflite", head_tflite(Wp, bp, mask), "head", "tflite", "fp32", {"signatures": ["infer", "train", "get_weights", "set_weights"], "optimizers": ["sgd", "adam"]}))
+        out.append(
+            Artifact(
+                "head.tflite",
+                head_tflite(Wp, bp, mask),
+                "head",
+                "tflite",
+                "fp32",
+                {"signatures": ["infer", "train", "get_weights", "set_weights"], "optimizers": ["sgd", "adam"]},
+            )
+        )
     if "onnx" in plan.formats:
         out.append(Artifact("head_infer.onnx", head_infer_onnx(d, cap), "head_infer", "onnx", "fp32"))
-        out += [Artifact(f"head_train_{opt}.onnx", head_train_onnx(d, cap, opt), "head_train", "onnx", "fp32", {"optimizer": opt}) for opt in ("sgd", "adam")]
+        out += [
+            Artifact(
+                f"head_train_{opt}.onnx", head_train_onnx(d, cap, opt), "head_train", "onnx", "fp32", {"optimizer": opt}
+            )
+            for opt in ("sgd", "adam")
+        ]
     return out
 
 
@@ -502,10 +623,25 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
     if plan.data.train is not None:
         x, y = plan.data.train
         rng = np.random.default_rng(1)
-        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))])
+        keep = np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))]
+        )
         emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
-        out.append(Artifact("replay.npz", _npz(embeddings=emb, labels=y[keep].astype(np.int64)), "replay", "npz", "fp32", {"per_class": REPLAY_PER_CLASS}))
-    parity = _npz(x=references.x, probabilities=references.probabilities.astype(np.float32), embeddings=references.embeddings.astype(np.float32))
+        out.append(
+            Artifact(
+                "replay.npz",
+                _npz(embeddings=emb, labels=y[keep].astype(np.int64)),
+                "replay",
+                "npz",
+                "fp32",
+                {"per_class": REPLAY_PER_CLASS},
+            )
+        )
+    parity = _npz(
+        x=references.x,
+        probabilities=references.probabilities.astype(np.float32),
+        embeddings=references.embeddings.astype(np.float32),
+    )
     out.append(Artifact("parity.npz", parity, "parity", "npz", "fp32"))
     return out
 
@@ -528,11 +664,24 @@ def build_manifest(plan: ExportPlan, artifacts: Sequence[Artifact], embedding_si
         "labels": list(r.class_names),
         "input_spec": {**r.input_spec, "dtype": "float32", "shape": list(plan.shape)},
         "embedding_size": int(embedding_size),
-        "head": {"kind": "linear_softmax", "max_classes": plan.capacity, "active_classes": len(r.class_names), "optimizers": ["sgd", "adam"], "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2"},
+        "head": {
+            "kind": "linear_softmax",
+            "max_classes": plan.capacity,
+            "active_classes": len(r.class_names),
+            "optimizers": ["sgd", "adam"],
+            "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2",
+        },
         "artifacts": [a.entry() for a in artifacts],
         "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},
         "data": plan.data.source,
-        "producer": {"edgetl": __version__, "tensorflow": tf().__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnx_opset": plan.opset, "run": str(r.path)},
+        "producer": {
+            "edgetl": __version__,
+            "tensorflow": tf().__version__,
+            "tf2onnx": tf2onnx.__version__,
+            "onnx": onnx.__version__,
+            "onnx_opset": plan.opset,
+            "run": str(r.path),
+        },
     }
 
 
@@ -540,14 +689,15 @@ def build_manifest(plan: ExportPlan, artifacts: Sequence[Artifact], embedding_si
 class ExportResult:
     """What :func:`export` produced and verified; :meth:`save` writes the bundle.
 
-    ``omitted`` lists quantized artifacts left out because they failed their gate (with
-    the failed checks); ``fatal`` lists failures that forbid writing any bundle (fp32 or
-    head graphs, or anything with ``strict=True``).
+    ``report`` holds the checks of every artifact kept; ``omitted`` lists quantized
+    configurations left out because they failed their gate (files and the measured
+    reason); ``fatal`` lists failures that forbid writing any bundle (fp32 models or head
+    graphs, or anything with ``strict=True``).
     """
 
     manifest: dict[str, Any]
     artifacts: list[Artifact]
-    report: dict[str, Any]
+    report: Any  # edgetl.device._verify.Report
     omitted: list[dict[str, Any]]
     fatal: list[dict[str, Any]]
     timings: dict[str, Any]
@@ -564,14 +714,16 @@ class ExportResult:
             BundleError: ``out`` exists (without ``overwrite``), or verification failed.
         """
         if not self.ok:
-            raise BundleError(f"not writing a bundle that failed verification: {'; '.join(c['message'] for c in self.fatal)}")
+            raise BundleError(
+                f"not writing a bundle that failed verification: {'; '.join(c['message'] for c in self.fatal)}"
+            )
         self.bundle = write_bundle(out, self.manifest, {a.file: a.content for a in self.artifacts}, overwrite=overwrite)
         return self.bundle
 
     def describe(self) -> str:
-        from edgetl.device.verify import format_checks
+        from edgetl.bundle import format_checks
 
-        lines = [format_checks(self.report["checks"])]
+        lines = [format_checks(self.report.checks)]
         lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
         lines += [f"FAILED: {c['message']}" for c in self.fatal]
         return "\n".join(lines)
@@ -592,7 +744,7 @@ def export(
     """Convert, verify and return (without writing) the bundle for ``run``.
 
     Args:
-        run: a run directory or :class:`edgetl.host.run.Run`.
+        run: a run directory or :class:`edgetl.host.Run`.
         quantize: one or more presets/configs; fp32 is always included as the reference.
         formats: subset of ``("tflite", "onnx")``.
         calibration: labelled data like the training data; its train split (by the run's
@@ -610,7 +762,17 @@ def export(
         An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
     """
     started = time.perf_counter()
-    plan = plan_export(run, quantize=quantize, formats=formats, calibration=calibration, evaluation=evaluation, opset=opset, max_classes=max_classes, name=name, strict=strict)
+    plan = plan_export(
+        run,
+        quantize=quantize,
+        formats=formats,
+        calibration=calibration,
+        evaluation=evaluation,
+        opset=opset,
+        max_classes=max_classes,
+        name=name,
+        strict=strict,
+    )
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
@@ -619,7 +781,7 @@ def export(
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0])
     result = verify_staged(plan, manifest, artifacts)
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}
-    result.manifest["parity"] = {**result.report, **result.timings}
+    result.manifest["parity"] = {**result.report.to_json(), "omitted": result.omitted, **result.timings}
     return result
 
 
@@ -628,41 +790,57 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     a quantized (format, precision) whose fused or backbone check failed is left out
     (both files: a device needs the pair); any other failure is fatal, as is everything
     with ``plan.strict``."""
-    from edgetl.device.verify import verify_bundle
+    from edgetl.device._verify import Report, verify_bundle
 
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:
         staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
         report = verify_bundle(staged, test[0], test[1])
-    failed = [c for c in report["checks"] if not c["ok"]]
     fatal, dropped = [], set()
-    for c in failed:
-        if c["precision"] != "fp32" and c["role"] in ("fused", "backbone") and not plan.strict:
-            dropped.add((c["format"], c["precision"]))
+    for c in report.failed():
+        if c.precision != "fp32" and c.role in ("fused", "backbone") and not plan.strict:
+            dropped.add((c.format, c.precision))
         else:
-            fatal.append({**c, "message": f"{c['file']}: {describe_failure(c)}"})
+            fatal.append({**c.to_json(), "message": f"{c.file}: {failure_reason(c)}"})
     omitted = []
     for fmt, precision in sorted(dropped):
         files = [a.file for a in artifacts if a.format == fmt and a.precision == precision]
-        reasons = "; ".join(f"{c['file']}: {describe_failure(c)}" for c in failed if (c["format"], c["precision"]) == (fmt, precision))
+        reasons = "; ".join(
+            f"{c.file}: {failure_reason(c)}" for c in report.failed() if (c.format, c.precision) == (fmt, precision)
+        )
         omitted.append({"format": fmt, "precision": precision, "files": files, "reason": reasons})
     keep = [a for a in artifacts if (a.format, a.precision) not in dropped]
     kept_files = {a.file for a in keep}
-    report = {"ok": not fatal, "checks": [c for c in report["checks"] if c["file"] in kept_files], "omitted": omitted}
+    report = Report([c for c in report.checks if c.file in kept_files])
     manifest = {**manifest, "artifacts": [e for e in manifest["artifacts"] if e["file"] in kept_files]}
     return ExportResult(manifest, keep, report, omitted, fatal, {})
 
 
-def describe_failure(check: dict[str, Any]) -> str:
+def failure_reason(check: Any) -> str:
     """What a failed check measured against what it needed, in words."""
-    if "top1_agreement" in check:
-        return f"top-1 agreement with Keras {check['top1_agreement']:.3f} < {check['min_agreement']}"
-    if "max_abs_diff" in check:
-        return f"max |difference| {check['max_abs_diff']:.2e} > {check['tolerance']:.1e}"
-    return ", ".join(f"{k}={v}" for k, v in check.items() if k not in ("file", "role", "format", "precision", "ok"))
+    drop, limit = check.extra.get("accuracy_drop"), check.extra.get("max_accuracy_drop")
+    if drop is not None and limit is not None and drop > limit:
+        return (
+            f"accuracy {check.extra['accuracy']:.4f} is {drop * 100:.2f} points below fp32 (at most {limit * 100:g} "
+            "allowed)"
+        )
+    extra = (
+        f", factory-head top-1 agreement {check.extra['head_top1_agreement']:.3f} (needs >= "
+        f"{check.extra['min_agreement']})"
+        if "head_top1_agreement" in check.extra
+        else ""
+    )
+    return f"{check.describe()}{extra}"
 
 
-def export_bundle(run: str | os.PathLike[str] | Any, out: str | os.PathLike[str], *, overwrite: bool = False, name: str | None = None, **options: Any) -> ExportResult:
+def export_bundle(
+    run: str | os.PathLike[str] | Any,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    name: str | None = None,
+    **options: Any,
+) -> ExportResult:
     """:func:`export` then :meth:`ExportResult.save` to ``out`` when verification passed.
 
     ``out`` is checked first, before any conversion. The bundle's name defaults to

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgetl._atomic import atomic_directory, replace_file
-from edgetl.bundle.manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, safe_file_name, validate_manifest
+from edgetl.bundle._manifest import (
+    MAX_MANIFEST_BYTES,
+    SCHEMA_VERSION,
+    ArtifactSpec,
+    InputSpec,
+    Manifest,
+    safe_file_name,
+)
 from edgetl.errors import BundleError
 
 
@@ -28,26 +35,33 @@ class Bundle:
     """A bundle whose manifest and every file hash have been checked."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
+    signer: str | None = None  # key id of the trusted key that signed it, when checked
 
     @property
     def labels(self) -> list[str]:
-        return list(self.manifest["labels"])
+        return list(self.manifest.labels)
 
     @property
-    def input_spec(self) -> dict[str, Any]:
-        return dict(self.manifest["input_spec"])
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input_spec
 
-    def artifacts(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
-        return [a for a in self.manifest["artifacts"] if (role is None or a["role"] == role) and (fmt is None or a["format"] == fmt) and (precision is None or a["precision"] == precision)]
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def artifacts(
+        self, role: str | None = None, fmt: str | None = None, precision: str | None = None
+    ) -> list[ArtifactSpec]:
+        return self.manifest.find(role, fmt, precision)
 
     def artifact(self, role: str, fmt: str, precision: str = "fp32") -> Path:
         """Path of the one artifact with this role, format and precision."""
         found = self.artifacts(role, fmt, precision)
         if not found:
-            have = sorted({(a["role"], a["format"], a["precision"]) for a in self.manifest["artifacts"]})
+            have = sorted({(a.role.value, a.format.value, a.precision.value) for a in self.manifest.artifacts})
             raise BundleError(f"bundle {self.path.name!r} has no {role} artifact in {fmt}/{precision}; it has {have}")
-        return self.path / found[0]["file"]
+        return self.path / found[0].file
 
     def arrays(self, role: str, keys: tuple[str, ...]) -> dict[str, Any]:
         """The named arrays of the bundle's ``.npz`` with this role, loaded without pickle.
@@ -67,18 +81,28 @@ class Bundle:
                     raise BundleError(f"{path.name} lacks array(s) {missing}; found {sorted(f.files)}")
                 return {k: f[k] for k in keys}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"{path.name} cannot be loaded safely ({exc}); edgetl never unpickles bundle data") from None
+            raise BundleError(
+                f"{path.name} cannot be loaded safely ({exc}); edgetl never unpickles bundle data"
+            ) from None
 
     def precisions(self, role: str = "fused", fmt: str | None = None) -> list[str]:
-        return sorted({a["precision"] for a in self.artifacts(role, fmt)})
+        return sorted({a.precision.value for a in self.artifacts(role, fmt)})
 
 
-def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Bundle:
+def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, trust: Any = None) -> Bundle:
     """Open a bundle directory: parse and validate the manifest, then check every file.
+
+    Args:
+        path: the bundle directory.
+        verify_hashes: check every artifact's sha256 (sizes are always checked).
+        trust: a trusted Ed25519 public key, or a list of them (key objects, PEM bytes or
+            paths): the manifest must then be signed by one of them (``manifest.sig``), and
+            since it pins every file's sha256, every byte is authenticated.
 
     Raises:
         BundleError: not a bundle, unreadable or invalid manifest, a missing file, a file
-            that is a symlink or leaves the bundle, a size or hash mismatch.
+            that is a symlink or leaves the bundle, a size or hash mismatch; with ``trust``,
+            an unsigned bundle, another signer, or a changed manifest.
     """
     root = Path(path)
     if not root.is_dir():
@@ -88,33 +112,47 @@ def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> 
         raise BundleError(f"bundle {str(root)!r} has no manifest.json (or it is a symlink)")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"manifest.json is {mpath.stat().st_size} bytes; at most {MAX_MANIFEST_BYTES} are allowed")
+    raw = mpath.read_bytes()
+    signer = None
+    if trust is not None:  # the exact bytes that are then parsed: no window to swap the file
+        from edgetl.bundle._signing import SIGNATURE_FILE, verify_manifest_signature
+
+        sig = root / SIGNATURE_FILE
+        sig_bytes = sig.read_bytes()[:8192] if sig.is_file() and not sig.is_symlink() else None
+        signer = verify_manifest_signature(raw, sig_bytes, trust, where=f"bundle {str(root)!r}")
     try:
-        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        parsed = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleError(f"manifest.json of {str(root)!r} is not valid JSON: {exc}") from None
-    validate_manifest(manifest)
+    manifest = Manifest.from_json(parsed)
     real_root = root.resolve()
-    for a in manifest["artifacts"]:
-        f = root / a["file"]
+    for a in manifest.artifacts:
+        f = root / a.file
         if f.is_symlink() or f.resolve().parent != real_root:
-            raise BundleError(f"artifact {a['file']!r} is a symlink or lies outside the bundle; refused")
+            raise BundleError(f"artifact {a.file!r} is a symlink or lies outside the bundle; refused")
         if not f.is_file():
-            raise BundleError(f"artifact {a['file']!r} listed in the manifest is missing from {str(root)!r}")
+            raise BundleError(f"artifact {a.file!r} listed in the manifest is missing from {str(root)!r}")
         size = f.stat().st_size
-        if size != a["size"]:
-            raise BundleError(f"artifact {a['file']!r} is {size} bytes, the manifest says {a['size']}: truncated or replaced")
-        if verify_hashes and sha256_file(f) != a["sha256"]:
-            raise BundleError(f"artifact {a['file']!r} fails its sha256 check: the file was modified or corrupted")
-    return Bundle(root, manifest)
+        if size != a.size:
+            raise BundleError(f"artifact {a.file!r} is {size} bytes, the manifest says {a.size}: truncated or replaced")
+        if verify_hashes and sha256_file(f) != a.sha256:
+            raise BundleError(f"artifact {a.file!r} fails its sha256 check: the file was modified or corrupted")
+    return Bundle(root, manifest, signer)
 
 
-def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str] | bytes], *, overwrite: bool = False) -> Bundle:
+def write_bundle(
+    out: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    files: Mapping[str, str | os.PathLike[str] | bytes],
+    *,
+    overwrite: bool = False,
+) -> Bundle:
     """Write a bundle atomically (:func:`edgetl._atomic.atomic_directory`): files and
     manifest go into a temporary sibling, are fsynced, then renamed to ``out``.
 
     Args:
         out: bundle directory to create.
-        manifest: manifest fields; each ``artifacts`` entry needs ``file``, ``role``,
+        manifest: manifest fields as JSON; each ``artifacts`` entry needs ``file``, ``role``,
             ``format`` and ``precision`` (``sha256`` and ``size`` are filled in here).
         files: file name -> bytes or a path to copy.
         overwrite: replace an existing ``out``.
@@ -135,30 +173,18 @@ def write_bundle(out: str | os.PathLike[str], manifest: Mapping[str, Any], files
             f = tmp / a["file"]
             a["sha256"] = sha256_file(f)
             a["size"] = f.stat().st_size
-        validate_manifest(m)
-        (tmp / "manifest.json").write_text(json.dumps(m, indent=2))
-    return Bundle(out, m)
-
-
-def update_manifest(bundle: Bundle, **fields: Any) -> Bundle:
-    """Add or replace top-level manifest fields (e.g. a parity report) of a written bundle.
-
-    Only ``manifest.json`` is rewritten (atomically); artifacts, their hashes and the
-    listed artifacts cannot be changed this way.
-    """
-    if "artifacts" in fields or "schema_version" in fields:
-        raise BundleError("update_manifest cannot change artifacts or schema_version; write a new bundle")
-    m = {**bundle.manifest, **json.loads(json.dumps(fields))}
-    validate_manifest(m)
-    replace_file(bundle.path / "manifest.json", json.dumps(m, indent=2).encode())
-    return Bundle(bundle.path, m)
+        parsed = Manifest.from_json(m)
+        (tmp / "manifest.json").write_text(json.dumps(parsed.to_json(), indent=2))
+    return Bundle(out, parsed)
 
 
 MAX_UNPACKED_BYTES = 4 << 30  # refuse archives that would unpack to more than 4 GiB
 MAX_ENTRIES = 128
 
 
-def pack_bundle(bundle: Bundle | str | os.PathLike[str], archive: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def pack_bundle(
+    bundle: Bundle | str | os.PathLike[str], archive: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Pack a verified bundle into one ``.zip`` file for shipping (flat: the manifest and
     the files it lists, nothing else)."""
     import zipfile
@@ -170,8 +196,10 @@ def pack_bundle(bundle: Bundle | str | os.PathLike[str], archive: str | os.PathL
     tmp = archive.with_name(f".{archive.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.write(b.path / "manifest.json", "manifest.json")
-        for a in b.manifest["artifacts"]:
-            z.write(b.path / a["file"], a["file"])
+        if (b.path / "manifest.sig").is_file():  # a signed bundle stays signed when shipped
+            z.write(b.path / "manifest.sig", "manifest.sig")
+        for a in b.manifest.artifacts:
+            z.write(b.path / a.file, a.file)
     replace_file(archive, tmp.read_bytes())
     tmp.unlink()
     return archive

@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
-from edgetl.device.head import HeadState, make_trainer
-from edgetl.device.runtimes import load_model
+from edgetl.device._head import HeadState, make_trainer
+from edgetl.device._runtimes import load_model
 from edgetl.errors import DependencyError, InputError, describe
 
 BACKENDS = ("onnxruntime", "litert")
@@ -55,17 +54,22 @@ class Classifier:
     Use :meth:`open`; ``store`` makes it start from the store's active head.
     """
 
-    def __init__(self, bundle: Bundle, *, backend: str | None = None, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, *, backend: str | None = None, precision: str = "fp32", threads: int | None = None
+    ) -> None:
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, received {backend!r}")
         fmt = _FORMAT[backend]
         available = bundle.precisions("backbone", fmt)
         if precision not in available:
-            raise InputError(f"bundle {bundle.path.name!r} has no {precision} {fmt} backbone; available precisions: {available}")
+            raise InputError(
+                f"bundle {bundle.path.name!r} has no {precision} {fmt} backbone; available precisions: {available}"
+            )
         self.bundle, self.backend, self.precision = bundle, backend, precision
+        self.advice: Any = None  # the advisor's measurement when opened with "auto"
         spec = bundle.input_spec
-        self.input_shape = tuple(int(d) for d in spec["shape"])
+        self.input_shape = tuple(spec.shape)
         self._backbone = load_model(bundle.artifact("backbone", fmt, precision), fmt, threads=threads)
         self._fused = load_model(bundle.artifact("fused", fmt, precision), fmt, threads=threads)
         self.head_runtime = make_trainer(bundle, backend, threads)
@@ -74,11 +78,45 @@ class Classifier:
         self._lock = threading.Lock()  # serialises the backbone runtime call (LiteRT is not thread-safe)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, backend: str | None = None, precision: str = "fp32", store: str | os.PathLike[str] | None = None, threads: int | None = None) -> "Classifier":
-        """Open and verify a bundle; with ``store``, load its active head (checksum-verified)."""
-        clf = cls(read_bundle(path), backend=backend, precision=precision, threads=threads)
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        backend: str | None = None,
+        precision: str = "fp32",
+        store: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+        trust: Any = None,
+    ) -> "Classifier":
+        """Open and verify a bundle; with ``store``, load its active head (checksum-verified).
+
+        Args:
+            path: the bundle directory.
+            backend: ``"onnxruntime"``, ``"litert"`` or ``"auto"`` (default: onnxruntime if
+                installed).
+            precision: which exported precision to run (``bundle.precisions()``), or
+                ``"auto"``: with ``"auto"`` either way, the configuration comes from
+                :func:`edgetl.device.advise` (measured on this machine once, then cached).
+            store: a head store directory: start from its active (personalized) head.
+            threads: runtime threads (default: the runtime's choice).
+            trust: trusted Ed25519 public key(s): refuse a bundle not signed by one of them.
+
+        Example (what a device runs; no TensorFlow)::
+
+            clf = Classifier.open("digits.edgetl", backend="litert", precision="int8")
+            clf.predict(np.zeros((8, 8, 1), np.uint8)).labels
+        """
+        bundle = read_bundle(path, trust=trust)
+        advice = None
+        if backend == "auto" or precision == "auto":
+            from edgetl.device._advisor import advise
+
+            advice = advise(bundle, threads=threads)
+            backend, precision = advice.choose(backend, precision)
+        clf = cls(bundle, backend=backend, precision=precision, threads=threads)
+        clf.advice = advice
         if store is not None:
-            from edgetl.device.store import HeadStore
+            from edgetl.device._store import HeadStore
 
             active = HeadStore(store, clf.bundle).active()
             clf.set_head(active.head, active.number)
@@ -109,7 +147,10 @@ class Classifier:
         if x.shape == self.input_shape:
             x = x[None]
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise InputError(f"inputs must have shape {self.input_shape} (one example) or (n, {', '.join(map(str, self.input_shape))}), received {x.shape}")
+            raise InputError(
+                f"inputs must have shape {self.input_shape} (one example) or (n, "
+                f"{', '.join(map(str, self.input_shape))}), received {x.shape}"
+            )
         if len(x) == 0:
             raise InputError("received an empty batch; pass at least one example")
         # No copy when the batch is already float32 (a 224x224 batch copy is measurable SDK
@@ -117,7 +158,10 @@ class Classifier:
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
             bad = int(np.argwhere(~np.isfinite(x).reshape(len(x), -1).all(axis=1))[0][0]) if x.ndim > 1 else 0
-            raise InputError(f"inputs contain NaN or infinite values (first at example {bad}); expected raw values, e.g. pixels in [0, 255]")
+            raise InputError(
+                f"inputs contain NaN or infinite values (first at example {bad}); expected raw values, e.g. pixels in "
+                "[0, 255]"
+            )
         return x
 
     def embed(self, x: Any) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgetl._atomic import replace_file
 from edgetl.bundle import Bundle
-from edgetl.device.head import HeadState
+from edgetl.device._head import HeadState
 from edgetl.errors import StoreError
 
 POINTER = "ACTIVE.json"
@@ -40,7 +40,7 @@ FORMAT = 1
 
 def bundle_identity(bundle: Bundle) -> str:
     """Which bundle a store belongs to: the hashes of its backbone and factory head."""
-    parts = sorted(a["sha256"] for a in bundle.manifest["artifacts"] if a["role"] in ("backbone", "head_init"))
+    parts = sorted(a.sha256 for a in bundle.manifest.artifacts if a.role in ("backbone", "head_init"))
     return hashlib.sha256(json.dumps([bundle.labels, parts]).encode()).hexdigest()
 
 
@@ -66,14 +66,19 @@ class HeadStore:
         pointer = self._read_pointer()
         if bundle is None:  # history, rollback and reset of an existing store need no bundle
             if pointer is None:
-                raise StoreError(f"{str(self.path)!r} is not a head store (no {POINTER}); give the bundle to create one")
+                raise StoreError(
+                    f"{str(self.path)!r} is not a head store (no {POINTER}); give the bundle to create one"
+                )
             self.bundle, self.bundle_id, self._factory = None, pointer.get("bundle_id"), None
             return
         self.bundle = bundle
         self.bundle_id = bundle_identity(bundle)
         self._factory = HeadState.factory(bundle)
         if pointer is not None and pointer.get("bundle_id") != self.bundle_id:
-            raise StoreError(f"store {str(self.path)!r} belongs to another bundle ({pointer.get('bundle_name')!r}); use a separate store directory per bundle")
+            raise StoreError(
+                f"store {str(self.path)!r} belongs to another bundle ({pointer.get('bundle_name')!r}); use a separate "
+                "store directory per bundle"
+            )
 
     # ----------------------------------------------------------------- reading
 
@@ -84,13 +89,24 @@ class HeadStore:
         try:
             pointer = json.loads(f.read_text())
             if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
-                raise ValueError(f"unknown store format {pointer.get('format') if isinstance(pointer, dict) else pointer!r}")
+                raise ValueError(
+                    f"unknown store format {pointer.get('format') if isinstance(pointer, dict) else pointer!r}"
+                )
             return pointer
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"store pointer {str(f)!r} is unreadable ({exc})") from None
 
     def _pointer(self) -> dict[str, Any]:
-        return self._read_pointer() or {"format": FORMAT, "bundle_id": self.bundle_id, "bundle_name": self.bundle.manifest["name"] if self.bundle else None, "active": 0, "file": None, "sha256": None, "stack": [], "history": []}
+        return self._read_pointer() or {
+            "format": FORMAT,
+            "bundle_id": self.bundle_id,
+            "bundle_name": self.bundle.name if self.bundle else None,
+            "active": 0,
+            "file": None,
+            "sha256": None,
+            "stack": [],
+            "history": [],
+        }
 
     @property
     def active_version(self) -> int:
@@ -112,7 +128,9 @@ class HeadStore:
         except OSError as exc:
             raise StoreError(f"head version file {str(f)!r} cannot be read ({exc})") from None
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise StoreError(f"head version file {str(f)!r} fails its sha256 check: corrupted; roll back or reset the store")
+            raise StoreError(
+                f"head version file {str(f)!r} fails its sha256 check: corrupted; roll back or reset the store"
+            )
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 labels = tuple(str(v) for v in z["labels"].tolist())
@@ -120,7 +138,9 @@ class HeadStore:
         except (ValueError, KeyError, OSError, EOFError) as exc:  # e.g. a pickled object array
             raise StoreError(f"head version file {str(f)!r} cannot be loaded safely ({exc})") from None
         if self._factory is not None and head.W.shape != self._factory.W.shape:
-            raise StoreError(f"head version {name!r} has shape {head.W.shape}, the bundle's head is {self._factory.W.shape}")
+            raise StoreError(
+                f"head version {name!r} has shape {head.W.shape}, the bundle's head is {self._factory.W.shape}"
+            )
         return head
 
     def history(self) -> list[dict[str, Any]]:
@@ -150,8 +170,21 @@ class HeadStore:
         buf = io.BytesIO()
         np.savez(buf, **head.arrays(), labels=np.asarray(head.labels, dtype=str))
         data = buf.getvalue()
-        entry = {"version": number, "action": "commit", "time": _now(), "labels": list(head.labels), "metrics": metrics or {}}
-        new = {**pointer, "active": number, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "stack": [*pointer["stack"], pointer["active"]], "history": [*pointer["history"], entry]}
+        entry = {
+            "version": number,
+            "action": "commit",
+            "time": _now(),
+            "labels": list(head.labels),
+            "metrics": metrics or {},
+        }
+        new = {
+            **pointer,
+            "active": number,
+            "file": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "stack": [*pointer["stack"], pointer["active"]],
+            "history": [*pointer["history"], entry],
+        }
         self._write(name, data)
         self._write_pointer(new)
         return number
@@ -174,11 +207,22 @@ class HeadStore:
         if target:
             entry = next((h for h in pointer["history"] if h["version"] == target and h["action"] == "commit"), None)
             if entry is None or "sha256" not in entry:
-                raise StoreError(f"version {target} has no commit record with a checksum in {str(self.path)!r}; cannot verify it")
+                raise StoreError(
+                    f"version {target} has no commit record with a checksum in {str(self.path)!r}; cannot verify it"
+                )
             file, sha = f"v{target:06d}.npz", entry["sha256"]
             self._load(file, sha)  # refuse to activate a damaged version
         entry = {"version": target, "action": action, "time": _now(), "from": pointer["active"]}
-        self._write_pointer({**pointer, "active": target, "file": file, "sha256": sha, "stack": stack, "history": [*pointer["history"], entry]})
+        self._write_pointer(
+            {
+                **pointer,
+                "active": target,
+                "file": file,
+                "sha256": sha,
+                "stack": stack,
+                "history": [*pointer["history"], entry],
+            }
+        )
         return target
 
     def _write(self, name: str, data: bytes) -> None:
@@ -186,8 +230,16 @@ class HeadStore:
             self.path.mkdir(parents=True, exist_ok=True)
             replace_file(self.path / name, data)
         except OSError as exc:
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else "it is read-only" if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else str(exc)
-            raise StoreError(f"cannot write to store {str(self.path)!r}: {reason}; the active head is unchanged") from exc
+            reason = (
+                "the disk is full"
+                if exc.errno == errno.ENOSPC
+                else "it is read-only"
+                if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+                else str(exc)
+            )
+            raise StoreError(
+                f"cannot write to store {str(self.path)!r}: {reason}; the active head is unchanged"
+            ) from exc
 
     def _write_pointer(self, pointer: dict[str, Any]) -> None:
         # The commit entry records its file's hash so later rollbacks can verify it.

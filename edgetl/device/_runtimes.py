@@ -40,21 +40,31 @@ class OnnxModel:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
+def litert_interpreter(path: str | Path, *, threads: int | None = None) -> Any:
+    """A LiteRT interpreter with its tensors allocated (LiteRT's own "Created TensorFlow
+    Lite XNNPACK delegate" line, printed from C++ while allocating, silenced)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:  # pragma: no cover
+        raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
+    from edgetl._quiet import native_output_silenced
+
+    with native_output_silenced():
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+    return interpreter
+
+
 class TFLiteModel:
     """A single-input, single-output TFLite model in ``ai_edge_litert``'s interpreter.
 
     Takes and returns float values: integer-I/O models are quantized and dequantized with
-    the scale and zero point stored in the model. The interpreter is not thread-safe, so calls are serialised with a lock; the input is
-    resized when the batch size changes.
+    the scale and zero point stored in the model. The interpreter is not thread-safe, so
+    calls are serialised with a lock; the input is resized when the batch size changes.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as exc:  # pragma: no cover
-            raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        self.interpreter = litert_interpreter(path, threads=threads)
         self._in = self.interpreter.get_input_details()[0]
         self._out = self.interpreter.get_output_details()[0]
         self._batch = int(self._in["shape"][0])

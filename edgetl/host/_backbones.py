@@ -94,9 +94,14 @@ class InputPreprocessing:
         object.__setattr__(self, "mean", tuple(float(v) for v in np.atleast_1d(self.mean)))
         object.__setattr__(self, "std", tuple(float(v) for v in np.atleast_1d(self.std)))
         if not np.isfinite(self.scale) or self.scale == 0 or not np.isfinite(self.offset):
-            raise BackboneError(f"input scale must be a non-zero finite number and offset finite, received scale={self.scale}, offset={self.offset}")
+            raise BackboneError(
+                f"input scale must be a non-zero finite number and offset finite, received scale={self.scale}, "
+                f"offset={self.offset}"
+            )
         if not all(np.isfinite(self.mean)) or not all(np.isfinite(s) and s > 0 for s in self.std):
-            raise BackboneError(f"input mean must be finite and std positive, received mean={self.mean}, std={self.std}")
+            raise BackboneError(
+                f"input mean must be finite and std positive, received mean={self.mean}, std={self.std}"
+            )
         if self.channel_order not in ("rgb", "bgr"):
             raise BackboneError(f"channel_order must be 'rgb' or 'bgr', received {self.channel_order!r}")
 
@@ -114,7 +119,9 @@ class InputPreprocessing:
             "caffe": cls(mean=(103.939, 116.779, 123.68), channel_order="bgr"),
         }
         if value not in presets:
-            raise BackboneError(f"unknown input preprocessing {value!r}; allowed presets: {', '.join(PREPROCESSING_PRESETS)}")
+            raise BackboneError(
+                f"unknown input preprocessing {value!r}; allowed presets: {', '.join(PREPROCESSING_PRESETS)}"
+            )
         return presets[value]
 
     @property
@@ -125,7 +132,9 @@ class InputPreprocessing:
         mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
         for name, v in (("mean", mean), ("std", std)):
             if len(v) not in (1, channels):
-                raise BackboneError(f"input {name} has {len(v)} values, the model takes {channels} channels; give 1 or {channels}")
+                raise BackboneError(
+                    f"input {name} has {len(v)} values, the model takes {channels} channels; give 1 or {channels}"
+                )
         return np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy()
 
     def order(self, channels: int) -> list[int]:
@@ -144,7 +153,13 @@ class InputPreprocessing:
         return ", then ".join(parts) or "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "offset": self.offset, "mean": list(self.mean), "std": list(self.std), "channel_order": self.channel_order}
+        return {
+            "scale": self.scale,
+            "offset": self.offset,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+        }
 
 
 _REGISTRY: dict[str, BackboneRecipe] = {}
@@ -167,7 +182,10 @@ def list_backbones(kind: str | None = None) -> list[str]:
 def get_recipe(name: str) -> BackboneRecipe:
     key = str(name).lower()
     if key not in _REGISTRY:
-        raise BackboneError(f"unknown backbone {name!r}; allowed: {', '.join(list_backbones())}, or a path to a Keras model file or an `edgetl pretrain` run directory")
+        raise BackboneError(
+            f"unknown backbone {name!r}; allowed: {', '.join(list_backbones())}, or a path to a Keras model file or an "
+            "`edgetl pretrain` run directory"
+        )
     return _REGISTRY[key]
 
 
@@ -275,7 +293,9 @@ def _load_weights_file(model: Any, weights: WeightsArg) -> None:
     if weights is None:
         return
     if weights == "imagenet":
-        raise BackboneError("built-in edgetl backbones have no imagenet weights; pass weights=None or a weights file path")
+        raise BackboneError(
+            "built-in edgetl backbones have no imagenet weights; pass weights=None or a weights file path"
+        )
     try:
         model.load_weights(str(weights))
     except Exception as exc:
@@ -288,20 +308,96 @@ def adapt_normalization(model: Any, x: np.ndarray) -> None:
         if layer.__class__.__name__ == "Normalization" and layer.name == "standardize":
             mean = x.mean(axis=0)
             var = x.var(axis=0)
-            layer.set_weights([mean.astype(np.float32), np.maximum(var, 1e-6).astype(np.float32), np.array(len(x), dtype=np.int64)])
+            layer.set_weights(
+                [mean.astype(np.float32), np.maximum(var, 1e-6).astype(np.float32), np.array(len(x), dtype=np.int64)]
+            )
 
 
 _IMG = "raw RGB pixels in [0, 255] (grayscale repeated to 3 channels)"
 for _recipe in (
-    BackboneRecipe("mobilenetv2", "image", (224, 224, 3), 32, 1280, f"{_IMG}; x/127.5 - 1 in the model", _applications_builder("MobileNetV2", "mobilenet")),
-    BackboneRecipe("mobilenetv2_035", "image", (96, 96, 3), 32, 1280, f"{_IMG}; x/127.5 - 1 in the model", _applications_builder("MobileNetV2", "mobilenet", alpha=0.35)),
-    BackboneRecipe("mobilenetv3small", "image", (224, 224, 3), 32, 576, f"{_IMG}; rescaling built into the Keras model", _applications_builder("MobileNetV3Small", "builtin")),
-    BackboneRecipe("mobilenetv3large", "image", (224, 224, 3), 32, 960, f"{_IMG}; rescaling built into the Keras model", _applications_builder("MobileNetV3Large", "builtin")),
-    BackboneRecipe("efficientnetb0", "image", (224, 224, 3), 32, 1280, f"{_IMG}; rescaling + normalization built into the Keras model", _applications_builder("EfficientNetB0", "builtin")),
-    BackboneRecipe("efficientnetv2b0", "image", (224, 224, 3), 32, 1280, f"{_IMG}; rescaling built into the Keras model", _applications_builder("EfficientNetV2B0", "builtin")),
-    BackboneRecipe("resnet50", "image", (224, 224, 3), 32, 2048, f"{_IMG}; RGB->BGR and ImageNet mean subtraction (1x1 conv) in the model", _applications_builder("ResNet50", "caffe")),
-    BackboneRecipe("edgetl_cnn", "image", (8, 8, 1), 4, 256, "raw pixels in [0, 255]; x/255 in the model", _build_edgetl_cnn, ("path", "None")),
-    BackboneRecipe("edgetl_mlp", "features", (16,), 1, 32, "raw feature vectors; standardisation (adapted on training data) in the model", _build_edgetl_mlp, ("path", "None")),
+    BackboneRecipe(
+        "mobilenetv2",
+        "image",
+        (224, 224, 3),
+        32,
+        1280,
+        f"{_IMG}; x/127.5 - 1 in the model",
+        _applications_builder("MobileNetV2", "mobilenet"),
+    ),
+    BackboneRecipe(
+        "mobilenetv2_035",
+        "image",
+        (96, 96, 3),
+        32,
+        1280,
+        f"{_IMG}; x/127.5 - 1 in the model",
+        _applications_builder("MobileNetV2", "mobilenet", alpha=0.35),
+    ),
+    BackboneRecipe(
+        "mobilenetv3small",
+        "image",
+        (224, 224, 3),
+        32,
+        576,
+        f"{_IMG}; rescaling built into the Keras model",
+        _applications_builder("MobileNetV3Small", "builtin"),
+    ),
+    BackboneRecipe(
+        "mobilenetv3large",
+        "image",
+        (224, 224, 3),
+        32,
+        960,
+        f"{_IMG}; rescaling built into the Keras model",
+        _applications_builder("MobileNetV3Large", "builtin"),
+    ),
+    BackboneRecipe(
+        "efficientnetb0",
+        "image",
+        (224, 224, 3),
+        32,
+        1280,
+        f"{_IMG}; rescaling + normalization built into the Keras model",
+        _applications_builder("EfficientNetB0", "builtin"),
+    ),
+    BackboneRecipe(
+        "efficientnetv2b0",
+        "image",
+        (224, 224, 3),
+        32,
+        1280,
+        f"{_IMG}; rescaling built into the Keras model",
+        _applications_builder("EfficientNetV2B0", "builtin"),
+    ),
+    BackboneRecipe(
+        "resnet50",
+        "image",
+        (224, 224, 3),
+        32,
+        2048,
+        f"{_IMG}; RGB->BGR and ImageNet mean subtraction (1x1 conv) in the model",
+        _applications_builder("ResNet50", "caffe"),
+    ),
+    BackboneRecipe(
+        "edgetl_cnn",
+        "image",
+        (8, 8, 1),
+        4,
+        256,
+        "raw pixels in [0, 255]; x/255 in the model",
+        _build_edgetl_cnn,
+        ("path", "None"),
+    ),
+    BackboneRecipe(
+        "edgetl_mlp",
+        "features",
+        (16,),
+        1,
+        32,
+        "raw feature vectors; standardisation (adapted on training data) in the model",
+        _build_edgetl_mlp,
+        ("path", "None"),
+    ),
 ):
     register_backbone(_recipe)
 
@@ -352,18 +448,27 @@ def create_backbone(
     pre = InputPreprocessing.preset(preprocessing)
     if not is_registry_name(name_or_path):
         if weights is not None:
-            raise BackboneError(f"weights={describe(weights)} applies to registry backbones only; a model file brings its own weights")
+            raise BackboneError(
+                f"weights={describe(weights)} applies to registry backbones only; a model file brings its own weights"
+            )
         return _backbone_from_path(path, input_shape, cut_layer, safe_mode, pre)
     recipe = get_recipe(str(name_or_path))
     if not pre.is_identity:
-        raise BackboneError(f"registry backbone {recipe.name!r} has its preprocessing built in ({recipe.preprocessing}); input preprocessing can be declared for model files only")
+        raise BackboneError(
+            f"registry backbone {recipe.name!r} has its preprocessing built in ({recipe.preprocessing}); input "
+            "preprocessing can be declared for model files only"
+        )
     if cut_layer is not None:
         raise BackboneError(f"cut_layer applies to model files, not to registry backbone {recipe.name!r}")
     if weights is not None and weights != "imagenet":
         if "path" not in recipe.weights:
-            raise BackboneError(f"backbone {recipe.name!r} accepts weights {recipe.weights}, received {describe(weights)}")
+            raise BackboneError(
+                f"backbone {recipe.name!r} accepts weights {recipe.weights}, received {describe(weights)}"
+            )
         if not Path(weights).is_file():
-            raise BackboneError(f"weights file {str(weights)!r} does not exist; allowed: 'imagenet', None or an existing file path")
+            raise BackboneError(
+                f"weights file {str(weights)!r} does not exist; allowed: 'imagenet', None or an existing file path"
+            )
     elif weights == "imagenet" and "imagenet" not in recipe.weights:
         raise BackboneError(f"backbone {recipe.name!r} has no imagenet weights; allowed weights: {recipe.weights}")
     shape = tuple(int(d) for d in (input_shape or recipe.default_input_shape))
@@ -399,13 +504,29 @@ def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
                 return k.models.load_model(str(path), compile=False, safe_mode=safe_mode)
             return k.models.load_model(str(path), compile=False)
     except Exception as exc:
-        hint = " (the file contains a Lambda layer with Python code; pass safe_mode=False / --unsafe only if you trust it)" if "Lambda" in str(exc) else ""
+        hint = (
+            " (the file contains a Lambda layer with Python code; pass safe_mode=False / --unsafe only if you trust it)"
+            if "Lambda" in str(exc)
+            else ""
+        )
         raise BackboneError(f"cannot load Keras model {str(path)!r}: {exc}{hint}") from exc
 
 
 # Layers without weights that may follow a classifier: they shape or squash its output.
-_HEAD_TAIL = ("Activation", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise", "Flatten", "Reshape",
-              "GlobalAveragePooling2D", "GlobalMaxPooling2D", "AveragePooling2D", "MaxPooling2D", "ReLU")
+_HEAD_TAIL = (
+    "Activation",
+    "Softmax",
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "Flatten",
+    "Reshape",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "AveragePooling2D",
+    "MaxPooling2D",
+    "ReLU",
+)
 
 
 def _inbound(layer: Any) -> list[Any]:
@@ -430,29 +551,43 @@ def default_cut(model: Any) -> tuple[Any, str]:
     """
     k = keras()
     if len(model.outputs) != 1:
-        raise BackboneError(f"model {model.name!r} has {len(model.outputs)} outputs; pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}")
+        raise BackboneError(
+            f"model {model.name!r} has {len(model.outputs)} outputs; pass cut_layer=NAME (--cut-layer). "
+            f"{_layer_hint(model)}"
+        )
     layer = model.get_layer(index=-1) if not model.output_names else model.get_layer(model.output_names[0])
     seen_tail = []
     while layer.__class__.__name__ in _HEAD_TAIL or isinstance(layer, k.layers.BatchNormalization):
         seen_tail.append(layer)
         inbound = _inbound(layer)
         if len(inbound) != 1:
-            raise BackboneError(f"cannot find the classifier of {model.name!r}: {layer.name!r} does not have one input. Pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}")
+            raise BackboneError(
+                f"cannot find the classifier of {model.name!r}: {layer.name!r} does not have one input. Pass "
+                f"cut_layer=NAME (--cut-layer). {_layer_hint(model)}"
+            )
         layer = inbound[0]
     if not isinstance(layer, (k.layers.Dense, k.layers.Conv2D)) or isinstance(layer, k.layers.DepthwiseConv2D):
         raise BackboneError(
             f"cannot find the classifier of {model.name!r}: expected a Dense or Conv2D layer before the output "
-            f"({[l.name for l in reversed(seen_tail)] or 'directly'}), found {layer.__class__.__name__} {layer.name!r}. "
+            f"({[l.name for l in reversed(seen_tail)] or 'directly'}), found {layer.__class__.__name__} "
+            f"{layer.name!r}. "
             f"Pass cut_layer=NAME (--cut-layer). {_layer_hint(model)}"
         )
     classifier = layer
     inbound = _inbound(classifier)
     if len(inbound) != 1:
-        raise BackboneError(f"the classifier {classifier.name!r} of {model.name!r} has {len(inbound)} inputs; pass cut_layer=NAME (--cut-layer)")
+        raise BackboneError(
+            f"the classifier {classifier.name!r} of {model.name!r} has {len(inbound)} inputs; pass cut_layer=NAME "
+            "(--cut-layer)"
+        )
     cut = inbound[0]
     while isinstance(cut, (k.layers.Dropout, k.layers.SpatialDropout2D)) and len(_inbound(cut)) == 1:
         cut = _inbound(cut)[0]
-    kind = "Dense" if isinstance(classifier, k.layers.Dense) else f"{classifier.kernel_size[0]}x{classifier.kernel_size[1]} Conv2D"
+    kind = (
+        "Dense"
+        if isinstance(classifier, k.layers.Dense)
+        else f"{classifier.kernel_size[0]}x{classifier.kernel_size[1]} Conv2D"
+    )
     return cut, f"input of the {kind} classifier {classifier.name!r}"
 
 
@@ -460,11 +595,20 @@ def _layer_hint(model: Any) -> str:
     return f"Its layers: {[l.name for l in model.layers]} (see `edgetl layers MODEL`)"
 
 
-def _backbone_from_path(path: Path, input_shape: tuple[int, ...] | None, cut_layer: str | None, safe_mode: bool, preprocessing: InputPreprocessing) -> Backbone:
+def _backbone_from_path(
+    path: Path,
+    input_shape: tuple[int, ...] | None,
+    cut_layer: str | None,
+    safe_mode: bool,
+    preprocessing: InputPreprocessing,
+) -> Backbone:
     k = keras()
     if path.is_dir() and (path / "backbone.keras").is_file():  # an `edgetl pretrain` run
         if not preprocessing.is_identity:
-            raise BackboneError(f"{str(path)!r} is an edgetl run: its backbone already contains its preprocessing; do not declare input preprocessing for it")
+            raise BackboneError(
+                f"{str(path)!r} is an edgetl run: its backbone already contains its preprocessing; do not declare "
+                "input preprocessing for it"
+            )
         model = load_keras_model(path / "backbone.keras", safe_mode=safe_mode)
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         spec = dict(config.get("input_spec") or {})
@@ -474,21 +618,36 @@ def _backbone_from_path(path: Path, input_shape: tuple[int, ...] | None, cut_lay
             cut_note = f"layer {cut_layer!r}"
     else:
         full = load_keras_model(path, safe_mode=safe_mode)
-        layer, cut_note = (_get_layer(full, cut_layer), f"layer {cut_layer!r} (given)") if cut_layer else default_cut(full)
+        layer, cut_note = (
+            (_get_layer(full, cut_layer), f"layer {cut_layer!r} (given)") if cut_layer else default_cut(full)
+        )
         out = layer.output
         if len(out.shape) == 4:  # a feature map: pool it into an embedding vector
             out = k.layers.GlobalAveragePooling2D(name="embedding_pool")(out)
             cut_note += ", global-average-pooled"
         if len(out.shape) != 2:
-            raise BackboneError(f"layer {layer.name!r} of {str(path)!r} outputs shape {tuple(out.shape)}; an embedding must be a vector (or a feature map to pool)")
+            raise BackboneError(
+                f"layer {layer.name!r} of {str(path)!r} outputs shape {tuple(out.shape)}; an embedding must be a "
+                "vector (or a feature map to pool)"
+            )
         model = k.Model(full.inputs, out, name="backbone")
         name, source = f"file:{path.name}", "file"
-        spec = {"preprocessing": f"declared: {preprocessing.describe()}, inside the exported models" if not preprocessing.is_identity else "none declared: the model file gets raw inputs (declare it with --input-preprocessing if it expects scaled inputs)"}
+        spec = {
+            "preprocessing": f"declared: {preprocessing.describe()}, inside the exported models"
+            if not preprocessing.is_identity
+            else "none declared: the model file gets raw inputs (declare it with --input-preprocessing if it expects "
+            "scaled inputs)"
+        }
     model_shape = tuple(int(d) for d in model.input_shape[1:] if d is not None)
     if len(model_shape) != len(model.input_shape) - 1:
-        raise BackboneError(f"{str(path)!r} has an input with unknown dimensions {model.input_shape}; edgetl needs a fixed input shape")
+        raise BackboneError(
+            f"{str(path)!r} has an input with unknown dimensions {model.input_shape}; edgetl needs a fixed input shape"
+        )
     if input_shape is not None and tuple(input_shape) != model_shape:
-        raise BackboneError(f"backbone {str(path)!r} takes input_shape={model_shape}, the data has shape {tuple(input_shape)}; resize the data (e.g. --image-size) or use a matching backbone")
+        raise BackboneError(
+            f"backbone {str(path)!r} takes input_shape={model_shape}, the data has shape {tuple(input_shape)}; resize "
+            "the data (e.g. --image-size) or use a matching backbone"
+        )
     if not preprocessing.is_identity:
         model = _with_preprocessing(model, preprocessing)
     spec.setdefault("shape", list(model_shape))
@@ -554,7 +713,9 @@ def input_shape_of(name_or_path: str | Path, *, safe_mode: bool = True) -> tuple
         spec = json.loads((path / "config.json").read_text()).get("input_spec") or {}
         if spec.get("shape"):
             return tuple(int(d) for d in spec["shape"])
-    model = load_keras_model(path / "backbone.keras" if path.is_dir() and (path / "backbone.keras").is_file() else path, safe_mode=safe_mode)
+    model = load_keras_model(
+        path / "backbone.keras" if path.is_dir() and (path / "backbone.keras").is_file() else path, safe_mode=safe_mode
+    )
     return tuple(int(d) for d in model.input_shape[1:])
 
 
@@ -574,10 +735,20 @@ def describe_layers(path: str | Path, *, cut_layer: str | None = None, safe_mode
         shape = layer.output_shape
         shape = shape[0] if isinstance(shape, list) and len(shape) == 1 else shape
         pooled = layer is cut and isinstance(shape, tuple) and len(shape) == 4
-        rows.append({"name": layer.name, "class": layer.__class__.__name__, "output_shape": shape, "params": int(layer.count_params()), "cut": layer is cut,
-                     "note": (f"<- embedding ({note}{', global-average-pooled' if pooled else ''})" if layer is cut else "")})
+        rows.append(
+            {
+                "name": layer.name,
+                "class": layer.__class__.__name__,
+                "output_shape": shape,
+                "params": int(layer.count_params()),
+                "cut": layer is cut,
+                "note": (f"<- embedding ({note}{', global-average-pooled' if pooled else ''})" if layer is cut else ""),
+            }
+        )
     if cut is None:
-        rows.append({"name": "(no default cut)", "class": "", "output_shape": "", "params": None, "cut": False, "note": note})
+        rows.append(
+            {"name": "(no default cut)", "class": "", "output_shape": "", "params": None, "cut": False, "note": note}
+        )
     return rows
 
 
@@ -585,7 +756,9 @@ def _get_layer(model: Any, name: str) -> Any:
     try:
         return model.get_layer(name)
     except ValueError:
-        raise BackboneError(f"model {model.name!r} has no layer {name!r}; its layers are {[l.name for l in model.layers]}") from None
+        raise BackboneError(
+            f"model {model.name!r} has no layer {name!r}; its layers are {[l.name for l in model.layers]}"
+        ) from None
 
 
 def count_macs(model: Any) -> int:

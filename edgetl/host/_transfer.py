@@ -24,12 +24,20 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from edgetl.errors import InputError, describe
-from edgetl.host._tf import keras, tf
-from edgetl.host.backbones import Backbone, InputPreprocessing, adapt_normalization, create_backbone, is_registry_name, leaf_layers
-from edgetl.errors import BackboneError
+from edgetl.data import Dataset, Splits, class_weights, conform_images, stratified_split
+from edgetl.errors import BackboneError, InputError, describe
+from edgetl.host._backbones import (
+    Backbone,
+    InputPreprocessing,
+    adapt_normalization,
+    create_backbone,
+    is_registry_name,
+    leaf_layers,
+)
+from edgetl.host._fit import compile_model, fit_model
 from edgetl.host._linear_head import Standardization, fit_linear_head, standardization
-from edgetl.host.data import Augmentation, Dataset, Splits, class_weights, conform_images, stratified_split, to_tf_dataset
+from edgetl.host._tf import keras, tf
+from edgetl.host._tf_data import Augmentation
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 FUSIONS = ("none", "concat")
@@ -56,10 +64,10 @@ class TrainConfig:
         backbone: registry name, model file, or ``edgetl pretrain`` run directory.
         weights: ``"imagenet"``, a weights file, or ``None`` (registry backbones only).
         cut_layer: embedding layer of a model-file backbone (default: the classifier's input,
-            see :func:`edgetl.host.backbones.default_cut`).
+            see :func:`edgetl.host._backbones.default_cut`).
         input_preprocessing: what a model-file backbone expects its raw inputs turned into:
             a preset (``"0-1"``, ``"-1-1"``, ``"imagenet"``, ``"caffe"``) or an
-            :class:`~edgetl.host.backbones.InputPreprocessing`; baked into the exported models.
+            :class:`~edgetl.host._backbones.InputPreprocessing`; baked into the exported models.
         standardize_embeddings: standardize the embedding per dimension with the training
             split's statistics, as a frozen layer at the seam (exported with the backbone).
         head_solver: ``"auto"`` fits a linear head to convergence with full-batch L-BFGS on
@@ -122,7 +130,10 @@ class TrainConfig:
         def positive(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
-                raise InputError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, received {name}={describe(v)}")
+                raise InputError(
+                    f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, received "
+                    f"{name}={describe(v)}"
+                )
 
         for n in ("epochs", "batch_size", "fusion_units"):
             positive(n)
@@ -180,7 +191,7 @@ class TransferModel:
 
 @dataclass
 class TrainResult:
-    """What :func:`train_transfer` returns; :func:`edgetl.host.run.save_run` writes it."""
+    """What :func:`train_transfer` returns; :func:`edgetl.host._run.save_run` writes it."""
 
     transfer: TransferModel
     config: TrainConfig
@@ -198,6 +209,34 @@ class TrainResult:
     def model(self) -> Any:
         return self.transfer.model
 
+    def describe(self) -> list[str]:
+        """What the run did, in a few lines (what ``edgetl train`` prints)."""
+        m = self.metrics
+        lines = [f"assumed: {note}" for note in self.assumptions]
+        fit = m.get("head_fit") or {}
+        if fit.get("method") == "lbfgs":
+            lines.append(
+                f"head: L-BFGS to convergence ({fit['steps']} steps, gradient {fit['grad_norm']:.1e}, C={fit['C']:g} "
+                f"chosen by {fit['selection']}, fitted on {fit.get('fit_examples', '?')} examples)"
+            )
+        elif fit.get("method") == "adam":
+            lines.append(f"head: Adam, {fit['epochs']} epochs, final loss {fit['final_loss']:.4f}")
+        if "fine_tune_kept" in m:
+            verdict = "kept" if m["fine_tune_kept"] else "discarded (head-only was better on validation)"
+            detail = (
+                f"; validation accuracy {m['head_only_val_accuracy']:.4f} head-only -> "
+                f"{m['fine_tuned_val_accuracy']:.4f} fine-tuned"
+                if m.get("fine_tune_validated")
+                else "; no validation split to judge it"
+            )
+            lines.append(f"fine-tune of {len(m['unfrozen_layers'])} layers: {verdict}{detail}")
+        params = m.get("trainable_params_head_phase", m.get("trainable_params"))
+        lines.append(
+            f"test accuracy {m['test_accuracy']:.4f} on {m.get('test_examples', '?')} examples; trainable parameters "
+            f"{params}"
+        )
+        return lines
+
 
 def configure_cpu_devices(n: int) -> None:
     """Split the physical CPU into ``n`` logical devices (before TensorFlow initialises them).
@@ -213,7 +252,9 @@ def configure_cpu_devices(n: int) -> None:
     except RuntimeError as exc:  # TensorFlow refuses once its devices are initialised
         current = len(t.config.list_logical_devices("CPU"))
         if current != n:
-            raise InputError(f"cannot split the CPU into {n} devices after TensorFlow started ({current} now): {exc}") from exc
+            raise InputError(
+                f"cannot split the CPU into {n} devices after TensorFlow started ({current} now): {exc}"
+            ) from exc
 
 
 def make_strategy(name: str) -> Any:
@@ -235,7 +276,9 @@ def make_strategy(name: str) -> Any:
     raise InputError(f"strategy must be one of {STRATEGIES}, received {name!r}")
 
 
-def build_transfer_model(backbone: Backbone, num_classes: int, config: TrainConfig, standardization: Standardization | None = None) -> TransferModel:
+def build_transfer_model(
+    backbone: Backbone, num_classes: int, config: TrainConfig, standardization: Standardization | None = None
+) -> TransferModel:
     """Assemble ``head(features(x))`` with the backbone frozen and in inference mode.
 
     ``features`` is backbone -> frozen standardization (when given) -> [fusion]: the
@@ -295,9 +338,19 @@ def unfreeze_top_layers(backbone_model: Any, n: int) -> list[str]:
     leaves = leaf_layers(backbone_model)
     for layer in leaves:
         layer.trainable = False
-    candidates = [l for l in leaves if l.weights and not isinstance(l, k.layers.BatchNormalization) and l.name != "caffe_preprocess" and l.name != "standardize"]
+    candidates = [
+        l
+        for l in leaves
+        if l.weights
+        and not isinstance(l, k.layers.BatchNormalization)
+        and l.name != "caffe_preprocess"
+        and l.name != "standardize"
+    ]
     if n > len(candidates):
-        raise InputError(f"fine_tune_layers={n} exceeds the {len(candidates)} trainable layers of the backbone; allowed: 0..{len(candidates)}")
+        raise InputError(
+            f"fine_tune_layers={n} exceeds the {len(candidates)} trainable layers of the backbone; allowed: "
+            f"0..{len(candidates)}"
+        )
     chosen = candidates[len(candidates) - n :] if n else []
     for layer in chosen:
         layer.trainable = True
@@ -308,32 +361,6 @@ def trainable_parameter_count(model: Any) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-def _compile(model: Any, learning_rate: float, label_smoothing: float) -> None:
-    k = keras()
-    model.compile(
-        optimizer=k.optimizers.Adam(learning_rate),
-        loss=k.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=["accuracy"],
-    )
-
-
-def _fit(model: Any, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None, *, config: TrainConfig, epochs: int, num_classes: int, augmentation: Augmentation | None, callbacks: Sequence[Any], verbose: int) -> dict[str, list[float]]:
-    k = keras()
-    weights = None
-    if config.class_weight == "balanced":
-        cw = class_weights(train[1], num_classes)
-        weights = np.asarray([cw[int(c)] for c in train[1]], dtype=np.float32)
-    ds = to_tf_dataset(train[0], train[1], num_classes=num_classes, batch_size=config.batch_size, shuffle=True, seed=config.seed, augmentation=augmentation, sample_weights=weights)
-    val_ds = None
-    cbs = list(callbacks)
-    if val is not None and len(val[1]):
-        val_ds = to_tf_dataset(val[0], val[1], num_classes=num_classes, batch_size=256)
-    if config.early_stopping_patience:
-        cbs.append(k.callbacks.EarlyStopping(monitor="val_loss" if val_ds is not None else "loss", patience=config.early_stopping_patience, restore_best_weights=True))
-    hist = model.fit(ds, validation_data=val_ds, epochs=epochs, verbose=verbose, callbacks=cbs)
-    return {key: [float(v) for v in values] for key, values in hist.history.items()}
-
-
 def train_transfer(
     data: Splits | Dataset,
     config: TrainConfig = TrainConfig(),
@@ -342,6 +369,7 @@ def train_transfer(
     safe_mode: bool = True,
     callbacks: Sequence[Any] = (),
     verbose: int = 0,
+    progress: bool = False,
 ) -> TrainResult:
     """Train a transfer model: head phase, then the optional fine-tune phase.
 
@@ -359,7 +387,8 @@ def train_transfer(
             it must have been built under the same distribution strategy.
         safe_mode: refuse model-file backbones containing Python code (Lambda bytecode).
         callbacks: user Keras callbacks, passed to every Keras training phase.
-        verbose: Keras ``fit`` verbosity (1 = progress bar).
+        verbose: Keras ``fit`` verbosity.
+        progress: a progress bar per Keras training phase, on a terminal only.
 
     Returns:
         A :class:`TrainResult` with the model, history, test metrics and confusion matrix.
@@ -370,60 +399,92 @@ def train_transfer(
     """
     k = keras()
     record = data.record() if isinstance(data, Dataset) and data.origin else None
-    splits = data if isinstance(data, Splits) else stratified_split(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    splits = (
+        data
+        if isinstance(data, Splits)
+        else stratified_split(
+            data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        )
+    )
     splits.train.require_trainable()
     if config.augmentation is not None and splits.train.kind != "image":
         raise InputError(f"augmentation applies to image data only; the data is {splits.train.kind!r}")
     k.utils.set_random_seed(config.seed)
     strategy = make_strategy(config.strategy)
+    backbone, splits, assumptions = _prepare_backbone(splits, config, backbone, strategy, safe_mode)
+    start = time.perf_counter()
+    raw_train = backbone.model.predict(splits.train.x.astype(np.float32), batch_size=256, verbose=0)
+    stats = _check_embeddings(raw_train, backbone, config)
+    assumptions += _stats_notes(stats, config)
+    seam = stats if config.standardize_embeddings else None
+    with strategy.scope():
+        tm = build_transfer_model(backbone, splits.train.num_classes, config, seam)
+    timings = {"embed_seconds": time.perf_counter() - start}
+    phase = _PhaseContext(tm, splits, config, strategy, callbacks, verbose, progress)
+    history, info = _head_phase(phase, raw_train, seam)
+    timings["head_train_seconds"] = info.pop("seconds")
+    info.update(unfrozen_layers=[], trainable_params_fine_tune=0)
+    if config.fine_tune_layers:
+        t0 = time.perf_counter()
+        info.update(_fine_tune_phase(phase, history))
+        timings["fine_tune_seconds"] = time.perf_counter() - t0
+    timings["train_seconds"] = time.perf_counter() - start
+    metrics, confusion = evaluate_model(
+        tm.model, splits.test if len(splits.test) else splits.val, splits.train.num_classes
+    )
+    metrics.update(_run_metrics(tm, splits, strategy, stats, info, timings))
+    spec = {**backbone.input_spec, "shape": list(splits.train.input_shape)}
+    if config.standardize_embeddings:
+        spec["embedding_standardized"] = True
+    return TrainResult(tm, config, splits.train.class_names, history, metrics, confusion, spec, record, assumptions)
+
+
+def _prepare_backbone(
+    splits: Splits, config: TrainConfig, backbone: Backbone | None, strategy: Any, safe_mode: bool
+) -> tuple[Backbone, Splits, list[str]]:
+    """Build the backbone (unless given) and conform the data to its input."""
     with strategy.scope():
         if backbone is None:
             # Registry families are built for the data's size; files and runs take their own
             # input, and the data is conformed to it below.
             shape = splits.train.input_shape if is_registry_name(config.backbone) else None
-            backbone = create_backbone(config.backbone, shape, weights=config.weights, cut_layer=config.cut_layer, safe_mode=safe_mode, preprocessing=config.input_preprocessing)
+            backbone = create_backbone(
+                config.backbone,
+                shape,
+                weights=config.weights,
+                cut_layer=config.cut_layer,
+                safe_mode=safe_mode,
+                preprocessing=config.input_preprocessing,
+            )
     splits, assumptions = _conform_splits(splits, backbone)
     with strategy.scope():
         if backbone.source == "registry" and config.weights is None:
             adapt_normalization(backbone.model, splits.train.x.astype(np.float32))
-    start = time.perf_counter()
-    raw_train = backbone.model.predict(splits.train.x.astype(np.float32), batch_size=256, verbose=0)
-    stats = _check_embeddings(raw_train, backbone, config)
-    assumptions += _stats_notes(stats, config)
-    with strategy.scope():
-        tm = build_transfer_model(backbone, splits.train.num_classes, config, stats if config.standardize_embeddings else None)
-    timings = {"embed_seconds": time.perf_counter() - start}
-    phase = _PhaseContext(tm, splits, config, strategy, callbacks, verbose)
-    history, head_info = _head_phase(phase, raw_train, stats if config.standardize_embeddings else None)
-    timings["head_train_seconds"] = head_info.pop("seconds")
-    fine_tune_info: dict[str, Any] = {"unfrozen_layers": [], "trainable_params_fine_tune": 0}
-    if config.fine_tune_layers:
-        t0 = time.perf_counter()
-        fine_tune_info = _fine_tune_phase(phase, history)
-        timings["fine_tune_seconds"] = time.perf_counter() - t0
-    timings["train_seconds"] = time.perf_counter() - start
-    metrics, confusion = evaluate_model(tm.model, splits.test if len(splits.test) else splits.val, splits.train.num_classes)
-    metrics.update(
-        {
-            "trainable_params_head_phase": head_info.pop("trainable_params"),
-            "total_params": int(tm.model.count_params()),
-            "embedding_size": int(tm.head.input_shape[-1]),
-            "train_examples": len(splits.train),
-            "val_examples": len(splits.val),
-            "test_examples": len(splits.test),
-            "replicas": int(strategy.num_replicas_in_sync),
-            "embedding_scale_mean_abs": round(stats.scale, 6),
-            "embedding_constant_dims": stats.constant_dims,
-            **head_info,
-            **fine_tune_info,
-            **{k_: round(v, 4) for k_, v in timings.items()},
-        }
-    )
-    spec = dict(backbone.input_spec)
-    spec["shape"] = list(splits.train.input_shape)
-    if config.standardize_embeddings:
-        spec["embedding_standardized"] = True
-    return TrainResult(tm, config, splits.train.class_names, history, metrics, confusion, spec, record, assumptions)
+    return backbone, splits, assumptions
+
+
+def _run_metrics(
+    tm: TransferModel,
+    splits: Splits,
+    strategy: Any,
+    stats: Standardization,
+    info: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Everything ``metrics.json`` records besides the test accuracy and loss."""
+    return {
+        "trainable_params_head_phase": info.pop("trainable_params"),
+        "total_params": int(tm.model.count_params()),
+        "embedding_size": int(tm.head.input_shape[-1]),
+        "train_examples": len(splits.train),
+        "val_examples": len(splits.val),
+        "test_examples": len(splits.test),
+        "replicas": int(strategy.num_replicas_in_sync),
+        "embedding_scale_mean_abs": round(stats.scale, 6),
+        "embedding_constant_dims": stats.constant_dims,
+        **info,
+        **{k: round(v, 4) for k, v in timings.items()},
+    }
 
 
 def _conform_splits(splits: Splits, backbone: Backbone) -> tuple[Splits, list[str]]:
@@ -432,7 +493,9 @@ def _conform_splits(splits: Splits, backbone: Backbone) -> tuple[Splits, list[st
     if splits.train.input_shape == shape:
         return splits, []
     if splits.train.kind != "image" or len(shape) != 3:
-        raise InputError(f"backbone {backbone.name!r} takes inputs of shape {shape}, the data has {splits.train.input_shape}")
+        raise InputError(
+            f"backbone {backbone.name!r} takes inputs of shape {shape}, the data has {splits.train.input_shape}"
+        )
     parts = {name: conform_images(getattr(splits, name), shape) for name in ("train", "val", "test")}
     notes = parts["train"][1]
     warnings.warn(f"{'; '.join(notes)} to fit backbone {backbone.name!r} (input {shape})", stacklevel=3)
@@ -445,14 +508,28 @@ def _check_embeddings(raw: np.ndarray, backbone: Backbone, config: TrainConfig) 
     stats = standardization(raw)
     if stats.problem:
         if backbone.source == "registry" and not backbone.pretrained:
-            fix = f"it was built with random weights (weights=None): pass --weights imagenet (needs internet) or --weights FILE, or pretrain one with `edgetl pretrain --backbone {backbone.name}` and pass the run as --backbone"
+            fix = (
+                "it was built with random weights (weights=None): pass --weights imagenet (needs internet) or "
+                f"--weights FILE, or pretrain one with `edgetl pretrain --backbone {backbone.name}` and pass the run "
+                "as --backbone"
+            )
         elif backbone.source == "file":
-            fix = "check that the file holds trained weights, that --input-preprocessing matches what the model expects, and try another --cut-layer (see `edgetl layers MODEL`)"
+            fix = (
+                "check that the file holds trained weights, that --input-preprocessing matches what the model expects, "
+                "and try another --cut-layer (see `edgetl layers MODEL`)"
+            )
         else:
             fix = "retrain the backbone (`edgetl pretrain`) or choose another one"
-        raise BackboneError(f"backbone {backbone.name!r} cannot be used: {stats.problem} on {len(raw)} training examples, so no head can learn from it; {fix}")
+        raise BackboneError(
+            f"backbone {backbone.name!r} cannot be used: {stats.problem} on {len(raw)} training examples, so no head "
+            f"can learn from it; {fix}"
+        )
     if backbone.source == "registry" and not backbone.pretrained and backbone.name not in ("edgetl_cnn", "edgetl_mlp"):
-        warnings.warn(f"backbone {backbone.name!r} has random weights (no --weights): its embeddings are random features and transfer will be poor. Pass --weights imagenet or --weights FILE, or use an `edgetl pretrain` run", stacklevel=3)
+        warnings.warn(
+            f"backbone {backbone.name!r} has random weights (no --weights): its embeddings are random features and "
+            "transfer will be poor. Pass --weights imagenet or --weights FILE, or use an `edgetl pretrain` run",
+            stacklevel=3,
+        )
     return stats
 
 
@@ -475,6 +552,11 @@ class _PhaseContext:
     strategy: Any
     callbacks: Sequence[Any]
     verbose: int
+    progress: bool = False
+
+    @property
+    def progress_label(self) -> str | None:
+        return "training" if self.progress else None
 
     @property
     def val(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -493,7 +575,9 @@ def _uses_lbfgs(config: TrainConfig) -> bool:
     return config.head_solver == "auto" and linear and cacheable
 
 
-def _head_phase(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardization | None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def _head_phase(
+    ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardization | None
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Train the head on the frozen features; returns the history and what to record."""
     tm, cfg, n_cls = ctx.tm, ctx.config, ctx.splits.train.num_classes
     t0 = time.perf_counter()
@@ -504,15 +588,46 @@ def _head_phase(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardizatio
     else:
         cache = cfg.cache_embeddings and cfg.fusion == "none" and cfg.augmentation is None
         with ctx.strategy.scope():
-            _compile(tm.head if cache else tm.model, cfg.learning_rate, cfg.label_smoothing)
+            compile_model(tm.head if cache else tm.model, cfg.learning_rate, cfg.label_smoothing)
         if cache:  # nothing before the seam is trainable or random: embed once, train the head alone
             emb = tm.features.predict(ctx.splits.train.x.astype(np.float32), batch_size=256, verbose=0)
             val = ctx.val
-            emb_val = (tm.features.predict(val[0].astype(np.float32), batch_size=256, verbose=0), val[1]) if val else None
-            history = _fit(tm.head, (emb, ctx.splits.train.y), emb_val, config=cfg, epochs=cfg.epochs, num_classes=n_cls, augmentation=None, callbacks=ctx.callbacks, verbose=ctx.verbose)
+            emb_val = (
+                (tm.features.predict(val[0].astype(np.float32), batch_size=256, verbose=0), val[1]) if val else None
+            )
+            history = fit_model(
+                tm.head,
+                (emb, ctx.splits.train.y),
+                emb_val,
+                config=cfg,
+                epochs=cfg.epochs,
+                num_classes=n_cls,
+                augmentation=None,
+                callbacks=ctx.callbacks,
+                verbose=ctx.verbose,
+                progress=ctx.progress_label,
+            )
         else:
-            history = _fit(tm.model, (ctx.splits.train.x, ctx.splits.train.y), ctx.val, config=cfg, epochs=cfg.epochs, num_classes=n_cls, augmentation=cfg.augmentation, callbacks=ctx.callbacks, verbose=ctx.verbose)
-        info.update(head_fit={"method": "adam", "epochs": len(history.get("loss", [])), "final_loss": history["loss"][-1] if history.get("loss") else None}, cached_embeddings=cache)
+            history = fit_model(
+                tm.model,
+                (ctx.splits.train.x, ctx.splits.train.y),
+                ctx.val,
+                config=cfg,
+                epochs=cfg.epochs,
+                num_classes=n_cls,
+                augmentation=cfg.augmentation,
+                callbacks=ctx.callbacks,
+                verbose=ctx.verbose,
+                progress=ctx.progress_label,
+            )
+        info.update(
+            head_fit={
+                "method": "adam",
+                "epochs": len(history.get("loss", [])),
+                "final_loss": history["loss"][-1] if history.get("loss") else None,
+            },
+            cached_embeddings=cache,
+        )
     history["phase"] = [1.0] * len(history.get("loss", []))
     info["seconds"] = time.perf_counter() - t0
     return history, info
@@ -526,7 +641,9 @@ def _head_phase(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardizatio
 MIN_VALIDATION_FOR_SELECTION = 200
 
 
-def _lbfgs_head(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardization | None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def _lbfgs_head(
+    ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardization | None
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Fit the linear head to convergence on cached (standardized) embeddings.
 
     The validation split stays held out when fine-tuning will need it to judge, or when
@@ -535,7 +652,9 @@ def _lbfgs_head(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardizatio
     """
     tm, cfg, splits = ctx.tm, ctx.config, ctx.splits
     emb = stats.apply(raw_train) if stats is not None else raw_train.astype(np.float32)
-    emb_val = tm.features.predict(splits.val.x.astype(np.float32), batch_size=256, verbose=0) if len(splits.val) else None
+    emb_val = (
+        tm.features.predict(splits.val.x.astype(np.float32), batch_size=256, verbose=0) if len(splits.val) else None
+    )
     counts = np.bincount(splits.val.y, minlength=splits.train.num_classes)
     large_val = len(splits.val) >= MIN_VALIDATION_FOR_SELECTION and counts.min() >= 10
     weights = ctx.sample_weights()
@@ -545,19 +664,34 @@ def _lbfgs_head(ctx: _PhaseContext, raw_train: np.ndarray, stats: Standardizatio
         if weights is not None:
             cw = class_weights(y, splits.train.num_classes)
             weights = np.asarray([cw[int(c)] for c in y], np.float32)
-        fit = fit_linear_head(x, y, splits.train.num_classes, sample_weight=weights, label_smoothing=cfg.label_smoothing, C=cfg.head_C)
+        fit = fit_linear_head(
+            x, y, splits.train.num_classes, sample_weight=weights, label_smoothing=cfg.label_smoothing, C=cfg.head_C
+        )
         held_out = None
     else:
         use_val = emb_val is not None and large_val
-        fit = fit_linear_head(emb, splits.train.y, splits.train.num_classes, x_val=emb_val if use_val else None, y_val=splits.val.y if use_val else None,
-                              sample_weight=weights, label_smoothing=cfg.label_smoothing, C=cfg.head_C)
+        fit = fit_linear_head(
+            emb,
+            splits.train.y,
+            splits.train.num_classes,
+            x_val=emb_val if use_val else None,
+            y_val=splits.val.y if use_val else None,
+            sample_weight=weights,
+            label_smoothing=cfg.label_smoothing,
+            C=cfg.head_C,
+        )
         held_out = emb_val
     tm.head.get_layer("classifier").set_weights([fit.W, fit.b])
-    summary = {**fit.summary(), "fit_examples": len(emb) if held_out is not None or emb_val is None else len(emb) + len(emb_val)}
+    summary = {
+        **fit.summary(),
+        "fit_examples": len(emb) if held_out is not None or emb_val is None else len(emb) + len(emb_val),
+    }
     return _one_point_history(tm.head, emb, splits.train.y, held_out, splits.val.y), summary
 
 
-def _one_point_history(head: Any, emb: np.ndarray, y: np.ndarray, emb_val: np.ndarray | None, y_val: np.ndarray | None) -> dict[str, list[float]]:
+def _one_point_history(
+    head: Any, emb: np.ndarray, y: np.ndarray, emb_val: np.ndarray | None, y_val: np.ndarray | None
+) -> dict[str, list[float]]:
     """The L-BFGS phase as one history point (Keras-style keys), so curves and reports show it."""
     out: dict[str, list[float]] = {}
     for prefix, e, labels in (("", emb, y), ("val_", emb_val, y_val)):
@@ -591,9 +725,20 @@ def _fine_tune_phase(ctx: _PhaseContext, history: dict[str, list[float]]) -> dic
     before = _val_scores(tm.model, ctx.splits)
     with ctx.strategy.scope():
         unfrozen = unfreeze_top_layers(tm.backbone.model, cfg.fine_tune_layers)
-        _compile(tm.model, cfg.fine_tune_learning_rate, cfg.label_smoothing)
+        compile_model(tm.model, cfg.fine_tune_learning_rate, cfg.label_smoothing)
     trainable = trainable_parameter_count(tm.model)
-    ft = _fit(tm.model, (ctx.splits.train.x, ctx.splits.train.y), ctx.val, config=cfg, epochs=cfg.fine_tune_epochs, num_classes=ctx.splits.train.num_classes, augmentation=cfg.augmentation, callbacks=ctx.callbacks, verbose=ctx.verbose)
+    ft = fit_model(
+        tm.model,
+        (ctx.splits.train.x, ctx.splits.train.y),
+        ctx.val,
+        config=cfg,
+        epochs=cfg.fine_tune_epochs,
+        num_classes=ctx.splits.train.num_classes,
+        augmentation=cfg.augmentation,
+        callbacks=ctx.callbacks,
+        verbose=ctx.verbose,
+        progress=ctx.progress_label,
+    )
     tm.backbone.model.trainable = False  # the saved model records a frozen backbone again
     after = _val_scores(tm.model, ctx.splits)
     kept = before is None or after[0] > before[0] or (after[0] == before[0] and after[1] < before[1])
@@ -604,22 +749,37 @@ def _fine_tune_phase(ctx: _PhaseContext, history: dict[str, list[float]]) -> dic
     for key, values in ft.items():
         history[key] = history.get(key, [float("nan")] * n_head) + values
     history["phase"] += [2.0] * len(ft.get("loss", []))
-    info: dict[str, Any] = {"unfrozen_layers": unfrozen, "trainable_params_fine_tune": trainable, "fine_tune_kept": bool(kept), "fine_tune_validated": before is not None}
+    info: dict[str, Any] = {
+        "unfrozen_layers": unfrozen,
+        "trainable_params_fine_tune": trainable,
+        "fine_tune_kept": bool(kept),
+        "fine_tune_validated": before is not None,
+    }
     if before is not None:
-        info.update(head_only_val_accuracy=before[0], head_only_val_loss=before[1], fine_tuned_val_accuracy=after[0], fine_tuned_val_loss=after[1])
+        info.update(
+            head_only_val_accuracy=before[0],
+            head_only_val_loss=before[1],
+            fine_tuned_val_accuracy=after[0],
+            fine_tuned_val_loss=after[1],
+        )
     if not kept:
-        warnings.warn(f"fine-tuning did not improve validation accuracy ({before[0]:.4f} -> {after[0]:.4f}); the head-only weights are kept", stacklevel=3)
+        warnings.warn(
+            f"fine-tuning did not improve validation accuracy ({before[0]:.4f} -> {after[0]:.4f}); the head-only "
+            "weights are kept",
+            stacklevel=3,
+        )
     return info
 
 
 def evaluate_model(model: Any, ds: Dataset, num_classes: int) -> tuple[dict[str, Any], np.ndarray]:
     """Accuracy, loss and confusion matrix of ``model`` on ``ds`` (empty -> NaNs)."""
     if not len(ds):
-        return {"test_accuracy": float("nan"), "test_loss": float("nan")}, np.zeros((num_classes, num_classes), dtype=np.int64)
+        return {"test_accuracy": float("nan"), "test_loss": float("nan")}, np.zeros(
+            (num_classes, num_classes), dtype=np.int64
+        )
     probs = model.predict(ds.x.astype(np.float32), batch_size=256, verbose=0)
     pred = probs.argmax(axis=1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (ds.y, pred), 1)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(ds)), ds.y], 1e-7, 1.0))))
     return {"test_accuracy": float((pred == ds.y).mean()), "test_loss": loss}, confusion
-

@@ -59,7 +59,9 @@ def quantize_aware(model: Any) -> Any:
     """Flatten ``model`` and insert fake-quantization for every tfmot-supported layer."""
     try:
         import tensorflow_model_optimization as tfmot
-        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_quantize_registry
+        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+            default_8bit_quantize_registry,
+        )
     except ImportError as exc:  # pragma: no cover
         raise DependencyError(f'QAT needs tensorflow-model-optimization ({exc}); pip install "edgetl[host]"') from exc
     k = keras()
@@ -77,14 +79,28 @@ def quantize_aware(model: Any) -> Any:
         return tfmot.quantization.keras.quantize_apply(annotated)
 
 
-def train_qat(model: Any, x: np.ndarray, y: np.ndarray, *, num_classes: int, epochs: int, learning_rate: float, batch_size: int = 32, seed: int = 0) -> Any:
+def train_qat(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Any:
     """QAT model of ``model`` fine-tuned for ``epochs`` on (x, y); returns the QAT model."""
-    from edgetl.host.data import to_tf_dataset
-    from edgetl.host.transfer import _compile
+    from edgetl.host._fit import compile_model
+    from edgetl.host._tf_data import to_tf_dataset
 
     k = keras()
     k.utils.set_random_seed(seed)
     qat = quantize_aware(model)
-    _compile(qat, learning_rate, 0.0)
-    qat.fit(to_tf_dataset(x, y, num_classes=num_classes, batch_size=batch_size, shuffle=True, seed=seed), epochs=epochs, verbose=0)
+    compile_model(qat, learning_rate, 0.0)
+    qat.fit(
+        to_tf_dataset(x, y, num_classes=num_classes, batch_size=batch_size, shuffle=True, seed=seed),
+        epochs=epochs,
+        verbose=0,
+    )
     return qat

@@ -1,12 +1,12 @@
 """Head training with many steps per runtime call (numpy + onnxruntime or LiteRT only).
 
-:mod:`edgetl.device.head`'s trainers call the runtime once per step, so the weights and
+:mod:`edgetl.device._head`'s trainers call the runtime once per step, so the weights and
 optimizer state cross into Python on every step. The trainers here hand the runtime the
 whole step plan instead and it loops inside: one onnxruntime ``run`` of
 ``head_train_loop_{sgd,adam}.onnx`` (an ONNX ``Scan``), or one invoke of ``head_loop.tflite``'s
 ``train_steps`` signature (a TFLite ``WHILE``). Both graphs come from
-:mod:`edgetl.host.head_loop_graphs` and give the weights of step-by-step training: same
-batches (:func:`plan_steps` is :func:`edgetl.device.head.batches` as arrays), same formulas.
+:mod:`edgetl.host._head_loop_graphs` and give the weights of step-by-step training: same
+batches (:func:`plan_steps` is :func:`edgetl.device._head.batches` as arrays), same formulas.
 
 The trainers take the model bytes (or paths) rather than a bundle, until bundles carry
 these graphs.
@@ -21,13 +21,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgetl.device.head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device.head_math import initial_state
+from edgetl.bundle._head import initial_state
+from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.errors import DependencyError, InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The step plan of :func:`edgetl.device.head.batches` as the loop graphs' inputs.
+    """The step plan of :func:`edgetl.device._head.batches` as the loop graphs' inputs.
 
     Args:
         n: Number of training examples.
@@ -124,8 +124,8 @@ class OnnxLoopHeadTrainer:
 
     Args:
         train_models: ``{"sgd": model, "adam": model}`` (either may be missing), each the
-            bytes or path of :func:`edgetl.host.head_loop_graphs.head_train_loop_onnx`.
-        infer_model: bytes or path of :func:`edgetl.host.head_graphs.head_infer_onnx`.
+            bytes or path of :func:`edgetl.host._head_loop_graphs.head_train_loop_onnx`.
+        infer_model: bytes or path of :func:`edgetl.host._head_graphs.head_infer_onnx`.
         threads: onnxruntime intra-op threads (None: its default).
     """
 
@@ -149,7 +149,7 @@ class OnnxLoopHeadTrainer:
     def train(
         self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
     ) -> tuple[HeadState, list[float]]:
-        """Train ``head`` on the examples; same contract as :class:`edgetl.device.head.OnnxHeadTrainer`.
+        """Train ``head`` on the examples; same contract as :class:`edgetl.device._head.OnnxHeadTrainer`.
 
         Returns:
             The trained head (optimizer state starts at zero, as step-by-step) and the loss
@@ -184,7 +184,7 @@ class OnnxLoopHeadTrainer:
 
         Args:
             state: ``W``, ``b`` and the optimizer's state, named as
-                :func:`edgetl.device.head_math.initial_state` names them.
+                :func:`edgetl.bundle._head.initial_state` names them.
 
         Returns:
             The state after the plan (same keys) and the loss of every step.
@@ -238,7 +238,7 @@ class OnnxLoopHeadTrainer:
 class LiteRTLoopHeadTrainer:
     """Runs ``head_loop.tflite``'s ``train_steps`` signature: every step in one invoke.
 
-    The model is :func:`edgetl.host.head_loop_graphs.head_tflite_loop`; its weights live in
+    The model is :func:`edgetl.host._head_loop_graphs.head_tflite_loop`; its weights live in
     the interpreter, so each call loads the head it is given first (under a lock:
     interpreters are not thread-safe).
 

@@ -9,13 +9,22 @@ train-step graph: ``head_train_{sgd,adam}.onnx`` in onnxruntime, or ``head.tflit
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device.head_math import initial_state
+from edgetl.bundle._head import (
+    HYPERPARAMETERS,
+    INFER_OUTPUT,
+    LOSS_OUTPUT,
+    gradients,
+    initial_state,
+    masked_softmax,
+    reference_step,
+    state_output,
+)
 from edgetl.errors import InputError, describe
 
 Optimizer = Literal["sgd", "adam"]
@@ -106,29 +115,39 @@ class OnnxHeadTrainer:
     backend = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
-        from edgetl.device.runtimes import onnx_session
+        from edgetl.device._runtimes import onnx_session
 
-        self._sessions = {a.get("optimizer", "sgd"): onnx_session(bundle.path / a["file"], threads=threads) for a in bundle.artifacts("head_train", "onnx")}
+        self._sessions = {
+            a.optimizer or "sgd": onnx_session(bundle.path / a.file, threads=threads)
+            for a in bundle.artifacts("head_train", "onnx")
+        }
         self._infer = onnx_session(bundle.artifact("head_infer", "onnx"), threads=threads)
 
-    def train(self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings) -> tuple[HeadState, list[float]]:
-        lr = effective_learning_rate(settings, emb)
+    def train(
+        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
+    ) -> tuple[HeadState, list[float]]:
+        if settings.optimizer not in self._sessions:
+            raise InputError(f"the bundle has no {settings.optimizer} train graph; it has {sorted(self._sessions)}")
         sess = self._sessions[settings.optimizer]
         names = [o.name for o in sess.get_outputs()]
         state = initial_state(head.W, head.b, settings.optimizer)
         # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
-        fixed = {"mask": head.mask, "W0": head.anchor, "lr": np.array(lr, np.float32), "l2": np.array(settings.l2, np.float32)}
-        if settings.optimizer == "sgd":
-            fixed["momentum"] = np.array(settings.momentum, np.float32)
+        fixed = {
+            "mask": head.mask,
+            "W0": head.anchor,
+            "lr": np.array(effective_learning_rate(settings, emb), np.float32),
+            "l2": np.array(settings.l2, np.float32),
+        }
+        fixed.update({h: np.array(getattr(settings, h), np.float32) for h in HYPERPARAMETERS[settings.optimizer]})
         losses = []
         for idx in batches(len(emb), settings):
             out = dict(zip(names, sess.run(None, {"embedding": emb[idx], "labels": onehot[idx], **fixed, **state})))
-            state = {k: out[f"{k}_out"] for k in state}
-            losses.append(float(out["loss"]))
+            state = {k: out[state_output(k)] for k in state}
+            losses.append(float(out[LOSS_OUTPUT]))
         return replace(head, W=state["W"], b=state["b"]), losses
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
-        return self._infer.run(None, {"embedding": emb, "W": head.W, "b": head.b, "mask": head.mask})[0]
+        return self._infer.run([INFER_OUTPUT], {"embedding": emb, "W": head.W, "b": head.b, "mask": head.mask})[0]
 
 
 class LiteRTHeadTrainer:
@@ -138,36 +157,92 @@ class LiteRTHeadTrainer:
     backend = "litert"
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+        from edgetl._quiet import native_output_silenced
+        from edgetl.device._runtimes import litert_interpreter
 
-        self._interpreter = Interpreter(model_path=str(bundle.artifact("head", "tflite")), num_threads=threads)
+        with native_output_silenced():
+            self._interpreter = litert_interpreter(bundle.artifact("head", "tflite"), threads=threads)
+            self._runners = {
+                name: self._interpreter.get_signature_runner(name)
+                for name in ("infer", "train", "get_weights", "set_weights")
+            }
         self._lock = threading.Lock()
         self._loaded: HeadState | None = None
 
     def _load(self, head: HeadState) -> None:
         if self._loaded is not head:
-            self._interpreter.get_signature_runner("set_weights")(**head.arrays())
+            self._runners["set_weights"](**head.arrays())
             self._loaded = head
 
-    def train(self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings) -> tuple[HeadState, list[float]]:
+    def train(
+        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
+    ) -> tuple[HeadState, list[float]]:
         lr = np.float32(effective_learning_rate(settings, emb))
         flag = np.float32(1.0 if settings.optimizer == "adam" else 0.0)
         with self._lock:
             self._loaded = None
             self._load(head)  # also resets the optimizer state
-            train = self._interpreter.get_signature_runner("train")
             losses = []
             for idx in batches(len(emb), settings):
-                out = train(embedding=emb[idx], labels=onehot[idx], lr=lr, l2=np.float32(settings.l2), momentum=np.float32(settings.momentum), optimizer=flag)
-                losses.append(float(out["loss"]))
-            w = self._interpreter.get_signature_runner("get_weights")()
+                out = self._runners["train"](
+                    embedding=emb[idx],
+                    labels=onehot[idx],
+                    lr=lr,
+                    l2=np.float32(settings.l2),
+                    momentum=np.float32(settings.momentum),
+                    optimizer=flag,
+                )
+                losses.append(float(out[LOSS_OUTPUT]))
+            w = self._runners["get_weights"]()
             self._loaded = None  # the interpreter now holds the trained weights, not `head`
         return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         with self._lock:
             self._load(head)
-            return self._interpreter.get_signature_runner("infer")(embedding=emb)["probabilities"].copy()
+            return self._runners["infer"](embedding=emb)[INFER_OUTPUT].copy()
+
+
+class ReferenceHeadTrainer:
+    """The same training in float64 numpy (:func:`edgetl.bundle._head.reference_step`), over
+    the same batches: what ``verify`` compares the runtimes' trainers with.
+
+    After :meth:`train`, ``min_abs_gradient`` holds, per weight, the smallest |gradient| any
+    step saw (Adam's update is ill-conditioned where it is near eps; see verify).
+    """
+
+    backend = "numpy"
+
+    def __init__(self) -> None:
+        self.min_abs_gradient: dict[str, np.ndarray] = {}
+
+    def train(
+        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
+    ) -> tuple[HeadState, list[float]]:
+        lr = effective_learning_rate(settings, emb)
+        state = {k: v.astype(np.float64) for k, v in initial_state(head.W, head.b, settings.optimizer).items()}
+        self.min_abs_gradient = {"W": np.full(head.W.shape, np.inf), "b": np.full(head.b.shape, np.inf)}
+        losses = []
+        for idx in batches(len(emb), settings):
+            grads, _ = gradients(state["W"], state["b"], emb[idx], onehot[idx], head.mask, head.anchor, settings.l2)
+            for k in ("W", "b"):
+                self.min_abs_gradient[k] = np.minimum(self.min_abs_gradient[k], np.abs(grads[k]))
+            state, loss = reference_step(
+                state,
+                emb[idx],
+                onehot[idx],
+                head.mask,
+                head.anchor,
+                optimizer=settings.optimizer,
+                lr=lr,
+                l2=settings.l2,
+                momentum=settings.momentum,
+            )
+            losses.append(loss)
+        return replace(head, W=state["W"], b=state["b"]), losses
+
+    def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
+        return masked_softmax(emb.astype(np.float64) @ head.W + head.b, head.mask)
 
 
 def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> Any:

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device.classifier import BACKENDS, Classifier, _FORMAT
-from edgetl.device.head import HeadState, TrainSettings
-from edgetl.device.runtimes import load_model
+from edgetl.device._classifier import _FORMAT, BACKENDS, Classifier
+from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._runtimes import load_model
 
 
 def _timings(fn: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def _timings(fn: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
 _RSS_PROBE = textwrap.dedent(
     """
     import resource, sys, numpy as np
-    from edgetl.device.classifier import Classifier
+    from edgetl.device._classifier import Classifier
     clf = Classifier.open(sys.argv[1], backend=sys.argv[2], precision=sys.argv[3], threads=int(sys.argv[4]) or None)
     x = np.zeros((32, *clf.input_shape), np.float32)
     for _ in range(3):
@@ -49,17 +49,33 @@ _RSS_PROBE = textwrap.dedent(
 
 def peak_rss_mb(bundle: Path, backend: str, precision: str, threads: int | None) -> float:
     """Peak resident memory of a fresh process that opens the bundle and predicts a batch."""
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(bundle), backend, precision, str(threads or 0)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(bundle), backend, precision, str(threads or 0)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if out.returncode:
         raise RuntimeError(f"memory probe failed: {out.stderr[-500:]}")
     return float(out.stdout.split()[-1])
 
 
-def bench_bundle(bundle: Bundle, *, data: tuple[np.ndarray, np.ndarray] | None = None, backends: tuple[str, ...] | None = None, threads: int | None = None, warmup: int = 10, runs: int = 100, batch: int = 32) -> dict[str, Any]:
+def bench_bundle(
+    bundle: Bundle,
+    *,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+    backends: tuple[str, ...] | None = None,
+    threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 100,
+    batch: int = 32,
+) -> dict[str, Any]:
     """Measure every available backend x precision of ``bundle``; returns a JSON-able dict."""
     import importlib.util
 
-    backends = backends or tuple(b for b in BACKENDS if importlib.util.find_spec("onnxruntime" if b == "onnxruntime" else "ai_edge_litert"))
+    backends = backends or tuple(
+        b for b in BACKENDS if importlib.util.find_spec("onnxruntime" if b == "onnxruntime" else "ai_edge_litert")
+    )
     sample = bundle.arrays("parity", ("x",))["x"]
     one = sample[:1]
     many = np.repeat(sample, int(np.ceil(batch / len(sample))), axis=0)[:batch]
@@ -85,10 +101,12 @@ def bench_bundle(bundle: Bundle, *, data: tuple[np.ndarray, np.ndarray] | None =
             }
             if data is not None:
                 x, y = data
-                row["accuracy"] = float(np.mean(np.asarray(clf.predict(x).labels) == np.asarray([clf.head.labels[i] for i in y])))
+                row["accuracy"] = float(
+                    np.mean(np.asarray(clf.predict(x).labels) == np.asarray([clf.head.labels[i] for i in y]))
+                )
             row.update(_train_step(clf, sample))
             rows.append(row)
-    return {"bundle": bundle.manifest["name"], "threads": threads, "runs": runs, "batch": batch, "rows": rows}
+    return {"bundle": bundle.name, "threads": threads, "runs": runs, "batch": batch, "rows": rows}
 
 
 def _train_step(clf: Classifier, sample: np.ndarray) -> dict[str, float]:
@@ -103,13 +121,23 @@ def _train_step(clf: Classifier, sample: np.ndarray) -> dict[str, float]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = f"{'backend':<12} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'SDK/raw':>8} {'ex/s @32':>9} {'RSS MB':>7} {'step ms':>8} {'acc':>6}"
+    head = (
+        f"{'backend':<12} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'SDK/raw':>8} "
+        f"{'ex/s @32':>9} {'RSS MB':>7} {'step ms':>8} {'acc':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else ""
         lat = r["latency_ms"]
-        lines.append(f"{r['backend']:<12} {r['precision']:<9} {r['size_bytes']:>10,} {lat[50]:>8.3f} {lat[90]:>8.3f} {lat[99]:>8.3f} {r['sdk_overhead_ratio_p50']:>8.2f} {r['throughput_examples_per_s']:>9.0f} {r['peak_rss_mb']:>7.0f} {r['train_step_ms']:>8.3f} {acc:>6}")
-    lines.append("SDK/raw: edgetl Classifier.predict latency / the raw runtime call on the same file (p50, batch 1), measured in the same run.")
+        lines.append(
+            f"{r['backend']:<12} {r['precision']:<9} {r['size_bytes']:>10,} {lat[50]:>8.3f} {lat[90]:>8.3f} "
+            f"{lat[99]:>8.3f} {r['sdk_overhead_ratio_p50']:>8.2f} {r['throughput_examples_per_s']:>9.0f} "
+            f"{r['peak_rss_mb']:>7.0f} {r['train_step_ms']:>8.3f} {acc:>6}"
+        )
+    lines.append(
+        "SDK/raw: edgetl Classifier.predict latency / the raw runtime call on the same file (p50, batch 1), measured "
+        "in the same run."
+    )
     return "\n".join(lines)
 
 

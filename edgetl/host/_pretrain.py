@@ -8,16 +8,24 @@ Its run directory holds ``backbone.keras`` (raw input -> embedding), which
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from edgetl.data import Dataset, Splits, stratified_split
 from edgetl.errors import InputError
+from edgetl.host._backbones import Backbone, adapt_normalization, create_backbone
+from edgetl.host._fit import compile_model, fit_model
 from edgetl.host._tf import keras
-from edgetl.host.backbones import Backbone, adapt_normalization, create_backbone
-from edgetl.host.data import Dataset, Splits, stratified_split
-from edgetl.host.transfer import TrainConfig, TrainResult, TransferModel, _compile, _fit, evaluate_model, make_strategy, trainable_parameter_count
+from edgetl.host._transfer import (
+    TrainConfig,
+    TrainResult,
+    TransferModel,
+    evaluate_model,
+    make_strategy,
+    trainable_parameter_count,
+)
 
 
 def pretrain(
@@ -26,6 +34,7 @@ def pretrain(
     *,
     callbacks: Sequence[Any] = (),
     verbose: int = 0,
+    progress: bool = False,
 ) -> TrainResult:
     """Train ``config.backbone`` (all layers) plus a classifier on the source task.
 
@@ -35,31 +44,41 @@ def pretrain(
     k = keras()
     if config.fusion != "none" or config.fine_tune_layers:
         raise InputError("pretrain trains every layer; fusion and fine_tune_layers apply to `train` only")
-    splits = data if isinstance(data, Splits) else stratified_split(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    splits = (
+        data
+        if isinstance(data, Splits)
+        else stratified_split(
+            data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        )
+    )
     splits.train.require_trainable()
     k.utils.set_random_seed(config.seed)
     strategy = make_strategy(config.strategy)
     with strategy.scope():
-        backbone: Backbone = create_backbone(config.backbone, splits.train.input_shape, weights=config.weights)
-        if backbone.source == "registry":
-            adapt_normalization(backbone.model, splits.train.x.astype(np.float32))
-        inputs = k.Input(shape=splits.train.input_shape, name="input")
-        emb = backbone.model(inputs)
-        emb_in = k.Input(shape=(backbone.embedding_size,), name="embedding")
-        x = k.layers.Dropout(config.dropout, seed=config.seed)(emb_in) if config.dropout else emb_in
-        head = k.Model(emb_in, k.layers.Dense(splits.train.num_classes, activation="softmax", name="classifier")(x), name="head")
-        model = k.Model(inputs, head(emb), name="source_model")
-        _compile(model, config.learning_rate, config.label_smoothing)
+        backbone, model, head = _source_model(splits, config)
     val = (splits.val.x, splits.val.y) if len(splits.val) else None
     t0 = time.perf_counter()
     # Validate the network inference will run: BatchNorm statistics re-estimated from the
     # current weights before every validation (see batchnorm_before_validation).
     bn_callback = batchnorm_before_validation(backbone.model, splits.train.x)
-    history = _fit(model, (splits.train.x, splits.train.y), val, config=replace(config, cache_embeddings=False), epochs=config.epochs, num_classes=splits.train.num_classes, augmentation=config.augmentation, callbacks=[bn_callback, *callbacks], verbose=verbose)
+    history = fit_model(
+        model,
+        (splits.train.x, splits.train.y),
+        val,
+        config=replace(config, cache_embeddings=False),
+        epochs=config.epochs,
+        num_classes=splits.train.num_classes,
+        augmentation=config.augmentation,
+        callbacks=[bn_callback, *callbacks],
+        verbose=verbose,
+        progress="pretraining" if progress else None,
+    )
     recalibrated = recalibrate_batchnorm(backbone.model, splits.train.x)
     seconds = time.perf_counter() - t0
     history["phase"] = [1.0] * len(history["loss"])
-    metrics, confusion = evaluate_model(model, splits.test if len(splits.test) else splits.val, splits.train.num_classes)
+    metrics, confusion = evaluate_model(
+        model, splits.test if len(splits.test) else splits.val, splits.train.num_classes
+    )
     metrics.update(
         {
             "trainable_params": trainable_parameter_count(model),
@@ -72,7 +91,32 @@ def pretrain(
         }
     )
     spec = dict(backbone.input_spec)
-    return TrainResult(TransferModel(model, backbone.model, head, backbone), config, splits.train.class_names, history, metrics, confusion, spec)
+    return TrainResult(
+        TransferModel(model, backbone.model, head, backbone),
+        config,
+        splits.train.class_names,
+        history,
+        metrics,
+        confusion,
+        spec,
+    )
+
+
+def _source_model(splits: Splits, config: TrainConfig) -> tuple[Backbone, Any, Any]:
+    """The backbone (all layers trainable) and a softmax classifier on it, compiled."""
+    k = keras()
+    backbone = create_backbone(config.backbone, splits.train.input_shape, weights=config.weights)
+    if backbone.source == "registry":
+        adapt_normalization(backbone.model, splits.train.x.astype(np.float32))
+    inputs = k.Input(shape=splits.train.input_shape, name="input")
+    emb = backbone.model(inputs)
+    emb_in = k.Input(shape=(backbone.embedding_size,), name="embedding")
+    x = k.layers.Dropout(config.dropout, seed=config.seed)(emb_in) if config.dropout else emb_in
+    classifier = k.layers.Dense(splits.train.num_classes, activation="softmax", name="classifier")
+    head = k.Model(emb_in, classifier(x), name="head")
+    model = k.Model(inputs, head(emb), name="source_model")
+    compile_model(model, config.learning_rate, config.label_smoothing)
+    return backbone, model, head
 
 
 def batchnorm_before_validation(model: Any, x: np.ndarray, max_examples: int = 512) -> Any:
@@ -107,7 +151,7 @@ def recalibrate_batchnorm(model: Any, x: np.ndarray, *, batch_size: int = 128, m
     so that batch i gets weight 1/(i+1), makes them the average batch statistics of the
     final weights. Returns the number of BatchNorm layers updated.
     """
-    from edgetl.host.backbones import leaf_layers
+    from edgetl.host._backbones import leaf_layers
 
     k = keras()
     layers = [l for l in leaf_layers(model) if isinstance(l, k.layers.BatchNormalization)]

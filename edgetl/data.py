@@ -1,9 +1,11 @@
-"""Datasets for the host side: image folders, ``.npz`` files and CSV feature tables.
+"""Datasets for both halves: image folders, ``.npz`` files and CSV tables (numpy + Pillow).
 
-Everything loads into a :class:`Dataset` held in memory as numpy arrays (edge datasets
-are small; the device-side personalizer works on the same arrays). Images stay ``uint8``
+The one data path of edgetl: the host trains from it and the device personalizes from it,
+so this module never imports TensorFlow (``tests/device/test_lean_imports.py``). Everything
+loads into a :class:`Dataset` held in memory as numpy arrays. Images stay ``uint8``
 pixels in ``[0, 255]`` because every edgetl model takes raw inputs and does its own
-preprocessing; feature vectors are ``float32``.
+preprocessing; feature vectors are ``float32``. :func:`read_image` is the one image
+decoder (folders, ``edgetl predict``).
 
     >>> ds = load_dataset("photos/")            # photos/cat/*.jpg, photos/dog/*.png
     >>> splits = stratified_split(ds, seed=0)   # deterministic train / val / test
@@ -24,7 +26,24 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from edgetl.errors import DataError, InputError, describe
+from edgetl.errors import DataError, DependencyError, InputError, describe
+
+__all__ = [
+    "Dataset",
+    "Splits",
+    "load_dataset",
+    "load_image_folder",
+    "load_npz",
+    "load_csv",
+    "read_image",
+    "conform_images",
+    "stratified_split",
+    "sample_shots",
+    "class_weights",
+    "load_digits_dataset",
+    "restyle_digits",
+    "IMAGE_SUFFIXES",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DataKind = Literal["image", "features"]
@@ -53,7 +72,10 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
-            raise DataError(f"x and y differ in length: received {len(self.x)} examples and {len(self.y)} labels in {self.source or 'dataset'}")
+            raise DataError(
+                f"x and y differ in length: received {len(self.x)} examples and {len(self.y)} labels in "
+                f"{self.source or 'dataset'}"
+            )
         if self.kind not in ("image", "features"):
             raise DataError(f"dataset kind must be 'image' or 'features', received {describe(self.kind)}")
         expected_rank = 4 if self.kind == "image" else 2
@@ -61,9 +83,14 @@ class Dataset:
             raise DataError(f"{self.kind} data must have rank {expected_rank}, received x.shape={self.x.shape}")
         if self.x.dtype.kind == "f" and not np.all(np.isfinite(self.x)):
             bad = int(np.argwhere(~np.isfinite(self.x))[0][0])
-            raise DataError(f"{self.source or 'dataset'}: example {bad} has a NaN or infinite feature; clean the data before training")
+            raise DataError(
+                f"{self.source or 'dataset'}: example {bad} has a NaN or infinite feature; clean the data before "
+                "training"
+            )
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.class_names)):
-            raise DataError(f"labels must lie in [0, {len(self.class_names) - 1}], received range [{self.y.min()}, {self.y.max()}]")
+            raise DataError(
+                f"labels must lie in [0, {len(self.class_names) - 1}], received range [{self.y.min()}, {self.y.max()}]"
+            )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -94,16 +121,28 @@ class Dataset:
 
     def record(self) -> dict[str, Any]:
         """What a run records about its data: where it came from, how it was loaded, a hash."""
-        return {"source": self.source, "load": self.origin, "examples": len(self), "shape": list(self.input_shape), "sha256": self.fingerprint()}
+        return {
+            "source": self.source,
+            "load": self.origin,
+            "examples": len(self),
+            "shape": list(self.input_shape),
+            "sha256": self.fingerprint(),
+        }
 
     def require_trainable(self) -> None:
         """Raise :class:`DataError` unless there are two or more classes, none empty."""
         counts = self.class_counts()
         if len(counts) < 2:
-            raise DataError(f"{self.source or 'dataset'} has {len(counts)} class ({', '.join(counts) or 'none'}); at least two classes are needed to train a classifier")
+            raise DataError(
+                f"{self.source or 'dataset'} has {len(counts)} class ({', '.join(counts) or 'none'}); at least two "
+                "classes are needed to train a classifier"
+            )
         empty = [name for name, c in counts.items() if c == 0]
         if empty:
-            raise DataError(f"{self.source or 'dataset'}: class(es) {', '.join(map(repr, empty))} have no usable examples; add examples or remove the class")
+            raise DataError(
+                f"{self.source or 'dataset'}: class(es) {', '.join(map(repr, empty))} have no usable examples; add "
+                "examples or remove the class"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,8 +163,9 @@ def load_dataset(
     """Load an image folder, an ``.npz`` file or a CSV file, chosen by what ``path`` is.
 
     Args:
-        path: ``"builtin:digits"`` (scikit-learn's digits, offline), a directory with one subfolder per class, a ``.npz`` with arrays ``x`` and
-            ``y`` (optionally ``class_names``), or a ``.csv`` with a header row.
+        path: ``"builtin:digits"`` (scikit-learn's digits, offline), a directory with one
+            subfolder per class, a ``.npz`` with arrays ``x`` and ``y`` (optionally
+            ``class_names``), or a ``.csv`` with a header row.
         image_size: ``(height, width)`` or one int; images are resized to it. ``None``
             uses the most common size in the folder.
         channels: 1 (grayscale) or 3 (RGB) for images; ``None`` picks 3 when any image
@@ -149,11 +189,19 @@ def load_dataset(
     elif p.suffix.lower() == ".csv":
         ds = load_csv(p, label_column=label_column)
     else:
-        raise DataError(f"cannot load {str(p)!r}: unsupported file type {p.suffix!r}; allowed: a directory of class folders, .npz, .csv")
+        raise DataError(
+            f"cannot load {str(p)!r}: unsupported file type {p.suffix!r}; allowed: a directory of class folders, .npz, "
+            ".csv"
+        )
     if require_trainable:
         ds.require_trainable()
     size = _normalize_size(image_size)
-    origin = {"path": str(p.resolve()), "image_size": list(size) if size else None, "channels": channels, "label_column": label_column}
+    origin = {
+        "path": str(p.resolve()),
+        "image_size": list(size) if size else None,
+        "channels": channels,
+        "label_column": label_column,
+    }
     return replace(ds, origin=origin)
 
 
@@ -168,6 +216,52 @@ def _normalize_size(image_size: tuple[int, int] | int | None) -> tuple[int, int]
     return h, w
 
 
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow is in both extras
+        raise DependencyError(f'reading image files needs Pillow ({exc}): pip install "edgetl[device]"') from exc
+    return Image
+
+
+def read_image(
+    path: str | os.PathLike[str], *, size: tuple[int, int] | None = None, channels: int | None = None
+) -> np.ndarray:
+    """Decode one image file to ``uint8`` ``(height, width, channels)``.
+
+    Args:
+        path: a PNG, JPEG or BMP file.
+        size: ``(height, width)`` to resize to (bilinear), or ``None`` to keep its size.
+        channels: 1 (grayscale, ITU-R 601 luma) or 3 (RGB); ``None`` keeps 1 for
+            grayscale files and 3 for everything else.
+
+    Raises:
+        DataError: the file cannot be read as an image.
+    """
+    image = _pillow()
+    try:
+        with image.open(path) as im:
+            im.load()
+            return _to_array(im, size, channels)
+    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(
+            f"cannot read {str(path)!r} as an image ({exc}); allowed: {', '.join(IMAGE_SUFFIXES)}"
+        ) from None
+
+
+def _is_gray(im: Any) -> bool:
+    return im.mode in ("L", "1", "I", "I;16", "F", "LA")
+
+
+def _to_array(im: Any, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    image = _pillow()
+    channels = channels or (1 if _is_gray(im) else 3)
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size is not None and (im.height, im.width) != tuple(size):
+        im = im.resize((size[1], size[0]), image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, channels)
+
+
 def load_image_folder(
     root: str | os.PathLike[str],
     *,
@@ -175,15 +269,16 @@ def load_image_folder(
     channels: int | None = None,
 ) -> Dataset:
     """Load ``root/<class name>/<image>`` files; unreadable files are skipped with a warning."""
-    from PIL import Image, UnidentifiedImageError
-
+    image = _pillow()
     root = Path(root)
     size = _normalize_size(image_size)
     if channels not in (None, 1, 3):
         raise InputError(f"channels must be 1, 3 or None, received {describe(channels)}")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{str(root)!r} has no class subfolders; expected one folder per class, e.g. {root}/cat/img1.png")
+        raise DataError(
+            f"{str(root)!r} has no class subfolders; expected one folder per class, e.g. {root}/cat/img1.png"
+        )
 
     images: list[Any] = []
     labels: list[int] = []
@@ -192,34 +287,32 @@ def load_image_folder(
             if file.name.startswith(".") or file.is_dir():
                 continue
             if file.suffix.lower() not in IMAGE_SUFFIXES:
-                warnings.warn(f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})", stacklevel=2)
+                warnings.warn(
+                    f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})", stacklevel=2
+                )
                 continue
             try:
-                with Image.open(file) as im:
+                with image.open(file) as im:
                     im.load()
                     images.append(im.copy())
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping {file}: cannot be read as an image ({exc})", stacklevel=2)
                 continue
             labels.append(label)
     names = tuple(d.name for d in class_dirs)
     if not images:
         raise DataError(f"{str(root)!r} has no readable images in its class folders ({', '.join(names)})")
-
-    if channels is None:
-        channels = 3 if any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images) else 1
+    channels = channels or (3 if any(not _is_gray(im) for im in images) else 1)
     if size is None:  # mixed sizes: the most common one (ties: the first seen), reported
         sizes = Counter((im.height, im.width) for im in images)
         size = sizes.most_common(1)[0][0]
         if len(sizes) > 1:
-            warnings.warn(f"{root}: images have {len(sizes)} different sizes; resizing all to the most common, {size[0]}x{size[1]} (pass image_size / --image-size to choose)", stacklevel=2)
-    mode = "L" if channels == 1 else "RGB"
-    x = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)
-    for i, im in enumerate(images):
-        im = im.convert(mode)
-        if (im.height, im.width) != size:
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        x[i] = np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
+            warnings.warn(
+                f"{root}: images have {len(sizes)} different sizes; resizing all to the most common, "
+                f"{size[0]}x{size[1]} (pass image_size / --image-size to choose)",
+                stacklevel=2,
+            )
+    x = np.stack([_to_array(im, size, channels) for im in images])
     return Dataset(x, np.asarray(labels, dtype=np.int64), names, "image", str(root))
 
 
@@ -240,30 +333,35 @@ def conform_images(ds: Dataset, shape: Sequence[int]) -> tuple[Dataset, list[str
             x = np.repeat(x, 3, axis=-1)
             notes.append("grayscale images repeated to 3 channels")
         elif c == 1:
-            x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(np.uint8)
+            x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(
+                np.uint8
+            )
             notes.append("RGB images converted to grayscale")
         else:
-            raise DataError(f"the model takes {c} channels; images can be converted to 1 or 3 channels, the data has {x.shape[-1]}")
+            raise DataError(
+                f"the model takes {c} channels; images can be converted to 1 or 3 channels, the data has {x.shape[-1]}"
+            )
     if x.shape[1:3] != (h, w):
-        from PIL import Image
-
+        image = _pillow()
         notes.append(f"images resized from {x.shape[1]}x{x.shape[2]} to {h}x{w}")
-        out = np.empty((len(x), h, w, x.shape[-1]), np.uint8)
-        for i, im in enumerate(x):
-            img = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-            out[i] = np.asarray(img.resize((w, h), Image.BILINEAR), np.uint8).reshape(h, w, -1)
-        x = out
+        x = np.stack(
+            [_to_array(image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), (h, w), im.shape[-1]) for im in x]
+        )
     if not notes:
         return ds, []
     return Dataset(x, ds.y, ds.class_names, ds.kind, ds.source, ds.origin), notes
 
 
-def _encode_labels(raw: np.ndarray, class_names: Sequence[str] | None, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _encode_labels(
+    raw: np.ndarray, class_names: Sequence[str] | None, source: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
     """Map raw labels (ints or strings) to indices 0..k-1 and names."""
     if class_names is not None:
         names = tuple(str(n) for n in class_names)
         if raw.dtype.kind not in "iu":
-            raise DataError(f"{source}: with class_names given, y must hold integer indices, received dtype {raw.dtype}")
+            raise DataError(
+                f"{source}: with class_names given, y must hold integer indices, received dtype {raw.dtype}"
+            )
         return raw.astype(np.int64), names
     values = np.unique(raw)
     names = tuple(str(v) for v in values)
@@ -286,7 +384,9 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
         raise DataError(f"cannot read {str(path)!r} as .npz ({exc})") from exc
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
-        raise DataError(f"{str(path)!r} lacks array(s) {missing}; an edgetl .npz needs 'x' and 'y', found {sorted(arrays)}")
+        raise DataError(
+            f"{str(path)!r} lacks array(s) {missing}; an edgetl .npz needs 'x' and 'y', found {sorted(arrays)}"
+        )
     x, raw_y = arrays["x"], arrays["y"].reshape(-1)
     names = arrays.get("class_names")
     y, class_names = _encode_labels(raw_y, None if names is None else names.tolist(), str(path))
@@ -295,7 +395,9 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     if x.ndim == 4:
         if x.dtype != np.uint8:
             if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 255:
-                raise DataError(f"{str(path)!r}: image pixels must lie in [0, 255]; received range [{np.nanmin(x)}, {np.nanmax(x)}]")
+                raise DataError(
+                    f"{str(path)!r}: image pixels must lie in [0, 255]; received range [{np.nanmin(x)}, {np.nanmax(x)}]"
+                )
             x = np.round(x).astype(np.uint8)
         return Dataset(x, y, class_names, "image", str(path))
     if x.ndim == 2:
@@ -315,7 +417,9 @@ def load_csv(path: str | os.PathLike[str], *, label_column: str = "label") -> Da
         raise DataError(f"{str(path)!r} is empty; expected a header row and data rows")
     header = [h.strip() for h in rows[0]]
     if label_column not in header:
-        raise DataError(f"{str(path)!r} has no label column {label_column!r}; its columns are {header}. Pass --label-column NAME")
+        raise DataError(
+            f"{str(path)!r} has no label column {label_column!r}; its columns are {header}. Pass --label-column NAME"
+        )
     li = header.index(label_column)
     features, labels = [], []
     for line_no, row in enumerate(rows[1:], start=2):
@@ -330,7 +434,9 @@ def load_csv(path: str | os.PathLike[str], *, label_column: str = "label") -> Da
             try:
                 values.append(float(cell))
             except ValueError:
-                raise DataError(f"{str(path)}:{line_no}: column {header[ci]!r} must be numeric, received {describe(cell)}") from None
+                raise DataError(
+                    f"{str(path)}:{line_no}: column {header[ci]!r} must be numeric, received {describe(cell)}"
+                ) from None
         features.append(values)
         labels.append(row[li].strip())
     if not features:
@@ -385,77 +491,6 @@ def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     return {c: n / (num_classes * counts[c]) if counts.get(c) else 0.0 for c in range(num_classes)}
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Image augmentation applied to training batches only (never to val/test/export).
-
-    The preset ``"default"`` equals ``Augmentation()``.
-    """
-
-    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
-    rotation: float = 0.05  # fraction of a full turn
-    zoom: float = 0.1
-    brightness: float = 0.1  # fraction of the [0, 255] range
-
-    def __post_init__(self) -> None:
-        if self.flip not in ("none", "horizontal", "vertical", "horizontal_and_vertical"):
-            raise InputError(f"flip must be none|horizontal|vertical|horizontal_and_vertical, received {self.flip!r}")
-        for name in ("rotation", "zoom", "brightness"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise InputError(f"augmentation {name} must be in [0, 1), received {v}")
-
-    def build(self) -> Any:
-        """A ``tf_keras.Sequential`` of preprocessing layers (random only when training=True)."""
-        from edgetl.host._tf import keras
-
-        k = keras()
-        layers = []
-        if self.flip != "none":
-            layers.append(k.layers.RandomFlip(self.flip))
-        if self.rotation:
-            layers.append(k.layers.RandomRotation(self.rotation, fill_mode="constant"))
-        if self.zoom:
-            layers.append(k.layers.RandomZoom(self.zoom, fill_mode="constant"))
-        if self.brightness:
-            layers.append(k.layers.RandomBrightness(self.brightness, value_range=(0, 255)))
-        return k.Sequential(layers, name="augmentation")
-
-
-def to_tf_dataset(
-    x: np.ndarray,
-    y: np.ndarray | None,
-    *,
-    num_classes: int,
-    batch_size: int = 32,
-    shuffle: bool = False,
-    seed: int = 0,
-    augmentation: Augmentation | None = None,
-    sample_weights: np.ndarray | None = None,
-) -> Any:
-    """Batched, prefetched ``tf.data.Dataset`` of ``(float32 x, one-hot y)``.
-
-    Augmentation runs in the input pipeline with ``training=True`` so it never becomes
-    part of the model that gets exported.
-    """
-    from edgetl.host._tf import tf
-
-    t = tf()
-    items: tuple[Any, ...] = (x.astype(np.float32, copy=False),)
-    if y is not None:
-        items += (np.eye(num_classes, dtype=np.float32)[y],)
-        if sample_weights is not None:
-            items += (sample_weights.astype(np.float32),)
-    ds = t.data.Dataset.from_tensor_slices(items if len(items) > 1 else items[0])
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if augmentation is not None:
-        aug = augmentation.build()
-        ds = ds.map(lambda xb, *rest: (aug(xb, training=True), *rest), num_parallel_calls=t.data.AUTOTUNE)
-    return ds.prefetch(t.data.AUTOTUNE)
-
-
 BUILTIN_DATASETS = ("builtin:digits",)
 
 
@@ -465,7 +500,12 @@ def load_digits_dataset(classes: Sequence[int] | None = None) -> Dataset:
     Ships inside scikit-learn, so it works offline. ``classes`` keeps only those digits
     (relabelled 0..k-1, names stay the digits).
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DependencyError(
+            f'builtin:digits ships with scikit-learn ({exc}): pip install "edgetl[host]", or pass your own data'
+        ) from exc
 
     d = load_digits()
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -473,7 +513,13 @@ def load_digits_dataset(classes: Sequence[int] | None = None) -> Dataset:
     keep = list(range(10)) if classes is None else [int(c) for c in classes]
     mask = np.isin(y, keep)
     remap = {c: i for i, c in enumerate(keep)}
-    return Dataset(x[mask], np.asarray([remap[v] for v in y[mask]], dtype=np.int64), tuple(str(c) for c in keep), "image", "builtin:digits")
+    return Dataset(
+        x[mask],
+        np.asarray([remap[v] for v in y[mask]], dtype=np.int64),
+        tuple(str(c) for c in keep),
+        "image",
+        "builtin:digits",
+    )
 
 
 def restyle_digits(x: np.ndarray, *, thickness: int = 1, slant: float = 0.35) -> np.ndarray:

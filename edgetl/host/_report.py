@@ -25,7 +25,10 @@ img{max-width:100%;border:1px solid #eee}
 
 def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(str(c))}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -60,19 +63,45 @@ def _run_section(run: Path) -> list[str]:
     return out
 
 
-def _bundle_section(manifest: dict[str, Any]) -> list[str]:
-    out = [f"<h2>Bundle <code>{html.escape(manifest['name'])}</code></h2>"]
-    out.append(f"<p>labels: {html.escape(', '.join(manifest['labels']))}; input {html.escape(str(manifest['input_spec'].get('shape')))} ({html.escape(str(manifest['input_spec'].get('preprocessing', '')))}); head capacity {manifest['head']['max_classes']}</p>")
-    rows = [[a["file"], a["role"], a["format"], a["precision"], f"{a['size']:,}", a.get("int8_method", "")] for a in manifest["artifacts"]]
+def _bundle_section(manifest: Any) -> list[str]:
+    spec = manifest.input_spec
+    out = [f"<h2>Bundle <code>{html.escape(manifest.name)}</code></h2>"]
+    out.append(
+        f"<p>labels: {html.escape(', '.join(manifest.labels))}; input {html.escape(str(list(spec.shape)))} "
+        f"({html.escape(spec.preprocessing)}); head capacity {manifest.head.max_classes}</p>"
+    )
+    rows = [
+        [a.file, a.role.value, a.format.value, a.precision.value, f"{a.size:,}", a.extra.get("int8_method", "")]
+        for a in manifest.artifacts
+    ]
     out.append(_table(["file", "role", "format", "precision", "bytes", "int8 method"], rows, "artifacts"))
-    parity = manifest.get("parity")
-    if parity:
+    if manifest.parity:
         out.append("<h2>Quantization and parity (exported files run in their runtimes vs Keras)</h2>")
         rows = []
-        for c in parity["checks"]:
-            check = f"max|diff| {c['max_abs_diff']:.2e} ≤ {c['tolerance']:.0e}" if "max_abs_diff" in c else f"top-1 agreement {c['top1_agreement']:.3f}" if "top1_agreement" in c else f"relative error {c.get('relative_error', 0):.2e}"
-            rows.append([c["file"], c["role"], c["precision"], c.get("optimizer", ""), check, _fmt(c.get("accuracy", "")), _fmt(c["accuracy_drop"] * 100) + " pts" if "accuracy_drop" in c else "", _ok(c["ok"])])
-        out.append(_table(["file", "role", "precision", "optimizer", "check", "accuracy", "drop vs fp32", "ok"], rows, "parity"))
+        for c in manifest.checks:
+            acc, drop = c.extra.get("accuracy", ""), c.extra.get("accuracy_drop")
+            rows.append(
+                [
+                    c.file,
+                    c.role,
+                    c.precision,
+                    c.extra.get("optimizer", ""),
+                    c.describe(),
+                    _fmt(acc),
+                    _fmt(drop * 100) + " pts" if drop is not None else "",
+                    _ok(c.ok),
+                ]
+            )
+        out.append(
+            _table(
+                ["file", "role", "precision", "optimizer", "check", "accuracy", "drop vs fp32", "ok"], rows, "parity"
+            )
+        )
+        for o in manifest.parity.get("omitted") or []:
+            out.append(
+                f"<p class='bad'>left out {html.escape(', '.join(o.get('files', [])))}: "
+                f"{html.escape(str(o.get('reason', '')))}</p>"
+            )
     return out
 
 
@@ -83,8 +112,37 @@ def _bench_section(bench: dict[str, Any]) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = ["<h2>Benchmark (this machine)</h2>"]
-    rows = [[r["backend"], r["precision"], f"{r['size_bytes']:,}", _fmt(r["latency_ms"]["50"] if "50" in r["latency_ms"] else r["latency_ms"][50]), _fmt(r["sdk_overhead_ratio_p50"]), _fmt(r["throughput_examples_per_s"]), _fmt(r["peak_rss_mb"]), _fmt(r["train_step_ms"]), _fmt(r.get("accuracy", ""))] for r in bench["rows"]]
-    out.append(_table(["backend", "precision", "bytes", "p50 ms", "SDK/raw", "examples/s", "peak RSS MB", "train step ms", "accuracy"], rows, "bench"))
+    rows = [
+        [
+            r["backend"],
+            r["precision"],
+            f"{r['size_bytes']:,}",
+            _fmt(r["latency_ms"]["50"] if "50" in r["latency_ms"] else r["latency_ms"][50]),
+            _fmt(r["sdk_overhead_ratio_p50"]),
+            _fmt(r["throughput_examples_per_s"]),
+            _fmt(r["peak_rss_mb"]),
+            _fmt(r["train_step_ms"]),
+            _fmt(r.get("accuracy", "")),
+        ]
+        for r in bench["rows"]
+    ]
+    out.append(
+        _table(
+            [
+                "backend",
+                "precision",
+                "bytes",
+                "p50 ms",
+                "SDK/raw",
+                "examples/s",
+                "peak RSS MB",
+                "train step ms",
+                "accuracy",
+            ],
+            rows,
+            "bench",
+        )
+    )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in bench["rows"]:
         lat = r["latency_ms"].get("50", r["latency_ms"].get(50))
@@ -110,11 +168,11 @@ def write_report(target: str | Path, out: str | Path | None = None, *, bench: di
         from edgetl.bundle import read_bundle
 
         manifest = read_bundle(target).manifest
-        run = Path(manifest.get("producer", {}).get("run", ""))
+        run = Path(manifest.producer.get("run", ""))
         if run.name and (run / "config.json").is_file():
             sections += _run_section(run)
         sections += _bundle_section(manifest)
-        title = f"edgetl report: bundle {manifest['name']}"
+        title = f"edgetl report: bundle {manifest.name}"
         default = target.with_name(target.name.removesuffix(".edgetl") + ".report.html")
     elif (target / "config.json").is_file():
         sections += _run_section(target)
@@ -124,7 +182,10 @@ def write_report(target: str | Path, out: str | Path | None = None, *, bench: di
         raise InputError(f"{str(target)!r} is neither a run directory (config.json) nor a bundle (manifest.json)")
     if bench is not None:
         sections += _bench_section(bench)
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
+    page = (
+        "<!doctype html><html><head><meta "
+        f"charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
+    )
     path = Path(out) if out else default
     path.write_text(page, encoding="utf-8")
     return path

@@ -1,0 +1,593 @@
+"""The manifest, typed: parsed and validated in one place (stdlib only).
+
+``manifest.json`` is plain JSON. :meth:`Manifest.from_json` walks it once, so every refusal
+names the field (``artifacts[2].sha256``), what was received and what is allowed, and the
+rest of edgetl reads typed, frozen objects instead of string keys. Fields a newer edgetl
+adds are kept in ``extra`` (forward compatible); :meth:`Manifest.to_json` writes them back.
+
+Schema versions: 1 (edgetl 0.1) and 2 (adds ``data``, ``parity.omitted`` and signatures
+beside the manifest) are both read; edgetl writes 2. Anything else is refused with a
+message saying which versions this edgetl reads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterable
+
+from edgetl.errors import BundleError, describe
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+MAX_MANIFEST_BYTES = 1 << 20
+# A plain file name inside the bundle: no directories, no "..", no hidden files.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Role(str, Enum):
+    """What an artifact is for (see the bundle table in docs/architecture.md)."""
+
+    FUSED = "fused"  # raw input -> class probabilities
+    BACKBONE = "backbone"  # raw input -> embedding (the seam)
+    HEAD_INFER = "head_infer"  # ONNX: embedding, W, b, mask -> probabilities
+    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step (weights and state in and out)
+    HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
+    HEAD = "head"  # TFLite: signatures infer/train/get_weights/set_weights[/train_steps]
+    HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
+    PARITY = "parity"  # npz: Keras reference inputs and outputs
+    REPLAY = "replay"  # npz: class-balanced embeddings of training examples
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Format(str, Enum):
+    TFLITE = "tflite"
+    ONNX = "onnx"
+    NPZ = "npz"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    DYNAMIC = "dynamic"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+    QAT = "qat"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ROLES = tuple(r.value for r in Role)
+FORMATS = tuple(f.value for f in Format)
+PRECISIONS = tuple(p.value for p in Precision)
+
+
+def safe_file_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise BundleError(
+            f"{where}: {describe(name)} is not allowed; bundle paths must be plain file names inside the bundle "
+            "(letters, digits, '.', '_', '-'; no '/', '..' or absolute paths)"
+        )
+    return name
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise BundleError(f"manifest: {where}{key} is missing")
+    return _typed(obj[key], kind, f"{where}{key}")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BundleError(f"manifest: {where} must be {names}, received {describe(value)}")
+    return value
+
+
+def _enum(value: Any, enum: type[Enum], where: str) -> Any:
+    allowed = tuple(m.value for m in enum)  # type: ignore[attr-defined]
+    if value not in allowed:
+        raise BundleError(f"manifest: {where} must be one of {allowed}, received {describe(value)}")
+    return enum(value)
+
+
+def _shape(value: Any, where: str, *, allow_unknown: bool = True) -> tuple[int | None, ...]:
+    ok = (
+        isinstance(value, list)
+        and len(value) <= 8
+        and all(
+            (v is None and allow_unknown) or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20)
+            for v in value
+        )
+    )
+    if not ok:
+        unknown = ", or null" if allow_unknown else ""
+        raise BundleError(
+            f"manifest: {where} must be a list of at most 8 dimensions (non-negative ints up to 2^20{unknown}), "
+            f"received {describe(value)}"
+        )
+    return tuple(value)
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BundleError(f"manifest: {where} must be a finite number, received {describe(value)}")
+    return float(value)
+
+
+def _extra(obj: dict[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    known = set(known)
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An input or output tensor of an artifact, read back from the file at export."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str | None = None
+    quantization: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "TensorInfo":
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise BundleError(f"manifest: {where} must be an object with a string name, received {describe(obj)}")
+        q = obj.get("quantization")
+        return cls(
+            obj["name"],
+            _shape(obj.get("shape", []), f"{where}.shape"),
+            obj.get("dtype") if isinstance(obj.get("dtype"), str) else None,
+            q if isinstance(q, dict) else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape)}
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        return out
+
+
+INPUT_KINDS = ("image", "features")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What every model of the bundle takes: raw inputs of this shape (without the batch).
+
+    ``value_range`` is the range of raw values (pixels: ``(0, 255)``); ``preprocessing``
+    says in words what the models do to them (it is inside the models).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    kind: str = "image"
+    layout: str = "NHWC"
+    value_range: tuple[float, float] | None = None
+    preprocessing: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "image"
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[-1])
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "input_spec") -> "InputSpec":
+        obj = _typed(obj, dict, where)
+        shape = _shape(_require(obj, "shape", list, f"{where}."), f"{where}.shape", allow_unknown=False)
+        if not shape or any(d == 0 for d in shape):
+            raise BundleError(
+                f"manifest: {where}.shape must have at least one dimension, all positive, received {list(shape)}"
+            )
+        dtype = _require(obj, "dtype", str, f"{where}.")
+        if dtype not in ("float32", "uint8", "int8"):
+            raise BundleError(f"manifest: {where}.dtype must be float32, uint8 or int8, received {dtype!r}")
+        kind = obj.get("kind", "image" if len(shape) == 3 else "features")
+        if kind not in INPUT_KINDS:
+            raise BundleError(f"manifest: {where}.kind must be one of {INPUT_KINDS}, received {describe(kind)}")
+        if (kind == "image") != (len(shape) == 3):
+            raise BundleError(
+                f"manifest: {where}.kind {kind!r} does not fit shape {list(shape)} (images are (height, width, "
+                "channels), features (n,))"
+            )
+        layout = obj.get("layout", "NHWC" if kind == "image" else "NC")
+        if layout != ("NHWC" if kind == "image" else "NC"):
+            raise BundleError(
+                f"manifest: {where}.layout must be 'NHWC' for images and 'NC' for features, received {describe(layout)}"
+            )
+        vr = obj.get("value_range")
+        if vr is not None:
+            if not isinstance(vr, list) or len(vr) != 2:
+                raise BundleError(f"manifest: {where}.value_range must be [low, high] or null, received {describe(vr)}")
+            lo, hi = _number(vr[0], f"{where}.value_range[0]"), _number(vr[1], f"{where}.value_range[1]")
+            if not lo < hi:
+                raise BundleError(f"manifest: {where}.value_range must have low < high, received {vr}")
+            vr = (lo, hi)
+        pre = obj.get("preprocessing", "")
+        known = ("shape", "dtype", "kind", "layout", "value_range", "preprocessing")
+        return cls(
+            tuple(int(d) for d in shape),
+            dtype,
+            kind,
+            layout,
+            vr,
+            pre if isinstance(pre, str) else str(pre),
+            _extra(obj, known),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "kind": self.kind,
+            "layout": self.layout,
+            "value_range": list(self.value_range) if self.value_range else None,
+            "preprocessing": self.preprocessing,
+        }
+        return {**out, **self.extra}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The trainable head: a linear softmax with ``max_classes`` columns, ``active_classes`` in use."""
+
+    max_classes: int
+    active_classes: int
+    kind: str = "linear_softmax"
+    optimizers: tuple[str, ...] = ("sgd", "adam")
+    loss: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any, n_labels: int) -> "HeadSpec":
+        obj = _typed(obj, dict, "head")
+        cap = _require(obj, "max_classes", int, "head.")
+        if not n_labels <= cap <= 4096:
+            raise BundleError(
+                f"manifest: head.max_classes must be between the label count ({n_labels}) and 4096, received {cap}"
+            )
+        active = obj.get("active_classes", n_labels)
+        if not isinstance(active, int) or isinstance(active, bool) or active != n_labels:
+            raise BundleError(
+                f"manifest: head.active_classes must equal the number of labels ({n_labels}), received "
+                f"{describe(active)}"
+            )
+        kind = obj.get("kind", "linear_softmax")
+        if kind != "linear_softmax":
+            raise BundleError(f"manifest: head.kind must be 'linear_softmax', received {describe(kind)}")
+        opts = obj.get("optimizers", ["sgd", "adam"])
+        if not isinstance(opts, list) or not all(o in ("sgd", "adam") for o in opts):
+            raise BundleError(f"manifest: head.optimizers must be a list of 'sgd'/'adam', received {describe(opts)}")
+        loss = obj.get("loss", "")
+        return cls(
+            cap,
+            active,
+            kind,
+            tuple(opts),
+            loss if isinstance(loss, str) else "",
+            _extra(obj, ("max_classes", "active_classes", "kind", "optimizers", "loss")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "max_classes": self.max_classes,
+            "active_classes": self.active_classes,
+            "optimizers": list(self.optimizers),
+            "loss": self.loss,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One file of the bundle: what it is, its checksum and its tensors.
+
+    ``extra`` holds what only some artifacts have: ``quantization`` (how it was
+    quantized), ``optimizer`` (head train graphs), ``signatures`` (the TFLite head),
+    ``int8_method``/``int8_candidates`` (int8 ONNX), ``per_class`` (replay).
+    """
+
+    file: str
+    role: Role
+    format: Format
+    precision: Precision
+    sha256: str
+    size: int
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def optimizer(self) -> str | None:
+        return self.extra.get("optimizer")
+
+    @classmethod
+    def from_json(cls, a: Any, i: int) -> "ArtifactSpec":
+        where = f"artifacts[{i}]."
+        if not isinstance(a, dict):
+            raise BundleError(f"manifest: artifacts[{i}] must be an object, received {describe(a)}")
+        name = safe_file_name(_require(a, "file", str, where), f"manifest {where}file")
+        role = _enum(_require(a, "role", str, where), Role, f"{where}role")
+        fmt = _enum(_require(a, "format", str, where), Format, f"{where}format")
+        precision = _enum(_require(a, "precision", str, where), Precision, f"{where}precision")
+        sha = _require(a, "sha256", str, where)
+        if not _SHA256.match(sha):
+            raise BundleError(f"manifest: {where}sha256 must be 64 lowercase hex digits, received {describe(sha)}")
+        size = _require(a, "size", int, where)
+        if not 0 < size <= 1 << 32:
+            raise BundleError(f"manifest: {where}size must be in 1..2^32 bytes, received {size}")
+        tensors = {}
+        for key in ("inputs", "outputs"):
+            items = a.get(key, [])
+            if not isinstance(items, list) or len(items) > 64:  # found by tools/fuzz_bundle.py
+                raise BundleError(
+                    f"manifest: {where}{key} must be a list of at most 64 tensors, received {describe(items)}"
+                )
+            tensors[key] = tuple(TensorInfo.from_json(t, f"{where}{key}[{j}]") for j, t in enumerate(items))
+        known = ("file", "role", "format", "precision", "sha256", "size", "inputs", "outputs")
+        return cls(name, role, fmt, precision, sha, size, tensors["inputs"], tensors["outputs"], _extra(a, known))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": self.file,
+            "role": self.role.value,
+            "format": self.format.value,
+            "precision": self.precision.value,
+            "sha256": self.sha256,
+            "size": self.size,
+        }
+        if self.inputs or self.outputs:
+            out["inputs"], out["outputs"] = [t.to_json() for t in self.inputs], [t.to_json() for t in self.outputs]
+        return {**out, **self.extra}
+
+
+# What a check measured, and the JSON key of its limit (the on-disk names since schema 1).
+_MEASURES = {
+    "max_abs_diff": "tolerance",
+    "top1_agreement": "min_agreement",
+    "relative_error": "max_relative_error",
+    "cosine": "min_cosine",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification check of one artifact: what was measured against what limit."""
+
+    file: str
+    role: str
+    format: str
+    precision: str
+    ok: bool
+    measure: str
+    value: float
+    limit: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The check in words, e.g. ``max|diff| 3.1e-06 <= 1.0e-04``."""
+        lower_is_better = self.measure in ("max_abs_diff", "relative_error")
+        label = {
+            "max_abs_diff": "max|diff|",
+            "top1_agreement": "top-1 agreement",
+            "relative_error": "relative error",
+            "cosine": "cosine",
+        }.get(self.measure, self.measure)
+        value = f"{self.value:.2e}" if lower_is_better else f"{self.value:.3f}"
+        if self.limit is None:
+            return f"{label} {value}"
+        limit = f"{self.limit:.1e}" if lower_is_better else f"{self.limit:g}"
+        within = self.value <= self.limit if lower_is_better else self.value >= self.limit
+        op = ("<=" if within else ">") if lower_is_better else (">=" if within else "<")
+        return f"{label} {value} {op} {limit}"
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Check":
+        measure = next((m for m in _MEASURES if m in obj), "")
+        value = obj.get(measure, float("nan"))
+        known = ("file", "role", "format", "precision", "ok", measure, _MEASURES.get(measure, ""))
+        return cls(
+            str(obj.get("file", "")),
+            str(obj.get("role", "")),
+            str(obj.get("format", "")),
+            str(obj.get("precision", "")),
+            bool(obj.get("ok")),
+            measure,
+            float(value) if isinstance(value, (int, float)) else float("nan"),
+            obj.get(_MEASURES.get(measure, "")),
+            _extra(obj, known),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": self.file,
+            "role": self.role,
+            "format": self.format,
+            "precision": self.precision,
+            self.measure: self.value,
+        }
+        if self.limit is not None:
+            out[_MEASURES.get(self.measure, "limit")] = self.limit
+        return {**out, **self.extra, "ok": self.ok}
+
+    def __getitem__(self, key: str) -> Any:  # read like the JSON it is written as
+        return self.to_json()[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_json()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+
+def format_checks(checks: Iterable[Check | dict[str, Any]]) -> str:
+    """The verification checks as a table: the one renderer for the CLI, export and demo."""
+    lines = [f"{'file':<26} {'role':<11} {'check':<40} {'accuracy':>8}  ok"]
+    for c in checks:
+        c = c if isinstance(c, Check) else Check.from_json(c)
+        acc = c.extra.get("accuracy")
+        acc = f"{acc:.4f}" if isinstance(acc, (int, float)) else ""
+        what = c.describe() + (f" ({c.extra['optimizer']})" if c.extra.get("optimizer") else "")
+        lines.append(f"{c.file:<26} {c.role:<11} {what:<40} {acc:>8}  {'yes' if c.ok else 'NO'}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. Build one with :meth:`from_json`; write with :meth:`to_json`."""
+
+    name: str
+    labels: tuple[str, ...]
+    input_spec: InputSpec
+    embedding_size: int
+    head: HeadSpec
+    artifacts: tuple[ArtifactSpec, ...]
+    schema_version: int = SCHEMA_VERSION
+    metrics: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, m: Any) -> "Manifest":
+        """Validate a parsed manifest; raise :class:`BundleError` naming the first bad field."""
+        if not isinstance(m, dict):
+            raise BundleError(f"manifest must be a JSON object, received {type(m).__name__}")
+        version = _require(m, "schema_version", int, "")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise BundleError(
+                f"manifest schema_version {version} is not supported; this edgetl reads versions "
+                f"{list(READABLE_SCHEMA_VERSIONS)}. Re-export the bundle or upgrade edgetl"
+            )
+        name = _require(m, "name", str, "")
+        labels = _require(m, "labels", list, "")
+        if (
+            len(labels) < 2
+            or not all(isinstance(l, str) and 0 < len(l) <= 256 for l in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise BundleError(
+                f"manifest: labels must be at least two distinct non-empty strings, received {describe(labels)}"
+            )
+        spec = InputSpec.from_json(_require(m, "input_spec", dict, ""))
+        emb = _require(m, "embedding_size", int, "")
+        if not 0 < emb <= 1 << 16:
+            raise BundleError(f"manifest: embedding_size must be in 1..65536, received {emb}")
+        head = HeadSpec.from_json(_require(m, "head", dict, ""), len(labels))
+        raw = _require(m, "artifacts", list, "")
+        if not raw or len(raw) > 64:
+            raise BundleError(f"manifest: artifacts must list 1..64 files, received {len(raw)}")
+        artifacts = tuple(ArtifactSpec.from_json(a, i) for i, a in enumerate(raw))
+        names = [a.file for a in artifacts]
+        dup = next((n for n in names if names.count(n) > 1 or n in ("manifest.json", "manifest.sig")), None)
+        if dup:
+            raise BundleError(f"manifest: artifact file {dup!r} is reserved or listed twice")
+        dicts = {k: m.get(k) if isinstance(m.get(k), dict) else {} for k in ("metrics", "producer", "data")}
+        parity = m.get("parity") if isinstance(m.get("parity"), dict) else None
+        known = (
+            "schema_version",
+            "name",
+            "labels",
+            "input_spec",
+            "embedding_size",
+            "head",
+            "artifacts",
+            "metrics",
+            "producer",
+            "data",
+            "parity",
+        )
+        return cls(
+            name,
+            tuple(labels),
+            spec,
+            emb,
+            head,
+            artifacts,
+            version,
+            dicts["metrics"],
+            dicts["producer"],
+            dicts["data"],
+            parity,
+            _extra(m, known),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "labels": list(self.labels),
+            "input_spec": self.input_spec.to_json(),
+            "embedding_size": self.embedding_size,
+            "head": self.head.to_json(),
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "metrics": self.metrics,
+            "producer": self.producer,
+            "data": self.data,
+        }
+        if self.parity is not None:
+            out["parity"] = self.parity
+        return {**out, **self.extra}
+
+    def find(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[ArtifactSpec]:
+        """The artifacts with this role, format and precision (``None`` matches any)."""
+        return [
+            a
+            for a in self.artifacts
+            if (role is None or a.role == role)
+            and (fmt is None or a.format == fmt)
+            and (precision is None or a.precision == precision)
+        ]
+
+    @property
+    def checks(self) -> list[Check]:
+        return [Check.from_json(c) for c in (self.parity or {}).get("checks", []) if isinstance(c, dict)]
+
+    def describe(self, path: str = "") -> str:
+        """A readable summary (what ``edgetl inspect`` prints)."""
+        spec = self.input_spec
+        lines = [f"bundle {self.name} (schema {self.schema_version})" + (f" at {path}" if path else "")]
+        lines.append(f"  labels ({len(self.labels)}): {', '.join(self.labels)}")
+        lines.append(f"  input: {list(spec.shape)} {spec.dtype} {spec.layout}; {spec.preprocessing}")
+        lines.append(
+            f"  embedding size {self.embedding_size}; head {self.head.kind} with capacity {self.head.max_classes} "
+            "classes"
+        )
+        lines.append(f"  {'file':<26} {'role':<15} {'format':<7} {'precision':<9} {'bytes':>10}  sha256")
+        for a in self.artifacts:
+            lines.append(
+                f"  {a.file:<26} {a.role.value:<15} {a.format.value:<7} {a.precision.value:<9} {a.size:>10,}  "
+                f"{a.sha256[:12]}"
+            )
+        if self.parity:
+            omitted = self.parity.get("omitted") or []
+            lines.append(
+                f"  verified at export: {'passed' if self.parity.get('ok') else 'FAILED'} ({len(self.checks)} checks)"
+                + (f"; left out: {', '.join(f for o in omitted for f in o.get('files', []))}" if omitted else "")
+            )
+        producer = ", ".join(f"{k} {v}" for k, v in self.producer.items() if k != "run")
+        if producer:
+            lines.append(f"  produced by {producer}")
+        return "\n".join(lines)
+
+
+def validate_manifest(m: Any) -> dict[str, Any]:
+    """Check a parsed manifest; return it unchanged or raise :class:`BundleError`."""
+    Manifest.from_json(m)
+    return m

@@ -1,0 +1,127 @@
+"""verify can fail: broken artifacts with valid, re-hashed manifests are refused.
+
+Each test builds a real bundle (real graphs, written by write_bundle so every hash is
+valid), breaks one thing the way a buggy converter or a tampering author would, and sees
+``verify_bundle`` return ``ok=False`` on exactly that check.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from edgetl.bundle import read_bundle, write_bundle
+from edgetl.device import verify_bundle
+from edgetl.errors import BundleError
+from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
+
+D, C, N_ACTIVE = 32, 6, 4
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _head_bundle(tmp_path, *, scale: float = 1.0, train_adam: bytes | None = None):
+    """A head-only bundle: factory head, ONNX head graphs, parity references.
+
+    Embeddings of magnitude ~``scale`` (20 mimics an unstandardized user backbone)."""
+    rng = np.random.default_rng(0)
+    W = np.zeros((D, C), np.float32)
+    W[:, :N_ACTIVE] = rng.normal(0, 0.5, size=(D, N_ACTIVE))
+    b, mask = np.zeros(C, np.float32), np.r_[np.ones(N_ACTIVE), np.zeros(C - N_ACTIVE)].astype(np.float32)
+    emb = (rng.normal(0, 1, size=(16, D)) * scale).astype(np.float32)
+    z = emb @ W[:, :N_ACTIVE]
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    files = {
+        "head_init.npz": _npz(W=W, b=b, mask=mask),
+        "parity.npz": _npz(x=emb, probabilities=probs.astype(np.float32), embeddings=emb),
+        "head_infer.onnx": head_infer_onnx(D, C),
+        "head_train_sgd.onnx": head_train_onnx(D, C, "sgd"),
+        "head_train_adam.onnx": train_adam or head_train_onnx(D, C, "adam"),
+    }
+    roles = {
+        "head_init.npz": ("head_init", "npz"),
+        "parity.npz": ("parity", "npz"),
+        "head_infer.onnx": ("head_infer", "onnx"),
+        "head_train_sgd.onnx": ("head_train", "onnx"),
+        "head_train_adam.onnx": ("head_train", "onnx"),
+    }
+    artifacts = [
+        {
+            "file": f,
+            "role": r,
+            "format": fmt,
+            "precision": "fp32",
+            **({"optimizer": f.split("_")[-1].split(".")[0]} if r == "head_train" else {}),
+        }
+        for f, (r, fmt) in roles.items()
+    ]
+    manifest = {
+        "name": "head",
+        "labels": [f"c{i}" for i in range(N_ACTIVE)],
+        "input_spec": {"shape": [D], "dtype": "float32", "kind": "features"},
+        "embedding_size": D,
+        "head": {"max_classes": C, "active_classes": N_ACTIVE},
+        "artifacts": artifacts,
+    }
+    return write_bundle(tmp_path / "head.edgetl", manifest, files)
+
+
+def test_a_healthy_head_passes_even_with_large_embeddings(tmp_path):
+    """Embeddings ~20 (an unstandardized backbone): Adam moves weights ~lr per step; the
+    tolerance scales with the movement, so the healthy graphs pass (issue 9: a fixed 1e-5
+    failed such a head)."""
+    report = verify_bundle(_head_bundle(tmp_path, scale=20.0))
+    assert report.ok, report.describe()
+    adam = next(c for c in report.checks if c.extra.get("optimizer") == "adam")
+    assert adam.limit > 1e-5 and adam.extra["steps"] == 6
+
+
+def test_a_wrong_adam_graph_is_refused(tmp_path):
+    """beta1 = 0.5 instead of 0.9 in the Adam graph: the first step is the same
+    (lr * sign(g), bias-corrected), later ones are not; several steps from a non-zero
+    state catch it, one step from zero could not."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(head_train_onnx(D, C, "adam"))
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "beta1":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), "beta1"))
+    bundle = _head_bundle(tmp_path, train_adam=model.SerializeToString())
+    report = verify_bundle(read_bundle(bundle.path))
+    failed = report.failed()
+    assert [(c.file, c.extra.get("optimizer")) for c in failed] == [("head_train_adam.onnx", "adam")], report.describe()
+    assert failed[0].value > failed[0].limit
+
+
+def test_a_wrong_sgd_momentum_is_refused(tmp_path):
+    """The SGD graph without momentum (velocity reset every step)."""
+    import onnx
+
+    model = onnx.load_from_string(head_train_onnx(D, C, "sgd"))
+    for node in model.graph.node:
+        if node.op_type == "Mul" and "momentum" in node.input:
+            node.input[list(node.input).index("momentum")] = "zero_momentum"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero_momentum"))
+    bundle = _head_bundle(tmp_path)
+    (bundle.path / "head_train_sgd.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match="truncated or replaced|sha256"):
+        read_bundle(bundle.path)  # integrity first; now re-hash it as a hostile author would
+    import json
+
+    from edgetl.bundle import sha256_file
+
+    m = json.loads((bundle.path / "manifest.json").read_text())
+    for a in m["artifacts"]:
+        if a["file"] == "head_train_sgd.onnx":
+            a["sha256"], a["size"] = sha256_file(bundle.path / a["file"]), (bundle.path / a["file"]).stat().st_size
+    (bundle.path / "manifest.json").write_text(json.dumps(m))
+    report = verify_bundle(read_bundle(bundle.path))
+    assert [c.file for c in report.failed()] == ["head_train_sgd.onnx"], report.describe()
