@@ -51,15 +51,19 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         raise
 
 
-def replace_file(path: Path, data: bytes) -> None:
-    """Replace one file atomically: write a temporary sibling, fsync, rename, fsync the dir."""
+def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace one file atomically: write a temporary sibling, fsync, rename, fsync the dir.
+
+    ``mode`` is set before the rename, so a private file (0600) is never readable by others:
+    mkstemp creates the temporary file 0600.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

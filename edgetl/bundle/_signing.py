@@ -42,7 +42,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -199,29 +198,11 @@ def generate_keypair(
     try:
         for p in (priv, pub):
             p.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(priv, private_pem)
+        _atomic.replace_file(priv, private_pem, mode=0o600)  # never readable by others
         _atomic.replace_file(pub, public_pem)
     except OSError as exc:
         raise InputError(f"cannot write the key pair to {str(priv)!r} / {str(pub)!r}: {exc.strerror or exc}") from exc
     return key_id(key.public_key())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Like :func:`edgetl._atomic.replace_file` but the file is never readable by others:
-    mkstemp creates it 0600 and it keeps that mode (replace_file would chmod it to 0644)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        _atomic.fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_private_key(path: str | os.PathLike[str], passphrase: str | bytes | None = None) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 from edgetl import __version__
 from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
-from edgetl.data import Dataset, stratified_split
+from edgetl.data import Dataset
 from edgetl.errors import BundleError, InputError, describe
 from edgetl.host._tf import keras, tf
 
@@ -458,12 +458,7 @@ def resolve_data(
     out = ExportData(source=source)
     if calibration is not None:
         _check_matches(calibration, shape, names, "calibration")
-        splits = stratified_split(
-            calibration,
-            val_fraction=run.config.val_fraction,
-            test_fraction=run.config.test_fraction,
-            seed=run.config.seed,
-        )
+        splits = run.config.split(calibration)  # exactly the split training made
         rng = np.random.default_rng(0)
         out.calibration_x = splits.train.x[rng.permutation(len(splits.train))[:samples]].astype(np.float32)
         out.train = (splits.train.x, splits.train.y)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgetl.data import Dataset, Splits, stratified_split
+from edgetl.data import Dataset, Splits
 from edgetl.errors import InputError
 from edgetl.host._backbones import Backbone, adapt_normalization, create_backbone
 from edgetl.host._fit import compile_model, fit_model
@@ -44,13 +44,7 @@ def pretrain(
     k = keras()
     if config.fusion != "none" or config.fine_tune_layers:
         raise InputError("pretrain trains every layer; fusion and fine_tune_layers apply to `train` only")
-    splits = (
-        data
-        if isinstance(data, Splits)
-        else stratified_split(
-            data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
-        )
-    )
+    splits = config.split(data)
     splits.train.require_trainable()
     k.utils.set_random_seed(config.seed)
     strategy = make_strategy(config.strategy)

@@ -36,6 +36,11 @@ def tf() -> ModuleType:
         with warnings.catch_warnings(), native_output_silenced():
             warnings.simplefilter("ignore")
             import tensorflow
+
+            # The CUDA probe runs when devices are first listed, not at import; do it here,
+            # silenced. Listing physical devices does not initialise the runtime, so logical
+            # CPU devices (configure_cpu_devices) can still be set up afterwards.
+            tensorflow.config.list_physical_devices("GPU")
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DependencyError(f"edgetl's host side needs TensorFlow ({exc}). {_INSTALL_HINT}") from exc
     quiet_python_loggers()

@@ -160,6 +160,13 @@ class TrainConfig:
         if isinstance(self.input_preprocessing, (str, dict)):  # a preset or a saved config: normalise to the dataclass
             object.__setattr__(self, "input_preprocessing", InputPreprocessing.preset(self.input_preprocessing))
 
+    def split(self, data: Splits | Dataset) -> Splits:
+        """``data`` itself when already split, else its stratified split by this config's
+        fractions and seed (the split export reproduces)."""
+        if isinstance(data, Splits):
+            return data
+        return stratified_split(data, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if isinstance(self.input_preprocessing, InputPreprocessing):
@@ -399,13 +406,7 @@ def train_transfer(
     """
     k = keras()
     record = data.record() if isinstance(data, Dataset) and data.origin else None
-    splits = (
-        data
-        if isinstance(data, Splits)
-        else stratified_split(
-            data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
-        )
-    )
+    splits = config.split(data)
     splits.train.require_trainable()
     if config.augmentation is not None and splits.train.kind != "image":
         raise InputError(f"augmentation applies to image data only; the data is {splits.train.kind!r}")

@@ -112,3 +112,15 @@ def test_existing_output_is_not_overwritten(bundle):
         write_bundle(bundle.path, _manifest(), {"head_init.npz": b"other"})
     assert (bundle.path / "manifest.json").read_bytes() == before
     assert not [p for p in bundle.path.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_schema_1_bundles_still_load_and_unknown_versions_are_refused_clearly(bundle):
+    """Bundles written by edgetl 0.1 (schema 1) load; a newer schema says what to do."""
+    m = json.loads((bundle.path / "manifest.json").read_text())
+    m["schema_version"] = 1
+    (bundle.path / "manifest.json").write_text(json.dumps(m))
+    assert read_bundle(bundle.path).manifest.schema_version == 1
+    m["schema_version"] = 7
+    (bundle.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"schema_version 7 is not supported; this edgetl reads versions \[1, 2\]"):
+        read_bundle(bundle.path)

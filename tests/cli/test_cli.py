@@ -81,6 +81,21 @@ def test_demo_console_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    # only edgetl's own lines: none of TensorFlow's, the converter's or LiteRT's noise
+    noise = (
+        "cuInit",
+        "cuda",
+        "absl::InitializeLog",
+        "retracing",
+        "fully_quantize",
+        "XNNPACK",
+        "I0000",
+        "E0000",
+        "W0000",
+    )
+    found = [n for n in noise if n in out or n in proc.stderr]
+    assert not found, (found, proc.stderr[-2000:])
+    assert not proc.stderr.strip(), proc.stderr[-2000:]
     for shots in ("1", "3", "5", "10", "all"):
         assert any(line.strip().startswith(f"{shots} |") for line in out.splitlines()), out
     assert "Reading it" in out and "demo wall time" in out
