@@ -243,6 +243,9 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--max-classes", type=int, help="head capacity for classes added on the device (default: 2x labels)")
     p.add_argument("--out", required=True, help="bundle directory to create (NAME.edgetl)")
+    p.add_argument(
+        "--bundle-version", default="1", help="version string written into the manifest and every model's metadata"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--strict",
@@ -574,6 +577,7 @@ def _run_export(args: argparse.Namespace) -> int:
         max_classes=args.max_classes,
         overwrite=args.overwrite,
         strict=args.strict,
+        version=args.bundle_version,
     )
     print(f"data: {result.manifest['data'].get('calibration')}")
     print(result.describe())

@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -77,3 +80,27 @@ def informative_random_backbone(family: str, x: np.ndarray):
     bb = create_backbone(family, x.shape[1:], weights=None)
     recalibrate_batchnorm(bb.model, x)
     return bb
+
+
+@pytest.fixture(scope="session", autouse=True)
+def manifests_follow_the_published_schema():
+    """Every manifest the suite writes (through Manifest.to_json) validates against the
+    JSON Schema shipped for integrators (edgetl/bundle/manifest.schema.json)."""
+    import jsonschema
+
+    import edgetl.bundle
+    from edgetl.bundle import Manifest
+
+    schema = json.loads((Path(edgetl.bundle.__file__).parent / "manifest.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    original = Manifest.to_json
+
+    def checked(self):
+        out = original(self)
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(out)]
+        assert not errors, errors
+        return out
+
+    Manifest.to_json = checked
+    yield validator
+    Manifest.to_json = original

@@ -389,6 +389,7 @@ class ExportPlan:
     name: str
     strict: bool
     data: ExportData
+    version: str = "1"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -406,6 +407,7 @@ def plan_export(
     max_classes: int | None = None,
     name: str = "model",
     strict: bool = False,
+    version: str = "1",
 ) -> ExportPlan:
     """Check the options (cheap things first) and gather the data; nothing is converted yet."""
     from edgetl.host._run import Run, load_run
@@ -430,7 +432,7 @@ def plan_export(
         need_labels=any(c.mode in ("int8", "qat") for c in configs),
         samples=max(c.calibration_samples for c in configs),
     )
-    return ExportPlan(r, configs, tuple(formats), opset, cap, name, strict, data)
+    return ExportPlan(r, configs, tuple(formats), opset, cap, name, strict, data, str(version))
 
 
 def resolve_data(
@@ -580,6 +582,83 @@ def _convert_one(
     return out, int8_choice
 
 
+def with_metadata(plan: ExportPlan, artifacts: list[Artifact]) -> list[Artifact]:
+    """Make every fused and backbone file describe itself, so runtimes other than edgetl
+    can use it as-is: TFLite Model Metadata (what MediaPipe Tasks' ImageClassifier and
+    ImageEmbedder require: labels as an associated labels.txt, input normalization) and
+    ONNX ``metadata_props`` (labels, input spec, producer; read back by onnxruntime's
+    ``get_modelmeta``). Only metadata changes: outputs are bit-identical
+    (tests/host/test_model_metadata.py); the manifest hashes the final files."""
+    out = []
+    for a in artifacts:
+        if a.role not in ("fused", "backbone"):
+            out.append(a)
+            continue
+        content, note = _tflite_with_metadata(plan, a) if a.format == "tflite" else _onnx_with_metadata(plan, a)
+        out.append(replace(a, content=content, extra={**a.extra, "metadata": note}))
+    return out
+
+
+def _input_spec(plan: ExportPlan) -> dict[str, Any]:
+    return {**plan.run.input_spec, "dtype": "float32", "shape": list(plan.shape)}
+
+
+def _tflite_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
+    from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
+
+    spec = _input_spec(plan)
+    if spec.get("kind") != "image" or len(plan.shape) != 3:
+        return a.content, "none: TFLite Model Metadata describes image models"
+    if a.extra.get("quantization", {}).get("io_dtype", "float32") != "float32":
+        # MediaPipe would feed raw pixels into the integer input, whose scale and zero point
+        # come from calibration, not the pixel range: the file would load and answer wrongly.
+        return a.content, "none: integer-input model (MediaPipe Tasks need float32 inputs or uint8 pixels)"
+    fused = a.role == "fused"
+    what = f"raw pixels -> probabilities of {len(plan.run.class_names)} classes" if fused else "raw pixels -> embedding"
+    info = TFLiteModelInfo(
+        name=plan.name,
+        description=f"edgetl {a.role} model ({a.precision}): {what}. Preprocessing is inside the model.",
+        version=plan.version,
+        kind="classifier" if fused else "embedder",
+        width=int(plan.shape[1]),
+        height=int(plan.shape[0]),
+        channels=int(plan.shape[2]),
+        color_space="RGB" if plan.shape[2] == 3 else "GRAYSCALE",
+        labels=tuple(plan.run.class_names) if fused else (),
+    )
+    return write_tflite_metadata(a.content, info), "tflite_model_metadata"
+
+
+def _onnx_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
+    import onnx
+
+    from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
+
+    fused = a.role == "fused"
+    graph = onnx.load_from_string(a.content).graph
+    props = edgetl_onnx_props(
+        bundle_name=plan.name,
+        bundle_version=plan.version,
+        input_spec=_input_spec(plan),
+        labels=list(plan.run.class_names) if fused else None,
+    )
+    output = (
+        "class probabilities, one column per label (edgetl.labels)"
+        if fused
+        else "the standardized embedding the trainable head takes"
+    )
+    content = write_onnx_metadata(
+        a.content,
+        props,
+        doc_string=f"edgetl {a.role} model ({a.precision}) of bundle {plan.name}",
+        input_docs={
+            graph.input[0].name: "raw inputs as edgetl.input_spec says (pixels in [0, 255]); preprocessing is inside"
+        },
+        output_docs={graph.output[0].name: output},
+    )
+    return content, "onnx_metadata_props"
+
+
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
     from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
@@ -656,8 +735,9 @@ def build_manifest(plan: ExportPlan, artifacts: Sequence[Artifact], embedding_si
     r = plan.run
     return {
         "name": plan.name,
+        "version": plan.version,
         "labels": list(r.class_names),
-        "input_spec": {**r.input_spec, "dtype": "float32", "shape": list(plan.shape)},
+        "input_spec": _input_spec(plan),
         "embedding_size": int(embedding_size),
         "head": {
             "kind": "linear_softmax",
@@ -735,6 +815,7 @@ def export(
     max_classes: int | None = None,
     name: str = "model",
     strict: bool = False,
+    version: str = "1",
 ) -> ExportResult:
     """Convert, verify and return (without writing) the bundle for ``run``.
 
@@ -752,6 +833,8 @@ def export(
         name: the bundle's name in its manifest.
         strict: any failed check is fatal; by default a quantized format/precision that
             fails its gate is left out of the bundle (reported in ``omitted``).
+        version: the bundle's version, written into the manifest and every model file's
+            metadata.
 
     Returns:
         An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
@@ -767,10 +850,12 @@ def export(
         max_classes=max_classes,
         name=name,
         strict=strict,
+        version=version,
     )
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
+    artifacts = with_metadata(plan, artifacts)
     artifacts += head_artifacts(plan, classifier)
     artifacts += data_artifacts(plan, backbone, references)
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
-from edgetl.bundle import read_bundle, write_bundle
+from edgetl.bundle import read_bundle, validate_manifest, write_bundle
 from edgetl.errors import BundleError
 
 
@@ -124,3 +125,25 @@ def test_schema_1_bundles_still_load_and_unknown_versions_are_refused_clearly(bu
     (bundle.path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"schema_version 7 is not supported; this edgetl reads versions \[1, 2\]"):
         read_bundle(bundle.path)
+
+
+def test_the_published_json_schema_accepts_what_edgetl_writes_and_refuses_what_it_refuses(bundle):
+    """The schema integrators validate with agrees with edgetl's own validator on a real
+    manifest and on broken ones (the check can fail)."""
+    import jsonschema
+
+    import edgetl.bundle
+
+    schema = json.loads((Path(edgetl.bundle.__file__).parent / "manifest.schema.json").read_text())
+    good = json.loads((bundle.path / "manifest.json").read_text())
+    jsonschema.validate(good, schema)
+    for field, value in (("labels", ["only"]), ("schema_version", 9), ("embedding_size", 0)):
+        broken = {**good, field: value}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+        with pytest.raises(BundleError):
+            validate_manifest(broken)
+    broken = json.loads(json.dumps(good))
+    broken["artifacts"][0]["file"] = "../escape.onnx"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
