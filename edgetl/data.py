@@ -2,13 +2,18 @@
 
 The one data path of edgetl: the host trains from it and the device personalizes from it,
 so this module never imports TensorFlow (``tests/device/test_lean_imports.py``). Everything
-loads into a :class:`Dataset` held in memory as numpy arrays. Images stay ``uint8``
-pixels in ``[0, 255]`` because every edgetl model takes raw inputs and does its own
-preprocessing; feature vectors are ``float32``. :func:`read_image` is the one image
-decoder (folders, ``edgetl predict``).
+loads into a :class:`Dataset`. Images stay ``uint8`` pixels in ``[0, 255]`` because every
+edgetl model takes raw inputs and does its own preprocessing; feature vectors are
+``float32``. :func:`read_image` is the one image decoder (folders, ``edgetl predict``).
+
+A dataset's ``x`` is a numpy array in memory, or, for data too large for memory
+(``load_dataset(..., streaming="auto"|"on")``), a :class:`LazyArray`: an array-like that
+decodes only what is indexed (:class:`ImageFiles` for folders, :class:`MappedArray` for
+memory-mapped ``.npz`` arrays). Both split the same way, by example index.
 
     >>> ds = load_dataset("photos/")            # photos/cat/*.jpg, photos/dog/*.png
     >>> splits = stratified_split(ds, seed=0)   # deterministic train / val / test
+    >>> big = load_dataset("archive/", streaming="auto")   # streamed when it would not fit
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import warnings
 import zipfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -43,6 +49,13 @@ __all__ = [
     "load_digits_dataset",
     "restyle_digits",
     "IMAGE_SUFFIXES",
+    "LazyArray",
+    "ImageFiles",
+    "MappedArray",
+    "FolderListing",
+    "list_image_folder",
+    "choose_streaming",
+    "STREAMING_MODES",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -54,14 +67,16 @@ class Dataset:
     """Examples and integer labels with their class names.
 
     Attributes:
-        x: ``(n, h, w, c)`` uint8 pixels for images, ``(n, d)`` float32 for features.
+        x: ``(n, h, w, c)`` uint8 pixels for images, ``(n, d)`` float32 for features; a
+            numpy array, or a :class:`LazyArray` that decodes on access (streamed data).
         y: ``(n,)`` int64 class indices into ``class_names``.
         class_names: one name per class, index = label.
         kind: ``"image"`` or ``"features"``.
         source: where it was loaded from (for messages and run records).
+        loading: how it was loaded (in memory or streamed, and why), for the user.
     """
 
-    x: np.ndarray
+    x: Any  # np.ndarray | LazyArray
     y: np.ndarray
     class_names: tuple[str, ...]
     kind: DataKind
@@ -69,6 +84,7 @@ class Dataset:
     # How to load it again (``load_dataset`` keyword arguments), recorded by runs so that
     # export can find the training data without being told (see ``Dataset.record``).
     origin: dict[str, Any] | None = None
+    loading: str = ""
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -81,7 +97,7 @@ class Dataset:
         expected_rank = 4 if self.kind == "image" else 2
         if self.x.ndim != expected_rank:
             raise DataError(f"{self.kind} data must have rank {expected_rank}, received x.shape={self.x.shape}")
-        if self.x.dtype.kind == "f" and not np.all(np.isfinite(self.x)):
+        if isinstance(self.x, np.ndarray) and self.x.dtype.kind == "f" and not np.all(np.isfinite(self.x)):
             bad = int(np.argwhere(~np.isfinite(self.x))[0][0])
             raise DataError(
                 f"{self.source or 'dataset'}: example {bad} has a NaN or infinite feature; clean the data before "
@@ -107,15 +123,36 @@ class Dataset:
         counts = np.bincount(self.y, minlength=self.num_classes)
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
+    @property
+    def streamed(self) -> bool:
+        """True when ``x`` is read from disk on access (a :class:`LazyArray`)."""
+        return isinstance(self.x, LazyArray)
+
     def subset(self, index: np.ndarray | Sequence[int]) -> "Dataset":
         index = np.asarray(index, dtype=np.int64)
-        return Dataset(self.x[index], self.y[index], self.class_names, self.kind, self.source)
+        x = self.x.take(index) if isinstance(self.x, LazyArray) else self.x[index]
+        return Dataset(x, self.y[index], self.class_names, self.kind, self.source)
+
+    def materialize(self) -> "Dataset":
+        """This dataset with ``x`` decoded into memory (itself when it already is)."""
+        if not isinstance(self.x, LazyArray):
+            return self
+        # Recorded as loaded in memory: its fingerprint now hashes pixels, as export's reload will.
+        origin = {**self.origin, "streaming": "off"} if self.origin else self.origin
+        return replace(self, x=np.asarray(self.x), origin=origin, loading="decoded into memory")
 
     def fingerprint(self) -> str:
-        """sha256 of the examples, labels and class names: the same data loads the same."""
+        """sha256 of the examples, labels and class names: the same data loads the same.
+
+        In-memory and memory-mapped arrays hash their bytes; image files read lazily hash
+        each file's bytes (decoding every image just to hash it would cost a full pass).
+        """
         h = hashlib.sha256()
         h.update(json.dumps([list(self.class_names), list(self.x.shape), str(self.x.dtype)]).encode())
-        h.update(np.ascontiguousarray(self.x).tobytes())
+        if isinstance(self.x, LazyArray):
+            self.x.hash_into(h)
+        else:
+            _hash_rows(h, self.x)
         h.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
         return h.hexdigest()
 
@@ -127,6 +164,7 @@ class Dataset:
             "examples": len(self),
             "shape": list(self.input_shape),
             "sha256": self.fingerprint(),
+            "streamed": self.streamed,
         }
 
     def require_trainable(self) -> None:
@@ -159,6 +197,7 @@ def load_dataset(
     channels: int | None = None,
     label_column: str = "label",
     require_trainable: bool = True,
+    streaming: str = "off",
 ) -> Dataset:
     """Load an image folder, an ``.npz`` file or a CSV file, chosen by what ``path`` is.
 
@@ -173,21 +212,28 @@ def load_dataset(
         label_column: the CSV column that holds the class.
         require_trainable: refuse data with fewer than two classes or an empty class (what
             training needs); ``False`` for examples added to an existing model.
+        streaming: ``"off"`` decodes everything into memory; ``"on"`` reads image folders
+            and uncompressed ``.npz`` arrays lazily (a :class:`LazyArray`); ``"auto"`` streams
+            when loading into memory would take more than half the available memory (see
+            :func:`choose_streaming`). The decision and its reason are in ``Dataset.loading``.
 
     Raises:
         DataError: missing path, unsupported format, fewer than two classes, an empty class.
+        InputError: ``streaming`` is not one of ``auto``, ``on``, ``off``.
     """
+    if streaming not in STREAMING_MODES:
+        raise InputError(f"streaming must be one of {STREAMING_MODES}, received {describe(streaming)}")
     if str(path) == "builtin:digits":
-        return replace(load_digits_dataset(), origin={"path": "builtin:digits"})
+        return replace(load_digits_dataset(), origin={"path": "builtin:digits"}, loading="loaded into memory")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist; expected an image folder, a .npz file or a .csv file")
     if p.is_dir():
-        ds = load_image_folder(p, image_size=image_size, channels=channels)
+        ds = _load_folder(p, image_size, channels, streaming)
     elif p.suffix.lower() == ".npz":
-        ds = load_npz(p)
+        ds = _load_npz(p, streaming)
     elif p.suffix.lower() == ".csv":
-        ds = load_csv(p, label_column=label_column)
+        ds = replace(load_csv(p, label_column=label_column), loading="loaded into memory")
     else:
         raise DataError(
             f"cannot load {str(p)!r}: unsupported file type {p.suffix!r}; allowed: a directory of class folders, .npz, "
@@ -201,8 +247,36 @@ def load_dataset(
         "image_size": list(size) if size else None,
         "channels": channels,
         "label_column": label_column,
+        # What was chosen (never "auto"), so export loads it again the same way.
+        "streaming": "on" if ds.streamed else "off",
     }
     return replace(ds, origin=origin)
+
+
+def _load_folder(root: Path, image_size: tuple[int, int] | int | None, channels: int | None, streaming: str) -> Dataset:
+    """An image folder in memory (:func:`load_image_folder`) or as :class:`ImageFiles`."""
+    if streaming == "off":
+        return replace(load_image_folder(root, image_size=image_size, channels=channels), loading="loaded into memory")
+    if channels not in (None, 1, 3):
+        raise InputError(f"channels must be 1, 3 or None, received {describe(channels)}")
+    listing = list_image_folder(root)
+    size = _normalize_size(image_size) or listing.most_common_size()
+    chans = channels or listing.channels()
+    stream, reason = choose_streaming(streaming, len(listing.files) * size[0] * size[1] * chans)
+    if not stream:
+        # The in-memory loader itself, so in-memory data is exactly what it always was.
+        ds = load_image_folder(root, image_size=image_size, channels=channels)
+        return replace(ds, loading=reason)
+    for message in listing.skipped:
+        warnings.warn(message, stacklevel=3)
+    if image_size is None and len(set(map(tuple, listing.sizes.tolist()))) > 1:
+        warnings.warn(
+            f"{root}: images have {len(set(map(tuple, listing.sizes.tolist())))} different sizes; resizing all to the "
+            f"most common, {size[0]}x{size[1]} (pass image_size / --image-size to choose)",
+            stacklevel=3,
+        )
+    x = ImageFiles(root, listing.files, size=size, channels=chans)
+    return Dataset(x, listing.labels, listing.class_names, "image", str(root), loading=reason)
 
 
 def _normalize_size(image_size: tuple[int, int] | int | None) -> tuple[int, int] | None:
@@ -316,40 +390,524 @@ def load_image_folder(
     return Dataset(x, np.asarray(labels, dtype=np.int64), names, "image", str(root))
 
 
+# ----------------------------------------------------------------------------- streamed data
+
+STREAMING_MODES = ("auto", "on", "off")
+# Loading a folder into memory peaks at about this many times the decoded uint8 bytes:
+# Pillow's decoded copies and the stacked array, then the float32 copy of the training split
+# that embedding takes (4 bytes per pixel). Measured by tools/bench_data.py (in-memory peak
+# RSS over the decoded size).
+IN_MEMORY_PEAK_FACTOR = 5.0
+# "auto" streams when that peak would exceed this share of the memory available now, so
+# the rest of the run (model, embeddings, the OS's file cache) still fits.
+IN_MEMORY_SHARE = 0.5
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now: ``MemAvailable``, capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
+            avail = 8 << 30
+    try:  # a container's limit (cgroup v2) binds before the machine's memory does
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return int(avail)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def choose_streaming(mode: str, decoded_bytes: int, *, available: int | None = None) -> tuple[bool, str]:
+    """Whether to stream data whose decoded examples take ``decoded_bytes``, and why (in words).
+
+    ``"auto"`` streams when loading into memory would peak above :data:`IN_MEMORY_SHARE` of
+    the available memory (the peak is :data:`IN_MEMORY_PEAK_FACTOR` times the decoded size);
+    ``"on"`` and ``"off"`` decide by themselves.
+    """
+    if mode not in STREAMING_MODES:
+        raise InputError(f"streaming must be one of {STREAMING_MODES}, received {describe(mode)}")
+    peak = decoded_bytes * IN_MEMORY_PEAK_FACTOR
+    if mode != "auto":
+        what = "streamed from disk" if mode == "on" else "loaded into memory"
+        return mode == "on", f"{what} (streaming={mode}; in memory it would peak at about {_gb(peak)})"
+    available = available_memory() if available is None else available
+    budget = IN_MEMORY_SHARE * available
+    if peak > budget:
+        return True, (
+            f"streamed from disk: in memory it would peak at about {_gb(peak)}, more than half of the "
+            f"{_gb(available)} available (streaming=off forces memory)"
+        )
+    return False, f"loaded into memory: about {_gb(peak)} at peak, within half of the {_gb(available)} available"
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """What :func:`load_image_folder` would load, from the files' headers only.
+
+    Attributes:
+        root: the folder.
+        files: ``"<class>/<file>"`` paths relative to ``root``, in the loader's order.
+        labels: ``(n,)`` int64 class index of each file.
+        class_names: the class folders, sorted.
+        sizes: ``(n, 2)`` height and width of each file.
+        gray: ``(n,)`` whether each file is grayscale.
+        skipped: a message per file left out (not an image, unreadable header).
+    """
+
+    root: Path
+    files: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    sizes: np.ndarray
+    gray: np.ndarray
+    skipped: tuple[str, ...] = ()
+
+    def most_common_size(self) -> tuple[int, int]:
+        """The most common (height, width), ties going to the first seen (as the loader)."""
+        h, w = Counter(map(tuple, self.sizes.tolist())).most_common(1)[0][0]
+        return int(h), int(w)
+
+    def channels(self) -> int:
+        return 3 if not bool(np.all(self.gray)) else 1
+
+
+def list_image_folder(root: str | os.PathLike[str]) -> FolderListing:
+    """List ``root/<class>/<image>`` as :func:`load_image_folder` orders it, decoding nothing.
+
+    Each file's header is read (size, colour mode); a file whose header cannot be read is
+    skipped, as the loader skips it. Headers are read by a few threads (file I/O releases
+    the GIL), so a folder of 200,000 images lists in seconds.
+
+    Raises:
+        DataError: no class subfolders, or no readable image in them.
+    """
+    root = Path(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"{str(root)!r} has no class subfolders; expected one folder per class, e.g. {root}/cat/img1.png"
+        )
+    candidates: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    for label, class_dir in enumerate(class_dirs):
+        for file in sorted(class_dir.iterdir()):
+            if file.name.startswith(".") or file.is_dir():
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})")
+                continue
+            candidates.append((f"{class_dir.name}/{file.name}", label))
+    headers = list(_thread_pool().map(lambda c: _header(root / c[0]), candidates))
+    files, labels, sizes, gray = [], [], [], []
+    for (rel, label), head in zip(candidates, headers):
+        if isinstance(head, str):
+            skipped.append(f"skipping {root / rel}: cannot be read as an image ({head})")
+            continue
+        files.append(rel)
+        labels.append(label)
+        sizes.append(head[:2])
+        gray.append(head[2])
+    names = tuple(d.name for d in class_dirs)
+    if not files:
+        raise DataError(f"{str(root)!r} has no readable images in its class folders ({', '.join(names)})")
+    return FolderListing(
+        root,
+        tuple(files),
+        np.asarray(labels, np.int64),
+        names,
+        np.asarray(sizes, np.int64).reshape(-1, 2),
+        np.asarray(gray, bool),
+        tuple(skipped),
+    )
+
+
+def _header(path: Path) -> tuple[int, int, bool] | str:
+    """(height, width, grayscale) from the file's header, or why it cannot be read."""
+    image = _pillow()
+    try:
+        with image.open(path) as im:
+            return im.height, im.width, _is_gray(im)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """One shared pool for file I/O and decoding (Pillow releases the GIL while it decodes)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="edgetl-io")
+    return _POOL
+
+
+class LazyArray:
+    """An array-like whose rows are read from disk only when indexed.
+
+    It has what numpy code and Keras' array-like adapter use: ``shape``, ``ndim``,
+    ``dtype``, ``len``, indexing (an int, a slice or an index array; returns numpy arrays)
+    and ``astype`` (a lazy view with another dtype). ``take(index)`` selects rows without
+    reading them; ``np.asarray(x)`` reads everything (only for data known to be small).
+    Subclasses implement ``_read(rows)``, ``_row_shape``, ``_with(**changes)``,
+    ``hash_into(h)`` and ``spec()``.
+    """
+
+    def __init__(self, rows: np.ndarray, dtype: Any) -> None:
+        self._rows = np.asarray(rows, np.int64)
+        self.dtype = np.dtype(dtype)
+
+    # -- what subclasses provide
+    @property
+    def _row_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _with(self, **changes: Any) -> "LazyArray":
+        raise NotImplementedError
+
+    def hash_into(self, h: Any) -> None:
+        """Feed what identifies these rows' contents to hashlib object ``h``."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """How rows are produced (decoding options): part of the embedding cache's key."""
+        raise NotImplementedError
+
+    # -- numpy-like surface
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._rows), *self._row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(self._rows[[int(key)]])[0].astype(self.dtype, copy=False)
+        if isinstance(key, slice) or (isinstance(key, (np.ndarray, list, tuple)) and np.ndim(key) == 1):
+            return self._read(self._rows[key]).astype(self.dtype, copy=False)
+        raise InputError(f"{type(self).__name__} takes an int, a slice or an index array, received {describe(key)}")
+
+    def astype(self, dtype: Any, copy: bool = True) -> "LazyArray":
+        """A view that reads as ``dtype`` (nothing is read now; ``copy`` is accepted for numpy's signature)."""
+        return self._with(dtype=np.dtype(dtype))
+
+    def take(self, index: np.ndarray | Sequence[int]) -> "LazyArray":
+        """The rows at ``index`` (nothing is read)."""
+        return self._with(rows=self._rows[np.asarray(index, np.int64)])
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Which rows of the underlying source (file listing, mapped array) this view holds."""
+        return self._rows
+
+    def with_rows(self, rows: np.ndarray) -> "LazyArray":
+        """A view of the same source, read the same way, holding source rows ``rows``."""
+        return self._with(rows=np.asarray(rows, np.int64))
+
+    def same_source(self, other: Any) -> bool:
+        """Whether ``other`` views the same source read the same way (so their rows combine)."""
+        return type(other) is type(self) and self._source_token() == other._source_token()
+
+    def _source_token(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def batches(self, batch_size: int) -> Any:
+        """Yield consecutive ``(start, rows)`` blocks, each read as one array."""
+        for start in range(0, len(self), batch_size):
+            yield start, self[start : start + batch_size]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
+class ImageFiles(LazyArray):
+    """Image files as a lazy ``(n, h, w, c)`` array: each is decoded by :func:`read_image` when read.
+
+    The pixels equal the in-memory loader's, bit for bit: the same decoder, size and channel
+    conversion, then the same :func:`conform_images` steps. Files' sha256 digests (for
+    :meth:`hash_into`) are computed once and shared by every view of the same listing.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        files: Sequence[str],
+        *,
+        size: tuple[int, int],
+        channels: int,
+        conform: tuple[tuple[int, int, int], ...] = (),
+        rows: np.ndarray | None = None,
+        dtype: Any = np.uint8,
+        _digests: dict[str, str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.files = files if isinstance(files, np.ndarray) else np.asarray(list(files), dtype=object)
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.conform = tuple(conform)
+        self._digests = {} if _digests is None else _digests
+        super().__init__(np.arange(len(self.files)) if rows is None else rows, dtype)
+
+    @property
+    def _row_shape(self) -> tuple[int, ...]:
+        return tuple(self.conform[-1]) if self.conform else (*self.size, self.channels)
+
+    @property
+    def paths(self) -> list[str]:
+        """The relative paths of these rows, in order."""
+        return [str(f) for f in self.files[self._rows]]
+
+    def _with(self, **changes: Any) -> "ImageFiles":
+        kw = dict(size=self.size, channels=self.channels, conform=self.conform, rows=self._rows, dtype=self.dtype)
+        kw.update(changes)
+        return ImageFiles(self.root, self.files, _digests=self._digests, **kw)
+
+    def _source_token(self) -> tuple[Any, ...]:
+        return (id(self.files), str(self.root), json.dumps(self.spec(), sort_keys=True), str(self.dtype))
+
+    def conformed(self, shape: Sequence[int]) -> "ImageFiles":
+        """These images then resized/converted to ``shape`` (as :func:`conform_images` does)."""
+        return self._with(conform=(*self.conform, tuple(int(v) for v in shape)))
+
+    def read_one(self, row: int) -> np.ndarray:
+        """Row ``row`` of this view, decoded (what ``tf.data`` maps over)."""
+        return self._decode(str(self.files[self._rows[row]]))
+
+    def _decode(self, rel: str) -> np.ndarray:
+        im = read_image(self.root / rel, size=self.size, channels=self.channels)
+        for h, w, c in self.conform:
+            im = _conform_array(im[None], h, w, c)[0][0]
+        return im
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        rels = [str(self.files[r]) for r in rows]
+        if not rels:
+            return np.zeros((0, *self._row_shape), np.uint8)
+        images = list(_thread_pool().map(self._decode, rels)) if len(rels) > 1 else [self._decode(rels[0])]
+        return np.stack(images)
+
+    def digests(self) -> list[str]:
+        """sha256 of each file of this view (each file read once per listing)."""
+        missing = [str(f) for f in self.files[self._rows] if str(f) not in self._digests]
+        if missing:
+            for rel, digest in zip(missing, _thread_pool().map(lambda r: _file_sha256(self.root / r), missing)):
+                self._digests[rel] = digest
+        return [self._digests[str(f)] for f in self.files[self._rows]]
+
+    def hash_into(self, h: Any) -> None:
+        h.update(json.dumps(self.spec(), sort_keys=True).encode())
+        for rel, digest in zip(self.paths, self.digests()):
+            h.update(f"{rel}\0{digest}\n".encode())
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "decoder": "read_image",
+            "pillow": _pillow().__version__,
+            "size": list(self.size),
+            "channels": self.channels,
+            "conform": [list(c) for c in self.conform],
+        }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r} ({exc}); the folder changed while in use") from None
+    return h.hexdigest()
+
+
+class MappedArray(LazyArray):
+    """Rows of an array memory-mapped from a file (an uncompressed ``.npz`` member), read on access."""
+
+    def __init__(self, base: np.ndarray, *, rows: np.ndarray | None = None, dtype: Any = None, label: str = "") -> None:
+        self.base = base
+        self.label = label
+        super().__init__(np.arange(len(base)) if rows is None else rows, base.dtype if dtype is None else dtype)
+
+    @property
+    def _row_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.base.shape[1:])
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) and np.all(np.diff(rows) == 1):  # a contiguous block: one slice, no gather
+            return np.array(self.base[rows[0] : rows[-1] + 1])
+        return self.base[rows]
+
+    def _with(self, **changes: Any) -> "MappedArray":
+        kw = dict(rows=self._rows, dtype=self.dtype, label=self.label)
+        kw.update(changes)
+        return MappedArray(self.base, **kw)
+
+    def _source_token(self) -> tuple[Any, ...]:
+        return (id(self.base), str(self.dtype))
+
+    def hash_into(self, h: Any) -> None:
+        # The same bytes Dataset.fingerprint hashes for an in-memory array.
+        for _, block in self.batches(4096):
+            h.update(np.ascontiguousarray(block).tobytes())
+
+    def spec(self) -> dict[str, Any]:
+        return {"array": self.label, "dtype": str(self.dtype)}
+
+
+def _hash_rows(h: Any, x: np.ndarray, block: int = 4096) -> None:
+    """``h.update(x.tobytes())`` a block of rows at a time (same digest, no full copy)."""
+    for start in range(0, len(x), block):
+        h.update(np.ascontiguousarray(x[start : start + block]).tobytes())
+
+
+def _stored_member(path: Path, name: str) -> tuple[int, Any] | None:
+    """(offset of the array data, the .npy header) of an uncompressed member of ``path``, else None."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # a newer .npy header: read it the ordinary way
+            return None
+        return f.tell(), (shape, fortran, dtype)
+
+
+def _load_npz(path: Path, streaming: str) -> Dataset:
+    """``load_npz``, or its ``x`` memory-mapped when streaming applies (uncompressed, uint8
+    images or float32 features, so no conversion is needed)."""
+    if streaming == "off":
+        return replace(load_npz(path), loading="loaded into memory")
+    try:
+        member = _stored_member(path, "x")
+    except (OSError, ValueError, zipfile.BadZipFile):
+        member = None  # load_npz reports what is wrong with the file
+    usable = False
+    if member is not None:
+        offset, (shape, fortran, dtype) = member
+        image = len(shape) in (3, 4) and dtype == np.uint8
+        usable = not fortran and (image or (len(shape) == 2 and dtype == np.float32))
+    if not usable:
+        why = "only uncompressed uint8 images or float32 features (np.savez) are memory-mapped"
+        return replace(load_npz(path), loading=f"loaded into memory ({why})")
+    stream, reason = choose_streaming(streaming, int(np.prod(shape)) * (1 if image else 4))
+    if not stream:
+        return replace(load_npz(path), loading=reason)
+    base = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    return _mapped_npz(path, base.reshape(*shape, 1) if len(shape) == 3 else base, reason)
+
+
+def _mapped_npz(path: Path, base: np.ndarray, reason: str) -> Dataset:
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
+        raw_y = f["y"].reshape(-1) if "y" in f.files else None
+        names = f["class_names"] if "class_names" in f.files else None
+    if raw_y is None:
+        raise DataError(f"{str(path)!r} lacks array 'y'; an edgetl .npz needs 'x' and 'y'")
+    y, class_names = _encode_labels(raw_y, None if names is None else names.tolist(), str(path))
+    if base.ndim == 2:  # features: a read-only memory map is an ndarray, used as is
+        return Dataset(base, y, class_names, "features", str(path), loading=reason)
+    return Dataset(MappedArray(base, label=f"{path.name}:x"), y, class_names, "image", str(path), loading=reason)
+
+
 def conform_images(ds: Dataset, shape: Sequence[int]) -> tuple[Dataset, list[str]]:
     """Resize images to ``shape[:2]`` and convert them to ``shape[2]`` channels.
 
     Returns the conformed dataset (``ds`` itself when nothing changes) and what was done,
     in words, for the run record. Resizing is bilinear (Pillow), as the folder loader's;
-    RGB -> gray uses ITU-R 601 luma, gray -> RGB repeats the channel.
+    RGB -> gray uses ITU-R 601 luma, gray -> RGB repeats the channel. Streamed images are
+    conformed as they are read (the same steps, image by image).
     """
     if ds.kind != "image":
         return ds, []
     h, w, c = (int(v) for v in shape)
+    if isinstance(ds.x, ImageFiles):
+        notes = _conform_notes(ds.x.shape, h, w, c)
+        if not notes:
+            return ds, []
+        return Dataset(
+            ds.x.conformed((h, w, c)), ds.y, ds.class_names, ds.kind, ds.source, ds.origin, ds.loading
+        ), notes
+    if isinstance(ds.x, LazyArray) and _conform_notes(ds.x.shape, h, w, c):
+        ds = ds.materialize()  # memory-mapped arrays of another shape: converted in memory
+    x, notes = _conform_array(ds.x, h, w, c)
+    if not notes:
+        return ds, []
+    return Dataset(x, ds.y, ds.class_names, ds.kind, ds.source, ds.origin, ds.loading), notes
+
+
+def _conform_notes(shape: Sequence[int], h: int, w: int, c: int) -> list[str]:
     notes = []
-    x = ds.x
-    if x.shape[-1] != c:
+    if shape[-1] != c:
         if c == 3:
-            x = np.repeat(x, 3, axis=-1)
             notes.append("grayscale images repeated to 3 channels")
         elif c == 1:
-            x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(
-                np.uint8
-            )
             notes.append("RGB images converted to grayscale")
         else:
             raise DataError(
-                f"the model takes {c} channels; images can be converted to 1 or 3 channels, the data has {x.shape[-1]}"
+                f"the model takes {c} channels; images can be converted to 1 or 3 channels, the data has {shape[-1]}"
+            )
+    if tuple(shape[1:3]) != (h, w):
+        notes.append(f"images resized from {shape[1]}x{shape[2]} to {h}x{w}")
+    return notes
+
+
+def _conform_array(x: np.ndarray, h: int, w: int, c: int) -> tuple[np.ndarray, list[str]]:
+    """``x`` (n, H, W, C) uint8 converted to ``c`` channels, then resized to ``h`` x ``w``."""
+    notes = _conform_notes(x.shape, h, w, c)
+    if x.shape[-1] != c:
+        if c == 3:
+            x = np.repeat(x, 3, axis=-1)
+        else:
+            x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(
+                np.uint8
             )
     if x.shape[1:3] != (h, w):
         image = _pillow()
-        notes.append(f"images resized from {x.shape[1]}x{x.shape[2]} to {h}x{w}")
         x = np.stack(
             [_to_array(image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), (h, w), im.shape[-1]) for im in x]
         )
-    if not notes:
-        return ds, []
-    return Dataset(x, ds.y, ds.class_names, ds.kind, ds.source, ds.origin), notes
+    return x, notes
 
 
 def _encode_labels(

@@ -6,7 +6,10 @@
 ``training_curves.png`` and ``confusion_matrix.png``.
 
 A run is written into a temporary sibling directory and renamed into place, so a crash
-never leaves a half-written run under the final name.
+never leaves a half-written run under the final name. A run on streamed data also holds
+``embeddings.npy`` + ``embeddings.json``: the backbone's embeddings of its data (a hard link
+to the on-disk cache entry, see :mod:`edgetl.host._embedding_cache`). With
+``strategy="multi-worker"`` only the chief writes the run.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
     from edgetl.host._tf import tf
 
     out = Path(out)
+    if result.config.strategy == "multi-worker" and not is_chief():
+        return _save_as_worker(result, out)
     if out.exists() and not overwrite:
         raise InputError(f"run directory {str(out)!r} already exists; choose another --out or pass --overwrite")
     with atomic_directory(out) as tmp:
@@ -78,7 +83,51 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
         write_json(tmp / "metrics.json", {**result.metrics, "confusion_matrix": result.confusion})
         plot_history(result.history, tmp / "training_curves.png")
         plot_confusion(result.confusion, result.class_names, tmp / "confusion_matrix.png")
+        _store_embeddings(result, tmp)
     return out
+
+
+def is_chief() -> bool:
+    """Whether this process writes results in a multi-worker cluster (``TF_CONFIG``): the
+    ``chief`` task, else worker 0 when the cluster has no chief; any process without
+    ``TF_CONFIG`` is its own chief."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError:
+        raise InputError(f"TF_CONFIG is not valid JSON: {os.environ.get('TF_CONFIG')!r}") from None
+    task = config.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0) or 0)
+    if not kind:
+        return True
+    if "chief" in (config.get("cluster") or {}):
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def _save_as_worker(result: TrainResult, out: Path) -> Path:
+    """A non-chief worker saves the models into a directory it then deletes: saving reads
+    every variable, and reading a synchronized variable is a collective every worker must
+    join. The chief writes the run at ``out``."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".edgetl-worker-"))
+    try:
+        result.transfer.model.save(tmp / "model.keras")
+        result.transfer.features.save(tmp / "backbone.keras")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _store_embeddings(result: TrainResult, run_dir: Path) -> None:
+    """Link the run's on-disk embedding entry into the run, for export: only when one entry
+    covers the run's data and the backbone is the one that computed it (not fine-tuned)."""
+    from edgetl.host._embedding_cache import store_in_run
+
+    entries = result.metrics.get("embedding_cache") or []
+    if len(entries) == 1 and not result.metrics.get("fine_tune_kept"):
+        store_in_run(entries[0], run_dir, result.data)
 
 
 @dataclass
@@ -112,7 +161,11 @@ class Run:
             return None, "the run does not record its training data"
         if path != "builtin:digits" and not Path(path).exists():
             return None, f"the run's training data {path!r} no longer exists"
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in load.items() if v is not None}
+        # Loaded as training loaded it (streamed data hashes its files, in-memory data its
+        # pixels); runs from before streaming loaded everything into memory.
+        load.setdefault("streaming", "off")
+        allowed = ("image_size", "channels", "label_column", "streaming")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in load.items() if v is not None and k in allowed}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -127,7 +180,17 @@ class Run:
                 f"{record['sha256'][:12]})",
             )
         data, _ = conform_images(data, self.input_spec["shape"])
-        return data, f"the run's training data {path} (sha256 {found[:12]} verified)"
+        how = ", streamed" if data.streamed else ""
+        return data, f"the run's training data {path} (sha256 {found[:12]} verified{how})"
+
+    def embeddings(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The backbone's raw embeddings of the run's training data (memory-mapped, one row per
+        example in the data's order) and their record, when the run stored them for the data
+        it records; ``None`` otherwise. Valid only while that data is unchanged (see
+        :meth:`training_data`, which checks it)."""
+        from edgetl.host._embedding_cache import load_from_run
+
+        return load_from_run(self.path, (self.info.get("data") or {}).get("sha256"))
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:

@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from edgetl.data import Dataset, Splits, class_weights, conform_images, stratified_split
+from edgetl.data import STREAMING_MODES, Dataset, Splits, class_weights, conform_images, stratified_split
 from edgetl.errors import BackboneError, InputError, describe
 from edgetl.host._backbones import (
     Backbone,
@@ -97,6 +97,14 @@ class TrainConfig:
             only when nothing before the seam is trainable or random (no fusion, no
             augmentation).
         val_fraction, test_fraction: the stratified split when one dataset is given.
+        streaming: how ``edgetl train`` loads the data: ``"auto"`` streams it from disk when
+            it would not fit comfortably in memory (see :func:`edgetl.data.choose_streaming`),
+            ``"on"`` always streams folders (and uncompressed ``.npz``), ``"off"`` loads into
+            memory; ``train`` given streamed data with ``"off"`` decodes it into memory first.
+        embedding_cache: for streamed data, keep the backbone's embeddings in an on-disk
+            cache (keyed by backbone, preprocessing and files; see
+            :mod:`edgetl.host._embedding_cache`) that later runs and ``edgetl export`` reuse.
+            In-memory data keeps its embeddings in memory as before.
     """
 
     backbone: str = "edgetl_cnn"
@@ -125,6 +133,8 @@ class TrainConfig:
     cache_embeddings: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    streaming: Literal["auto", "on", "off"] = "auto"
+    embedding_cache: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -153,6 +163,12 @@ class TrainConfig:
             raise InputError(f"strategy must be one of {STRATEGIES}, received strategy={self.strategy!r}")
         if self.class_weight not in ("none", "balanced"):
             raise InputError(f"class_weight must be 'none' or 'balanced', received {self.class_weight!r}")
+        if self.streaming not in STREAMING_MODES:
+            raise InputError(
+                f"streaming must be one of {STREAMING_MODES}, received streaming={describe(self.streaming)}"
+            )
+        if not isinstance(self.embedding_cache, bool):
+            raise InputError(f"embedding_cache must be true or false, received {describe(self.embedding_cache)}")
         if self.head_solver not in ("auto", "adam"):
             raise InputError(f"head_solver must be 'auto' or 'adam', received {self.head_solver!r}")
         if self.head_C is not None and not (isinstance(self.head_C, (int, float)) and 0 < self.head_C < 1e12):
@@ -405,6 +421,7 @@ def train_transfer(
             one whose embeddings are constant, vanishing or not finite.
     """
     k = keras()
+    data = _as_configured(data, config)
     record = data.record() if isinstance(data, Dataset) and data.origin else None
     splits = config.split(data)
     splits.train.require_trainable()
@@ -414,15 +431,22 @@ def train_transfer(
     strategy = make_strategy(config.strategy)
     backbone, splits, assumptions = _prepare_backbone(splits, config, backbone, strategy, safe_mode)
     start = time.perf_counter()
-    raw_train = backbone.model.predict(splits.train.x.astype(np.float32), batch_size=256, verbose=0)
+    streamed = _embed_streamed(splits, backbone, config, strategy, record)
+    if streamed is not None:
+        raw_train = streamed.of(splits.train)
+        assumptions += streamed.notes()
+    else:
+        raw_train = backbone.model.predict(splits.train.x.astype(np.float32), batch_size=256, verbose=0)
     stats = _check_embeddings(raw_train, backbone, config)
     assumptions += _stats_notes(stats, config)
     seam = stats if config.standardize_embeddings else None
     with strategy.scope():
         tm = build_transfer_model(backbone, splits.train.num_classes, config, seam)
     timings = {"embed_seconds": time.perf_counter() - start}
-    phase = _PhaseContext(tm, splits, config, strategy, callbacks, verbose, progress)
+    phase = _PhaseContext(tm, splits, config, strategy, callbacks, verbose, progress, streamed)
     history, info = _head_phase(phase, raw_train, seam)
+    if streamed is not None:
+        info.update(streamed.metrics())
     timings["head_train_seconds"] = info.pop("seconds")
     info.update(unfrozen_layers=[], trainable_params_fine_tune=0)
     if config.fine_tune_layers:
@@ -460,8 +484,76 @@ def _prepare_backbone(
     splits, assumptions = _conform_splits(splits, backbone)
     with strategy.scope():
         if backbone.source == "registry" and config.weights is None:
-            adapt_normalization(backbone.model, splits.train.x.astype(np.float32))
+            x = splits.train.x.astype(np.float32)
+            if splits.train.streamed and any(l.name == "standardize" for l in backbone.model.layers):
+                x = np.asarray(x)  # its statistics need every training row (feature vectors: small)
+            adapt_normalization(backbone.model, x)
     return backbone, splits, assumptions
+
+
+def _as_configured(data: Splits | Dataset, config: TrainConfig) -> Splits | Dataset:
+    """``streaming="off"`` decodes streamed data into memory; otherwise data stays as given."""
+    if config.streaming != "off":
+        return data
+    if isinstance(data, Splits):
+        return Splits(data.train.materialize(), data.val.materialize(), data.test.materialize())
+    return data.materialize()
+
+
+@dataclass
+class _Streamed:
+    """Raw backbone embeddings of streamed splits, computed once (or read from the on-disk cache).
+
+    Splits viewing the same source (the usual case: one folder split by index) share one
+    entry covering their union, so its key does not depend on how the data was split.
+    """
+
+    groups: list[tuple[Any, Any]]  # (LazyArray covering the rows, Embeddings)
+
+    def of(self, ds: Dataset) -> np.ndarray:
+        for view, emb in self.groups:
+            if view.same_source(ds.x):
+                return emb.rows_of(ds.x)
+        raise InputError(f"no embeddings were computed for {ds.source or 'this split'}")  # pragma: no cover
+
+    def notes(self) -> list[str]:
+        out = []
+        for _, emb in self.groups:
+            where = f"on-disk cache entry {emb.key[:12]}" if emb.key else "a temporary file (embedding cache off)"
+            verb = "read from the" if emb.reused else f"computed once ({emb.seconds:.1f} s) into"
+            out.append(f"embeddings of {len(emb.array)} streamed examples {verb} {where}")
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        return {"data_streamed": True, "embedding_cache": [emb.info() for _, emb in self.groups]}
+
+
+def _embed_streamed(
+    splits: Splits, backbone: Backbone, config: TrainConfig, strategy: Any, record: dict[str, Any] | None
+) -> _Streamed | None:
+    """Embeddings of every streamed example (``None`` for in-memory data: embedded as before)."""
+    from edgetl.host._embedding_cache import embed
+
+    parts = [ds.x for ds in (splits.train, splits.val, splits.test) if len(ds)]
+    if not splits.train.streamed or not all(ds.streamed for ds in (splits.train, splits.val, splits.test) if len(ds)):
+        return None
+    groups: list[Any] = []
+    for part in parts:
+        for i, group in enumerate(groups):
+            if group.same_source(part):
+                groups[i] = group.with_rows(np.union1d(group.rows, part.rows))
+                break
+        else:
+            groups.append(part.with_rows(np.unique(part.rows)))
+    out = []
+    for group in groups:
+        # Each split in its own run of batches, as in-memory data is embedded split by split.
+        segments = [np.searchsorted(group.rows, p.rows) for p in parts if group.same_source(p)]
+        emb = embed(
+            backbone.model, group, strategy=strategy, use_cache=config.embedding_cache, record=record, segments=segments
+        )
+        out.append((group, emb))
+    return _Streamed(out)
 
 
 def _run_metrics(
@@ -554,6 +646,30 @@ class _PhaseContext:
     callbacks: Sequence[Any]
     verbose: int
     progress: bool = False
+    streamed: _Streamed | None = None  # raw embeddings of streamed data, computed once
+
+    def features_of(self, split: str) -> np.ndarray | None:
+        """The seam's embeddings (standardized when the model standardizes) of a split.
+
+        In-memory data runs ``features`` on the arrays; streamed data passes its raw
+        embeddings (computed once) through the same standardization layer, so both give the
+        same numbers.
+        """
+        ds = getattr(self.splits, split)
+        if not len(ds):
+            return None
+        if self.streamed is None:
+            return self.tm.features.predict(ds.x.astype(np.float32), batch_size=256, verbose=0)
+        raw = self.streamed.of(ds)
+        names = [layer.name for layer in self.tm.features.layers]
+        if "embedding_standardize" not in names:
+            return raw
+        # Run as a Keras model, as inside ``features``: TensorFlow's graph optimizer rewrites
+        # the arithmetic, and an eager call differs from it in the last bits (~1e-6).
+        k = keras()
+        inputs = k.Input(shape=raw.shape[1:])
+        seam = k.Model(inputs, self.tm.features.get_layer("embedding_standardize")(inputs))
+        return seam.predict(raw, batch_size=256, verbose=0)
 
     @property
     def progress_label(self) -> str | None:
@@ -591,11 +707,8 @@ def _head_phase(
         with ctx.strategy.scope():
             compile_model(tm.head if cache else tm.model, cfg.learning_rate, cfg.label_smoothing)
         if cache:  # nothing before the seam is trainable or random: embed once, train the head alone
-            emb = tm.features.predict(ctx.splits.train.x.astype(np.float32), batch_size=256, verbose=0)
-            val = ctx.val
-            emb_val = (
-                (tm.features.predict(val[0].astype(np.float32), batch_size=256, verbose=0), val[1]) if val else None
-            )
+            emb = ctx.features_of("train")
+            emb_val = (ctx.features_of("val"), ctx.splits.val.y) if len(ctx.splits.val) else None
             history = fit_model(
                 tm.head,
                 (emb, ctx.splits.train.y),
@@ -653,9 +766,7 @@ def _lbfgs_head(
     """
     tm, cfg, splits = ctx.tm, ctx.config, ctx.splits
     emb = stats.apply(raw_train) if stats is not None else raw_train.astype(np.float32)
-    emb_val = (
-        tm.features.predict(splits.val.x.astype(np.float32), batch_size=256, verbose=0) if len(splits.val) else None
-    )
+    emb_val = ctx.features_of("val")
     counts = np.bincount(splits.val.y, minlength=splits.train.num_classes)
     large_val = len(splits.val) >= MIN_VALIDATION_FOR_SELECTION and counts.min() >= 10
     weights = ctx.sample_weights()
