@@ -1,24 +1,121 @@
-"""Write a directory so that it appears complete or not at all (stdlib only).
+"""Write files and directories so that they appear complete or not at all (stdlib only).
 
-Used by run directories (host) and bundles (shared with the device side).
+Used by run directories (host), bundles and the device's head and example stores.
+
+Every write that must survive a power cut goes through one small file-system interface,
+:data:`FS` (a :class:`FileSystem`): create a temporary file, write at an offset, fsync,
+rename, fsync a directory, unlink, make a directory. Tests replace it with a simulated file
+system that records each operation and, at a chosen crash point, keeps only what was made
+durable (tests/reliability/test_power_loss.py), the way SQLite tests its journal. The
+environment hook ``EDGETL_CRASH_AT=K`` makes the real one stop before its K-th operation and
+wait to be killed (tools/kill_test.py kills every step of a commit that way).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
+class FileSystem:
+    """The operations crash-safe writes are made of, on the real file system.
+
+    A subclass sees every operation: each public method calls :meth:`_step` first with its
+    name and path, which is where a simulation records it or a crash point stops.
+    """
+
+    def __init__(self) -> None:
+        crash_at = os.environ.get("EDGETL_CRASH_AT", "")
+        self._crash_at = int(crash_at) if crash_at.isdigit() else None
+        self.steps = 0
+
+    def _step(self, op: str, path: str | os.PathLike[str]) -> None:
+        """Count one operation; at the crash point, say which and wait for SIGKILL."""
+        self.steps += 1
+        if self._crash_at is not None and self.steps == self._crash_at:
+            os.write(1, f"crash-point {self.steps} {op} {Path(path).name}\n".encode())
+            while True:  # the kill test sends SIGKILL now
+                time.sleep(60)
+
+    def create_temp(self, directory: Path, prefix: str) -> tuple[int, str]:
+        """A new empty file in ``directory`` (mode 0600), open for writing: (fd, path)."""
+        self._step("create", directory / prefix)
+        return tempfile.mkstemp(prefix=prefix, dir=directory)
+
+    def open_existing(self, path: Path) -> int:
+        """An existing regular file, open for reading and writing (never through a symlink)."""
+        self._step("open", path)
+        return os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write all of ``data`` at ``offset``."""
+        self._step("write", f"fd{fd}")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def fsync(self, fd: int) -> None:
+        self._step("fsync", f"fd{fd}")
         os.fsync(fd)
-    finally:
+
+    def close(self, fd: int) -> None:
         os.close(fd)
+
+    def chmod(self, path: str | os.PathLike[str], mode: int) -> None:
+        os.chmod(path, mode)
+
+    def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        self._step("rename", dst)
+        os.replace(src, dst)
+
+    def unlink(self, path: str | os.PathLike[str]) -> None:
+        self._step("unlink", path)
+        os.unlink(path)
+
+    def mkdir(self, path: Path, mode: int) -> None:
+        self._step("mkdir", path)
+        os.mkdir(path, mode)
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+
+    def fsync_dir(self, path: str | os.PathLike[str]) -> None:
+        """Make the directory's entries (creations, renames, unlinks) durable."""
+        self._step("fsync_dir", path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# The file system every crash-safe write goes through (tests swap it for a simulation).
+FS: FileSystem = FileSystem()
+
+
+def fsync_dir(path: Path) -> None:
+    FS.fsync_dir(path)
+
+
+def make_dirs(path: Path, mode: int = 0o755) -> None:
+    """Create ``path`` and missing parents; each new directory's entry is made durable
+    (its parent fsynced), or a power cut could drop a directory whose files were synced."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent, mode=0o755)
+    try:
+        FS.mkdir(path, mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    FS.fsync_dir(path.parent)
 
 
 @contextmanager
@@ -55,18 +152,52 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace one file atomically: write a temporary sibling, fsync, rename, fsync the dir.
 
     ``mode`` is set before the rename, so a private file (0600) is never readable by others:
-    mkstemp creates the temporary file 0600.
+    the temporary file is created 0600.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = FS.create_temp(path.parent, f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        try:
+            FS.pwrite(fd, data, 0)
+            FS.fsync(fd)  # the data is durable before any name points at it
+        finally:
+            FS.close(fd)
+        FS.chmod(tmp, mode)
+        FS.rename(tmp, path)
+        FS.fsync_dir(path.parent)  # the rename itself is durable when this returns
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def zero_fd(fd: int) -> None:
+    """Overwrite an open file's contents with zeros, in place, and fsync."""
+    size = os.fstat(fd).st_size
+    chunk = 1 << 20
+    for offset in range(0, size, chunk):
+        FS.pwrite(fd, bytes(min(chunk, size - offset)), offset)
+    FS.fsync(fd)  # the zeros reach the disk before the name goes: no durable copy left
+
+
+def shred(path: Path) -> None:
+    """Overwrite a file's contents with zeros through its inode, fsync, unlink (the caller
+    fsyncs the directory). A symlink is only unlinked: its target is not ours to zero.
+
+    What this cannot promise: flash translation layers and copy-on-write file systems may
+    keep the old blocks physically (see edgetl/device/_examples.py); it removes the data
+    from every path an app or a file-system reader can reach.
+    """
+    try:
+        fd = FS.open_existing(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        FS.unlink(path)
+        return
+    try:
+        zero_fd(fd)
+    finally:
+        FS.close(fd)
+    FS.unlink(path)

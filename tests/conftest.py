@@ -104,3 +104,24 @@ def manifests_follow_the_published_schema():
     Manifest.to_json = checked
     yield validator
     Manifest.to_json = original
+
+
+@pytest.fixture(scope="session")
+def lifecycle_bundles(tmp_path_factory, digits_bundle, source_run):
+    """Bundles to migrate to (tests/device/test_lifecycle.py, tests/reliability/test_power_loss.py):
+    v2 of the same run (same backbone) and a run whose backbone was fine-tuned (different)."""
+    from edgetl import host
+
+    bundle, halves = digits_bundle
+    base = tmp_path_factory.mktemp("lifecycle")
+    run = bundle.manifest.producer["run"]
+    same = host.export_bundle(run, base / "same_v2.edgetl", calibration=halves.train, version="2").bundle
+    config = host.TrainConfig(
+        backbone=str(source_run[0]), fine_tune_layers=2, fine_tune_epochs=5, val_fraction=0.1, test_fraction=0.0
+    )
+    tuned = host.train(halves.train, config)
+    tuned_run = host.save_run(tuned, base / "tuned")
+    other = host.export_bundle(tuned_run, base / "tuned_v3.edgetl", calibration=halves.train, version="3").bundle
+    assert same.manifest.backbone_id == bundle.manifest.backbone_id
+    assert other.manifest.backbone_id != bundle.manifest.backbone_id
+    return same, other

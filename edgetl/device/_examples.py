@@ -422,7 +422,7 @@ class ExampleStore:
                 names = sorted(p.name for p in root.iterdir() if _SEGMENT.match(p.name) or _TEMP.match(p.name))
                 names += [INDEX] if (root / INDEX).exists() else []
                 for name in names:
-                    _shred(root / name)
+                    _atomic.shred(root / name)
                 (root / LOCK).unlink(missing_ok=True)
                 _atomic.fsync_dir(root)
             finally:
@@ -567,7 +567,7 @@ class ExampleStore:
         except BaseException as exc:
             for path in written:  # never referenced by a committed index: destroy them
                 try:
-                    _shred(path)
+                    _atomic.shred(path)
                 except OSError:
                     pass  # removed as an orphan on the next open
             if isinstance(exc, OSError):
@@ -577,7 +577,7 @@ class ExampleStore:
         stale = old_files - {s.entry["file"] for s in segs}
         try:
             for name in sorted(stale):
-                _shred(self.path / name)
+                _atomic.shred(self.path / name)
             if stale:
                 _atomic.fsync_dir(self.path)
         except OSError as exc:  # committed; the leftovers are orphans destroyed on the next open
@@ -610,16 +610,16 @@ class ExampleStore:
         open across the rename, so zeroing happens only after the new index is durable."""
         path = self.path / INDEX
         try:
-            old_fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+            old_fd = _atomic.FS.open_existing(path)
         except FileNotFoundError:
             old_fd = None
         try:
             _atomic.replace_file(path, data)  # looked up on the module: tests make it crash
             if old_fd is not None:
-                _zero_fd(old_fd)
+                _atomic.zero_fd(old_fd)
         finally:
             if old_fd is not None:
-                os.close(old_fd)
+                _atomic.FS.close(old_fd)
 
     # ------------------------------------------------------------------ reading
 
@@ -709,8 +709,7 @@ class ExampleStore:
 
     def _mkdir(self) -> None:
         if not self.path.is_dir():
-            self.path.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.path, 0o700)  # the user's own examples: no other account reads them
+            _atomic.make_dirs(self.path, 0o700)  # the user's own examples: no other account reads them
 
     def _remove_orphans(self, index: dict[str, Any] | None) -> list[str]:
         """Destroy segment and temporary files the index does not reference (crash leftovers)."""
@@ -724,7 +723,7 @@ class ExampleStore:
         )
         try:
             for name in names:
-                _shred(self.path / name)
+                _atomic.shred(self.path / name)
             if names:
                 _atomic.fsync_dir(self.path)
         except OSError as exc:
@@ -766,35 +765,6 @@ def _encode(x: np.ndarray | None) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, x=np.ascontiguousarray(x))
     return buf.getvalue()
-
-
-def _zero_fd(fd: int) -> None:
-    size = os.fstat(fd).st_size
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunk = bytes(min(size, 1 << 20))
-    left = size
-    while left > 0:
-        left -= os.write(fd, chunk[: min(left, len(chunk))])
-    os.fsync(fd)
-
-
-def _shred(path: Path) -> None:
-    """Overwrite a file's contents with zeros through its inode, fsync, unlink (the caller
-    fsyncs the directory). A symlink is only unlinked: its target is not ours to zero."""
-    try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        os.unlink(path)
-        return
-    try:
-        _zero_fd(fd)
-    finally:
-        os.close(fd)
-    os.unlink(path)
 
 
 def _store_error(exc: OSError, path: Path, action: str) -> StoreError:

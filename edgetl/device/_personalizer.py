@@ -18,7 +18,7 @@ classes shipped in the bundle).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +26,7 @@ import numpy as np
 from edgetl.device._classifier import Classifier
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
-from edgetl.errors import InputError, describe
+from edgetl.errors import BundleError, InputError, describe
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,22 @@ class CommitResult:
     reason: str
     candidate_scores: dict = field(default_factory=dict)
     active_scores: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Factory:
+    number: int
+    head: HeadState
+
+
+def _balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices in which every class appears as often as the largest one (smaller classes'
+    examples repeated, in a seeded order)."""
+    if not len(labels):
+        return np.zeros(0, np.int64)
+    groups = [np.flatnonzero(labels == name) for name in sorted(set(labels.tolist()))]
+    most = max(len(g) for g in groups)
+    return np.sort(np.concatenate([np.resize(rng.permutation(g), most) for g in groups]))
 
 
 # Guard defaults (see the Personalizer docstring for what was measured).
@@ -76,8 +92,9 @@ class Personalizer:
     def __init__(
         self,
         classifier: Classifier,
-        store: HeadStore | str | os.PathLike[str],
+        store: HeadStore | str | os.PathLike[str] | None,
         *,
+        keep_examples: bool = True,
         holdout_fraction: float = DEFAULT_HOLDOUT,
         replay_per_class: int = DEFAULT_REPLAY_PER_CLASS,
         margin: float = DEFAULT_MARGIN,
@@ -91,9 +108,15 @@ class Personalizer:
                 raise InputError(f"{name} must be in [0, 1], received {value}")
         self.forget_margin = forget_margin
         self.classifier = classifier
-        self.store = store if isinstance(store, HeadStore) else HeadStore(store, classifier.bundle)
-        active = self.store.active()
+        self.keep_examples = keep_examples
+        if store is None:  # train and judge only (a migration's candidate): nothing to commit to
+            self.store = None
+            active = _Factory(0, classifier.factory)
+        else:
+            self.store = store if isinstance(store, HeadStore) else HeadStore(store, classifier.bundle)
+            active = self.store.active()
         classifier.set_head(active.head, active.number)
+        self._raw: list[tuple[np.ndarray, list[str]]] = []  # the user's inputs, kept at commit
         self.holdout_fraction, self.margin, self.settings = holdout_fraction, margin, settings
         self._emb = np.zeros((0, classifier.factory.W.shape[0]), np.float32)
         self._labels: list[str] = []
@@ -108,7 +131,7 @@ class Personalizer:
         if not found or per_class <= 0:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
-        emb, y = arrays["embeddings"].astype(np.float32), arrays["labels"]
+        emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
         keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
         labels = [self.classifier.bundle.labels[int(i)] for i in y[keep]]
         return emb[keep], labels
@@ -152,6 +175,7 @@ class Personalizer:
         emb = self.classifier.embed(batch)
         self._emb = np.concatenate([self._emb, emb])
         self._labels += labels
+        self._raw.append((batch, labels))
 
     def add_class(self, name: str, x: Any) -> None:
         """Add a class up to the head's capacity, initialised by weight imprinting
@@ -179,6 +203,7 @@ class Personalizer:
         self._base = HeadState(W, b, mask, anchor, (*base.labels, name))
         self._emb = np.concatenate([self._emb, emb])
         self._labels += [name] * len(emb)
+        self._raw.append((batch, [name] * len(emb)))
 
     def _imprint(self, base: HeadState, emb: np.ndarray) -> tuple[np.ndarray, float]:
         """Nearest-class-mean weights for a new column: ``w = a*mu``, ``b = -a*|mu|^2/2``.
@@ -222,11 +247,20 @@ class Personalizer:
 
     def training_set(self) -> tuple[np.ndarray, list[str]]:
         """Embeddings and labels a head is trained on: user examples not held out, plus the
-        training half of the replay buffer."""
+        training half of the replay buffer, class-balanced.
+
+        Balanced by repeating the examples of smaller classes (the train graphs take no
+        per-example weights) up to the largest class's count: a user who adds 40 examples
+        of a new class next to 10 replay examples per factory class would otherwise tilt
+        the head toward the new class, and one who corrects a single class would tilt it
+        toward that one. Deterministic (the settings' seed).
+        """
         user, _ = self._split()
         replay, _ = self._replay_split()
         emb = np.concatenate([self._emb[user], self.replay_emb[replay]])
-        return emb, [self._labels[i] for i in user] + [self.replay_labels[i] for i in replay]
+        labels = [self._labels[i] for i in user] + [self.replay_labels[i] for i in replay]
+        index = _balanced(np.asarray(labels), np.random.default_rng(self.settings.seed))
+        return emb[index], [labels[i] for i in index]
 
     def train(self, settings: TrainSettings | None = None) -> HeadState:
         """Train a candidate head on :meth:`training_set`."""
@@ -271,19 +305,28 @@ class Personalizer:
             "user": (self._emb[held], [self._labels[i] for i in held]),
             "replay": (self.replay_emb[replay], [self.replay_labels[i] for i in replay]),
         }
-        return {name: self._accuracy(head, emb, names) for name, (emb, names) in parts.items() if len(names)}
+        return {
+            name: self._accuracy(head, emb, names, balanced=True) for name, (emb, names) in parts.items() if len(names)
+        }
 
-    def _accuracy(self, head: HeadState, emb: np.ndarray, labels: Sequence[str]) -> float:
+    def _accuracy(self, head: HeadState, emb: np.ndarray, labels: Sequence[str], *, balanced: bool = False) -> float:
+        """Accuracy of ``head``; ``balanced``: the mean of per-class recalls, so that every
+        class counts alike in the guard (a new class with few held-out examples included)."""
         active = np.flatnonzero(head.mask > 0)
         probs = self.classifier.head_runtime.probabilities(head, emb)[:, active]
-        predicted = [head.labels[j] for j in probs.argmax(axis=1)]
-        return float(np.mean([p == l for p, l in zip(predicted, labels)]))
+        predicted = np.asarray([head.labels[j] for j in probs.argmax(axis=1)])
+        truth = np.asarray(list(labels))
+        if not balanced:
+            return float(np.mean(predicted == truth))
+        return float(np.mean([np.mean(predicted[truth == c] == c) for c in sorted(set(truth.tolist()))]))
 
-    def commit(self, margin: float | None = None) -> CommitResult:
-        """Commit the trained candidate unless it is worse than the active head by more than
+    def decide(self, margin: float | None = None) -> CommitResult:
+        """The guard's verdict on the trained candidate, without storing anything.
+
+        Accepted unless the candidate is worse than the active head by more than
         ``margin`` on the guard score, or forgets the factory classes (held-out replay
-        accuracy down by more than ``forget_margin``); the classifier switches to it only
-        once it is stored."""
+        accuracy down by more than ``forget_margin``).
+        """
         if self.candidate is None:
             raise InputError("no candidate head: call train() first")
         margin = self.margin if margin is None else margin
@@ -291,7 +334,7 @@ class Personalizer:
         if not cand_scores:
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
         cand, current = float(np.mean(list(cand_scores.values()))), float(np.mean(list(cur_scores.values())))
-        reason = None
+        reason = "accepted"
         if cand < current - margin:
             reason = (
                 f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than "
@@ -302,23 +345,48 @@ class Personalizer:
                 f"rejected: it forgets the factory classes (held-out replay accuracy {cur_scores['replay']:.3f} -> "
                 f"{cand_scores['replay']:.3f}, more than the {self.forget_margin:.3f} allowed)"
             )
-        if reason:
-            return CommitResult(
-                False, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores
-            )
-        version = self.store.commit(
-            self.candidate,
-            {"heldout_accuracy": cand, "previous_accuracy": current, "scores": cand_scores, "examples": self.examples},
+        accepted = reason == "accepted"
+        return CommitResult(
+            accepted, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores
         )
+
+    def commit(self, margin: float | None = None) -> CommitResult:
+        """Store the trained candidate if the guard accepts it (:meth:`decide`); the
+        classifier switches to it only once it is stored. With ``keep_examples``, the user's
+        examples are kept in the store too (to rebuild the head for a new bundle)."""
+        decision = self.decide(margin)
+        if not decision.accepted:
+            return decision
+        if self.store is None:
+            raise InputError("this Personalizer has no store to commit to (store=None): use decide()")
+        metrics = {"heldout_accuracy": decision.candidate_accuracy, "previous_accuracy": decision.active_accuracy}
+        metrics.update(
+            scores=decision.candidate_scores, examples=self.examples, example_labels=sorted(set(self._labels))
+        )
+        if self.keep_examples and self._raw:
+            # Examples first: a crash between the two writes leaves kept examples without
+            # their head (retrained at the next migration), never a head whose examples
+            # were lost.
+            x = np.concatenate([x for x, _ in self._raw])
+            self.store.keep_examples(x, [label for _, labels in self._raw for label in labels])
+        version = self.store.commit(self.candidate, metrics)
+        self._raw = []
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None
-        return CommitResult(True, version, cand, current, margin, "committed", cand_scores, cur_scores)
+        return replace(decision, version=version, reason="committed")
 
     def personalize(
-        self, x: Any, labels: Sequence[str], *, add_classes: bool = False, settings: TrainSettings | None = None
+        self,
+        x: Any,
+        labels: Sequence[str],
+        *,
+        add_classes: bool = False,
+        settings: TrainSettings | None = None,
+        commit: bool = True,
     ) -> CommitResult:
         """The whole flow in one call: add the examples, train a candidate, commit it if the
-        guard accepts it (what ``edgetl personalize`` runs).
+        guard accepts it (what ``edgetl personalize`` runs); ``commit=False`` stops at the
+        guard's verdict (:meth:`decide`).
 
         Labels the head does not know become new classes (imprinted from their examples)
         when ``add_classes`` is true, and are refused otherwise.
@@ -349,16 +417,21 @@ class Personalizer:
         if known:
             self.add_examples(batch[known], [labels[i] for i in known])
         self.train(settings)
-        return self.commit()
+        return self.commit() if commit else self.decide()
+
+    def _need_store(self) -> HeadStore:
+        if self.store is None:
+            raise InputError("this Personalizer has no store (store=None): nothing to roll back or reset")
+        return self.store
 
     def rollback(self) -> int:
-        version = self.store.rollback()
+        version = self._need_store().rollback()
         self._activate()
         return version
 
     def reset(self) -> int:
         """Back to the factory head (stored as a reset; earlier versions stay on disk)."""
-        version = self.store.reset()
+        version = self._need_store().reset()
         self._activate()
         return version
 
@@ -366,3 +439,19 @@ class Personalizer:
         active = self.store.active()
         self.classifier.set_head(active.head, active.number)
         self._base, self.candidate = active.head, None
+
+
+def _checked_replay(arrays: dict[str, np.ndarray], width: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """replay.npz's embeddings and labels, refused unless they can be trained on and scored:
+    finite ``(n, width)`` floats and integer labels in ``0..n_labels-1``, one per row."""
+    emb, y = arrays["embeddings"], arrays["labels"]
+    if emb.ndim != 2 or emb.shape[1] != width or emb.dtype.kind != "f":
+        raise BundleError(f"replay.npz: embeddings must be (n, {width}) floats, received {emb.shape} {emb.dtype}")
+    if not np.isfinite(emb).all():
+        raise BundleError("replay.npz: embeddings hold NaN or infinite values")
+    if y.shape != (len(emb),) or y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= n_labels)):
+        raise BundleError(
+            f"replay.npz: labels must be {len(emb)} integers in 0..{n_labels - 1} (one per embedding), received "
+            f"{y.shape} {y.dtype}"
+        )
+    return emb.astype(np.float32), y.astype(np.int64)

@@ -1,16 +1,22 @@
 """Crash-safe, versioned storage of personalized heads (numpy + stdlib only).
 
-Layout of a store directory::
+Layout of a store directory (everything personal edgetl keeps on a device is here)::
 
-    ACTIVE.json       pointer: active version, its file and sha256, the rollback stack,
-                      the bundle it belongs to, and the history
-    v000001.npz ...   one head per committed version (W, b, mask, anchor, labels)
+    ACTIVE.json       pointer: the bundle the store belongs to, the active version, its file
+                      and sha256, the rollback stack, and the history (actions, times, the
+                      labels and guard scores of each version; no example data)
+    v000001.npz ...   one head per version (W, b, mask, anchor, labels): derived from the
+                      user's examples
+    examples/         the user's labelled examples, kept to rebuild heads for a new bundle
+                      (edgetl/device/_examples.py: INDEX.json, seg-*.npz, LOCK)
+    TRUST.pem         optional: public keys a new bundle must be signed by to migrate to
 
 A commit writes the version file (temporary file, fsync, rename, directory fsync), then
 replaces ``ACTIVE.json`` the same way. A crash at any instant therefore leaves either the
 old pointer (the new version file, if present, is an unreferenced orphan) or the new one,
 both pointing at complete, checksummed files. Version 0 is the bundle's factory head and
-is never stored, so it can always be restored.
+is never stored, so it can always be restored. Migration to a new bundle and forgetting
+(:mod:`edgetl.device._lifecycle`) follow the same rule: new files first, the pointer last.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from edgetl._atomic import replace_file
+from edgetl._atomic import make_dirs, replace_file
 from edgetl.bundle import Bundle
 from edgetl.device._head import HeadState
 from edgetl.errors import StoreError
 
 POINTER = "ACTIVE.json"
+EXAMPLES = "examples"
+TRUST = "TRUST.pem"
+# History actions that create a version file (and record its sha256): a rollback may
+# return to any of them.
+CREATES_VERSION = ("commit", "migrate")
 _VERSION_FILE = re.compile(r"^v(\d{6})\.npz$")
 FORMAT = 1
 
@@ -70,6 +81,7 @@ class HeadStore:
                     f"{str(self.path)!r} is not a head store (no {POINTER}); give the bundle to create one"
                 )
             self.bundle, self.bundle_id, self._factory = None, pointer.get("bundle_id"), None
+            self._recover(pointer)
             return
         self.bundle = bundle
         self.bundle_id = bundle_identity(bundle)
@@ -79,6 +91,15 @@ class HeadStore:
                 f"store {str(self.path)!r} belongs to another bundle ({pointer.get('bundle_name')!r}); use a separate "
                 "store directory per bundle"
             )
+        self._recover(pointer)
+
+    def _recover(self, pointer: dict[str, Any] | None) -> None:
+        """Finish a forget a crash interrupted after its commit point (the label must not
+        come back; see edgetl/device/_lifecycle.py)."""
+        if pointer is not None and pointer.get("pending_forget"):
+            from edgetl.device._lifecycle import finish_forget
+
+            finish_forget(self)
 
     # ----------------------------------------------------------------- reading
 
@@ -101,6 +122,7 @@ class HeadStore:
             "format": FORMAT,
             "bundle_id": self.bundle_id,
             "bundle_name": self.bundle.name if self.bundle else None,
+            "backbone_id": self.bundle.manifest.backbone_id if self.bundle else None,
             "active": 0,
             "file": None,
             "sha256": None,
@@ -205,7 +227,14 @@ class HeadStore:
     def _activate(self, pointer: dict[str, Any], target: int, stack: list[int], action: str) -> int:
         file = sha = None
         if target:
-            entry = next((h for h in pointer["history"] if h["version"] == target and h["action"] == "commit"), None)
+            entry = next(
+                (
+                    h
+                    for h in pointer["history"]
+                    if h["version"] == target and h["action"] in CREATES_VERSION and not h.get("removed")
+                ),
+                None,
+            )
             if entry is None or "sha256" not in entry:
                 raise StoreError(
                     f"version {target} has no commit record with a checksum in {str(self.path)!r}; cannot verify it"
@@ -227,7 +256,7 @@ class HeadStore:
 
     def _write(self, name: str, data: bytes) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path)
             replace_file(self.path / name, data)
         except OSError as exc:
             reason = (
@@ -242,10 +271,66 @@ class HeadStore:
             ) from exc
 
     def _write_pointer(self, pointer: dict[str, Any]) -> None:
-        # The commit entry records its file's hash so later rollbacks can verify it.
-        if pointer["history"] and pointer["history"][-1]["action"] == "commit":
+        # The entry that created the active version records its file's hash, so later
+        # rollbacks can verify it.
+        if pointer["history"] and pointer["history"][-1]["action"] in CREATES_VERSION and pointer["file"]:
             pointer["history"][-1].setdefault("sha256", pointer["sha256"])
         self._write(POINTER, json.dumps(pointer, indent=1).encode())
+
+    def _new_version_number(self, pointer: dict[str, Any]) -> int:
+        return max([0, *self.versions(), *(h["version"] for h in pointer["history"])]) + 1
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def examples(self, *, create: bool = False) -> Any:
+        """The user's kept examples (:class:`edgetl.device._examples.ExampleStore`), or
+        ``None`` when none were kept (and ``create`` is false)."""
+        from edgetl.device._examples import ExampleStore
+
+        path = self.path / EXAMPLES
+        if (path / "INDEX.json").exists():
+            return ExampleStore(path)
+        if not create:
+            return None
+        if self.bundle is None:
+            raise StoreError("keeping examples needs the bundle (their input spec): open the store with it")
+        spec = self.bundle.input_spec
+        return ExampleStore(path, input_shape=spec.shape, dtype="uint8" if spec.is_image else "float32")
+
+    def keep_examples(self, x: np.ndarray, labels: list[str]) -> dict[str, Any]:
+        """Keep raw examples (images as uint8 pixels) to rebuild heads for a new bundle."""
+        store = self.examples(create=True)
+        if self.bundle is not None and self.bundle.input_spec.is_image:
+            x = np.clip(np.round(np.asarray(x, np.float32)), 0, 255).astype(np.uint8)
+        return store.add(np.asarray(x), labels)
+
+    def trusted_keys(self) -> bytes | None:
+        """The public keys (PEM) a new bundle must be signed by to migrate to, if set."""
+        f = self.path / TRUST
+        return f.read_bytes() if f.is_file() else None
+
+    def set_trust(self, public_keys: list[str | os.PathLike[str]]) -> list[str]:
+        """Require every bundle this store migrates to be signed by one of these Ed25519
+        public keys (PEM files); returns their key ids."""
+        from edgetl.bundle import key_id, load_public_key
+
+        pems = [Path(p).read_bytes() for p in public_keys]
+        ids = [key_id(load_public_key(pem)) for pem in pems]  # refuses anything not an Ed25519 public key
+        self._write(TRUST, b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for pem in pems))
+        return ids
+
+    def migrate(self, new_bundle: Bundle, **options: Any) -> Any:
+        """Move this store to ``new_bundle``; see :func:`edgetl.device._lifecycle.migrate`."""
+        from edgetl.device._lifecycle import migrate
+
+        return migrate(self, new_bundle, **options)
+
+    def forget(self, label: str | None = None) -> dict[str, Any]:
+        """Forget one class's examples and every head trained on them, or (``None``)
+        everything personal; see :func:`edgetl.device._lifecycle.forget`."""
+        from edgetl.device._lifecycle import forget
+
+        return forget(self, label)
 
 
 def _now() -> str:

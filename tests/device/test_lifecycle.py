@@ -1,0 +1,211 @@
+"""Personalization that survives model updates: kept examples, migration, forgetting, trust.
+
+Bundles are real (tests/conftest.py: digits 5-9 from a pretrained edgetl_cnn): the same run
+exported again as version 2 has the same backbone; a run fine-tuned one more phase has a
+different one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgetl.cli import main
+from edgetl.data import restyle_digits
+from edgetl.device import Classifier, HeadStore, Personalizer
+from edgetl.errors import BundleError, InputError, StoreError
+
+BACKENDS = ["onnxruntime", "litert"]
+
+
+@pytest.fixture(scope="module")
+def user(digits_bundle):
+    """A user whose digits are thicker and slanted: 50 to personalize with, the rest to test."""
+    _, halves = digits_bundle
+    x = restyle_digits(halves.test.x)
+    labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
+    order = np.random.default_rng(0).permutation(len(x))
+    return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
+
+
+@pytest.fixture(scope="module")
+def bundles(lifecycle_bundles):
+    return lifecycle_bundles
+
+
+def accuracy(clf, x, labels):
+    return float(np.mean(np.asarray(clf.predict(x).labels) == labels))
+
+
+def personalized_store(path, bundle, user, *, keep=True, backend="onnxruntime"):
+    (x, y), _ = user
+    clf = Classifier.open(bundle.path, backend=backend)
+    p = Personalizer(clf, path, keep_examples=keep, margin=1.0)
+    assert p.personalize(x, y).accepted
+    return clf, p
+
+
+def test_committed_examples_are_kept_raw_and_listed(tmp_path, digits_bundle, user, capsys):
+    bundle, _ = digits_bundle
+    (x, y), _ = user
+    personalized_store(tmp_path / "s", bundle, user)
+    kept, labels = HeadStore(tmp_path / "s", bundle).examples().examples()
+    assert kept.dtype == np.uint8 and kept.shape[1:] == (8, 8, 1) and sorted(labels) == sorted(y.tolist())
+    order = np.argsort(np.asarray(labels), kind="stable")
+    np.testing.assert_array_equal(np.sort(kept.reshape(len(kept), -1), axis=0), np.sort(x.reshape(len(x), -1), axis=0))
+    assert main(["store", "examples", "--store", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "50" not in out.splitlines()[0] and "total" in out and len(order) == 50
+    personalized_store(tmp_path / "none", bundle, user, keep=False)
+    assert HeadStore(tmp_path / "none", bundle).examples() is None
+
+
+def test_same_backbone_carries_the_head_over_unchanged(tmp_path, digits_bundle, bundles, user):
+    bundle, _ = digits_bundle
+    same, _ = bundles
+    clf, _ = personalized_store(tmp_path / "s", bundle, user)
+    result = HeadStore(tmp_path / "s", bundle).migrate(same)
+    assert result.kind == "carried_over" and result.version == 2
+    moved = HeadStore(tmp_path / "s", same).active()
+    np.testing.assert_array_equal(moved.head.W, clf.head.W)
+    history = HeadStore(tmp_path / "s", same).history()
+    assert history[-1]["action"] == "migrate" and history[-1]["to_bundle"] == same.name
+    with pytest.raises(StoreError, match="belongs to another bundle"):
+        HeadStore(tmp_path / "s", bundle)  # the store now belongs to the new bundle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_backbone_retrains_from_kept_examples(tmp_path, digits_bundle, bundles, user, backend):
+    """Target (issue 12): within 2 points of personalizing the new bundle from scratch."""
+    bundle, _ = digits_bundle
+    _, other = bundles
+    (x, y), (tx, ty) = user
+    personalized_store(tmp_path / "s", bundle, user, backend=backend)
+    result = HeadStore(tmp_path / "s", bundle).migrate(other, backend=backend, margin=1.0)
+    assert result.kind == "retrained", result.reason
+    migrated = Classifier.open(other.path, backend=backend, store=tmp_path / "s")
+    assert migrated.head_version == result.version
+    fresh_clf, _ = personalized_store(tmp_path / "fresh", other, user, backend=backend)
+    gap = accuracy(fresh_clf, tx, ty) - accuracy(migrated, tx, ty)
+    print(
+        f"\n{backend}: migrated {accuracy(migrated, tx, ty):.3f}, personalized from scratch "
+        f"{accuracy(fresh_clf, tx, ty):.3f}"
+    )
+    assert gap <= 0.02, gap
+    assert accuracy(migrated, tx, ty) > accuracy(Classifier.open(other.path, backend=backend), tx, ty)
+
+
+def test_migration_without_kept_examples_activates_the_new_factory_head(tmp_path, digits_bundle, bundles, user):
+    bundle, _ = digits_bundle
+    _, other = bundles
+    personalized_store(tmp_path / "s", bundle, user, keep=False)
+    result = HeadStore(tmp_path / "s", bundle).migrate(other)
+    assert result.kind == "factory" and result.version == 0 and "no kept examples" in result.reason
+    assert HeadStore(tmp_path / "s", other).active().number == 0
+
+
+def test_migration_to_a_bundle_of_another_input_shape_changes_nothing(tmp_path, digits_bundle, user):
+    """Kept 8x8 examples cannot feed a 32x32x3 bundle: a clear error, the store untouched."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgetl import host
+
+    bundle, _ = digits_bundle
+    personalized_store(tmp_path / "s", bundle, user)
+    before = (tmp_path / "s" / "ACTIVE.json").read_bytes()
+    spec = importlib.util.spec_from_file_location(
+        "um", Path(__file__).resolve().parents[2] / "tools" / "user_models.py"
+    )
+    um = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(um)
+    x, y = um.digit_images((5, 6, 7, 8, 9), 32, 3, seed=0, per_class=20)
+    data = host.Dataset(x, y, tuple("56789"), "image")
+    run = host.save_run(host.train(data, host.TrainConfig(backbone="edgetl_cnn")), tmp_path / "rgb_run")
+    rgb = host.export_bundle(run, tmp_path / "rgb.edgetl", calibration=data).bundle
+    with pytest.raises(InputError, match="must have shape"):
+        HeadStore(tmp_path / "s", bundle).migrate(rgb)
+    assert (tmp_path / "s" / "ACTIVE.json").read_bytes() == before
+    assert HeadStore(tmp_path / "s", bundle).active().number == 1
+
+
+def test_forget_a_class_leaves_no_byte_of_its_examples(tmp_path, digits_bundle, user):
+    bundle, _ = digits_bundle
+    (x, y), _ = user
+    personalized_store(tmp_path / "s", bundle, user)
+    store_dir = tmp_path / "s"
+    victim = x[y == "7"]
+    index = json.loads((store_dir / "examples" / "INDEX.json").read_text())
+    # the compressed segments that held them (compression would make a raw-bytes search pass trivially)
+    segments = [(store_dir / "examples" / s["file"]).read_bytes() for s in index["segments"] if s["label"] == "7"]
+    assert segments and all(
+        s in b"".join(f.read_bytes() for f in store_dir.rglob("*") if f.is_file()) for s in segments
+    )
+    result = HeadStore(store_dir, bundle).forget("7")
+    assert result["examples"] == len(victim) and result["versions"] == [1] and result["active"] == 0
+    blob = b"".join(f.read_bytes() for f in store_dir.rglob("*") if f.is_file())
+    assert not any(im.tobytes() in blob for im in victim)  # raw pixels
+    assert not any(s in blob for s in segments)  # the compressed segments, shredded
+    assert b'"7"' not in (store_dir / "ACTIVE.json").read_bytes()
+    summary = HeadStore(store_dir, bundle).examples().summary()
+    assert "7" not in summary["classes"] and sum(c["count"] for c in summary["classes"].values()) == 50 - len(victim)
+
+
+def test_forget_all_keeps_only_the_factory_head(tmp_path, digits_bundle, user, capsys):
+    bundle, _ = digits_bundle
+    (x, _), _ = user
+    personalized_store(tmp_path / "s", bundle, user)
+    assert main(["store", "forget", "--all", "--store", str(tmp_path / "s")]) == 0
+    assert "forgot everything personal" in capsys.readouterr().out
+    store = HeadStore(tmp_path / "s", bundle)
+    assert store.active().number == 0 and not list((tmp_path / "s").glob("v*.npz"))
+    assert not list((tmp_path / "s" / "examples").glob("seg-*"))
+    blob = b"".join(f.read_bytes() for f in (tmp_path / "s").rglob("*") if f.is_file())
+    assert not any(im.tobytes() in blob for im in x)
+    assert main(["store", "forget", "--store", str(tmp_path / "s")]) == 2  # neither --label nor --all
+
+
+def test_a_store_that_trusts_a_key_migrates_only_to_bundles_it_signed(tmp_path, digits_bundle, bundles, user):
+    import shutil
+
+    from edgetl.bundle import generate_keypair, sign_bundle
+
+    bundle, _ = digits_bundle
+    same, _ = bundles
+    generate_keypair(tmp_path / "vendor.pem", tmp_path / "vendor.pub")
+    generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub")
+    personalized_store(tmp_path / "s", bundle, user)
+    HeadStore(tmp_path / "s", bundle).set_trust([tmp_path / "vendor.pub"])
+    unsigned = tmp_path / "unsigned.edgetl"
+    shutil.copytree(same.path, unsigned)
+    from edgetl.bundle import read_bundle
+
+    with pytest.raises(BundleError, match="not signed|unsigned|no manifest.sig"):
+        HeadStore(tmp_path / "s", bundle).migrate(read_bundle(unsigned))
+    wrong = tmp_path / "wrong.edgetl"
+    shutil.copytree(same.path, wrong)
+    sign_bundle(wrong, tmp_path / "other.pem")
+    with pytest.raises(BundleError, match="does not trust.*rotated its signing key"):
+        HeadStore(tmp_path / "s", bundle).migrate(read_bundle(wrong))
+    assert HeadStore(tmp_path / "s", bundle).active().number == 1  # nothing moved
+    good = tmp_path / "good.edgetl"
+    shutil.copytree(same.path, good)
+    sign_bundle(good, tmp_path / "vendor.pem")
+    assert HeadStore(tmp_path / "s", bundle).migrate(read_bundle(good)).kind == "carried_over"
+
+
+def test_a_corrupt_kept_examples_file_stops_migration_and_loses_nothing(tmp_path, digits_bundle, bundles, user):
+    bundle, _ = digits_bundle
+    _, other = bundles
+    personalized_store(tmp_path / "s", bundle, user)
+    seg = next((tmp_path / "s" / "examples").glob("seg-*"))
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    before = (tmp_path / "s" / "ACTIVE.json").read_bytes()
+    with pytest.raises(StoreError, match=seg.name):
+        HeadStore(tmp_path / "s", bundle).migrate(other)
+    assert (tmp_path / "s" / "ACTIVE.json").read_bytes() == before
+    assert json.loads(before)["active"] == 1
