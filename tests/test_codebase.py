@@ -10,10 +10,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edgetl"
 MAX_FUNCTION_LINES = 80
-# Declarative graph builders: one table of nodes (ONNX) or one tf.Module with its
-# signatures (TFLite); splitting them would scatter the graph a reader checks against
-# the head contract in edgetl/bundle/_head.py.
-LONG_BY_DESIGN = {"_head_graphs.py:head_train_onnx", "_head_graphs.py:head_tflite"}
+# A declarative graph builder: one table of ONNX nodes; splitting it would scatter the
+# graph a reader checks against the head contract in edgetl/bundle/_head.py.
+LONG_BY_DESIGN = {"_head_graphs.py:head_train_onnx"}
 
 
 def _functions():

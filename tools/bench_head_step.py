@@ -50,7 +50,7 @@ TARGET = 0.5
 def build(work: Path) -> dict[str, Any]:
     """The head's models (host side, TensorFlow), a bundle for the stepwise trainers."""
     from edgetl.bundle import write_bundle
-    from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+    from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
     from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def build(work: Path) -> dict[str, Any]:
     W[:, ACTIVE:] = 0.0
     files = {
         "head_init.npz": _npz(W=W, b=b, mask=mask),
-        "head.tflite": head_tflite(W, b, mask),
+        "head.tflite": head_tflite_loop(W, b, mask),
         "head_infer.onnx": head_infer_onnx(D, C),
         "head_train_sgd.onnx": head_train_onnx(D, C, "sgd"),
         "head_train_adam.onnx": head_train_onnx(D, C, "adam"),

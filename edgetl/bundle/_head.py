@@ -38,19 +38,38 @@ HYPERPARAMETERS = {"sgd": ("momentum",), "adam": ()}
 LOSS_OUTPUT = "loss"
 
 
+def train_graph_inputs(optimizer: str, *, loop: bool = False) -> set[str]:
+    """The inputs an ONNX training graph for ``optimizer`` takes (``loop``: the many-step
+    graph, which also takes the step plan ``order`` and ``row_weight``)."""
+    names = {*TRAIN_INPUTS, *STATE[optimizer], *HYPERPARAMETERS[optimizer]}
+    return names | {"order", "row_weight"} if loop else names
+
+
 def state_output(name: str) -> str:
     """The graph output that carries the updated ``name`` (``W`` -> ``W_out``)."""
     return f"{name}_out"
 
 
-# TFLite head (head.tflite): signature -> input names (outputs in the docstrings of
-# edgetl.host._head_graphs.head_tflite). ``optimizer`` is 0 for SGD, 1 for Adam.
+# TFLite head (head.tflite): signature -> input names (outputs in the docstring of
+# edgetl.host._head_loop_graphs.head_tflite_loop). ``optimizer`` is 0 for SGD, 1 for Adam.
+# ``get_weights`` takes one ignored scalar, ``unused``: LiteRT's Java/Kotlin
+# ``Interpreter.runSignature`` refuses an empty input map, so an Android app could not read
+# its trained weights back from a signature without inputs. ``train_steps`` runs a whole
+# step plan (``order``, ``row_weight``) in one invoke.
 TFLITE_SIGNATURES = {
     "infer": ("embedding",),
     "train": ("embedding", "labels", "lr", "l2", "momentum", "optimizer"),
-    "get_weights": (),
+    "get_weights": ("unused",),
     "set_weights": ("W", "b", "mask", "anchor"),
+    "train_steps": ("embedding", "labels", "order", "row_weight", "lr", "l2", "momentum", "optimizer"),
 }
+
+
+def signature_inputs(signatures: dict, name: str) -> dict:
+    """Keyword arguments a runtime must add for ``name`` beyond the data, for heads exported
+    by any edgetl version: ``get_weights`` gained its ``unused`` input in schema 2."""
+    inputs = signatures.get(name, {}).get("inputs", [])
+    return {"unused": np.float32(0.0)} if name == "get_weights" and "unused" in inputs else {}
 
 
 def masked_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:

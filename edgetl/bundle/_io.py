@@ -66,8 +66,11 @@ class Bundle:
     def arrays(self, role: str, keys: tuple[str, ...]) -> dict[str, Any]:
         """The named arrays of the bundle's ``.npz`` with this role, loaded without pickle.
 
-        A bundle's author also writes its hashes, so a verified file can still be hostile:
-        object arrays (pickles) and missing keys are refused with a BundleError.
+        A bundle's author also writes its hashes, so a verified file can still be hostile.
+        Each member's header is read first: object arrays (pickles), non-numeric dtypes,
+        arrays of more than :data:`MAX_ARRAY_ELEMENTS` elements (numpy would allocate a
+        declared 2**40 floats before reading one) and missing keys are refused with a
+        BundleError; shapes are for the caller to check against the manifest.
         """
         import zipfile
 
@@ -75,14 +78,16 @@ class Bundle:
 
         path = self.artifact(role, "npz")
         try:
+            with zipfile.ZipFile(path) as z:
+                for key in keys:
+                    _check_npz_member(z, key, path.name)
             with np.load(path, allow_pickle=False) as f:
-                missing = [k for k in keys if k not in f.files]
-                if missing:
-                    raise BundleError(f"{path.name} lacks array(s) {missing}; found {sorted(f.files)}")
-                return {k: f[k] for k in keys}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                return {k: np.asarray(f[k]) for k in keys}
+        except BundleError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError, OverflowError, TypeError) as exc:
             raise BundleError(
-                f"{path.name} cannot be loaded safely ({exc}); edgetl never unpickles bundle data"
+                f"{path.name} cannot be loaded safely ({type(exc).__name__}: {exc}); edgetl never unpickles bundle data"
             ) from None
 
     def precisions(self, role: str = "fused", fmt: str | None = None) -> list[str]:
@@ -254,3 +259,31 @@ def unpack_bundle(archive: str | os.PathLike[str], out: str | os.PathLike[str], 
                     raise BundleError(f"archive entry {info.filename!r} is corrupt: {exc}") from None
             read_bundle(tmp)  # schema, names, sizes and hashes, before the rename
     return read_bundle(out)
+
+
+# Bundle arrays are heads and replay sets: far below this (4096 classes x 65536 dims is 2**28).
+MAX_ARRAY_ELEMENTS = 1 << 28
+
+
+def _check_npz_member(z: Any, key: str, name: str) -> None:
+    """Refuse a member that is missing, not a numeric array, or too large, from its header."""
+    import numpy as np
+
+    member = f"{key}.npy"
+    if member not in z.namelist():
+        found = sorted(n[:-4] for n in z.namelist() if n.endswith(".npy"))
+        raise BundleError(f"{name} lacks array {key!r}; found {found}")
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise BundleError(
+            f"{name}: array {key!r} has dtype {dtype}; allowed: numeric (bool, int, float) arrays (edgetl never "
+            "unpickles bundle data)"
+        )
+    size = int(np.prod(shape, dtype=object))
+    if size > MAX_ARRAY_ELEMENTS:
+        raise BundleError(
+            f"{name}: array {key!r} declares shape {shape} ({size} elements, at most {MAX_ARRAY_ELEMENTS})"
+        )

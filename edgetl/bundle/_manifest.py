@@ -359,6 +359,7 @@ class ArtifactSpec:
 # What a check measured, and the JSON key of its limit (the on-disk names since schema 1).
 _MEASURES = {
     "max_abs_diff": "tolerance",
+    "p99_abs_diff": "tolerance",
     "top1_agreement": "min_agreement",
     "relative_error": "max_relative_error",
     "cosine": "min_cosine",
@@ -381,9 +382,10 @@ class Check:
 
     def describe(self) -> str:
         """The check in words, e.g. ``max|diff| 3.1e-06 <= 1.0e-04``."""
-        lower_is_better = self.measure in ("max_abs_diff", "relative_error")
+        lower_is_better = self.measure in ("max_abs_diff", "p99_abs_diff", "relative_error")
         label = {
             "max_abs_diff": "max|diff|",
+            "p99_abs_diff": "p99|diff|",
             "top1_agreement": "top-1 agreement",
             "relative_error": "relative error",
             "cosine": "cosine",
@@ -554,6 +556,17 @@ class Manifest:
             and (fmt is None or a.format == fmt)
             and (precision is None or a.precision == precision)
         ]
+
+    @property
+    def backbone_id(self) -> str | None:
+        """sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on)."""
+        value = self.extra.get("backbone_id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def version(self) -> str | None:
+        value = self.extra.get("version")
+        return value if isinstance(value, str) else None
 
     @property
     def checks(self) -> list[Check]:

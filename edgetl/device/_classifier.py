@@ -12,15 +12,13 @@ personalized head is active, the backbone embeds and the runtime runs the curren
 from __future__ import annotations
 
 import os
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
 from edgetl.device._head import HeadState, make_trainer
-from edgetl.device._runtimes import load_model
+from edgetl.device._runtimes import check_io, load_model
 from edgetl.errors import DependencyError, InputError, describe
 
 BACKENDS = ("onnxruntime", "litert")
@@ -37,15 +35,50 @@ def default_backend() -> str:
     raise DependencyError('no runtime installed: pip install "edgetl[device]" (onnxruntime or ai-edge-litert)')
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Predictions for a batch: one label per example, probabilities over the active labels."""
+_FLOAT32 = np.dtype(np.float32)
 
-    labels: list[str]
-    probabilities: np.ndarray  # (n, number of active labels), columns in `classes` order
-    classes: tuple[str, ...]
-    top_k: list[list[tuple[str, float]]]
-    head_version: int
+
+class Prediction:
+    """Predictions for a batch: probabilities over the active labels, and derived views.
+
+    ``labels`` and ``top_k`` are computed when first read (a partial sort, not a full one),
+    so a caller that needs only the probabilities or the top label pays for nothing else.
+    """
+
+    __slots__ = ("probabilities", "classes", "head_version", "_k", "_labels", "_top_k")
+
+    def __init__(self, probabilities: np.ndarray, classes: tuple[str, ...], k: int, head_version: int) -> None:
+        self.probabilities = probabilities  # (n, number of active labels), columns in `classes` order
+        self.classes = classes
+        self.head_version = head_version
+        self._k = k
+        self._labels: list[str] | None = None
+        self._top_k: list[list[tuple[str, float]]] | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """The most probable label of each example."""
+        if self._labels is None:
+            self._labels = [self.classes[j] for j in self.probabilities.argmax(axis=1)]
+        return self._labels
+
+    @property
+    def top_k(self) -> list[list[tuple[str, float]]]:
+        """The ``k`` most probable (label, probability) pairs of each example, best first."""
+        if self._top_k is None:
+            p, k = self.probabilities, self._k
+            part = (
+                np.argpartition(-p, k - 1, axis=1)[:, :k]
+                if k < p.shape[1]
+                else np.broadcast_to(np.arange(p.shape[1]), p.shape)
+            )
+            rows = np.arange(len(p))[:, None]
+            order = np.take_along_axis(part, np.argsort(-p[rows, part], axis=1, kind="stable"), axis=1)
+            self._top_k = [[(self.classes[j], float(p[i, j])) for j in row] for i, row in enumerate(order)]
+        return self._top_k
+
+    def __repr__(self) -> str:
+        return f"Prediction(labels={self.labels!r}, head_version={self.head_version})"
 
 
 class Classifier:
@@ -70,12 +103,19 @@ class Classifier:
         self.advice: Any = None  # the advisor's measurement when opened with "auto"
         spec = bundle.input_spec
         self.input_shape = tuple(spec.shape)
-        self._backbone = load_model(bundle.artifact("backbone", fmt, precision), fmt, threads=threads)
-        self._fused = load_model(bundle.artifact("fused", fmt, precision), fmt, threads=threads)
+        backbone_path, fused_path = (
+            bundle.artifact("backbone", fmt, precision),
+            bundle.artifact("fused", fmt, precision),
+        )
+        self._backbone = load_model(backbone_path, fmt, threads=threads)
+        self._fused = load_model(fused_path, fmt, threads=threads)
+        emb = bundle.manifest.embedding_size
+        check_io(self._backbone, backbone_path.name, self.input_shape, emb, "backbone")
+        check_io(self._fused, fused_path.name, self.input_shape, len(bundle.labels), "fused model")
         self.head_runtime = make_trainer(bundle, backend, threads)
         self.factory = HeadState.factory(bundle)
-        self._head = (0, self.factory)  # (version, state), replaced atomically
-        self._lock = threading.Lock()  # serialises the backbone runtime call (LiteRT is not thread-safe)
+        self._head: tuple[int, HeadState, np.ndarray, tuple[str, ...]] = (0, self.factory, np.empty(0), ())
+        self.set_head(self.factory, 0)
 
     @classmethod
     def open(
@@ -124,7 +164,7 @@ class Classifier:
 
     @property
     def head(self) -> HeadState:
-        return self._head[1]
+        return self._head[1]  # (version, head, active columns, labels)
 
     @property
     def head_version(self) -> int:
@@ -133,31 +173,40 @@ class Classifier:
     def set_head(self, head: HeadState, version: int) -> None:
         if head.W.shape != self.factory.W.shape:
             raise InputError(f"head shape {head.W.shape} does not match the bundle's {self.factory.W.shape}")
-        self._head = (version, head)  # one reference assignment: readers see old or new, never a mix
+        # One reference assignment: readers see old or new, never a mix. The active columns
+        # and labels are computed here, once per head, not on every prediction.
+        self._head = (version, head, np.flatnonzero(head.mask > 0), tuple(head.labels))
 
     def check_inputs(self, x: Any) -> np.ndarray:
-        """Validate raw inputs; return a float32 batch (the caller's array is never modified)."""
-        if not isinstance(x, np.ndarray):
+        """Validate raw inputs; return a float32 batch (the caller's array is never modified).
+
+        The hot path of every prediction: cheap checks first, no copy of a float32 batch
+        (nothing downstream writes to it), the finiteness scan only for float inputs
+        (integer pixels are finite by type).
+        """
+        if type(x) is not np.ndarray:
             try:
                 x = np.asarray(x)
             except (ValueError, TypeError) as exc:
                 raise InputError(f"inputs must be a numeric array, received {describe(x)} ({exc})") from None
-        if x.dtype.kind not in "uif":
+        kind = x.dtype.kind
+        if kind not in "uif":
             raise InputError(f"inputs must be numeric (uint8, int or float), received dtype {x.dtype}")
         if x.shape == self.input_shape:
             x = x[None]
-        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+        if x.shape[1:] != self.input_shape or x.ndim != len(self.input_shape) + 1:
             raise InputError(
                 f"inputs must have shape {self.input_shape} (one example) or (n, "
                 f"{', '.join(map(str, self.input_shape))}), received {x.shape}"
             )
-        if len(x) == 0:
+        if x.shape[0] == 0:
             raise InputError("received an empty batch; pass at least one example")
-        # No copy when the batch is already float32 (a 224x224 batch copy is measurable SDK
-        # overhead); nothing downstream writes to it, so the caller's array stays untouched.
-        x = np.asarray(x, dtype=np.float32)
-        if not np.all(np.isfinite(x)):
-            bad = int(np.argwhere(~np.isfinite(x).reshape(len(x), -1).all(axis=1))[0][0]) if x.ndim > 1 else 0
+        if kind != "f":
+            return x.astype(np.float32)
+        if x.dtype is not _FLOAT32:
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            bad = int(np.argmin(np.isfinite(x).reshape(len(x), -1).all(axis=1)))
             raise InputError(
                 f"inputs contain NaN or infinite values (first at example {bad}); expected raw values, e.g. pixels in "
                 "[0, 255]"
@@ -166,23 +215,16 @@ class Classifier:
 
     def embed(self, x: Any) -> np.ndarray:
         """Backbone embeddings of raw inputs."""
-        batch = self.check_inputs(x)
-        with self._lock:
-            return self._backbone(batch).astype(np.float32)
+        return self._backbone(self.check_inputs(x)).astype(np.float32, copy=False)
 
     def predict(self, x: Any, *, top_k: int = 3) -> Prediction:
+        """Labels and probabilities of raw inputs (one example or a batch)."""
         batch = self.check_inputs(x)
-        version, head = self._head  # one snapshot for the whole batch
-        active = np.flatnonzero(head.mask > 0)
+        version, head, active, classes = self._head  # one snapshot for the whole batch
+        # Thread safety: onnxruntime sessions may run concurrently; the LiteRT wrapper
+        # (edgetl.device._runtimes.TFLiteModel) serialises its interpreter itself.
         if version == 0:
-            with self._lock:
-                probs = self._fused(batch)
+            probs = self._fused(batch)
         else:
-            with self._lock:
-                emb = self._backbone(batch).astype(np.float32)
-            probs = self.head_runtime.probabilities(head, emb)[:, active]
-        classes = tuple(head.labels)
-        k = max(1, min(int(top_k), len(classes)))
-        order = np.argsort(-probs, axis=1)[:, :k]
-        tops = [[(classes[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
-        return Prediction([classes[j] for j in order[:, 0]], probs, classes, tops, version)
+            probs = self.head_runtime.probabilities(head, self._backbone(batch))[:, active]
+        return Prediction(probs, classes, max(1, min(int(top_k), len(classes))), version)

@@ -17,15 +17,18 @@ import numpy as np
 from edgetl.bundle import Bundle
 from edgetl.bundle._head import (
     HYPERPARAMETERS,
+    INFER_INPUTS,
     INFER_OUTPUT,
     LOSS_OUTPUT,
+    TFLITE_SIGNATURES,
     gradients,
     initial_state,
     masked_softmax,
     reference_step,
+    signature_inputs,
     state_output,
 )
-from edgetl.errors import InputError, describe
+from edgetl.errors import BundleError, InputError, describe
 
 Optimizer = Literal["sgd", "adam"]
 
@@ -47,7 +50,22 @@ class HeadState:
     @classmethod
     def factory(cls, bundle: Bundle) -> "HeadState":
         arrays = bundle.arrays("head_init", ("W", "b", "mask"))
+        d, cap, n = bundle.manifest.embedding_size, bundle.manifest.head.max_classes, len(bundle.labels)
+        expected = {"W": (d, cap), "b": (cap,), "mask": (cap,)}
+        for key, shape in expected.items():
+            if arrays[key].shape != shape:
+                raise BundleError(
+                    f"head_init.npz: {key} has shape {arrays[key].shape}; the manifest (embedding size {d}, "
+                    f"{cap} classes) needs {shape}"
+                )
         W, b, mask = (arrays[k].astype(np.float32) for k in ("W", "b", "mask"))
+        if not (np.isfinite(W).all() and np.isfinite(b).all()):
+            raise BundleError("head_init.npz: W or b holds NaN or infinite values")
+        if not np.isin(mask, (0.0, 1.0)).all() or not np.array_equal(mask[:n], np.ones(n)) or mask[n:].any():
+            raise BundleError(
+                f"head_init.npz: mask must mark the {n} labelled classes active (1) and the other {cap - n} free "
+                f"(0), received {int(mask.sum())} active"
+            )
         return cls(W, b, mask, W.copy(), tuple(bundle.labels))
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -115,13 +133,16 @@ class OnnxHeadTrainer:
     backend = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
-        from edgetl.device._runtimes import onnx_session
+        from edgetl.bundle._head import train_graph_inputs
+        from edgetl.device._runtimes import check_graph_inputs, onnx_session
 
-        self._sessions = {
-            a.optimizer or "sgd": onnx_session(bundle.path / a.file, threads=threads)
-            for a in bundle.artifacts("head_train", "onnx")
-        }
+        self._sessions = {}
+        for a in bundle.artifacts("head_train", "onnx"):
+            opt = a.optimizer or "sgd"
+            self._sessions[opt] = onnx_session(bundle.path / a.file, threads=threads)
+            check_graph_inputs(self._sessions[opt], a.file, train_graph_inputs(opt))
         self._infer = onnx_session(bundle.artifact("head_infer", "onnx"), threads=threads)
+        check_graph_inputs(self._infer, "head_infer.onnx", INFER_INPUTS, exact=True)
 
     def train(
         self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
@@ -158,10 +179,12 @@ class LiteRTHeadTrainer:
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         from edgetl._quiet import native_output_silenced
-        from edgetl.device._runtimes import litert_interpreter
+        from edgetl.device._runtimes import check_signatures, litert_interpreter
 
         with native_output_silenced():
             self._interpreter = litert_interpreter(bundle.artifact("head", "tflite"), threads=threads)
+            required = {k: v for k, v in TFLITE_SIGNATURES.items() if k != "train_steps"}
+            check_signatures(self._interpreter.get_signature_list(), "head.tflite", required)
             self._runners = {
                 name: self._interpreter.get_signature_runner(name)
                 for name in ("infer", "train", "get_weights", "set_weights")
@@ -193,7 +216,7 @@ class LiteRTHeadTrainer:
                     optimizer=flag,
                 )
                 losses.append(float(out[LOSS_OUTPUT]))
-            w = self._runners["get_weights"]()
+            w = self._runners["get_weights"](**signature_inputs(self._interpreter.get_signature_list(), "get_weights"))
             self._loaded = None  # the interpreter now holds the trained weights, not `head`
         return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
 
@@ -246,4 +269,16 @@ class ReferenceHeadTrainer:
 
 
 def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> Any:
-    return OnnxHeadTrainer(bundle, threads) if backend == "onnxruntime" else LiteRTHeadTrainer(bundle, threads)
+    """The fastest trainer the bundle supports on ``backend``: the graphs that run a whole
+    step plan per call (bundles from edgetl 0.2), else one call per step (older bundles)."""
+    from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
+
+    if backend == "onnxruntime":
+        loops = {a.optimizer or "sgd": bundle.path / a.file for a in bundle.artifacts("head_train_loop", "onnx")}
+        if loops:
+            return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads)
+        return OnnxHeadTrainer(bundle, threads)
+    head = bundle.artifacts("head", "tflite")
+    if head and "train_steps" in head[0].extra.get("signatures", []):
+        return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads)
+    return LiteRTHeadTrainer(bundle, threads)

@@ -8,8 +8,9 @@ whole step plan instead and it loops inside: one onnxruntime ``run`` of
 :mod:`edgetl.host._head_loop_graphs` and give the weights of step-by-step training: same
 batches (:func:`plan_steps` is :func:`edgetl.device._head.batches` as arrays), same formulas.
 
-The trainers take the model bytes (or paths) rather than a bundle, until bundles carry
-these graphs.
+The trainers take the model bytes (or paths); :func:`edgetl.device._head.make_trainer` picks
+them for bundles that carry these graphs (``head_train_loop`` artifacts, ``head.tflite``
+with ``train_steps``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgetl.bundle._head import initial_state
+from edgetl.bundle._head import INFER_INPUTS, TFLITE_SIGNATURES, initial_state, signature_inputs, train_graph_inputs
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.errors import DependencyError, InputError, describe
+from edgetl.device._runtimes import check_graph_inputs, check_signatures
+from edgetl.errors import BundleError, DependencyError, InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +118,11 @@ def _onnx_session(model: bytes | str | Path, threads: int | None) -> Any:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidArgument types
+        what = "a head training graph" if isinstance(model, bytes) else Path(model).name
+        raise BundleError(f"{what} cannot be loaded by onnxruntime: {str(exc).strip()[:300]}") from None
 
 
 class OnnxLoopHeadTrainer:
@@ -143,8 +149,11 @@ class OnnxLoopHeadTrainer:
                 f"train_models must map 'sgd' and/or 'adam' to a model, received keys {sorted(train_models)}"
             )
         self._sessions = {opt: _onnx_session(m, threads) for opt, m in train_models.items()}
+        for opt, session in self._sessions.items():
+            check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt, loop=True))
         self._outputs = {opt: [o.name for o in s.get_outputs()] for opt, s in self._sessions.items()}
         self._infer = _onnx_session(infer_model, threads)
+        check_graph_inputs(self._infer, "the head inference graph", INFER_INPUTS, exact=True)
 
     def train(
         self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
@@ -254,12 +263,17 @@ class LiteRTLoopHeadTrainer:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as exc:  # pragma: no cover
             raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
+        from edgetl._quiet import native_output_silenced
+
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        self._interpreter = Interpreter(**source, num_threads=threads)
+        with native_output_silenced():  # LiteRT prints its XNNPACK delegate line from C++
+            self._interpreter = Interpreter(**source, num_threads=threads)
         signatures = self._interpreter.get_signature_list()
-        missing = {"infer", "train_steps", "get_weights", "set_weights"} - set(signatures)
-        if missing:
-            raise InputError(f"the TFLite model lacks signatures {sorted(missing)}; it has {sorted(signatures)}")
+        self._get_weights_args = signature_inputs(signatures, "get_weights")
+        required = {
+            k: v for k, v in TFLITE_SIGNATURES.items() if k in ("infer", "train_steps", "get_weights", "set_weights")
+        }
+        check_signatures(signatures, "the TFLite head", required)
         self._run = {
             name: self._interpreter.get_signature_runner(name)
             for name in ("infer", "train_steps", "get_weights", "set_weights")
@@ -305,7 +319,7 @@ class LiteRTLoopHeadTrainer:
             self._loaded = None
             self._load(head)  # also resets the optimizer state
             losses = self._train_steps(emb, onehot, order, row_weight, settings)
-            w = self._run["get_weights"]()
+            w = self._run["get_weights"](**self._get_weights_args)
             self._loaded = None  # the interpreter now holds the trained weights, not `head`
         return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
 

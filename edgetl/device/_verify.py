@@ -156,9 +156,30 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
     return out
 
 
+def _head_trainers(bundle: Bundle) -> list[tuple[Any, str, str, dict[str, str]]]:
+    """Every way the bundle's head can be trained: (trainer, role, infer file, {optimizer: file})."""
+    from edgetl.device._head import LiteRTHeadTrainer, OnnxHeadTrainer
+    from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
+
+    out = []
+    infer = bundle.artifacts("head_infer", "onnx")
+    step, loop = bundle.artifacts("head_train", "onnx"), bundle.artifacts("head_train_loop", "onnx")
+    if infer and step:
+        out.append((OnnxHeadTrainer(bundle), "head_train", infer[0].file, {a.optimizer: a.file for a in step}))
+    if infer and loop:
+        trainer = OnnxLoopHeadTrainer({a.optimizer: bundle.path / a.file for a in loop}, bundle.path / infer[0].file)
+        out.append((trainer, "head_train_loop", infer[0].file, {a.optimizer: a.file for a in loop}))
+    for a in bundle.artifacts("head", "tflite"):
+        out.append((LiteRTHeadTrainer(bundle), "head", a.file, {"sgd": a.file, "adam": a.file}))
+        if "train_steps" in a.extra.get("signatures", []):
+            out.append((LiteRTLoopHeadTrainer(bundle.path / a.file), "head", a.file, {"sgd": a.file, "adam": a.file}))
+    return out
+
+
 def _head_checks(bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.ndarray]) -> list[Check]:
-    """The head graphs, run by the trainers personalization uses, against numpy."""
-    from edgetl.device._head import HeadState, LiteRTHeadTrainer, OnnxHeadTrainer, ReferenceHeadTrainer, TrainSettings
+    """The head graphs, run by the trainers personalization uses (one step per call, and a
+    whole step plan per call), against the float64 reference over the same batches."""
+    from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 
     head = HeadState.factory(bundle)
     emb = ref["embeddings"][:8].astype(np.float32)
@@ -166,54 +187,34 @@ def _head_checks(bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.
     onehot = np.eye(head.capacity, dtype=np.float32)[np.arange(len(emb)) % n_active]
     want_probs = np.zeros((len(emb), head.capacity))
     want_probs[:, :n_active] = ref["probabilities"][:8]  # inactive classes must get exactly 0
-    trainers = []
-    if bundle.artifacts("head_train", "onnx") and bundle.artifacts("head_infer", "onnx"):
-        trainers.append(
-            (
-                OnnxHeadTrainer(bundle),
-                [a.file for a in bundle.artifacts("head_infer", "onnx")],
-                {a.optimizer: a.file for a in bundle.artifacts("head_train", "onnx")},
-            )
-        )
-    if bundle.artifacts("head", "tflite"):
-        file = bundle.artifacts("head", "tflite")[0].file
-        trainers.append((LiteRTHeadTrainer(bundle), [file], {"sgd": file, "adam": file}))
-    out = []
-    for trainer, infer_files, train_files in trainers:
+    out, inferred = [], set()
+    for trainer, role, infer_file, train_files in _head_trainers(bundle):
         fmt = "onnx" if trainer.backend == "onnxruntime" else "tflite"
-        diff = float(np.max(np.abs(trainer.probabilities(head, emb) - want_probs)))
-        role = "head_infer" if fmt == "onnx" else "head"
-        out.append(
-            Check(
-                infer_files[0],
-                role,
-                fmt,
-                "fp32",
-                diff <= FP32_TOLERANCE,
-                "max_abs_diff",
-                diff,
-                FP32_TOLERANCE,
-                {"signature": "infer"},
+        if (infer_file, fmt) not in inferred:
+            inferred.add((infer_file, fmt))
+            diff = float(np.max(np.abs(trainer.probabilities(head, emb) - want_probs)))
+            infer_role = "head_infer" if fmt == "onnx" else "head"
+            out.append(
+                Check(
+                    infer_file,
+                    infer_role,
+                    fmt,
+                    "fp32",
+                    diff <= FP32_TOLERANCE,
+                    "max_abs_diff",
+                    diff,
+                    FP32_TOLERANCE,
+                    {"signature": "infer"},
+                )
             )
-        )
         for opt, file in train_files.items():
             settings = TrainSettings(optimizer=opt, learning_rate=0.05, l2=0.01, **HEAD_STEPS)
             got, _ = trainer.train(head, emb, onehot, settings)
             reference = ReferenceHeadTrainer()
             want, _ = reference.train(head, emb, onehot, settings)
-            out.append(
-                _train_check(
-                    file,
-                    "head_train" if fmt == "onnx" else "head",
-                    fmt,
-                    opt,
-                    head,
-                    got,
-                    want,
-                    emb,
-                    reference.min_abs_gradient,
-                )
-            )
+            check = _train_check(file, role, fmt, opt, head, got, want, emb, reference.min_abs_gradient)
+            check.extra["trainer"] = type(trainer).__name__
+            out.append(check)
     return out
 
 
@@ -231,30 +232,40 @@ def _train_check(
     """Trained weights against the reference, within a tolerance that scales with how far
     they moved (see HEAD_STEP_RTOL).
 
-    Adam's update is lr*g/(|g|+eps): where |g| comes near eps (1e-7) in any step, float32
-    summation-order noise in g (terms of size ~1 cancelling) moves that weight by a large
-    fraction of lr in ANY two implementations, and the difference then propagates to the
-    head's outputs. Those weights are ill-conditioned, not wrong: they are left out of the
-    comparison (and counted); a gradient of exactly 0 (inactive classes) is exact on both
-    sides and stays in. For SGD, the trained heads' probabilities must agree as well.
+    SGD: every weight, and the trained heads' probabilities, must agree.
+
+    Adam divides by sqrt(v) + eps, so its update carries the *relative* float32 error of
+    each gradient: where a gradient is a small sum of larger terms that cancel, any two
+    implementations (float32 vs float64, another summation order) move that weight by up
+    to lr x (that relative error) per step, and the runtimes are as right as the reference.
+    Weights whose gradient came near eps (1e-7) in some step are left out (counted); a
+    gradient of exactly 0 (inactive classes) is exact on both sides and stays in. Of the
+    rest, the 99th percentile of the difference is judged: a wrong graph (another beta,
+    a missing bias correction) moves nearly every weight (tests/device/test_verify_gates.py),
+    cancellation moves a few.
     """
     moved = max(float(np.max(np.abs(want.W - start.W))), float(np.max(np.abs(want.b - start.b))))
     tolerance = HEAD_STEP_ATOL + HEAD_STEP_RTOL * moved
     diffs, skipped = [], 0
     for key, g, w in (("W", got.W, want.W), ("b", got.b, want.b)):
-        d = np.abs(g - w)
+        d = np.abs(g - w).ravel()
         if opt == "adam":
-            ill = (min_abs_gradient[key] < 100 * ADAM_EPS) & (min_abs_gradient[key] > 0)
+            ill = ((min_abs_gradient[key] < 100 * ADAM_EPS) & (min_abs_gradient[key] > 0)).ravel()
             skipped += int(ill.sum())
             d = d[~ill]
-        diffs.append(float(d.max()) if d.size else 0.0)
-    diff = max(diffs)
-    extra: dict[str, Any] = {"optimizer": opt, "steps": HEAD_STEPS["epochs"] * -(-len(emb) // HEAD_STEPS["batch_size"])}
-    ok = diff <= tolerance
+        diffs.append(d)
+    d = np.concatenate(diffs)
+    extra: dict[str, Any] = {
+        "optimizer": opt,
+        "steps": HEAD_STEPS["epochs"] * -(-len(emb) // HEAD_STEPS["batch_size"]),
+        "max_abs_diff_all": float(d.max()) if d.size else 0.0,
+    }
     if opt == "sgd":
+        diff = float(d.max()) if d.size else 0.0
         probs = lambda h: masked_softmax(emb.astype(np.float64) @ h.W + h.b, h.mask)  # noqa: E731
         extra["probabilities_max_abs_diff"] = float(np.max(np.abs(probs(got) - probs(want))))
-        ok = ok and extra["probabilities_max_abs_diff"] <= FP32_TOLERANCE
-    if skipped:
-        extra["ill_conditioned_elements_skipped"] = skipped
-    return Check(file, role, fmt, "fp32", ok, "max_abs_diff", diff, tolerance, extra)
+        ok = diff <= tolerance and extra["probabilities_max_abs_diff"] <= FP32_TOLERANCE
+        return Check(file, role, fmt, "fp32", ok, "max_abs_diff", diff, tolerance, extra)
+    diff = float(np.percentile(d, 99)) if d.size else 0.0
+    extra["ill_conditioned_elements_skipped"] = skipped
+    return Check(file, role, fmt, "fp32", diff <= tolerance, "p99_abs_diff", diff, tolerance, extra)

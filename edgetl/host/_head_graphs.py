@@ -2,17 +2,16 @@
 
 What the head computes, its tensor names and the float64 reference step are the head
 contract, :mod:`edgetl.bundle._head`; this module builds exactly that as ONNX graphs
-(``head_infer.onnx``, ``head_train_{sgd,adam}.onnx``: weights and optimizer state are
-inputs and outputs, no onnxruntime-training, which is deprecated, imports torch and
-rejects IR version > 10) and as one TFLite model with signatures (``head.tflite``).
-Hyperparameters are inputs too, so one graph serves every learning rate.
+(``head_infer.onnx``, ``head_train_{sgd,adam}.onnx``, one optimizer step per call: weights
+and optimizer state are inputs and outputs; no onnxruntime-training, which is deprecated,
+imports torch and rejects IR version > 10). Hyperparameters are inputs too, so one graph
+serves every learning rate. The graphs that train many steps per call, and the TFLite
+head with its signatures, are in :mod:`edgetl.host._head_loop_graphs`.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import numpy as np
 
 from edgetl.bundle._head import (
     ADAM_BETA1,
@@ -192,124 +191,3 @@ def _finish(h: Any, onnx: Any, graph: Any) -> bytes:
     model.ir_version = 8  # readable by older onnxruntime builds on devices
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def head_tflite(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
-    """The same head as a TFLite model with signatures, built from builtin ops only.
-
-    Signatures (all tensors float32):
-        infer(embedding[B,D]) -> probabilities[B,C]
-        train(embedding[B,D], labels[B,C] one-hot, lr, l2, momentum, optimizer) -> loss
-            ``optimizer`` 0 = SGD with momentum, 1 = Adam; one step, state kept inside.
-        get_weights() -> W, b, mask, anchor
-        set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
-
-    ``anchor`` is the W the L2 term pulls toward (the factory head). ai-edge-litert has no
-    Flex delegate, so there is no autodiff and no tf.cond: the gradient is written by hand
-    and the optimizer is chosen by blending both updates with ``optimizer`` in {0, 1}.
-    """
-    from edgetl.host._tf import tf
-
-    t = tf()
-    d, c = W.shape
-
-    class Head(t.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.W = t.Variable(W, dtype=t.float32)
-            self.b = t.Variable(b, dtype=t.float32)
-            self.mask = t.Variable(mask, dtype=t.float32)
-            self.anchor = t.Variable(W, dtype=t.float32)
-            zeros_w, zeros_b = np.zeros_like(W), np.zeros_like(b)
-            self.vel_W, self.vel_b = t.Variable(zeros_w), t.Variable(zeros_b)
-            self.m_W, self.m_b = t.Variable(zeros_w), t.Variable(zeros_b)
-            self.v_W, self.v_b = t.Variable(zeros_w), t.Variable(zeros_b)
-            self.t = t.Variable(0.0)
-
-        def _probs(self, e: Any) -> Any:
-            logits = t.matmul(e, self.W) + self.b + (1.0 - self.mask) * MASK_NEG
-            return t.nn.softmax(logits)
-
-        @t.function(input_signature=[t.TensorSpec([None, d], t.float32, name="embedding")])
-        def infer(self, embedding: Any) -> Any:
-            return {"probabilities": self._probs(embedding)}
-
-        @t.function(
-            input_signature=[
-                t.TensorSpec([None, d], t.float32, name="embedding"),
-                t.TensorSpec([None, c], t.float32, name="labels"),
-                t.TensorSpec([], t.float32, name="lr"),
-                t.TensorSpec([], t.float32, name="l2"),
-                t.TensorSpec([], t.float32, name="momentum"),
-                t.TensorSpec([], t.float32, name="optimizer"),
-            ]
-        )
-        def train(self, embedding: Any, labels: Any, lr: Any, l2: Any, momentum: Any, optimizer: Any) -> Any:
-            p = self._probs(embedding)
-            batch = t.cast(t.shape(embedding)[0], t.float32)
-            d_anchor = self.W - self.anchor
-            loss = -t.reduce_mean(
-                t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)
-            ) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
-            g_logits = (p - labels) / batch
-            grads = {
-                "W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor,
-                "b": t.reduce_sum(g_logits, axis=0),
-            }
-            adam, sgd = optimizer, 1.0 - optimizer
-            step_t = self.t + adam  # Adam's step counter advances only on Adam steps
-            bc1 = 1.0 - t.pow(ADAM_BETA1, t.maximum(step_t, 1.0))
-            bc2 = 1.0 - t.pow(ADAM_BETA2, t.maximum(step_t, 1.0))
-            for name in ("W", "b"):
-                w, g = getattr(self, name), grads[name]
-                vel, m, v = getattr(self, f"vel_{name}"), getattr(self, f"m_{name}"), getattr(self, f"v_{name}")
-                vel_new = momentum * vel + g
-                m_new = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * g
-                v_new = ADAM_BETA2 * v + (1.0 - ADAM_BETA2) * g * g
-                adam_step = lr * (m_new / bc1) / (t.sqrt(v_new / bc2) + ADAM_EPS)
-                w.assign(w - sgd * lr * vel_new - adam * adam_step)
-                vel.assign(sgd * vel_new + adam * vel)
-                m.assign(adam * m_new + sgd * m)
-                v.assign(adam * v_new + sgd * v)
-            self.t.assign(step_t)
-            return {"loss": loss}
-
-        @t.function(input_signature=[])
-        def get_weights(self) -> Any:
-            return {
-                "W": t.identity(self.W),
-                "b": t.identity(self.b),
-                "mask": t.identity(self.mask),
-                "anchor": t.identity(self.anchor),
-            }
-
-        @t.function(
-            input_signature=[
-                t.TensorSpec([d, c], t.float32, name="W"),
-                t.TensorSpec([c], t.float32, name="b"),
-                t.TensorSpec([c], t.float32, name="mask"),
-                t.TensorSpec([d, c], t.float32, name="anchor"),
-            ]
-        )
-        def set_weights(self, W: Any, b: Any, mask: Any, anchor: Any) -> Any:
-            for var, value in ((self.W, W), (self.b, b), (self.mask, mask), (self.anchor, anchor)):
-                var.assign(value)
-            for var in (self.vel_W, self.vel_b, self.m_W, self.m_b, self.v_W, self.v_b):
-                var.assign(t.zeros_like(var))
-            self.t.assign(0.0)
-            return {"ok": t.constant(1.0)}
-
-    head = Head()
-    fns = [
-        head.infer.get_concrete_function(),
-        head.train.get_concrete_function(),
-        head.get_weights.get_concrete_function(),
-        head.set_weights.get_concrete_function(),
-    ]
-    conv = t.lite.TFLiteConverter.from_concrete_functions(fns, head)
-    conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS]
-    conv.experimental_enable_resource_variables = True
-    from edgetl._quiet import native_output_silenced
-
-    with native_output_silenced():  # the converter prints from C++
-        return conv.convert()

@@ -71,10 +71,7 @@ LOOP_INPUTS = {
 LOOP_OUTPUTS = {opt: tuple(state_output(s) for s in STATE[opt]) + ("losses",) for opt in OPTIMIZERS}
 
 #: Signatures of :func:`head_tflite_loop` and their inputs: the head contract's, plus ``train_steps``.
-_TFLITE_LOOP_SIGNATURES = {
-    **TFLITE_SIGNATURES,
-    "train_steps": TFLITE_SIGNATURES["train"][:2] + ("order", "row_weight") + TFLITE_SIGNATURES["train"][2:],
-}
+_TFLITE_LOOP_SIGNATURES = TFLITE_SIGNATURES
 
 
 def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) -> bytes:
@@ -407,12 +404,12 @@ def _adam_schedule_nodes(h: Any) -> list[Any]:
 def head_tflite_loop(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
     """The head as a TFLite model (builtin ops only) that can also train many steps per invoke.
 
-    Signatures (all tensors float32 unless noted), the first four as in
-    :func:`edgetl.host._head_graphs.head_tflite`:
+    This is the bundle's ``head.tflite``. Signatures (all tensors float32 unless noted;
+    names from :data:`edgetl.bundle._head.TFLITE_SIGNATURES`):
 
         infer(embedding[B,D]) -> probabilities[B,C]
         train(embedding[B,D], labels[B,C], lr, l2, momentum, optimizer) -> loss
-        get_weights() -> W, b, mask, anchor
+        get_weights(unused) -> W, b, mask, anchor   (``unused`` is ignored: see the head contract)
         set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
         train_steps(embedding[N,D], labels[N,C], order[S,B] int64, row_weight[S,B], lr, l2,
                     momentum, optimizer) -> losses[S]
@@ -632,7 +629,7 @@ class _LoopHead:
         self.t.assign(self.t + t.cast(plan["steps"], t.float32))
         return losses
 
-    def get_weights(self) -> Any:
+    def get_weights(self, unused: Any) -> Any:  # unused: see edgetl.bundle._head.TFLITE_SIGNATURES
         t = tf()
         return {
             "W": t.identity(self.W),

@@ -23,7 +23,7 @@ from edgetl.bundle._head import initial_state, masked_softmax, reference_step
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer, plan_steps
 from edgetl.errors import InputError
-from edgetl.host._head_graphs import head_infer_onnx, head_tflite, head_train_onnx
+from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
 from edgetl.host._head_loop_graphs import LOOP_INPUTS, LOOP_OUTPUTS, head_tflite_loop, head_train_loop_onnx
 
 D, C, N = 6, 5, 11  # 11 examples in batches of 4: every epoch ends with a batch of 3
@@ -60,7 +60,7 @@ def onnx_models():
 @pytest.fixture(scope="module")
 def tflite_models(data):
     _, _, head = data
-    return {"loop": head_tflite_loop(head.W, head.b, head.mask), "step": head_tflite(head.W, head.b, head.mask)}
+    return {"loop": head_tflite_loop(head.W, head.b, head.mask), "step": head_tflite_loop(head.W, head.b, head.mask)}
 
 
 def session(model):
@@ -242,7 +242,7 @@ def test_tflite_train_steps_equals_train_signature_and_reference(data, tflite_mo
             )["losses"]
         else:
             losses = np.array([float(train(embedding=emb[idx], labels=onehot[idx], **hyper)["loss"]) for idx in steps])
-        runs[name] = (it.get_signature_runner("get_weights")(), losses)
+        runs[name] = (it.get_signature_runner("get_weights")(unused=np.float32(0)), losses)
     ref, ref_losses = run_reference(
         head, emb, onehot, warmup + steps, optimizer, initial_state(head.W, head.b, optimizer)
     )

@@ -23,26 +23,280 @@ def _tool(name: str):
     return module
 
 
-def test_store_survives_sigkill_during_commits(tmp_path, digits_bundle):
-    stats = _tool("kill_test").run(digits_bundle[0].path, tmp_path / "store", kills=25, seed=0)
-    assert stats["survived"] == 25 and stats["versions_lost"] == 0
-    assert stats["commits_seen"] > 25  # the kills landed among real commits
+def test_store_survives_kills_at_every_step_of_a_commit(tmp_path, digits_bundle):
+    stats = _tool("kill_test").run(digits_bundle[0].path, tmp_path / "store", per_step=2, random_kills=5, seed=0)
+    steps = stats["steps_per_commit"]
+    assert steps == 10  # version file: create, write, fsync, rename, fsync dir; then the pointer's five
+    per_step = {k: v for k, v in stats["kills_per_step"].items() if k.startswith("step")}
+    assert len(per_step) == steps and all(n == 2 for n in per_step.values()), per_step  # every step killed
+    assert stats["kills"] == 2 * steps + 5 and stats["commits_seen"] > stats["kills"]
 
 
-def test_fuzzed_bundles_and_archives_only_raise_bundle_errors(digits_bundle):
-    stats = _tool("fuzz_bundle").run(digits_bundle[0].path, cases=220, seed=0)  # 20 per mutation kind
-    outcomes = stats["outcomes"]
-    for kind in (
-        "truncate",
-        "missing_file",
-        "hostile_path",
-        "symlink_outside",
-        "deep_nesting",
-        "zip_slip",
-        "corrupt_archive",
-    ):
-        assert outcomes.get(f"{kind}:refused") == 20 and f"{kind}:opened" not in outcomes, kind
-    assert outcomes.get("unknown_fields:opened") == 20  # forward compatible: ignored, not refused
+def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
+    """check_store refuses each kind of damage a kill could do (so the kill test can fail)."""
+    import shutil
+    from dataclasses import replace
+
+    import numpy as np
+
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
+    from edgetl.errors import StoreError
+
+    kill = _tool("kill_test")
+    bundle = digits_bundle[0]
+    factory = HeadState.factory(bundle)
+    good = tmp_path / "good"
+    store = HeadStore(good, bundle)
+    for step in (1, 2, 3):
+        store.commit(replace(factory, W=factory.W + np.float32(step)), {"step": step})
+    assert kill.check_store(good, bundle, factory, 3)["active"] == 3
+
+    def damaged(name, damage):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        damage(path)
+        return path
+
+    with pytest.raises(AssertionError, match="older than committed"):  # a committed version lost
+        kill.check_store(good, bundle, factory, 4)
+    flipped = damaged("flipped", lambda p: (p / "v000001.npz").write_bytes(b"\0" + (p / "v000001.npz").read_bytes()))
+    with pytest.raises(StoreError, match="sha256"):  # an old version, not the active one
+        kill.check_store(flipped, bundle, factory, 3)
+    wrong = damaged("wrong", lambda p: HeadStore(p, bundle).commit(factory, {"step": 9}))
+    with pytest.raises(AssertionError, match="another version's weights"):
+        kill.check_store(wrong, bundle, factory, 3)
+    stray = damaged("stray", lambda p: (p / "ACTIVE.json.bak").write_text("{}"))
+    with pytest.raises(AssertionError, match="unexpected file"):
+        kill.check_store(stray, bundle, factory, 3)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+# Operations on a bundle directory or archive (read_bundle, unpack_bundle): fast, 20 per kind.
+READ_KINDS = [
+    "truncate",
+    "bit_flip",
+    "json_type",
+    "huge_shape",
+    "deep_nesting",
+    "unknown_fields",
+    "hostile_path",
+    "symlink_outside",
+    "manifest_symlink",
+    "missing_file",
+    "zip_slip",
+    "corrupt_archive",
+    "archive_entries",
+]
+# Classifier.open + use on rehashed model and .npz mutations: ~0.06 s each, 9 per kind.
+OPEN_KINDS = [
+    "model_bytes",
+    "model_swap",
+    "head_nonfinite",
+    "head_pickle",
+    "head_huge",
+    "head_missing_key",
+    "head_dtype",
+    "head_shape",
+    "replay_nonfinite",
+    "replay_pickle",
+    "replay_huge",
+    "replay_missing_key",
+    "replay_labels",
+    "replay_shape",
+    "npz_garbage",
+    "npz_extra_keys",
+]
+PER_OPEN_KIND = 9
+
+
+@pytest.fixture(scope="module")
+def fuzz():
+    return _tool("fuzz_bundle")
+
+
+@pytest.fixture(scope="module")
+def read_fuzz(fuzz, digits_bundle):
+    return fuzz.run(digits_bundle[0].path, cases=20 * len(READ_KINDS), seed=0, kinds=READ_KINDS)
+
+
+def test_fuzzed_bundles_and_archives_only_raise_bundle_errors(fuzz, read_fuzz):
+    assert not read_fuzz["findings"], fuzz.table(read_fuzz)
+    kinds = read_fuzz["kinds"]
+    for kind in ("truncate", "deep_nesting", "hostile_path", "symlink_outside", "manifest_symlink", "missing_file"):
+        assert kinds[kind]["refused"] == 20, kind  # hostile: every one refused, for the right reason
+    for kind in ("zip_slip", "archive_entries"):
+        assert kinds[kind]["refused"] == 20, kind
+    assert kinds["unknown_fields"]["opened"] == 20  # forward compatible: ignored, not refused
+
+
+@pytest.fixture(scope="module")
+def open_fuzz(fuzz, digits_bundle):
+    return fuzz.run(digits_bundle[0].path, cases=PER_OPEN_KIND * len(OPEN_KINDS), seed=0, kinds=OPEN_KINDS)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    OPEN_KINDS,
+)
+def test_fuzzed_classifier_open_and_npz_arrays(fuzz, open_fuzz, kind):
+    """Classifier.open (both backends) and the use that follows on rehashed mutations: a clean
+    open or an EdgeTLError; NaN/inf, pickles, wrong shapes and dtypes refused."""
+    assert open_fuzz["kinds"][kind]["cases"] == PER_OPEN_KIND
+    found = [f for f in open_fuzz["findings"] if f["kind"] == kind]
+    assert not found, "\n".join(f"case {f['case']} [{f['note']}]: {f['finding']}" for f in found)
+
+
+# Targets the fuzzer's worker imports from this file (``targets=``) to prove each check can fail.
+
+
+def naive_unpack(archive, out):
+    """An unpacker without name checks: every entry is written where its name says."""
+    import zipfile
+
+    from edgetl.bundle import read_bundle
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    with zipfile.ZipFile(archive) as z:
+        for info in z.infolist():
+            if not info.is_dir():
+                dest = out / info.filename  # an absolute name replaces `out` altogether
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(z.read(info))
+    return read_bundle(out)
+
+
+def naive_read(path):
+    """A reader that checks sizes and hashes but not where a name leads."""
+    import hashlib
+
+    root = Path(path)
+    for a in json.loads((root / "manifest.json").read_text())["artifacts"]:
+        f = root / a["file"]
+        if not f.is_file():
+            raise BundleError(f"artifact {a['file']!r} is missing")
+        if hashlib.sha256(f.read_bytes()).hexdigest() != a["sha256"]:
+            raise BundleError(f"artifact {a['file']!r} fails its sha256 check")
+
+
+def missing_read(path):
+    """Refuses everything as missing: the wrong reason for a hostile path."""
+    raise BundleError("artifact is missing from the bundle")
+
+
+def naive_open(path, backend, precision, store):
+    """Loads the factory head with pickles allowed and no checks."""
+    import numpy as np
+
+    with np.load(Path(path) / "head_init.npz", allow_pickle=True) as f:
+        return {k: f[k] for k in f.files}
+
+
+def hang(**_):
+    """Never answers."""
+    import time
+
+    time.sleep(3600)
+
+
+def crash(**_):
+    """Kills the worker (SIGABRT)."""
+    import os
+
+    os.abort()
+
+
+def type_error(**_):
+    """Raises an exception that is no EdgeTLError."""
+    raise TypeError("not an EdgeTLError")
+
+
+def silent_refusal(**_):
+    """A BundleError without a message."""
+    raise BundleError("")
+
+
+def input_error(**_):
+    """An EdgeTLError, but not the BundleError a bundle operation owes."""
+    from edgetl.errors import InputError
+
+    raise InputError("an InputError where a BundleError is due")
+
+
+def tamper_decoy(path):
+    """Changes a file outside the case, keeping its size and restoring its mtime: only the
+    snapshot's content hash and ctime can see it."""
+    import os
+
+    decoy = Path(path).parents[3] / "outside" / "manifest.json"
+    st = decoy.stat()
+    data = bytearray(decoy.read_bytes())
+    data[0] ^= 1
+    decoy.write_bytes(bytes(data))
+    os.utime(decoy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    raise BundleError("refused, after tampering")
+
+
+def leave_temp(archive, out):
+    """Refuses, leaving a temporary directory next to the target."""
+    (Path(out).parent / ".u.edgetl.tmp-left-behind").mkdir()
+    raise BundleError("corrupt archive, temporary directory left behind")
+
+
+def _findings(fuzz, bundle, kinds, cases, op, target, **kw):
+    stats = fuzz.run(bundle, cases=cases, seed=0, kinds=kinds, targets={op: f"{__file__}:{target}"}, **kw)
+    return stats, stats["findings"]
+
+
+def test_the_escape_check_sees_a_naive_unpacker_write_outside(fuzz, digits_bundle):
+    stats, found = _findings(fuzz, digits_bundle[0].path, ["zip_slip"], 18, "unpack", "naive_unpack")
+    per_case = {}
+    for f in found:
+        per_case.setdefault(f["case"], (f["note"], []))[1].append(f["finding"])
+    assert len(per_case) == 18  # every hostile archive was accepted by the naive unpacker, and reported
+    assert all("accepted hostile input" in fs for _, fs in per_case.values())
+    wrote = {note for note, fs in per_case.values() if any(x.startswith("wrote outside its output") for x in fs)}
+    assert {"dotdot", "absolute", "escape"} <= wrote, per_case
+    lines = [x for _, fs in per_case.values() for x in fs]
+    assert any("escaped-" in x and "created" in x for x in lines)  # ../../ next to the case root
+    assert any("/outside/" in x and "changed" in x for x in lines)  # a real decoy file overwritten
+
+
+@pytest.mark.parametrize(
+    "target, kinds, expected",
+    [
+        ("naive_read", ["hostile_path", "symlink_outside", "manifest_symlink"], "accepted hostile input"),
+        ("missing_read", ["hostile_path", "symlink_outside"], "refused for the wrong reason"),
+        ("missing_read", ["unknown_fields"], "refused benign input"),
+        ("type_error", ["missing_file"], "raised builtins.TypeError (not an EdgeTLError)"),
+        ("silent_refusal", ["missing_file"], "BundleError without a message"),
+        ("input_error", ["missing_file"], "not a BundleError"),
+        ("crash", ["missing_file"], "crash: worker died with exit code -6"),
+        ("tamper_decoy", ["missing_file"], "wrote outside its output: changed"),
+    ],
+)
+def test_each_fuzz_check_can_fail(fuzz, digits_bundle, target, kinds, expected):
+    cases = 4 * len(kinds)
+    stats, found = _findings(fuzz, digits_bundle[0].path, kinds, cases, "read", target)
+    assert {f["case"] for f in found if expected in f["finding"]} == set(range(cases)), fuzz.table(stats)
+
+
+def test_the_fuzzer_bounds_a_hang_and_sees_leftovers(fuzz, digits_bundle):
+    stats, found = _findings(fuzz, digits_bundle[0].path, ["missing_file"], 1, "read", "hang", hang_seconds=3)
+    assert [f["finding"][:5] for f in found] == ["hang:"]
+    stats, found = _findings(fuzz, digits_bundle[0].path, ["corrupt_archive"], 2, "unpack", "leave_temp")
+    assert all(".u.edgetl.tmp-left-behind" in f["finding"] for f in found) and len(found) == 2
+
+
+def test_the_fuzzer_sees_an_unpickling_loader(fuzz, digits_bundle):
+    """A loader that allows pickles runs the planted payload (it creates a directory): the
+    snapshot reports it, and the hostile head counts as accepted."""
+    stats, found = _findings(fuzz, digits_bundle[0].path, ["head_pickle", "head_nonfinite"], 4, "open", "naive_open")
+    text = [f["finding"] for f in found]
+    assert any("created" in t and "UNPICKLED" in t for t in text), fuzz.table(stats)
+    assert sum(t == "accepted hostile input" for t in text) == 4
 
 
 JSON = st.recursive(
