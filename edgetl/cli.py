@@ -97,7 +97,22 @@ def _add_training_args(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    if transfer:
+    if transfer:  # `pretrain` trains every layer on arrays in memory
+        p.add_argument(
+            "--streaming",
+            choices=("auto", "on", "off"),
+            default=d["streaming"],
+            help="read image folders (and uncompressed .npz) lazily from disk instead of into memory: auto streams "
+            "when loading into memory would take more than half the available memory (default: %(default)s)",
+        )
+        p.add_argument(
+            "--no-embedding-cache",
+            dest="embedding_cache",
+            action="store_false",
+            default=d["embedding_cache"],
+            help="for streamed data, do not keep the backbone's embeddings in the on-disk cache ($EDGETL_CACHE_DIR, "
+            "default ~/.cache/edgetl) that later runs and export reuse",
+        )
         _add_transfer_args(p, d)
 
 
@@ -297,6 +312,11 @@ def _parser_personalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="head store directory (created if missing)")
     _add_device_args(p)
     p.add_argument(
+        "--no-keep-examples",
+        action="store_true",
+        help="do not keep the examples in the store (a new bundle cannot rebuild the head)",
+    )
+    p.add_argument(
         "--add-classes",
         action="store_true",
         help="labels the head does not know become new classes (up to its capacity)",
@@ -357,9 +377,16 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("history", "rollback", "reset"))
+    p.add_argument("action", choices=("history", "rollback", "reset", "examples", "migrate", "forget", "trust"))
+    p.add_argument(
+        "target", nargs="?", metavar="BUNDLE|PUBKEY", help="migrate: the new bundle; trust: a public key (PEM)"
+    )
     p.add_argument("--store", required=True)
     p.add_argument("--bundle", help="the store's bundle (needed only to verify it belongs to it)")
+    p.add_argument("--label", help="forget: the class whose examples (and every head trained on them) are destroyed")
+    p.add_argument("--all", action="store_true", help="forget: every kept example and every personalized head")
+    p.add_argument("--backend", choices=("onnxruntime", "litert"), help="migrate: the runtime that retrains the head")
+    _add_trust_arg(p)
 
 
 def _parser_keygen(p: argparse.ArgumentParser) -> None:
@@ -450,7 +477,14 @@ def _load_training_data(args: argparse.Namespace) -> Any:
     if shape is not None and len(shape) == 3:
         image_size = image_size or (shape[0], shape[1])
         channels = channels or shape[2]
-    return load_dataset(args.data, image_size=image_size, channels=channels, label_column=args.label_column)
+    # `pretrain` trains every layer on arrays in memory; `train` may stream (--streaming).
+    streaming = getattr(args, "streaming", "off")
+    data = load_dataset(
+        args.data, image_size=image_size, channels=channels, label_column=args.label_column, streaming=streaming
+    )
+    if streaming != "off":
+        print(f"data: {data.loading}")
+    return data
 
 
 def _train_config_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,6 +517,8 @@ def _train_config_fields(args: argparse.Namespace) -> dict[str, Any]:
             fine_tune_layers=args.fine_tune_layers,
             fine_tune_epochs=args.fine_tune_epochs,
             fine_tune_learning_rate=args.fine_tune_learning_rate,
+            streaming=args.streaming,
+            embedding_cache=args.embedding_cache,
         )
     return out
 
@@ -708,6 +744,7 @@ def _run_personalize(args: argparse.Namespace) -> int:
     p = Personalizer(
         clf,
         args.store,
+        keep_examples=not args.no_keep_examples,
         holdout_fraction=args.holdout,
         margin=args.margin,
         forget_margin=args.forget_margin,
@@ -770,18 +807,81 @@ def _run_store(args: argparse.Namespace) -> int:
     if args.bundle:
         from edgetl.bundle import read_bundle
 
-        bundle = read_bundle(args.bundle)
+        bundle = read_bundle(args.bundle, trust=args.trust)
     store = HeadStore(args.store, bundle)
-    if args.action == "rollback":
-        print(f"active version {store.rollback()}")
-    elif args.action == "reset":
-        print(f"active version {store.reset()} (factory head)")
-    else:
-        print(f"active version {store.active_version}")
-        for h in store.history():
-            extra = h.get("metrics") or ({"from": h["from"]} if "from" in h else {})
-            print(f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}")
+    action = STORE_ACTIONS[args.action]
+    return action(store, args)
+
+
+def _store_history(store: Any, args: argparse.Namespace) -> int:
+    print(f"active version {store.active_version}")
+    for h in store.history():
+        extra = h.get("metrics") or {k: h[k] for k in ("from", "kind", "reason", "versions_removed") if k in h}
+        print(f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}")
     return 0
+
+
+def _store_rollback(store: Any, args: argparse.Namespace) -> int:
+    print(f"active version {store.rollback()}")
+    return 0
+
+
+def _store_reset(store: Any, args: argparse.Namespace) -> int:
+    print(f"active version {store.reset()} (factory head)")
+    return 0
+
+
+def _store_examples(store: Any, args: argparse.Namespace) -> int:
+    examples = store.examples()
+    if examples is None:
+        print("no kept examples")
+        return 0
+    summary = examples.summary()
+    for label, info in sorted(summary["classes"].items()):
+        print(f"{label:<24} {info['count']:>6} examples {info['bytes']:>10,} bytes")
+    print(f"total {summary['total_bytes']:,} bytes of a {summary['budget_bytes']:,}-byte budget")
+    return 0
+
+
+def _store_migrate(store: Any, args: argparse.Namespace) -> int:
+    from edgetl.bundle import read_bundle
+
+    if not args.target:
+        raise InputError("store migrate needs the new bundle: edgetl store migrate --store S NEW.edgetl")
+    new = read_bundle(args.target, trust=args.trust)
+    print(store.migrate(new, backend=args.backend, trust=args.trust).describe())
+    return 0
+
+
+def _store_forget(store: Any, args: argparse.Namespace) -> int:
+    if bool(args.label) == bool(args.all):
+        raise InputError("store forget takes exactly one of --label L or --all")
+    done = store.forget(None if args.all else args.label)
+    what = "everything personal" if args.all else f"class {args.label!r}"
+    print(
+        f"forgot {what}: {done['examples']} kept examples and head versions {done['versions'] or 'none'} destroyed; "
+        f"active version {done['active']}"
+    )
+    return 0
+
+
+def _store_trust(store: Any, args: argparse.Namespace) -> int:
+    keys = [args.target, *(args.trust or [])] if args.target else list(args.trust or [])
+    if not keys:
+        raise InputError("store trust needs a public key: edgetl store trust --store S vendor.pub")
+    print(f"bundles this store migrates to must be signed by key(s) {', '.join(store.set_trust(keys))}")
+    return 0
+
+
+STORE_ACTIONS = {
+    "history": _store_history,
+    "rollback": _store_rollback,
+    "reset": _store_reset,
+    "examples": _store_examples,
+    "migrate": _store_migrate,
+    "forget": _store_forget,
+    "trust": _store_trust,
+}
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -839,7 +939,11 @@ COMMANDS: dict[
         _run_bench,
     ),
     "report": ("one self-contained HTML page for a run or a bundle (works offline)", _parser_report, _run_report),
-    "store": ("inspect or move a head store: history, rollback, reset", _parser_store, _run_store),
+    "store": (
+        "a head store: history, rollback, reset, examples (kept), migrate (to a new bundle), forget, trust",
+        _parser_store,
+        _run_store,
+    ),
 }
 
 

@@ -212,6 +212,7 @@ def _device_story(
     )
     out: dict[str, Any] = {"export": export_demo_bundle(out_path, halves, echo)}
     out["personalization"] = personalize_demo(out_path, halves, echo)
+    out["migration"] = migration_demo(out_path, halves, echo)
     bench = bench_bundle(read_bundle(out_path / "digits.edgetl"), data=(halves.test.x, halves.test.y), runs=30)
     out["report"] = str(write_report(out_path / "digits.edgetl", out_path / "report.html", bench=bench))
     echo(f"  report (training curves, confusion matrix, quantization, parity, benchmark): {out['report']}")
@@ -310,21 +311,32 @@ def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -
 USER_SHOTS = 10  # labelled examples per class the new user gives
 
 
-def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
-    """A new user draws digits differently (thicker, slanted): personalize the head on the
-    device with each backend, and compare with the same head retrained on the host by Keras."""
-    import tempfile
-
+def _new_user(halves: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The new user's digits (thicker, slanted): USER_SHOTS per class to adapt on, the rest to test."""
     from edgetl.data import restyle_digits
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._personalizer import Personalizer
-    from edgetl.host._reference_head import keras_retrain
 
     x = restyle_digits(halves.test.x)
     labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
     rng = np.random.default_rng(0)
     adapt = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:USER_SHOTS] for c in halves.test.class_names])
-    test = np.setdiff1d(np.arange(len(x)), adapt)
+    return x, labels, adapt, np.setdiff1d(np.arange(len(x)), adapt)
+
+
+def _accuracy(clf: Any, x: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(clf.predict(x).labels) == labels))
+
+
+def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
+    """A new user draws digits differently (thicker, slanted): personalize the head on the
+    device with each backend (a store per backend under ``out/stores``, examples kept), and
+    compare with the same head retrained on the host by Keras."""
+    import shutil
+
+    from edgetl.device._classifier import Classifier
+    from edgetl.device._personalizer import Personalizer
+    from edgetl.host._reference_head import keras_retrain
+
+    x, labels, adapt, test = _new_user(halves)
     echo("")
     echo(
         f"  a new user draws digits thicker and slanted; {USER_SHOTS} of their examples per class personalize the "
@@ -333,30 +345,78 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
     rows: dict[str, Any] = {}
     for backend in ("onnxruntime", "litert"):
         clf = Classifier.open(out / "digits.edgetl", backend=backend)
-        before = float(np.mean(np.asarray(clf.predict(x[test]).labels) == labels[test]))
-        with tempfile.TemporaryDirectory() as store:
-            p = Personalizer(clf, store)
-            t0 = time.perf_counter()
-            p.add_examples(x[adapt], labels[adapt])
-            p.train()
-            train_seconds = time.perf_counter() - t0
-            committed = p.commit()
-        after = float(np.mean(np.asarray(clf.predict(x[test]).labels) == labels[test]))
+        before = _accuracy(clf, x[test], labels[test])
+        store = out / "stores" / backend
+        shutil.rmtree(store, ignore_errors=True)
+        p = Personalizer(clf, store)
+        t0 = time.perf_counter()
+        p.add_examples(x[adapt], labels[adapt])
+        p.train()
+        train_seconds = time.perf_counter() - t0
+        committed = p.commit()
+        after = _accuracy(clf, x[test], labels[test])
         rows[backend] = {"before": before, "after": after, "seconds": train_seconds, "committed": committed.accepted}
         verdict = "accepted" if committed.accepted else f"rejected: {committed.reason}"
         echo(
             f"    on the device, {backend:<11}: accuracy {before:.3f} -> {after:.3f} (embed + train "
-            f"{train_seconds:.2f}s; guard score {committed.active_accuracy:.3f} -> {committed.candidate_accuracy:.3f}, "
-            f"{verdict})"
+            f"{train_seconds:.2f}s; guard score {committed.active_accuracy:.3f} -> "
+            f"{committed.candidate_accuracy:.3f}, {verdict})"
         )
         if backend == "onnxruntime":  # host reference: the same data, head, settings and batches
             emb, names = p.training_set()
-            ref_head = keras_retrain(clf.factory, emb, p.onehot(names, clf.factory), p.settings)
-            clf.set_head(ref_head, -1)
-            reference = float(np.mean(np.asarray(clf.predict(x[test]).labels) == labels[test]))
+            clf.set_head(keras_retrain(clf.factory, emb, p.onehot(names, clf.factory), p.settings), -1)
+            reference = _accuracy(clf, x[test], labels[test])
     rows["host_keras"] = {"after": reference}
     echo(
         f"    on the host, Keras retraining the same head: accuracy {reference:.3f} (device - host: "
         f"{(rows['onnxruntime']['after'] - reference) * 100:+.2f} points)"
     )
+    return rows
+
+
+def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
+    """A new bundle arrives (the backbone fine-tuned one more phase): each device store moves
+    to it, rebuilding the user's head from the examples it kept."""
+    from edgetl.device._classifier import Classifier
+    from edgetl.device._store import HeadStore
+    from edgetl.host._export import export_bundle
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
+
+    config = TrainConfig(
+        backbone=str(out / "source_run"),
+        fine_tune_layers=2,
+        fine_tune_epochs=5,
+        val_fraction=0.1,
+        test_fraction=0.0,
+        seed=0,
+    )
+    run = save_run(train_transfer(halves.train, config), out / "target_run_v2", kind="train", overwrite=True)
+    new = export_bundle(
+        run, out / "digits_v2.edgetl", calibration=halves.train, evaluation=halves.test, version="2", overwrite=True
+    ).bundle
+    x, labels, _, test = _new_user(halves)
+    echo("")
+    echo(
+        f"  a new bundle arrives ({new.path.name}: the backbone fine-tuned one more phase); each store migrates to it:"
+    )
+    rows: dict[str, Any] = {}
+    for backend in ("onnxruntime", "litert"):
+        old = Classifier.open(out / "digits.edgetl", backend=backend, store=out / "stores" / backend)
+        personalized = _accuracy(old, x[test], labels[test])
+        factory = _accuracy(Classifier.open(new.path, backend=backend), x[test], labels[test])
+        result = HeadStore(out / "stores" / backend, old.bundle).migrate(new, backend=backend)
+        migrated = _accuracy(
+            Classifier.open(new.path, backend=backend, store=out / "stores" / backend), x[test], labels[test]
+        )
+        rows[backend] = {
+            "personalized_old": personalized,
+            "new_factory": factory,
+            "migrated": migrated,
+            "kind": result.kind,
+        }
+        echo(
+            f"    {backend:<11}: old bundle personalized {personalized:.3f}; new bundle factory head {factory:.3f} -> "
+            f"after migration {migrated:.3f} ({result.kind})"
+        )
     return rows

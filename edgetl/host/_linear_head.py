@@ -301,10 +301,11 @@ class Standardization:
 
 
 # A dimension that never varies on the training split carries no information about the
-# task. Its variance is replaced by this (huge) value so it is multiplied by ~1e-6 instead
-# of being divided by ~0: a unit that is dead on the training data and fires on the
-# device cannot inject unbounded values into the head.
-_DEAD_VARIANCE = 1e12
+# task (its head weights stay 0). It is scaled like a typical dimension (the median
+# variance of the others), neither divided by ~0 (a unit dead on the training data that
+# fires on the device would inject huge values into the head) nor multiplied by ~1e-6 (as
+# edgetl did before: the standardization's 1/std vector then spanned many orders of
+# magnitude, and int8 quantization of that vector as one tensor rounded most of it to 0).
 # Trained networks produce embeddings of order 1e-3..1e3; a randomly initialised
 # keras.applications network in inference mode collapses them to ~1e-16 (measured on
 # MobileNetV2-0.35), where float32 arithmetic in the convolutions is mostly rounding.
@@ -327,5 +328,6 @@ def standardization(e: np.ndarray) -> Standardization:
     # Relative to the embedding's own scale: float32 rounding of a constant output is ~1e-7.
     alive = std > max(1e-6 * scale, 1e-30)
     mean = e.mean(axis=0)
-    var = np.where(alive, std**2, _DEAD_VARIANCE)
+    typical = float(np.median(std[alive] ** 2)) if alive.any() else 1.0
+    var = np.where(alive, std**2, typical)
     return Standardization(mean.astype(np.float32), var.astype(np.float32), int((~alive).sum()), scale)

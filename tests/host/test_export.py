@@ -116,8 +116,8 @@ def test_tflite_head_signatures_train_add_class_and_reset(full_bundle):
 
     bundle, _ = full_bundle
     interpreter = Interpreter(model_path=str(bundle.artifact("head", "tflite")))
-    assert set(interpreter.get_signature_list()) == {"infer", "train", "get_weights", "set_weights"}
-    w = interpreter.get_signature_runner("get_weights")()
+    assert set(interpreter.get_signature_list()) == {"infer", "train", "get_weights", "set_weights", "train_steps"}
+    w = interpreter.get_signature_runner("get_weights")(unused=np.float32(0))
     n = len(bundle.labels)
     assert w["mask"].tolist() == [1.0] * n + [0.0] * (len(w["mask"]) - n)
     emb = np.load(bundle.artifact("parity", "npz"))["embeddings"][:10]

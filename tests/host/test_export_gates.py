@@ -174,3 +174,38 @@ def test_int8_onnx_choice_never_prefers_a_candidate_that_fails_its_gate(digits_t
     assert chosen == "good_slow"
     chosen, stats = choose_int8_onnx({"good_slow": good_slow, "good_fast": good_fast}, x, y, x, reference=reference)
     assert chosen == "good_fast"
+
+
+def test_int8_onnx_choice_treats_two_points_as_a_tie(digits_target):
+    """Accuracy differences the test sets exactly (labels chosen on the examples where two
+    candidates disagree): 1-1.5 points better but slower loses to the faster (a tie, below
+    INT8_ACCURACY_TIE); 3-3.5 points better wins although slower."""
+    from edgetl.host._export import INT8_ACCURACY_TIE, choose_int8_onnx
+
+    x = digits_target.x[:200].astype(np.float32)
+    flat = x.reshape(len(x), -1)
+    means = np.stack([x[digits_target.y[:200] == c].reshape(-1, 64).mean(0) for c in range(5)], axis=1)
+    W = (means - means.mean(1, keepdims=True)).astype(np.float32) * 0.05
+    exact = (flat @ W).argmax(1)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # a perturbed W that disagrees on 8-30 of 200, and agrees on the gate's 32
+        W2 = (W + rng.normal(0, 0.3 * np.abs(W).mean(), W.shape)).astype(np.float32)
+        other = (flat @ W2).argmax(1)
+        differ = np.flatnonzero(other != exact)
+        if 8 <= len(differ) <= 30 and np.all(other[:32] == exact[:32]):
+            break
+    else:
+        pytest.fail("no perturbation with a controlled disagreement found")
+    logits = flat @ W
+    reference = (x[:32], np.exp(logits - logits.max(1, keepdims=True))[:32])
+    candidates = {"exact_slow": _linear_onnx(W, slow_chain=40), "other_fast": _linear_onnx(W2)}
+    k = len(differ)
+    for lead, expected in ((2, "other_fast"), (6, "exact_slow")):
+        t = (k - lead) // 2  # where the labels side with the fast one: exact leads by (k - 2t) / 200
+        y = exact.copy()
+        y[differ[:t]] = other[differ[:t]]
+        chosen, stats = choose_int8_onnx(candidates, x, y, x, reference=reference)
+        gap = stats["exact_slow"]["accuracy"] - stats["other_fast"]["accuracy"]
+        assert (gap < INT8_ACCURACY_TIE) == (lead == 2) and gap > 0, gap
+        assert stats["other_fast"]["latency_ms"] < stats["exact_slow"]["latency_ms"]
+        assert chosen == expected, (gap, stats)

@@ -336,3 +336,22 @@ def test_pretrain_validates_the_network_inference_will_run():
     assert val[-1] >= 0.45 and val[-1] >= val[0] + 0.15, val  # chance is 0.2
     assert train[-1] - val[-1] <= 0.2, (train, val)
     assert result.metrics["test_accuracy"] >= 0.4
+
+
+def test_dead_embedding_dimensions_are_scaled_like_a_typical_one():
+    """A dimension constant on the training split gets the median variance: its factor lies
+    inside the others' range (int8 quantizes the 1/std vector as one tensor: a 1e-6 factor
+    stretched that range so most factors rounded to 0), and it cannot blow up on the device."""
+    from edgetl.host._linear_head import standardization
+
+    rng = np.random.default_rng(0)
+    e = np.c_[rng.normal(50, [1, 2, 4, 8], (500, 4)), np.full(500, 3.0)]
+    st = standardization(e)
+    factors = 1 / np.sqrt(st.variance)
+    assert st.constant_dims == 1
+    assert factors[:4].min() <= factors[4] <= factors[:4].max()
+    assert factors[4] == pytest.approx(1 / np.sqrt(np.median(e[:, :4].var(0))), rel=1e-3)
+    np.testing.assert_allclose(st.apply(e)[:, :4].std(0), 1, rtol=1e-3)
+    fired = e[:1].copy()
+    fired[0, 4] = 400.0  # dead in training, fires on the device: a bounded, typical-scale value
+    assert abs(st.apply(fired)[0, 4]) < 400 * factors[:4].max()
