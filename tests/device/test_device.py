@@ -143,6 +143,7 @@ def test_add_class_by_imprinting_then_training(tmp_path, digits_bundle, backend)
         clf.set_head(head, -1)
         return np.mean(np.asarray(clf.predict(zeros[15:]).labels) == "zero"), accuracy(clf, old_x, old_y)
 
+    before_old = scores(clf.factory)[1]  # the factory head, before adding
     imprint_new, imprint_old = scores(p._base)  # imprinted, before any training
     clf.set_head(clf.factory, 0)
     p.train()
@@ -150,10 +151,11 @@ def test_add_class_by_imprinting_then_training(tmp_path, digits_bundle, backend)
     assert result.accepted, result
     assert clf.head.labels[-1] == "zero" and clf.head.mask.sum() == 6 and clf.head_version == 1
     trained_new, trained_old = scores(clf.head)
-    # chance is 1/6. Imprinting alone recognises the new class; training keeps it recognised
-    # and the old classes stay recognised.
-    assert imprint_new > 0.5 and trained_new > 0.5, (imprint_new, trained_new)
-    assert trained_old > 0.9 and trained_old >= imprint_old - 0.02, (imprint_old, trained_old)
+    # The issue 12 target (class-balanced training): new-class recall at least imprinting's
+    # (measured 0.865 -> 0.908 on both backends) and old-class accuracy within 2 points of
+    # before adding (measured 0.997 -> 0.997). Chance is 1/6.
+    assert imprint_new > 0.5 and trained_new >= imprint_new, (imprint_new, trained_new)
+    assert trained_old >= before_old - 0.02, (before_old, imprint_old, trained_old)
     with pytest.raises(InputError, match="already exists"):
         p.add_class("zero", zeros[:2])
     for i in range(4):  # capacity is 2 x 5 labels = 10 columns: 4 more fit, the 5th does not

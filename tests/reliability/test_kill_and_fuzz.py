@@ -32,6 +32,27 @@ def test_store_survives_kills_at_every_step_of_a_commit(tmp_path, digits_bundle)
     assert stats["kills"] == 2 * steps + 5 and stats["commits_seen"] > stats["kills"]
 
 
+def test_migration_survives_kills_at_every_step_and_at_random(tmp_path, digits_bundle, lifecycle_bundles):
+    _, other = lifecycle_bundles
+    kill = _tool("kill_test")
+    stats = kill.run_migration(digits_bundle[0].path, other.path, tmp_path, per_step=1, random_kills=6, seed=0)
+    assert stats["migration"] == "retrained" and stats["steps_per_migration"] == 10
+    assert stats["kills"] == 16 and len([k for k in stats["kills_per_step"] if k.startswith("step")]) == 10
+    assert stats["opened_at"].get("old", 0) >= 8 and stats["opened_at"].get("new", 0) >= 1, stats
+    # The check can fail: a pointer naming neither bundle, a damaged version of the old one.
+    from edgetl.device._store import bundle_identity
+
+    bundles = {bundle_identity(digits_bundle[0]): digits_bundle[0]}
+    with pytest.raises(AssertionError, match="neither"):
+        kill.check_migrated(tmp_path / "store", {})
+    damaged = tmp_path / "damaged"
+    kill.personalized_template(digits_bundle[0], damaged)
+    assert kill.check_migrated(damaged, bundles) == "old"
+    (damaged / "v000001.npz").write_bytes(b"0" * 10)
+    with pytest.raises(Exception, match="sha256"):
+        kill.check_migrated(damaged, bundles)
+
+
 def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
     """check_store refuses each kind of damage a kill could do (so the kill test can fail)."""
     import shutil
