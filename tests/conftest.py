@@ -125,3 +125,15 @@ def lifecycle_bundles(tmp_path_factory, digits_bundle, source_run):
     assert same.manifest.backbone_id == bundle.manifest.backbone_id
     assert other.manifest.backbone_id != bundle.manifest.backbone_id
     return same, other
+
+
+@pytest.fixture(scope="session")
+def restyled_user(digits_bundle):
+    """A new user whose digits are thicker and slanted: 50 to personalize with, the rest to test."""
+    from edgetl.data import restyle_digits
+
+    _, halves = digits_bundle
+    x = restyle_digits(halves.test.x)
+    labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
+    order = np.random.default_rng(0).permutation(len(x))
+    return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])

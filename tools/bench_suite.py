@@ -4,12 +4,18 @@
     python tools/bench_suite.py [--out bench] [--runs 50] [--no-peer]
 
 Models: the demo's digits CNN (trained), MobileNetV2 (alpha 0.35, 96x96), MobileNetV3Small
-(224x224) and EfficientNetB0 (224x224) with weights=None (speed does not depend on the
-weights; each gets a short head training so outputs are not degenerate). Each is
-exported fp32 + int8 in TFLite and ONNX. Runtime threads = 1 throughout, so latencies
-compare with a one-core lower bound.
+(224x224) and EfficientNetB0 (224x224) with weights=None and BatchNorm statistics estimated
+on the data (speed does not depend on the weights; estimated statistics keep the random
+features informative, so the int8 files pass their export gates), each with a linear head
+on upscaled digits. Each is exported fp32 + int8 in TFLite and ONNX. Runtime threads = 1
+throughout, so latencies compare with a one-core lower bound. For each model the advisor
+(``edgetl bench --recommend``) chooses a configuration, and its choice is checked against
+the latencies measured here.
 
-Writes OUT/results.json, OUT/results.md (the table) and OUT/latency_vs_size.png.
+Every target is compared with its measured figure and printed PASS or MISS (in
+results.md too); ``--strict`` exits 1 on a miss.
+
+Writes OUT/results.json, OUT/results.md (the tables) and OUT/latency_vs_size.png.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-TARGETS = {"sdk_over_raw": 1.05, "int8_over_fp32_latency": 0.7, "int8_over_fp32_size": 0.3}
+# Issue 11's targets. SDK/raw: the digits CNN (a 25 us model, where a Python call's fixed
+# cost shows) and the larger models; int8/fp32 latency on onnxruntime for MobileNetV2 and
+# EfficientNetB0; the head step against onnxruntime-training; the advisor's choice against
+# the fastest configuration within its accuracy budget.
+TARGETS = {
+    "sdk_over_raw_small": 1.10,
+    "sdk_over_raw_large": 1.03,
+    "ort_int8_over_fp32_latency": 0.7,
+    "head_step_over_peer": 0.5,
+    "advisor_over_fastest": 1.05,
+}
 
 
 def cpu_peak() -> dict[str, Any]:
@@ -72,8 +90,12 @@ def median_seconds(fn, warmup: int, runs: int) -> float:
     return float(np.median(times))
 
 
+gated_out: list[str] = []  # suite models whose int8 files failed their export gate (timed anyway)
+
+
 def build_models(work: Path) -> list[tuple[str, Path, Any]]:
     """(name, bundle path, Keras model) for each suite model."""
+    from edgetl.bundle import write_bundle
     from edgetl.data import Dataset, load_digits_dataset, stratified_split
     from edgetl.host._export import export_bundle
     from edgetl.host._pretrain import pretrain
@@ -93,23 +115,41 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
         run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test
     ).bundle
     out.append(("digits_cnn (8x8)", bundle.path, load_run(run).model))
-    rng = np.random.default_rng(0)
     for name, family, size in (
         ("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96),
         ("mobilenetv3small (224x224)", "mobilenetv3small", 224),
         ("efficientnetb0 (224x224)", "efficientnetb0", 224),
     ):
-        x = rng.integers(0, 255, size=(40, size, size, 3)).astype(np.uint8)
-        ds = Dataset(x, np.arange(40) % 4, ("a", "b", "c", "d"), "image", "random")
-        run = save_run(
-            train_transfer(
-                ds,
-                TrainConfig(backbone=family, epochs=2, learning_rate=0.05, early_stopping_patience=0, val_fraction=0.0),
-            ),
-            work / family,
-        )
-        bundle = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds).bundle
-        out.append((name, bundle.path, load_run(run).model))
+        from user_models import digit_images
+
+        from edgetl.host._backbones import create_backbone
+        from edgetl.host._pretrain import recalibrate_batchnorm
+
+        x, y = digit_images((0, 1, 2, 3), size, 3, seed=0, per_class=30)
+        ds = Dataset(x, y, ("0", "1", "2", "3"), "image", "digits upscaled")
+        bb = create_backbone(family, x.shape[1:], weights=None)
+        recalibrate_batchnorm(bb.model, x.astype(np.float32))
+        config = TrainConfig(backbone=family, val_fraction=0.0, test_fraction=0.25)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "random weights": on purpose here
+            run = save_run(train_transfer(ds, config, backbone=bb), work / family)
+        result = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
+        path = result.bundle.path
+        if result.left_out:
+            # Random weights: the int8 files can fail their accuracy gates and be left out of
+            # the bundle. Speed does not depend on the weights, so the suite times them anyway,
+            # in a bench-only copy of the bundle that includes them (results.md says so).
+            for omitted in result.omitted:
+                print(
+                    f"{name}: int8 {omitted['format']} left out by its gate (timed anyway): {omitted['reason'][:160]}"
+                )
+            manifest = json.loads((path / "manifest.json").read_text())
+            manifest["artifacts"] += [entry for entry, _ in result.left_out.values()]
+            files = {a["file"]: path / a["file"] for a in manifest["artifacts"] if a["file"] not in result.left_out}
+            files.update({f: content for f, (_, content) in result.left_out.items()})
+            path = write_bundle(work / f"{family}.bench.edgetl", manifest, files).path
+            gated_out.append(name)
+        out.append((name, path, load_run(run).model))
     return out
 
 
@@ -126,6 +166,8 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
     for backend, fmt in (("onnxruntime", "onnx"), ("litert", "tflite")):
         for precision in ("fp32", "int8"):
             key = f"{backend}/{precision}"
+            if precision not in bundle.precisions("fused", fmt):
+                continue  # left out by its export gate (printed when the bundle was built)
             clf = Classifier(bundle, backend=backend, precision=precision, threads=1)
             raw = load_model(bundle.artifact("fused", fmt, precision), fmt, threads=1)
             # Interleave SDK and raw calls so drift on a shared machine hits both alike.
@@ -143,15 +185,71 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
         "int8": macs / (peak["int8_macs_per_cycle"] * ghz * 1e9) * 1e3,
     }
     lat, raw, size = row["latency_ms"], row["raw_ms"], row["size"]
+    nan = float("nan")
+
+    def ratio(a: str, b: str, table: dict[str, float]) -> float:
+        return table[a] / table[b] if a in table and b in table else nan
+
     row["ratios"] = {
         **{f"sdk_over_raw {k}": lat[k] / raw[k] for k in lat},
-        **{f"int8_over_fp32_latency {b}": lat[f"{b}/int8"] / lat[f"{b}/fp32"] for b in ("onnxruntime", "litert")},
-        **{f"int8_over_fp32_size {b}": size[f"{b}/int8"] / size[f"{b}/fp32"] for b in ("onnxruntime", "litert")},
-        **{f"litert_over_onnxruntime {p}": lat[f"litert/{p}"] / lat[f"onnxruntime/{p}"] for p in ("fp32", "int8")},
+        **{f"int8_over_fp32_latency {b}": ratio(f"{b}/int8", f"{b}/fp32", lat) for b in ("onnxruntime", "litert")},
+        **{f"int8_over_fp32_size {b}": ratio(f"{b}/int8", f"{b}/fp32", size) for b in ("onnxruntime", "litert")},
+        **{f"litert_over_onnxruntime {p}": ratio(f"litert/{p}", f"onnxruntime/{p}", lat) for p in ("fp32", "int8")},
         "best_exported_fp32_over_keras": min(lat["onnxruntime/fp32"], lat["litert/fp32"]) / row["keras_ms"],
         **{f"measured_over_bound {k}": raw[k] / row["bound_ms"][k.split("/")[1]] for k in raw},
     }
+    row["advisor"] = advisor_choice(bundle, lat, runs)
     return row
+
+
+def advisor_choice(bundle: Any, latency_ms: dict[str, float], runs: int) -> dict[str, Any]:
+    """The advisor's recommendation (measured by itself, cache off), judged by this suite's own
+    SDK latencies: its choice against the fastest configuration within its budget."""
+    from edgetl.device._advisor import advise
+
+    advice = advise(bundle, runs=runs, use_cache=False, threads=1)
+    eligible = [f"{c.backend}/{c.precision}" for c in advice.candidates if c.within_budget]
+    chosen = f"{advice.backend}/{advice.precision}"
+    fastest = min((k for k in eligible if k in latency_ms), key=latency_ms.__getitem__)
+    return {
+        "chosen": chosen,
+        "fastest_within_budget": fastest,
+        "within_budget": eligible,
+        "chosen_over_fastest": latency_ms[chosen] / latency_ms[fastest],
+    }
+
+
+def check_targets(results: dict[str, Any]) -> list[tuple[bool, str]]:
+    """Each target against its measured figure: (met, line)."""
+    out = []
+
+    def check(what: str, value: float, limit: float) -> None:
+        met = bool(value <= limit)  # NaN (not measured) is a miss
+        out.append((met, f"{'PASS' if met else 'MISS'}  {what}: {value:.3f} (target <= {limit:g})"))
+
+    for r in results["models"]:
+        small = r["model"].startswith("digits")
+        limit = TARGETS["sdk_over_raw_small" if small else "sdk_over_raw_large"]
+        for k in r["latency_ms"]:
+            check(f"SDK/raw {r['model']} {k}", r["ratios"][f"sdk_over_raw {k}"], limit)
+        if r["model"].startswith(("mobilenetv2", "efficientnetb0")):
+            check(
+                f"onnxruntime int8/fp32 latency {r['model']}",
+                r["ratios"]["int8_over_fp32_latency onnxruntime"],
+                TARGETS["ort_int8_over_fp32_latency"],
+            )
+        a = r["advisor"]
+        check(
+            f"advisor's choice {a['chosen']} / fastest within budget {a['fastest_within_budget']}, {r['model']}",
+            a["chosen_over_fastest"],
+            TARGETS["advisor_over_fastest"],
+        )
+    h = results["head_step"]
+    for backend in ("onnxruntime", "litert"):
+        peer = h["onnxruntime_training_ms"]
+        value = h[f"edgetl_{backend}_ms"] / peer if peer else float("nan")
+        check(f"head step edgetl {backend} / onnxruntime-training", value, TARGETS["head_step_over_peer"])
+    return out
 
 
 def head_step_times(bundle_path: Path, peer: bool) -> dict[str, Any]:
@@ -280,6 +378,13 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
         "Generated by `python tools/bench_suite.py`; every ratio is measured side by side in one run.",
         "",
     ]
+    if results.get("int8_left_out_by_gate"):
+        lines += [
+            f"int8 of {', '.join(results['int8_left_out_by_gate'])} failed its export accuracy gate (random weights: "
+            "its features carry little information) and is not in a bundle edgetl would ship; its speed is "
+            "measured anyway, on the left-out files.",
+            "",
+        ]
     lines += [
         "| model | MACs | backend/precision | SDK ms | raw ms | SDK/raw | bytes | lower bound ms | raw/bound |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -314,12 +419,15 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
         f"{h['numpy_reference_ms']:.3f} ms, onnxruntime-training {peer} ({h['onnxruntime_training_note']}).",
         "",
     ]
-    lines += [
-        f"Targets: SDK/raw <= {TARGETS['sdk_over_raw']}, int8/fp32 latency <= {TARGETS['int8_over_fp32_latency']}, "
-        f"int8/fp32 size <= {TARGETS['int8_over_fp32_size']}, edgetl step <= onnxruntime-training step.",
-        "",
-        "![latency vs size](latency_vs_size.png)",
-    ]
+    lines += ["| model | advisor's choice | fastest within budget | choice / fastest |", "|---|---|---|---|"]
+    for r in results["models"]:
+        a = r["advisor"]
+        lines.append(
+            f"| {r['model']} | {a['chosen']} | {a['fastest_within_budget']} | {a['chosen_over_fastest']:.3f} |"
+        )
+    lines += ["", "Targets (issue 11), each measured in this run:", ""]
+    lines += [f"- {line}" for _, line in results["targets"]]
+    lines += ["", "![latency vs size](latency_vs_size.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -347,6 +455,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--no-peer", action="store_true", help="skip onnxruntime-training")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     args = parser.parse_args()
     import os
 
@@ -371,11 +480,15 @@ def main() -> int:
         "peak": peak,
         "models": rows,
         "head_step": head,
+        "int8_left_out_by_gate": gated_out,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    results["targets"] = check_targets(results)
     write_outputs(args.out, results)
     print((args.out / "results.md").read_text())
-    return 0
+    misses = [line for met, line in results["targets"] if not met]
+    print(f"{len(misses)} target(s) missed" if misses else "every target met")
+    return 1 if misses and args.strict else 0
 
 
 if __name__ == "__main__":

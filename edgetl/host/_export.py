@@ -877,8 +877,9 @@ class ExportResult:
 
     ``report`` holds the checks of every artifact kept; ``omitted`` lists quantized
     configurations left out because they failed their gate (files and the measured
-    reason); ``fatal`` lists failures that forbid writing any bundle (fp32 models or head
-    graphs, or anything with ``strict=True``).
+    reason); ``left_out`` keeps those files' manifest entries and bytes (for inspection
+    and benchmarks, never for a bundle a device trusts); ``fatal`` lists failures that
+    forbid writing any bundle (fp32 models or head graphs, or anything with ``strict=True``).
     """
 
     manifest: dict[str, Any]
@@ -888,6 +889,7 @@ class ExportResult:
     fatal: list[dict[str, Any]]
     timings: dict[str, Any]
     bundle: Bundle | None = None
+    left_out: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -1003,8 +1005,10 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     keep = [a for a in artifacts if (a.format, a.precision) not in dropped]
     kept_files = {a.file for a in keep}
     report = Report([c for c in report.checks if c.file in kept_files])
+    entries = {e["file"]: e for e in manifest["artifacts"]}
+    left_out = {a.file: (entries[a.file], a.content) for a in artifacts if a.file not in kept_files}
     manifest = {**manifest, "artifacts": [e for e in manifest["artifacts"] if e["file"] in kept_files]}
-    return ExportResult(manifest, keep, report, omitted, fatal, {})
+    return ExportResult(manifest, keep, report, omitted, fatal, {}, left_out=left_out)
 
 
 def _int8_hint(plan: ExportPlan) -> str:

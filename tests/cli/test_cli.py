@@ -28,7 +28,8 @@ def test_train_from_pretrain_run_writes_run_and_refuses_overwrite(tmp_path, sour
     out = tmp_path / "run"
     argv = ["train", "--data", "builtin:digits", "--backbone", str(path), "--epochs", "2", "--quiet", "--out", str(out)]
     assert main(argv) == 0
-    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.3
+    # 10 classes (chance 0.1); measured 0.975 with the L-BFGS head on a digits 0-4 backbone.
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.9
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
@@ -110,7 +111,7 @@ def test_demo_console_script(tmp_path):
     for name in ("model.fp32.tflite", "model.int8.onnx", "model.qat.tflite", "head.tflite", "head_train_sgd.onnx"):
         assert name in out and (tmp_path / "demo" / "digits.edgetl" / name).is_file(), name
     checks = {c["file"]: c for c in results["export"]["checks"] if c["role"] == "fused"}
-    assert checks["model.int8.tflite"]["accuracy_drop"] <= 0.02  # issue target: <= 1 point (measured 0.2)
+    assert checks["model.int8.tflite"]["accuracy_drop"] <= 0.01  # the README's claim: <= 1 point (measured 0.2)
     sizes = results["export"]["sizes"]
     assert sizes["model.int8.tflite"] < 0.4 * sizes["model.fp32.tflite"]
     # the personalization step: both backends improve the new user, matching the host reference

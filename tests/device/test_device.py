@@ -9,7 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgetl.data import restyle_digits
 from edgetl.device._classifier import Classifier
 from edgetl.device._head import HeadState, TrainSettings, make_trainer
 from edgetl.device._personalizer import Personalizer
@@ -20,13 +19,8 @@ BACKENDS = ["onnxruntime", "litert"]
 
 
 @pytest.fixture(scope="module")
-def user(digits_bundle):
-    """A new user whose digits are thicker and slanted: 50 to adapt on, the rest to test."""
-    _, halves = digits_bundle
-    x = restyle_digits(halves.test.x)
-    labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
-    order = np.random.default_rng(0).permutation(len(x))
-    return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
+def user(restyled_user):
+    return restyled_user
 
 
 def committed_once(bundle, store, user):

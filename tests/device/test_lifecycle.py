@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from edgetl.cli import main
-from edgetl.data import restyle_digits
 from edgetl.device import Classifier, HeadStore, Personalizer
 from edgetl.errors import BundleError, InputError, StoreError
 
@@ -21,13 +20,8 @@ BACKENDS = ["onnxruntime", "litert"]
 
 
 @pytest.fixture(scope="module")
-def user(digits_bundle):
-    """A user whose digits are thicker and slanted: 50 to personalize with, the rest to test."""
-    _, halves = digits_bundle
-    x = restyle_digits(halves.test.x)
-    labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
-    order = np.random.default_rng(0).permutation(len(x))
-    return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
+def user(restyled_user):
+    return restyled_user
 
 
 @pytest.fixture(scope="module")

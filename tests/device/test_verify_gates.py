@@ -125,3 +125,32 @@ def test_a_wrong_sgd_momentum_is_refused(tmp_path):
     (bundle.path / "manifest.json").write_text(json.dumps(m))
     report = verify_bundle(read_bundle(bundle.path))
     assert [c.file for c in report.failed()] == ["head_train_sgd.onnx"], report.describe()
+
+
+@pytest.mark.parametrize(
+    "name,refused,edit",
+    [
+        ("scaled_backbone", "backbone.fp32.onnx", "scale"),
+        ("swapped_fused", "model.int8.onnx", "swap"),
+    ],
+)
+def test_a_broken_model_with_valid_hashes_fails_verify_and_the_cli(
+    tmp_path, digits_bundle, capsys, name, edit, refused
+):
+    """A real bundle whose manifest hashes are valid but one model is wrong: fp32 backbone
+    outputs scaled by 1.5 (parity), int8 classes swapped (agreement and accuracy drop)."""
+    from bundle_edits import rebuilt, scaled, swapped
+
+    from edgetl.cli import main
+
+    bundle, halves = digits_bundle
+    classes = len(bundle.labels)
+    change = (lambda b: swapped(b, classes)) if edit == "swap" else (lambda b: scaled(b, 1.5))
+    broken = rebuilt(bundle, tmp_path / f"{name}.edgetl", {refused: change})
+    report = verify_bundle(broken, halves.test.x, halves.test.y)
+    assert not report.ok
+    assert {c.file for c in report.failed()} == {refused}, report.describe()
+    np.savez(tmp_path / "test.npz", x=halves.test.x, y=halves.test.y, class_names=np.asarray(bundle.labels))
+    assert main(["verify", str(broken.path), "--data", str(tmp_path / "test.npz")]) == 1
+    assert refused in capsys.readouterr().out
+    assert verify_bundle(bundle, halves.test.x, halves.test.y).ok  # the original passes

@@ -87,27 +87,16 @@ def dense_run(tmp_path_factory, files):
     return out
 
 
+def _train(out, data, backbone, *flags):
+    """``edgetl train`` with default flags (and ``flags``), as a user runs it; returns ``out``."""
+    assert main(["train", "--data", str(data), "--backbone", str(backbone), *flags, "--quiet", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def allconv_run(tmp_path_factory, files):
     out = tmp_path_factory.mktemp("runs") / "allconv"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(files["crops"]),
-                "--backbone",
-                str(files["allconv"]),
-                "--input-preprocessing",
-                "-1-1",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    return out
+    return _train(out, files["crops"], files["allconv"], "--input-preprocessing", "-1-1")
 
 
 def test_dense_classifier_file_and_mixed_folder_with_default_flags(dense_run):
@@ -264,22 +253,7 @@ def test_int8_of_the_users_allconv_model_declared_and_raw(tmp_path, allconv_run,
     assert declared.ok and not declared.omitted, declared.describe()
     for fmt in ("tflite", "onnx"):
         assert "int8" in declared.bundle.precisions("fused", fmt)
-    raw_run = tmp_path / "raw_run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(files["crops"]),
-                "--backbone",
-                str(files["allconv"]),
-                "--quiet",
-                "--out",
-                str(raw_run),
-            ]
-        )
-        == 0
-    )
+    raw_run = _train(tmp_path / "raw_run", files["crops"], files["allconv"])
     raw = export_bundle(raw_run, tmp_path / "raw.edgetl", quantize=["int8"])
     assert raw.ok  # fp32 is always kept
     assert {o["format"] for o in raw.omitted} == {"tflite", "onnx"}  # measured: cosine 0.69 / 0.72

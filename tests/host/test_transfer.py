@@ -114,7 +114,9 @@ def test_fusion_on_and_off(source_run, target_splits, fusion):
     assert result.metrics["embedding_size"] == 256 + (8 if fusion == "concat" else 0)
     assert result.metrics["cached_embeddings"] == (fusion == "none")
     assert tm.head.get_layer("head_hidden").units == 16
-    assert result.metrics["test_accuracy"] > 0.3
+    # Chance is 0.2; measured 0.93 (none) and 0.89 (concat) after 3 epochs: 0.7 leaves room
+    # for another pretraining run's features, not for a head that learned nothing.
+    assert result.metrics["test_accuracy"] > 0.7
 
 
 def test_features_mlp_on_csv_class_weights_label_smoothing_callbacks(tmp_path):
