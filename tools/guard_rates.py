@@ -16,7 +16,7 @@ test set the guard never sees:
   is (the factory classes' style);
 - the candidate is *really better* when its accuracy on the restyled test set is above
   the factory head's, and *forgets* when its accuracy on the original-style test set is
-  more than TRUTH_FORGET (0.05, the documented forgetting allowance) below the factory
+  more than TRUTH_FORGET (0.05, the forgetting allowance) below the factory
   head's. The right decision is to accept iff it is really better and does not forget.
 
 Scenarios: ``genuine`` (correct labels, default training), ``genuine_hot`` (correct labels,
@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-TRUTH_FORGET = 0.05  # the forgetting a user was promised may happen (the default forget_margin)
+TRUTH_FORGET = (
+    0.05  # the forgetting allowed in truth; the guard's forget_margin (0.03) is stricter: its estimate is noisy
+)
 DESTROYED = 0.20  # a factory-accuracy drop this large is "destroyed": the guard must refuse it
 SIZES = (10, 20, 50, 100)
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)

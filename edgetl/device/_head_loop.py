@@ -18,14 +18,14 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from edgetl.bundle._head import INFER_INPUTS, TFLITE_SIGNATURES, initial_state, signature_inputs, train_graph_inputs
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device._runtimes import check_graph_inputs, check_signatures
-from edgetl.errors import BundleError, DependencyError, InputError, describe
+from edgetl.device._runtimes import check_graph_inputs, check_signatures, onnx_session
+from edgetl.errors import DependencyError, InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -107,24 +107,6 @@ def check_plan(order: np.ndarray, row_weight: np.ndarray, n: int) -> tuple[np.nd
     return np.ascontiguousarray(order, np.int64), np.ascontiguousarray(row_weight, np.float32)
 
 
-def _onnx_session(model: bytes | str | Path, threads: int | None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover
-        raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidArgument types
-        what = "a head training graph" if isinstance(model, bytes) else Path(model).name
-        raise BundleError(f"{what} cannot be loaded by onnxruntime: {str(exc).strip()[:300]}") from None
-
-
 class OnnxLoopHeadTrainer:
     """Runs ``head_train_loop_{opt}.onnx``: every step of a ``train`` call in one ``run``.
 
@@ -148,11 +130,11 @@ class OnnxLoopHeadTrainer:
             raise InputError(
                 f"train_models must map 'sgd' and/or 'adam' to a model, received keys {sorted(train_models)}"
             )
-        self._sessions = {opt: _onnx_session(m, threads) for opt, m in train_models.items()}
+        self._sessions = {opt: onnx_session(m, threads=threads) for opt, m in train_models.items()}
         for opt, session in self._sessions.items():
             check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt, loop=True))
         self._outputs = {opt: [o.name for o in s.get_outputs()] for opt, s in self._sessions.items()}
-        self._infer = _onnx_session(infer_model, threads)
+        self._infer = onnx_session(infer_model, threads=threads)
         check_graph_inputs(self._infer, "the head inference graph", INFER_INPUTS, exact=True)
 
     def train(

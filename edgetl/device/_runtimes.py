@@ -15,8 +15,10 @@ import numpy as np
 from edgetl.errors import BundleError, DependencyError
 
 
-def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with warnings silenced and an optional thread count."""
+def onnx_session(model: str | Path | bytes, *, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session (from a path or the model's bytes) with warnings silenced
+    and an optional intra-op thread count (then one inter-op thread: edgetl's graphs are
+    sequential)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover
@@ -25,10 +27,13 @@ def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidArgument types
-        raise BundleError(f"{Path(path).name} cannot be loaded by onnxruntime: {str(exc).strip()[:300]}") from None
+        what = "an ONNX model given as bytes" if isinstance(model, bytes) else Path(model).name
+        raise BundleError(f"{what} cannot be loaded by onnxruntime: {str(exc).strip()[:300]}") from None
 
 
 class OnnxModel:
