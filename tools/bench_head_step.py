@@ -87,7 +87,7 @@ def build(work: Path) -> dict[str, Any]:
     manifest = {
         "name": "bench_head",
         "labels": [f"c{i}" for i in range(ACTIVE)],
-        "input_spec": {"shape": [None, D], "dtype": "float32"},
+        "input_spec": {"shape": [D], "dtype": "float32"},
         "embedding_size": D,
         "head": {"max_classes": C},
         "artifacts": artifacts,

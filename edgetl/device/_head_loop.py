@@ -24,8 +24,8 @@ import numpy as np
 
 from edgetl.bundle._head import INFER_INPUTS, TFLITE_SIGNATURES, initial_state, signature_inputs, train_graph_inputs
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device._runtimes import check_graph_inputs, check_signatures, onnx_session
-from edgetl.errors import DependencyError, InputError, describe
+from edgetl.device._runtimes import check_graph_inputs, check_signatures, litert_interpreter, onnx_session
+from edgetl.errors import InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -241,15 +241,7 @@ class LiteRTLoopHeadTrainer:
     backend = "litert"
 
     def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as exc:  # pragma: no cover
-            raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
-        from edgetl._quiet import native_output_silenced
-
-        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        with native_output_silenced():  # LiteRT prints its XNNPACK delegate line from C++
-            self._interpreter = Interpreter(**source, num_threads=threads)
+        self._interpreter = litert_interpreter(model, threads=threads, allocate=False)
         signatures = self._interpreter.get_signature_list()
         self._get_weights_args = signature_inputs(signatures, "get_weights")
         required = {

@@ -61,21 +61,25 @@ class OnnxModel:
         return self._run({self.input_name: x})[0]
 
 
-def litert_interpreter(path: str | Path, *, threads: int | None = None) -> Any:
-    """A LiteRT interpreter with its tensors allocated (LiteRT's own "Created TensorFlow
-    Lite XNNPACK delegate" line, printed from C++ while allocating, silenced)."""
+def litert_interpreter(path: str | Path | bytes, *, threads: int | None = None, allocate: bool = True) -> Any:
+    """A LiteRT interpreter (from a path or the model's bytes), its tensors allocated unless
+    ``allocate`` is false (LiteRT's own "Created TensorFlow Lite XNNPACK delegate" line,
+    printed from C++, silenced)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:  # pragma: no cover
         raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
     from edgetl._quiet import native_output_silenced
 
+    source = {"model_content": path} if isinstance(path, bytes) else {"model_path": str(path)}
     try:
         with native_output_silenced():
-            interpreter = Interpreter(model_path=str(path), num_threads=threads)
-            interpreter.allocate_tensors()
+            interpreter = Interpreter(**source, num_threads=threads)
+            if allocate:
+                interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:  # "not a valid Flatbuffer buffer", failed allocation
-        raise BundleError(f"{Path(path).name} cannot be loaded by LiteRT: {str(exc).strip()[:300]}") from None
+        what = "a TFLite model given as bytes" if isinstance(path, bytes) else Path(path).name
+        raise BundleError(f"{what} cannot be loaded by LiteRT: {str(exc).strip()[:300]}") from None
     return interpreter
 
 
