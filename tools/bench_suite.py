@@ -95,8 +95,7 @@ gated_out: list[str] = []  # suite models whose int8 files failed their export g
 
 def build_models(work: Path) -> list[tuple[str, Path, Any]]:
     """(name, bundle path, Keras model) for each suite model."""
-    from edgetl.bundle import write_bundle
-    from edgetl.data import Dataset, load_digits_dataset, stratified_split
+    from edgetl.data import load_digits_dataset, stratified_split
     from edgetl.host._export import export_bundle
     from edgetl.host._pretrain import pretrain
     from edgetl.host._run import load_run, save_run
@@ -120,37 +119,51 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
         ("mobilenetv3small (224x224)", "mobilenetv3small", 224),
         ("efficientnetb0 (224x224)", "efficientnetb0", 224),
     ):
-        from user_models import digit_images
-
-        from edgetl.host._backbones import create_backbone
-        from edgetl.host._pretrain import recalibrate_batchnorm
-
-        x, y = digit_images((0, 1, 2, 3), size, 3, seed=0, per_class=30)
-        ds = Dataset(x, y, ("0", "1", "2", "3"), "image", "digits upscaled")
-        bb = create_backbone(family, x.shape[1:], weights=None)
-        recalibrate_batchnorm(bb.model, x.astype(np.float32))
-        config = TrainConfig(backbone=family, val_fraction=0.0, test_fraction=0.25)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "random weights": on purpose here
-            run = save_run(train_transfer(ds, config, backbone=bb), work / family)
-        result = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
-        path = result.bundle.path
-        if result.left_out:
-            # Random weights: the int8 files can fail their accuracy gates and be left out of
-            # the bundle. Speed does not depend on the weights, so the suite times them anyway,
-            # in a bench-only copy of the bundle that includes them (results.md says so).
-            for omitted in result.omitted:
-                print(
-                    f"{name}: int8 {omitted['format']} left out by its gate (timed anyway): {omitted['reason'][:160]}"
-                )
-            manifest = json.loads((path / "manifest.json").read_text())
-            manifest["artifacts"] += [entry for entry, _ in result.left_out.values()]
-            files = {a["file"]: path / a["file"] for a in manifest["artifacts"] if a["file"] not in result.left_out}
-            files.update({f: content for f, (_, content) in result.left_out.items()})
-            path = write_bundle(work / f"{family}.bench.edgetl", manifest, files).path
-            gated_out.append(name)
-        out.append((name, path, load_run(run).model))
+        path, model = build_app_bundle(work, family, size, name)
+        out.append((name, path, model))
     return out
+
+
+def build_app_bundle(
+    work: Path, family: str, size: int, name: str | None = None, *, classes: int = 4, per_class: int = 30
+) -> tuple[Path, Any]:
+    """A keras.applications backbone (weights=None, BatchNorm statistics estimated on the
+    data) with a linear head on upscaled digits, exported fp32 + int8; returns the bundle
+    path (with the int8 files even if their gate left them out) and the Keras model."""
+    from user_models import digit_images
+
+    from edgetl.bundle import write_bundle
+    from edgetl.data import Dataset
+    from edgetl.host._backbones import create_backbone
+    from edgetl.host._export import export_bundle
+    from edgetl.host._pretrain import recalibrate_batchnorm
+    from edgetl.host._run import load_run, save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
+
+    name = name or family
+    x, y = digit_images(tuple(range(classes)), size, 3, seed=0, per_class=per_class)
+    ds = Dataset(x, y, tuple(str(c) for c in range(classes)), "image", "digits upscaled")
+    bb = create_backbone(family, x.shape[1:], weights=None)
+    recalibrate_batchnorm(bb.model, x.astype(np.float32))
+    config = TrainConfig(backbone=family, val_fraction=0.0, test_fraction=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights": on purpose here
+        run = save_run(train_transfer(ds, config, backbone=bb), work / family)
+    result = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
+    path = result.bundle.path
+    if result.left_out:
+        # Random weights: the int8 files can fail their accuracy gates and be left out of
+        # the bundle. Speed does not depend on the weights, so the suite times them anyway,
+        # in a bench-only copy of the bundle that includes them (results.md says so).
+        for omitted in result.omitted:
+            print(f"{name}: int8 {omitted['format']} left out by its gate (timed anyway): {omitted['reason'][:160]}")
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["artifacts"] += [entry for entry, _ in result.left_out.values()]
+        files = {a["file"]: path / a["file"] for a in manifest["artifacts"] if a["file"] not in result.left_out}
+        files.update({f: content for f, (_, content) in result.left_out.items()})
+        path = write_bundle(work / f"{family}.bench.edgetl", manifest, files).path
+        gated_out.append(name)
+    return path, load_run(run).model
 
 
 def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str, Any], runs: int) -> dict[str, Any]:
