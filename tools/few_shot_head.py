@@ -12,7 +12,7 @@ alternative beat edgetl's on average by more than a point, the standardization w
 the cause. Measured (2026-11-26, 3 seeds): edgetl's is best on average (0.813); shrinkage
 gains 1.5 points at 1 shot and loses 2-3 at 5, within the seeds' spread (sd ~0.03). The
 5-9 features of a 0-4 backbone are the limit, while the from-scratch CNN learns 5-9 pixel
-features from augmented examples.
+features from the examples themselves (no augmentation in the demo).
 """
 
 from __future__ import annotations
