@@ -150,6 +150,8 @@ def build_app_bundle(
         warnings.simplefilter("ignore")  # "random weights": on purpose here
         run = save_run(train_transfer(ds, config, backbone=bb), work / family)
     result = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
+    if not result.ok:
+        raise RuntimeError(f"{name}: export failed: {result.describe()}")
     path = result.bundle.path
     if result.left_out:
         # Random weights: the int8 files can fail their accuracy gates and be left out of
