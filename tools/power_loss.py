@@ -344,7 +344,11 @@ def scenarios(bundle: Any, same: Any = None, other: Any = None) -> list[Scenario
     if same is not None:
         out.append(Scenario("migrate, same backbone", personalized, lambda p: HeadStore(p, bundle).migrate(same)))
     if other is not None:
-        out.append(Scenario("migrate, retrained", personalized, lambda p: HeadStore(p, bundle).migrate(other)))
+        # Margins of 1: the retraining path (version file + pointer) whatever the guard would say.
+        retrain = {"margin": 1.0, "forget_margin": 1.0}
+        out.append(
+            Scenario("migrate, retrained", personalized, lambda p: HeadStore(p, bundle).migrate(other, **retrain))
+        )
     return out
 
 
