@@ -3,7 +3,7 @@
 For every fused and backbone artifact, its outputs on the bundle's parity inputs against
 the Keras reference outputs (``parity.npz``, written at export):
 
-- fp32: max abs difference (probabilities), relative to the values' magnitude (embeddings);
+- fp32: max abs difference (probabilities), relative to the embeddings' L2 norm (embeddings);
 - quantized fused models: top-1 agreement with Keras, and with labelled data the accuracy
   drop against fp32 of the same format;
 - quantized backbones, judged by what they are for: the factory head's top-1 agreement
@@ -90,6 +90,23 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
     return report
 
 
+def _fp32_tolerance(reference: np.ndarray, role: Any) -> float:
+    """How far an fp32 conversion may differ from Keras, element by element.
+
+    Probabilities: FP32_TOLERANCE. Embeddings: FP32_TOLERANCE times the typical L2 norm of
+    an example's embedding, because float32 rounding in each output grows with the size of
+    the whole vectors it is computed from (|fl(x.y) - x.y| <= n eps |x||y|), not with the
+    output's own value. Scaled by the largest element instead, a random-weight MobileNetV2
+    at 224x224 failed at 8.0e-4 (limit 5.1e-4) while its relative L2 error was ~5e-6; a real
+    conversion bug (a scale, swapped channels) is orders of magnitude above either limit
+    (tests/device/test_verify_gates.py).
+    """
+    if role == "fused":
+        return FP32_TOLERANCE
+    norm = float(np.median(np.linalg.norm(reference.reshape(len(reference), -1), axis=1)))
+    return FP32_TOLERANCE * max(1.0, norm, float(np.max(np.abs(reference))))
+
+
 def _model_check(
     bundle: Bundle,
     a: Any,
@@ -108,8 +125,14 @@ def _model_check(
     p = a.precision.value
     if p == "fp32":
         diff = float(np.max(np.abs(out - ref[key])))
-        tolerance = FP32_TOLERANCE * max(1.0, float(np.max(np.abs(ref[key]))))
-        return Check(**base, ok=diff <= tolerance, measure="max_abs_diff", value=diff, limit=tolerance, extra=extra)
+        return Check(
+            **base,
+            ok=diff <= (tolerance := _fp32_tolerance(ref[key], a.role)),
+            measure="max_abs_diff",
+            value=diff,
+            limit=tolerance,
+            extra=extra,
+        )
     if a.role == "fused":
         agree = float(np.mean(out.argmax(1) == ref[key].argmax(1)))
         return Check(

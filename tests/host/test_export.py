@@ -40,7 +40,10 @@ def test_every_precision_and_format_passes_parity(full_bundle):
         for fmt in ("tflite", "onnx"):
             assert ("fused", fmt, precision) in have and ("backbone", fmt, precision) in have
     fp32 = [c for c in report.checks if c["precision"] == "fp32" and c["role"] in ("fused", "backbone")]
-    assert len(fp32) == 4 and all(c["ok"] and c["max_abs_diff"] <= c["tolerance"] <= 1e-3 for c in fp32)
+    # tolerance: 1e-4, times the typical embedding norm (~15 for these 256 dims) for backbones;
+    # measured differences are ~3e-6
+    assert len(fp32) == 4 and all(c["ok"] and c["max_abs_diff"] <= c["tolerance"] <= 2e-3 for c in fp32)
+    assert all(c["max_abs_diff"] <= 1e-4 for c in fp32)
     int8 = [c for c in report.checks if c["precision"] == "int8" and c["role"] == "fused"]
     assert all(c["accuracy_drop"] <= 0.03 for c in int8)
     qat = [c for c in report.checks if c["precision"] == "qat" and c["role"] == "fused"]
