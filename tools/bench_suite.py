@@ -80,14 +80,9 @@ def cpu_peak() -> dict[str, Any]:
 
 
 def median_seconds(fn, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    from edgetl.device._bench import timings
+
+    return float(np.median(timings(fn, warmup, runs)))
 
 
 gated_out: list[str] = []  # suite models whose int8 files failed their export gate (timed anyway)

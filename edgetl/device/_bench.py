@@ -22,7 +22,8 @@ from edgetl.device._classifier import _FORMAT, BACKENDS, Classifier
 from edgetl.device._head import HeadState, TrainSettings
 
 
-def _timings(fn: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
+def timings(fn: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
+    """Seconds per call of ``fn`` over ``runs`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     out = np.empty(runs)
@@ -127,7 +128,7 @@ def bench_bundle(
             clf = Classifier(bundle, backend=backend, precision=precision, threads=threads)
             raw = public_api_call(bundle.artifact("fused", fmt, precision), fmt, threads)
             sdk, direct = _paired_timings(lambda: clf.predict(one), lambda: raw(one.astype(np.float32)), warmup, runs)
-            thr = _timings(lambda: clf.predict(many), max(1, warmup // 5), max(5, runs // 10))
+            thr = timings(lambda: clf.predict(many), max(1, warmup // 5), max(5, runs // 10))
             row: dict[str, Any] = {
                 "backend": backend,
                 "precision": precision,
@@ -156,7 +157,7 @@ def _train_step(clf: Classifier, sample: np.ndarray) -> dict[str, float]:
     onehot = np.eye(head.capacity, dtype=np.float32)[np.arange(len(emb)) % len(head.labels)]
     settings = TrainSettings(epochs=1, batch_size=len(emb))
     clf.head_runtime.train(head, emb, onehot, settings)  # warm-up
-    steps = _timings(lambda: clf.head_runtime.train(head, emb, onehot, settings), 2, 20)
+    steps = timings(lambda: clf.head_runtime.train(head, emb, onehot, settings), 2, 20)
     return {"train_step_ms": float(np.median(steps) * 1e3), "train_examples_per_s": float(len(emb) / np.median(steps))}
 
 

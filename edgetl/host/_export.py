@@ -265,6 +265,7 @@ def choose_int8_onnx(
     :data:`INT8_ACCURACY_TIE` of the best accuracy (or all, without held-out data) compete on
     batch-1 latency.
     """
+    from edgetl.device._bench import timings
     from edgetl.device._runtimes import OnnxModel
     from edgetl.device._verify import MIN_TOP1_AGREEMENT
 
@@ -275,7 +276,7 @@ def choose_int8_onnx(
             path.write_bytes(content)
             model = OnnxModel(path, threads=1)
             one = sample[:1].astype(np.float32)
-            stats[name] = {"latency_ms": _median_ms(lambda: model(one))}
+            stats[name] = {"latency_ms": float(np.median(timings(lambda: model(one), 3, 20)) * 1e3)}
             if x is not None and y is not None and len(y):
                 stats[name]["accuracy"] = float(np.mean(model(x.astype(np.float32)).argmax(1) == y))
             if reference is not None:
@@ -284,17 +285,6 @@ def choose_int8_onnx(
     best_acc = max((stats[n].get("accuracy", 0.0) for n in passing), default=0.0)
     contenders = [n for n in passing if stats[n].get("accuracy", best_acc) >= best_acc - INT8_ACCURACY_TIE]
     return min(contenders, key=lambda n: stats[n]["latency_ms"]), stats
-
-
-def _median_ms(fn: Any, warmup: int = 3, runs: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def _check_matches(data: Dataset, shape: tuple[int, ...], class_names: Sequence[str], what: str) -> None:
