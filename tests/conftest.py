@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,17 @@ def digits_bundle(tmp_path_factory, source_run, digits_target):
     assert result.ok and not result.omitted, result.describe()
     bundle = result.bundle
     return bundle, halves
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """A script of ``tools/`` as a module: imported once and registered in ``sys.modules``
+    (so its dataclasses resolve their annotations), like any other import."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    return importlib.import_module(name)
 
 
 def informative_random_backbone(family: str, x: np.ndarray):

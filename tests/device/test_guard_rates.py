@@ -3,22 +3,16 @@ digits bundle (the tool runs 20 seeds; its numbers are quoted where a bound come
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_tool
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 HOT = ("genuine_hot", "one_label_hot", "one_class_hot", "relabel_hot")  # Adam at 0.5: heads that forget
 
 
 @pytest.fixture(scope="module")
 def guard():
-    spec = importlib.util.spec_from_file_location("guard_rates", TOOLS / "guard_rates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("guard_rates")
 
 
 @pytest.fixture(scope="module")

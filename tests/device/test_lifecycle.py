@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edgetl.cli import main
 from edgetl.device import Classifier, HeadStore, Personalizer
@@ -102,19 +103,13 @@ def test_migration_without_kept_examples_activates_the_new_factory_head(tmp_path
 
 def test_migration_to_a_bundle_of_another_input_shape_changes_nothing(tmp_path, digits_bundle, user):
     """Kept 8x8 examples cannot feed a 32x32x3 bundle: a clear error, the store untouched."""
-    import importlib.util
-    from pathlib import Path
 
     from edgetl import host
 
     bundle, _ = digits_bundle
     personalized_store(tmp_path / "s", bundle, user)
     before = (tmp_path / "s" / "ACTIVE.json").read_bytes()
-    spec = importlib.util.spec_from_file_location(
-        "um", Path(__file__).resolve().parents[2] / "tools" / "user_models.py"
-    )
-    um = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(um)
+    um = load_tool("user_models")
     x, y = um.digit_images((5, 6, 7, 8, 9), 32, 3, seed=0, per_class=20)
     data = host.Dataset(x, y, tuple("56789"), "image")
     run = host.save_run(host.train(data, host.TrainConfig(backbone="edgetl_cnn")), tmp_path / "rgb_run")

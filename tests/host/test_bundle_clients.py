@@ -10,17 +10,13 @@ installed.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edgetl.device import Classifier
 from edgetl.host._onnx_metadata import read_onnx_metadata
 from edgetl.host._tflite_metadata import read_tflite_metadata
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +24,7 @@ def rgb_bundle(tmp_path_factory):
     """A user's RGB model (tools/user_models.py) transferred to digit photos, exported fp32 + int8."""
     from edgetl import host
 
-    spec = importlib.util.spec_from_file_location("user_models", TOOLS / "user_models.py")
-    um = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(um)
+    um = load_tool("user_models")
     base = tmp_path_factory.mktemp("clients")
     model = um.dense_classifier_model(base / "user.keras", epochs=3)
     x, y = um.digit_images(tuple(range(10)), 32, 3, seed=1, restyle=True, per_class=40)

@@ -8,13 +8,13 @@ head is scikit-learn's logistic regression on the same embeddings.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edgetl.cli import main
 from edgetl.data import load_dataset, stratified_split
@@ -22,19 +22,10 @@ from edgetl.errors import BackboneError
 from edgetl.host._backbones import create_backbone, default_cut, describe_layers
 from edgetl.host._tf import keras
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def um():
-    return _tool("user_models")
+    return load_tool("user_models")
 
 
 @pytest.fixture(scope="module")

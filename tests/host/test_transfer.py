@@ -319,14 +319,9 @@ def test_pretrain_validates_the_network_inference_will_run():
     each validation, validation accuracy rises with training accuracy. Before the fix it
     stayed at chance (0.20) every epoch while training reached 0.98 (issue 9), because the
     moving statistics (momentum 0.999) lagged the weights."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_tool
 
-    spec = importlib.util.spec_from_file_location(
-        "user_models", Path(__file__).resolve().parents[2] / "tools" / "user_models.py"
-    )
-    um = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(um)
+    um = load_tool("user_models")
     x, y = um.digit_images((0, 1, 2, 3, 4), 48, 3, seed=0, per_class=100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,18 +12,17 @@ from hypothesis import strategies as st
 from edgetl.bundle import unpack_bundle, validate_manifest
 from edgetl.errors import BundleError
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
+def load_tool(name: str):
+    """conftest.load_tool, imported on use: the fuzzer's worker loads this file by path to
+    reach its targets below, where conftest is not importable."""
+    from conftest import load_tool as load
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(name)
 
 
 def test_store_survives_kills_at_every_step_of_a_commit(tmp_path, digits_bundle):
-    stats = _tool("kill_test").run(digits_bundle[0].path, tmp_path / "store", per_step=2, random_kills=5, seed=0)
+    stats = load_tool("kill_test").run(digits_bundle[0].path, tmp_path / "store", per_step=2, random_kills=5, seed=0)
     steps = stats["steps_per_commit"]
     assert steps == 10  # version file: create, write, fsync, rename, fsync dir; then the pointer's five
     per_step = {k: v for k, v in stats["kills_per_step"].items() if k.startswith("step")}
@@ -34,7 +32,7 @@ def test_store_survives_kills_at_every_step_of_a_commit(tmp_path, digits_bundle)
 
 def test_migration_survives_kills_at_every_step_and_at_random(tmp_path, digits_bundle, lifecycle_bundles):
     _, other = lifecycle_bundles
-    kill = _tool("kill_test")
+    kill = load_tool("kill_test")
     stats = kill.run_migration(digits_bundle[0].path, other.path, tmp_path, per_step=1, random_kills=6, seed=0)
     assert stats["migration"] == "retrained" and stats["steps_per_migration"] == 10
     assert stats["kills"] == 16 and len([k for k in stats["kills_per_step"] if k.startswith("step")]) == 10
@@ -64,7 +62,7 @@ def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
     from edgetl.device._store import HeadStore
     from edgetl.errors import StoreError
 
-    kill = _tool("kill_test")
+    kill = load_tool("kill_test")
     bundle = digits_bundle[0]
     factory = HeadState.factory(bundle)
     good = tmp_path / "good"
@@ -134,7 +132,7 @@ PER_OPEN_KIND = 9
 
 @pytest.fixture(scope="module")
 def fuzz():
-    return _tool("fuzz_bundle")
+    return load_tool("fuzz_bundle")
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,16 @@ fsync the store makes is dropped in turn, and the same simulation must find the 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def power_loss():
-    spec = importlib.util.spec_from_file_location("power_loss", TOOLS / "power_loss.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["power_loss"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("power_loss")
 
 
 @pytest.fixture(scope="module")
