@@ -73,19 +73,16 @@ VERSION = re.compile(r"^v(\d{6})\.npz$")
 
 def check_store(store_dir: Path, bundle: Any, factory: Any, last_reported: int) -> dict[str, Any]:
     """Everything a kill could have damaged; raises AssertionError on damage. Returns the leftover file names."""
-    from edgetl.device._store import CREATES_VERSION, HeadStore
+    from edgetl.device._store import HeadStore, live_versions
 
     store = HeadStore(store_dir, bundle)  # raises if the pointer is unreadable
     active = store.active()  # raises if its checksum fails
     assert active.number >= last_reported, f"active v{active.number} is older than committed v{last_reported}"
     pointer = store._read_pointer()
-    named = {}
-    for h in pointer["history"]:
-        if h["action"] in CREATES_VERSION:
-            head = store._load(f"v{h['version']:06d}.npz", h["sha256"])  # every version verifies
-            expected = factory.W + np.float32(h["metrics"]["step"])
-            assert np.allclose(head.W, expected, atol=1e-3), f"version {h['version']} holds another version's weights"
-            named[h["version"]] = h
+    named = live_versions(pointer["history"])
+    for number, head in store.verified_versions().items():  # every version verifies
+        expected = factory.W + np.float32(named[number]["metrics"]["step"])
+        assert np.allclose(head.W, expected, atol=1e-3), f"version {number} holds another version's weights"
     for v in pointer["stack"]:
         assert v == 0 or v in named, f"rollback stack names v{v}, which has no commit record"
     assert pointer["active"] == 0 or pointer["active"] in named
@@ -233,16 +230,14 @@ def _migrate_once(bundle: Path, new: Path, store: Path, crash_at: int | None, de
 
 def check_migrated(store_dir: Path, bundles: dict[str, Any]) -> str:
     """The store opens at the old or the new bundle, every named version verifying; returns which."""
-    from edgetl.device._store import CREATES_VERSION, POINTER, HeadStore
+    from edgetl.device._store import POINTER, HeadStore
 
     bundle_id = json.loads((store_dir / POINTER).read_text())["bundle_id"]
     assert bundle_id in bundles, "the pointer names neither the old bundle nor the new one"
     store = HeadStore(store_dir, bundles[bundle_id])
     store.active()
+    store.verified_versions()
     pointer = store._read_pointer()
-    for h in pointer["history"]:
-        if h["action"] in CREATES_VERSION and h.get("version") and not h.get("removed"):
-            store._load(f"v{h['version']:06d}.npz", h["sha256"])
     kept = store.examples()
     if kept is not None:
         kept.examples()  # every kept segment passes its checksum

@@ -230,16 +230,14 @@ def _tree(root: Path) -> dict[str, str]:
 
 def observe(store_path: Path, bundles: dict[str, Any]) -> dict[str, Any]:
     """Open the store the way a device would and describe its state; raises if it cannot."""
-    from edgetl.device._store import CREATES_VERSION, POINTER, HeadStore
+    from edgetl.device._store import POINTER, HeadStore
 
     if not (store_path / POINTER).exists():
         return {"store": None}
     raw = json.loads((store_path / POINTER).read_text())
     store = HeadStore(store_path, bundles[raw["bundle_id"]])  # finishes an interrupted forget
+    store.verified_versions()  # every named version verifies
     pointer = store._read_pointer()
-    for h in pointer["history"]:
-        if h["action"] in CREATES_VERSION and h.get("version") and not h.get("removed"):
-            store._load(f"v{h['version']:06d}.npz", h["sha256"])  # every named version verifies
     active = store.active()
     examples = store.examples()
     kept = None

@@ -35,7 +35,7 @@ import numpy as np
 from edgetl import _atomic
 from edgetl.bundle import Bundle
 from edgetl.device._head import HeadState, TrainSettings
-from edgetl.device._store import CREATES_VERSION, HeadStore, _now, bundle_identity
+from edgetl.device._store import CREATES_VERSION, HeadStore, _now, bundle_identity, live_versions
 from edgetl.errors import InputError, StoreError
 
 FORGOTTEN = "<forgotten>"
@@ -325,12 +325,10 @@ def _versions_with(pointer: dict[str, Any], label: str | None) -> set[int]:
     added is only ever in heads trained on its examples); ``None``: every personalized
     version."""
     out = set()
-    for h in pointer["history"]:
-        if h.get("action") not in CREATES_VERSION or not h.get("version") or h.get("removed"):
-            continue
+    for number, h in live_versions(pointer["history"]).items():
         trained_on = h.get("example_labels") or h.get("metrics", {}).get("example_labels", [])
         if label is None or label in trained_on:
-            out.add(int(h["version"]))
+            out.add(number)
     return out
 
 
@@ -349,11 +347,7 @@ def _without(pointer: dict[str, Any], doomed: set[int], label: str | None) -> di
                 FORGOTTEN if label is None or v == label else v for v in h["metrics"]["example_labels"]
             ]
         history.append(h)
-    survivors = [
-        h
-        for h in history
-        if h.get("action") in CREATES_VERSION and h.get("version") and not h.get("removed") and "sha256" in h
-    ]
+    survivors = [h for h in live_versions(history).values() if "sha256" in h]
     active, file, sha = int(pointer["active"]), pointer["file"], pointer["sha256"]
     if active in doomed:
         latest = max(survivors, key=lambda h: h["version"], default=None)

@@ -49,6 +49,16 @@ _VERSION_FILE = re.compile(r"^v(\d{6})\.npz$")
 FORMAT = 1
 
 
+def live_versions(history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The history entries of versions that exist: created by a commit or a migration, not
+    the factory head (0), not removed by a forget; by version number."""
+    return {
+        int(h["version"]): h
+        for h in history
+        if h.get("action") in CREATES_VERSION and h.get("version") and not h.get("removed")
+    }
+
+
 def bundle_identity(bundle: Bundle) -> str:
     """Which bundle a store belongs to: the hashes of its backbone and factory head."""
     parts = sorted(a.sha256 for a in bundle.manifest.artifacts if a.role in ("backbone", "head_init"))
@@ -168,6 +178,14 @@ class HeadStore:
     def history(self) -> list[dict[str, Any]]:
         return list(self._pointer()["history"])
 
+    def verified_versions(self) -> dict[int, HeadState]:
+        """Every version the history names, loaded and sha256-checked, by number.
+
+        Raises:
+            StoreError: a version file is missing, damaged or of another shape.
+        """
+        return {n: self._load(f"v{n:06d}.npz", h["sha256"]) for n, h in live_versions(self.history()).items()}
+
     def versions(self) -> list[int]:
         if not self.path.is_dir():
             return []
@@ -227,14 +245,7 @@ class HeadStore:
     def _activate(self, pointer: dict[str, Any], target: int, stack: list[int], action: str) -> int:
         file = sha = None
         if target:
-            entry = next(
-                (
-                    h
-                    for h in pointer["history"]
-                    if h["version"] == target and h["action"] in CREATES_VERSION and not h.get("removed")
-                ),
-                None,
-            )
+            entry = live_versions(pointer["history"]).get(target)
             if entry is None or "sha256" not in entry:
                 raise StoreError(
                     f"version {target} has no commit record with a checksum in {str(self.path)!r}; cannot verify it"
