@@ -298,8 +298,9 @@ def _parser_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_personalize(p: argparse.ArgumentParser) -> None:
+    from edgetl.device._guard import DEFAULT_ALPHA, DEFAULT_FORGET_TOLERANCE, DEFAULT_USER_TOLERANCE, GuardPolicy
     from edgetl.device._head import TrainSettings
-    from edgetl.device._personalizer import DEFAULT_FORGET_MARGIN, DEFAULT_HOLDOUT, DEFAULT_MARGIN
+    from edgetl.device._personalizer import DEFAULT_HOLDOUT
 
     t = _defaults(TrainSettings)
     p.add_argument("bundle")
@@ -334,14 +335,27 @@ def _parser_personalize(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--margin",
         type=float,
-        default=DEFAULT_MARGIN,
-        help="largest drop of the guard score (held-out user examples and replay) accepted at commit",
+        default=DEFAULT_USER_TOLERANCE,
+        help="share of your held-out examples a new head may lose before the loss is tested (1 opens the guard)",
     )
     p.add_argument(
         "--forget-margin",
         type=float,
-        default=DEFAULT_FORGET_MARGIN,
-        help="largest drop of held-out accuracy on the factory classes (replay) accepted at commit",
+        default=DEFAULT_FORGET_TOLERANCE,
+        help="share of the held-out factory-class examples a new head may lose before the loss is tested "
+        "(1 opens the guard)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help="significance level of the guard's exact tests: a loss is forgetting when p < alpha",
+    )
+    p.add_argument(
+        "--mislabel",
+        choices=("refuse", "warn", "off"),
+        default=GuardPolicy.mislabel,
+        help="a head trained on labels that contradict confident factory predictions: refuse it, or warn",
     )
     p.add_argument(
         "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share of the examples held out for the guard"
@@ -729,7 +743,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_personalize(args: argparse.Namespace) -> int:
-    from edgetl.device import Personalizer, TrainSettings
+    from edgetl.device import GuardPolicy, Personalizer, TrainSettings
 
     settings = TrainSettings(
         epochs=args.epochs,
@@ -746,8 +760,12 @@ def _run_personalize(args: argparse.Namespace) -> int:
         args.store,
         keep_examples=not args.no_keep_examples,
         holdout_fraction=args.holdout,
-        margin=args.margin,
-        forget_margin=args.forget_margin,
+        guard=GuardPolicy(
+            alpha=args.alpha,
+            forget_tolerance=args.forget_margin,
+            user_tolerance=args.margin,
+            mislabel=args.mislabel,
+        ),
         settings=settings,
     )
     known = set(clf.head.labels)
@@ -816,8 +834,12 @@ def _run_store(args: argparse.Namespace) -> int:
 def _store_history(store: Any, args: argparse.Namespace) -> int:
     print(f"active version {store.active_version}")
     for h in store.history():
-        extra = h.get("metrics") or {k: h[k] for k in ("from", "kind", "reason", "versions_removed") if k in h}
+        metrics = dict(h.get("metrics") or {})
+        guard = metrics.pop("guard", None)  # the counts behind the decision: printed as its reason
+        extra = metrics or {k: h[k] for k in ("from", "kind", "reason", "versions_removed") if k in h}
         print(f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}")
+        if guard:
+            print(f"{'':>28}guard: {guard['reason']}")
     return 0
 
 

@@ -13,6 +13,7 @@ start with ``_`` are internal and may change.
 from edgetl.device._advisor import Advice, advise
 from edgetl.device._bench import bench_bundle
 from edgetl.device._classifier import Classifier, Prediction
+from edgetl.device._guard import GuardPolicy
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._personalizer import CommitResult, Personalizer
 from edgetl.device._store import HeadStore
@@ -23,6 +24,7 @@ __all__ = [
     "Prediction",
     "Personalizer",
     "CommitResult",
+    "GuardPolicy",
     "HeadStore",
     "HeadState",
     "TrainSettings",

@@ -9,10 +9,10 @@
     CommitResult(accepted=True, version=3, ...)
 
 Training is executed by the runtime (onnxruntime's train-step graph or LiteRT's ``train``
-signature); numpy only batches. Part of the user's examples is held out; a new head that
-is worse than the active one by more than ``margin`` is rejected; the score is the mean of
-the accuracy on held-out user examples and on the replay buffer (examples of the factory
-classes shipped in the bundle).
+signature); numpy only batches. Part of the user's examples and most of the bundle's replay
+buffer (examples of the factory classes) are held out; the guard (:mod:`._guard`) scores the
+active and the candidate head on them and refuses a candidate when the paired evidence shows
+it forgets the factory classes or is worse for the user, or when its labels look wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgetl.device._classifier import Classifier
+from edgetl.device._guard import GuardPolicy, LabelCheck, generalizes, label_check, paired
+from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
 from edgetl.errors import BundleError, InputError, describe
@@ -31,8 +33,10 @@ from edgetl.errors import BundleError, InputError, describe
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What the guard decided. ``*_accuracy`` is the guard score (the mean of the held-out
-    user and held-out replay accuracies); ``*_scores`` has each part."""
+    """What the guard decided, and why. ``*_accuracy`` is the mean of the held-out user and
+    held-out factory-class (replay) accuracies, ``*_scores`` has each part; ``evidence`` has
+    the counts the decision rests on (see :mod:`edgetl.device._guard`), as the store
+    history keeps them."""
 
     accepted: bool
     version: int  # the active version after the call
@@ -42,6 +46,7 @@ class CommitResult:
     reason: str
     candidate_scores: dict = field(default_factory=dict)
     active_scores: dict = field(default_factory=dict)
+    evidence: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,10 @@ def _balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([np.resize(rng.permutation(g), most) for g in groups]))
 
 
-# Guard defaults (see the Personalizer docstring for what was measured). The margins are
-# the ones tools/guard_rates.py recommends (10 seeds x batches of 10-100 x 7 scenarios,
-# 280 decisions judged on an independent test set): with forget_margin 0.03 the guard
-# accepted 21 harmful heads instead of 31 at 0.05, rejected 9 helpful ones instead of 6,
-# accepted every genuine adaptation at every batch size and no head that destroyed the
-# factory classes either way.
 DEFAULT_HOLDOUT = 0.25
-DEFAULT_MARGIN = 0.02
-DEFAULT_FORGET_MARGIN = 0.03
-DEFAULT_REPLAY_PER_CLASS = 20
+# Replay examples per factory class trained on (against forgetting); the rest of the bundle's
+# replay buffer is held out to judge forgetting (more held out = a sharper guard).
+DEFAULT_REPLAY_PER_CLASS = 10
 
 
 class Personalizer:
@@ -79,18 +78,14 @@ class Personalizer:
         classifier: the :class:`Classifier` whose head is personalized (its backend trains).
         store: a :class:`HeadStore` or its directory.
         holdout_fraction: share of each class's user examples kept out of training for the guard.
-        replay_per_class: bound of the replay buffer per factory class.
-        margin: largest drop (0..1) of the guard score a new head may show and still be
-            committed. Limits, measured on the digits demo: the score sees forgetting, not
-            label noise (held-out user labels are as noisy as the training ones); shuffled
-            batches of 60-300 examples dropped it by 0.03-0.06, a genuine style adaptation
-            by -0.03 to +0.02. With few held-out examples, expect both some false
-            rejections and small harmful batches within the margin.
-        forget_margin: largest drop (0..1) of the held-out replay accuracy (the factory
-            classes) a new head may show, whatever it gains on the user's examples. The
-            mean alone let a head that agrees with its user buy that with forgetting: a
-            batch of every digit labelled "5" trained with Adam at 0.5 took the factory
-            classes from 0.98 to 0.78 and the mean still rose.
+        replay_per_class: replay examples per factory class trained on (against forgetting);
+            the rest of the bundle's replay buffer is held out, so the guard can see forgetting.
+        guard: how the guard decides (:class:`GuardPolicy`: one-sided exact tests on the
+            held-out examples both heads are scored on, with tolerated losses).
+        margin: shorthand for ``guard.user_tolerance``: the share of the user's held-out
+            examples a candidate may lose net before the loss is tested (1 opens it).
+        forget_margin: shorthand for ``guard.forget_tolerance``: the same for the held-out
+            factory-class examples (1 opens it).
         settings: training hyperparameters.
     """
 
@@ -102,16 +97,18 @@ class Personalizer:
         keep_examples: bool = True,
         holdout_fraction: float = DEFAULT_HOLDOUT,
         replay_per_class: int = DEFAULT_REPLAY_PER_CLASS,
-        margin: float = DEFAULT_MARGIN,
-        forget_margin: float = DEFAULT_FORGET_MARGIN,
+        guard: GuardPolicy = GuardPolicy(),
+        margin: float | None = None,
+        forget_margin: float | None = None,
         settings: TrainSettings = TrainSettings(),
     ) -> None:
         if not 0 <= holdout_fraction < 1:
             raise InputError(f"holdout_fraction must be in [0, 1), received {holdout_fraction}")
-        for name, value in (("margin", margin), ("forget_margin", forget_margin)):
-            if not 0 <= value <= 1:
-                raise InputError(f"{name} must be in [0, 1], received {value}")
-        self.forget_margin = forget_margin
+        if margin is not None:
+            guard = replace(guard, user_tolerance=margin)
+        if forget_margin is not None:
+            guard = replace(guard, forget_tolerance=forget_margin)
+        self.guard = guard
         self.classifier = classifier
         self.keep_examples = keep_examples
         if store is None:  # train and judge only (a migration's candidate): nothing to commit to
@@ -122,7 +119,7 @@ class Personalizer:
             active = self.store.active()
         classifier.set_head(active.head, active.number)
         self._raw: list[tuple[np.ndarray, list[str]]] = []  # the user's inputs, kept at commit
-        self.holdout_fraction, self.margin, self.settings = holdout_fraction, margin, settings
+        self.holdout_fraction, self.settings = holdout_fraction, settings
         self._emb = np.zeros((0, classifier.factory.W.shape[0]), np.float32)
         self._labels: list[str] = []
         self._base = active.head  # the head being extended (new classes) before training
@@ -132,24 +129,27 @@ class Personalizer:
     # ------------------------------------------------------------------ data
 
     def _load_replay(self, per_class: int) -> tuple[np.ndarray, list[str]]:
+        """The bundle's whole replay buffer; ``per_class`` of each class are trained on."""
+        self._replay_train_per_class = max(0, per_class)
         found = self.classifier.bundle.artifacts("replay", "npz")
-        if not found or per_class <= 0:
+        if not found:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
-        keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
-        labels = [self.classifier.bundle.labels[int(i)] for i in y[keep]]
-        return emb[keep], labels
+        return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 
     def _replay_split(self) -> tuple[np.ndarray, np.ndarray]:
         """Replay examples to train on (against forgetting) and to judge with (never trained
-        on, so the guard can see forgetting): every other example of each class."""
+        on, so the guard can see forgetting): per class, every other example up to
+        ``replay_per_class`` is trained on, and everything else is held out. A bundle with
+        a small buffer (20 per class) still holds out half of it."""
         labels = np.asarray(self.replay_labels)
         train, held = [], []
         for name in sorted(set(self.replay_labels)):
             idx = np.flatnonzero(labels == name)
-            train += idx[0::2].tolist()
-            held += idx[1::2].tolist()
+            chosen = idx[0::2][: self._replay_train_per_class]
+            train += chosen.tolist()
+            held += np.setdiff1d(idx, chosen).tolist()
         return np.asarray(sorted(train), dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)
 
     @property
@@ -301,58 +301,95 @@ class Personalizer:
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
         return float(np.mean(list(scores.values())))
 
-    def guard_scores(self, head: HeadState) -> dict[str, float]:
-        """``{"user": ..., "replay": ...}``: accuracy on the held-out user examples and on the
-        held-out replay half (the factory classes); a part without examples is absent."""
+    def _held_out(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """The guard's held-out examples: ``{"user": ..., "factory": ...}`` (embeddings, labels)."""
         _, held = self._split()
         _, replay = self._replay_split()
-        parts = {
-            "user": (self._emb[held], [self._labels[i] for i in held]),
-            "replay": (self.replay_emb[replay], [self.replay_labels[i] for i in replay]),
-        }
         return {
-            name: self._accuracy(head, emb, names, balanced=True) for name, (emb, names) in parts.items() if len(names)
+            "user": (self._emb[held], [self._labels[i] for i in held]),
+            "factory": (self.replay_emb[replay], [self.replay_labels[i] for i in replay]),
         }
+
+    def guard_scores(self, head: HeadState) -> dict[str, float]:
+        """``{"user": ..., "replay": ...}``: class-balanced accuracy on the held-out user
+        examples and on the held-out replay examples (the factory classes); a part without
+        examples is absent."""
+        names = {"user": "user", "factory": "replay"}
+        return {
+            names[part]: self._accuracy(head, emb, labels, balanced=True)
+            for part, (emb, labels) in self._held_out().items()
+            if len(labels)
+        }
+
+    def _predict(self, head: HeadState, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted label names and their probabilities (over the head's active classes)."""
+        active = np.flatnonzero(head.mask > 0)
+        probs = self.classifier.head_runtime.probabilities(head, emb)[:, active]
+        return np.asarray(head.labels)[probs.argmax(axis=1)], probs.max(axis=1)
+
+    def _correct(self, head: HeadState, emb: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+        if not len(labels):
+            return np.zeros(0, bool)
+        return self._predict(head, emb)[0] == np.asarray(list(labels))
 
     def _accuracy(self, head: HeadState, emb: np.ndarray, labels: Sequence[str], *, balanced: bool = False) -> float:
         """Accuracy of ``head``; ``balanced``: the mean of per-class recalls, so that every
-        class counts alike in the guard (a new class with few held-out examples included)."""
-        active = np.flatnonzero(head.mask > 0)
-        probs = self.classifier.head_runtime.probabilities(head, emb)[:, active]
-        predicted = np.asarray([head.labels[j] for j in probs.argmax(axis=1)])
-        truth = np.asarray(list(labels))
+        class counts alike (a new class with few held-out examples included). A label the
+        head does not have counts as wrong."""
+        correct, truth = self._correct(head, emb, labels), np.asarray(list(labels))
         if not balanced:
-            return float(np.mean(predicted == truth))
-        return float(np.mean([np.mean(predicted[truth == c] == c) for c in sorted(set(truth.tolist()))]))
+            return float(np.mean(correct))
+        return float(np.mean([np.mean(correct[truth == c]) for c in sorted(set(truth.tolist()))]))
+
+    def _label_check(self, gained: bool) -> LabelCheck:
+        """The user's labels on factory classes against the factory head's confident predictions."""
+        factory = self.classifier.factory
+        known = [i for i, l in enumerate(self._labels) if l in factory.labels]
+        if not known:
+            return label_check([], [], np.zeros(0), gained=gained)
+        predicted, confidence = self._predict(factory, self._emb[known])
+        return label_check([self._labels[i] for i in known], predicted.tolist(), confidence, gained=gained)
 
     def decide(self, margin: float | None = None) -> CommitResult:
         """The guard's verdict on the trained candidate, without storing anything.
 
-        Accepted unless the candidate is worse than the active head by more than
-        ``margin`` on the guard score, or forgets the factory classes (held-out replay
-        accuracy down by more than ``forget_margin``).
+        Both heads are scored on the same held-out user and factory-class examples; the
+        candidate is refused when the paired evidence shows it forgets the factory classes
+        or is worse on the user's examples beyond the tolerated loss, or when it was trained
+        on labels that look wrong (:mod:`edgetl.device._guard`). ``margin`` overrides the
+        user tolerance for this call.
         """
         if self.candidate is None:
             raise InputError("no candidate head: call train() first")
-        margin = self.margin if margin is None else margin
-        cand_scores, cur_scores = self.guard_scores(self.candidate), self.guard_scores(self.classifier.head)
-        if not cand_scores:
+        policy = self.guard if margin is None else replace(self.guard, user_tolerance=margin)
+        active, parts = self.classifier.head, self._held_out()
+        if not any(len(labels) for _, labels in parts.values()):
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
-        cand, current = float(np.mean(list(cand_scores.values()))), float(np.mean(list(cur_scores.values())))
-        reason = "accepted"
-        if cand < current - margin:
-            reason = (
-                f"rejected: held-out accuracy {cand:.3f} is below the active head's {current:.3f} by more than "
-                f"{margin:.3f}"
-            )
-        elif "replay" in cand_scores and cand_scores["replay"] < cur_scores["replay"] - self.forget_margin:
-            reason = (
-                f"rejected: it forgets the factory classes (held-out replay accuracy {cur_scores['replay']:.3f} -> "
-                f"{cand_scores['replay']:.3f}, more than the {self.forget_margin:.3f} allowed)"
-            )
-        accepted = reason == "accepted"
+        user = paired(
+            "user",
+            self._correct(active, *parts["user"]),
+            self._correct(self.candidate, *parts["user"]),
+            policy.user_tolerance,
+        )
+        factory = paired(
+            "factory",
+            self._correct(active, *parts["factory"]),
+            self._correct(self.candidate, *parts["factory"]),
+            policy.forget_tolerance,
+            parts["factory"][1],
+        )
+        verdict = decide_guard(user, factory, self._label_check(generalizes(user, policy)), policy)
+        cand_scores, cur_scores = self.guard_scores(self.candidate), self.guard_scores(active)
         return CommitResult(
-            accepted, self.classifier.head_version, cand, current, margin, reason, cand_scores, cur_scores
+            verdict.accepted,
+            self.classifier.head_version,
+            float(np.mean(list(cand_scores.values()))),
+            float(np.mean(list(cur_scores.values()))),
+            policy.user_tolerance,
+            verdict.reason,
+            cand_scores,
+            cur_scores,
+            verdict.evidence(),
         )
 
     def commit(self, margin: float | None = None) -> CommitResult:
@@ -366,7 +403,10 @@ class Personalizer:
             raise InputError("this Personalizer has no store to commit to (store=None): use decide()")
         metrics = {"heldout_accuracy": decision.candidate_accuracy, "previous_accuracy": decision.active_accuracy}
         metrics.update(
-            scores=decision.candidate_scores, examples=self.examples, example_labels=sorted(set(self._labels))
+            scores=decision.candidate_scores,
+            examples=self.examples,
+            example_labels=sorted(set(self._labels)),
+            guard=decision.evidence,
         )
         if self.keep_examples and self._raw:
             # Examples first: a crash between the two writes leaves kept examples without
@@ -378,7 +418,7 @@ class Personalizer:
         self._raw = []
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None
-        return replace(decision, version=version, reason="committed")
+        return replace(decision, version=version, reason="committed: " + decision.reason.removeprefix("accepted: "))
 
     def personalize(
         self,

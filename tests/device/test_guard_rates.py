@@ -1,5 +1,6 @@
-"""The personalization guard, measured: a bounded run of tools/guard_rates.py on the suite's
-digits bundle (the tool runs 20 seeds; its numbers are quoted where a bound comes from them)."""
+"""The personalization guard on new users it was never tuned on: a bounded run of
+tools/guard_rates.py (evaluation family only) on the suite's digits bundle. The tool runs
+every kind, scenario, size and seed; its figures are in the README."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_tool
 
-HOT = ("genuine_hot", "one_label_hot", "one_class_hot", "relabel_hot")  # Adam at 0.5: heads that forget
+from edgetl.device import GuardPolicy
 
 
 @pytest.fixture(scope="module")
@@ -17,47 +18,60 @@ def guard():
 
 @pytest.fixture(scope="module")
 def records(guard, digits_bundle):
-    """Every scenario at batch sizes 10-100, 4 seeds, through the real Personalizer.commit with
-    its default margins (112 cases; measure() also checks the tool's copy of the guard rule
-    reproduces every real decision)."""
+    """Three evaluation-family kinds x every scenario x 10 and 50 examples per class, one seed,
+    through the real Personalizer.decide (measure() also checks that the tool's replay of the
+    rule reproduces every real decision)."""
+    bundle, _ = digits_bundle
+    kinds = guard.families()["evaluation"][:3]
+    return guard.measure(bundle.path, kinds=kinds, sizes=(10, 50), seeds=range(1))
+
+
+def test_the_families_are_fixed_disjoint_and_cover_every_kind(guard):
+    fam = guard.families()
+    tuning, evaluation = set(fam["tuning"]), set(fam["evaluation"])
+    assert not tuning & evaluation
+    assert tuning | evaluation == set(guard.KINDS) and len(guard.KINDS) >= 12
+    assert len(tuning) >= 6 and len(evaluation) >= 6
+    assert fam == guard.families()  # no randomness in the split
+
+
+def test_every_kind_is_a_different_user(guard, digits_bundle):
+    """Each kind really changes the digits (the factory head does worse on them), and draws
+    every image with its own jitter (no two identical images from one source image)."""
     bundle, halves = digits_bundle
-    return guard.measure(bundle.path, halves.test, seeds=range(4), sizes=(10, 20, 50, 100))
+    x = np.asarray(halves.test.x[:40])
+    for kind in guard.KINDS:
+        a, b = guard.draw_style(kind, x, 0), guard.draw_style(kind, x, 1)
+        assert a.shape == x.shape and a.dtype == np.uint8
+        assert np.mean(np.abs(a.astype(float) - x)) > 3, kind
+        if kind not in ("thin",):  # erosion alone is deterministic
+            assert not np.array_equal(a, b), kind
 
 
-def test_heads_that_destroy_the_factory_classes_are_refused(guard, records):
-    stats = guard.rates(records)
-    # tool, 20 seeds: 296 heads lost > 0.2 factory accuracy, none accepted
-    assert stats["destroyed"] >= 40 and stats["destroyed_accepted"] == 0, stats
-    hot = [r for r in records if r["scenario"] in HOT]
-    assert hot and not any(r["accepted"] for r in hot)  # tool: 0 of 320 accepted
-    assert all("forgets the factory classes" in r["reason"] or "below the active" in r["reason"] for r in hot)
-
-
-def test_genuine_personalization_is_mostly_accepted(guard, records):
+def test_the_guard_meets_its_targets_on_users_it_was_not_tuned_on(guard, records):
+    s = guard.rates(records)
+    assert s["shuffled"] == 6 and s["shuffled_refused"] == 1.0, s
+    assert s["forgetting"] >= 10 and s["forgetting_accepted"] == 0, s  # hot optimizers, relabelling
     genuine = [r for r in records if r["scenario"] == "genuine"]
-    assert len(genuine) == 16
-    # The truth (independent test set): a correctly labelled restyled batch really helps the
-    # user and keeps the factory classes (tool: 80 of 80, mean gain +0.10 to +0.23).
-    assert all(r["should_accept"] for r in genuine)
-    # tool: 79 of 80 accepted (one rejection at N=20); here at most one of 16 may be refused
-    assert np.mean([r["accepted"] for r in genuine]) >= 0.9
+    # the truth: correct labels help most of these users (a mild style gains less than 2 points)
+    assert np.mean([r["helpful"] for r in genuine]) >= 0.5, [r["user_gain"] for r in genuine]
+    assert all(r["accepted"] for r in genuine), [r["reason"] for r in genuine if not r["accepted"]]
+    correctly_labelled = [r for r in records if r["helpful"] and r["scenario"] != "shuffled"]
+    assert np.mean([r["accepted"] for r in correctly_labelled]) >= 0.9, s
 
 
-def test_the_guard_checks_can_fail(guard, digits_bundle):
-    """The same measurements with the guard loosened or tightened break each bound above:
-    margins of 1 commit the destroyed heads; margins of 0 refuse half the genuine batches."""
-    bundle, halves = digits_bundle
-    loose = guard.measure(
-        bundle.path, halves.test, seeds=range(2), sizes=(20,), scenarios=["relabel_hot"], margin=1.0, forget_margin=1.0
-    )
-    assert guard.rates(loose)["destroyed_accepted"] == len(loose) == 2
-    strict = guard.measure(
-        bundle.path,
-        halves.test,
-        seeds=range(4),
-        sizes=(20, 50, 100),
-        scenarios=["genuine"],
-        margin=0.0,
-        forget_margin=0.0,
-    )
-    assert np.mean([r["accepted"] for r in strict]) < 0.9  # tool, 20 seeds: 0.4-0.6 per size
+def test_every_decision_explains_itself(records):
+    for r in records:
+        assert r["reason"].startswith("accepted: " if r["accepted"] else "rejected: ")
+        assert "factory classes:" in r["reason"] and " lost and " in r["reason"]
+
+
+def test_the_guard_checks_can_fail(guard, records):
+    """The same evidence under an opened guard (what ``--margin 1 --forget-margin 1
+    --mislabel off`` does) accepts the forgetting heads and the shuffled batches, so each
+    target above can fail."""
+    opened = GuardPolicy(forget_tolerance=1.0, user_tolerance=1.0, mislabel="off")
+    s = guard.rates(records, lambda r: guard.decide_again(r, opened))
+    assert s["forgetting_accepted"] == s["forgetting"] and s["shuffled_refused"] == 0.0
+    no_labels = GuardPolicy(mislabel="off")
+    assert guard.rates(records, lambda r: guard.decide_again(r, no_labels))["shuffled_refused"] < 1.0
