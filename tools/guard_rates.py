@@ -401,6 +401,8 @@ def migration_case(wa: World, wb: World, kind: str, per_class: int, seed: int, s
     x, labels = draw_style(kind, wa.pool_x[idx], [seed, per_class, 1]), [str(v) for v in y]
     wa.clf.set_head(wa.clf.factory, 0)
     first = Personalizer(wa.clf, HeadStore(store_dir, wa.clf.bundle)).personalize(x, labels)
+    if not first.accepted:  # nothing personalized on A: nothing to carry (the case is counted apart)
+        return {"kind": kind, "per_class": per_class, "seed": seed, "first_accepted": False, "helpful": False}
     migration = HeadStore(store_dir, None).migrate(wb.clf.bundle, backend=wb.clf.backend)
     migrated = HeadStore(store_dir, wb.clf.bundle).active().head
     wb.clf.set_head(wb.clf.factory, 0)
@@ -444,7 +446,8 @@ def migration_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "cases": len(records),
         "helpful": len(helpful),
         "within_2_points": float(np.mean(close)) if close else float("nan"),
-        "retrained": sum(r["migration"] == "retrained" for r in records),
+        "not_personalized_first": sum(not r["first_accepted"] for r in records),
+        "retrained": sum(r.get("migration") == "retrained" for r in records),
         "mean_gap": float(np.mean([r["user_direct"] - r["user_migrated"] for r in helpful])) if helpful else 0.0,
     }
 
@@ -460,10 +463,14 @@ def rates(records: list[dict[str, Any]], decide: Callable[[dict[str, Any]], bool
     helpful, forgetting = pick(lambda r: r["helpful"]), pick(lambda r: r["forgetting"])
     shuffled = pick(lambda r: r["scenario"] == "shuffled")
     unhelpful = pick(lambda r: not r["helpful"])
+    # Shuffled batches the truth calls helpful (the replay and the user's style still move the
+    # head the right way) are refused by the shuffled-labels target: counted apart too.
+    unshuffled = pick(lambda r: r["helpful"] and r["scenario"] != "shuffled")
     return {
         "cases": len(records),
         "helpful": len(helpful),
         "helpful_accepted": float(np.mean(helpful)) if helpful else float("nan"),
+        "helpful_accepted_unshuffled": float(np.mean(unshuffled)) if unshuffled else float("nan"),
         "forgetting": len(forgetting),
         "forgetting_accepted": int(sum(forgetting)),
         "shuffled": len(shuffled),
@@ -476,6 +483,9 @@ def rates(records: list[dict[str, Any]], decide: Callable[[dict[str, Any]], bool
 def passes(s: dict[str, Any]) -> dict[str, bool]:
     return {
         f"helpful accepted >= {TARGET_HELPFUL:.0%}": s["helpful_accepted"] >= TARGET_HELPFUL,
+        f"helpful accepted >= {TARGET_HELPFUL:.0%}, shuffled batches apart": (
+            s["helpful_accepted_unshuffled"] >= TARGET_HELPFUL
+        ),
         f"0 accepted heads losing > {FORGETTING * 100:.0f} factory points": s["forgetting_accepted"] == 0,
         "shuffled labels refused 100%": s["shuffled_refused"] == 1.0,
     }

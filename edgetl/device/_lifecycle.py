@@ -180,7 +180,7 @@ def _retrain(
         return _switch(store, pointer, new, None, "factory", why, decision)
     why = (
         f"retrained from the new factory head on {len(labels)} kept examples of {len(set(labels))} classes; "
-        f"guard {decision.candidate_accuracy:.3f} vs factory {decision.active_accuracy:.3f}"
+        f"guard against the new factory head: {decision.reason}"
     )
     return _switch(store, pointer, new, p.candidate, "retrained", why, decision, example_labels=sorted(set(labels)))
 
