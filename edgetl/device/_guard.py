@@ -35,7 +35,9 @@ are as wrong as the training ones).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -326,3 +328,31 @@ def decide(user: PairedEvidence, factory: PairedEvidence, labels: LabelCheck, po
         notes.append("warning: the labels look wrong")
     reason = "accepted: " + ("; ".join(facts) or "no held-out examples") + "".join(f"; {n}" for n in notes)
     return GuardDecision(True, reason, user, factory, labels, policy)
+
+
+FORGOTTEN = "<forgotten>"
+
+
+def redact_text(text: str, label: str | None) -> str:
+    """``text`` with the quoted class name ``label`` (every quoted name, for ``None``) forgotten:
+    guard reasons name classes as Python reprs (``class '7'``)."""
+    if label is None:
+        return re.sub(r"'[^']*'", f"'{FORGOTTEN}'", text)
+    return text.replace(repr(label), f"'{FORGOTTEN}'")
+
+
+def redact(evidence: dict, label: str | None) -> dict:
+    """Guard evidence (:meth:`GuardDecision.evidence`) that no longer names ``label`` (any
+    label, for ``None``): what ``store forget`` keeps of a decision."""
+    out = json.loads(json.dumps(evidence))
+    named = lambda v: v is not None and (label is None or v == label)  # noqa: E731
+    labels = out.get("labels") or {}
+    if labels.get("top_pair") and any(named(v) for v in labels["top_pair"]):
+        labels["top_pair"] = [FORGOTTEN if named(v) else v for v in labels["top_pair"]]
+    for part in ("user", "factory"):
+        if named((out.get(part) or {}).get("worst_class") or None):
+            out[part]["worst_class"] = FORGOTTEN
+    for holder, key in ((out, "reason"), (labels, "suspicious"), (labels, "warning")):
+        if isinstance(holder.get(key), str):
+            holder[key] = redact_text(holder[key], label)
+    return out

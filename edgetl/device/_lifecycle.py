@@ -34,11 +34,10 @@ import numpy as np
 
 from edgetl import _atomic
 from edgetl.bundle import Bundle
+from edgetl.device._guard import FORGOTTEN, redact, redact_text
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import CREATES_VERSION, HeadStore, _now, bundle_identity, live_versions
 from edgetl.errors import InputError, StoreError
-
-FORGOTTEN = "<forgotten>"
 
 
 @dataclass(frozen=True)
@@ -342,6 +341,10 @@ def _without(pointer: dict[str, Any], doomed: set[int], label: str | None) -> di
         for key in ("labels", "example_labels"):
             if key in h:
                 h[key] = [FORGOTTEN if label is None or v == label else v for v in h[key]]
+        if "guard" in h.get("metrics", {}):
+            h["metrics"]["guard"] = redact(h["metrics"]["guard"], label)
+        if isinstance(h.get("reason"), str):
+            h["reason"] = redact_text(h["reason"], label)
         if "example_labels" in h.get("metrics", {}):
             h["metrics"]["example_labels"] = [
                 FORGOTTEN if label is None or v == label else v for v in h["metrics"]["example_labels"]

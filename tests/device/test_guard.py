@@ -3,6 +3,8 @@ reference (scipy's exact binomial test), then on real users built in the test.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import binomtest
@@ -107,3 +109,18 @@ def test_policy_and_evidence_refuse_bad_input():
         GuardPolicy(mislabel="maybe")
     with pytest.raises(InputError, match="two equal 1-d vectors"):
         paired("user", np.ones(3, bool), np.ones(4, bool), 0.0)
+
+
+def test_forgetting_a_label_redacts_it_from_the_evidence():
+    from edgetl.device._guard import redact
+
+    labels = label_check(["7"] * 6 + ["5"] * 6, ["1"] * 6 + ["5"] * 6, np.full(12, 0.99), gained=True)
+    factory = paired(
+        "factory", np.ones(40, bool), np.r_[np.zeros(8, bool), np.ones(32, bool)], 0.0, ["7"] * 20 + ["1"] * 20
+    )
+    verdict = decide(_evidence("user", 10, 0, 3), factory, labels, GuardPolicy())
+    assert "'7'" in verdict.reason and "'1'" in verdict.reason
+    kept = json.dumps(redact(verdict.evidence(), "7"))
+    assert "'7'" not in kept and '"7"' not in kept and "'1'" in kept and "<forgotten>" in kept
+    everything = json.dumps(redact(verdict.evidence(), None))
+    assert "'1'" not in everything and '"1"' not in everything
