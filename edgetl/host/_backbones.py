@@ -487,7 +487,8 @@ def create_backbone(
 
 
 def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
-    """Load a Keras model file without compiling it, refusing unsafe Lambda bytecode.
+    """Load a Keras model file without compiling it, refusing unsafe Lambda bytecode. Files
+    saved by Keras 3 are rebuilt in tf_keras (:mod:`edgetl.host._keras3`).
 
     tf_keras honours ``safe_mode`` only for the ``.keras`` format; the legacy ``.h5`` and
     SavedModel loaders read a thread-local flag that only the ``.keras`` loader sets, so
@@ -498,11 +499,17 @@ def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
         raise BackboneError(f"model file {str(path)!r} does not exist")
     from tf_keras.src.saving.serialization_lib import SafeModeScope
 
+    from edgetl.host._keras3 import load_keras3_as_tf_keras, saved_by_keras3
+
+    if saved_by_keras3(path):  # TensorFlow 2.16+'s `keras`: tf_keras cannot read these (see _keras3)
+        return load_keras3_as_tf_keras(path, safe_mode=safe_mode)
+
     try:
         with SafeModeScope(safe_mode):
             if path.suffix == ".keras":
-                return k.models.load_model(str(path), compile=False, safe_mode=safe_mode)
-            return k.models.load_model(str(path), compile=False)
+                model = k.models.load_model(str(path), compile=False, safe_mode=safe_mode)
+            else:
+                model = k.models.load_model(str(path), compile=False)
     except Exception as exc:
         hint = (
             " (the file contains a Lambda layer with Python code; pass safe_mode=False / --unsafe only if you trust it)"
@@ -510,6 +517,12 @@ def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
             else ""
         )
         raise BackboneError(f"cannot load Keras model {str(path)!r}: {exc}{hint}") from exc
+    if not isinstance(model, k.Model):  # tf_keras returns a bare object for a SavedModel without Keras layers
+        raise BackboneError(
+            f"{str(path)!r} is a SavedModel without Keras layers (as Keras 3's model.export() writes): edgetl needs "
+            "the layers to cut the embedding; save the model with model.save('model.keras')"
+        )
+    return model
 
 
 # Layers without weights that may follow a classifier: they shape or squash its output.
