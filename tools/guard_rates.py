@@ -514,8 +514,8 @@ SHARES = (0.4, 0.5, 0.6)
 
 def tune(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The rule, on the tuning family only: every target met (no forgetting head accepted,
-    every shuffled batch refused, helpful heads accepted); among those, the most helpful
-    heads accepted, then the fewest false accepts."""
+    every shuffled batch refused); among those, the most helpful heads accepted, then the
+    fewest false accepts, then the policy nearest the current defaults."""
     from edgetl.device import GuardPolicy
 
     rows = []
@@ -524,8 +524,21 @@ def tune(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, 
         policy = GuardPolicy(alpha=alpha, forget_tolerance=ft, user_tolerance=ut, mislabel=mislabel)
         s = rates(records, lambda r: decide_again(r, policy, confident=conf, share=share))
         rows.append({"policy": asdict(policy), "confident": conf, "share": share, **s})
+    from edgetl.device._guard import CONFIDENT, CONTRADICTED_SHARE
+
+    current = asdict(GuardPolicy())
+
+    def distance(r: dict[str, Any]) -> float:  # ties go to the nearest current default
+        p = r["policy"]
+        return (
+            sum(abs(p[k] - current[k]) for k in ("alpha", "forget_tolerance", "user_tolerance"))
+            + abs(r["confident"] - CONFIDENT)
+            + abs(r["share"] - CONTRADICTED_SHARE)
+            + (p["mislabel"] != current["mislabel"])
+        )
+
     ok = [r for r in rows if r["forgetting_accepted"] == 0 and r["shuffled_refused"] == 1.0] or rows
-    best = max(ok, key=lambda r: (round(r["helpful_accepted"], 3), -r["false_accepts"]))
+    best = max(ok, key=lambda r: (round(r["helpful_accepted"], 3), -r["false_accepts"], -distance(r)))
     return best, rows
 
 
