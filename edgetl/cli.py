@@ -467,6 +467,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.cpu_devices:
         host.configure_cpu_devices(args.cpu_devices)
+    if getattr(args, "strategy", None) == "multi-worker":
+        # Before anything touches TensorFlow's context (reading the backbone file's input
+        # shape does): collective ops must be configured at program startup.
+        from edgetl.host._transfer import make_strategy
+
+        make_strategy("multi-worker")
     data = _load_training_data(args)
     print(f"data: {data.source}: {len(data)} examples, {data.num_classes} classes, input shape {data.input_shape}")
     config = host.TrainConfig(**_train_config_fields(args))
@@ -477,7 +483,12 @@ def _run_train(args: argparse.Namespace) -> int:
     host.save_run(result, out, kind=args.command, overwrite=args.overwrite)
     for line in result.describe():
         print(line)
-    print(f"wrote {out}")
+    from edgetl.host._run import is_chief
+
+    if config.strategy != "multi-worker" or is_chief():
+        print(f"wrote {out}")
+    else:
+        print(f"worker done; the chief writes {out}")
     return 0
 
 

@@ -287,6 +287,8 @@ def make_strategy(name: str) -> Any:
     is no GPU; ``multi-worker`` reads the cluster from ``TF_CONFIG`` (TensorFlow's own
     engine; without ``TF_CONFIG`` it runs as a single worker).
     """
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
     t = tf()
     if name == "default":
         return t.distribute.get_strategy()
@@ -295,8 +297,15 @@ def make_strategy(name: str) -> Any:
         devices = [d.name for d in (gpus or t.config.list_logical_devices("CPU"))]
         return t.distribute.MirroredStrategy(devices=devices)
     if name == "multi-worker":
-        return t.distribute.MultiWorkerMirroredStrategy()
+        # Created once per process: its collective ops must be configured before anything
+        # initializes TensorFlow's context (loading a model file does), so `edgetl train`
+        # creates it first and training reuses it.
+        _STRATEGIES[name] = t.distribute.MultiWorkerMirroredStrategy()
+        return _STRATEGIES[name]
     raise InputError(f"strategy must be one of {STRATEGIES}, received {name!r}")
+
+
+_STRATEGIES: dict[str, Any] = {}
 
 
 def build_transfer_model(

@@ -104,3 +104,29 @@ def test_two_workers_train_an_adam_head_with_synchronized_gradients(tmp_path, fo
     assert cluster["replicas"] == 2 and cluster["head_fit"]["method"] == "adam"
     assert cluster["head_fit"]["epochs"] == single["head_fit"]["epochs"]
     assert abs(cluster["test_accuracy"] - single["test_accuracy"]) <= 0.01
+
+
+def test_two_workers_train_from_a_users_model_file(tmp_path, folder, monkeypatch):
+    """A backbone given as a model file (read for its input shape before training) used to
+    initialize TensorFlow's context before the strategy existed: "Collective ops must be
+    configured at program startup" on both workers."""
+    import tf_keras
+
+    model = tf_keras.Sequential(
+        [
+            tf_keras.Input((8, 8, 1)),
+            tf_keras.layers.Rescaling(1 / 255.0),
+            tf_keras.layers.Conv2D(8, 3, activation="relu"),
+            tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(16, activation="relu"),
+            tf_keras.layers.Dense(5, activation="softmax"),
+        ]
+    )
+    model.save(tmp_path / "users_model.keras")
+    args = ["train", "--data", folder, "--backbone", tmp_path / "users_model.keras", "--quiet", "--out"]
+    results = run_cluster([*args, tmp_path / "cluster", "--strategy", "multi-worker"], tmp_path / "cache")
+    for code, output in results:
+        assert code == 0, output
+        assert "Traceback" not in output
+    assert "wrote" in results[0][1] and "wrote" not in results[1][1]  # only the chief writes
+    assert json.loads((tmp_path / "cluster" / "metrics.json").read_text())["replicas"] == 2
