@@ -57,13 +57,10 @@ class McuConfig:
     replay_per_class: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("flash_limit", "arena_limit", "replay_per_class"):
+        for name, low in (("flash_limit", 1), ("arena_limit", 1), ("replay_per_class", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "replay_per_class" else 1):
-                raise InputError(
-                    f"McuConfig.{name} must be a {'non-negative' if v == 0 else 'positive'} integer, "
-                    f"received {describe(v)}"
-                )
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise InputError(f"McuConfig.{name} must be an integer >= {low}, received {describe(v)}")
 
 
 @dataclass
@@ -419,8 +416,8 @@ void edgetl_quantize_pixels(const uint8_t *pixels, int8_t *input) {
 
 
 def replay_examples(plan: Any, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw inputs and class indices of the first ``per_class`` training examples of each
-    class, in the order replay.npz picks them (so both hold the same examples)."""
+    """Raw inputs and class indices of replay examples: per class, every other example of
+    replay.npz's (the half the device Personalizer trains on), up to ``per_class``."""
     from edgetl.host._export import REPLAY_PER_CLASS
 
     if plan.data.train is None or per_class == 0:
@@ -428,7 +425,7 @@ def replay_examples(plan: Any, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     x, y = plan.data.train
     rng = np.random.default_rng(1)
     per = [rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))]
-    keep = np.concatenate([p[:per_class] for p in per])
+    keep = np.concatenate([p[0::2][:per_class] for p in per])
     return np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
 
 

@@ -1,5 +1,5 @@
 """The shipped C head trainer (edgetl/mcu/edgetl_head.c), compiled with the system C compiler and
-called through ctypes: what the MCU tests run. Nothing here reimplements the trainer."""
+called through ctypes (tools/measure_mcu.py and tests/mcu run it). Nothing here reimplements it."""
 
 from __future__ import annotations
 
@@ -34,20 +34,27 @@ class HeadStruct(ctypes.Structure):
     ]
 
 
+def source_dir() -> Path:
+    return Path(edgetl.mcu.__file__).parent
+
+
 def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def build(out_dir: Path, sources: tuple[Path, ...] | None = None) -> Path:
-    """Compile the trainer (plus ``sources``) into a shared library in ``out_dir``."""
+def build(out_dir: Path, sources: tuple[Path, ...] = (), include: tuple[Path, ...] = (), name: str = "head") -> Path:
+    """Compile ``sources`` (default: the package's edgetl_head.c) into a shared library in ``out_dir``."""
     src = Path(edgetl.mcu.__file__).parent
-    lib = out_dir / "libedgetl_head.so"
-    files = [str(src / "edgetl_head.c"), *(str(s) for s in sources or ())]
-    subprocess.run(
-        [compiler(), *CFLAGS, "-shared", "-fPIC", f"-I{src}", *files, "-o", str(lib), "-lm"],
-        check=True,
+    lib = out_dir / f"libedgetl_{name}.so"
+    files = [str(s) for s in sources] or [str(src / "edgetl_head.c")]
+    includes = [f"-I{d}" for d in (*include, src)]
+    done = subprocess.run(
+        [compiler(), *CFLAGS, "-shared", "-fPIC", *includes, *files, "-o", str(lib), "-lm"],
         capture_output=True,
+        text=True,
     )
+    if done.returncode:
+        raise RuntimeError(f"the C compiler refused {files}:\n{done.stderr}")
     return lib
 
 
