@@ -7,6 +7,7 @@ MCU model runs in TFLM's own Python interpreter (the tflite-micro package).
 from __future__ import annotations
 
 import ctypes
+import shutil
 import subprocess
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_mcu_export_fits_the_budget_and_is_verified_in_tflm(mcu_bundle, capsys):
 
 
 def test_generated_c_holds_the_model_and_quantizes_like_tflite(mcu_bundle, tmp_path):
-    from edgetl.host._export_mcu import MCU_MODEL, quantize
+    from edgetl.host._export_mcu import MCU_MODEL, quantize, resolver_method
 
     bundle, halves = mcu_bundle
     sources = (bundle.path / "edgetl_model.c",)
@@ -89,6 +90,15 @@ def test_generated_c_holds_the_model_and_quantizes_like_tflite(mcu_bundle, tmp_p
     for row, out in zip(raw, got):
         lib.edgetl_quantize_input(row.ctypes.data_as(mcu_c.F32P), out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
     np.testing.assert_array_equal(got, quantize(raw, q["scale"], q["zero_point"]))
+    # EDGETL_ADD_OPS expands to one resolver call per op of the manifest (checked with g++ on a
+    # stand-in resolver that has exactly those methods; TFLM itself is not built here).
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx:
+        methods = " ".join(f"void {resolver_method(op)}() {{}}" for op in bundle.manifest.mcu["ops"])
+        main = tmp_path / "ops.cc"
+        body = "int main() { R r; EDGETL_ADD_OPS(r); }"
+        main.write_text(f'#include "edgetl_model.h"\nstruct R {{ {methods} }};\n{body}\n')
+        subprocess.run([cxx, "-fsyntax-only", "-Wall", "-Werror", f"-I{bundle.path}", str(main)], check=True)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -124,6 +134,9 @@ def test_c_head_is_plain_c99_with_no_allocator(tmp_path):
     subprocess.run([mcu_c.compiler(), *mcu_c.CFLAGS, "-c", str(src), "-o", str(obj)], check=True)
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()
     assert set(undefined) - {"U"} <= {"expf", "logf", "powf", "sqrtf"}, undefined
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx:  # firmware written in C++ compiles it as C++
+        subprocess.run([cxx, "-x", "c++", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", str(src)], check=True)
 
 
 def test_whole_personalization_in_c_from_tflm_embeddings(mcu_bundle, tmp_path):
