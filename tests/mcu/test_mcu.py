@@ -238,3 +238,14 @@ def test_targets_and_limits_are_checked_first(monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite_micro.python.tflite_micro", None)
     with pytest.raises(DependencyError, match="pip install tflite-micro"):
         tflm_runtime()
+
+
+def test_cli_export_refuses_an_unknown_target_and_bad_limits(digits_bundle, tmp_path, capsys):
+    from edgetl.cli import main
+
+    run = digits_bundle[0].manifest.producer["run"]
+    assert main(["export", run, "--target", "gpu", "--out", str(tmp_path / "x.edgetl")]) == 2
+    assert "targets must be a list of ('mcu',), received ['gpu']" in capsys.readouterr().err
+    assert main(["export", run, "--target", "mcu", "--mcu-arena-limit", "0", "--out", str(tmp_path / "y.edgetl")]) == 2
+    assert "arena_limit must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.edgetl").exists() and not (tmp_path / "y.edgetl").exists()
