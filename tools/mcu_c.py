@@ -66,6 +66,18 @@ def _ptr(a: np.ndarray | None, kind=F32P):
     return None if a is None else a.ctypes.data_as(kind)
 
 
+class Settings(ctypes.Structure):
+    _fields_ = [
+        ("epochs", ctypes.c_int32),
+        ("batch_size", ctypes.c_int32),
+        ("learning_rate", ctypes.c_float),
+        ("l2", ctypes.c_float),
+        ("momentum", ctypes.c_float),
+        ("optimizer", ctypes.c_int),
+        ("seed", ctypes.c_uint32),
+    ]
+
+
 class CHead:
     """One head in C memory-layout numpy buffers, trained by the compiled library."""
 
@@ -105,3 +117,20 @@ class CHead:
         out = np.zeros((len(emb), self.W.shape[1]), np.float32)
         assert self.lib.edgetl_head_probabilities(ctypes.byref(self.struct), _ptr(emb), len(emb), _ptr(out)) == 0
         return out
+
+    def fit(self, emb, labels, seed: int = 0, epochs: int = 30) -> tuple[int, float]:
+        """``edgetl_head_fit`` from ``edgetl_default_settings()`` with this seed and epoch count."""
+        self.lib.edgetl_default_settings.restype = Settings
+        settings = self.lib.edgetl_default_settings()
+        settings.seed, settings.epochs, settings.optimizer = seed, epochs, self.opt
+        emb, labels = _f32(emb), np.ascontiguousarray(labels, np.int32)
+        order = np.zeros(len(emb), np.int32)
+        scratch, loss = np.zeros(settings.batch_size * self.W.shape[1], np.float32), ctypes.c_float()
+        self.lib.edgetl_head_fit.argtypes = [
+            ctypes.POINTER(HeadStruct), F32P, I32P, ctypes.c_int32, ctypes.POINTER(Settings), I32P, F32P, F32P,
+        ]  # fmt: skip
+        status = self.lib.edgetl_head_fit(
+            ctypes.byref(self.struct), _ptr(emb), _ptr(labels, I32P), len(emb), ctypes.byref(settings),
+            _ptr(order, I32P), _ptr(scratch), ctypes.byref(loss),
+        )  # fmt: skip
+        return status, loss.value

@@ -199,6 +199,14 @@ def c_vs_python_personalization(bundle, halves, work: Path) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in runs.items()}
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edgetl.bundle import read_bundle
 
-    print(f"CPU: {platform.processor() or platform.machine()}")
+    print(f"CPU: {cpu_name()}")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         bundle = read_bundle(args.bundle) if args.bundle else build_bundle(work)

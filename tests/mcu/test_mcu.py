@@ -127,6 +127,29 @@ def test_c_trainer_refuses_bad_batches_and_changes_nothing(digits_bundle, head_l
     assert not np.array_equal(c.W, head.W)
 
 
+def test_c_fit_is_deterministic_per_seed_and_learns(digits_bundle, head_lib):
+    from edgetl.device._head import HeadState
+
+    head = HeadState.factory(digits_bundle[0])
+    replay = np.load(digits_bundle[0].path / "replay.npz")
+    emb, labels = replay["embeddings"], (replay["labels"] + 1) % 5  # relabelled: the head must move
+    heads = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 7)):
+        heads[name] = mcu_c.CHead(head_lib, head.W, head.b, head.mask, head.anchor, "sgd")
+        status, loss = heads[name].fit(emb, labels, seed=seed)
+        assert status == 0 and loss < 0.5, loss
+    np.testing.assert_array_equal(heads["a"].W, heads["b"].W)
+    assert not np.array_equal(heads["a"].W, heads["c"].W)  # the seed orders the batches
+    # The same algorithm as the bundle's trainer with its default settings, in another batch order.
+    from edgetl.device._head import TrainSettings, make_trainer
+
+    trainer = make_trainer(digits_bundle[0], "onnxruntime")
+    trained, _ = trainer.train(head, emb, np.eye(head.capacity, dtype=np.float32)[labels], TrainSettings())
+    python_accuracy = np.mean(trainer.probabilities(trained, emb)[:, :5].argmax(1) == labels)
+    c_accuracy = np.mean(heads["a"].probabilities(emb)[:, :5].argmax(1) == labels)
+    assert c_accuracy >= python_accuracy - 0.03 and c_accuracy > 0.5, (c_accuracy, python_accuracy)
+
+
 def test_c_head_is_plain_c99_with_no_allocator(tmp_path):
     """Compiles under strict C99 warnings-as-errors and needs nothing but libm's float functions."""
     obj = tmp_path / "edgetl_head.o"
