@@ -21,6 +21,7 @@ op or the number.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,10 +126,13 @@ def tflm_interpreter(model: bytes, arena: int) -> Any:
         except (RuntimeError, ValueError) as exc:
             error = exc
     reasons = [line.strip() for line in said if line.strip()] or [str(error)]
-    missing = [r for r in reasons if "find op" in r.lower()]
-    raise InputError(
-        f"TensorFlow Lite Micro cannot run the model (ops {model_ops(model)}): {'; '.join((missing or reasons)[:3])}"
-    )
+    missing = sorted({m for r in reasons for m in re.findall(r"find op for builtin opcode '([A-Z0-9_]+)'", r)})
+    if missing:
+        raise InputError(
+            f"TensorFlow Lite Micro cannot run the model: it has no kernel for op {', '.join(missing)} (the model's "
+            f"ops: {', '.join(model_ops(model))}); cut the backbone before that op or replace it"
+        )
+    raise InputError(f"TensorFlow Lite Micro cannot run the model: {'; '.join(reasons[:3])}")
 
 
 def check_tflm_runs(model: bytes, probe: np.ndarray) -> None:
@@ -497,7 +501,13 @@ def mcu_export(
     if plan.data.calibration_x is None:
         raise InputError("export --target mcu needs calibration data for its int8 model: pass --calibration D")
     q = QuantizeConfig("int8", io_dtype="int8")
-    model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name="embedding")
+    try:
+        model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name="embedding")
+    except InputError:
+        raise
+    except Exception as exc:  # TensorFlow's ConverterError (a private class) names the ops without int8 kernels
+        detail = " ".join(str(exc).split())[:500]
+        raise InputError(f"the backbone cannot be converted to a full-integer int8 model for TFLM: {detail}") from None
     probe = np.zeros((1, *plan.shape), np.int8)
     check_tflm_runs(model, probe)
     measured = minimal_arena(model, probe)
