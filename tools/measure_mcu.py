@@ -76,16 +76,18 @@ def c_personalize(lib: ctypes.CDLL, user_q: np.ndarray, user_columns, test_q: np
     return out
 
 
-def python_personalize(bundle, user: tuple, test: tuple, seed: int) -> tuple[float, np.ndarray, str]:
-    """What ``edgetl personalize`` trains (the device Personalizer, fp32 backbone, training seed
-    ``seed``; onnxruntime, or LiteRT for a TFLite-only bundle: both train the same weights): the
+def python_personalize(
+    bundle, user: tuple, test: tuple, seed: int, precision: str = "fp32"
+) -> tuple[float, np.ndarray, str]:
+    """What ``edgetl personalize`` trains (the device Personalizer with the ``precision``
+    backbone, training seed ``seed``; onnxruntime, or LiteRT for a TFLite-only bundle: both train the same weights): the
     candidate head's accuracy on ``test``, the user examples it trained on (it holds 25% out for
     its guard), and the guard's verdict."""
     from edgetl.device import Classifier, Personalizer
     from edgetl.device._head import TrainSettings
 
     backend = "onnxruntime" if bundle.manifest.find("fused", "onnx") else "litert"
-    clf = Classifier.open(bundle.path, backend=backend)
+    clf = Classifier.open(bundle.path, backend=backend, precision=precision)
     personalizer = Personalizer(clf, None, settings=TrainSettings(seed=seed))
     personalizer.add_examples(*user)
     candidate = personalizer.train()
@@ -183,20 +185,57 @@ SEEDS = 5
 
 def c_vs_python_personalization(bundle, halves, work: Path) -> dict[str, float]:
     """Mean accuracy over :data:`SEEDS` training seeds on the restyled user's test digits:
-    ``edgetl personalize``, the C flow trained on the same user examples, and on all of them."""
+    ``edgetl personalize`` (fp32 backbone, the default, and the int8 one), the C flow trained on
+    the same user examples, and on all of them."""
     user, test = restyled_user(halves)
     column = {name: i for i, name in enumerate(bundle.labels)}
     lib = c_personalizer(bundle, work)
     user_q, test_q = tflm_embeddings(bundle, user[0]), tflm_embeddings(bundle, test[0])
-    runs: dict[str, list[float]] = {"edgetl personalize": [], "C, same examples": [], "C, all examples": []}
+    runs: dict[str, list[float]] = {
+        "edgetl personalize": [],
+        "edgetl personalize --precision int8": [],
+        "C, same examples": [],
+        "C, all examples": [],
+    }
     for seed in range(SEEDS):
         accuracy, trained, verdict = python_personalize(bundle, user, test, seed)
         runs["edgetl personalize"].append(accuracy)
+        runs["edgetl personalize --precision int8"].append(python_personalize(bundle, user, test, seed, "int8")[0])
         for name, rows in (("C, same examples", trained), ("C, all examples", np.arange(len(user_q)))):
             predicted = c_personalize(lib, user_q[rows], [column[l] for l in user[1][rows]], test_q, seed)
             runs[name].append(float(np.mean(np.asarray(bundle.labels)[predicted] == test[1])))
         print(f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in runs.items()) + f"; guard: {verdict}")
+        columns = [column[l] for l in user[1][trained]]
+        runs.setdefault("runtime trainer on the C flow's data", []).append(
+            runtime_on_c_data(bundle, lib, user_q[trained], columns, test_q, test[1], seed)
+        )
     return {k: float(np.mean(v)) for k, v in runs.items()}
+
+
+def runtime_on_c_data(bundle, lib, user_q, user_columns, test_q, test_labels, seed: int) -> float:
+    """The bundle's own trainer (numpy batch order) on exactly what tools/mcu_personalize.c trains
+    on: dequantized TFLM user embeddings, the replay embeddings from edgetl_model.c's flash
+    arrays, the same cyclic class balancing. Separates the C trainer from the C flow's data."""
+    from edgetl.device._head import HeadState, TrainSettings, make_trainer
+
+    mcu = bundle.manifest.mcu
+    scale, zero = mcu["embedding_quantization"]["scale"], mcu["embedding_quantization"]["zero_point"]
+    n, d = mcu["replay_examples"], bundle.manifest.embedding_size
+    replay = np.ctypeslib.as_array((ctypes.c_int8 * (n * d)).in_dll(lib, "edgetl_replay_embeddings")).reshape(n, d)
+    replay_labels = np.ctypeslib.as_array((ctypes.c_int32 * n).in_dll(lib, "edgetl_replay_labels"))
+    emb = scale * (np.concatenate([user_q, replay]).astype(np.float32) - zero)
+    labels = np.concatenate([np.asarray(user_columns, np.int64), replay_labels])
+    counts = np.bincount(labels)
+    extra = [np.resize(np.flatnonzero(labels == c), counts.max() - counts[c]) for c in np.flatnonzero(counts)]
+    rows = np.concatenate([np.arange(len(labels)), *extra])
+    head = HeadState.factory(bundle)
+    backend = "onnxruntime" if bundle.manifest.find("fused", "onnx") else "litert"
+    trainer = make_trainer(bundle, backend)
+    onehot = np.eye(head.capacity, dtype=np.float32)[labels[rows]]
+    trained, _ = trainer.train(head, emb[rows].astype(np.float32), onehot, TrainSettings(seed=seed))
+    test_emb = (scale * (test_q.astype(np.float32) - zero)).astype(np.float32)
+    predicted = trainer.probabilities(trained, test_emb)[:, : len(bundle.labels)].argmax(1)
+    return float(np.mean(np.asarray(bundle.labels)[predicted] == test_labels))
 
 
 def cpu_name() -> str:
