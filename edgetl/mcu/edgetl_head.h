@@ -65,7 +65,8 @@ void edgetl_dequantize(const int8_t *q, int32_t n, float scale, int32_t zero_poi
 /* learning_rate / (mean_i |emb_i|^2 + 1): the SGD step edgetl uses for n examples (emb[n][dim]). */
 float edgetl_head_sgd_learning_rate(float learning_rate, const float *emb, int32_t n, int32_t dim);
 
-/* One optimizer step on the batch emb[rows[0..batch-1]] with labels[rows[i]] (column indices).
+/* One optimizer step on the batch emb[rows[0..batch-1]] with labels[rows[i]] (column indices; every
+ * rows[i] must index an example of emb: the trainer does not know how many there are).
  * scratch: batch * capacity floats. momentum is used by SGD only. *loss (may be NULL) receives the
  * batch loss before the step. Returns EDGETL_HEAD_OK or EDGETL_HEAD_BAD_ARGUMENT (nothing changed). */
 int edgetl_head_step(edgetl_head *head, edgetl_optimizer optimizer, const float *emb, const int32_t *labels,

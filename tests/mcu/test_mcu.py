@@ -26,21 +26,26 @@ if mcu_c.compiler() is None:  # pragma: no cover
 
 @pytest.fixture(scope="module")
 def mcu_bundle(tmp_path_factory, digits_bundle):
-    """The suite's digits bundle exported again with --target mcu (TFLite only: fp32, int8, MCU)."""
-    from edgetl.host._export import export_bundle
+    """The suite's digits bundle exported again through the CLI with --target mcu (TFLite only:
+    the MCU files need no ONNX, and LiteRT trains what onnxruntime trains)."""
+    import contextlib
+    import io
+
+    from edgetl.bundle import read_bundle
+    from edgetl.cli import main
 
     bundle, halves = digits_bundle
-    out = tmp_path_factory.mktemp("mcu") / "digits_mcu.edgetl"
-    result = export_bundle(
-        bundle.manifest.producer["run"],
-        out,
-        formats=["tflite"],  # the MCU files need no ONNX (LiteRT trains what onnxruntime trains)
-        calibration=halves.train,
-        evaluation=halves.test,
-        targets=["mcu"],
-    )
-    assert result.ok, result.describe()
-    return result.bundle, halves
+    base = tmp_path_factory.mktemp("mcu")
+    for name, part in (("train", halves.train), ("test", halves.test)):
+        np.savez(base / f"{name}.npz", x=part.x, y=np.asarray(part.class_names)[part.y])
+    out, printed = base / "digits_mcu.edgetl", io.StringIO()
+    run = bundle.manifest.producer["run"]
+    args = ["export", run, "--target", "mcu", "--format", "tflite", "--out", str(out)]
+    with contextlib.redirect_stdout(printed):
+        code = main([*args, "--calibration", str(base / "train.npz"), "--evaluation", str(base / "test.npz")])
+    assert code == 0, printed.getvalue()
+    assert "microcontroller: mcu_backbone.int8.tflite + C sources; TFLM arena" in printed.getvalue()
+    return read_bundle(out), halves
 
 
 @pytest.fixture(scope="module")
