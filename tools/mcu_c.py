@@ -127,10 +127,10 @@ class CHead:
         order = np.zeros(len(emb), np.int32)
         scratch, loss = np.zeros(settings.batch_size * self.W.shape[1], np.float32), ctypes.c_float()
         self.lib.edgetl_head_fit.argtypes = [
-            ctypes.POINTER(HeadStruct), F32P, I32P, ctypes.c_int32, ctypes.POINTER(Settings), I32P, F32P, F32P,
+            ctypes.POINTER(HeadStruct), F32P, I32P, I32P, ctypes.c_int32, ctypes.POINTER(Settings), I32P, F32P, F32P,
         ]  # fmt: skip
         status = self.lib.edgetl_head_fit(
-            ctypes.byref(self.struct), _ptr(emb), _ptr(labels, I32P), len(emb), ctypes.byref(settings),
+            ctypes.byref(self.struct), _ptr(emb), _ptr(labels, I32P), None, len(emb), ctypes.byref(settings),
             _ptr(order, I32P), _ptr(scratch), ctypes.byref(loss),
         )  # fmt: skip
         return status, loss.value

@@ -9,29 +9,29 @@
 #ifndef MAX_USER_EXAMPLES
 #define MAX_USER_EXAMPLES 64
 #endif
-/* Room for class balancing: every class repeated up to the largest one's count. */
-#define MAX_TRAIN (EDGETL_MAX_CLASSES * (MAX_USER_EXAMPLES + EDGETL_REPLAY_EXAMPLES))
+#define MAX_TRAIN (MAX_USER_EXAMPLES + EDGETL_REPLAY_EXAMPLES)
+/* Class balancing repeats example indices (4 bytes each), not embeddings. */
+#define MAX_ROWS (EDGETL_MAX_CLASSES * MAX_TRAIN)
 #define D EDGETL_EMBEDDING_SIZE
 #define C EDGETL_MAX_CLASSES
 
 static float W[D * C], b[C], velocity_W[D * C], velocity_b[C];
 static float train_emb[MAX_TRAIN * D], scratch[16 * C], probs[C], one[D];
-static int32_t train_labels[MAX_TRAIN], order[MAX_TRAIN];
+static int32_t train_labels[MAX_TRAIN], rows[MAX_ROWS], order[MAX_ROWS];
 
-/* Repeat the examples of smaller classes (cyclically) until every class has as many as the
- * largest, as edgetl's Personalizer does: otherwise the head tilts toward the bigger classes. */
+/* rows: every example once, then the examples of smaller classes again (cyclically) until every
+ * class has as many as the largest, as edgetl's Personalizer does: otherwise the head tilts
+ * toward the bigger classes. Returns the number of rows. */
 static int32_t balance(int32_t n) {
-    int32_t counts[C] = {0}, most = 0, c, i, k, out = n;
+    int32_t counts[C] = {0}, most = 0, c, i, k, out = 0;
     for (i = 0; i < n; ++i) {
         most = ++counts[train_labels[i]] > most ? counts[train_labels[i]] : most;
+        rows[out++] = i;
     }
     for (c = 0; c < C; ++c) {
         for (i = 0, k = counts[c]; k > 0 && k < most; i = (i + 1) % n) {
             if (train_labels[i] == c) {
-                for (int32_t d = 0; d < D; ++d) {
-                    train_emb[out * D + d] = train_emb[i * D + d];
-                }
-                train_labels[out++] = c;
+                rows[out++] = i;
                 ++k;
             }
         }
@@ -73,7 +73,6 @@ int personalize_and_predict(const int8_t *user, const int32_t *user_labels, int3
         train_labels[n] = edgetl_replay_labels[i];
     }
 #endif
-    n = balance(n);
     head.dim = D;
     head.capacity = C;
     head.W = W;
@@ -85,7 +84,8 @@ int personalize_and_predict(const int8_t *user, const int32_t *user_labels, int3
     head.v_W = 0;
     head.v_b = 0;
     head.t = 0.0f;
-    if (edgetl_head_fit(&head, train_emb, train_labels, n, &settings, order, scratch, 0) != EDGETL_HEAD_OK) {
+    if (edgetl_head_fit(&head, train_emb, train_labels, rows, balance(n), &settings, order, scratch, 0) !=
+        EDGETL_HEAD_OK) {
         return -1;
     }
     for (i = 0; i < n_test; ++i) {

@@ -215,26 +215,43 @@ static uint32_t xorshift32(uint32_t *state) {
     return x;
 }
 
-int edgetl_head_fit(edgetl_head *head, const float *emb, const int32_t *labels, int32_t n,
+/* The SGD learning rate over the examples a fit uses (repeats included, as the Python trainers see them). */
+static float fit_learning_rate(const edgetl_head *h, const edgetl_train_settings *s, const float *emb,
+                               const int32_t *order, int32_t n) {
+    float total = 0.0f;
+    int32_t i, d;
+    if (s->optimizer != EDGETL_SGD) {
+        return s->learning_rate;
+    }
+    for (i = 0; i < n; ++i) {
+        const float *e = emb + (size_t)order[i] * (size_t)h->dim;
+        for (d = 0; d < h->dim; ++d) {
+            total += e[d] * e[d];
+        }
+    }
+    return s->learning_rate / (total / (float)n + 1.0f);
+}
+
+int edgetl_head_fit(edgetl_head *head, const float *emb, const int32_t *labels, const int32_t *rows, int32_t n,
                     const edgetl_train_settings *settings, int32_t *order, float *scratch, float *last_loss) {
     uint32_t rng;
     float lr;
     int32_t epoch, i, start;
     int status;
-    if (settings == NULL || order == NULL || n <= 0 || settings->epochs <= 0 || settings->batch_size <= 0) {
+    if (settings == NULL || order == NULL || emb == NULL || n <= 0 || settings->epochs <= 0 ||
+        settings->batch_size <= 0) {
         return EDGETL_HEAD_BAD_ARGUMENT;
     }
     status = edgetl_head_reset_state(head, settings->optimizer);
     if (status != EDGETL_HEAD_OK) {
         return status;
     }
-    lr = settings->optimizer == EDGETL_SGD ? edgetl_head_sgd_learning_rate(settings->learning_rate, emb, n, head->dim)
-                                           : settings->learning_rate;
+    for (i = 0; i < n; ++i) {
+        order[i] = rows != NULL ? rows[i] : i;
+    }
+    lr = fit_learning_rate(head, settings, emb, order, n);
     rng = settings->seed * 2654435761u + 0x9E3779B9u; /* xorshift32 must not start at 0 */
     rng = rng != 0u ? rng : 1u;
-    for (i = 0; i < n; ++i) {
-        order[i] = i;
-    }
     for (epoch = 0; epoch < settings->epochs; ++epoch) {
         for (i = n - 1; i > 0; --i) { /* Fisher-Yates */
             const int32_t j = (int32_t)(xorshift32(&rng) % (uint32_t)(i + 1));
