@@ -39,6 +39,7 @@ import numpy as np
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import mcu_c  # noqa: E402
 from mcu_c import CHead, build  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parent
@@ -241,6 +242,46 @@ def runtime_on_c_data(bundle, lib, user_q, user_columns, test_q, test_labels, se
     return float(np.mean(np.asarray(bundle.labels)[predicted] == test_labels))
 
 
+CORTEX_M4 = ("-std=c99", "-Os", "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16",
+             "-ffunction-sections", "-fdata-sections", "-Wall", "-Werror")  # fmt: skip
+M4_MAIN = """#include <stdint.h>
+#include "edgetl_model.h"
+int personalize_and_predict(const int8_t *, const int32_t *, int32_t, const int8_t *, int32_t, int32_t *, uint32_t);
+static int8_t user[4 * EDGETL_EMBEDDING_SIZE], test[EDGETL_EMBEDDING_SIZE];
+static int32_t labels[4], predicted[1];
+int main(void) { return personalize_and_predict(user, labels, 4, test, 1, predicted, 0u) + edgetl_model_tflite[0]; }
+"""
+
+
+def cortex_m4_sizes(bundle, work: Path) -> str:
+    """Code and data sizes for a Cortex-M4F (arm-none-eabi-gcc -Os, newlib's libm): the trainer
+    alone, and tools/mcu_personalize.c linked with the bundle's sources (the model array
+    included; TFLM itself is not built). Empty when that compiler is not installed."""
+    import shutil
+    import subprocess
+
+    gcc = shutil.which("arm-none-eabi-gcc")
+    if gcc is None:
+        return "Cortex-M4 sizes: not measured (no arm-none-eabi-gcc; apt-get install gcc-arm-none-eabi)"
+    src = Path(mcu_c.source_dir())
+    (work / "main_m4.c").write_text(M4_MAIN)
+    head_obj, elf = work / "edgetl_head_m4.o", work / "personalize_m4.elf"
+    subprocess.run([gcc, *CORTEX_M4, "-c", str(src / "edgetl_head.c"), "-o", str(head_obj)], check=True)
+    sources = [work / "main_m4.c", TOOLS / "mcu_personalize.c", bundle.path / "edgetl_head.c",
+               bundle.path / "edgetl_model.c"]  # fmt: skip
+    subprocess.run([gcc, *CORTEX_M4, "-DMAX_USER_EXAMPLES=50", f"-I{bundle.path}", *map(str, sources),
+                    "--specs=nosys.specs", "-Wl,--gc-sections", "-lm", "-o", str(elf)],
+                   check=True, capture_output=True)  # fmt: skip
+    size = lambda f: subprocess.run(["arm-none-eabi-size", str(f)], capture_output=True, text=True).stdout
+    head_text = int(size(head_obj).splitlines()[1].split()[0])
+    text, data, bss = (int(v) for v in size(elf).splitlines()[1].split()[:3])
+    return (
+        f"Cortex-M4F (arm-none-eabi-gcc -Os): edgetl_head.c {head_text:,} bytes of code; the whole C flow linked "
+        f"with the model array, libm and newlib: flash {text + data:,} bytes, static RAM {data + bss:,} bytes "
+        "(50 user examples; TFLM's own code and arena not included)"
+    )
+
+
 def cpu_name() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -270,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flash {flash['total']:,} bytes {flash} < {FLASH_TARGET:,}: {verdict(flash['total'] < FLASH_TARGET)}")
         print(f"arena {arena:,} bytes (measured {mcu['arena_bytes_measured']:,}) < {ARENA_TARGET:,}: "
               f"{verdict(arena < ARENA_TARGET)}")  # fmt: skip
+        print(cortex_m4_sizes(bundle, work))
         halves = digits_halves()
         from edgetl.host._export_mcu import MIN_TFLM_AGREEMENT, io_quantization, quantize, run_int8
 
