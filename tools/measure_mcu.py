@@ -208,11 +208,11 @@ def c_vs_python_personalization(bundle, halves, work: Path) -> dict[str, float]:
         for name, rows in (("C, same examples", trained), ("C, all examples", np.arange(len(user_q)))):
             predicted = c_personalize(lib, user_q[rows], [column[l] for l in user[1][rows]], test_q, seed)
             runs[name].append(float(np.mean(np.asarray(bundle.labels)[predicted] == test[1])))
-        print(f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in runs.items()) + f"; guard: {verdict}")
         columns = [column[l] for l in user[1][trained]]
         runs.setdefault("runtime trainer on the C flow's data", []).append(
             runtime_on_c_data(bundle, lib, user_q[trained], columns, test_q, test[1], seed)
         )
+        print(f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in runs.items()) + f"; guard: {verdict}")
     return {k: float(np.mean(v)) for k, v in runs.items()}
 
 
