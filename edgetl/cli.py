@@ -273,6 +273,16 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
         metavar="PRIVATE_KEY",
         help="sign the manifest with this Ed25519 private key (PEM, PKCS#8; see `edgetl keygen`)",
     )
+    p.add_argument(
+        "--target",
+        default="",
+        help="comma-separated extra device targets: mcu (a full-integer TensorFlow Lite Micro backbone, C sources "
+        "and the C99 head trainer in the bundle; adds int8; needs the tflite-micro package)",
+    )
+    p.add_argument("--mcu-flash-limit", type=int, default=1024, metavar="KB", help="mcu: flash budget (default 1024)")
+    p.add_argument(
+        "--mcu-arena-limit", type=int, default=256, metavar="KB", help="mcu: tensor arena budget (default 256)"
+    )
 
 
 def _parser_bundle_data(p: argparse.ArgumentParser) -> None:
@@ -639,6 +649,7 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         strict=args.strict,
         version=args.bundle_version,
+        **_target_options(args),
     )
     print(f"data: {result.manifest['data'].get('calibration')}")
     print(result.describe())
@@ -657,7 +668,22 @@ def _run_export(args: argparse.Namespace) -> int:
         f"wrote {result.bundle.path} in {result.timings['export_seconds']:.1f}s{signed}"
         + (f"; {len(result.omitted)} quantized configuration(s) left out" if result.omitted else "")
     )
+    mcu = result.bundle.manifest.mcu
+    if mcu:
+        print(
+            f"microcontroller: {mcu['model']} + C sources; TFLM arena {mcu['arena_bytes']:,} bytes, flash "
+            f"{mcu['flash_bytes']['total']:,} bytes (edgetl_model.h, edgetl_head.h; docs/integration.md)"
+        )
     return 0
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, Any]:
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if "mcu" not in targets:
+        return {"targets": targets}
+    from edgetl.host._export_mcu import McuConfig
+
+    return {"targets": targets, "mcu": McuConfig(args.mcu_flash_limit << 10, args.mcu_arena_limit << 10)}
 
 
 def _private_key(path: str) -> Any:

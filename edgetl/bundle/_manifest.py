@@ -40,6 +40,8 @@ class Role(str, Enum):
     HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
+    MCU_BACKBONE = "mcu_backbone"  # TFLite for TFLM: full-integer backbone, int8 input and output
+    MCU_SOURCE = "mcu_source"  # C: the MCU model and factory head as arrays, the C99 head trainer
 
     def __str__(self) -> str:
         return self.value
@@ -49,6 +51,7 @@ class Format(str, Enum):
     TFLITE = "tflite"
     ONNX = "onnx"
     NPZ = "npz"
+    C = "c"  # C source or header (export --target mcu)
 
     def __str__(self) -> str:
         return self.value
@@ -569,6 +572,13 @@ class Manifest:
         return value if isinstance(value, str) else None
 
     @property
+    def mcu(self) -> dict[str, Any] | None:
+        """What ``export --target mcu`` measured (arena and flash bytes, TFLM agreement), if it ran."""
+        value = self.extra.get("mcu")
+        ok = isinstance(value, dict) and isinstance(value.get("arena_bytes"), int)
+        return value if ok and isinstance(value.get("flash_bytes"), dict) else None
+
+    @property
     def checks(self) -> list[Check]:
         return [Check.from_json(c) for c in (self.parity or {}).get("checks", []) if isinstance(c, dict)]
 
@@ -593,6 +603,14 @@ class Manifest:
             lines.append(
                 f"  verified at export: {'passed' if self.parity.get('ok') else 'FAILED'} ({len(self.checks)} checks)"
                 + (f"; left out: {', '.join(f for o in omitted for f in o.get('files', []))}" if omitted else "")
+            )
+        if self.mcu:
+            m, flash = self.mcu, self.mcu["flash_bytes"]
+            lines.append(
+                f"  microcontroller (TFLM): {m.get('model')}, arena {m['arena_bytes']:,} bytes (measured "
+                f"{int(m.get('arena_bytes_measured', 0)):,}), flash {flash.get('total', 0):,} bytes (model "
+                f"{flash.get('model', 0):,}, head {flash.get('head', 0):,}, replay {flash.get('replay', 0):,}); "
+                f"top-1 agreement with LiteRT {m.get('tflm_top1_agreement', float('nan')):.3f}"
             )
         producer = ", ".join(f"{k} {v}" for k, v in self.producer.items() if k != "run")
         if producer:

@@ -750,16 +750,23 @@ def _onnx_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
     return content, "onnx_metadata_props"
 
 
+def padded_head(plan: ExportPlan, classifier: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host-trained head's ``W``, ``b`` padded to the capacity, and its active-class mask."""
+    W, b = (w.astype(np.float32) for w in classifier.get_weights())
+    n, cap, d = len(plan.run.class_names), plan.capacity, W.shape[0]
+    Wp, bp, mask = np.zeros((d, cap), np.float32), np.zeros(cap, np.float32), np.zeros(cap, np.float32)
+    Wp[:, :n], bp[:n], mask[:n] = W, b, 1.0
+    return Wp, bp, mask
+
+
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
     from edgetl.bundle._head import OPTIMIZERS, TFLITE_SIGNATURES
     from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
     from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
-    W, b = (w.astype(np.float32) for w in classifier.get_weights())
-    n, cap, d = len(plan.run.class_names), plan.capacity, W.shape[0]
-    Wp, bp, mask = np.zeros((d, cap), np.float32), np.zeros(cap, np.float32), np.zeros(cap, np.float32)
-    Wp[:, :n], bp[:n], mask[:n] = W, b, 1.0
+    Wp, bp, mask = padded_head(plan, classifier)
+    d, cap = Wp.shape
     out = [Artifact("head_init.npz", _npz(W=Wp, b=bp, mask=mask), "head_init", "npz", "fp32")]
     if "tflite" in plan.formats:
         signatures = {"signatures": list(TFLITE_SIGNATURES), "optimizers": list(OPTIMIZERS)}
@@ -932,6 +939,8 @@ def export(
     name: str = "model",
     strict: bool = False,
     version: str = "1",
+    targets: Sequence[str] = (),
+    mcu: Any = None,
 ) -> ExportResult:
     """Convert, verify and return (without writing) the bundle for ``run``.
 
@@ -951,11 +960,16 @@ def export(
             fails its gate is left out of the bundle (reported in ``omitted``).
         version: the bundle's version, written into the manifest and every model file's
             metadata.
+        targets: extra device targets, from :data:`TARGETS`: ``"mcu"`` adds the files a
+            microcontroller running TensorFlow Lite Micro needs (``edgetl.host._export_mcu``;
+            int8 is added to ``quantize`` for its calibration).
+        mcu: an ``McuConfig`` (flash and arena limits, replay examples) for ``"mcu"``.
 
     Returns:
         An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
     """
     started = time.perf_counter()
+    quantize = _quantize_for_targets(quantize, _check_targets(targets))
     plan = plan_export(
         run,
         quantize=quantize,
@@ -974,11 +988,72 @@ def export(
     artifacts = with_metadata(plan, artifacts)
     artifacts += head_artifacts(plan, classifier)
     artifacts += data_artifacts(plan, backbone, references)
+    extra = target_outputs(plan, targets, backbone, classifier, mcu)
+    artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
+    manifest.update(extra.manifest)
     result = verify_staged(plan, manifest, artifacts)
+    extra.add_checks(result)
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}
     result.manifest["parity"] = {**result.report.to_json(), "omitted": result.omitted, **result.timings}
     return result
+
+
+# Device targets beyond the default bundle (export --target); each adds files, manifest
+# fields and checks of its own. Later targets (CPU classes) register here too.
+TARGETS = ("mcu",)
+
+
+def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or isinstance(targets, str):
+        raise InputError(f"targets must be a list of {TARGETS}, received {describe(targets)}")
+    return tuple(targets)
+
+
+def _quantize_for_targets(
+    quantize: Sequence[str | QuantizeConfig], targets: tuple[str, ...]
+) -> list[str | QuantizeConfig]:
+    """The MCU model is calibrated like int8: int8 joins the precisions (and so the data checks)."""
+    configs = list(quantize)
+    if "mcu" in targets and not any(QuantizeConfig.preset(q).mode in ("int8", "qat") for q in configs):
+        configs.append("int8")
+    return configs
+
+
+@dataclass
+class TargetOutput:
+    """What the device targets add to a bundle: files, manifest fields, verification checks."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    checks: list[Any] = field(default_factory=list)
+
+    def add_checks(self, result: ExportResult) -> None:
+        """The targets' checks join the report; a failed one, or a target file the int8 gate
+        left out, forbids the bundle (the target was asked for)."""
+        result.report.checks += self.checks
+        result.fatal += [{**c.to_json(), "message": f"{c.file}: {failure_reason(c)}"} for c in self.checks if not c.ok]
+        kept = {a.file for a in result.artifacts}
+        result.fatal += [
+            {"file": a.file, "ok": False, "message": f"{a.file}: left out with its precision's failed gate"}
+            for a in self.artifacts
+            if a.file not in kept
+        ]
+
+
+def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:
+    out = TargetOutput()
+    if "mcu" in targets:
+        from edgetl.host._export_mcu import McuConfig, mcu_export
+
+        made = mcu_export(plan, backbone, padded_head(plan, classifier), mcu or McuConfig())
+        for name, (content, role, precision) in made.files.items():
+            fmt = "tflite" if name.endswith(".tflite") else "c"
+            out.artifacts.append(Artifact(name, content, role, fmt, precision))
+        out.manifest["mcu"] = made.section
+        out.checks += made.checks
+    return out
 
 
 def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Artifact]) -> ExportResult:
