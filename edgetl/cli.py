@@ -10,12 +10,14 @@ so the CLI and the Python API cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
+import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from edgetl import __version__
 from edgetl.errors import EdgeTLError, InputError
@@ -1036,6 +1038,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+SKIPS_SHOWN = 10  # skipped files listed one by one; the rest are counted
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Library warnings as edgetl's own one-line messages on stderr (no source line), and the
+    files skipped while reading data counted: the first SKIPS_SHOWN are listed, then how many."""
+    skipped = 0
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        nonlocal skipped
+        text = str(message)
+        if text.startswith("skipping "):
+            skipped += 1
+            if skipped > SKIPS_SHOWN:
+                return
+        print(f"edgetl: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores showwarning; the filters (quiet third parties) stay
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            if skipped:
+                more = f" ({skipped - SKIPS_SHOWN} not listed)" if skipped > SKIPS_SHOWN else ""
+                print(f"edgetl: warning: skipped {skipped} file(s) that are not readable images{more}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -1045,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_verbose(args.verbose)
     try:
-        return COMMANDS[args.command][2](args)
+        with _warnings_as_lines():
+            return COMMANDS[args.command][2](args)
     except EdgeTLError as exc:
         print(f"edgetl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

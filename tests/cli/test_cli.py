@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgetl.cli import main
@@ -180,3 +181,23 @@ def test_personalize_cli_exit_3_when_the_guard_rejects(tmp_path, digits_bundle, 
         ]
     )
     assert code == 3 and "forgets the factory classes" in capsys.readouterr().out
+
+
+def test_skipped_files_are_one_line_warnings_with_a_count(tmp_path, capsys):
+    """A messy folder: a broken PNG and a text file are skipped with edgetl's own lines (no
+    Python warning with its source line), then counted."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "a" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data" / "b" / "notes.txt").write_text("hello")
+    args = ["train", "--data", tmp_path / "data", "--backbone", "edgetl_cnn", "--epochs", "1", "--quiet"]
+    assert main([*map(str, args), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "edgetl: warning: skipping " in err and "broken.png" in err and "notes.txt" in err
+    assert "UserWarning" not in err and "return " not in err
+    assert "edgetl: warning: skipped 2 file(s) that are not readable images" in err
