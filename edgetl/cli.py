@@ -172,9 +172,15 @@ def _add_transfer_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backend", choices=("onnxruntime", "litert"), help="default: onnxruntime if installed, else LiteRT"
+        "--backend",
+        choices=("onnxruntime", "litert", "auto"),
+        help="default: onnxruntime if installed, else LiteRT; auto: the advisor's choice (edgetl bench --recommend)",
     )
-    p.add_argument("--precision", default="fp32", help="fp32, dynamic, float16, int8 or qat, as exported")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32, dynamic, float16, int8 or qat, as exported; auto: the advisor's choice",
+    )
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
     _add_trust_arg(p)
 
@@ -376,7 +382,9 @@ def _parser_personalize(p: argparse.ArgumentParser) -> None:
 
 def _parser_bench(p: argparse.ArgumentParser) -> None:
     _parser_bundle_data(p)
-    p.add_argument("--backend", choices=("onnxruntime", "litert"), help="default: every installed backend")
+    p.add_argument(
+        "--backend", choices=("onnxruntime", "litert", "auto"), help="default (or auto): every installed backend"
+    )
     p.add_argument("--threads", type=int, help="runtime threads")
     p.add_argument("--runs", type=int, default=100, help="timed batch-1 predictions per configuration")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -728,6 +736,23 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand_folders(paths: list[str]) -> list[str]:
+    """Every input file: a folder stands for the image, .npy and .npz files under it (sorted)."""
+    from edgetl.data import IMAGE_SUFFIXES
+
+    allowed = (*IMAGE_SUFFIXES, ".npy", ".npz")
+    out = []
+    for raw in paths:
+        if not Path(raw).is_dir():
+            out.append(raw)
+            continue
+        found = sorted(str(f) for f in Path(raw).rglob("*") if f.is_file() and f.suffix.lower() in allowed)
+        if not found:
+            raise InputError(f"folder {raw!r} holds no input files (allowed: {', '.join(allowed)})")
+        out += found
+    return out
+
+
 def _read_inputs(paths: list[str], shape: tuple[int, ...]) -> tuple[Any, list[str]]:
     """Examples from image files, .npy or .npz (x), shaped as the bundle's input."""
     import numpy as np
@@ -735,7 +760,7 @@ def _read_inputs(paths: list[str], shape: tuple[int, ...]) -> tuple[Any, list[st
     from edgetl.data import read_image
 
     arrays, names = [], []
-    for raw in paths:
+    for raw in _expand_folders(paths):
         path = Path(raw)
         if not path.is_file():
             raise InputError(f"input {raw!r} does not exist")
@@ -771,6 +796,10 @@ def _classifier(args: argparse.Namespace, store: str | None = None) -> Any:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    if args.store is not None and not Path(args.store).exists():  # never a silent fallback to the factory head
+        raise InputError(
+            f"store {args.store!r} does not exist; `edgetl personalize` creates it. Omit --store for the factory head"
+        )
     clf = _classifier(args, args.store)
     x, names = _read_inputs(args.inputs, clf.input_shape)
     result = clf.predict(x, top_k=args.top_k)
@@ -833,7 +862,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(advice.to_json(), indent=2) if args.json else advice.describe())
         return 0
-    backends = (args.backend,) if args.backend else None
+    backends = (args.backend,) if args.backend not in (None, "auto") else None
     result = bench_bundle(bundle, data=data, backends=backends, threads=args.threads, runs=args.runs)
     print(to_json(result) if args.json else format_table(result))
     return 0
@@ -1023,6 +1052,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # Global options work after the command too (`edgetl inspect B --verbose`); SUPPRESS
+        # keeps the value given before the command when it is not repeated after it.
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if add_arguments is not None:
             add_arguments(p)
     return parser

@@ -186,7 +186,7 @@ def generate_keypair(
             if p.exists() or p.is_symlink():
                 raise InputError(
                     f"{what} file {str(p)!r} already exists; refusing to overwrite a key (a lost private key "
-                    "cannot be recovered). Choose another path or pass overwrite=True"
+                    "cannot be recovered). Choose another path or pass overwrite=True (--overwrite)"
                 )
     pw = _passphrase_bytes(passphrase)
     key = c.ed25519.Ed25519PrivateKey.generate()

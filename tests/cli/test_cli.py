@@ -201,3 +201,33 @@ def test_skipped_files_are_one_line_warnings_with_a_count(tmp_path, capsys):
     assert "edgetl: warning: skipping " in err and "broken.png" in err and "notes.txt" in err
     assert "UserWarning" not in err and "return " not in err
     assert "edgetl: warning: skipped 2 file(s) that are not readable images" in err
+
+
+def test_device_commands_as_the_readme_types_them(tmp_path, digits_bundle, capsys):
+    """A folder of images predicts each file; a store that does not exist is an error, not a
+    silent factory head; `auto` is accepted; global options work after the command."""
+    from PIL import Image
+
+    bundle, halves = digits_bundle
+    (tmp_path / "photos" / "more").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(halves.test.x[i][..., 0]).save(tmp_path / "photos" / f"{i}.png")
+    Image.fromarray(halves.test.x[3][..., 0]).save(tmp_path / "photos" / "more" / "3.png")
+    assert main(["predict", str(bundle.path), str(tmp_path / "photos")]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("\t")[0] for line in out.splitlines()[1:]] == ["0.png", "1.png", "2.png", "3.png"]
+    assert main(["predict", str(bundle.path), str(tmp_path / "photos"), "--store", str(tmp_path / "typo")]) == 2
+    assert "store" in (err := capsys.readouterr().err) and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(bundle.path), str(tmp_path / "empty")]) == 2
+    assert "holds no input files" in capsys.readouterr().err
+    args = ["predict", str(bundle.path), str(tmp_path / "photos" / "0.png"), "--backend", "auto", "--precision", "auto"]
+    assert main(args) == 0
+    assert "chosen by the advisor" in capsys.readouterr().out
+    assert main(["inspect", str(bundle.path), "--verbose"]) == 0
+
+
+def test_keygen_refusal_names_the_flag(tmp_path, capsys):
+    keys = ["keygen", "--private", str(tmp_path / "k.pem"), "--public", str(tmp_path / "k.pub")]
+    assert main(keys) == 0
+    assert main(keys) == 2 and "--overwrite" in capsys.readouterr().err
