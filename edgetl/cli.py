@@ -843,7 +843,9 @@ def _run_personalize(args: argparse.Namespace) -> int:
         f"{len(labels)} examples ({len(new)} new classes), backend {clf.backend}: held-out accuracy "
         f"{result.candidate_accuracy:.4f} (active head {result.active_accuracy:.4f})"
     )
-    print(f"{result.reason}; active version {result.version}")
+    verdict, _, evidence = result.reason.partition(": ")  # "committed: <the counts behind it>"
+    print(f"guard: {evidence}")
+    print(f"{verdict}; active version {result.version}")
     return 0 if result.accepted else EXIT_REJECTED
 
 
