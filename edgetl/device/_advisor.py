@@ -187,14 +187,11 @@ def advise(
 
 
 def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
-    import importlib.util
-
     from edgetl.device._classifier import _FORMAT
+    from edgetl.device._runtimes import install_hint, installed_backends
 
     out = []
-    for backend, module in (("onnxruntime", "onnxruntime"), ("litert", "ai_edge_litert")):
-        if importlib.util.find_spec(module) is None:
-            continue
+    for backend in installed_backends():
         out += [
             (backend, p)
             for p in bundle.precisions("fused", _FORMAT[backend])
@@ -202,8 +199,7 @@ def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
         ]
     if not out:
         raise InputError(
-            f"no runtime installed for the bundle's models ({bundle.precisions('fused')}): pip install "
-            '"edgetl[device]"'
+            f"no runtime installed for the bundle's models ({bundle.precisions('fused')}): {install_hint()}"
         )
     return out
 
