@@ -35,6 +35,7 @@ the same CPU model for the emulator.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -161,7 +162,11 @@ def ensure_device_install(rootfs: Path, qemu_cpu: str, digest: str) -> None:
         "set -e; [ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv; "
         "pip install -q --only-binary=:all: '/src[device]'"
     )
-    in_userland(rootfs, cmd, qemu_cpu, check=True)
+    try:
+        in_userland(rootfs, cmd, qemu_cpu, check=True)
+    except subprocess.CalledProcessError:
+        shutil.rmtree(rootfs / "opt/venv", ignore_errors=True)  # the next run starts from a clean venv
+        raise
     stamp.write_text(digest)
 
 
@@ -289,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("aarch64_check needs root (apt-get, binfmt_misc, chroot, mounts)")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    lock = open(args.cache / "lock", "w")  # held until exit: two CI runs on one machine share the cache
+    fcntl.flock(lock, fcntl.LOCK_EX)
     times, start = {}, time.perf_counter()
 
     def step(name: str, fn, *a):
