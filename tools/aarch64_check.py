@@ -149,25 +149,56 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def ensure_device_install(rootfs: Path, qemu_cpu: str, digest: str) -> None:
-    """`pip install "/src[device]"` of this checkout in the userland's venv (wheels only for
-    the dependencies), redone when the sources change."""
-    stamp = rootfs / "opt/venv/.edgetl-installed"
+VENVS = {"device": "/opt/venv", "device-onnxruntime": "/opt/venv-onnxruntime"}
+
+
+def ensure_device_install(rootfs: Path, qemu_cpu: str, digest: str, extra: str = "device") -> None:
+    """`pip install "/src[extra]"` of this checkout in its own venv in the userland (wheels
+    only for the dependencies), redone when the sources change."""
+    venv = VENVS[extra]
+    stamp = rootfs / venv.lstrip("/") / ".edgetl-installed"
     if stamp.exists() and stamp.read_text() == digest:
         return
     src = rootfs / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build"))
+    if not (src / ".digest").exists() or (src / ".digest").read_text() != digest:
+        shutil.rmtree(src, ignore_errors=True)
+        ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build")
+        shutil.copytree(ROOT, src, ignore=ignore)
+        (src / ".digest").write_text(digest)
     cmd = (
-        "set -e; [ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv; "
-        "pip install -q --only-binary=:all: '/src[device]'"
+        f"set -e; [ -x {venv}/bin/python ] || python3 -m venv {venv}; "
+        f"{venv}/bin/pip install -q --only-binary=:all: '/src[{extra}]'"
     )
     try:
         in_userland(rootfs, cmd, qemu_cpu, check=True)
     except subprocess.CalledProcessError:
-        shutil.rmtree(rootfs / "opt/venv", ignore_errors=True)  # the next run starts from a clean venv
+        shutil.rmtree(rootfs / venv.lstrip("/"), ignore_errors=True)  # the next run starts from a clean venv
         raise
     stamp.write_text(digest)
+
+
+def onnxruntime_alone(rootfs: Path, stage: str, qemu_cpu: str) -> list[tuple[bool, str]]:
+    """A `.[device-onnxruntime]` install on aarch64: no LiteRT, predict and personalize run on
+    onnxruntime, and asking for LiteRT names the extra to install."""
+    v, b, d = VENVS["device-onnxruntime"] + "/bin", f"{stage}/digits.edgetl", f"{stage}/test.npz"
+    script = (
+        f"cd /tmp && rm -rf /tmp/ort-only; {v}/python -c 'import ai_edge_litert' 2>/dev/null && echo LITERT-PRESENT; "
+        f"{v}/edgetl predict {b} {d} | grep '^# backend'; "
+        f"{v}/edgetl personalize {b} --data {d} --store /tmp/ort-only --epochs 3 --margin 1 --forget-margin 1 "
+        f">/dev/null 2>&1; echo personalize-exit $?; {v}/edgetl predict {b} {d} --backend litert 2>&1; "
+        "echo litert-exit $?"
+    )
+    out = in_userland(rootfs, script, qemu_cpu, capture_output=True, text=True).stdout
+    what = "aarch64 .[device-onnxruntime]:"
+    return [
+        ("LITERT-PRESENT" not in out, f"{what} ai_edge_litert not installed"),
+        ("# backend onnxruntime," in out, f"{what} predict runs on onnxruntime"),
+        ("personalize-exit 0" in out, f"{what} personalize exits 0"),
+        (
+            'pip install "edgetl[device-litert]"' in out and "litert-exit 2" in out,
+            f"{what} predict --backend litert exits 2 naming the extra device-litert",
+        ),
+    ]
 
 
 def ensure_bundle(cache: Path, digest: str) -> tuple[Path, Path]:
@@ -310,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     rootfs = step("arm64 userland (mmdebstrap, cached)", ensure_rootfs, args.cache)
     digest = source_digest()
     step("pip install .[device] in the userland", ensure_device_install, rootfs, args.qemu_cpu, digest)
+    install_alone = lambda: ensure_device_install(rootfs, args.qemu_cpu, digest, "device-onnxruntime")  # noqa: E731
+    step("pip install .[device-onnxruntime] in the userland", install_alone)
     bundle, data = step("bundle exported on x86 (cached)", ensure_bundle, args.cache, digest)
     stage = stage_check_files(rootfs, bundle, data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -322,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         step("device commands on aarch64 (qemu)", lambda: in_userland(rootfs, arm_cmd, args.qemu_cpu, check=True))
         checks = compare(x86, rootfs / "tmp/arm")
+    checks += step("onnxruntime alone on aarch64", onnxruntime_alone, rootfs, stage, args.qemu_cpu)
     checks.append(step("expected failure: the fix turned off", expected_failure, rootfs, stage, args.qemu_cpu))
     for ok, what in checks:
         log(f"{'PASS' if ok else 'MISS'}  {what}")
