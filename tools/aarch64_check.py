@@ -9,8 +9,10 @@ must have edgetl's host and device extras (the repository's .venv after `pip ins
 ".[all]"`). Cached under --cache, reused while valid:
 
 - rootfs/: bookworm arm64 with python3 (3.11) and glibc 2.36, made by mmdebstrap once;
-- rootfs/opt/venv: `pip install "/src[device]"` of this checkout (edgetl rebuilt when its
-  sources change; the wheels come from pip's cache inside the userland);
+- rootfs/opt/venv: `pip install "edgetl-0.1.0-py3-none-any.whl[device]"` (this checkout's
+  wheel, built here; the dependencies' aarch64 wheels come from PyPI through pip's cache in
+  the userland), redone when the sources change; rootfs/opt/venv-onnxruntime: the same
+  with `[device-onnxruntime]` (one runtime is enough);
 - bundle-<hash>/: a small digits bundle (fp32 + int8, ONNX + TFLite) exported here.
 
 Checks, each printed as PASS or MISS (exit 1 on any MISS):
@@ -51,7 +53,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 APT_PACKAGES = ("qemu-user-static", "mmdebstrap", "binfmt-support")
-USERLAND_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
+# Essential packages plus Python's venv, nothing else: every package's maintainer scripts run
+# under emulation (no apt, no ca-certificates: pip uses the host's CA bundle, copied in).
+USERLAND_PACKAGES = "python3-venv"
 FP32_ATOL = 1e-5  # probabilities, fp32 models, x86 vs aarch64
 HEAD_ATOL = 1e-6  # personalized head weights, x86 vs aarch64
 SIGSEGV_EXITS = (139, -11)  # through a shell, or as the signal number subprocess reports
@@ -100,8 +104,8 @@ def ensure_rootfs(cache: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     sh(
-        ["mmdebstrap", "--arch=arm64", "--variant=apt", f"--include={USERLAND_PACKAGES}", "bookworm", str(partial)]
-        + [DEBIAN_MIRROR],
+        ["mmdebstrap", "--arch=arm64", "--variant=essential", f"--include={USERLAND_PACKAGES}", "bookworm"]
+        + [str(partial), DEBIAN_MIRROR],
         stdout=subprocess.DEVNULL,
     )
     partial.rename(rootfs)  # only a complete userland is ever reused
@@ -153,21 +157,34 @@ VENVS = {"device": "/opt/venv", "device-onnxruntime": "/opt/venv-onnxruntime"}
 
 
 def ensure_device_install(rootfs: Path, qemu_cpu: str, digest: str, extra: str = "device") -> None:
-    """`pip install "/src[extra]"` of this checkout in its own venv in the userland (wheels
-    only for the dependencies), redone when the sources change."""
+    """`pip install "edgetl-*.whl[extra]"` of this checkout in its own venv in the userland
+    (every dependency from wheels, for aarch64), redone when the sources change.
+
+    Why not pip's own build of the source tree in there: edgetl is pure Python, its wheel is
+    the same on any machine, and building it under emulation (an isolated setuptools
+    environment per venv) took minutes. Why --no-compile: byte-compiling every installed
+    module in emulated Python is most of an install's time; Python compiles what it imports.
+    Only the first venv gets pip (ensurepip is slow under emulation); the others use its pip
+    through --python."""
     venv = VENVS[extra]
     stamp = rootfs / venv.lstrip("/") / ".edgetl-installed"
     if stamp.exists() and stamp.read_text() == digest:
         return
-    src = rootfs / "src"
-    if not (src / ".digest").exists() or (src / ".digest").read_text() != digest:
-        shutil.rmtree(src, ignore_errors=True)
-        ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build")
-        shutil.copytree(ROOT, src, ignore=ignore)
-        (src / ".digest").write_text(digest)
+    wheels = rootfs / "opt/edgetl-wheel"
+    if not (wheels / digest).exists():
+        shutil.rmtree(wheels, ignore_errors=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(ROOT, f"{tmp}/src", ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build"))
+            sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), f"{tmp}/src"])
+        (wheels / digest).touch()
+    wheel = next(wheels.glob("edgetl-*.whl")).name
+    pip = f"{VENVS['device']}/bin/pip"
+    create = f"python3 -m venv {venv}" if venv == VENVS["device"] else f"python3 -m venv --without-pip {venv}"
     cmd = (
-        f"set -e; [ -x {venv}/bin/python ] || python3 -m venv {venv}; "
-        f"{venv}/bin/pip install -q --only-binary=:all: '/src[{extra}]'"
+        f"set -e; [ -x {venv}/bin/python ] || {create}; "
+        f"{pip} --python {venv}/bin/python install -q --no-compile --only-binary=:all: --force-reinstall --no-deps "
+        f"/opt/edgetl-wheel/{wheel} && {pip} --python {venv}/bin/python install -q --no-compile --only-binary=:all: "
+        f"'/opt/edgetl-wheel/{wheel}[{extra}]'"
     )
     try:
         in_userland(rootfs, cmd, qemu_cpu, check=True)

@@ -112,9 +112,11 @@ class LiteRTSignature:
     in, ``{output name: array}`` out) but resizing an input only when its shape changes.
 
     Why not ``SignatureRunner`` itself: its ``__call__`` resizes every input on every call, and
-    on aarch64 builds of ai-edge-litert (1.4.0 to 2.3.0, every qemu CPU model tried, with or
-    without XNNPACK) ``ResizeInputTensor`` on a 0-d input segfaults. The head's ``train`` and
-    ``train_steps`` signatures take lr, l2, momentum and the optimizer choice as 0-d scalars.
+    on aarch64 builds of ai-edge-litert ``ResizeInputTensor`` on a 0-d input segfaults (issue
+    21: 1.4.0 to 2.3.0, four qemu CPU models, with or without XNNPACK; tools/aarch64_check.py
+    reproduces it in CI with 2.3.0 on a Cortex-A72 by turning the skip off). The head's
+    ``train`` and ``train_steps`` signatures take lr, l2, momentum and the optimizer choice as
+    0-d scalars.
     Resizing a tensor to the shape it already has is a no-op on every build, so skipping it
     changes nothing on x86 and needs no change to the head contract (making the scalars
     shape [1] would have changed every bundle and the host graph builders). This drives the
