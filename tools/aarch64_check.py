@@ -117,13 +117,13 @@ def in_userland(rootfs: Path, cmd: str, qemu_cpu: str, **kw) -> subprocess.Compl
     /dev and the fake /proc/cpuinfo vanish with it: nothing to clean up on the host)."""
     (rootfs / "etc/edgetl-cpuinfo").write_text(CORTEX_A72_CPUINFO)
     shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf")  # pip reaches PyPI as the host does
-    shutil.copyfile(_host_ca_bundle(), rootfs / "etc/ssl/certs/host-ca.crt")
+    shutil.copyfile(_host_ca_bundle(), rootfs / "etc/edgetl-host-ca.crt")
     env = " ".join(
         [
             "PATH=/opt/venv/bin:/usr/bin:/bin",
             "HOME=/root",
             "LANG=C.UTF-8",
-            "PIP_CERT=/etc/ssl/certs/host-ca.crt",
+            "PIP_CERT=/etc/edgetl-host-ca.crt",
             "PIP_DISABLE_PIP_VERSION_CHECK=1",
             f"QEMU_CPU={qemu_cpu}",
         ]
