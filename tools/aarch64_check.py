@@ -53,9 +53,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 APT_PACKAGES = ("qemu-user-static", "mmdebstrap", "binfmt-support")
-# Essential packages plus Python's venv, nothing else: every package's maintainer scripts run
-# under emulation (no apt, no ca-certificates: pip uses the host's CA bundle, copied in).
-USERLAND_PACKAGES = "python3-venv"
+# Essential packages plus Python's venv and libstdc++ (which manylinux wheels such as numpy's
+# expect from the system, as every board has it), nothing else: every package's maintainer
+# scripts run under emulation (no apt, no ca-certificates: pip uses the host's CA bundle).
+USERLAND_PACKAGES = "python3-venv,libstdc++6"
 FP32_ATOL = 1e-5  # probabilities, fp32 models, x86 vs aarch64
 HEAD_ATOL = 1e-6  # personalized head weights, x86 vs aarch64
 SIGSEGV_EXITS = (139, -11)  # through a shell, or as the signal number subprocess reports
