@@ -1013,7 +1013,7 @@ COMMANDS: dict[
     ),
     "keygen": ("make an Ed25519 key pair for signing bundles (PEM files)", _parser_keygen, _run_keygen),
     "verify": (
-        "re-run a bundle's checks in onnxruntime and LiteRT; exit 1 on failure",
+        "re-run a bundle's checks in onnxruntime and LiteRT (those installed); exit 1 on failure",
         _parser_bundle_data,
         _run_verify,
     ),

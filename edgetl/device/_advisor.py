@@ -117,12 +117,15 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        names = [
-            l.split(":", 1)[1].strip()
-            for l in Path("/proc/cpuinfo").read_text().splitlines()
-            if l.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        # x86 names its CPU in "model name"; aarch64 kernels have no such line: a board's
+        # "Model" (Raspberry Pi), else the core's part number, so two ARM boards differ.
+        name = fields.get("model name") or fields.get("Model")
+        part = fields.get("CPU part") and f"{platform.machine()} part {fields['CPU part']}"
+        cpu = name or part or cpu
     versions = {}
     for dist in ("onnxruntime", "ai-edge-litert", "numpy"):
         try:
@@ -187,14 +190,11 @@ def advise(
 
 
 def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
-    import importlib.util
-
     from edgetl.device._classifier import _FORMAT
+    from edgetl.device._runtimes import install_hint, installed_backends
 
     out = []
-    for backend, module in (("onnxruntime", "onnxruntime"), ("litert", "ai_edge_litert")):
-        if importlib.util.find_spec(module) is None:
-            continue
+    for backend in installed_backends():
         out += [
             (backend, p)
             for p in bundle.precisions("fused", _FORMAT[backend])
@@ -202,8 +202,7 @@ def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
         ]
     if not out:
         raise InputError(
-            f"no runtime installed for the bundle's models ({bundle.precisions('fused')}): pip install "
-            '"edgetl[device]"'
+            f"no runtime installed for the bundle's models ({bundle.precisions('fused')}): {install_hint()}"
         )
     return out
 

@@ -18,8 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device._classifier import _FORMAT, BACKENDS, Classifier
+from edgetl.device._classifier import _FORMAT, Classifier
 from edgetl.device._head import HeadState, TrainSettings
+from edgetl.errors import DependencyError
 
 
 def timings(fn: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
@@ -113,11 +114,11 @@ def bench_bundle(
     batch: int = 32,
 ) -> dict[str, Any]:
     """Measure every available backend x precision of ``bundle``; returns a JSON-able dict."""
-    import importlib.util
+    from edgetl.device._runtimes import install_hint, installed_backends
 
-    backends = backends or tuple(
-        b for b in BACKENDS if importlib.util.find_spec("onnxruntime" if b == "onnxruntime" else "ai_edge_litert")
-    )
+    backends = backends or installed_backends()
+    if not backends:
+        raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
     sample = bundle.arrays("parity", ("x",))["x"]
     one = sample[:1]
     many = np.repeat(sample, int(np.ceil(batch / len(sample))), axis=0)[:batch]

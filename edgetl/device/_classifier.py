@@ -27,12 +27,12 @@ _FORMAT = {"onnxruntime": "onnx", "litert": "tflite"}
 
 def default_backend() -> str:
     """onnxruntime if installed, else LiteRT."""
-    import importlib.util
+    from edgetl.device._runtimes import install_hint, installed_backends
 
-    for backend, module in (("onnxruntime", "onnxruntime"), ("litert", "ai_edge_litert")):
-        if importlib.util.find_spec(module) is not None:
-            return backend
-    raise DependencyError('no runtime installed: pip install "edgetl[device]" (onnxruntime or ai-edge-litert)')
+    backends = installed_backends()
+    if not backends:
+        raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
+    return backends[0]
 
 
 _FLOAT32 = np.dtype(np.float32)

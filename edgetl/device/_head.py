@@ -179,14 +179,14 @@ class LiteRTHeadTrainer:
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         from edgetl._quiet import native_output_silenced
-        from edgetl.device._runtimes import check_signatures, litert_interpreter
+        from edgetl.device._runtimes import LiteRTSignature, check_signatures, litert_interpreter
 
         with native_output_silenced():
             self._interpreter = litert_interpreter(bundle.artifact("head", "tflite"), threads=threads)
             required = {k: v for k, v in TFLITE_SIGNATURES.items() if k != "train_steps"}
             check_signatures(self._interpreter.get_signature_list(), "head.tflite", required)
             self._runners = {
-                name: self._interpreter.get_signature_runner(name)
+                name: LiteRTSignature(self._interpreter, name)  # not SignatureRunner: see LiteRTSignature
                 for name in ("infer", "train", "get_weights", "set_weights")
             }
         self._lock = threading.Lock()

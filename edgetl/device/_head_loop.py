@@ -24,7 +24,13 @@ import numpy as np
 
 from edgetl.bundle._head import INFER_INPUTS, TFLITE_SIGNATURES, initial_state, signature_inputs, train_graph_inputs
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
-from edgetl.device._runtimes import check_graph_inputs, check_signatures, litert_interpreter, onnx_session
+from edgetl.device._runtimes import (
+    LiteRTSignature,
+    check_graph_inputs,
+    check_signatures,
+    litert_interpreter,
+    onnx_session,
+)
 from edgetl.errors import InputError, describe
 
 
@@ -249,7 +255,7 @@ class LiteRTLoopHeadTrainer:
         }
         check_signatures(signatures, "the TFLite head", required)
         self._run = {
-            name: self._interpreter.get_signature_runner(name)
+            name: LiteRTSignature(self._interpreter, name)  # not SignatureRunner: see LiteRTSignature
             for name in ("infer", "train_steps", "get_weights", "set_weights")
         }
         self._lock = threading.Lock()

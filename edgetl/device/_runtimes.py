@@ -14,6 +14,25 @@ import numpy as np
 
 from edgetl.errors import BundleError, DependencyError
 
+# A device needs one runtime, not both: each has its own extra (`device` installs both).
+RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}
+RUNTIME_EXTRAS = {"onnxruntime": "device-onnxruntime", "litert": "device-litert"}
+FORMAT_BACKENDS = {"onnx": "onnxruntime", "tflite": "litert"}
+
+
+def installed_backends() -> tuple[str, ...]:
+    """The runtimes importable here, in preference order (onnxruntime first)."""
+    import importlib.util
+
+    return tuple(b for b, module in RUNTIME_MODULES.items() if importlib.util.find_spec(module) is not None)
+
+
+def install_hint(backend: str | None = None) -> str:
+    """How to install one runtime (``None``: either)."""
+    if backend is None:
+        return 'pip install "edgetl[device-onnxruntime]" or "edgetl[device-litert]" (both: "edgetl[device]")'
+    return f'pip install "edgetl[{RUNTIME_EXTRAS[backend]}]" (both runtimes: "edgetl[device]")'
+
 
 def onnx_session(model: str | Path | bytes, *, threads: int | None = None) -> Any:
     """An onnxruntime CPU session (from a path or the model's bytes) with warnings silenced
@@ -22,7 +41,7 @@ def onnx_session(model: str | Path | bytes, *, threads: int | None = None) -> An
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover
-        raise DependencyError(f'onnxruntime is not installed ({exc}); pip install "edgetl[device]"') from exc
+        raise DependencyError(f"onnxruntime is not installed ({exc}); {install_hint('onnxruntime')}") from exc
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -68,7 +87,7 @@ def litert_interpreter(path: str | Path | bytes, *, threads: int | None = None, 
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:  # pragma: no cover
-        raise DependencyError(f'ai-edge-litert is not installed ({exc}); pip install "edgetl[device]"') from exc
+        raise DependencyError(f"ai-edge-litert is not installed ({exc}); {install_hint('litert')}") from exc
     from edgetl._quiet import native_output_silenced
 
     source = {"model_content": path} if isinstance(path, bytes) else {"model_path": str(path)}
@@ -81,6 +100,60 @@ def litert_interpreter(path: str | Path | bytes, *, threads: int | None = None, 
         what = "a TFLite model given as bytes" if isinstance(path, bytes) else Path(path).name
         raise BundleError(f"{what} cannot be loaded by LiteRT: {str(exc).strip()[:300]}") from None
     return interpreter
+
+
+# True only to reproduce ai_edge_litert's SignatureRunner (resize every input on every call):
+# tools/aarch64_check.py sets it in its expected-failure run to prove the fix below matters.
+RESIZE_UNCHANGED_INPUTS = False
+
+
+class LiteRTSignature:
+    """One signature of a LiteRT interpreter, called like ``SignatureRunner`` (keyword inputs
+    in, ``{output name: array}`` out) but resizing an input only when its shape changes.
+
+    Why not ``SignatureRunner`` itself: its ``__call__`` resizes every input on every call, and
+    on aarch64 builds of ai-edge-litert ``ResizeInputTensor`` on a 0-d input segfaults (issue
+    21: 1.4.0 to 2.3.0, four qemu CPU models, with or without XNNPACK; tools/aarch64_check.py
+    reproduces it in CI with 2.3.0 on a Cortex-A72 by turning the skip off). The head's
+    ``train`` and ``train_steps`` signatures take lr, l2, momentum and the optimizer choice as
+    0-d scalars.
+    Resizing a tensor to the shape it already has is a no-op on every build, so skipping it
+    changes nothing on x86 and needs no change to the head contract (making the scalars
+    shape [1] would have changed every bundle and the host graph builders). This drives the
+    same native wrapper calls ``SignatureRunner.__call__`` makes (the same private attributes
+    in ai-edge-litert 1.2 to 2.3); a release that renames them is refused here, by name.
+    """
+
+    def __init__(self, interpreter: Any, name: str) -> None:
+        runner = interpreter.get_signature_runner(name)
+        try:
+            self._native = runner._interpreter_wrapper
+            self._subgraph = runner._subgraph_index
+            self._inputs: dict[str, int] = dict(runner._inputs)
+            self._outputs: list[tuple[str, int]] = list(runner._outputs)
+        except AttributeError as exc:
+            raise DependencyError(
+                f"this ai-edge-litert's SignatureRunner has no {exc.name!r}; edgetl runs LiteRT signatures through it "
+                'and supports ai-edge-litert 1.2 to 2.3: pip install "ai-edge-litert>=1.2,<2.4"'
+            ) from None
+        self.name = name
+        self._shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in runner.get_input_details().items()}
+
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+        if set(inputs) != set(self._inputs):
+            raise ValueError(f"signature {self.name!r} takes {sorted(self._inputs)}; got {sorted(inputs)}")
+        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        for key, value in arrays.items():
+            if value.shape != self._shapes[key] or RESIZE_UNCHANGED_INPUTS:
+                self._native.ResizeInputTensor(
+                    self._inputs[key], np.array(value.shape, np.int32), False, self._subgraph
+                )
+                self._shapes[key] = value.shape
+        self._native.AllocateTensors(self._subgraph)  # a no-op unless a shape changed
+        for key, value in arrays.items():
+            self._native.SetTensor(self._inputs[key], value, self._subgraph)
+        self._native.Invoke(self._subgraph)
+        return {out: self._native.GetTensor(index, self._subgraph) for out, index in self._outputs}
 
 
 class TFLiteModel:

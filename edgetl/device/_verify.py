@@ -24,6 +24,7 @@ import numpy as np
 from edgetl.bundle import Bundle, Check, format_checks
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
 from edgetl.device._runtimes import load_model
+from edgetl.errors import DependencyError
 
 # fp32 exports must match Keras to this max abs difference on probabilities, and on
 # embeddings to this times their largest magnitude (standardized embeddings reach ~10, and
@@ -57,6 +58,8 @@ class Report:
     """The checks of one verification; ``ok`` only when every check passed."""
 
     checks: list[Check] = field(default_factory=list)
+    # Artifacts whose runtime is not installed here (a one-runtime device install), with how to add it.
+    not_checked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -66,27 +69,46 @@ class Report:
         return [c for c in self.checks if not c.ok]
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks], "not_checked": self.not_checked}
 
     def describe(self) -> str:
+        skipped = "".join(f"\nnot checked: {line}" for line in self.not_checked)
         return (
             format_checks(self.checks)
+            + skipped
             + f"\nverification {'passed' if self.ok else 'FAILED'} ({len(self.failed())} of {len(self.checks)} checks "
             "failed)"
         )
 
 
 def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Report:
-    """Run every check of ``bundle``; with labelled ``x``/``y``, also measure accuracy.
+    """Run every check of ``bundle`` in the runtimes installed here; with labelled ``x``/``y``,
+    also measure accuracy.
+
+    Artifacts for a runtime that is not installed (a ``device-onnxruntime`` or
+    ``device-litert`` install) are listed in ``report.not_checked``, not failed.
 
     Returns:
         A :class:`Report`; ``report.ok`` is False if any check failed.
+
+    Raises:
+        DependencyError: neither runtime is installed.
     """
+    from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, installed_backends
+
+    backends = installed_backends()
+    if not backends:
+        raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
     ref = bundle.arrays("parity", ("x", "probabilities", "embeddings"))
     init = bundle.arrays("head_init", ("W", "b", "mask"))
     report = Report()
-    models = [_model_check(bundle, a, ref, init, x, y) for a in bundle.artifacts() if a.role in ("fused", "backbone")]
-    report.checks = _with_accuracy_drops(models) + _head_checks(bundle, ref, init)
+    runnable = [a for a in bundle.artifacts() if FORMAT_BACKENDS.get(a.format.value) in backends]
+    for missing in sorted(set(FORMAT_BACKENDS.values()) - set(backends)):
+        files = sorted(a.file for a in bundle.artifacts() if FORMAT_BACKENDS.get(a.format.value) == missing)
+        if files:
+            report.not_checked.append(f"{len(files)} files need {missing}, not installed: {install_hint(missing)}")
+    models = [_model_check(bundle, a, ref, init, x, y) for a in runnable if a.role in ("fused", "backbone")]
+    report.checks = _with_accuracy_drops(models) + _head_checks(bundle, ref, init, backends)
     return report
 
 
@@ -179,27 +201,31 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
     return out
 
 
-def _head_trainers(bundle: Bundle) -> list[tuple[Any, str, str, dict[str, str]]]:
-    """Every way the bundle's head can be trained: (trainer, role, infer file, {optimizer: file})."""
+def _head_trainers(bundle: Bundle, backends: tuple[str, ...]) -> list[tuple[Any, str, str, dict[str, str]]]:
+    """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file})."""
     from edgetl.device._head import LiteRTHeadTrainer, OnnxHeadTrainer
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     out = []
     infer = bundle.artifacts("head_infer", "onnx")
     step, loop = bundle.artifacts("head_train", "onnx"), bundle.artifacts("head_train_loop", "onnx")
+    if "onnxruntime" not in backends:
+        infer = []
     if infer and step:
         out.append((OnnxHeadTrainer(bundle), "head_train", infer[0].file, {a.optimizer: a.file for a in step}))
     if infer and loop:
         trainer = OnnxLoopHeadTrainer({a.optimizer: bundle.path / a.file for a in loop}, bundle.path / infer[0].file)
         out.append((trainer, "head_train_loop", infer[0].file, {a.optimizer: a.file for a in loop}))
-    for a in bundle.artifacts("head", "tflite"):
+    for a in bundle.artifacts("head", "tflite") if "litert" in backends else []:
         out.append((LiteRTHeadTrainer(bundle), "head", a.file, {"sgd": a.file, "adam": a.file}))
         if "train_steps" in a.extra.get("signatures", []):
             out.append((LiteRTLoopHeadTrainer(bundle.path / a.file), "head", a.file, {"sgd": a.file, "adam": a.file}))
     return out
 
 
-def _head_checks(bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.ndarray]) -> list[Check]:
+def _head_checks(
+    bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.ndarray], backends: tuple[str, ...]
+) -> list[Check]:
     """The head graphs, run by the trainers personalization uses (one step per call, and a
     whole step plan per call), against the float64 reference over the same batches."""
     from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
@@ -211,7 +237,7 @@ def _head_checks(bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.
     want_probs = np.zeros((len(emb), head.capacity))
     want_probs[:, :n_active] = ref["probabilities"][:8]  # inactive classes must get exactly 0
     out, inferred = [], set()
-    for trainer, role, infer_file, train_files in _head_trainers(bundle):
+    for trainer, role, infer_file, train_files in _head_trainers(bundle, backends):
         fmt = "onnx" if trainer.backend == "onnxruntime" else "tflite"
         if (infer_file, fmt) not in inferred:
             inferred.add((infer_file, fmt))

@@ -29,7 +29,7 @@ from edgetl import __version__
 from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
 from edgetl.data import Dataset
-from edgetl.errors import BundleError, InputError, describe
+from edgetl.errors import BundleError, DependencyError, InputError, describe
 from edgetl.host._tf import keras, tf
 
 FORMATS = ("tflite", "onnx")
@@ -1067,6 +1067,8 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     with tempfile.TemporaryDirectory() as d:
         staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
         report = verify_bundle(staged, test[0], test[1])
+    if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
+        raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
     fatal, dropped = [], set()
     for c in report.failed():
         if c.precision != "fp32" and c.role in ("fused", "backbone") and not plan.strict:

@@ -1,9 +1,10 @@
-"""A device-only install is a first-class target: a fresh venv with only ``.[device]``.
+"""A device-only install is a first-class target: a fresh venv with only ``.[device]``, and
+one with only one runtime (``.[device-onnxruntime]``, ``.[device-litert]``).
 
-The venv gets edgetl and its ``device`` extra from the package registry (pip's cache makes
-this fast after the first time; it is reused while pyproject.toml is unchanged) and never
-TensorFlow. Every device command then runs on a bundle made by the suite, with image
-files, ``.npy``, ``.npz`` and CSV inputs.
+Each venv gets edgetl and its extra from the package registry (pip's cache makes this fast
+after the first time: about 23 s per venv here; it is reused while pyproject.toml and the
+package are unchanged) and never TensorFlow. Every device command then runs on a bundle
+made by the suite, with image files, ``.npy``, ``.npz`` and CSV inputs.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _device_venv() -> Path:
-    """A venv with ``edgetl[device]`` only, reused while pyproject.toml and the package are unchanged."""
+def _device_venv(extra: str = "device") -> Path:
+    """A venv with ``edgetl[extra]`` only, reused while pyproject.toml and the package are unchanged."""
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
     for f in sorted((ROOT / "edgetl").rglob("*.py")):
         digest.update(f.read_bytes())
-    venv = Path(tempfile.gettempdir()) / f"edgetl_device_venv_{digest.hexdigest()[:12]}"
+    venv = Path(tempfile.gettempdir()) / f"edgetl_{extra.replace('-', '_')}_venv_{digest.hexdigest()[:12]}"
     py = venv / "bin" / "python"
     if (venv / ".complete").exists():
         return py
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     proc = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[device]"],
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extra}]"],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -46,7 +47,7 @@ def _device_venv() -> Path:
             or "Temporary failure in name resolution" in proc.stderr
         ):
             pytest.skip(
-                f"cannot install edgetl[device] from the package registry here: {proc.stderr.strip().splitlines()[-1]}"
+                f"cannot install edgetl[{extra}] from the package registry here: {proc.stderr.strip().splitlines()[-1]}"
             )
         raise AssertionError(proc.stderr[-3000:])
     (venv / ".complete").touch()
@@ -101,3 +102,45 @@ def test_every_device_command_in_a_device_only_install(tmp_path, digits_bundle):
     assert proc.returncode == 2 and 'pip install "edgetl[host]"' in proc.stderr and "Traceback" not in proc.stderr, (
         proc.stderr[-2000:]
     )
+
+
+@pytest.mark.parametrize(
+    "extra, runtime, module, other, other_module",
+    [
+        ("device-onnxruntime", "onnxruntime", "onnxruntime", "litert", "ai_edge_litert"),
+        ("device-litert", "litert", "ai_edge_litert", "onnxruntime", "onnxruntime"),
+    ],
+)
+def test_one_runtime_is_enough(tmp_path, digits_bundle, extra, runtime, module, other, other_module):
+    """With one runtime installed, every device command runs on it (the default backend is
+    the installed one); asking for the other names the extra that installs it."""
+    py = _device_venv(extra)
+    edgetl = str(py.parent / "edgetl")
+    for absent in ("tensorflow", other_module):
+        assert subprocess.run([str(py), "-c", f"import {absent}"], capture_output=True).returncode != 0, absent
+    assert subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
+    bundle, halves = digits_bundle
+    b = str(bundle.path)
+    np.save(tmp_path / "batch.npy", halves.test.x[:5])
+    np.savez(tmp_path / "user.npz", x=halves.test.x[:60], y=halves.test.y[:60], class_names=halves.test.class_names)
+    store = str(tmp_path / "store")
+    env = {**os.environ, "PYTHONPATH": ""}
+    run = lambda *cmd: subprocess.run([edgetl, *cmd], capture_output=True, text=True, timeout=300, env=env)
+    for cmd in (
+        ["predict", b, str(tmp_path / "batch.npy"), "--precision", "int8"],
+        ["personalize", b, "--data", str(tmp_path / "user.npz"), "--store", store, "--margin", "1"],
+        ["predict", b, str(tmp_path / "batch.npy"), "--store", store],
+        ["bench", b, "--runs", "5"],
+    ):
+        proc = run(*cmd)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (cmd, proc.stderr[-2000:])
+        assert cmd[0] != "predict" or f"# backend {runtime}," in proc.stdout, proc.stdout
+    # verify checks what this runtime runs and says what it could not check, and why
+    proc = run("verify", b)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not checked: " in proc.stdout and f'pip install "edgetl[device-{other}]"' in proc.stdout, proc.stdout
+    # asking for the missing runtime: exit 2, the extra to install, no traceback
+    for cmd in (["predict", b, str(tmp_path / "batch.npy")], ["bench", b, "--runs", "5"]):
+        proc = run(*cmd, "--backend", other)
+        assert proc.returncode == 2 and f'pip install "edgetl[device-{other}]"' in proc.stderr, (cmd, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr

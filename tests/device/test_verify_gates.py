@@ -8,6 +8,8 @@ valid), breaks one thing the way a buggy converter or a tampering author would, 
 from __future__ import annotations
 
 import io
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -154,3 +156,30 @@ def test_a_broken_model_with_valid_hashes_fails_verify_and_the_cli(
     assert main(["verify", str(broken.path), "--data", str(tmp_path / "test.npz")]) == 1
     assert refused in capsys.readouterr().out
     assert verify_bundle(bundle, halves.test.x, halves.test.y).ok  # the original passes
+
+
+def test_with_one_runtime_verify_lists_what_it_could_not_check_and_export_refuses(digits_bundle, monkeypatch):
+    """A device with only onnxruntime: its files are checked (and can still fail), the
+    .tflite files are reported as not checked with the extra to install; an export, which
+    must verify every file it writes, refuses instead of shipping unchecked files."""
+    import edgetl.device._runtimes as runtimes
+    from edgetl.errors import DependencyError
+    from edgetl.host._export import verify_staged
+
+    bundle, halves = digits_bundle
+    monkeypatch.setattr(runtimes, "installed_backends", lambda: ("onnxruntime",))
+    report = verify_bundle(bundle, halves.test.x, halves.test.y)
+    assert report.ok and {c.format for c in report.checks} == {"onnx"}, report.describe()
+    assert 'need litert, not installed: pip install "edgetl[device-litert]"' in report.describe()
+    tflite = [a.file for a in bundle.artifacts() if a.format.value == "tflite"]
+    assert report.not_checked == [f"{len(tflite)} files need litert, not installed: {runtimes.install_hint('litert')}"]
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    files = [
+        SimpleNamespace(file=e["file"], content=(bundle.path / e["file"]).read_bytes()) for e in manifest["artifacts"]
+    ]
+    plan = SimpleNamespace(data=SimpleNamespace(test=(halves.test.x, halves.test.y)), strict=False)
+    with pytest.raises(DependencyError, match="export verifies every file in both runtimes"):
+        verify_staged(plan, manifest, files)
+    monkeypatch.setattr(runtimes, "installed_backends", lambda: ())
+    with pytest.raises(DependencyError, match="no runtime installed"):
+        verify_bundle(bundle)
