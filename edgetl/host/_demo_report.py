@@ -204,7 +204,7 @@ def _int8_section(result: dict[str, Any]) -> list[str]:
     export, bench = result["export"], result.get("bench")
     fused = [c for c in export["checks"] if c["role"] == "fused" and c["format"] == "tflite"]
     by_precision = {c["precision"]: c for c in fused}
-    sentence = "The int8 files are the same model in a quarter of the bytes."
+    sentence = "No post-training int8 TFLite model passed verification (see the export section)."
     if "fp32" in by_precision and "int8" in by_precision:
         fp32, int8 = by_precision["fp32"], by_precision["int8"]
         ratio = export["sizes"][int8["file"]] / export["sizes"][fp32["file"]]
@@ -216,6 +216,8 @@ def _int8_section(result: dict[str, Any]) -> list[str]:
             sentence += (
                 f" (quantization-aware training: {(by_precision['qat']['accuracy'] - fp32['accuracy']) * 100:+.1f})"
             )
+        elif any("model.qat.tflite" in o["files"] for o in export.get("omitted") or []):
+            sentence += " (the quantization-aware model failed verification and was left out, see above)"
         sentence += _speed_clause(bench) + "."
     fused_all = [c for c in export["checks"] if c["role"] == "fused"]
     return [
