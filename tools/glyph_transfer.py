@@ -26,7 +26,7 @@ margin over scratch at 1/3/5/10 shots, embedding = edgetl_cnn's own (2x2-pooled 
     glyphs v2 (elastic warp, pen width), 30k, 10 epochs              +9.1  +6.0  +5.0  +3.1
     glyphs v2, 60k, 6 epochs, batch 256, lr 2e-3                     +8.3  +6.6  +5.6  +3.4
     final (demo), shots stats                                       +10.7  +6.6  +5.5  +3.5
-    final (demo), source stats                                      +12.6  +7.4  +5.7  +3.4
+    final (demo), source stats (before 2 near-dead units were floored) +12.6  +7.4  +5.7  +3.4
     final, cut at conv3 (4x4x64 = 1,024-d), source stats            +11.2  +7.2  +5.4  +3.6
 
 With 3 seeds (v1): letters only (52 classes) +1.2 +5.2 +2.7 +2.4; 10k images +2.6 +3.3 +1.9
@@ -78,6 +78,7 @@ CUTS = {"embedding": "embedding", "conv3_4x4": "conv3"}
 
 
 def pretrain_on_glyphs(recipe):
+    """The source backbone (``edgetl_cnn``, as ``edgetl pretrain``), render and pretrain seconds."""
     from edgetl._glyphs import render_glyphs
     from edgetl.host._pretrain import pretrain
 
@@ -100,15 +101,16 @@ def cut(backbone, layer: str):
 def transfer_accuracy(embed, target, seeds, source_x=None) -> dict[int, list[float]]:
     """edgetl's head (standardized embeddings, L-BFGS, C by CV) on k shots, per seed.
 
-    With ``source_x``, the embeddings are standardized with statistics of the source
-    images instead of the k training examples."""
+    With ``source_x``, the embeddings are standardized as the demo's backbone does it
+    (:func:`with_source_standardization`: statistics of the source images) instead of with
+    the k training examples' statistics."""
     from edgetl.data import sample_shots, stratified_split
+    from edgetl.host._demo_source import with_source_standardization
     from edgetl.host._linear_head import fit_linear_head, standardization
 
-    all_e = embed.predict(target.x.astype(np.float32), batch_size=512, verbose=0)
-    fixed = None
     if source_x is not None:
-        fixed = standardization(embed.predict(source_x.astype(np.float32), batch_size=512, verbose=0))
+        embed = with_source_standardization(embed, source_x)
+    all_e = embed.predict(target.x.astype(np.float32), batch_size=512, verbose=0)
     index = np.arange(len(target))
     out: dict[int, list[float]] = {k: [] for k in SHOTS}
     for seed in seeds:
@@ -117,9 +119,12 @@ def transfer_accuracy(embed, target, seeds, source_x=None) -> dict[int, list[flo
         for k in SHOTS:
             train = sample_shots(halves.train, k, seed=seed)
             train_i = train.x[:, 0, 0, 0].astype(np.int64)
-            stats = fixed or standardization(all_e[train_i])
-            fit = fit_linear_head(stats.apply(all_e[train_i]), train.y, target.num_classes)
-            pred = (stats.apply(all_e[test_i]) @ fit.W + fit.b).argmax(1)
+            stats = None if source_x is not None else standardization(all_e[train_i])
+            e_train, e_test = (
+                (all_e[train_i], all_e[test_i]) if stats is None else map(stats.apply, (all_e[train_i], all_e[test_i]))
+            )
+            fit = fit_linear_head(e_train, train.y, target.num_classes)
+            pred = (e_test @ fit.W + fit.b).argmax(1)
             out[k].append(float(np.mean(pred == halves.test.y)))
     return out
 
@@ -162,6 +167,7 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="label for this generator version in the results")
     args = parser.parse_args()
     from edgetl.data import load_digits_dataset
+    from edgetl.host._demo_source import STATISTICS_SAMPLE
 
     args.out.mkdir(parents=True, exist_ok=True)
     target = load_digits_dataset(TUNING_CLASSES)
@@ -177,7 +183,7 @@ def main() -> int:
     for name in args.variants.split(","):
         result, render_seconds, source = pretrain_on_glyphs(variants()[name])
         backbone = result.transfer.features
-        source_x = source.x[:5000]
+        source_x = source.x[:STATISTICS_SAMPLE]
         for (cut_name, layer), stats in [(c, s) for c in CUTS.items() for s in ("shots", "source")]:
             acc = transfer_accuracy(cut(backbone, layer), target, seeds, source_x if stats == "source" else None)
             cut_name = f"{cut_name} ({stats} stats)"

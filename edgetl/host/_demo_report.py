@@ -320,7 +320,6 @@ def _settings_section(result: dict[str, Any]) -> list[str]:
     rows = [[f"source {k}", _fmt(v)] for k, v in scenario["source"].items()]
     rows += [[k, _fmt(v)] for k, v in scenario.items() if k != "source"]
     rows += [[f"source metric {k}", _fmt(v)] for k, v in result["source"].items() if not isinstance(v, (list, dict))]
-    rows.append(["demo wall time before this report (s)", _fmt(result.get("wall_seconds", ""))])
     return [
         "<details><summary>Settings and source-task metrics</summary>",
         _table(["setting", "value"], rows, "settings"),

@@ -138,9 +138,13 @@ def test_demo_console_script(tmp_path, chromium):
         assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
     assert "on the device, litert" in out and "Keras retraining the same head" in out
     # the migration step: the personalization is retrained on the new backbone and beats its
-    # factory head (measured 0.651 -> 0.874 on both backends)
+    # factory head (the full demo: 0.741 -> 0.897 on both backends)
     for backend, m in results["migration"].items():
-        assert m["kind"] == "retrained" and m["migrated"] > m["new_factory"] + 0.1, (backend, m)
+        if m["kind"] == "retrained":  # a fine-tuned backbone: the personalization is rebuilt on it
+            assert m["migrated"] > m["new_factory"] + 0.1, (backend, m)
+        else:  # fine-tuning was not kept (said so): same backbone, the personalized head carries over
+            assert m["kind"] == "carried_over" and "fine-tuning did not beat head-only" in out, (backend, m)
+            assert abs(m["migrated"] - m["personalized_old"]) < 0.01, (backend, m)
     _check_report(tmp_path / "demo" / "report.html", tmp_path, chromium)
     assert "report.html" in out
 
@@ -182,7 +186,7 @@ def _check_report(path: Path, tmp_path: Path, chromium) -> None:
     assert re.search(r"<details>\s*<summary>Settings", page) and "<details open" not in page
     assert page.index("<details>") > positions[-1]
     states = chromium.image_states(path, tmp_path)
-    assert len(states) >= 7 and set(states) == {"ok"}, states  # glyphs, curve, int8, user x2, migration
+    assert states == ["ok"] * 6, states  # glyphs, learning curve, int8, the user's digits and accuracy, migration
     pixels = chromium.screenshot(path, tmp_path)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank
 
