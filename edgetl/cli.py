@@ -913,7 +913,8 @@ COMMANDS: dict[
 ] = {
     "demo": (
         "the whole story offline: pretrain on synthetic glyphs, transfer to handwritten digits vs from scratch, "
-        "export, verify, personalize, migrate, report (about 3 minutes the first time)",
+        "export, verify, personalize, migrate, report (2-3 minutes the first time, less once the pretrained backbone "
+        "is cached)",
         _parser_demo,
         _run_demo,
     ),

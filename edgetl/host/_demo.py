@@ -410,7 +410,7 @@ def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> di
     what = (
         "the backbone fine-tuned one more phase"
         if tuned.metrics.get("fine_tune_kept")
-        else "fine-tuning did not beat head-only on validation, so the same backbone with a retrained head"
+        else "fine-tuning did not beat head-only on validation and was not kept: a new head and embedding statistics"
     )
     echo("")
     echo(f"  a new bundle arrives ({new.path.name}: {what}); each store migrates to it:")
