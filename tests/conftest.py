@@ -10,7 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import importlib
 import json
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +154,70 @@ def restyled_user(digits_bundle):
     labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
     order = np.random.default_rng(0).permutation(len(x))
     return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
+
+
+class Chromium:
+    """Debian's headless Chromium, opening pages as a person would (tests of HTML reports)."""
+
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    )
+    # Appended to a copy of the page only (reports themselves have no script): after the
+    # load event, writes whether each <img> decoded ("ok": complete with a natural width).
+    IMAGE_PROBE = (
+        "<script>window.addEventListener('load',()=>{const p=document.createElement('pre');p.id='image-check';"
+        "p.textContent=[...document.images].map(i=>i.complete&&i.naturalWidth>0?'ok':'broken').join(',');"
+        "document.body.appendChild(p);});</script>"
+    )
+
+    def __init__(self, exe: str) -> None:
+        self.exe = exe
+
+    def _run(self, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+        profile = tempfile.mkdtemp(dir=workdir)
+        return subprocess.run(
+            [self.exe, *self.FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+        )
+
+    def dom(self, page: Path, workdir: Path) -> str:
+        return self._run(workdir, "--dump-dom", page.as_uri()).stdout
+
+    def image_states(self, page: Path, workdir: Path) -> list[str]:
+        """'ok' or 'broken' for every <img> of ``page``, in order, as Chromium loaded them."""
+        probe = workdir / f"probe-{page.name}"
+        probe.write_text(page.read_text(encoding="utf-8").replace("</body>", self.IMAGE_PROBE + "</body>"))
+        found = re.search(r'<pre id="image-check">([^<]*)</pre>', self.dom(probe, workdir))
+        assert found, "the image probe did not run"
+        return found.group(1).split(",") if found.group(1) else []
+
+    def screenshot(self, page: Path, workdir: Path, size: str = "1200,1600") -> np.ndarray:
+        shot = workdir / f"shot-{page.stem}.png"
+        self._run(workdir, f"--window-size={size}", f"--screenshot={shot}", page.as_uri())
+        from PIL import Image
+
+        return np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium; installed here when missing (root + Debian registry), else skip."""
+    exe = shutil.which("chromium")
+    if exe is None and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            capture_output=True,
+            timeout=900,
+            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+        exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("chromium is not installed and could not be installed with apt-get")
+    return Chromium(exe)

@@ -7,8 +7,8 @@ backbones edgetl trains itself.
 
 Recipes: each registry backbone is built with weights=None at its default input size;
 embedding size and multiply-accumulates are counted from the built graph.
-Reference backbones: `edgetl_cnn` pretrained on scikit-learn digits 0-4 (the demo's source
-task), seed 0, the same settings as `edgetl demo`.
+Reference backbones: `edgetl_cnn` pretrained on scikit-learn digits 0-4 (the source task
+`edgetl demo` used before it pretrained on synthetic glyphs), seed 0, 30 epochs.
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def write_recipes(rows: list[dict]) -> None:
         "",
         "## Reference backbones",
         "",
-        "`reference/digits04_edgetl_cnn/`: `edgetl_cnn` pretrained on scikit-learn digits 0-4 (the demo's source "
-        "task),",
+        "`reference/digits04_edgetl_cnn/`: `edgetl_cnn` pretrained on scikit-learn digits 0-4,",
         "an `edgetl pretrain` run directory. Use it with `edgetl train --backbone "
         "models/reference/digits04_edgetl_cnn`.",
         "Reproduce with `python tools/make_model_zoo.py`.",
@@ -79,12 +78,11 @@ def write_recipes(rows: list[dict]) -> None:
 
 def train_reference() -> None:
     from edgetl.data import load_digits_dataset
-    from edgetl.host._demo import SOURCE_CLASSES
     from edgetl.host._pretrain import pretrain
     from edgetl.host._run import save_run
     from edgetl.host._transfer import TrainConfig
 
-    result = pretrain(load_digits_dataset(SOURCE_CLASSES), TrainConfig(backbone="edgetl_cnn", epochs=30, seed=0))
+    result = pretrain(load_digits_dataset((0, 1, 2, 3, 4)), TrainConfig(backbone="edgetl_cnn", epochs=30, seed=0))
     out = save_run(result, ROOT / "models" / "reference" / "digits04_edgetl_cnn", kind="pretrain", overwrite=True)
     print(f"wrote {out}: source test accuracy {result.metrics['test_accuracy']:.3f}")
 

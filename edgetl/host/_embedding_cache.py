@@ -48,12 +48,17 @@ BATCH_SIZE = 256
 RUN_FILES = ("embeddings.npy", "embeddings.json")
 
 
-def cache_root() -> Path:
-    """Where embedding entries live: ``$EDGETL_CACHE_DIR``, else the user's cache directory."""
+def cache_home() -> Path:
+    """edgetl's host cache: ``$EDGETL_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgetl`` or ``~/.cache/edgetl``."""
     base = os.environ.get("EDGETL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "edgetl"
     )
-    return Path(base) / "embeddings"
+    return Path(base)
+
+
+def cache_root() -> Path:
+    """Where embedding entries live: ``embeddings/`` in :func:`cache_home`."""
+    return cache_home() / "embeddings"
 
 
 def backbone_digest(model: Any) -> str:

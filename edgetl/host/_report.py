@@ -58,9 +58,17 @@ def _run_section(run: Path) -> list[str]:
     cfg = info.get("config", {})
     out.append(_table(["setting", "value"], [[k, _fmt(v)] for k, v in cfg.items()], "config"))
     for name, alt in (("training_curves.png", "training curves"), ("confusion_matrix.png", "confusion matrix")):
-        if (run / name).exists():
+        if (run / name).exists() and (name != "training_curves.png" or _has_curves(run)):
             out.append(_img(run / name, alt))
     return out
+
+
+def _has_curves(run: Path) -> bool:
+    """False when training has no epochs to draw: a head fitted by L-BFGS is one history
+    point, and a plot of one point per axis is an empty plot."""
+    path = run / "history.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    return any(len(v) > 1 for k, v in history.items() if k != "phase" and isinstance(v, list))
 
 
 def _bundle_section(manifest: Any) -> list[str]:

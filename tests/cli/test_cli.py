@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,13 +76,18 @@ def test_usage_errors_exit_non_zero(capsys):
     assert main(["train", "--data", "x", "--out", "y", "--fusion", "sum"]) != 0
 
 
-def test_demo_console_script(tmp_path):
+# A small source task keeps this test's time near the old demo's; the README's numbers come
+# from the full one (30,000 glyphs; `edgetl demo`).
+QUICK_SOURCE_IMAGES = "3000"
+
+
+def test_demo_console_script(tmp_path, chromium):
     """The Quickstart's `edgetl demo`, run as users run it (console script, fresh process)."""
     exe = shutil.which("edgetl", path=str(Path(sys.executable).parent)) or shutil.which("edgetl")
     assert exe, "the edgetl console script is not installed"
-    proc = subprocess.run(
-        [exe, "demo", "--seeds", "2", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600
-    )
+    env = {**os.environ, "EDGETL_CACHE_DIR": str(tmp_path / "cache")}  # never the user's cache
+    argv = [exe, "demo", "--seeds", "2", "--source-images", QUICK_SOURCE_IMAGES, "--out", str(tmp_path / "demo")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     # only edgetl's own lines: none of TensorFlow's, the converter's or LiteRT's noise
@@ -98,19 +105,29 @@ def test_demo_console_script(tmp_path):
     found = [n for n in noise if n in out or n in proc.stderr]
     assert not found, (found, proc.stderr[-2000:])
     assert not proc.stderr.strip(), proc.stderr[-2000:]
-    for shots in ("1", "3", "5", "10", "all"):
-        assert any(line.strip().startswith(f"{shots} |") for line in out.splitlines()), out
-    assert "Reading it" in out and "demo wall time" in out
     results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    _check_reading_matches_table(out, results["rows"])
+    assert "demo wall time" in out
+    # the source task: pretrained now on synthetic glyphs, cached in the given cache only
+    assert (
+        results["scenario"]["source"]["images"] == int(QUICK_SOURCE_IMAGES)
+        and not results["scenario"]["source"]["cached"]
+    )
+    assert any((tmp_path / "cache" / "demo").glob("glyph-source-*/backbone.keras")) and "cached it in" in out
     rows = {str(r["shots"]): r for r in results["rows"]}
     assert len(rows["1"]["per_seed"]["transfer_accuracy"]) == 2
-    assert rows["all"]["transfer_accuracy_mean"] > 0.9  # DESIGN.md measured ~0.95 with conv features
+    assert rows["all"]["transfer_accuracy_mean"] > 0.9
     assert rows["1"]["transfer_trainable_params"] < 0.1 * rows["1"]["scratch_trainable_params"]
     assert (tmp_path / "demo" / "target_run" / "model.keras").is_file()
     # the export step: fp32, int8 and QAT in both formats, verified, printed
     assert results["export"]["ok"] is True
-    for name in ("model.fp32.tflite", "model.int8.onnx", "model.qat.tflite", "head.tflite", "head_train_sgd.onnx"):
+    for name in ("model.fp32.tflite", "model.int8.onnx", "head.tflite", "head_train_sgd.onnx"):
         assert name in out and (tmp_path / "demo" / "digits.edgetl" / name).is_file(), name
+    # QAT runs; its model is in the bundle when it passes verification, else left out with the
+    # reason printed (on the glyph backbone it ends far below fp32: the int8 issue's subject)
+    qat_left_out = any("model.qat.tflite" in o["files"] for o in results["export"]["omitted"])
+    assert (tmp_path / "demo" / "digits.edgetl" / "model.qat.tflite").is_file() != qat_left_out
+    assert not qat_left_out or "left out model.qat.tflite" in out
     checks = {c["file"]: c for c in results["export"]["checks"] if c["role"] == "fused"}
     assert checks["model.int8.tflite"]["accuracy_drop"] <= 0.01  # the README's claim: <= 1 point (measured 0.2)
     sizes = results["export"]["sizes"]
@@ -122,10 +139,57 @@ def test_demo_console_script(tmp_path):
         assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
     assert "on the device, litert" in out and "Keras retraining the same head" in out
     # the migration step: the personalization is retrained on the new backbone and beats its
-    # factory head (measured 0.651 -> 0.874 on both backends)
+    # factory head (the full demo: 0.741 -> 0.897 on both backends)
     for backend, m in results["migration"].items():
-        assert m["kind"] == "retrained" and m["migrated"] > m["new_factory"] + 0.1, (backend, m)
-    assert (tmp_path / "demo" / "report.html").is_file() and "report.html" in out
+        if m["kind"] == "retrained":  # a fine-tuned backbone: the personalization is rebuilt on it
+            assert m["migrated"] > m["new_factory"] + 0.1, (backend, m)
+        else:  # fine-tuning was not kept (said so): same backbone, the personalized head carries over
+            assert m["kind"] == "carried_over" and "fine-tuning did not beat head-only" in out, (backend, m)
+            assert abs(m["migrated"] - m["personalized_old"]) < 0.01, (backend, m)
+    _check_report(tmp_path / "demo" / "report.html", tmp_path, chromium)
+    assert "report.html" in out
+
+
+def _check_reading_matches_table(out: str, rows: list[dict]) -> None:
+    """The printed table shows the results, and the reading line claims nothing they do not."""
+    printed = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\w+) \| +(\d\.\d{3})±\d\.\d{3} \| +(\d\.\d{3})±", line)
+        if m:
+            printed[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    assert list(printed) == [str(r["shots"]) for r in rows] == ["1", "3", "5", "10", "all"], out
+    diffs = {}
+    for r in rows:
+        t, s = r["transfer_accuracy_mean"], r["scratch_accuracy_mean"]
+        assert printed[str(r["shots"])] == (round(t, 3), round(s, 3))
+        diffs[str(r["shots"])] = (t - s) * 100
+    reading = re.search(r"more accurate: (.*); less accurate: (.*); within 1 point: (.*)\.", out)
+    assert reading, out
+    claimed = [set() if g == "none" else set(g.split(", ")) for g in reading.groups()]
+    assert claimed == [
+        {k for k, d in diffs.items() if d > 1},
+        {k for k, d in diffs.items() if d < -1},
+        {k for k, d in diffs.items() if abs(d) <= 1},
+    ]
+    points = dict((k, float(v)) for v, k in re.findall(r"([+-]\d+\.\d) \((\w+)\)", out))
+    assert points.keys() == diffs.keys() and all(abs(points[k] - diffs[k]) <= 0.051 for k in diffs)
+
+
+def _check_report(path: Path, tmp_path: Path, chromium) -> None:
+    """The demo's report tells the story in order, every picture loads, settings are folded away."""
+    page = path.read_text()
+    assert "<script" not in page and "http" not in page.replace("charset", "")  # self-contained, offline
+    headings = re.findall(r"<h2>(\d)\. ", page)
+    assert headings == ["1", "2", "3", "4", "5", "6"], headings
+    order = ["source task", "Transfer vs from scratch", "Export and parity", "int8", "A new user", "Migration"]
+    positions = [page.index(h) for h in order]
+    assert positions == sorted(positions)
+    assert re.search(r"<details>\s*<summary>Settings", page) and "<details open" not in page
+    assert page.index("<details>") > positions[-1]
+    states = chromium.image_states(path, tmp_path)
+    assert states == ["ok"] * 6, states  # glyphs, learning curve, int8, the user's digits and accuracy, migration
+    pixels = chromium.screenshot(path, tmp_path)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank
 
 
 def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):
