@@ -361,13 +361,19 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
         train_seconds = time.perf_counter() - t0
         committed = p.commit()
         after = _accuracy(clf, x[test], labels[test])
-        rows[backend] = {"before": before, "after": after, "seconds": train_seconds, "committed": committed.accepted}
-        verdict = "accepted" if committed.accepted else f"rejected: {committed.reason}"
+        rows[backend] = {
+            "before": before,
+            "after": after,
+            "seconds": train_seconds,
+            "committed": committed.accepted,
+            "guard": committed.reason,
+        }
+        evidence = committed.reason.partition(": ")[2]
         echo(
             f"    on the device, {backend:<11}: accuracy {before:.3f} -> {after:.3f} (embed + train "
-            f"{train_seconds:.2f}s; guard score {committed.active_accuracy:.3f} -> "
-            f"{committed.candidate_accuracy:.3f}, {verdict})"
+            f"{train_seconds:.2f}s; {'accepted' if committed.accepted else 'rejected'} by the guard)"
         )
+        echo(f"      guard: {evidence}")
         if backend == "onnxruntime":  # host reference: the same data, head, settings and batches
             emb, names = p.training_set()
             clf.set_head(keras_retrain(clf.factory, emb, p.onehot(names, clf.factory), p.settings), -1)
@@ -433,4 +439,6 @@ def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> di
             f"    {backend:<11}: old bundle personalized {personalized:.3f}; new bundle factory head {factory:.3f} -> "
             f"after migration {migrated:.3f} ({result.kind})"
         )
+        if result.decision is not None:  # a retrained head: the guard's counts against the new factory head
+            echo(f"      guard: {result.decision.reason.partition(': ')[2]}")
     return rows

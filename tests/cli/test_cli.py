@@ -138,6 +138,9 @@ def test_demo_console_script(tmp_path, chromium):
         assert pers[backend]["committed"] and pers[backend]["after"] > pers[backend]["before"] + 0.05
         assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
     assert "on the device, litert" in out and "Keras retraining the same head" in out
+    # each decision with the counts behind it (the guard's paired evidence)
+    guard_lines = [line for line in out.splitlines() if line.strip().startswith("guard: ")]
+    assert len(guard_lines) >= 2 and all(" lost and " in line and "factory classes:" in line for line in guard_lines)
     # the migration step: the personalization is retrained on the new backbone and beats its
     # factory head (the full demo: 0.741 -> 0.897 on both backends)
     for backend, m in results["migration"].items():
