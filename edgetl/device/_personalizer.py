@@ -358,7 +358,8 @@ class Personalizer:
     def commit(self, margin: float | None = None) -> CommitResult:
         """Store the trained candidate if the guard accepts it (:meth:`decide`); the
         classifier switches to it only once it is stored. With ``keep_examples``, the user's
-        examples are kept in the store too (to rebuild the head for a new bundle)."""
+        examples are kept in the store too (to rebuild the head for a new bundle), in the
+        same transaction."""
         decision = self.decide(margin)
         if not decision.accepted:
             return decision
@@ -368,13 +369,11 @@ class Personalizer:
         metrics.update(
             scores=decision.candidate_scores, examples=self.examples, example_labels=sorted(set(self._labels))
         )
+        kept = None
         if self.keep_examples and self._raw:
-            # Examples first: a crash between the two writes leaves kept examples without
-            # their head (retrained at the next migration), never a head whose examples
-            # were lost.
-            x = np.concatenate([x for x, _ in self._raw])
-            self.store.keep_examples(x, [label for _, labels in self._raw for label in labels])
-        version = self.store.commit(self.candidate, metrics)
+            kept = (np.concatenate([x for x, _ in self._raw]), [label for _, labels in self._raw for label in labels])
+        # One transaction: the examples, the version, the pointer and the history, or none of them.
+        version = self.store.commit(self.candidate, metrics, examples=kept)
         self._raw = []
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None

@@ -38,7 +38,7 @@ def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digi
     if not _immutable(tmp_path / "store", True):
         pytest.skip("chattr +i is not available on this filesystem")
     try:
-        with pytest.raises(StoreError, match="read-only; the active head is unchanged"):
+        with pytest.raises(StoreError, match="rolled back and nothing changed"):
             p.commit()
     finally:
         _immutable(tmp_path / "store", False)
