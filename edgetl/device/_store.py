@@ -202,18 +202,20 @@ class HeadStore:
         history row with the token it is given. On a fault, the truth is read back from a
         fresh connection (what any next process sees): committed -> the action happened and
         no error is raised; else StoreError saying it rolled back and nothing changed."""
-        token, db = secrets.token_hex(16), None
+        token, db, committing = secrets.token_hex(16), None, False
         try:
             db = self._connect(create=True)
             db.execute("BEGIN IMMEDIATE")
             yield db, token
+            committing = True
             db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             if db is not None:
                 with contextlib.suppress(sqlite3.Error, OSError):
                     db.close()  # rolls back what did not commit
                 db = None
-            if self._committed(token):
+            # Only a failed COMMIT may have committed (its frames can reach the WAL before the error).
+            if committing and self._committed(token):
                 return
             raise StoreError(
                 f"cannot {action} in store {str(self.path)!r}: {_reason(exc)}; the transaction was rolled back and "
