@@ -382,7 +382,9 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("history", "rollback", "reset", "examples", "migrate", "forget", "trust"))
+    p.add_argument(
+        "action", choices=("history", "verify", "rollback", "reset", "examples", "migrate", "forget", "trust")
+    )
     p.add_argument(
         "target", nargs="?", metavar="BUNDLE|PUBKEY", help="migrate: the new bundle; trust: a public key (PEM)"
     )
@@ -828,6 +830,16 @@ def _store_history(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_verify(store: Any, args: argparse.Namespace) -> int:
+    versions = store.verified_versions()  # SQLite's integrity check, then every version's sha256
+    x, labels = store.kept_examples()  # every example's sha256
+    print(f"active version {store.active_version}; stack {store.rollback_stack()}")
+    print(f"versions {sorted(versions)} verified")
+    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    print(f"{len(labels)} kept examples verified: {json.dumps(counts)}")
+    return 0
+
+
 def _store_rollback(store: Any, args: argparse.Namespace) -> int:
     print(f"active version {store.rollback()}")
     return 0
@@ -881,6 +893,7 @@ def _store_trust(store: Any, args: argparse.Namespace) -> int:
 
 STORE_ACTIONS = {
     "history": _store_history,
+    "verify": _store_verify,
     "rollback": _store_rollback,
     "reset": _store_reset,
     "examples": _store_examples,
@@ -946,7 +959,7 @@ COMMANDS: dict[
     ),
     "report": ("one self-contained HTML page for a run or a bundle (works offline)", _parser_report, _run_report),
     "store": (
-        "a head store: history, rollback, reset, examples (kept), migrate (to a new bundle), forget, trust",
+        "a head store: history, verify, rollback, reset, examples (kept), migrate (to a new bundle), forget, trust",
         _parser_store,
         _run_store,
     ),

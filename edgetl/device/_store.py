@@ -188,6 +188,8 @@ class HeadStore:
         db = None
         try:
             db = self._connect(create=False)
+            if db is not None:
+                db.execute("BEGIN")  # one snapshot for every read of the block (WAL: writers go on)
             yield db
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot read store {str(self.path)!r}: {_reason(exc)}; nothing was changed") from None
@@ -573,13 +575,16 @@ class HeadStore:
     def _truncate_wal(self, action: str) -> None:
         """Copy the WAL into the database and truncate it to zero bytes (after a forget, the
         WAL still holds the deleted rows' old pages)."""
-        try:
-            with contextlib.closing(self._connect(create=False)) as db:
-                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] if db is not None else 0
-        except (sqlite3.Error, OSError) as exc:
-            busy, why = 1, _reason(exc)
-        else:
-            why = "another process holds the store open"
+        busy, why, deadline = 1, "another process kept reading it", time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while busy and time.monotonic() < deadline:  # readers of other processes make it busy: retry
+            try:
+                with contextlib.closing(self._connect(create=False)) as db:
+                    busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] if db is not None else 0
+            except (sqlite3.Error, OSError) as exc:
+                busy, why = 1, _reason(exc)
+                break
+            if busy:
+                time.sleep(0.01)
         if busy:
             raise StoreError(
                 f"{action} committed, but the store's write-ahead log could not be truncated ({why}): until it is, "
