@@ -167,15 +167,19 @@ def sweep(
     jobs: int = 1,
     echo: Any = print,
     faults: list[tuple[str, str]] | None = None,
+    picked: list[tuple[str, str, int]] | None = None,
 ) -> dict[str, Any]:
     """Every case (or, with ``limit``, at most that many occurrences per syscall, spread over
-    the run); ``faults``: only these (syscall, error) pairs (default: all)."""
+    the run); ``faults``: only these (syscall, error) pairs (default: all); ``picked``: only
+    these (syscall, error, occurrence) cases, a negative occurrence counting from the last."""
     faults = faults or [(sc, err) for sc in SYSCALLS for err in ("EIO", "ENOSPC") if err == "EIO" or sc in WRITES]
     results: dict[str, Any] = {"cases": 0, "failures": [], "by_op": {}, "outcomes": Counter()}
     before, _ = state(fresh(s, "before"))
     for op in ops:
         counts, after = trace_counts(s, op)
         cases = [(sc, err, n) for sc, err in faults for n in spread(counts.get(sc, 0), limit)]
+        if picked is not None:
+            cases = [(sc, err, n if n > 0 else counts[sc] + 1 + n) for sc, err, n in picked if counts.get(sc)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(jobs) as pool:  # each case in its own store copy
             problems = list(pool.map(lambda case: run_case(s, op, case, before, after), cases))

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,9 @@ def _head_blobs(head: HeadState) -> dict[str, bytes]:
     return {k: np.ascontiguousarray(v, dtype=_F32).tobytes() for k, v in head.arrays().items()}
 
 
-def _digest(blobs: dict[str, bytes], labels: list[str]) -> str:
-    h = hashlib.sha256(json.dumps(labels).encode())
+def _digest(blobs: dict[str, bytes], labels: str) -> str:
+    """sha256 of the ``labels`` column's text (UTF-8) and the four blobs, in this order."""
+    h = hashlib.sha256(labels.encode())
     for key in ("W", "b", "mask", "anchor"):
         h.update(blobs[key])
     return h.hexdigest()
@@ -111,6 +113,8 @@ class HeadStore:
 
     def __init__(self, path: str | os.PathLike[str], bundle: Bundle | None) -> None:
         self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None  # opened on first use, kept: one per instance
+        self._lock = threading.RLock()  # the connection serves one thread at a time
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store {str(self.path)!r} exists and is not a directory")
         self.bundle = bundle
@@ -141,7 +145,9 @@ class HeadStore:
             return None
         if create:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        db = sqlite3.connect(
+            self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             for pragma in (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON"):
                 db.execute(f"PRAGMA {pragma}")
@@ -182,21 +188,38 @@ class HeadStore:
                 db.execute("ROLLBACK")
             raise
 
+    def _db(self, *, create: bool) -> sqlite3.Connection | None:
+        """The instance's connection, opened on first use (``None``: no store yet, and not ``create``)."""
+        if self._conn is None:
+            self._conn = self._connect(create=create)
+        elif create and self._conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            self._create_schema(self._conn)
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (also done on any fault: a broken connection is never reused)."""
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    self._conn.close()
+                self._conn = None
+
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection | None]:
-        """A read connection (``None``: no store yet); every fault becomes a StoreError."""
-        db = None
-        try:
-            db = self._connect(create=False)
-            if db is not None:
-                db.execute("BEGIN")  # one snapshot for every read of the block (WAL: writers go on)
-            yield db
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot read store {str(self.path)!r}: {_reason(exc)}; nothing was changed") from None
-        finally:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    db.close()
+        """The connection in a read transaction (``None``: no store yet); every fault becomes a StoreError."""
+        with self._lock:
+            try:
+                db = self._db(create=False)
+                if db is not None:
+                    db.execute("BEGIN")  # one snapshot for every read of the block (WAL: writers go on)
+                yield db
+            except (sqlite3.Error, OSError) as exc:
+                self.close()
+                raise StoreError(f"cannot read store {str(self.path)!r}: {_reason(exc)}; nothing was changed") from None
+            finally:
+                if self._conn is not None and self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        self._conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def _transaction(self, action: str) -> Iterator[tuple[sqlite3.Connection, str]]:
@@ -204,34 +227,28 @@ class HeadStore:
         history row with the token it is given. On a fault, the truth is read back from a
         fresh connection (what any next process sees): committed -> the action happened and
         no error is raised; else StoreError saying it rolled back and nothing changed."""
-        token, db, committing = secrets.token_hex(16), None, False
-        try:
-            db = self._connect(create=True)
-            db.execute("BEGIN IMMEDIATE")
-            yield db, token
-            committing = True
-            db.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    db.close()  # rolls back what did not commit
-                db = None
-            # Only a failed COMMIT may have committed (its frames can reach the WAL before the error).
-            if committing and self._committed(token):
-                return
-            raise StoreError(
-                f"cannot {action} in store {str(self.path)!r}: {_reason(exc)}; the transaction was rolled back and "
-                "nothing changed"
-            ) from None
-        except BaseException:
-            if db is not None and db.in_transaction:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    db.execute("ROLLBACK")
-            raise
-        finally:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    db.close()
+        with self._lock:
+            token, committing = secrets.token_hex(16), False
+            try:
+                db = self._db(create=True)
+                db.execute("BEGIN IMMEDIATE")
+                yield db, token
+                committing = True
+                db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as exc:
+                self.close()  # rolls back what did not commit
+                # Only a failed COMMIT may have committed (its frames can reach the WAL before the error).
+                if committing and self._committed(token):
+                    return
+                raise StoreError(
+                    f"cannot {action} in store {str(self.path)!r}: {_reason(exc)}; the transaction was rolled back "
+                    "and nothing changed"
+                ) from None
+            except BaseException:
+                if self._conn is not None and self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        self._conn.execute("ROLLBACK")
+                raise
 
     def _committed(self, token: str) -> bool:
         """Whether the transaction marked ``token`` is in the store (three tries: a read can
@@ -285,7 +302,7 @@ class HeadStore:
             raise StoreError(f"head version {number} is not in store {str(self.path)!r}")
         labels, rows, cols, *arrays, sha = row
         blobs = dict(zip(("W", "b", "mask", "anchor"), arrays))
-        if _digest(blobs, json.loads(labels)) != sha:
+        if _digest(blobs, labels) != sha:
             raise StoreError(f"head version {number} fails its sha256 check: corrupted; roll back or reset the store")
         sizes = {"W": rows * cols * 4, "b": cols * 4, "mask": cols * 4, "anchor": rows * cols * 4}
         if any(len(blobs[k]) != n for k, n in sizes.items()):
@@ -542,11 +559,11 @@ class HeadStore:
         self, db: sqlite3.Connection, head: HeadState, trained_on: list[str], bundle_id: str | None = None
     ) -> int:
         blobs = _head_blobs(head)
-        labels = list(head.labels)
+        labels = json.dumps(list(head.labels))
         cur = db.execute(
             "INSERT INTO versions (bundle_id, labels, example_labels, rows, cols, W, b, mask, anchor, sha256) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (bundle_id or self.bundle_id, json.dumps(labels), json.dumps(trained_on), *head.W.shape,
+            (bundle_id or self.bundle_id, labels, json.dumps(trained_on), *head.W.shape,
              blobs["W"], blobs["b"], blobs["mask"], blobs["anchor"], _digest(blobs, labels)),
         )  # fmt: skip
         return int(cur.lastrowid)
@@ -578,9 +595,11 @@ class HeadStore:
         busy, why, deadline = 1, "another process kept reading it", time.monotonic() + BUSY_TIMEOUT_MS / 1000
         while busy and time.monotonic() < deadline:  # readers of other processes make it busy: retry
             try:
-                with contextlib.closing(self._connect(create=False)) as db:
+                with self._lock:
+                    db = self._db(create=False)
                     busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] if db is not None else 0
             except (sqlite3.Error, OSError) as exc:
+                self.close()
                 busy, why = 1, _reason(exc)
                 break
             if busy:
