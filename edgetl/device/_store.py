@@ -119,7 +119,7 @@ class HeadStore:
             raise StoreError(f"store {str(self.path)!r} exists and is not a directory")
         self.bundle = bundle
         self._factory = HeadState.factory(bundle) if bundle is not None else None
-        meta = self._meta()
+        meta = self.describe()
         if bundle is None:
             if not meta:
                 raise StoreError(f"{str(self.path)!r} is not a head store (no {DB}); give the bundle to create one")
@@ -268,25 +268,22 @@ class HeadStore:
 
     # ----------------------------------------------------------------- reading
 
-    def _meta(self, db: sqlite3.Connection | None = None) -> dict[str, str]:
-        if db is None:
-            with self._reading() as db:
-                return self._meta(db) if db is not None else {}
-        return dict(db.execute("SELECT key, value FROM meta").fetchall()) if _has_schema(db) else {}
-
-    def describe(self) -> dict[str, str]:
+    def describe(self, db: sqlite3.Connection | None = None) -> dict[str, str]:
         """The store's settings: ``bundle_id``, ``bundle_name``, ``backbone_id``, ``active``,
         ``example_shape``, ``example_dtype``, ``budget_bytes`` (empty: no store yet)."""
-        return self._meta()
+        if db is None:
+            with self._reading() as db:
+                return self.describe(db) if db is not None else {}
+        return dict(db.execute("SELECT key, value FROM meta").fetchall()) if _has_schema(db) else {}
 
     @property
     def active_version(self) -> int:
-        return int(self._meta().get("active", 0))
+        return int(self.describe().get("active", 0))
 
     def active(self) -> Version:
         """The active head, checksum-verified; version 0 is the bundle's factory head."""
         with self._reading() as db:
-            number = int(self._meta(db).get("active", 0)) if db is not None else 0
+            number = int(self.describe(db).get("active", 0)) if db is not None else 0
             if number == 0:
                 if self._factory is None:
                     raise StoreError("the factory head lives in the bundle: open the store with its bundle")
@@ -330,10 +327,6 @@ class HeadStore:
                 out.append(entry)
             return out
 
-    def versions(self) -> list[int]:
-        with self._reading() as db:
-            return [n for (n,) in db.execute("SELECT number FROM versions ORDER BY number")] if db else []
-
     def rollback_stack(self) -> list[int]:
         with self._reading() as db:
             return [v for (v,) in db.execute("SELECT version FROM rollback_stack ORDER BY position")] if db else []
@@ -350,7 +343,7 @@ class HeadStore:
     def kept_examples(self) -> tuple[np.ndarray, list[str]]:
         """Every kept example, in the order it was kept: ``(x, labels)``, each checked against its sha256."""
         with self._reading() as db:
-            meta = self._meta(db) if db is not None else {}
+            meta = self.describe(db) if db is not None else {}
             if not meta:
                 return np.zeros((0,)), []
             shape, dtype = tuple(json.loads(meta["example_shape"])), np.dtype(meta["example_dtype"]).newbyteorder("<")
@@ -365,7 +358,7 @@ class HeadStore:
     def example_summary(self) -> dict[str, Any]:
         """``{"classes": {label: {"count", "bytes"}}, "examples", "total_bytes", "budget_bytes"}``."""
         with self._reading() as db:
-            meta = self._meta(db) if db is not None else {}
+            meta = self.describe(db) if db is not None else {}
             rows = (
                 db.execute("SELECT label, COUNT(*), SUM(LENGTH(x)) FROM examples GROUP BY label").fetchall()
                 if meta

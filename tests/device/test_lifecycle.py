@@ -125,7 +125,7 @@ def test_forget_all_keeps_only_the_factory_head(tmp_path, digits_bundle, user, c
     assert main(["store", "forget", "--all", "--store", str(tmp_path / "s")]) == 0
     assert "forgot everything personal" in capsys.readouterr().out
     store = HeadStore(tmp_path / "s", bundle)
-    assert store.active().number == 0 and store.versions() == [] and store.kept_examples()[1] == []
+    assert store.active().number == 0 and store.verified_versions() == {} and store.kept_examples()[1] == []
     assert store.history()[0]["removed"] and store.history()[0]["metrics"]["example_labels"][0] == "<forgotten>"
     blob = b"".join(f.read_bytes() for f in (tmp_path / "s").rglob("*") if f.is_file())
     assert not any(im.tobytes() in blob for im in x)
