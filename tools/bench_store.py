@@ -100,9 +100,9 @@ def main() -> int:
                 tar.extractall(old, filter="data")
         results = {}
         for name, root in (("old", old), ("new", ROOT)):  # alternated twice: drift on a shared machine hits both
-            results[name] = time_commits(root, args.bundle, args.commits, args.examples, work)
+            results[name] = time_commits(root, args.bundle.resolve(), args.commits, args.examples, work)
         for name, root in (("new", ROOT), ("old", old)):
-            results[name] += time_commits(root, args.bundle, args.commits, args.examples, work)
+            results[name] += time_commits(root, args.bundle.resolve(), args.commits, args.examples, work)
     for name in ("old", "new"):
         print(f"{name} store: {summary(results[name])}")
     return 0

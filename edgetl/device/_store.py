@@ -293,11 +293,11 @@ class HeadStore:
 
     def _load(self, db: sqlite3.Connection, number: int) -> HeadState:
         row = db.execute(
-            "SELECT labels, rows, cols, W, b, mask, anchor, sha256 FROM versions WHERE number=?", (number,)
+            "SELECT labels, rows, cols, W, b, mask, anchor, sha256, bundle_id FROM versions WHERE number=?", (number,)
         ).fetchone()
         if row is None:
             raise StoreError(f"head version {number} is not in store {str(self.path)!r}")
-        labels, rows, cols, *arrays, sha = row
+        labels, rows, cols, *arrays, sha, owner = row
         blobs = dict(zip(("W", "b", "mask", "anchor"), arrays))
         if _digest(blobs, labels) != sha:
             raise StoreError(f"head version {number} fails its sha256 check: corrupted; roll back or reset the store")
@@ -308,7 +308,7 @@ class HeadStore:
         head = HeadState(
             a["W"].reshape(rows, cols), a["b"], a["mask"], a["anchor"].reshape(rows, cols), tuple(json.loads(labels))
         )
-        if self._factory is not None and head.W.shape != self._factory.W.shape:
+        if self._factory is not None and owner == self.bundle_id and head.W.shape != self._factory.W.shape:
             raise StoreError(f"head version {number} has shape {head.W.shape}, the bundle's is {self._factory.W.shape}")
         return head
 
