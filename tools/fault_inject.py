@@ -112,7 +112,9 @@ def strace(store: Path, report: Path, log: Path | None, inject: str | None) -> t
 
 
 def run_case(s: Setup, op: str, case: tuple[str, str, int], before: str, after: str) -> str:
-    """One injected run (``case``: syscall, error, occurrence) and its checks; returns '' or what went wrong."""
+    """One injected run (``case``: syscall, error, occurrence) and its checks; returns what
+    went wrong, or "ok: " and the outcome (the state before, after with success, or after
+    with an error saying it committed)."""
     syscall, error, n = case
     name = f"case-{op}-{syscall}-{error}-{n}"
     store, report = fresh(s, name), s.work / f"{name}.txt"
@@ -141,7 +143,9 @@ def run_case(s: Setup, op: str, case: tuple[str, str, int], before: str, after: 
         if rerun.returncode not in (0, 3) or state(store)[0] != after:
             return f"an uninjected rerun did not reach the after-state: {rerun.stderr.strip()[-300:]}"
     shutil.rmtree(store)
-    return ""
+    if now == before:
+        return "ok: before (the operation failed and said nothing changed; a rerun completed it)"
+    return "ok: after, reported as done" if not failed else "ok: after, error says it was committed"
 
 
 def make_template(bundle: Path, data: Path, work: Path) -> tuple[Path, Path]:
@@ -184,8 +188,8 @@ def sweep(
         with ThreadPoolExecutor(jobs) as pool:  # each case in its own store copy
             problems = list(pool.map(lambda case: run_case(s, op, case, before, after), cases))
         for (syscall, error, n), problem in zip(cases, problems):
-            results["outcomes"][problem.split(":")[0] or "ok"] += 1
-            if problem:
+            results["outcomes"][problem if problem.startswith("ok") else problem.split(":")[0]] += 1
+            if not problem.startswith("ok"):
                 results["failures"].append(f"{op} {syscall}:{error}:when={n}: {problem}")
                 echo(f"FAIL {results['failures'][-1]}")
         results["by_op"][op] = {"cases": len(cases), "syscalls": dict(counts), "seconds": time.perf_counter() - t0}
