@@ -1,23 +1,18 @@
 """Write files and directories so that they appear complete or not at all (stdlib only).
 
-Used by run directories (host), bundles and the device's head and example stores.
+Used by run directories (host), bundles, keys and the advisor's cache. (The device store
+is a SQLite database: SQLite makes its own writes durable; see edgetl/device/_store.py.)
 
 Every write that must survive a power cut goes through one small file-system interface,
 :data:`FS` (a :class:`FileSystem`): create a temporary file, write at an offset, fsync,
-rename, fsync a directory, unlink, make a directory. Tests replace it with a simulated file
-system that records each operation and, at a chosen crash point, keeps only what was made
-durable (tests/reliability/test_power_loss.py), the way SQLite tests its journal. The
-environment hook ``EDGETL_CRASH_AT=K`` makes the real one stop before its K-th operation and
-wait to be killed (tools/kill_test.py kills every step of a commit that way).
+rename, fsync a directory, unlink, make a directory; a subclass sees every operation.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,17 +26,11 @@ class FileSystem:
     """
 
     def __init__(self) -> None:
-        crash_at = os.environ.get("EDGETL_CRASH_AT", "")
-        self._crash_at = int(crash_at) if crash_at.isdigit() else None
         self.steps = 0
 
     def _step(self, op: str, path: str | os.PathLike[str]) -> None:
-        """Count one operation; at the crash point, say which and wait for SIGKILL."""
+        """Count one operation (a subclass may record or interrupt it)."""
         self.steps += 1
-        if self._crash_at is not None and self.steps == self._crash_at:
-            os.write(1, f"crash-point {self.steps} {op} {Path(path).name}\n".encode())
-            while True:  # the kill test sends SIGKILL now
-                time.sleep(60)
 
     def create_temp(self, directory: Path, prefix: str) -> tuple[int, str]:
         """A new empty file in ``directory`` (mode 0600), open for writing: (fd, path)."""
@@ -168,36 +157,3 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def zero_fd(fd: int) -> None:
-    """Overwrite an open file's contents with zeros, in place, and fsync."""
-    size = os.fstat(fd).st_size
-    chunk = 1 << 20
-    for offset in range(0, size, chunk):
-        FS.pwrite(fd, bytes(min(chunk, size - offset)), offset)
-    FS.fsync(fd)  # the zeros reach the disk before the name goes: no durable copy left
-
-
-def shred(path: Path) -> None:
-    """Overwrite a file's contents with zeros through its inode, fsync, unlink (the caller
-    fsyncs the directory). A symlink is only unlinked: its target is not ours to zero.
-
-    What this cannot promise: flash translation layers and copy-on-write file systems may
-    keep the old blocks physically (see edgetl/device/_examples.py); it removes the data
-    from every path an app or a file-system reader can reach.
-    """
-    try:
-        fd = FS.open_existing(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        FS.unlink(path)
-        return
-    try:
-        zero_fd(fd)
-    finally:
-        FS.close(fd)
-    FS.unlink(path)

@@ -4,14 +4,19 @@ Every failure exits non-zero: 2 for errors edgetl reports on purpose (bad input,
 data, bad bundle: the message says what was received and what is allowed), 1 for a
 failed verification or anything unexpected (with a traceback), 3 when the
 personalization guard rejects a new head. Defaults come from the library's dataclasses,
-so the CLI and the Python API cannot drift apart.
+so the CLI and the Python API cannot drift apart. A stdout that fails (closed pipe, full
+disk, I/O error) is never a traceback: a closed pipe (``edgetl store history | head -2``)
+ends quietly; any other failure says that the work itself is done and only its report was
+lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -421,7 +426,9 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("history", "rollback", "reset", "examples", "migrate", "forget", "trust"))
+    p.add_argument(
+        "action", choices=("history", "verify", "rollback", "reset", "examples", "migrate", "forget", "trust")
+    )
     p.add_argument(
         "target", nargs="?", metavar="BUNDLE|PUBKEY", help="migrate: the new bundle; trust: a public key (PEM)"
     )
@@ -921,10 +928,20 @@ def _store_history(store: Any, args: argparse.Namespace) -> int:
     for h in store.history():
         metrics = dict(h.get("metrics") or {})
         guard = metrics.pop("guard", None)  # the counts behind the decision: printed as its reason
-        extra = metrics or {k: h[k] for k in ("from", "kind", "reason", "versions_removed") if k in h}
-        print(f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}")
-        if guard:
-            print(f"{'':>28}guard: {guard['reason']}")
+        extra = metrics or {k: h[k] for k in ("from", "kind", "versions_removed", "key_ids") if k in h}
+        reason = (guard or {}).get("reason") or h.get("reason") or metrics.get("reason")
+        line = f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}"
+        print(f"{line}\n{'':>28}reason: {reason}" if reason else line)
+    return 0
+
+
+def _store_verify(store: Any, args: argparse.Namespace) -> int:
+    versions = store.verified_versions()  # SQLite's integrity check, then every version's sha256
+    x, labels = store.kept_examples()  # every example's sha256
+    print(f"active version {store.active_version}; stack {store.rollback_stack()}")
+    print(f"versions {sorted(versions)} verified")
+    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    print(f"{len(labels)} kept examples verified: {json.dumps(counts)}")
     return 0
 
 
@@ -939,12 +956,11 @@ def _store_reset(store: Any, args: argparse.Namespace) -> int:
 
 
 def _store_examples(store: Any, args: argparse.Namespace) -> int:
-    examples = store.examples()
-    if examples is None:
+    summary = store.example_summary()
+    if not summary["examples"]:
         print("no kept examples")
         return 0
-    summary = examples.summary()
-    for label, info in sorted(summary["classes"].items()):
+    for label, info in summary["classes"].items():
         print(f"{label:<24} {info['count']:>6} examples {info['bytes']:>10,} bytes")
     print(f"total {summary['total_bytes']:,} bytes of a {summary['budget_bytes']:,}-byte budget")
     return 0
@@ -982,6 +998,7 @@ def _store_trust(store: Any, args: argparse.Namespace) -> int:
 
 STORE_ACTIONS = {
     "history": _store_history,
+    "verify": _store_verify,
     "rollback": _store_rollback,
     "reset": _store_reset,
     "examples": _store_examples,
@@ -1048,7 +1065,7 @@ COMMANDS: dict[
     ),
     "report": ("one self-contained HTML page for a run or a bundle (works offline)", _parser_report, _run_report),
     "store": (
-        "a head store: history, rollback, reset, examples (kept), migrate (to a new bundle), forget, trust",
+        "a head store: history, verify, rollback, reset, examples (kept), migrate (to a new bundle), forget, trust",
         _parser_store,
         _run_store,
     ),
@@ -1085,7 +1102,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if argv[i] == "--input-preprocessing" and argv[i + 1].startswith("-"):
             argv[i : i + 2] = [f"--input-preprocessing={argv[i + 1]}"]
             break
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds `store`'s optional TARGET before it sees options, so in `store migrate
+    # --store S NEW` NEW is left over: it is the target.
+    if args.command == "store" and args.target is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.target, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+class ReportError(EdgeTLError):
+    """Writing the command's report to stdout failed; what the command did before is done."""
+
+    def __init__(self, exc: OSError) -> None:
+        self.pipe_closed = exc.errno == errno.EPIPE
+        super().__init__(
+            f"the report could not be written to stdout ({exc.strerror or exc}); everything the command did before "
+            "that is done (store changes are committed: `edgetl store history` shows them)"
+        )
+
+
+class _Stdout:
+    """``sys.stdout`` whose failures become a :class:`ReportError`, never a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _guard(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            # fd 1 -> /dev/null: the interpreter's final flush of the unwritten report then
+            # fails nowhere (it would print "Exception ignored ... BrokenPipeError").
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+            raise ReportError(exc) from None
+
+
+def _say(text: str) -> None:
+    """Write an error message to stderr; a failing stderr is not worth a traceback either."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 SKIPS_SHOWN = 10  # skipped files listed one by one; the rest are counted
@@ -1124,18 +1198,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edgetl._quiet import set_verbose
 
     set_verbose(args.verbose)
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         with _warnings_as_lines():
-            return COMMANDS[args.command][2](args)
+            code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a failing stdout fails here, inside the handlers below
+        return code
+    except ReportError as exc:
+        if exc.pipe_closed:  # the reader closed the pipe (`| head -2`): it wanted no more
+            return 0
+        _say(f"edgetl {args.command}: error: {exc}")
+        return EXIT_ERROR
     except EdgeTLError as exc:
-        print(f"edgetl {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"edgetl {args.command}: error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except Exception:  # unexpected: show everything, still exit non-zero
         traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -125,7 +125,7 @@ def manifests_follow_the_published_schema():
 
 @pytest.fixture(scope="session")
 def lifecycle_bundles(tmp_path_factory, digits_bundle, source_run):
-    """Bundles to migrate to (tests/device/test_lifecycle.py, tests/reliability/test_power_loss.py):
+    """Bundles to migrate to (tests/device/test_lifecycle.py, tests/reliability/test_store_faults.py):
     v2 of the same run (same backbone) and a run whose backbone was fine-tuned (different)."""
     from edgetl import host
 

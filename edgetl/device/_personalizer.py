@@ -28,7 +28,7 @@ from edgetl.device._guard import GuardPolicy, LabelCheck, generalizes, label_che
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
-from edgetl.errors import BundleError, InputError, describe
+from edgetl.errors import BundleError, InputError, StoreError, describe
 
 
 @dataclass(frozen=True)
@@ -395,10 +395,11 @@ class Personalizer:
     def commit(self, margin: float | None = None) -> CommitResult:
         """Store the trained candidate if the guard accepts it (:meth:`decide`); the
         classifier switches to it only once it is stored. With ``keep_examples``, the user's
-        examples are kept in the store too (to rebuild the head for a new bundle)."""
+        examples are kept in the store too (to rebuild the head for a new bundle), in the
+        same transaction."""
         decision = self.decide(margin)
         if not decision.accepted:
-            return decision
+            return self._record_rejection(decision)
         if self.store is None:
             raise InputError("this Personalizer has no store to commit to (store=None): use decide()")
         metrics = {"heldout_accuracy": decision.candidate_accuracy, "previous_accuracy": decision.active_accuracy}
@@ -408,17 +409,27 @@ class Personalizer:
             example_labels=sorted(set(self._labels)),
             guard=decision.evidence,
         )
+        kept = None
         if self.keep_examples and self._raw:
-            # Examples first: a crash between the two writes leaves kept examples without
-            # their head (retrained at the next migration), never a head whose examples
-            # were lost.
-            x = np.concatenate([x for x, _ in self._raw])
-            self.store.keep_examples(x, [label for _, labels in self._raw for label in labels])
-        version = self.store.commit(self.candidate, metrics)
+            kept = (np.concatenate([x for x, _ in self._raw]), [label for _, labels in self._raw for label in labels])
+        # One transaction: the examples, the version, the pointer and the history, or none of them.
+        version = self.store.commit(self.candidate, metrics, examples=kept)
         self._raw = []
         self.classifier.set_head(self.candidate, version)
         self._base, self.candidate = self.classifier.head, None
         return replace(decision, version=version, reason="committed: " + decision.reason.removeprefix("accepted: "))
+
+    def _record_rejection(self, decision: CommitResult) -> CommitResult:
+        """The refusal and its counts go into the store's history (nothing else changes). A
+        store that cannot record it does not turn the refusal into an error: the result says so."""
+        if self.store is None:
+            return decision
+        info = {"examples": self.examples, "example_labels": sorted(set(self._labels)), "guard": decision.evidence}
+        try:
+            self.store.record_rejection(info)
+        except StoreError as exc:
+            return replace(decision, reason=f"{decision.reason} (not recorded in the store history: {exc})")
+        return decision
 
     def personalize(
         self,

@@ -269,7 +269,7 @@ def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_
         text=True,
         timeout=120,
     )
-    assert "refused: cannot write to store" in proc.stdout and "the active head is unchanged" in proc.stdout, (
+    assert "refused: cannot commit the head" in proc.stdout and "rolled back and nothing changed" in proc.stdout, (
         proc.stderr[-2000:]
     )
     store = HeadStore(tmp_path / "store", bundle)
@@ -279,18 +279,20 @@ def test_failed_write_refuses_commit_and_keeps_the_active_head(tmp_path, digits_
 
 
 def test_store_of_another_bundle_and_corrupt_versions(tmp_path, digits_bundle, user):
+    import sqlite3
+
     bundle = digits_bundle[0]
-    _, p = committed_once(bundle, tmp_path / "store", user)
-    pointer = tmp_path / "store" / "ACTIVE.json"
-    text = pointer.read_text()
-    pointer.write_text(text.replace(p.store.bundle_id, "0" * 64))
+    committed_once(bundle, tmp_path / "store", user)
+    with sqlite3.connect(tmp_path / "store" / "store.db") as db:
+        owner = db.execute("SELECT value FROM meta WHERE key='bundle_id'").fetchone()[0]
+        db.execute("UPDATE meta SET value=? WHERE key='bundle_id'", ("0" * 64,))
     with pytest.raises(StoreError, match="belongs to another bundle"):
         HeadStore(tmp_path / "store", bundle)
-    pointer.write_text(text)
-    f = tmp_path / "store" / "v000001.npz"
-    data = bytearray(f.read_bytes())
-    data[-10] ^= 0xFF
-    f.write_bytes(bytes(data))
+    with sqlite3.connect(tmp_path / "store" / "store.db") as db:
+        db.execute("UPDATE meta SET value=? WHERE key='bundle_id'", (owner,))
+        b = bytearray(db.execute("SELECT b FROM versions WHERE number=1").fetchone()[0])
+        b[-2] ^= 0xFF
+        db.execute("UPDATE versions SET b=? WHERE number=1", (bytes(b),))
     with pytest.raises(StoreError, match="sha256"):
         Classifier.open(bundle.path, store=tmp_path / "store")
     assert HeadStore(tmp_path / "store", bundle).reset() == 0  # the factory head is always restorable

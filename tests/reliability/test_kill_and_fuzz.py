@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,39 +22,18 @@ def load_tool(name: str):
     return load(name)
 
 
-def test_store_survives_kills_at_every_step_of_a_commit(tmp_path, digits_bundle):
-    stats = load_tool("kill_test").run(digits_bundle[0].path, tmp_path / "store", per_step=2, random_kills=5, seed=0)
-    steps = stats["steps_per_commit"]
-    assert steps == 10  # version file: create, write, fsync, rename, fsync dir; then the pointer's five
-    per_step = {k: v for k, v in stats["kills_per_step"].items() if k.startswith("step")}
-    assert len(per_step) == steps and all(n == 2 for n in per_step.values()), per_step  # every step killed
-    assert stats["kills"] == 2 * steps + 5 and stats["commits_seen"] > stats["kills"]
-
-
-def test_migration_survives_kills_at_every_step_and_at_random(tmp_path, digits_bundle, lifecycle_bundles):
-    _, other = lifecycle_bundles
-    kill = load_tool("kill_test")
-    stats = kill.run_migration(digits_bundle[0].path, other.path, tmp_path, per_step=1, random_kills=6, seed=0)
-    assert stats["migration"] == "retrained" and stats["steps_per_migration"] == 10
-    assert stats["kills"] == 16 and len([k for k in stats["kills_per_step"] if k.startswith("step")]) == 10
-    assert stats["opened_at"].get("old", 0) >= 8 and stats["opened_at"].get("new", 0) >= 1, stats
-    # The check can fail: a pointer naming neither bundle, a damaged version of the old one.
-    from edgetl.device._store import bundle_identity
-
-    bundles = {bundle_identity(digits_bundle[0]): digits_bundle[0]}
-    with pytest.raises(AssertionError, match="neither"):
-        kill.check_migrated(tmp_path / "store", {})
-    damaged = tmp_path / "damaged"
-    kill.personalized_template(digits_bundle[0], damaged)
-    assert kill.check_migrated(damaged, bundles) == "old"
-    (damaged / "v000001.npz").write_bytes(b"0" * 10)
-    with pytest.raises(Exception, match="sha256"):
-        kill.check_migrated(damaged, bundles)
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
+def test_store_survives_kills_at_random_and_at_every_write_of_a_commit(tmp_path, digits_bundle):
+    stats = load_tool("kill_test").run(digits_bundle[0].path, tmp_path, random_kills=6, per_step=1, sample=12)
+    per_commit = stats["syscalls_per_commit"]
+    assert {"fdatasync", "pwrite64"} <= set(per_commit), per_commit  # a commit writes and syncs
+    assert set(stats["kills_by_kind"]) == {"random instant", *(f"{sc} of a commit" for sc in per_commit)}
+    assert stats["kills"] >= 6 + 2 * len(per_commit) and stats["commits_seen"] > 0
 
 
 def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
     """check_store refuses each kind of damage a kill could do (so the kill test can fail)."""
-    import shutil
+    import sqlite3
     from dataclasses import replace
 
     import numpy as np
@@ -67,27 +47,35 @@ def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
     factory = HeadState.factory(bundle)
     good = tmp_path / "good"
     store = HeadStore(good, bundle)
+    x = np.zeros((3, 8, 8, 1), np.uint8)
     for step in (1, 2, 3):
-        store.commit(replace(factory, W=factory.W + np.float32(step)), {"step": step})
+        x[:, 0, 0, 0] = np.arange(3) + 10 * step
+        store.commit(replace(factory, W=factory.W + np.float32(step)), {"step": step}, examples=(x, [f"s{step}"] * 3))
     assert kill.check_store(good, bundle, factory, 3)["active"] == 3
 
-    def damaged(name, damage):
+    def damaged(name, sql, *args):
         path = tmp_path / name
         shutil.copytree(good, path)
-        damage(path)
+        with sqlite3.connect(path / "store.db") as db:
+            db.execute(sql, args)
         return path
 
     with pytest.raises(AssertionError, match="older than committed"):  # a committed version lost
         kill.check_store(good, bundle, factory, 4)
-    flipped = damaged("flipped", lambda p: (p / "v000001.npz").write_bytes(b"\0" + (p / "v000001.npz").read_bytes()))
+    flipped = damaged("flipped", "UPDATE versions SET W = ? WHERE number = 1", b"\0" * 4 * factory.W.size)
     with pytest.raises(StoreError, match="sha256"):  # an old version, not the active one
         kill.check_store(flipped, bundle, factory, 3)
-    wrong = damaged("wrong", lambda p: HeadStore(p, bundle).commit(factory, {"step": 9}))
+    wrong = tmp_path / "wrong"
+    shutil.copytree(good, wrong)
+    HeadStore(wrong, bundle).commit(factory, {"step": 9})
     with pytest.raises(AssertionError, match="another version's weights"):
         kill.check_store(wrong, bundle, factory, 3)
-    stray = damaged("stray", lambda p: (p / "ACTIVE.json.bak").write_text("{}"))
-    with pytest.raises(AssertionError, match="unexpected file"):
-        kill.check_store(stray, bundle, factory, 3)
+    lost = damaged("lost", "DELETE FROM versions WHERE number = 2")
+    with pytest.raises(AssertionError, match="history names"):
+        kill.check_store(lost, bundle, factory, 3)
+    half = damaged("half", "DELETE FROM examples WHERE seq = 4")
+    with pytest.raises(AssertionError, match="examples kept in part"):
+        kill.check_store(half, bundle, factory, 3)
 
 
 # ----------------------------------------------------------------------------- fuzzing
