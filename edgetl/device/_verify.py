@@ -73,12 +73,26 @@ class Report:
 
     def describe(self) -> str:
         skipped = "".join(f"\nnot checked: {line}" for line in self.not_checked)
+        failures = "".join(f"\nfailed: {c.file} ({c.role}): {_why(c)}" for c in self.failed())
         return (
             format_checks(self.checks)
             + skipped
+            + failures
             + f"\nverification {'passed' if self.ok else 'FAILED'} ({len(self.failed())} of {len(self.checks)} checks "
             "failed)"
         )
+
+
+def _why(check: Check) -> str:
+    """What made ``check`` fail, with the number: the accuracy drop when that was it (the
+    table's agreement column can read fine while the accuracy gate failed)."""
+    drop, allowed = check.extra.get("accuracy_drop"), check.extra.get("max_accuracy_drop")
+    if drop is not None and allowed is not None and drop > allowed:
+        return (
+            f"accuracy {check.extra['accuracy']:.4f} is {drop * 100:.1f} points below fp32 of its format "
+            f"(at most {allowed * 100:g} allowed)"
+        )
+    return check.describe() + (f" ({check.extra['optimizer']})" if check.extra.get("optimizer") else "")
 
 
 def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Report:

@@ -248,6 +248,11 @@ def test_personalize_cli_exit_3_when_the_guard_rejects(tmp_path, digits_bundle, 
         ]
     )
     assert code == 3 and "forgets the factory classes" in capsys.readouterr().out
+    # whoever reads the history later sees why it did not take
+    assert main(["store", "history", "--store", str(tmp_path / "s")]) == 0
+    history = capsys.readouterr().out
+    assert "rejected" in history and "reason: rejected: it forgets the factory classes" in history
+    assert " lost and " in history
 
 
 def test_skipped_files_are_one_line_warnings_with_a_count(tmp_path, capsys):

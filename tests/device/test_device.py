@@ -175,6 +175,10 @@ def test_guard_rejects_a_head_that_forgets_the_factory_classes(tmp_path, digits_
     assert not result.accepted and "forgets the factory classes" in result.reason
     factory = result.evidence["factory"]
     assert factory["lost"] - factory["gained"] > factory["tolerated"] and factory["p_loss"] < p.guard.alpha
+    # the refusal is in the store's history with the counts behind it, and nothing else changed
+    (entry,) = p.store.history()
+    assert entry["action"] == "rejected" and entry["version"] == 0
+    assert entry["metrics"]["guard"]["reason"] == result.reason and entry["metrics"]["examples"] == len(x)
     assert clf.head is head_before and clf.head_version == 0 and p.store.active_version == 0
 
 
