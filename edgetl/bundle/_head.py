@@ -14,9 +14,10 @@ One train step on a batch of embeddings ``e`` and one-hot labels ``y``::
     Adam:               m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  t += 1
                         w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
 
-The host builds graphs of exactly this (``edgetl.host._head_graphs``: ONNX train-step
-graphs and a TFLite model with signatures); the device runs them
-(``edgetl.device._head``); ``verify`` checks every graph against :func:`reference_step`.
+The host builds graphs of exactly this (``edgetl.host._head_graphs``: ONNX inference and
+train-step graphs; ``edgetl.host._head_loop_graphs``: the loop graphs and ``head.tflite``
+with its signatures); the device runs them (``edgetl.device._head``,
+``edgetl.device._head_loop``); ``verify`` checks every graph against :func:`reference_step`.
 The tensor names below are the graphs' interface: a device that does not run Python
 (docs/integration.md) feeds exactly these names.
 """

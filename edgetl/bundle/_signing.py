@@ -326,7 +326,7 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
 
     The bundle is verified first (schema, every artifact's size and sha256), so a vendor
     never signs a manifest whose files do not match it. Any later change of
-    ``manifest.json`` (including :func:`edgetl.bundle._io.update_manifest`) invalidates the
+    ``manifest.json`` (any rewrite, even one byte) invalidates the
     signature: sign last.
 
     Args:

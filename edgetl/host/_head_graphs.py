@@ -69,7 +69,8 @@ def head_infer_onnx(embedding_size: int, max_classes: int) -> bytes:
 
 
 def head_train_onnx(embedding_size: int, max_classes: int, optimizer: str) -> bytes:
-    """One optimizer step; inputs/outputs are listed in :func:`train_io_names`."""
+    """One optimizer step; inputs are :func:`edgetl.bundle._head.train_graph_inputs`, outputs the
+    updated weights and state named by :func:`edgetl.bundle._head.state_output`."""
     import onnx
     from onnx import helper as h
 

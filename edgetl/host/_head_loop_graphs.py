@@ -495,7 +495,7 @@ class _LoopHead:
         return {"probabilities": self._probs(embedding)}
 
     def train(self, embedding: Any, labels: Any, lr: Any, l2: Any, momentum: Any, optimizer: Any) -> Any:
-        # Identical to head_graphs.head_tflite's `train` (one step, both updates blended).
+        # One step of edgetl.bundle._head.reference_step (both optimizer updates computed, blended by `optimizer`).
         t = tf()
         p = self._probs(embedding)
         batch = t.cast(t.shape(embedding)[0], t.float32)
