@@ -981,10 +981,8 @@ def _store_forget(store: Any, args: argparse.Namespace) -> int:
         raise InputError("store forget takes exactly one of --label L or --all")
     done = store.forget(None if args.all else args.label)
     what = "everything personal" if args.all else f"class {args.label!r}"
-    print(
-        f"forgot {what}: {done['examples']} kept examples and head versions {done['versions'] or 'none'} destroyed; "
-        f"active version {done['active']}"
-    )
+    heads = f"head version(s) {done['versions']} destroyed" if done["versions"] else "no head version to destroy"
+    print(f"forgot {what}: {done['examples']} kept example(s) destroyed, {heads}; active version {done['active']}")
     return 0
 
 

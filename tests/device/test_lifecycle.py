@@ -123,7 +123,10 @@ def test_forget_all_keeps_only_the_factory_head(tmp_path, digits_bundle, user, c
     (x, _), _ = user
     personalized_store(tmp_path / "s", bundle, user)
     assert main(["store", "forget", "--all", "--store", str(tmp_path / "s")]) == 0
-    assert "forgot everything personal" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "forgot everything personal" in out and "head version(s) [1] destroyed" in out
+    assert main(["store", "forget", "--all", "--store", str(tmp_path / "s")]) == 0  # again: nothing left
+    assert "0 kept example(s) destroyed, no head version to destroy" in capsys.readouterr().out
     store = HeadStore(tmp_path / "s", bundle)
     assert store.active().number == 0 and store.verified_versions() == {} and store.kept_examples()[1] == []
     assert store.history()[0]["removed"] and store.history()[0]["metrics"]["example_labels"][0] == "<forgotten>"
