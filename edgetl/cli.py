@@ -308,16 +308,26 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document instead of text (shape in docs/integration.md, 'Command output as JSON')",
+    )
+
+
 def _parser_bundle_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle")
     p.add_argument("--data", help="labelled data to measure each model's accuracy on")
     p.add_argument("--label-column", default="label")
     _add_trust_arg(p)
+    _add_json_arg(p)
 
 
 def _parser_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle")
     _add_trust_arg(p)
+    _add_json_arg(p)
 
 
 def _parser_predict(p: argparse.ArgumentParser) -> None:
@@ -328,6 +338,7 @@ def _parser_predict(p: argparse.ArgumentParser) -> None:
     _add_device_args(p)
     p.add_argument("--store", help="head store: predict with its active (personalized) head")
     p.add_argument("--top-k", type=int, default=3)
+    _add_json_arg(p)
 
 
 def _parser_personalize(p: argparse.ArgumentParser) -> None:
@@ -402,7 +413,6 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, help="runtime threads")
     p.add_argument("--runs", type=int, default=100, help="timed batch-1 predictions per configuration")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--recommend",
         action="store_true",
@@ -438,6 +448,7 @@ def _parser_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="forget: every kept example and every personalized head")
     p.add_argument("--backend", choices=("onnxruntime", "litert"), help="migrate: the runtime that retrains the head")
     _add_trust_arg(p)
+    _add_json_arg(p)  # history, examples
 
 
 def _parser_keygen(p: argparse.ArgumentParser) -> None:
@@ -746,12 +757,16 @@ def _run_verify(args: argparse.Namespace) -> int:
     bundle = _open_bundle(args)
     x, y = _labelled_data(args.data, bundle, args.label_column)
     report = verify_bundle(bundle, x, y)
-    print(report.describe())
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.describe())
     return 0 if report.ok else EXIT_FAILED
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     bundle = _open_bundle(args)
+    if args.json:
+        doc = {"path": str(bundle.path), "signer": bundle.signer, "manifest": bundle.manifest.to_json()}
+        print(json.dumps(doc, indent=1))
+        return 0
     print(bundle.manifest.describe(str(bundle.path)))
     if bundle.signer:
         print(f"  signed by trusted key {bundle.signer}")
@@ -825,6 +840,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     clf = _classifier(args, args.store)
     x, names = _read_inputs(args.inputs, clf.input_shape)
     result = clf.predict(x, top_k=args.top_k)
+    if args.json:
+        doc = {
+            "bundle": str(clf.bundle.path),
+            "backend": clf.backend,
+            "precision": clf.precision,
+            "chosen_by_advisor": bool(clf.advice),
+            "head_version": result.head_version,
+            "predictions": [
+                {"input": name, "top_k": [{"label": label, "probability": float(p)} for label, p in top]}
+                for name, top in zip(names, result.top_k)
+            ],
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
     chosen = " (chosen by the advisor: edgetl bench --recommend)" if clf.advice else ""
     print(f"# backend {clf.backend}, precision {clf.precision}{chosen}, head version {result.head_version}")
     for name, top in zip(names, result.top_k):
@@ -924,6 +953,9 @@ def _run_store(args: argparse.Namespace) -> int:
 
 
 def _store_history(store: Any, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"active_version": store.active_version, "history": store.history()}, indent=1))
+        return 0
     print(f"active version {store.active_version}")
     for h in store.history():
         metrics = dict(h.get("metrics") or {})
@@ -957,6 +989,9 @@ def _store_reset(store: Any, args: argparse.Namespace) -> int:
 
 def _store_examples(store: Any, args: argparse.Namespace) -> int:
     summary = store.example_summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
     if not summary["examples"]:
         print("no kept examples")
         return 0

@@ -303,3 +303,28 @@ def test_keygen_refusal_names_the_flag(tmp_path, capsys):
     keys = ["keygen", "--private", str(tmp_path / "k.pem"), "--public", str(tmp_path / "k.pub")]
     assert main(keys) == 0
     assert main(keys) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_device_commands_print_one_json_document(tmp_path, digits_bundle, capsys):
+    """--json: one document per run, with the documented keys (docs/integration.md)."""
+    bundle, halves = digits_bundle
+    np.save(tmp_path / "two.npy", halves.test.x[:2])
+    assert main(["predict", str(bundle.path), str(tmp_path / "two.npy"), "--json", "--top-k", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"bundle", "backend", "precision", "chosen_by_advisor", "head_version", "predictions"} <= set(doc)
+    assert [p["input"] for p in doc["predictions"]] == ["two.npy[0]", "two.npy[1]"]
+    assert all(len(p["top_k"]) == 2 and p["top_k"][0]["label"] in bundle.labels for p in doc["predictions"])
+    assert main(["inspect", str(bundle.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["manifest"]["labels"] == list(bundle.labels)
+    assert main(["verify", str(bundle.path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["checks"] and all(c["ok"] for c in report["checks"])
+    np.savez(tmp_path / "user.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(bundle.labels))
+    store = str(tmp_path / "s")
+    assert main(["personalize", str(bundle.path), "--data", str(tmp_path / "user.npz"), "--store", store]) in (0, 3)
+    capsys.readouterr()
+    assert main(["store", "history", "--store", store, "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)
+    assert history["history"] and "guard" in history["history"][-1]["metrics"]
+    assert main(["store", "examples", "--store", store, "--json"]) == 0
+    assert "classes" in json.loads(capsys.readouterr().out)
