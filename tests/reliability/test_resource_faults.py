@@ -118,3 +118,34 @@ def test_hostile_npz_with_valid_hashes_is_refused_without_unpickling(tmp_path, d
     read_bundle(hostile)  # hashes check out...
     with pytest.raises(BundleError, match="never unpickles"):
         Classifier.open(hostile, backend="onnxruntime")  # ...but nothing is unpickled
+
+
+def test_a_refusal_the_store_cannot_record_stays_a_refusal(tmp_path, digits_bundle):
+    """The kernel refuses the write of a refused head's history row (chattr +i): the result is
+    still the guard's refusal, says it was not recorded, and the store is unchanged."""
+    from dataclasses import replace
+
+    bundle, halves = digits_bundle
+    x = restyle_digits(halves.test.x[:40])
+    labels = [halves.test.class_names[i] for i in halves.test.y[:40]]
+    clf = Classifier.open(bundle.path, backend="onnxruntime")
+    p = Personalizer(clf, tmp_path / "store", margin=1.0)
+    p.add_examples(x[:20], labels[:20])
+    p.train()
+    assert p.commit().version == 1
+    history = p.store.history()
+    p.add_examples(x[20:], labels[20:])
+    p.train()
+    p.candidate = replace(p.candidate, W=p.candidate.W * 0.0, b=p.candidate.b * 0.0)  # forgets everything
+    p.store.close()
+    files = [tmp_path / "store", *(tmp_path / "store").iterdir()]
+    if not all(_immutable(f, True) for f in files):
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        result = p.commit()
+    finally:
+        for f in files:
+            _immutable(f, False)
+    assert not result.accepted and "forgets the factory classes" in result.reason
+    assert "(not recorded in the store history: " in result.reason
+    assert p.store.history() == history and p.store.active_version == 1
