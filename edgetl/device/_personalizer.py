@@ -69,6 +69,7 @@ DEFAULT_HOLDOUT = 0.25
 # Replay examples per factory class trained on (against forgetting); the rest of the bundle's
 # replay buffer is held out to judge forgetting (more held out = a sharper guard).
 DEFAULT_REPLAY_PER_CLASS = 10
+SCORE_NAMES = {"user": "user", "factory": "replay"}  # held-out part -> its key in *_scores
 
 
 class Personalizer:
@@ -314,9 +315,8 @@ class Personalizer:
         """``{"user": ..., "replay": ...}``: class-balanced accuracy on the held-out user
         examples and on the held-out replay examples (the factory classes); a part without
         examples is absent."""
-        names = {"user": "user", "factory": "replay"}
         return {
-            names[part]: self._accuracy(head, emb, labels, balanced=True)
+            SCORE_NAMES[part]: self._accuracy(head, emb, labels, balanced=True)
             for part, (emb, labels) in self._held_out().items()
             if len(labels)
         }
@@ -336,10 +336,8 @@ class Personalizer:
         """Accuracy of ``head``; ``balanced``: the mean of per-class recalls, so that every
         class counts alike (a new class with few held-out examples included). A label the
         head does not have counts as wrong."""
-        correct, truth = self._correct(head, emb, labels), np.asarray(list(labels))
-        if not balanced:
-            return float(np.mean(correct))
-        return float(np.mean([np.mean(correct[truth == c]) for c in sorted(set(truth.tolist()))]))
+        correct = self._correct(head, emb, labels)
+        return _balanced_accuracy(correct, labels) if balanced else float(np.mean(correct))
 
     def _label_check(self, gained: bool) -> LabelCheck:
         """The user's labels on factory classes against the factory head's confident predictions."""
@@ -365,21 +363,16 @@ class Personalizer:
         active, parts = self.classifier.head, self._held_out()
         if not any(len(labels) for _, labels in parts.values()):
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
-        user = paired(
-            "user",
-            self._correct(active, *parts["user"]),
-            self._correct(self.candidate, *parts["user"]),
-            policy.user_tolerance,
-        )
-        factory = paired(
-            "factory",
-            self._correct(active, *parts["factory"]),
-            self._correct(self.candidate, *parts["factory"]),
-            policy.forget_tolerance,
-            parts["factory"][1],
-        )
+        # Each head runs once per part; the evidence and the scores both come from these.
+        before = {part: self._correct(active, *parts[part]) for part in parts}
+        after = {part: self._correct(self.candidate, *parts[part]) for part in parts}
+        user = paired("user", before["user"], after["user"], policy.user_tolerance)
+        factory = paired("factory", before["factory"], after["factory"], policy.forget_tolerance, parts["factory"][1])
         verdict = decide_guard(user, factory, self._label_check(generalizes(user, policy)), policy)
-        cand_scores, cur_scores = self.guard_scores(self.candidate), self.guard_scores(active)
+        cur_scores, cand_scores = (
+            {SCORE_NAMES[p]: _balanced_accuracy(hits[p], parts[p][1]) for p in parts if len(parts[p][1])}
+            for hits in (before, after)
+        )
         return CommitResult(
             verdict.accepted,
             self.classifier.head_version,
@@ -495,6 +488,12 @@ class Personalizer:
         active = self.store.active()
         self.classifier.set_head(active.head, active.number)
         self._base, self.candidate = active.head, None
+
+
+def _balanced_accuracy(correct: np.ndarray, labels: Sequence[str]) -> float:
+    """The mean of per-class recalls from per-example correctness."""
+    truth = np.asarray(list(labels))
+    return float(np.mean([np.mean(correct[truth == c]) for c in sorted(set(truth.tolist()))]))
 
 
 def _checked_replay(arrays: dict[str, np.ndarray], width: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
