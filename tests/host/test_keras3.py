@@ -109,3 +109,15 @@ def test_a_keras3_export_savedmodel_is_refused_with_what_to_do(tmp_path, keras3)
     keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)]).export(tmp_path / "exported")
     with pytest.raises(BackboneError, match=r"SavedModel without Keras layers.*model.save\('model.keras'\)"):
         load_keras_model(tmp_path / "exported")
+
+
+def test_a_keras3_layer_tf_keras_lacks_is_named(tmp_path, keras3):
+    """A real Keras 3 layer with no tf_keras counterpart (RMSNormalization): refused by name."""
+    from edgetl.host._backbones import load_keras_model
+
+    model = keras3.Sequential(
+        [keras3.Input((8,)), keras3.layers.RMSNormalization(name="rms"), keras3.layers.Dense(2, activation="softmax")]
+    )
+    model.save(tmp_path / "rms.keras")
+    with pytest.raises(BackboneError, match=r"layer 'rms' is a Keras 3 RMSNormalization, which tf_keras lacks"):
+        load_keras_model(tmp_path / "rms.keras")
