@@ -1,0 +1,104 @@
+"""The integration guide's JavaScript and C++ clients, run as written on an exported bundle.
+
+docs/integration.md marks its client code blocks (``<!-- edgetl-test: node -->``, ``cpp``);
+tools/client_check.py extracts them, runs the JavaScript in Node with onnxruntime-node and
+compiles the C++ against the onnxruntime wheel's ``libonnxruntime.so``, and compares both with
+``edgetl predict`` and edgetl's device trainer. Installs go through tools/client_deps.py into a
+cache (``.ci/run`` does them first); a test skips, saying why, only when an install is impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import load_tool
+
+PREDICT_INPUTS, TRAIN_INPUTS = 100, 40
+PROBABILITY_TOLERANCE = 1e-5  # onnxruntime-node 1.30 vs the wheel's 1.32: same kernels, float32 sums
+WEIGHT_TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def client_inputs(digits_bundle, tmp_path_factory):
+    """Held-out digits: 100 to predict, 40 labelled ones to train the head on (true labels)."""
+    bundle, halves = digits_bundle
+    check = load_tool("client_check")
+    test = halves.test
+    names = [test.class_names[i] for i in test.y[:TRAIN_INPUTS]]
+    work = tmp_path_factory.mktemp("clients")
+    inputs = check.write_inputs(work, test.x[-PREDICT_INPUTS:], test.x[:TRAIN_INPUTS], names)
+    return bundle.path, inputs, work
+
+
+def _client(name: str, work):
+    check = load_tool("client_check")
+    deps = load_tool("client_deps")
+    try:
+        return check.build(name, work / name)
+    except deps.ClientDepsError as exc:
+        pytest.skip(f"the {name} client's dependencies cannot be installed here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def node_client(client_inputs):
+    return _client("node", client_inputs[2])
+
+
+@pytest.fixture(scope="module")
+def cpp_client(client_inputs):
+    return _client("cpp", client_inputs[2])
+
+
+def _check_agreement(client: str, cmd: list[str], client_inputs) -> dict:
+    bundle, inputs, work = client_inputs
+    report = load_tool("client_check").compare(bundle, client, cmd, inputs, work)
+    print(client, json.dumps(report))  # the figures, with -s
+    for precision in ("fp32", "int8"):
+        figures = report[precision]
+        assert figures["inputs"] == PREDICT_INPUTS
+        assert figures["top1_agreement"] == 1.0, figures
+        assert figures["labels_agree"], figures
+        assert figures["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE, figures
+    for mode in ("train", "train_stepwise"):
+        figures = report[mode]
+        assert figures["max_abs_W_diff"] <= WEIGHT_TOLERANCE and figures["max_abs_b_diff"] <= WEIGHT_TOLERANCE, figures
+        # Training moved the weights by far more than the tolerance: a client that did not
+        # train (or trained on nothing) could not pass.
+        assert figures["max_abs_W_change_from_factory"] > 1000 * WEIGHT_TOLERANCE, figures
+    return report
+
+
+def test_node_client_from_the_guide_matches_edgetl(node_client, client_inputs):
+    _check_agreement("node", node_client, client_inputs)
+
+
+def test_cpp_client_from_the_guide_matches_edgetl(cpp_client, client_inputs):
+    _check_agreement("cpp", cpp_client, client_inputs)
+
+
+@pytest.mark.parametrize("client", ["node", "cpp"])
+def test_guide_clients_refuse_a_tampered_file(client, request, client_inputs, tmp_path):
+    cmd = request.getfixturevalue(f"{client}_client")
+    bundle, inputs, _ = client_inputs
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    model = copy / "model.fp32.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    done = subprocess.run([*cmd, str(copy), "predict", "fp32", str(inputs.predict)], capture_output=True, text=True)
+    assert done.returncode != 0 and not done.stdout
+    assert "model.fp32.onnx: size or sha256 differs from manifest.json" in done.stderr
+
+
+def test_a_guide_without_marked_blocks_is_refused(tmp_path):
+    check = load_tool("client_check")
+    guide = tmp_path / "guide.md"
+    guide.write_text("```js\nconsole.log(1)\n```\n<!-- edgetl-test: cpp -->\n```cpp\nint main() {}\n```\n")
+    with pytest.raises(ValueError, match="edgetl-test: node"):
+        check.guide_code("node", guide)
+    assert check.guide_code("cpp", guide) == "int main() {}\n"
+    assert 'require("onnxruntime-node")' in check.guide_code("node") and "int main(" in check.guide_code("cpp")
