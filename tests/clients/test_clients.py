@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import load_tool
 
@@ -102,3 +104,24 @@ def test_a_guide_without_marked_blocks_is_refused(tmp_path):
         check.guide_code("node", guide)
     assert check.guide_code("cpp", guide) == "int main() {}\n"
     assert 'require("onnxruntime-node")' in check.guide_code("node") and "int main(" in check.guide_code("cpp")
+
+
+def test_node_step_plan_is_the_contracts(node_client):
+    """The guide's JavaScript ``stepPlan`` gives the contract's ``step_plan`` exactly (edge cases too)."""
+    from edgetl.bundle._head import step_plan
+
+    cases = [(5, 2, 2, 0), (1, 3, 16, 7), (17, 4, 16, 123456789), (40, 30, 16, 0), (3, 2, 5, 2**32 - 1)]
+    probe = Path(node_client[-1]).with_name("step_plan_probe.js")
+    probe.write_text(
+        Path(node_client[-1]).read_text()
+        + f"\nconst CASES = {json.dumps(cases)};\n"
+        + "console.log(JSON.stringify(CASES.map(([n, e, b, s]) => { const p = stepPlan(n, e, b, s);"
+        + " return [Array.from(p.order, Number), Array.from(p.rowWeight), p.steps, p.batch]; })));\n"
+    )
+    done = subprocess.run([node_client[0], str(probe)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for (n, epochs, batch, seed), (order, weights, steps, width) in zip(cases, json.loads(done.stdout)):
+        expected_order, expected_weight = (np.asarray(a) for a in step_plan(n, epochs, batch, seed))
+        assert (steps, width) == expected_order.shape
+        np.testing.assert_array_equal(np.reshape(order, (steps, width)), expected_order)
+        np.testing.assert_array_equal(np.float32(weights).reshape(steps, width), np.float32(expected_weight))
