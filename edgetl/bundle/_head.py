@@ -14,10 +14,10 @@ One train step on a batch of embeddings ``e`` and one-hot labels ``y``::
     Adam:               m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  t += 1
                         w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
 
-The host builds graphs of exactly this (``edgetl.host._head_graphs``: ONNX inference and
-train-step graphs; ``edgetl.host._head_loop_graphs``: the loop graphs and ``head.tflite``
-with its signatures); the device runs them (``edgetl.device._head``,
-``edgetl.device._head_loop``); ``verify`` checks every graph against :func:`reference_step`.
+The host builds graphs of exactly this (``edgetl.host._head_graphs``: the ONNX inference
+graph; ``edgetl.host._head_loop_graphs``: the ONNX loop graphs, which run a whole step plan
+per call (S = 1 is one step), and ``head.tflite`` with its signatures); the device runs them
+(``edgetl.device._head_loop``); ``verify`` checks every graph against :func:`reference_step`.
 The tensor names below are the graphs' interface: a device that does not run Python
 (docs/integration.md) feeds exactly these names.
 """
@@ -30,20 +30,18 @@ MASK_NEG = -1e9  # added to inactive-class logits; exp() underflows to exactly 0
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-7
 OPTIMIZERS = ("sgd", "adam")
 
-# ONNX graphs (head_infer.onnx, head_train_{sgd,adam}.onnx): inputs and outputs by name.
+# ONNX graphs (head_infer.onnx, head_train_loop_{sgd,adam}.onnx): inputs and outputs by name.
 INFER_INPUTS = ("embedding", "W", "b", "mask")
 INFER_OUTPUT = "probabilities"
 TRAIN_INPUTS = ("embedding", "labels", "mask", "W", "b", "W0", "lr", "l2")
 STATE = {"sgd": ("W", "b", "vel_W", "vel_b"), "adam": ("W", "b", "m_W", "m_b", "v_W", "v_b", "t")}
 HYPERPARAMETERS = {"sgd": ("momentum",), "adam": ()}
-LOSS_OUTPUT = "loss"
 
 
-def train_graph_inputs(optimizer: str, *, loop: bool = False) -> set[str]:
-    """The inputs an ONNX training graph for ``optimizer`` takes (``loop``: the many-step
-    graph, which also takes the step plan ``order`` and ``row_weight``)."""
-    names = {*TRAIN_INPUTS, *STATE[optimizer], *HYPERPARAMETERS[optimizer]}
-    return names | {"order", "row_weight"} if loop else names
+def train_graph_inputs(optimizer: str) -> set[str]:
+    """The inputs the ONNX loop graph for ``optimizer`` takes: the step's, the optimizer state
+    and the step plan ``order`` and ``row_weight``."""
+    return {*TRAIN_INPUTS, *STATE[optimizer], *HYPERPARAMETERS[optimizer], "order", "row_weight"}
 
 
 def state_output(name: str) -> str:
@@ -56,10 +54,10 @@ def state_output(name: str) -> str:
 # ``get_weights`` takes one ignored scalar, ``unused``: LiteRT's Java/Kotlin
 # ``Interpreter.runSignature`` refuses an empty input map, so an Android app could not read
 # its trained weights back from a signature without inputs. ``train_steps`` runs a whole
-# step plan (``order``, ``row_weight``) in one invoke.
+# step plan (``order``, ``row_weight``) in one invoke (S = 1: one step). Heads from edgetl
+# before schema 3 also have a one-step ``train`` signature, which nothing runs any more.
 TFLITE_SIGNATURES = {
     "infer": ("embedding",),
-    "train": ("embedding", "labels", "lr", "l2", "momentum", "optimizer"),
     "get_weights": ("unused",),
     "set_weights": ("W", "b", "mask", "anchor"),
     "train_steps": ("embedding", "labels", "order", "row_weight", "lr", "l2", "momentum", "optimizer"),

@@ -34,9 +34,9 @@ class Role(str, Enum):
     FUSED = "fused"  # raw input -> class probabilities
     BACKBONE = "backbone"  # raw input -> embedding (the seam)
     HEAD_INFER = "head_infer"  # ONNX: embedding, W, b, mask -> probabilities
-    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step (weights and state in and out)
+    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step; only in bundles before schema 3, never run
     HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
-    HEAD = "head"  # TFLite: signatures infer/train/get_weights/set_weights[/train_steps]
+    HEAD = "head"  # TFLite: signatures infer/train_steps/get_weights/set_weights
     HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples

@@ -2,32 +2,20 @@
 
 The head is linear with a fixed capacity of ``max_classes`` columns; ``mask`` marks the
 active ones and ``labels`` names them in column order. Training runs the bundle's own
-train-step graph: ``head_train_{sgd,adam}.onnx`` in onnxruntime, or ``head.tflite``'s
-``train`` signature in LiteRT. numpy only shuffles batches and moves arrays.
+loop graphs (:mod:`edgetl.device._head_loop`): ``head_train_loop_{sgd,adam}.onnx`` in
+onnxruntime, or ``head.tflite``'s ``train_steps`` signature in LiteRT. numpy only plans the
+batches and moves arrays.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.bundle._head import (
-    HYPERPARAMETERS,
-    INFER_INPUTS,
-    INFER_OUTPUT,
-    LOSS_OUTPUT,
-    TFLITE_SIGNATURES,
-    gradients,
-    initial_state,
-    masked_softmax,
-    reference_step,
-    signature_inputs,
-    state_output,
-)
+from edgetl.bundle._head import gradients, initial_state, masked_softmax, reference_step
 from edgetl.errors import BundleError, InputError, describe
 
 Optimizer = Literal["sgd", "adam"]
@@ -127,105 +115,6 @@ def batches(n: int, settings: TrainSettings) -> list[np.ndarray]:
     return order
 
 
-class OnnxHeadTrainer:
-    """Runs ``head_train_{opt}.onnx`` (weights and optimizer state in, out) in onnxruntime."""
-
-    backend = "onnxruntime"
-
-    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
-        from edgetl.bundle._head import train_graph_inputs
-        from edgetl.device._runtimes import check_graph_inputs, onnx_session
-
-        self._sessions = {}
-        for a in bundle.artifacts("head_train", "onnx"):
-            opt = a.optimizer or "sgd"
-            self._sessions[opt] = onnx_session(bundle.path / a.file, threads=threads)
-            check_graph_inputs(self._sessions[opt], a.file, train_graph_inputs(opt))
-        self._infer = onnx_session(bundle.artifact("head_infer", "onnx"), threads=threads)
-        check_graph_inputs(self._infer, "head_infer.onnx", INFER_INPUTS, exact=True)
-
-    def train(
-        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
-    ) -> tuple[HeadState, list[float]]:
-        if settings.optimizer not in self._sessions:
-            raise InputError(f"the bundle has no {settings.optimizer} train graph; it has {sorted(self._sessions)}")
-        sess = self._sessions[settings.optimizer]
-        names = [o.name for o in sess.get_outputs()]
-        state = initial_state(head.W, head.b, settings.optimizer)
-        # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
-        fixed = {
-            "mask": head.mask,
-            "W0": head.anchor,
-            "lr": np.array(effective_learning_rate(settings, emb), np.float32),
-            "l2": np.array(settings.l2, np.float32),
-        }
-        fixed.update({h: np.array(getattr(settings, h), np.float32) for h in HYPERPARAMETERS[settings.optimizer]})
-        losses = []
-        for idx in batches(len(emb), settings):
-            out = dict(zip(names, sess.run(None, {"embedding": emb[idx], "labels": onehot[idx], **fixed, **state})))
-            state = {k: out[state_output(k)] for k in state}
-            losses.append(float(out[LOSS_OUTPUT]))
-        return replace(head, W=state["W"], b=state["b"]), losses
-
-    def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
-        return self._infer.run([INFER_OUTPUT], {"embedding": emb, "W": head.W, "b": head.b, "mask": head.mask})[0]
-
-
-class LiteRTHeadTrainer:
-    """Runs ``head.tflite``'s signatures; its weights live inside the interpreter, so every
-    call loads the head it is given first (under a lock: interpreters are not thread-safe)."""
-
-    backend = "litert"
-
-    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
-        from edgetl._quiet import native_output_silenced
-        from edgetl.device._runtimes import LiteRTSignature, check_signatures, litert_interpreter
-
-        with native_output_silenced():
-            self._interpreter = litert_interpreter(bundle.artifact("head", "tflite"), threads=threads)
-            required = {k: v for k, v in TFLITE_SIGNATURES.items() if k != "train_steps"}
-            check_signatures(self._interpreter.get_signature_list(), "head.tflite", required)
-            self._runners = {
-                name: LiteRTSignature(self._interpreter, name)  # not SignatureRunner: see LiteRTSignature
-                for name in ("infer", "train", "get_weights", "set_weights")
-            }
-        self._lock = threading.Lock()
-        self._loaded: HeadState | None = None
-
-    def _load(self, head: HeadState) -> None:
-        if self._loaded is not head:
-            self._runners["set_weights"](**head.arrays())
-            self._loaded = head
-
-    def train(
-        self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
-    ) -> tuple[HeadState, list[float]]:
-        lr = np.float32(effective_learning_rate(settings, emb))
-        flag = np.float32(1.0 if settings.optimizer == "adam" else 0.0)
-        with self._lock:
-            self._loaded = None
-            self._load(head)  # also resets the optimizer state
-            losses = []
-            for idx in batches(len(emb), settings):
-                out = self._runners["train"](
-                    embedding=emb[idx],
-                    labels=onehot[idx],
-                    lr=lr,
-                    l2=np.float32(settings.l2),
-                    momentum=np.float32(settings.momentum),
-                    optimizer=flag,
-                )
-                losses.append(float(out[LOSS_OUTPUT]))
-            w = self._runners["get_weights"](**signature_inputs(self._interpreter.get_signature_list(), "get_weights"))
-            self._loaded = None  # the interpreter now holds the trained weights, not `head`
-        return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
-
-    def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
-        with self._lock:
-            self._load(head)
-            return self._runners["infer"](embedding=emb)[INFER_OUTPUT].copy()
-
-
 class ReferenceHeadTrainer:
     """The same training in float64 numpy (:func:`edgetl.bundle._head.reference_step`), over
     the same batches: what ``verify`` compares the runtimes' trainers with.
@@ -269,16 +158,26 @@ class ReferenceHeadTrainer:
 
 
 def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> Any:
-    """The fastest trainer the bundle supports on ``backend``: the graphs that run a whole
-    step plan per call (bundles from edgetl 0.2), else one call per step (older bundles)."""
+    """The bundle's head trainer on ``backend``: its loop graphs, which run a whole step plan
+    per call (the one-step graphs that older bundles also carry are not used).
+
+    Raises:
+        BundleError: the bundle has no loop graph for ``backend`` (re-export it).
+    """
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     if backend == "onnxruntime":
         loops = {a.optimizer or "sgd": bundle.path / a.file for a in bundle.artifacts("head_train_loop", "onnx")}
-        if loops:
-            return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads)
-        return OnnxHeadTrainer(bundle, threads)
+        if not loops:
+            raise BundleError(
+                f"bundle {bundle.path.name!r} has no head_train_loop ONNX graphs, the only head training graphs this "
+                "edgetl runs; re-export it with this edgetl"
+            )
+        return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads)
     head = bundle.artifacts("head", "tflite")
-    if head and "train_steps" in head[0].extra.get("signatures", []):
-        return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads)
-    return LiteRTHeadTrainer(bundle, threads)
+    if not head or "train_steps" not in head[0].extra.get("signatures", []):
+        raise BundleError(
+            f"bundle {bundle.path.name!r} has no head.tflite with a train_steps signature, the only TFLite head "
+            "training this edgetl runs; re-export it with this edgetl"
+        )
+    return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads)

@@ -138,7 +138,7 @@ class OnnxLoopHeadTrainer:
             )
         self._sessions = {opt: onnx_session(m, threads=threads) for opt, m in train_models.items()}
         for opt, session in self._sessions.items():
-            check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt, loop=True))
+            check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt))
         self._outputs = {opt: [o.name for o in s.get_outputs()] for opt, s in self._sessions.items()}
         self._infer = onnx_session(infer_model, threads=threads)
         check_graph_inputs(self._infer, "the head inference graph", INFER_INPUTS, exact=True)

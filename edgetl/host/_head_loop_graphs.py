@@ -1,17 +1,17 @@
-"""Head training graphs that run many optimizer steps in one runtime call.
+"""Head training graphs: every optimizer step of a step plan in one runtime call.
 
-The step graphs of :mod:`edgetl.host._head_graphs` move the weights and optimizer state in
-and out of Python on every step; these take a whole step plan and loop inside the
-runtime, so the state stays there between steps. The step is the same (same formulas, see
-:mod:`edgetl.host._head_graphs`); what differs is its arrangement, chosen by measurement
-(onnxruntime 1.32 and ai-edge-litert 2.3, one thread, D=256, C=10, batch 16; per step):
+These are the bundle's only training graphs. They take a whole step plan and loop inside
+the runtime, so the weights and optimizer state stay there between steps; a plan of one
+step (S = 1) is a single optimizer step, which is how a client without a loop of its own
+takes one step. The step is :func:`edgetl.bundle._head.reference_step` (the head contract);
+its arrangement was chosen by measurement (onnxruntime 1.32 and ai-edge-litert 2.3, one
+thread, D=256, C=10, batch 16; per step):
 
 * **Step plan.** ``order[S, B]`` lists the examples of each of the S steps and
   ``row_weight[S, B]`` is ``1/B_s`` for the ``B_s`` real examples of step s and 0 for the
   padding slots of a smaller last batch (see :func:`edgetl.device._head_loop.plan_steps`).
   The per-example gradient ``p - y`` is scaled by its row weight, so a padding slot adds
-  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples, as
-  :func:`edgetl.device._head.batches` batches them. Every per-step shape is static, which
+  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples. Every per-step shape is static, which
   keeps TFLite's ``WHILE`` on its path that copies only the loop variables that change.
 * **Bias folded into W.** The embeddings get a constant 1 column once, before the loop,
   and ``[W; b]`` is one ``(D+1, C)`` matrix, kept transposed as ``[C, D+1]`` (the weight
@@ -59,7 +59,7 @@ from edgetl.host._tf import tf
 OPSET = 17
 IR_VERSION = 8  # readable by older onnxruntime builds on devices
 
-#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step graph's
+#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step's
 #: (:data:`edgetl.bundle._head.TRAIN_INPUTS`) with the step plan after ``labels``, then the
 #: hyperparameters and the optimizer state (:data:`~edgetl.bundle._head.STATE` without W and b);
 #: outputs are the updated state (``_out`` names) and ``losses``.
@@ -84,7 +84,7 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     Adam adds ``m_W``, ``m_b``, ``v_W``, ``v_b`` and ``t`` (steps taken so far).
 
     Outputs: ``W_out``, ``b_out``, the state with ``_out`` names (Adam's ``t_out = t + S``)
-    and ``losses[S]``, each step's loss at its pre-step weights (the step graph's ``loss``).
+    and ``losses[S]``, each step's loss at its pre-step weights.
     Names and order: :data:`LOOP_INPUTS`, :data:`LOOP_OUTPUTS`. Opset 17, IR version 8,
     plain onnxruntime (no training build).
 
@@ -408,18 +408,16 @@ def head_tflite_loop(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
     names from :data:`edgetl.bundle._head.TFLITE_SIGNATURES`):
 
         infer(embedding[B,D]) -> probabilities[B,C]
-        train(embedding[B,D], labels[B,C], lr, l2, momentum, optimizer) -> loss
         get_weights(unused) -> W, b, mask, anchor   (``unused`` is ignored: see the head contract)
         set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
         train_steps(embedding[N,D], labels[N,C], order[S,B] int64, row_weight[S,B], lr, l2,
                     momentum, optimizer) -> losses[S]
 
     ``train_steps`` runs the S steps of a step plan (see :func:`head_train_loop_onnx` for
-    ``order`` and ``row_weight``) in one ``WHILE`` loop, on the same variables as ``train``:
-    it equals S ``train`` calls on the plan's batches, except that Adam's bias corrections
-    are computed without float32's cancellation (:func:`_one_minus_pow`). ``optimizer`` <= 0.5
-    is SGD with momentum, > 0.5 Adam; it selects one of two loops with an ``IF`` (a builtin
-    op), so each step runs one optimizer's update (``train`` computes and blends both).
+    ``order`` and ``row_weight``) in one ``WHILE`` loop (S = 1: one step); Adam's bias
+    corrections are computed without float32's cancellation (:func:`_one_minus_pow`).
+    ``optimizer`` <= 0.5 is SGD with momentum, > 0.5 Adam; it selects one of two loops with
+    an ``IF`` (a builtin op), so each step runs one optimizer's update.
 
     The loop keeps ``[W; b]^T``, the optimizer state and the losses as loop variables (read
     from the resource variables before the loop, assigned after it); its inputs are the
@@ -493,38 +491,6 @@ class _LoopHead:
 
     def infer(self, embedding: Any) -> Any:
         return {"probabilities": self._probs(embedding)}
-
-    def train(self, embedding: Any, labels: Any, lr: Any, l2: Any, momentum: Any, optimizer: Any) -> Any:
-        # One step of edgetl.bundle._head.reference_step (both optimizer updates computed, blended by `optimizer`).
-        t = tf()
-        p = self._probs(embedding)
-        batch = t.cast(t.shape(embedding)[0], t.float32)
-        d_anchor = self.W - self.anchor
-        loss = -t.reduce_mean(
-            t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)
-        ) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
-        g_logits = (p - labels) / batch
-        grads = {
-            "W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor,
-            "b": t.reduce_sum(g_logits, axis=0),
-        }
-        adam, sgd = optimizer, 1.0 - optimizer
-        step_t = self.t + adam
-        bc1 = 1.0 - t.pow(ADAM_BETA1, t.maximum(step_t, 1.0))
-        bc2 = 1.0 - t.pow(ADAM_BETA2, t.maximum(step_t, 1.0))
-        for name in ("W", "b"):
-            w, g = getattr(self, name), grads[name]
-            vel, m, v = getattr(self, f"vel_{name}"), getattr(self, f"m_{name}"), getattr(self, f"v_{name}")
-            vel_new = momentum * vel + g
-            m_new = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * g
-            v_new = ADAM_BETA2 * v + (1.0 - ADAM_BETA2) * g * g
-            adam_step = lr * (m_new / bc1) / (t.sqrt(v_new / bc2) + ADAM_EPS)
-            w.assign(w - sgd * lr * vel_new - adam * adam_step)
-            vel.assign(sgd * vel_new + adam * vel)
-            m.assign(adam * m_new + sgd * m)
-            v.assign(adam * v_new + sgd * v)
-        self.t.assign(step_t)
-        return {"loss": loss}
 
     def train_steps(
         self,
