@@ -15,7 +15,15 @@ from typing import Any, Literal
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.bundle._head import gradients, initial_state, masked_softmax, reference_step
+from edgetl.bundle._head import (
+    TRAINING_DEFAULTS,
+    gradients,
+    initial_state,
+    masked_softmax,
+    reference_step,
+    sgd_step_size,
+    step_plan,
+)
 from edgetl.errors import BundleError, InputError, describe
 
 Optimizer = Literal["sgd", "adam"]
@@ -62,17 +70,18 @@ class HeadState:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Head training hyperparameters (defaults suit a few dozen examples)."""
+    """Head training hyperparameters (defaults suit a few dozen examples; they are the
+    contract's :data:`edgetl.bundle._head.TRAINING_DEFAULTS`, which the manifest records)."""
 
-    epochs: int = 30
-    batch_size: int = 16
+    epochs: int = TRAINING_DEFAULTS["epochs"]
+    batch_size: int = TRAINING_DEFAULTS["batch_size"]
     # For SGD this is relative to the embeddings' scale (see `effective_learning_rate`), so one
     # value suits any backbone; for Adam it is the usual absolute step size.
-    learning_rate: float = 0.1
-    l2: float = 1e-3  # pull toward the factory (anchor) weights, against forgetting
-    optimizer: Optimizer = "sgd"
-    momentum: float = 0.9
-    seed: int = 0
+    learning_rate: float = TRAINING_DEFAULTS["learning_rate"]
+    l2: float = TRAINING_DEFAULTS["l2"]  # pull toward the factory (anchor) weights, against forgetting
+    optimizer: Optimizer = TRAINING_DEFAULTS["optimizer"]
+    momentum: float = TRAINING_DEFAULTS["momentum"]
+    seed: int = TRAINING_DEFAULTS["seed"]  # orders the batches (edgetl.bundle._head.step_plan)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -85,34 +94,23 @@ class TrainSettings:
             raise InputError(f"l2 must be >= 0 and momentum in [0, 1), received l2={self.l2}, momentum={self.momentum}")
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be 'sgd' or 'adam', received {self.optimizer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 32:
+            raise InputError(f"seed must be an integer in [0, 2^32), received seed={describe(self.seed)}")
 
 
 def effective_learning_rate(settings: TrainSettings, emb: np.ndarray) -> float:
-    """The step size handed to the runtime: for SGD, normalised by the embeddings' scale.
-
-    The gradient of the logits w.r.t. W scales with ||e||^2, so a fixed SGD learning rate
-    that is stable for one backbone diverges on another (measured: lr 0.05 with momentum
-    0.9 on the digits CNN's 256-d embeddings drove the loss from 0.08 to 13). Dividing by
-    the mean squared norm of the input (as normalised LMS does) makes ``learning_rate`` a
-    fraction of the largest stable step. The input includes the constant 1 the bias
-    multiplies, hence ``+ 1``: without it, all-zero embeddings (a dead backbone) gave a
-    huge step on the bias, whose gradient does not shrink with e, and NaN weights.
-    Adam normalises its steps itself.
-    """
-    if settings.optimizer != "sgd" or not len(emb):
+    """The step size of the update: for SGD, ``learning_rate`` normalised by the embeddings'
+    scale (:func:`edgetl.bundle._head.sgd_step_size`, which the SGD graphs compute
+    themselves); Adam normalises its steps itself."""
+    if settings.optimizer != "sgd":
         return float(settings.learning_rate)
-    scale = float(np.mean(np.sum(emb.astype(np.float64) ** 2, axis=1))) + 1.0
-    return float(settings.learning_rate / scale)
+    return sgd_step_size(settings.learning_rate, emb)
 
 
 def batches(n: int, settings: TrainSettings) -> list[np.ndarray]:
-    """The batch index order every backend uses (so backends give identical weights)."""
-    rng = np.random.default_rng(settings.seed)
-    order = []
-    for _ in range(settings.epochs):
-        perm = rng.permutation(n)
-        order += [perm[i : i + settings.batch_size] for i in range(0, n, settings.batch_size)]
-    return order
+    """The examples of every step, in order: :func:`edgetl.bundle._head.step_plan` without its padding."""
+    order, row_weight = step_plan(n, settings.epochs, settings.batch_size, settings.seed)
+    return [np.array([i for i, w in zip(o, r) if w > 0], np.int64) for o, r in zip(order, row_weight)]
 
 
 class ReferenceHeadTrainer:
@@ -166,6 +164,7 @@ def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> An
     """
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
+    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
     if backend == "onnxruntime":
         loops = {a.optimizer or "sgd": bundle.path / a.file for a in bundle.artifacts("head_train_loop", "onnx")}
         if not loops:
@@ -173,11 +172,11 @@ def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> An
                 f"bundle {bundle.path.name!r} has no head_train_loop ONNX graphs, the only head training graphs this "
                 "edgetl runs; re-export it with this edgetl"
             )
-        return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads)
+        return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads, version)
     head = bundle.artifacts("head", "tflite")
     if not head or "train_steps" not in head[0].extra.get("signatures", []):
         raise BundleError(
             f"bundle {bundle.path.name!r} has no head.tflite with a train_steps signature, the only TFLite head "
             "training this edgetl runs; re-export it with this edgetl"
         )
-    return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads)
+    return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads, version)

@@ -222,14 +222,17 @@ def _head_trainers(bundle: Bundle, backends: tuple[str, ...]) -> list[tuple[Any,
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     out = []
+    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
     infer = bundle.artifacts("head_infer", "onnx") if "onnxruntime" in backends else []
     loop = bundle.artifacts("head_train_loop", "onnx")
     if infer and loop:
-        trainer = OnnxLoopHeadTrainer({a.optimizer: bundle.path / a.file for a in loop}, bundle.path / infer[0].file)
+        files = {a.optimizer: bundle.path / a.file for a in loop}
+        trainer = OnnxLoopHeadTrainer(files, bundle.path / infer[0].file, schema_version=version)
         out.append((trainer, "head_train_loop", infer[0].file, {a.optimizer: a.file for a in loop}))
     for a in bundle.artifacts("head", "tflite") if "litert" in backends else []:
         if "train_steps" in a.extra.get("signatures", []):
-            out.append((LiteRTLoopHeadTrainer(bundle.path / a.file), "head", a.file, {"sgd": a.file, "adam": a.file}))
+            trainer = LiteRTLoopHeadTrainer(bundle.path / a.file, schema_version=version)
+            out.append((trainer, "head", a.file, {"sgd": a.file, "adam": a.file}))
     return out
 
 

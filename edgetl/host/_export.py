@@ -834,6 +834,13 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
     return h.hexdigest()
 
 
+def head_training_defaults() -> dict[str, Any]:
+    """The manifest's head training fields: edgetl's defaults and the batch order's name."""
+    from edgetl.bundle._head import SHUFFLE, TRAINING_DEFAULTS
+
+    return {**TRAINING_DEFAULTS, "shuffle": SHUFFLE}
+
+
 def build_manifest(
     plan: ExportPlan, artifacts: Sequence[Artifact], embedding_size: int, backbone_sha: str = ""
 ) -> dict[str, Any]:
@@ -854,6 +861,7 @@ def build_manifest(
             "active_classes": len(r.class_names),
             "optimizers": ["sgd", "adam"],
             "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2",
+            **head_training_defaults(),
         },
         "artifacts": [a.entry() for a in artifacts],
         "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},

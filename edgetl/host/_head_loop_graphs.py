@@ -80,7 +80,9 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     Inputs (float32 unless noted): ``embedding[N, D]``, ``labels[N, C]`` (one-hot),
     ``order[S, B]`` (int64 example indices), ``row_weight[S, B]`` (``1/B_s`` per real
     example, 0 per padding slot), ``mask[C]``, ``W[D, C]``, ``b[C]``, ``W0[D, C]`` (the L2
-    anchor), ``lr`` (> 0), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
+    anchor), ``lr`` (> 0, the user's learning rate: the SGD graph normalizes it to
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings, see
+    :func:`edgetl.bundle._head.sgd_step_size`), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
     Adam adds ``m_W``, ``m_b``, ``v_W``, ``v_b`` and ``t`` (steps taken so far).
 
     Outputs: ``W_out``, ``b_out``, the state with ``_out`` names (Adam's ``t_out = t + S``)
@@ -109,7 +111,7 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     d, c = embedding_size, max_classes
     opt = _adam_parts(h) if optimizer == "adam" else _sgd_parts(h)
-    nodes = _before_loop_nodes(h, opt.grad_factor) + opt.before
+    nodes = _before_loop_nodes(h, opt.grad_factor, sgd=optimizer == "sgd") + opt.before
     nodes.append(_scan_node(h, d, c, opt))
     # After the loop: weights and state in their own layout and units, and the losses.
     nodes += _split_t(h, "w_final", "W_out", "b_out") + opt.after + _loss_nodes(h)
@@ -219,10 +221,19 @@ def _initializers(h: Any, d: int, c: int) -> list[Any]:
     ]
 
 
-def _before_loop_nodes(h: Any, grad_factor: str) -> list[Any]:
-    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``."""
+def _before_loop_nodes(h: Any, grad_factor: str, *, sgd: bool) -> list[Any]:
+    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``
+    (SGD: the normalized step ``lr_step``, computed here)."""
+    # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1), and the 1
+    # is the bias input, so the mean squared norm of the padded rows is the denominator.
+    sgd_step = [
+        h.make_node("ReduceSumSquare", ["emb_aug"], ["row_sq"], axes=[1], keepdims=0),
+        h.make_node("ReduceMean", ["row_sq"], ["mean_row_sq"], keepdims=0),
+        h.make_node("Div", ["lr", "mean_row_sq"], ["lr_step"]),
+    ]
     return [
         h.make_node("Pad", ["embedding", "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
+        *(sgd_step if sgd else []),
         h.make_node("Gather", ["labels", "order"], ["y_g"], axis=0),  # [S, B, C]
         h.make_node("Unsqueeze", ["row_weight", "ax2"], ["rw3"]),  # [S, B, 1]
         h.make_node("Mul", ["y_g", "rw3"], ["y_rw"]),  # for the losses
@@ -299,20 +310,22 @@ def _loss_nodes(h: Any) -> list[Any]:
 
 
 def _sgd_parts(h: Any) -> _LoopParts:
-    """SGD with momentum; the velocity is kept as ``lr * vel``, so the row weights carry ``lr``."""
+    """SGD with momentum; the velocity is kept as ``lr_step * vel``, so the row weights carry ``lr_step``
+    (the normalized step, see :func:`_before_loop_nodes`)."""
     return _LoopParts(
-        grad_factor="lr",
+        grad_factor="lr_step",
         init=[],
-        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw") + [h.make_node("Mul", ["vel_raw", "lr"], ["vel_init"])],
+        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw")
+        + [h.make_node("Mul", ["vel_raw", "lr_step"], ["vel_init"])],
         state=("vel",),
         scan=[],
         body=[
             h.make_node("Mul", ["vel", "momentum"], ["vel_decay"]),
             h.make_node("Add", ["vel_decay", "g_l2"], ["vel_part"]),
-            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr * vel_new
+            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr_step * vel_new
             h.make_node("Sub", ["w", "vel_new"], ["w_new"]),
         ],
-        after=[h.make_node("Div", ["vel_final", "lr"], ["vel_back"])]
+        after=[h.make_node("Div", ["vel_final", "lr_step"], ["vel_back"])]
         + _split_t(h, "vel_back", "vel_W_out", "vel_b_out"),
     )
 
@@ -412,6 +425,9 @@ def head_tflite_loop(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
         set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
         train_steps(embedding[N,D], labels[N,C], order[S,B] int64, row_weight[S,B], lr, l2,
                     momentum, optimizer) -> losses[S]
+
+    ``lr`` is the user's learning rate; for SGD the graph takes
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings as its step (as the ONNX graph).
 
     ``train_steps`` runs the S steps of a step plan (see :func:`head_train_loop_onnx` for
     ``order`` and ``row_weight``) in one ``WHILE`` loop (S = 1: one step); Adam's bias
@@ -554,6 +570,9 @@ class _LoopHead:
 
     def _sgd_loop(self, plan: dict[str, Any], w: Any, lr: Any, momentum: Any) -> Any:
         t = tf()
+        # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1); the
+        # padded rows end in the bias input 1, so their mean squared norm is the denominator.
+        lr = lr / t.reduce_mean(t.reduce_sum(plan["emb"] * plan["emb"], axis=1))
 
         def body(i: Any, w: Any, vel: Any, losses: Any) -> Any:
             grad, loss = self._step_grad(plan, i, w)

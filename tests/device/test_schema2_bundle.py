@@ -78,3 +78,13 @@ def test_old_bundle_personalizes_and_commits(old, backend, tmp_path):
     result = p.commit()
     assert result.candidate_scores["user"] >= result.active_scores["user"] + 0.2, result
     assert "forgets the factory classes" in result.reason and result.version == 0
+
+
+def test_old_graphs_fed_the_users_learning_rate_fail_verify(old):
+    """The gate behind the schema bump: read as schema 3, the old SGD graphs get the user's
+    learning rate unnormalized and verify refuses them (measured 8.5e-3 > 1e-5)."""
+    from dataclasses import replace
+
+    as_new = replace(old, manifest=replace(old.manifest, schema_version=3))
+    failed = {(c.file, c.extra.get("optimizer")) for c in verify_bundle(as_new).failed()}
+    assert failed == {("head_train_loop_sgd.onnx", "sgd"), ("head.tflite", "sgd")}

@@ -133,6 +133,30 @@ def test_a_wrong_sgd_momentum_is_refused(tmp_path):
     assert [c.file for c in report.failed()] == ["head_train_loop_sgd.onnx"], report.describe()
 
 
+def test_an_sgd_graph_that_does_not_normalize_the_learning_rate_is_refused(tmp_path):
+    """The SGD loop graph with its step taken as the raw ``lr`` (the normalization
+    lr / (mean |e|^2 + 1) skipped): the weights move too far and verify says so."""
+    import onnx
+
+    model = onnx.load_from_string(head_train_loop_onnx(D, C, "sgd"))
+    (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
+    for node in [*model.graph.node, *scan.attribute[0].g.node]:
+        for i, name in enumerate(node.input):
+            if name == "lr_step":
+                node.input[i] = "lr"
+    bundle = _head_bundle(tmp_path)
+    (bundle.path / "head_train_loop_sgd.onnx").write_bytes(model.SerializeToString())
+    m = json.loads((bundle.path / "manifest.json").read_text())
+    from edgetl.bundle import sha256_file
+
+    for a in m["artifacts"]:
+        if a["file"] == "head_train_loop_sgd.onnx":
+            a["sha256"], a["size"] = sha256_file(bundle.path / a["file"]), (bundle.path / a["file"]).stat().st_size
+    (bundle.path / "manifest.json").write_text(json.dumps(m))
+    report = verify_bundle(read_bundle(bundle.path))
+    assert [c.file for c in report.failed()] == ["head_train_loop_sgd.onnx"], report.describe()
+
+
 @pytest.mark.parametrize(
     "name,refused,edit",
     [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgetl.bundle._head import initial_state, masked_softmax, reference_step
+from edgetl.bundle._head import initial_state, masked_softmax, reference_step, sgd_step_size
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer, plan_steps
 from edgetl.errors import InputError
@@ -93,7 +93,11 @@ def run_loop_onnx(model, head, emb, onehot, order, row_weight, optimizer, state)
     return {k: out[f"{k}_out"] for k in state}, out["losses"]
 
 
-def run_reference(head, emb, onehot, steps, optimizer, state, lr=LR):
+def run_reference(head, emb, onehot, steps, optimizer, state, lr=None):
+    """Step by step in float64; ``lr`` None: the step the graphs take when fed LR (SGD
+    normalizes it over all the embeddings fed, see edgetl.bundle._head.sgd_step_size)."""
+    if lr is None:
+        lr = sgd_step_size(LR, emb) if optimizer == "sgd" else LR
     losses = []
     for idx in steps:
         state, loss = reference_step(
