@@ -5,9 +5,14 @@ names the field (``artifacts[2].sha256``), what was received and what is allowed
 rest of edgetl reads typed, frozen objects instead of string keys. Fields a newer edgetl
 adds are kept in ``extra`` (forward compatible); :meth:`Manifest.to_json` writes them back.
 
-Schema versions: 1 (edgetl 0.1) and 2 (adds ``data``, ``parity.omitted`` and signatures
-beside the manifest) are both read; edgetl writes 2. Anything else is refused with a
-message saying which versions this edgetl reads.
+Schema versions: 1 (edgetl 0.1), 2 (adds ``data``, ``parity.omitted`` and signatures
+beside the manifest) and 3 are read; edgetl writes 3. Schema 3 changed the meaning of a
+graph input, so a reader of schema 2 must refuse it: the SGD training graphs take the
+user's learning rate and normalize it themselves (before, the caller fed it normalized; an
+old reader would normalize twice and train ~(mean |e|^2 + 1) times too slowly). Schema 3
+also ships one head-training family (no one-step graphs), the training defaults in
+``head``, ``head_init.*.bin`` and the same I/O names for every model. Anything else is
+refused with a message saying which versions this edgetl reads.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
+from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS
 from edgetl.errors import BundleError, describe
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MAX_MANIFEST_BYTES = 1 << 20
 # A plain file name inside the bundle: no directories, no "..", no hidden files.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -34,9 +40,9 @@ class Role(str, Enum):
     FUSED = "fused"  # raw input -> class probabilities
     BACKBONE = "backbone"  # raw input -> embedding (the seam)
     HEAD_INFER = "head_infer"  # ONNX: embedding, W, b, mask -> probabilities
-    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step (weights and state in and out)
+    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step; only in bundles before schema 3, never run
     HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
-    HEAD = "head"  # TFLite: signatures infer/train/get_weights/set_weights[/train_steps]
+    HEAD = "head"  # TFLite: signatures infer/train_steps/get_weights/set_weights
     HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
@@ -245,8 +251,48 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class HeadTraining:
+    """How edgetl trains the head by default (schema 3): what a client without Python needs
+    to train it the same way (the rule is in :mod:`edgetl.bundle._head`)."""
+
+    optimizer: str
+    learning_rate: float
+    l2: float
+    momentum: float
+    epochs: int
+    batch_size: int
+    seed: int
+    shuffle: str
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "HeadTraining | None":
+        """The training fields of the ``head`` section, or None when it has none (schema < 3)."""
+        from edgetl.bundle._head import SHUFFLE
+
+        if not any(k in obj for k in HEAD_TRAINING_FIELDS):
+            return None
+        values = {k: obj.get(k) for k in HEAD_TRAINING_FIELDS}
+        if values["optimizer"] not in ("sgd", "adam") or values["shuffle"] != SHUFFLE:
+            raise BundleError(
+                f"manifest: head.optimizer must be 'sgd' or 'adam' and head.shuffle {SHUFFLE!r}, received "
+                f"{describe(values['optimizer'])} and {describe(values['shuffle'])}"
+            )
+        for key in ("epochs", "batch_size", "seed"):
+            v = values[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1) or v >= 1 << 32:
+                raise BundleError(f"manifest: head.{key} must be an integer in range, received {describe(v)}")
+        for key in ("learning_rate", "l2", "momentum"):
+            values[key] = _number(values[key], f"head.{key}")
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in HEAD_TRAINING_FIELDS}
+
+
+@dataclass(frozen=True)
 class HeadSpec:
-    """The trainable head: a linear softmax with ``max_classes`` columns, ``active_classes`` in use."""
+    """The trainable head: a linear softmax with ``max_classes`` columns, ``active_classes`` in use,
+    and (schema 3) the training defaults."""
 
     max_classes: int
     active_classes: int
@@ -254,6 +300,7 @@ class HeadSpec:
     optimizers: tuple[str, ...] = ("sgd", "adam")
     loss: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    training: HeadTraining | None = None
 
     @classmethod
     def from_json(cls, obj: Any, n_labels: int) -> "HeadSpec":
@@ -282,7 +329,8 @@ class HeadSpec:
             kind,
             tuple(opts),
             loss if isinstance(loss, str) else "",
-            _extra(obj, ("max_classes", "active_classes", "kind", "optimizers", "loss")),
+            _extra(obj, HEAD_FIELDS + HEAD_TRAINING_FIELDS),
+            HeadTraining.from_json(obj),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -292,6 +340,7 @@ class HeadSpec:
             "active_classes": self.active_classes,
             "optimizers": list(self.optimizers),
             "loss": self.loss,
+            **(self.training.to_json() if self.training else {}),
             **self.extra,
         }
 

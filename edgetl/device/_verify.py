@@ -216,32 +216,31 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
 
 
 def _head_trainers(bundle: Bundle, backends: tuple[str, ...]) -> list[tuple[Any, str, str, dict[str, str]]]:
-    """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file})."""
-    from edgetl.device._head import LiteRTHeadTrainer, OnnxHeadTrainer
+    """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file}).
+
+    Only the loop graphs: the one-step graphs older bundles also carry are never run, so not checked."""
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     out = []
-    infer = bundle.artifacts("head_infer", "onnx")
-    step, loop = bundle.artifacts("head_train", "onnx"), bundle.artifacts("head_train_loop", "onnx")
-    if "onnxruntime" not in backends:
-        infer = []
-    if infer and step:
-        out.append((OnnxHeadTrainer(bundle), "head_train", infer[0].file, {a.optimizer: a.file for a in step}))
+    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
+    infer = bundle.artifacts("head_infer", "onnx") if "onnxruntime" in backends else []
+    loop = bundle.artifacts("head_train_loop", "onnx")
     if infer and loop:
-        trainer = OnnxLoopHeadTrainer({a.optimizer: bundle.path / a.file for a in loop}, bundle.path / infer[0].file)
+        files = {a.optimizer: bundle.path / a.file for a in loop}
+        trainer = OnnxLoopHeadTrainer(files, bundle.path / infer[0].file, schema_version=version)
         out.append((trainer, "head_train_loop", infer[0].file, {a.optimizer: a.file for a in loop}))
     for a in bundle.artifacts("head", "tflite") if "litert" in backends else []:
-        out.append((LiteRTHeadTrainer(bundle), "head", a.file, {"sgd": a.file, "adam": a.file}))
         if "train_steps" in a.extra.get("signatures", []):
-            out.append((LiteRTLoopHeadTrainer(bundle.path / a.file), "head", a.file, {"sgd": a.file, "adam": a.file}))
+            trainer = LiteRTLoopHeadTrainer(bundle.path / a.file, schema_version=version)
+            out.append((trainer, "head", a.file, {"sgd": a.file, "adam": a.file}))
     return out
 
 
 def _head_checks(
     bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.ndarray], backends: tuple[str, ...]
 ) -> list[Check]:
-    """The head graphs, run by the trainers personalization uses (one step per call, and a
-    whole step plan per call), against the float64 reference over the same batches."""
+    """The head graphs, run by the trainers personalization uses (a whole step plan per call),
+    against the float64 reference over the same batches."""
     from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 
     head = HeadState.factory(bundle)

@@ -3,9 +3,9 @@
 For each precision the bundle gets the **fused** model (raw input -> probabilities) and the
 **backbone** (raw input -> embedding, the seam where the trainable head starts). The head is
 exported as ``head_init.npz`` (host-trained weights padded to ``max_classes`` with an
-active-class mask), as ``head.tflite`` with ``infer``/``train``/``get_weights``/
-``set_weights`` signatures for LiteRT, and as ONNX inference and train-step graphs (SGD
-with momentum and Adam) that run on plain onnxruntime.
+active-class mask), as ``head.tflite`` with ``infer``/``train_steps``/``get_weights``/
+``set_weights`` signatures for LiteRT, and as an ONNX inference graph and loop training
+graphs (SGD with momentum and Adam; a whole step plan per call) for plain onnxruntime.
 
     >>> bundle = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], calibration=data)
     >>> # on the device, without TensorFlow:
@@ -762,7 +762,7 @@ def padded_head(plan: ExportPlan, classifier: Any) -> tuple[np.ndarray, np.ndarr
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
     from edgetl.bundle._head import OPTIMIZERS, TFLITE_SIGNATURES
-    from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
+    from edgetl.host._head_graphs import head_infer_onnx
     from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     Wp, bp, mask = padded_head(plan, classifier)
@@ -773,19 +773,7 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
         out.append(Artifact("head.tflite", head_tflite_loop(Wp, bp, mask), "head", "tflite", "fp32", signatures))
     if "onnx" in plan.formats:
         out.append(Artifact("head_infer.onnx", head_infer_onnx(d, cap), "head_infer", "onnx", "fp32"))
-        for opt in OPTIMIZERS:
-            # One step per call (the simplest graph for a C API), and a whole step plan per
-            # call (what edgetl's trainers run: weights stay in the runtime between steps).
-            out.append(
-                Artifact(
-                    f"head_train_{opt}.onnx",
-                    head_train_onnx(d, cap, opt),
-                    "head_train",
-                    "onnx",
-                    "fp32",
-                    {"optimizer": opt},
-                )
-            )
+        for opt in OPTIMIZERS:  # a whole step plan per call; S = 1 is one step
             loop = head_train_loop_onnx(d, cap, opt)
             out.append(
                 Artifact(f"head_train_loop_{opt}.onnx", loop, "head_train_loop", "onnx", "fp32", {"optimizer": opt})
@@ -846,6 +834,13 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
     return h.hexdigest()
 
 
+def head_training_defaults() -> dict[str, Any]:
+    """The manifest's head training fields: edgetl's defaults and the batch order's name."""
+    from edgetl.bundle._head import SHUFFLE, TRAINING_DEFAULTS
+
+    return {**TRAINING_DEFAULTS, "shuffle": SHUFFLE}
+
+
 def build_manifest(
     plan: ExportPlan, artifacts: Sequence[Artifact], embedding_size: int, backbone_sha: str = ""
 ) -> dict[str, Any]:
@@ -866,6 +861,7 @@ def build_manifest(
             "active_classes": len(r.class_names),
             "optimizers": ["sgd", "adam"],
             "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2",
+            **head_training_defaults(),
         },
         "artifacts": [a.entry() for a in artifacts],
         "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},

@@ -1,17 +1,17 @@
-"""Head training graphs that run many optimizer steps in one runtime call.
+"""Head training graphs: every optimizer step of a step plan in one runtime call.
 
-The step graphs of :mod:`edgetl.host._head_graphs` move the weights and optimizer state in
-and out of Python on every step; these take a whole step plan and loop inside the
-runtime, so the state stays there between steps. The step is the same (same formulas, see
-:mod:`edgetl.host._head_graphs`); what differs is its arrangement, chosen by measurement
-(onnxruntime 1.32 and ai-edge-litert 2.3, one thread, D=256, C=10, batch 16; per step):
+These are the bundle's only training graphs. They take a whole step plan and loop inside
+the runtime, so the weights and optimizer state stay there between steps; a plan of one
+step (S = 1) is a single optimizer step, which is how a client without a loop of its own
+takes one step. The step is :func:`edgetl.bundle._head.reference_step` (the head contract);
+its arrangement was chosen by measurement (onnxruntime 1.32 and ai-edge-litert 2.3, one
+thread, D=256, C=10, batch 16; per step):
 
 * **Step plan.** ``order[S, B]`` lists the examples of each of the S steps and
   ``row_weight[S, B]`` is ``1/B_s`` for the ``B_s`` real examples of step s and 0 for the
   padding slots of a smaller last batch (see :func:`edgetl.device._head_loop.plan_steps`).
   The per-example gradient ``p - y`` is scaled by its row weight, so a padding slot adds
-  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples, as
-  :func:`edgetl.device._head.batches` batches them. Every per-step shape is static, which
+  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples. Every per-step shape is static, which
   keeps TFLite's ``WHILE`` on its path that copies only the loop variables that change.
 * **Bias folded into W.** The embeddings get a constant 1 column once, before the loop,
   and ``[W; b]`` is one ``(D+1, C)`` matrix, kept transposed as ``[C, D+1]`` (the weight
@@ -59,7 +59,7 @@ from edgetl.host._tf import tf
 OPSET = 17
 IR_VERSION = 8  # readable by older onnxruntime builds on devices
 
-#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step graph's
+#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step's
 #: (:data:`edgetl.bundle._head.TRAIN_INPUTS`) with the step plan after ``labels``, then the
 #: hyperparameters and the optimizer state (:data:`~edgetl.bundle._head.STATE` without W and b);
 #: outputs are the updated state (``_out`` names) and ``losses``.
@@ -80,11 +80,13 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     Inputs (float32 unless noted): ``embedding[N, D]``, ``labels[N, C]`` (one-hot),
     ``order[S, B]`` (int64 example indices), ``row_weight[S, B]`` (``1/B_s`` per real
     example, 0 per padding slot), ``mask[C]``, ``W[D, C]``, ``b[C]``, ``W0[D, C]`` (the L2
-    anchor), ``lr`` (> 0), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
+    anchor), ``lr`` (> 0, the user's learning rate: the SGD graph normalizes it to
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings, see
+    :func:`edgetl.bundle._head.sgd_step_size`), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
     Adam adds ``m_W``, ``m_b``, ``v_W``, ``v_b`` and ``t`` (steps taken so far).
 
     Outputs: ``W_out``, ``b_out``, the state with ``_out`` names (Adam's ``t_out = t + S``)
-    and ``losses[S]``, each step's loss at its pre-step weights (the step graph's ``loss``).
+    and ``losses[S]``, each step's loss at its pre-step weights.
     Names and order: :data:`LOOP_INPUTS`, :data:`LOOP_OUTPUTS`. Opset 17, IR version 8,
     plain onnxruntime (no training build).
 
@@ -109,7 +111,7 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     d, c = embedding_size, max_classes
     opt = _adam_parts(h) if optimizer == "adam" else _sgd_parts(h)
-    nodes = _before_loop_nodes(h, opt.grad_factor) + opt.before
+    nodes = _before_loop_nodes(h, opt.grad_factor, sgd=optimizer == "sgd") + opt.before
     nodes.append(_scan_node(h, d, c, opt))
     # After the loop: weights and state in their own layout and units, and the losses.
     nodes += _split_t(h, "w_final", "W_out", "b_out") + opt.after + _loss_nodes(h)
@@ -219,10 +221,19 @@ def _initializers(h: Any, d: int, c: int) -> list[Any]:
     ]
 
 
-def _before_loop_nodes(h: Any, grad_factor: str) -> list[Any]:
-    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``."""
+def _before_loop_nodes(h: Any, grad_factor: str, *, sgd: bool) -> list[Any]:
+    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``
+    (SGD: the normalized step ``lr_step``, computed here)."""
+    # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1), and the 1
+    # is the bias input, so the mean squared norm of the padded rows is the denominator.
+    sgd_step = [
+        h.make_node("ReduceSumSquare", ["emb_aug"], ["row_sq"], axes=[1], keepdims=0),
+        h.make_node("ReduceMean", ["row_sq"], ["mean_row_sq"], keepdims=0),
+        h.make_node("Div", ["lr", "mean_row_sq"], ["lr_step"]),
+    ]
     return [
         h.make_node("Pad", ["embedding", "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
+        *(sgd_step if sgd else []),
         h.make_node("Gather", ["labels", "order"], ["y_g"], axis=0),  # [S, B, C]
         h.make_node("Unsqueeze", ["row_weight", "ax2"], ["rw3"]),  # [S, B, 1]
         h.make_node("Mul", ["y_g", "rw3"], ["y_rw"]),  # for the losses
@@ -299,20 +310,22 @@ def _loss_nodes(h: Any) -> list[Any]:
 
 
 def _sgd_parts(h: Any) -> _LoopParts:
-    """SGD with momentum; the velocity is kept as ``lr * vel``, so the row weights carry ``lr``."""
+    """SGD with momentum; the velocity is kept as ``lr_step * vel``, so the row weights carry ``lr_step``
+    (the normalized step, see :func:`_before_loop_nodes`)."""
     return _LoopParts(
-        grad_factor="lr",
+        grad_factor="lr_step",
         init=[],
-        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw") + [h.make_node("Mul", ["vel_raw", "lr"], ["vel_init"])],
+        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw")
+        + [h.make_node("Mul", ["vel_raw", "lr_step"], ["vel_init"])],
         state=("vel",),
         scan=[],
         body=[
             h.make_node("Mul", ["vel", "momentum"], ["vel_decay"]),
             h.make_node("Add", ["vel_decay", "g_l2"], ["vel_part"]),
-            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr * vel_new
+            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr_step * vel_new
             h.make_node("Sub", ["w", "vel_new"], ["w_new"]),
         ],
-        after=[h.make_node("Div", ["vel_final", "lr"], ["vel_back"])]
+        after=[h.make_node("Div", ["vel_final", "lr_step"], ["vel_back"])]
         + _split_t(h, "vel_back", "vel_W_out", "vel_b_out"),
     )
 
@@ -408,18 +421,19 @@ def head_tflite_loop(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
     names from :data:`edgetl.bundle._head.TFLITE_SIGNATURES`):
 
         infer(embedding[B,D]) -> probabilities[B,C]
-        train(embedding[B,D], labels[B,C], lr, l2, momentum, optimizer) -> loss
         get_weights(unused) -> W, b, mask, anchor   (``unused`` is ignored: see the head contract)
         set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
         train_steps(embedding[N,D], labels[N,C], order[S,B] int64, row_weight[S,B], lr, l2,
                     momentum, optimizer) -> losses[S]
 
+    ``lr`` is the user's learning rate; for SGD the graph takes
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings as its step (as the ONNX graph).
+
     ``train_steps`` runs the S steps of a step plan (see :func:`head_train_loop_onnx` for
-    ``order`` and ``row_weight``) in one ``WHILE`` loop, on the same variables as ``train``:
-    it equals S ``train`` calls on the plan's batches, except that Adam's bias corrections
-    are computed without float32's cancellation (:func:`_one_minus_pow`). ``optimizer`` <= 0.5
-    is SGD with momentum, > 0.5 Adam; it selects one of two loops with an ``IF`` (a builtin
-    op), so each step runs one optimizer's update (``train`` computes and blends both).
+    ``order`` and ``row_weight``) in one ``WHILE`` loop (S = 1: one step); Adam's bias
+    corrections are computed without float32's cancellation (:func:`_one_minus_pow`).
+    ``optimizer`` <= 0.5 is SGD with momentum, > 0.5 Adam; it selects one of two loops with
+    an ``IF`` (a builtin op), so each step runs one optimizer's update.
 
     The loop keeps ``[W; b]^T``, the optimizer state and the losses as loop variables (read
     from the resource variables before the loop, assigned after it); its inputs are the
@@ -494,38 +508,6 @@ class _LoopHead:
     def infer(self, embedding: Any) -> Any:
         return {"probabilities": self._probs(embedding)}
 
-    def train(self, embedding: Any, labels: Any, lr: Any, l2: Any, momentum: Any, optimizer: Any) -> Any:
-        # One step of edgetl.bundle._head.reference_step (both optimizer updates computed, blended by `optimizer`).
-        t = tf()
-        p = self._probs(embedding)
-        batch = t.cast(t.shape(embedding)[0], t.float32)
-        d_anchor = self.W - self.anchor
-        loss = -t.reduce_mean(
-            t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)
-        ) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
-        g_logits = (p - labels) / batch
-        grads = {
-            "W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor,
-            "b": t.reduce_sum(g_logits, axis=0),
-        }
-        adam, sgd = optimizer, 1.0 - optimizer
-        step_t = self.t + adam
-        bc1 = 1.0 - t.pow(ADAM_BETA1, t.maximum(step_t, 1.0))
-        bc2 = 1.0 - t.pow(ADAM_BETA2, t.maximum(step_t, 1.0))
-        for name in ("W", "b"):
-            w, g = getattr(self, name), grads[name]
-            vel, m, v = getattr(self, f"vel_{name}"), getattr(self, f"m_{name}"), getattr(self, f"v_{name}")
-            vel_new = momentum * vel + g
-            m_new = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * g
-            v_new = ADAM_BETA2 * v + (1.0 - ADAM_BETA2) * g * g
-            adam_step = lr * (m_new / bc1) / (t.sqrt(v_new / bc2) + ADAM_EPS)
-            w.assign(w - sgd * lr * vel_new - adam * adam_step)
-            vel.assign(sgd * vel_new + adam * vel)
-            m.assign(adam * m_new + sgd * m)
-            v.assign(adam * v_new + sgd * v)
-        self.t.assign(step_t)
-        return {"loss": loss}
-
     def train_steps(
         self,
         embedding: Any,
@@ -588,6 +570,9 @@ class _LoopHead:
 
     def _sgd_loop(self, plan: dict[str, Any], w: Any, lr: Any, momentum: Any) -> Any:
         t = tf()
+        # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1); the
+        # padded rows end in the bias input 1, so their mean squared norm is the denominator.
+        lr = lr / t.reduce_mean(t.reduce_sum(plan["emb"] * plan["emb"], axis=1))
 
         def body(i: Any, w: Any, vel: Any, losses: Any) -> Any:
             grad, loss = self._step_grad(plan, i, w)
