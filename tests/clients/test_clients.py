@@ -45,13 +45,13 @@ def _client(name: str, work):
 
 
 @pytest.fixture(scope="module")
-def node_client(client_inputs):
-    return _client("node", client_inputs[2])
+def node_client(tmp_path_factory):
+    return _client("node", tmp_path_factory.mktemp("node"))
 
 
 @pytest.fixture(scope="module")
-def cpp_client(client_inputs):
-    return _client("cpp", client_inputs[2])
+def cpp_client(tmp_path_factory):
+    return _client("cpp", tmp_path_factory.mktemp("cpp"))
 
 
 def _check_agreement(client: str, cmd: list[str], client_inputs) -> dict:
@@ -111,14 +111,15 @@ def test_node_step_plan_is_the_contracts(node_client):
     from edgetl.bundle._head import step_plan
 
     cases = [(5, 2, 2, 0), (1, 3, 16, 7), (17, 4, 16, 123456789), (40, 30, 16, 0), (3, 2, 5, 2**32 - 1)]
-    probe = Path(node_client[-1]).with_name("step_plan_probe.js")
-    probe.write_text(
-        Path(node_client[-1]).read_text()
+    client = Path(node_client[-1])
+    # node -e: require.main is unset, so the client's main() stays idle; cwd finds node_modules.
+    probe = (
+        client.read_text()
         + f"\nconst CASES = {json.dumps(cases)};\n"
         + "console.log(JSON.stringify(CASES.map(([n, e, b, s]) => { const p = stepPlan(n, e, b, s);"
         + " return [Array.from(p.order, Number), Array.from(p.rowWeight), p.steps, p.batch]; })));\n"
     )
-    done = subprocess.run([node_client[0], str(probe)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([node_client[0], "-e", probe], capture_output=True, text=True, timeout=60, cwd=client.parent)
     assert done.returncode == 0, done.stderr
     for (n, epochs, batch, seed), (order, weights, steps, width) in zip(cases, json.loads(done.stdout)):
         expected_order, expected_weight = (np.asarray(a) for a in step_plan(n, epochs, batch, seed))
