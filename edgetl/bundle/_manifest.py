@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
-from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS
+from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS, MANIFEST_FILE, SIGNATURE_FILE
 from edgetl.errors import BundleError, describe
 
 SCHEMA_VERSION = 3
@@ -517,6 +517,10 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None  # the bundle's version, chosen at export
+    # sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on): equal ids
+    # mean the same embedding, so a personalized head carries over to a new bundle.
+    backbone_id: str | None = None
 
     @classmethod
     def from_json(cls, m: Any) -> "Manifest":
@@ -549,11 +553,15 @@ class Manifest:
             raise BundleError(f"manifest: artifacts must list 1..64 files, received {len(raw)}")
         artifacts = tuple(ArtifactSpec.from_json(a, i) for i, a in enumerate(raw))
         names = [a.file for a in artifacts]
-        dup = next((n for n in names if names.count(n) > 1 or n in ("manifest.json", "manifest.sig")), None)
+        dup = next((n for n in names if names.count(n) > 1 or n in (MANIFEST_FILE, SIGNATURE_FILE)), None)
         if dup:
             raise BundleError(f"manifest: artifact file {dup!r} is reserved or listed twice")
         dicts = {k: m.get(k) if isinstance(m.get(k), dict) else {} for k in ("metrics", "producer", "data")}
         parity = m.get("parity") if isinstance(m.get("parity"), dict) else None
+        bundle_version, backbone = m.get("version"), m.get("backbone_id")
+        for key, value in (("version", bundle_version), ("backbone_id", backbone)):
+            if value is not None and not isinstance(value, str):
+                raise BundleError(f"manifest: {key} must be a string, received {describe(value)}")
         known = (
             "schema_version",
             "name",
@@ -566,6 +574,8 @@ class Manifest:
             "producer",
             "data",
             "parity",
+            "version",
+            "backbone_id",
         )
         return cls(
             name,
@@ -580,6 +590,8 @@ class Manifest:
             dicts["data"],
             parity,
             _extra(m, known),
+            bundle_version,
+            backbone,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -597,6 +609,10 @@ class Manifest:
         }
         if self.parity is not None:
             out["parity"] = self.parity
+        if self.version is not None:
+            out["version"] = self.version
+        if self.backbone_id is not None:
+            out["backbone_id"] = self.backbone_id
         return {**out, **self.extra}
 
     def find(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[ArtifactSpec]:
@@ -608,17 +624,6 @@ class Manifest:
             and (fmt is None or a.format == fmt)
             and (precision is None or a.precision == precision)
         ]
-
-    @property
-    def backbone_id(self) -> str | None:
-        """sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on)."""
-        value = self.extra.get("backbone_id")
-        return value if isinstance(value, str) and value else None
-
-    @property
-    def version(self) -> str | None:
-        value = self.extra.get("version")
-        return value if isinstance(value, str) else None
 
     @property
     def mcu(self) -> dict[str, Any] | None:
