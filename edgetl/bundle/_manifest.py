@@ -43,7 +43,7 @@ class Role(str, Enum):
     HEAD_TRAIN = "head_train"  # ONNX: one optimizer step; only in bundles before schema 3, never run
     HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
     HEAD = "head"  # TFLite: signatures infer/train_steps/get_weights/set_weights
-    HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
+    HEAD_INIT = "head_init"  # npz (and raw .bin per array): the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
     MCU_BACKBONE = "mcu_backbone"  # TFLite for TFLM: full-integer backbone, int8 input and output
@@ -58,6 +58,7 @@ class Format(str, Enum):
     ONNX = "onnx"
     NPZ = "npz"
     C = "c"  # C source or header (export --target mcu)
+    BIN = "bin"  # raw little-endian array, no header: member, shape and dtype in the artifact entry
 
     def __str__(self) -> str:
         return self.value
@@ -345,6 +346,20 @@ class HeadSpec:
         }
 
 
+def _check_raw_array(a: dict[str, Any], size: int, where: str) -> None:
+    """A raw ``.bin`` array: its member, shape, dtype and byte order, and a size that fits them."""
+    shape = _shape(_require(a, "shape", list, where), f"{where}shape", allow_unknown=False)
+    _require(a, "member", str, where)
+    if a.get("dtype") != "float32" or a.get("byte_order") != "little":
+        raise BundleError(
+            f"manifest: {where}dtype and byte_order must be 'float32' and 'little', received "
+            f"{describe(a.get('dtype'))} and {describe(a.get('byte_order'))}"
+        )
+    if size != 4 * math.prod(shape):
+        need = 4 * math.prod(shape)
+        raise BundleError(f"manifest: {where}size {size} does not hold float32 {list(shape)} ({need} bytes)")
+
+
 @dataclass(frozen=True)
 class ArtifactSpec:
     """One file of the bundle: what it is, its checksum and its tensors.
@@ -392,6 +407,8 @@ class ArtifactSpec:
                 )
             tensors[key] = tuple(TensorInfo.from_json(t, f"{where}{key}[{j}]") for j, t in enumerate(items))
         known = ("file", "role", "format", "precision", "sha256", "size", "inputs", "outputs")
+        if fmt == Format.BIN:
+            _check_raw_array(a, size, where)
         return cls(name, role, fmt, precision, sha, size, tensors["inputs"], tensors["outputs"], _extra(a, known))
 
     def to_json(self) -> dict[str, Any]:

@@ -31,7 +31,9 @@ from edgetl.bundle import Bundle, write_bundle
 from edgetl.bundle._contract import (
     BACKBONE_OUTPUT,
     FUSED_OUTPUT,
+    HEAD_INIT_BIN_FILE,
     HEAD_INIT_MEMBERS,
+    HEAD_INIT_NPZ_FILE,
     MODEL_INPUT,
     PARITY_EMBEDDINGS,
     PARITY_PROBABILITIES,
@@ -350,8 +352,13 @@ def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, 
         init = {i.name for i in m.graph.initializer}
 
         def desc(v: Any) -> dict[str, Any]:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            return {"name": v.name, "shape": dims}
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            return {
+                "name": v.name,
+                "shape": dims,
+                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+            }
 
         return [desc(v) for v in m.graph.input if v.name not in init], [desc(v) for v in m.graph.output]
     from ai_edge_litert.interpreter import Interpreter
@@ -683,6 +690,19 @@ def _convert_one(
     return out, int8_choice
 
 
+def with_contract_names(artifacts: list[Artifact]) -> list[Artifact]:
+    """Every fused model and backbone renamed to the contract's I/O names (``input`` ->
+    ``probabilities`` or ``embedding``), whatever converter made it (see :mod:`edgetl.host._io_names`)."""
+    from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
+
+    rename = {"onnx": rename_onnx_io, "tflite": rename_tflite_io}
+    outputs = {"fused": FUSED_OUTPUT, "backbone": BACKBONE_OUTPUT}
+    return [
+        replace(a, content=rename[a.format](a.content, MODEL_INPUT, outputs[a.role])) if a.role in outputs else a
+        for a in artifacts
+    ]
+
+
 def with_metadata(plan: ExportPlan, artifacts: list[Artifact]) -> list[Artifact]:
     """Make every fused and backbone file describe itself, so runtimes other than edgetl
     can use it as-is: TFLite Model Metadata (what MediaPipe Tasks' ImageClassifier and
@@ -777,7 +797,12 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
 
     Wp, bp, mask = padded_head(plan, classifier)
     d, cap = Wp.shape
-    out = [Artifact("head_init.npz", _npz(**dict(zip(HEAD_INIT_MEMBERS, (Wp, bp, mask)))), "head_init", "npz", "fp32")]
+    arrays = dict(zip(HEAD_INIT_MEMBERS, (Wp, bp, mask)))
+    out = [Artifact(HEAD_INIT_NPZ_FILE, _npz(**arrays), "head_init", "npz", "fp32")]
+    for member, array in arrays.items():  # readable with fread / an ArrayBuffer alone
+        raw = {"member": member, "shape": list(array.shape), "dtype": "float32", "byte_order": "little"}
+        data = np.ascontiguousarray(array, "<f4").tobytes()
+        out.append(Artifact(HEAD_INIT_BIN_FILE.format(member=member), data, "head_init", "bin", "fp32", raw))
     if "tflite" in plan.formats:
         signatures = {"signatures": list(TFLITE_SIGNATURES), "optimizers": list(OPTIMIZERS)}
         out.append(Artifact("head.tflite", head_tflite_loop(Wp, bp, mask), "head", "tflite", "fp32", signatures))
@@ -993,7 +1018,7 @@ def export(
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
-    artifacts = with_metadata(plan, artifacts)
+    artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
     artifacts += data_artifacts(plan, backbone, references)
     extra = target_outputs(plan, targets, backbone, classifier, mcu)
