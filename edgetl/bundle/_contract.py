@@ -129,7 +129,8 @@ HEAD_TENSORS = {
 
 HEAD_INIT_MEMBERS = (WEIGHTS, BIAS, MASK)  # shapes [D, C], [C], [C]
 REPLAY_MEMBERS = ("embeddings", "labels")  # float32 [R, D], int64 [R] (label indices)
-PARITY_MEMBERS = ("x", "probabilities", "embeddings")  # Keras inputs and outputs
+PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS = "x", "probabilities", "embeddings"
+PARITY_MEMBERS = (PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS)  # Keras inputs and outputs
 
 # --- manifest fields --------------------------------------------------------------------
 

@@ -29,51 +29,41 @@ Python (docs/integration.md) feeds exactly these names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+# The names are the contract module's; imported here too for the modules that use both.
+from edgetl.bundle._contract import (  # noqa: F401
+    HYPERPARAMETERS,
+    INFER_INPUTS,
+    INFER_OUTPUT,
+    LOOP_INPUTS,
+    LOOP_OUTPUTS,
+    LOOP_STATE,
+    OPTIMIZERS,
+    STATE,
+    TFLITE_SIGNATURE_OUTPUTS,
+    TFLITE_SIGNATURES,
+    TRAIN_INPUTS,
+    UNUSED,
+    state_output,
+)
 
 MASK_NEG = -1e9  # added to inactive-class logits; exp() underflows to exactly 0
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-7
-OPTIMIZERS = ("sgd", "adam")
-
-# ONNX graphs (head_infer.onnx, head_train_loop_{sgd,adam}.onnx): inputs and outputs by name.
-INFER_INPUTS = ("embedding", "W", "b", "mask")
-INFER_OUTPUT = "probabilities"
-TRAIN_INPUTS = ("embedding", "labels", "mask", "W", "b", "W0", "lr", "l2")
-STATE = {"sgd": ("W", "b", "vel_W", "vel_b"), "adam": ("W", "b", "m_W", "m_b", "v_W", "v_b", "t")}
-HYPERPARAMETERS = {"sgd": ("momentum",), "adam": ()}
 
 
 def train_graph_inputs(optimizer: str) -> set[str]:
-    """The inputs the ONNX loop graph for ``optimizer`` takes: the step's, the optimizer state
-    and the step plan ``order`` and ``row_weight``."""
-    return {*TRAIN_INPUTS, *STATE[optimizer], *HYPERPARAMETERS[optimizer], "order", "row_weight"}
-
-
-def state_output(name: str) -> str:
-    """The graph output that carries the updated ``name`` (``W`` -> ``W_out``)."""
-    return f"{name}_out"
-
-
-# TFLite head (head.tflite): signature -> input names (outputs in the docstring of
-# edgetl.host._head_loop_graphs.head_tflite_loop). ``optimizer`` is 0 for SGD, 1 for Adam.
-# ``get_weights`` takes one ignored scalar, ``unused``: LiteRT's Java/Kotlin
-# ``Interpreter.runSignature`` refuses an empty input map, so an Android app could not read
-# its trained weights back from a signature without inputs. ``train_steps`` runs a whole
-# step plan (``order``, ``row_weight``) in one invoke (S = 1: one step). Heads from edgetl
-# before schema 3 also have a one-step ``train`` signature, which nothing runs any more.
-TFLITE_SIGNATURES = {
-    "infer": ("embedding",),
-    "get_weights": ("unused",),
-    "set_weights": ("W", "b", "mask", "anchor"),
-    "train_steps": ("embedding", "labels", "order", "row_weight", "lr", "l2", "momentum", "optimizer"),
-}
+    """The inputs the ONNX loop graph for ``optimizer`` takes (:data:`~edgetl.bundle._contract.LOOP_INPUTS`)."""
+    return set(LOOP_INPUTS[optimizer])
 
 
 def signature_inputs(signatures: dict, name: str) -> dict:
     """Keyword arguments a runtime must add for ``name`` beyond the data, for heads exported
     by any edgetl version: ``get_weights`` gained its ``unused`` input in schema 2."""
     inputs = signatures.get(name, {}).get("inputs", [])
-    return {"unused": np.float32(0.0)} if name == "get_weights" and "unused" in inputs else {}
+    return {UNUSED: np.float32(0.0)} if name == "get_weights" and UNUSED in inputs else {}
 
 
 def masked_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -139,17 +129,22 @@ def reference_step(
 
 # --- The training rule a client follows (the manifest's head section records the defaults) ---
 
-#: edgetl's training defaults (``edgetl.device.TrainSettings``), written to the manifest's
-#: ``head`` section so a client without Python trains the head as edgetl does.
-TRAINING_DEFAULTS = {
-    "optimizer": "sgd",
-    "learning_rate": 0.1,
-    "l2": 1e-3,
-    "momentum": 0.9,
-    "epochs": 30,
-    "batch_size": 16,
-    "seed": 0,
-}
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """edgetl's training defaults (``edgetl.device.TrainSettings``), written to the manifest's
+    ``head`` section so a client without Python trains the head as edgetl does."""
+
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    l2: float = 1e-3
+    momentum: float = 0.9
+    epochs: int = 30
+    batch_size: int = 16
+    seed: int = 0
+
+
+TRAINING_DEFAULTS = TrainingDefaults()
 SHUFFLE = "xorshift32-fisher-yates"  # the manifest's head.shuffle: the batch order of step_plan
 #: From this manifest schema on, the SGD graphs normalize the learning rate themselves; the
 #: loop graphs of older bundles take it already normalized (see graph_learning_rate).

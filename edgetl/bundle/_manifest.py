@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
-from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS
+from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS, MANIFEST_FILE, SIGNATURE_FILE
 from edgetl.errors import BundleError, describe
 
 SCHEMA_VERSION = 3
@@ -43,7 +43,7 @@ class Role(str, Enum):
     HEAD_TRAIN = "head_train"  # ONNX: one optimizer step; only in bundles before schema 3, never run
     HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
     HEAD = "head"  # TFLite: signatures infer/train_steps/get_weights/set_weights
-    HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
+    HEAD_INIT = "head_init"  # npz (and raw .bin per array): the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
     MCU_BACKBONE = "mcu_backbone"  # TFLite for TFLM: full-integer backbone, int8 input and output
@@ -58,6 +58,7 @@ class Format(str, Enum):
     ONNX = "onnx"
     NPZ = "npz"
     C = "c"  # C source or header (export --target mcu)
+    BIN = "bin"  # raw little-endian array, no header: member, shape and dtype in the artifact entry
 
     def __str__(self) -> str:
         return self.value
@@ -345,6 +346,20 @@ class HeadSpec:
         }
 
 
+def _check_raw_array(a: dict[str, Any], size: int, where: str) -> None:
+    """A raw ``.bin`` array: its member, shape, dtype and byte order, and a size that fits them."""
+    shape = _shape(_require(a, "shape", list, where), f"{where}shape", allow_unknown=False)
+    _require(a, "member", str, where)
+    if a.get("dtype") != "float32" or a.get("byte_order") != "little":
+        raise BundleError(
+            f"manifest: {where}dtype and byte_order must be 'float32' and 'little', received "
+            f"{describe(a.get('dtype'))} and {describe(a.get('byte_order'))}"
+        )
+    if size != 4 * math.prod(shape):
+        need = 4 * math.prod(shape)
+        raise BundleError(f"manifest: {where}size {size} does not hold float32 {list(shape)} ({need} bytes)")
+
+
 @dataclass(frozen=True)
 class ArtifactSpec:
     """One file of the bundle: what it is, its checksum and its tensors.
@@ -392,6 +407,8 @@ class ArtifactSpec:
                 )
             tensors[key] = tuple(TensorInfo.from_json(t, f"{where}{key}[{j}]") for j, t in enumerate(items))
         known = ("file", "role", "format", "precision", "sha256", "size", "inputs", "outputs")
+        if fmt == Format.BIN:
+            _check_raw_array(a, size, where)
         return cls(name, role, fmt, precision, sha, size, tensors["inputs"], tensors["outputs"], _extra(a, known))
 
     def to_json(self) -> dict[str, Any]:
@@ -517,6 +534,10 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None  # the bundle's version, chosen at export
+    # sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on): equal ids
+    # mean the same embedding, so a personalized head carries over to a new bundle.
+    backbone_id: str | None = None
 
     @classmethod
     def from_json(cls, m: Any) -> "Manifest":
@@ -549,11 +570,15 @@ class Manifest:
             raise BundleError(f"manifest: artifacts must list 1..64 files, received {len(raw)}")
         artifacts = tuple(ArtifactSpec.from_json(a, i) for i, a in enumerate(raw))
         names = [a.file for a in artifacts]
-        dup = next((n for n in names if names.count(n) > 1 or n in ("manifest.json", "manifest.sig")), None)
+        dup = next((n for n in names if names.count(n) > 1 or n in (MANIFEST_FILE, SIGNATURE_FILE)), None)
         if dup:
             raise BundleError(f"manifest: artifact file {dup!r} is reserved or listed twice")
         dicts = {k: m.get(k) if isinstance(m.get(k), dict) else {} for k in ("metrics", "producer", "data")}
         parity = m.get("parity") if isinstance(m.get("parity"), dict) else None
+        bundle_version, backbone = m.get("version"), m.get("backbone_id")
+        for key, value in (("version", bundle_version), ("backbone_id", backbone)):
+            if value is not None and not isinstance(value, str):
+                raise BundleError(f"manifest: {key} must be a string, received {describe(value)}")
         known = (
             "schema_version",
             "name",
@@ -566,6 +591,8 @@ class Manifest:
             "producer",
             "data",
             "parity",
+            "version",
+            "backbone_id",
         )
         return cls(
             name,
@@ -580,6 +607,8 @@ class Manifest:
             dicts["data"],
             parity,
             _extra(m, known),
+            bundle_version,
+            backbone,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -597,6 +626,10 @@ class Manifest:
         }
         if self.parity is not None:
             out["parity"] = self.parity
+        if self.version is not None:
+            out["version"] = self.version
+        if self.backbone_id is not None:
+            out["backbone_id"] = self.backbone_id
         return {**out, **self.extra}
 
     def find(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[ArtifactSpec]:
@@ -608,17 +641,6 @@ class Manifest:
             and (fmt is None or a.format == fmt)
             and (precision is None or a.precision == precision)
         ]
-
-    @property
-    def backbone_id(self) -> str | None:
-        """sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on)."""
-        value = self.extra.get("backbone_id")
-        return value if isinstance(value, str) and value else None
-
-    @property
-    def version(self) -> str | None:
-        value = self.extra.get("version")
-        return value if isinstance(value, str) else None
 
     @property
     def mcu(self) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgetl.bundle import Bundle
+from edgetl.bundle._contract import ANCHOR, BIAS, HEAD_INIT_MEMBERS, MASK, WEIGHTS
 from edgetl.bundle._head import (
     TRAINING_DEFAULTS,
     gradients,
@@ -45,16 +46,16 @@ class HeadState:
 
     @classmethod
     def factory(cls, bundle: Bundle) -> "HeadState":
-        arrays = bundle.arrays("head_init", ("W", "b", "mask"))
+        arrays = bundle.arrays("head_init", HEAD_INIT_MEMBERS)
         d, cap, n = bundle.manifest.embedding_size, bundle.manifest.head.max_classes, len(bundle.labels)
-        expected = {"W": (d, cap), "b": (cap,), "mask": (cap,)}
+        expected = {WEIGHTS: (d, cap), BIAS: (cap,), MASK: (cap,)}
         for key, shape in expected.items():
             if arrays[key].shape != shape:
                 raise BundleError(
                     f"head_init.npz: {key} has shape {arrays[key].shape}; the manifest (embedding size {d}, "
                     f"{cap} classes) needs {shape}"
                 )
-        W, b, mask = (arrays[k].astype(np.float32) for k in ("W", "b", "mask"))
+        W, b, mask = (arrays[k].astype(np.float32) for k in (WEIGHTS, BIAS, MASK))
         if not (np.isfinite(W).all() and np.isfinite(b).all()):
             raise BundleError("head_init.npz: W or b holds NaN or infinite values")
         if not np.isin(mask, (0.0, 1.0)).all() or not np.array_equal(mask[:n], np.ones(n)) or mask[n:].any():
@@ -65,7 +66,7 @@ class HeadState:
         return cls(W, b, mask, W.copy(), tuple(bundle.labels))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"W": self.W, "b": self.b, "mask": self.mask, "anchor": self.anchor}
+        return {WEIGHTS: self.W, BIAS: self.b, MASK: self.mask, ANCHOR: self.anchor}
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,15 @@ class TrainSettings:
     """Head training hyperparameters (defaults suit a few dozen examples; they are the
     contract's :data:`edgetl.bundle._head.TRAINING_DEFAULTS`, which the manifest records)."""
 
-    epochs: int = TRAINING_DEFAULTS["epochs"]
-    batch_size: int = TRAINING_DEFAULTS["batch_size"]
+    epochs: int = TRAINING_DEFAULTS.epochs
+    batch_size: int = TRAINING_DEFAULTS.batch_size
     # For SGD this is relative to the embeddings' scale (see `effective_learning_rate`), so one
     # value suits any backbone; for Adam it is the usual absolute step size.
-    learning_rate: float = TRAINING_DEFAULTS["learning_rate"]
-    l2: float = TRAINING_DEFAULTS["l2"]  # pull toward the factory (anchor) weights, against forgetting
-    optimizer: Optimizer = TRAINING_DEFAULTS["optimizer"]
-    momentum: float = TRAINING_DEFAULTS["momentum"]
-    seed: int = TRAINING_DEFAULTS["seed"]  # orders the batches (edgetl.bundle._head.step_plan)
+    learning_rate: float = TRAINING_DEFAULTS.learning_rate
+    l2: float = TRAINING_DEFAULTS.l2  # pull toward the factory (anchor) weights, against forgetting
+    optimizer: Optimizer = TRAINING_DEFAULTS.optimizer
+    momentum: float = TRAINING_DEFAULTS.momentum
+    seed: int = TRAINING_DEFAULTS.seed  # orders the batches (edgetl.bundle._head.step_plan)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -131,11 +132,12 @@ class ReferenceHeadTrainer:
     ) -> tuple[HeadState, list[float]]:
         lr = effective_learning_rate(settings, emb)
         state = {k: v.astype(np.float64) for k, v in initial_state(head.W, head.b, settings.optimizer).items()}
-        self.min_abs_gradient = {"W": np.full(head.W.shape, np.inf), "b": np.full(head.b.shape, np.inf)}
+        self.min_abs_gradient = {WEIGHTS: np.full(head.W.shape, np.inf), BIAS: np.full(head.b.shape, np.inf)}
         losses = []
         for idx in batches(len(emb), settings):
-            grads, _ = gradients(state["W"], state["b"], emb[idx], onehot[idx], head.mask, head.anchor, settings.l2)
-            for k in ("W", "b"):
+            W, b = state[WEIGHTS], state[BIAS]
+            grads, _ = gradients(W, b, emb[idx], onehot[idx], head.mask, head.anchor, settings.l2)
+            for k in (WEIGHTS, BIAS):
                 self.min_abs_gradient[k] = np.minimum(self.min_abs_gradient[k], np.abs(grads[k]))
             state, loss = reference_step(
                 state,
@@ -149,7 +151,7 @@ class ReferenceHeadTrainer:
                 momentum=settings.momentum,
             )
             losses.append(loss)
-        return replace(head, W=state["W"], b=state["b"]), losses
+        return replace(head, W=state[WEIGHTS], b=state[BIAS]), losses
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         return masked_softmax(emb.astype(np.float64) @ head.W + head.b, head.mask)

@@ -20,6 +20,23 @@ from typing import Mapping
 
 import numpy as np
 
+from edgetl.bundle._contract import (
+    ANCHOR_ONNX,
+    BIAS,
+    EMBEDDING,
+    L2,
+    LABELS,
+    LEARNING_RATE,
+    LOSSES,
+    MASK,
+    MOMENTUM,
+    OPTIMIZER,
+    ORDER,
+    PROBABILITIES,
+    ROW_WEIGHT,
+    WEIGHTS,
+    state_output,
+)
 from edgetl.bundle._head import (
     INFER_INPUTS,
     TFLITE_SIGNATURES,
@@ -79,7 +96,7 @@ def check_training_data(head: HeadState, emb: np.ndarray, onehot: np.ndarray) ->
         )
     if len(emb) == 0:
         raise InputError("training needs at least 1 example, received 0 (the step plan would be empty)")
-    for name, arr in (("embeddings", emb), ("labels", onehot)):
+    for name, arr in (("embeddings", emb), (LABELS, onehot)):
         if arr.dtype.kind not in "fiu":
             raise InputError(f"{name} must be numbers, received dtype {arr.dtype}")
         if not np.isfinite(arr).all():
@@ -165,7 +182,7 @@ class OnnxLoopHeadTrainer:
             settings,
             initial_state(head.W, head.b, settings.optimizer),
         )
-        return replace(head, W=state["W"], b=state["b"]), losses
+        return replace(head, W=state[WEIGHTS], b=state[BIAS]), losses
 
     def train_plan(
         self,
@@ -211,27 +228,27 @@ class OnnxLoopHeadTrainer:
             )
         # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
         feed = {
-            "embedding": emb,
-            "labels": onehot,
-            "order": order,
-            "row_weight": row_weight,
-            "mask": head.mask,
-            "W0": head.anchor,
-            "lr": np.array(self._lr(settings, emb), np.float32),
-            "l2": np.array(settings.l2, np.float32),
+            EMBEDDING: emb,
+            LABELS: onehot,
+            ORDER: order,
+            ROW_WEIGHT: row_weight,
+            MASK: head.mask,
+            ANCHOR_ONNX: head.anchor,
+            LEARNING_RATE: np.array(self._lr(settings, emb), np.float32),
+            L2: np.array(settings.l2, np.float32),
             **{k: np.asarray(v, np.float32) for k, v in state.items()},
         }
         if settings.optimizer == "sgd":
-            feed["momentum"] = np.array(settings.momentum, np.float32)
+            feed[MOMENTUM] = np.array(settings.momentum, np.float32)
         out = dict(zip(self._outputs[settings.optimizer], self._sessions[settings.optimizer].run(None, feed)))
-        return {k: out[f"{k}_out"] for k in state}, out["losses"].tolist()
+        return {k: out[state_output(k)] for k in state}, out[LOSSES].tolist()
 
     def _lr(self, settings: TrainSettings, emb: np.ndarray) -> float:
         return graph_learning_rate(settings.optimizer, settings.learning_rate, emb, self._schema_version)
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         return self._infer.run(
-            None, {"embedding": np.asarray(emb, np.float32), "W": head.W, "b": head.b, "mask": head.mask}
+            None, {EMBEDDING: np.asarray(emb, np.float32), WEIGHTS: head.W, BIAS: head.b, MASK: head.mask}
         )[0]
 
 
@@ -308,24 +325,26 @@ class LiteRTLoopHeadTrainer:
             losses = self._train_steps(emb, onehot, order, row_weight, settings)
             w = self._run["get_weights"](**self._get_weights_args)
             self._loaded = None  # the interpreter now holds the trained weights, not `head`
-        return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
+        return replace(head, W=w[WEIGHTS].copy(), b=w[BIAS].copy()), losses
 
     def _train_steps(
         self, emb: np.ndarray, onehot: np.ndarray, order: np.ndarray, row_weight: np.ndarray, settings: TrainSettings
     ) -> list[float]:
-        out = self._run["train_steps"](
-            embedding=emb,
-            labels=onehot,
-            order=order,
-            row_weight=row_weight,
-            lr=np.float32(graph_learning_rate(settings.optimizer, settings.learning_rate, emb, self._schema_version)),
-            l2=np.float32(settings.l2),
-            momentum=np.float32(settings.momentum),
-            optimizer=np.float32(1.0 if settings.optimizer == "adam" else 0.0),
-        )
-        return out["losses"].tolist()
+        lr = graph_learning_rate(settings.optimizer, settings.learning_rate, emb, self._schema_version)
+        feed = {
+            EMBEDDING: emb,
+            LABELS: onehot,
+            ORDER: order,
+            ROW_WEIGHT: row_weight,
+            LEARNING_RATE: np.float32(lr),
+            L2: np.float32(settings.l2),
+            MOMENTUM: np.float32(settings.momentum),
+            OPTIMIZER: np.float32(1.0 if settings.optimizer == "adam" else 0.0),
+        }
+        out = self._run["train_steps"](**feed)
+        return out[LOSSES].tolist()
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         with self._lock:
             self._load(head)
-            return self._run["infer"](embedding=np.asarray(emb, np.float32))["probabilities"].copy()
+            return self._run["infer"](**{EMBEDDING: np.asarray(emb, np.float32)})[PROBABILITIES].copy()

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -28,6 +28,18 @@ import numpy as np
 from edgetl import __version__
 from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
+from edgetl.bundle._contract import (
+    BACKBONE_OUTPUT,
+    FUSED_OUTPUT,
+    HEAD_INIT_BIN_FILE,
+    HEAD_INIT_MEMBERS,
+    HEAD_INIT_NPZ_FILE,
+    MODEL_INPUT,
+    PARITY_EMBEDDINGS,
+    PARITY_PROBABILITIES,
+    PARITY_X,
+    REPLAY_MEMBERS,
+)
 from edgetl.data import Dataset
 from edgetl.errors import BundleError, DependencyError, InputError, describe
 from edgetl.host._tf import keras, tf
@@ -127,7 +139,7 @@ def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
     t = tf()
     module = t.Module()
     module.model_variables = list(model.variables)
-    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")
+    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)
     module.serve = t.function(lambda x: {output_name: model(x, training=False)}, input_signature=[spec])
     return module, module.serve.get_concrete_function()
 
@@ -172,7 +184,7 @@ def keras_to_onnx(model: Any, opset: int) -> bytes:
     import tf2onnx
 
     t = tf()
-    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")]
+    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)]
     with native_output_silenced():
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto.SerializeToString()
@@ -340,8 +352,13 @@ def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, 
         init = {i.name for i in m.graph.initializer}
 
         def desc(v: Any) -> dict[str, Any]:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            return {"name": v.name, "shape": dims}
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            return {
+                "name": v.name,
+                "shape": dims,
+                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+            }
 
         return [desc(v) for v in m.graph.input if v.name not in init], [desc(v) for v in m.graph.output]
     from ai_edge_litert.interpreter import Interpreter
@@ -613,7 +630,7 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
             seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
         int8_choice: tuple[str, dict[str, Any]] | None = None
-        for role, model, output in (("fused", fused, "probabilities"), ("backbone", seam, "embedding")):
+        for role, model, output in (("fused", fused, FUSED_OUTPUT), ("backbone", seam, BACKBONE_OUTPUT)):
             t0 = time.perf_counter()
             new, int8_choice = _convert_one(plan, c, role, model, output, fp32_onnx, int8_choice, references)
             artifacts += new
@@ -671,6 +688,19 @@ def _convert_one(
             Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
         )
     return out, int8_choice
+
+
+def with_contract_names(artifacts: list[Artifact]) -> list[Artifact]:
+    """Every fused model and backbone renamed to the contract's I/O names (``input`` ->
+    ``probabilities`` or ``embedding``), whatever converter made it (see :mod:`edgetl.host._io_names`)."""
+    from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
+
+    rename = {"onnx": rename_onnx_io, "tflite": rename_tflite_io}
+    outputs = {"fused": FUSED_OUTPUT, "backbone": BACKBONE_OUTPUT}
+    return [
+        replace(a, content=rename[a.format](a.content, MODEL_INPUT, outputs[a.role])) if a.role in outputs else a
+        for a in artifacts
+    ]
 
 
 def with_metadata(plan: ExportPlan, artifacts: list[Artifact]) -> list[Artifact]:
@@ -767,7 +797,12 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
 
     Wp, bp, mask = padded_head(plan, classifier)
     d, cap = Wp.shape
-    out = [Artifact("head_init.npz", _npz(W=Wp, b=bp, mask=mask), "head_init", "npz", "fp32")]
+    arrays = dict(zip(HEAD_INIT_MEMBERS, (Wp, bp, mask)))
+    out = [Artifact(HEAD_INIT_NPZ_FILE, _npz(**arrays), "head_init", "npz", "fp32")]
+    for member, array in arrays.items():  # readable with fread / an ArrayBuffer alone
+        raw = {"member": member, "shape": list(array.shape), "dtype": "float32", "byte_order": "little"}
+        data = np.ascontiguousarray(array, "<f4").tobytes()
+        out.append(Artifact(HEAD_INIT_BIN_FILE.format(member=member), data, "head_init", "bin", "fp32", raw))
     if "tflite" in plan.formats:
         signatures = {"signatures": list(TFLITE_SIGNATURES), "optimizers": list(OPTIMIZERS)}
         out.append(Artifact("head.tflite", head_tflite_loop(Wp, bp, mask), "head", "tflite", "fp32", signatures))
@@ -796,7 +831,7 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
         out.append(
             Artifact(
                 "replay.npz",
-                _npz(embeddings=emb, labels=y[keep].astype(np.int64)),
+                _npz(**dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))),
                 "replay",
                 "npz",
                 "fp32",
@@ -804,9 +839,11 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
             )
         )
     parity = _npz(
-        x=references.x,
-        probabilities=references.probabilities.astype(np.float32),
-        embeddings=references.embeddings.astype(np.float32),
+        **{
+            PARITY_X: references.x,
+            PARITY_PROBABILITIES: references.probabilities.astype(np.float32),
+            PARITY_EMBEDDINGS: references.embeddings.astype(np.float32),
+        }
     )
     out.append(Artifact("parity.npz", parity, "parity", "npz", "fp32"))
     return out
@@ -838,7 +875,7 @@ def head_training_defaults() -> dict[str, Any]:
     """The manifest's head training fields: edgetl's defaults and the batch order's name."""
     from edgetl.bundle._head import SHUFFLE, TRAINING_DEFAULTS
 
-    return {**TRAINING_DEFAULTS, "shuffle": SHUFFLE}
+    return {**asdict(TRAINING_DEFAULTS), "shuffle": SHUFFLE}
 
 
 def build_manifest(
@@ -981,7 +1018,7 @@ def export(
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
-    artifacts = with_metadata(plan, artifacts)
+    artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
     artifacts += data_artifacts(plan, backbone, references)
     extra = target_outputs(plan, targets, backbone, classifier, mcu)

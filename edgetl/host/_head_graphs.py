@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgetl.bundle._contract import BIAS, EMBEDDING, INFER_OUTPUT, MASK, WEIGHTS
 from edgetl.bundle._head import MASK_NEG
 
 OPSET = 17
@@ -41,18 +42,18 @@ def head_infer_onnx(embedding_size: int, max_classes: int) -> bytes:
 
     f = onnx.TensorProto.FLOAT
     d, c = embedding_size, max_classes
-    nodes = [h.make_node("MatMul", ["embedding", "W"], ["xw"]), h.make_node("Add", ["xw", "b"], ["logits"])]
-    nodes += _masked_softmax_nodes(h, "logits", "mask", "probabilities")
+    nodes = [h.make_node("MatMul", [EMBEDDING, WEIGHTS], ["xw"]), h.make_node("Add", ["xw", BIAS], ["logits"])]
+    nodes += _masked_softmax_nodes(h, "logits", MASK, INFER_OUTPUT)
     graph = h.make_graph(
         nodes,
         "edgetl_head_infer",
         [
-            h.make_tensor_value_info("embedding", f, ["batch", d]),
-            h.make_tensor_value_info("W", f, [d, c]),
-            h.make_tensor_value_info("b", f, [c]),
-            h.make_tensor_value_info("mask", f, [c]),
+            h.make_tensor_value_info(EMBEDDING, f, ["batch", d]),
+            h.make_tensor_value_info(WEIGHTS, f, [d, c]),
+            h.make_tensor_value_info(BIAS, f, [c]),
+            h.make_tensor_value_info(MASK, f, [c]),
         ],
-        [h.make_tensor_value_info("probabilities", f, ["batch", c])],
+        [h.make_tensor_value_info(INFER_OUTPUT, f, ["batch", c])],
         initializer=_consts(h, onnx),
     )
     return _finish(h, onnx, graph)

@@ -42,35 +42,42 @@ from typing import Any
 import numpy as np
 
 from edgetl._quiet import native_output_silenced
-from edgetl.bundle._head import (
-    ADAM_BETA1,
-    ADAM_BETA2,
-    ADAM_EPS,
-    HYPERPARAMETERS,
-    MASK_NEG,
-    OPTIMIZERS,
+from edgetl.bundle._contract import (
+    ANCHOR,
+    ANCHOR_ONNX,
+    BIAS,
+    EMBEDDING,
+    L2,
+    LABELS,
+    LEARNING_RATE,
+    LOOP_INPUTS,
+    LOOP_STATE,
+    LOSSES,
+    M_B,
+    M_W,
+    MASK,
+    MOMENTUM,
+    OK,
+    ORDER,
+    PROBABILITIES,
+    ROW_WEIGHT,
     STATE,
+    STEP_COUNT,
     TFLITE_SIGNATURES,
-    TRAIN_INPUTS,
+    V_B,
+    V_W,
+    VEL_B,
+    VEL_W,
+    WEIGHTS,
     state_output,
 )
+from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
 from edgetl.host._tf import tf
 
 OPSET = 17
 IR_VERSION = 8  # readable by older onnxruntime builds on devices
 
-#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step's
-#: (:data:`edgetl.bundle._head.TRAIN_INPUTS`) with the step plan after ``labels``, then the
-#: hyperparameters and the optimizer state (:data:`~edgetl.bundle._head.STATE` without W and b);
-#: outputs are the updated state (``_out`` names) and ``losses``.
-LOOP_STATE = {opt: STATE[opt][2:] for opt in OPTIMIZERS}
-LOOP_INPUTS = {
-    opt: TRAIN_INPUTS[:2] + ("order", "row_weight") + TRAIN_INPUTS[2:] + HYPERPARAMETERS[opt] + LOOP_STATE[opt]
-    for opt in OPTIMIZERS
-}
-LOOP_OUTPUTS = {opt: tuple(state_output(s) for s in STATE[opt]) + ("losses",) for opt in OPTIMIZERS}
-
-#: Signatures of :func:`head_tflite_loop` and their inputs: the head contract's, plus ``train_steps``.
+#: Signatures of :func:`head_tflite_loop` and their inputs: the head contract's.
 _TFLITE_LOOP_SIGNATURES = TFLITE_SIGNATURES
 
 
@@ -114,14 +121,14 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     nodes = _before_loop_nodes(h, opt.grad_factor, sgd=optimizer == "sgd") + opt.before
     nodes.append(_scan_node(h, d, c, opt))
     # After the loop: weights and state in their own layout and units, and the losses.
-    nodes += _split_t(h, "w_final", "W_out", "b_out") + opt.after + _loss_nodes(h)
+    nodes += _split_t(h, "w_final", state_output(WEIGHTS), state_output(BIAS)) + opt.after + _loss_nodes(h)
     shapes = _io_shapes(d, c)
     graph = h.make_graph(
         nodes,
         f"edgetl_head_train_loop_{optimizer}",
-        [h.make_tensor_value_info(x, i64 if x == "order" else f, shapes[x]) for x in LOOP_INPUTS[optimizer]],
+        [h.make_tensor_value_info(x, i64 if x == ORDER else f, shapes[x]) for x in LOOP_INPUTS[optimizer]],
         [h.make_tensor_value_info(state_output(s), f, shapes[s]) for s in STATE[optimizer]]
-        + [h.make_tensor_value_info("losses", f, ["S"])],
+        + [h.make_tensor_value_info(LOSSES, f, ["S"])],
         initializer=_initializers(h, d, c) + opt.init,
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="edgetl")
@@ -133,24 +140,24 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
 def _io_shapes(d: int, c: int) -> dict[str, list[Any]]:
     """Shapes of the loop graph's inputs; an output ``X_out`` has the shape of ``X``."""
     return {
-        "embedding": ["N", d],
-        "labels": ["N", c],
-        "order": ["S", "B"],
-        "row_weight": ["S", "B"],
-        "mask": [c],
-        "W": [d, c],
-        "b": [c],
-        "W0": [d, c],
-        "lr": [],
-        "l2": [],
-        "momentum": [],
-        "vel_W": [d, c],
-        "vel_b": [c],
-        "m_W": [d, c],
-        "m_b": [c],
-        "v_W": [d, c],
-        "v_b": [c],
-        "t": [],
+        EMBEDDING: ["N", d],
+        LABELS: ["N", c],
+        ORDER: ["S", "B"],
+        ROW_WEIGHT: ["S", "B"],
+        MASK: [c],
+        WEIGHTS: [d, c],
+        BIAS: [c],
+        ANCHOR_ONNX: [d, c],
+        LEARNING_RATE: [],
+        L2: [],
+        MOMENTUM: [],
+        VEL_W: [d, c],
+        VEL_B: [c],
+        M_W: [d, c],
+        M_B: [c],
+        V_W: [d, c],
+        V_B: [c],
+        STEP_COUNT: [],
     }
 
 
@@ -229,25 +236,25 @@ def _before_loop_nodes(h: Any, grad_factor: str, *, sgd: bool) -> list[Any]:
     sgd_step = [
         h.make_node("ReduceSumSquare", ["emb_aug"], ["row_sq"], axes=[1], keepdims=0),
         h.make_node("ReduceMean", ["row_sq"], ["mean_row_sq"], keepdims=0),
-        h.make_node("Div", ["lr", "mean_row_sq"], ["lr_step"]),
+        h.make_node("Div", [LEARNING_RATE, "mean_row_sq"], ["lr_step"]),
     ]
     return [
-        h.make_node("Pad", ["embedding", "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
+        h.make_node("Pad", [EMBEDDING, "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
         *(sgd_step if sgd else []),
-        h.make_node("Gather", ["labels", "order"], ["y_g"], axis=0),  # [S, B, C]
-        h.make_node("Unsqueeze", ["row_weight", "ax2"], ["rw3"]),  # [S, B, 1]
+        h.make_node("Gather", [LABELS, ORDER], ["y_g"], axis=0),  # [S, B, C]
+        h.make_node("Unsqueeze", [ROW_WEIGHT, "ax2"], ["rw3"]),  # [S, B, 1]
         h.make_node("Mul", ["y_g", "rw3"], ["y_rw"]),  # for the losses
         h.make_node("Shape", ["y_g"], ["y_shape"]),
-        h.make_node("Sub", ["one", "mask"], ["inactive"]),
+        h.make_node("Sub", ["one", MASK], ["inactive"]),
         h.make_node("Mul", ["inactive", "neg_big"], ["mask_bias"]),
         # The anchor's bias entry is 0: any value does, its L2 weight is 0.
-        h.make_node("Transpose", ["W0"], ["w0_top"], perm=[1, 0]),
+        h.make_node("Transpose", [ANCHOR_ONNX], ["w0_top"], perm=[1, 0]),
         h.make_node("Pad", ["w0_top", "pad_col"], ["w0_t"]),
-        *_aug_t_nodes(h, "W", "b", "w_init"),
+        *_aug_t_nodes(h, WEIGHTS, BIAS, "w_init"),
         h.make_node("Mul", ["rw3", grad_factor], ["rw_step"]),
         h.make_node("Expand", ["rw_step", "y_shape"], ["rw_steps"]),  # [S, B, C]
         h.make_node("Mul", ["y_g", "rw_steps"], ["yrw_steps"]),
-        h.make_node("Mul", ["l2", grad_factor], ["l2_factor"]),
+        h.make_node("Mul", [L2, grad_factor], ["l2_factor"]),
         h.make_node("Expand", ["w_cols", "cd_shape"], ["w_cols_full"]),  # [C, D+1], once
         h.make_node("Mul", ["w_cols_full", "l2_factor"], ["l2_step"]),
     ]
@@ -277,7 +284,7 @@ def _scan_node(h: Any, d: int, c: int, opt: _LoopParts) -> Any:
     state = ("w", *opt.state)
     # Each step gathers its rows inside the loop (as fast as gathering all S x B rows
     # before it, measured, and memory stays O(N D) instead of growing with the epochs).
-    scan = [("order_s", "order", ["B"]), ("rw_s", "rw_steps", ["B", c]), ("yrw_s", "yrw_steps", ["B", c])]
+    scan = [("order_s", ORDER, ["B"]), ("rw_s", "rw_steps", ["B", c]), ("yrw_s", "yrw_steps", ["B", c])]
     scan += opt.scan
     body = h.make_graph(
         _step_nodes(h) + opt.body,
@@ -303,9 +310,9 @@ def _loss_nodes(h: Any) -> list[Any]:
         h.make_node("Log", ["p_clip"], ["logp"]),
         h.make_node("Mul", ["y_rw", "logp"], ["ylogp"]),
         h.make_node("ReduceSum", ["ylogp", "ax12"], ["ll"], keepdims=0),  # -CE, averaged by the row weights
-        h.make_node("Mul", ["half_w_cols", "l2"], ["half_l2"]),  # [D+1], bias entry 0
+        h.make_node("Mul", ["half_w_cols", L2], ["half_l2"]),  # [D+1], bias entry 0
         h.make_node("MatMul", ["col_sq", "half_l2"], ["l2_term"]),  # [S]
-        h.make_node("Sub", ["l2_term", "ll"], ["losses"]),
+        h.make_node("Sub", ["l2_term", "ll"], [LOSSES]),
     ]
 
 
@@ -315,18 +322,17 @@ def _sgd_parts(h: Any) -> _LoopParts:
     return _LoopParts(
         grad_factor="lr_step",
         init=[],
-        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw")
-        + [h.make_node("Mul", ["vel_raw", "lr_step"], ["vel_init"])],
+        before=_aug_t_nodes(h, VEL_W, VEL_B, "vel_raw") + [h.make_node("Mul", ["vel_raw", "lr_step"], ["vel_init"])],
         state=("vel",),
         scan=[],
         body=[
-            h.make_node("Mul", ["vel", "momentum"], ["vel_decay"]),
+            h.make_node("Mul", ["vel", MOMENTUM], ["vel_decay"]),
             h.make_node("Add", ["vel_decay", "g_l2"], ["vel_part"]),
             h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr_step * vel_new
             h.make_node("Sub", ["w", "vel_new"], ["w_new"]),
         ],
         after=[h.make_node("Div", ["vel_final", "lr_step"], ["vel_back"])]
-        + _split_t(h, "vel_back", "vel_W_out", "vel_b_out"),
+        + _split_t(h, "vel_back", state_output(VEL_W), state_output(VEL_B)),
     )
 
 
@@ -350,8 +356,8 @@ def _adam_parts(h: Any) -> _LoopParts:
     # g1 = (1 - beta1) g from the GEMM, v'_new = beta2 v' + g1^2 needs no extra scaling.
     before = (
         _adam_schedule_nodes(h)
-        + _aug_t_nodes(h, "m_W", "m_b", "m_init")
-        + _aug_t_nodes(h, "v_W", "v_b", "v_raw")
+        + _aug_t_nodes(h, M_W, M_B, "m_init")
+        + _aug_t_nodes(h, V_W, V_B, "v_raw")
         + [h.make_node("Mul", ["v_raw", "v_scale"], ["v_init"])]
     )
     body = [
@@ -368,10 +374,10 @@ def _adam_parts(h: Any) -> _LoopParts:
         h.make_node("Sub", ["w", "step"], ["w_new"]),
     ]
     after = (
-        _split_t(h, "m_final", "m_W_out", "m_b_out")
+        _split_t(h, "m_final", state_output(M_W), state_output(M_B))
         + [h.make_node("Div", ["v_final", "v_scale"], ["v_back"])]
-        + _split_t(h, "v_back", "v_W_out", "v_b_out")
-        + [h.make_node("Add", ["t", "steps_f"], ["t_out"])]
+        + _split_t(h, "v_back", state_output(V_W), state_output(V_B))
+        + [h.make_node("Add", [STEP_COUNT, "steps_f"], [state_output(STEP_COUNT)])]
     )
     scan = [("eps_s", "eps_steps", []), ("lam_s", "lam_steps", [])]
     return _LoopParts("omb1", init, before, ("m", "v"), scan, body, after)
@@ -389,12 +395,12 @@ def _adam_schedule_nodes(h: Any) -> list[Any]:
 
     f, f64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
     return [
-        h.make_node("Shape", ["order"], ["order_shape"]),
+        h.make_node("Shape", [ORDER], ["order_shape"]),
         h.make_node("Gather", ["order_shape", "ax0"], ["steps_1"], axis=0),
         h.make_node("Cast", ["steps_1"], ["steps_d1"], to=f64),
         h.make_node("Squeeze", ["steps_d1", "ax0"], ["steps_d"]),
         h.make_node("Cast", ["steps_d"], ["steps_f"], to=f),
-        h.make_node("Cast", ["t"], ["t_d"], to=f64),
+        h.make_node("Cast", [STEP_COUNT], ["t_d"], to=f64),
         h.make_node("Add", ["t_d", "one_d"], ["t_first"]),
         h.make_node("Add", ["t_d", "steps_d"], ["t_last"]),
         h.make_node("Add", ["t_last", "one_d"], ["t_limit"]),
@@ -408,7 +414,7 @@ def _adam_schedule_nodes(h: Any) -> list[Any]:
         h.make_node("Div", ["eps", "kappa"], ["eps_d"]),
         h.make_node("Cast", ["eps_d"], ["eps_steps"], to=f),
         h.make_node("Mul", ["bc1", "kappa"], ["lam_den"]),
-        h.make_node("Cast", ["lr"], ["lr_d"], to=f64),
+        h.make_node("Cast", [LEARNING_RATE], ["lr_d"], to=f64),
         h.make_node("Div", ["lr_d", "lam_den"], ["lam_d"]),
         h.make_node("Cast", ["lam_d"], ["lam_steps"], to=f),
     ]
@@ -463,20 +469,20 @@ def _head_module(t: Any, W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Any:
     """A ``tf.Module`` with :class:`_LoopHead`'s signature methods, each a ``tf.function`` of its input signature."""
     d, c = W.shape
     shapes = {
-        "embedding": [None, d],
-        "labels": [None, c],
-        "order": [None, None],
-        "row_weight": [None, None],
-        "W": [d, c],
-        "b": [c],
-        "mask": [c],
-        "anchor": [d, c],
+        EMBEDDING: [None, d],
+        LABELS: [None, c],
+        ORDER: [None, None],
+        ROW_WEIGHT: [None, None],
+        WEIGHTS: [d, c],
+        BIAS: [c],
+        MASK: [c],
+        ANCHOR: [d, c],
     }  # the rest are scalars
     signatures = {
         name: t.function(
             getattr(_LoopHead, name),
             input_signature=[
-                t.TensorSpec(shapes.get(x, []), t.int64 if x == "order" else t.float32, name=x) for x in inputs
+                t.TensorSpec(shapes.get(x, []), t.int64 if x == ORDER else t.float32, name=x) for x in inputs
             ],
         )
         for name, inputs in _TFLITE_LOOP_SIGNATURES.items()
@@ -506,7 +512,7 @@ class _LoopHead:
         return t.nn.softmax(logits)
 
     def infer(self, embedding: Any) -> Any:
-        return {"probabilities": self._probs(embedding)}
+        return {PROBABILITIES: self._probs(embedding)}
 
     def train_steps(
         self,
@@ -526,14 +532,14 @@ class _LoopHead:
         steps = t.shape(order, out_type=t.int32)[0]
         plan = {
             "emb": emb,
-            "labels": labels,
-            "order": order,
+            "y": labels,
+            "steps_order": order,
             "rw": t.expand_dims(row_weight, -1),  # [S, B, 1]
             "mask_bias": (1.0 - self.mask) * MASK_NEG,
             # [W; b]^T, the layout FULLY_CONNECTED takes its weights in; the anchor's bias
             # entry is b, but its L2 weight is 0 (the pull is on W only).
             "w0": _aug_t(t, self.anchor, self.b),
-            "l2": l2 * w_cols,  # [1, D+1]
+            "l2_cols": l2 * w_cols,  # [1, D+1]
             "steps": steps,
             "step_ids": t.range(steps),  # outside the body: RANGE's output shape is dynamic
         }
@@ -541,20 +547,20 @@ class _LoopHead:
         losses = t.cond(
             optimizer > 0.5, lambda: self._adam_loop(plan, w, lr), lambda: self._sgd_loop(plan, w, lr, momentum)
         )
-        return {"losses": losses}
+        return {LOSSES: losses}
 
     def _step_grad(self, plan: dict[str, Any], i: Any, w: Any) -> tuple[Any, Any]:
         """Gradient of ``[W; b]^T`` at step i, and the step's loss at w."""
         t = tf()
-        idx = t.gather(plan["order"], i)
+        idx = t.gather(plan["steps_order"], i)
         e = t.gather(plan["emb"], idx)  # [B, D+1]
         rw = t.gather(plan["rw"], i)  # [B, 1]
-        y_rw = t.gather(plan["labels"], idx) * rw
+        y_rw = t.gather(plan["y"], idx) * rw
         # [W; b]^T is FULLY_CONNECTED's weight layout: the logits need no transpose.
         p = t.nn.softmax(t.matmul(e, w, transpose_b=True) + plan["mask_bias"])  # [B, C]
         g_logits = p * rw - y_rw
         dw = w - plan["w0"]
-        l2_dw = plan["l2"] * dw
+        l2_dw = plan["l2_cols"] * dw
         # E^T g as FULLY_CONNECTED(E^T, g^T), transposed back: 25% faster in LiteRT (XNNPACK)
         # than BATCH_MATMUL(g, E, adj_x) or FULLY_CONNECTED(g^T, E^T), measured at D=256.
         grad = t.transpose(t.matmul(t.transpose(e), t.transpose(g_logits), transpose_b=True)) + l2_dw  # [C, D+1]
@@ -617,10 +623,10 @@ class _LoopHead:
     def get_weights(self, unused: Any) -> Any:  # unused: see edgetl.bundle._head.TFLITE_SIGNATURES
         t = tf()
         return {
-            "W": t.identity(self.W),
-            "b": t.identity(self.b),
-            "mask": t.identity(self.mask),
-            "anchor": t.identity(self.anchor),
+            WEIGHTS: t.identity(self.W),
+            BIAS: t.identity(self.b),
+            MASK: t.identity(self.mask),
+            ANCHOR: t.identity(self.anchor),
         }
 
     def set_weights(self, W: Any, b: Any, mask: Any, anchor: Any) -> Any:
@@ -630,7 +636,7 @@ class _LoopHead:
         for var in (self.vel_W, self.vel_b, self.m_W, self.m_b, self.v_W, self.v_b):
             var.assign(t.zeros_like(var))
         self.t.assign(0.0)
-        return {"ok": t.constant(1.0)}
+        return {OK: t.constant(1.0)}
 
 
 def _aug_t(t: Any, w: Any, b: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,6 @@ def test_training_defaults_are_the_device_defaults():
     from edgetl.device._head import TrainSettings
 
     s = TrainSettings()
-    assert {k: getattr(s, k) for k in TRAINING_DEFAULTS} == TRAINING_DEFAULTS
+    assert {k: getattr(s, k) for k in asdict(TRAINING_DEFAULTS)} == asdict(TRAINING_DEFAULTS)
     with pytest.raises(Exception, match=r"seed must be an integer in \[0, 2\^32\)"):
         TrainSettings(seed=-1)

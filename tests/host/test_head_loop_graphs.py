@@ -14,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgetl.bundle._contract import LOOP_INPUTS, LOOP_OUTPUTS
 from edgetl.bundle._head import initial_state, masked_softmax, reference_step, sgd_step_size
 from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer, plan_steps
 from edgetl.errors import InputError
 from edgetl.host._head_graphs import head_infer_onnx
-from edgetl.host._head_loop_graphs import LOOP_INPUTS, LOOP_OUTPUTS, head_tflite_loop, head_train_loop_onnx
+from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
 D, C, N = 6, 5, 11  # 11 examples in batches of 4: every epoch ends with a batch of 3
 MASK = np.array([1, 1, 1, 0, 0], np.float32)  # classes 3 and 4 inactive
