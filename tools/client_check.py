@@ -172,8 +172,8 @@ def edgetl_trained_head(bundle: Path, x_train: np.ndarray, names: tuple[str, ...
     return {"W": trained.W, "b": trained.b}
 
 
-def compare(bundle: Path, client: str, cmd: list[str], inputs: Inputs, work: Path) -> dict:
-    """Agreement figures of one client with edgetl on ``inputs``."""
+def compare_predictions(bundle: Path, client: str, cmd: list[str], inputs: Inputs) -> dict:
+    """Top-1 agreement and probability differences of the client's fused-model predictions."""
     labels = json.loads((bundle / "manifest.json").read_text())["labels"]
     report: dict = {}
     for precision in PRECISIONS:
@@ -189,10 +189,16 @@ def compare(bundle: Path, client: str, cmd: list[str], inputs: Inputs, work: Pat
             "labels_agree": all(row["label"] == labels[j] for row, j in zip(rows, ours.argmax(1))),
             "max_abs_probability_diff": float(np.abs(ours - theirs).max()),
         }
+    return report
+
+
+def compare_training(bundle: Path, client: str, cmd: list[str], inputs: Inputs, work: Path) -> dict:
+    """Weight differences after the client's training (one call; one step per call) and edgetl's."""
     expected = edgetl_trained_head(bundle, inputs.x_train, inputs.labels)
     factory_W = np.fromfile(bundle / "head_init.W.bin", "<f4").reshape(expected["W"].shape)
-    for mode, extra in (("train", ()), ("train_stepwise", ("--stepwise",))):
-        out = work / f"{client}_{mode}"
+    report: dict = {}
+    for mode, extra in (("one_call", ()), ("stepwise", ("--stepwise",))):
+        out = work / f"{client}_{bundle.parent.name}_{mode}"
         run_client(cmd, bundle, "train", inputs.train, inputs.train_labels, out, *extra)
         got = {k: np.fromfile(f"{out}.{k}.bin", "<f4").reshape(expected[k].shape) for k in ("W", "b")}
         report[mode] = {
@@ -201,6 +207,31 @@ def compare(bundle: Path, client: str, cmd: list[str], inputs: Inputs, work: Pat
             "max_abs_W_change_from_factory": float(np.abs(expected["W"] - factory_W).max()),
         }
     return report
+
+
+def with_defaults(bundle: Path, dest: Path, **head: object) -> Path:
+    """A copy of ``bundle`` whose manifest records other training defaults (e.g. Adam)."""
+    copy = dest / bundle.name
+    if not copy.exists():
+        shutil.copytree(bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["head"].update(head)
+        (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return copy
+
+
+ADAM = {"optimizer": "adam", "learning_rate": 0.01}
+
+
+def compare(bundle: Path, client: str, cmd: list[str], inputs: Inputs, work: Path) -> dict:
+    """Agreement figures of one client with edgetl on ``inputs``: predictions, then training with
+    the bundle's defaults (SGD) and with its defaults switched to Adam (a copy of the bundle)."""
+    adam = with_defaults(bundle, work / "adam-defaults", **ADAM)
+    return {
+        **compare_predictions(bundle, client, cmd, inputs),
+        "train_sgd": compare_training(bundle, client, cmd, inputs, work),
+        "train_adam": compare_training(adam, client, cmd, inputs, work),
+    }
 
 
 def build(client: str, work: Path) -> list[str]:

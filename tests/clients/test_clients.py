@@ -21,6 +21,7 @@ from conftest import load_tool
 PREDICT_INPUTS, TRAIN_INPUTS = 100, 40
 PROBABILITY_TOLERANCE = 1e-5  # onnxruntime-node 1.30 vs the wheel's 1.32: same kernels, float32 sums
 WEIGHT_TOLERANCE = 1e-6
+ADAM_STEPWISE_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +65,18 @@ def _check_agreement(client: str, cmd: list[str], client_inputs) -> dict:
         assert figures["top1_agreement"] == 1.0, figures
         assert figures["labels_agree"], figures
         assert figures["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE, figures
-    for mode in ("train", "train_stepwise"):
-        figures = report[mode]
-        assert figures["max_abs_W_diff"] <= WEIGHT_TOLERANCE and figures["max_abs_b_diff"] <= WEIGHT_TOLERANCE, figures
-        # Training moved the weights by far more than the tolerance: a client that did not
-        # train (or trained on nothing) could not pass.
-        assert figures["max_abs_W_change_from_factory"] > 100 * WEIGHT_TOLERANCE, figures
+    for optimizer in ("sgd", "adam"):
+        for mode in ("one_call", "stepwise"):
+            figures = report[f"train_{optimizer}"][mode]
+            # Adam one step per call: each call starts its bias corrections 1 - beta^t from the
+            # float32 step count it is fed, which rounds differently from one call over all steps
+            # (measured 9.6e-7 while the weights moved 0.17); the guide's training is one call.
+            tolerance = ADAM_STEPWISE_TOLERANCE if (optimizer, mode) == ("adam", "stepwise") else WEIGHT_TOLERANCE
+            assert figures["max_abs_W_diff"] <= tolerance, (optimizer, mode, figures)
+            assert figures["max_abs_b_diff"] <= tolerance, (optimizer, mode, figures)
+            # Training moved the weights by far more than the tolerance: a client that did not
+            # train (or trained on nothing) could not pass.
+            assert figures["max_abs_W_change_from_factory"] > 100 * WEIGHT_TOLERANCE, (optimizer, figures)
     return report
 
 
