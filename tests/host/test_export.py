@@ -136,7 +136,7 @@ def test_tflite_head_signatures_train_add_class_and_reset(full_bundle):
         labels=labels,
         order=np.tile(np.arange(10, dtype=np.int64), (20, 1)),
         row_weight=np.full((20, 10), 0.1, np.float32),
-        lr=np.float32(0.1),
+        lr=np.float32(0.5),  # the user's rate: the graph divides it by mean |e|^2 + 1
         l2=np.float32(0.0),
         momentum=np.float32(0.9),
         optimizer=np.float32(0.0),
