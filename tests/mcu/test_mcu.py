@@ -151,9 +151,10 @@ def test_c_fit_is_deterministic_per_seed_and_learns(digits_bundle, head_lib):
 
     trainer = make_trainer(digits_bundle[0], "onnxruntime")
     trained, _ = trainer.train(head, emb, np.eye(head.capacity, dtype=np.float32)[labels], TrainSettings())
-    # float32 in both, summed in another order; 30 epochs of momentum SGD: measured 2e-6.
-    np.testing.assert_allclose(heads["a"].W, trained.W, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(heads["a"].b, trained.b, rtol=0, atol=1e-4)
+    # float32 in both, summed in another order; 30 epochs of momentum SGD that move the weights
+    # by up to 0.25: measured 3.5e-6 on W, 1.9e-6 on b (LiteRT's trainer: 3.4e-6).
+    np.testing.assert_allclose(heads["a"].W, trained.W, rtol=0, atol=3e-5)
+    np.testing.assert_allclose(heads["a"].b, trained.b, rtol=0, atol=3e-5)
 
 
 def test_c_head_is_plain_c99_with_no_allocator(tmp_path):
