@@ -11,7 +11,16 @@ lives in :mod:`edgetl.bundle._head`.
     >>> b.labels, b.artifact("fused", "onnx", "int8")
 """
 
-from edgetl.bundle._io import Bundle, pack_bundle, read_bundle, sha256_file, unpack_bundle, write_bundle
+from edgetl.bundle._io import (
+    Bundle,
+    check_signature,
+    pack_bundle,
+    read_bundle,
+    sha256_file,
+    sign_bundle,
+    unpack_bundle,
+    write_bundle,
+)
 from edgetl.bundle._manifest import (
     FORMATS,
     PRECISIONS,
@@ -34,7 +43,6 @@ from edgetl.bundle._signing import (
     key_id,
     load_private_key,
     load_public_key,
-    sign_bundle,
     verify_bundle_signature,
 )
 
@@ -65,5 +73,6 @@ __all__ = [
     "load_public_key",
     "key_id",
     "sign_bundle",
+    "check_signature",
     "verify_bundle_signature",
 ]
