@@ -1003,11 +1003,12 @@ def _store_examples(store: Any, args: argparse.Namespace) -> int:
 
 def _store_migrate(store: Any, args: argparse.Namespace) -> int:
     from edgetl.bundle import read_bundle
+    from edgetl.device import migrate
 
     if not args.target:
         raise InputError("store migrate needs the new bundle: edgetl store migrate --store S NEW.edgetl")
     new = read_bundle(args.target, trust=args.trust)
-    print(store.migrate(new, backend=args.backend, trust=args.trust).describe())
+    print(migrate(store, new, backend=args.backend, trust=args.trust).describe())
     return 0
 
 

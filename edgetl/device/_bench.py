@@ -18,8 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device._classifier import _FORMAT, Classifier
+from edgetl.device._classifier import Classifier
 from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._runtimes import BACKEND_FORMATS
 from edgetl.errors import DependencyError
 
 
@@ -124,7 +125,7 @@ def bench_bundle(
     many = np.repeat(sample, int(np.ceil(batch / len(sample))), axis=0)[:batch]
     rows = []
     for backend in backends:
-        fmt = _FORMAT[backend]
+        fmt = BACKEND_FORMATS[backend]
         for precision in bundle.precisions("fused", fmt):
             clf = Classifier(bundle, backend=backend, precision=precision, threads=threads)
             raw = public_api_call(bundle.artifact("fused", fmt, precision), fmt, threads)

@@ -18,6 +18,7 @@ from edgetl.errors import BundleError, DependencyError
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}
 RUNTIME_EXTRAS = {"onnxruntime": "device-onnxruntime", "litert": "device-litert"}
 FORMAT_BACKENDS = {"onnx": "onnxruntime", "tflite": "litert"}
+BACKEND_FORMATS = {backend: fmt for fmt, backend in FORMAT_BACKENDS.items()}  # the model format each runs
 
 
 def installed_backends() -> tuple[str, ...]:

@@ -522,12 +522,6 @@ class HeadStore:
             self._log(db, txn, "trust", self._active(db), {"key_ids": sorted(keys)})
         return sorted(keys)
 
-    def migrate(self, new_bundle: Bundle, **options: Any) -> Any:
-        """Move this store to ``new_bundle``; see :func:`edgetl.device._lifecycle.migrate`."""
-        from edgetl.device._lifecycle import migrate
-
-        return migrate(self, new_bundle, **options)
-
     # ----------------------------------------------------------------- helpers
 
     def _example_rows(self, x: np.ndarray, labels: list[str]) -> list[tuple[str, str, bytes]]:
