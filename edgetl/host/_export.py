@@ -30,6 +30,7 @@ from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
 from edgetl.data import Dataset
 from edgetl.errors import BundleError, DependencyError, InputError, describe
+from edgetl.host._export_mcu import McuConfig, mcu_export
 from edgetl.host._tf import keras, tf
 
 FORMATS = ("tflite", "onnx")
@@ -1045,9 +1046,15 @@ class TargetOutput:
 def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:
     out = TargetOutput()
     if "mcu" in targets:
-        from edgetl.host._export_mcu import McuConfig, mcu_export
+        q = QuantizeConfig("int8", io_dtype="int8")  # TFLM runs integer inputs and outputs
 
-        made = mcu_export(plan, backbone, padded_head(plan, classifier), mcu or McuConfig())
+        def to_int8(model: Any, calibration: np.ndarray) -> bytes:
+            return to_tflite(model, q, calibration[: q.calibration_samples], output_name="embedding")
+
+        config = mcu or McuConfig()
+        made = mcu_export(
+            plan, backbone, padded_head(plan, classifier), config, to_int8=to_int8, replay_pool=REPLAY_PER_CLASS
+        )
         for name, (content, role, precision) in made.files.items():
             fmt = "tflite" if name.endswith(".tflite") else "c"
             out.artifacts.append(Artifact(name, content, role, fmt, precision))

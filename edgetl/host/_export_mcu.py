@@ -25,10 +25,12 @@ import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+import edgetl.mcu
+from edgetl import __version__
 from edgetl.errors import DependencyError, InputError, describe
 
 MCU_MODEL = "mcu_backbone.int8.tflite"
@@ -438,16 +440,15 @@ void edgetl_quantize_pixels(const uint8_t *pixels, int8_t *input) {
     return out
 
 
-def replay_examples(plan: Any, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+def replay_examples(plan: Any, per_class: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw inputs and class indices of replay examples: per class, every other example of
-    replay.npz's (the half the device Personalizer trains on), up to ``per_class``."""
-    from edgetl.host._export import REPLAY_PER_CLASS
-
+    replay.npz's (drawn from ``pool`` per class; the half the device Personalizer trains
+    on), up to ``per_class``."""
     if plan.data.train is None or per_class == 0:
         return np.zeros((0, *plan.shape), np.float32), np.zeros(0, np.int32)
     x, y = plan.data.train
     rng = np.random.default_rng(1)
-    per = [rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))]
+    per = [rng.permutation(np.flatnonzero(y == c))[:pool] for c in range(len(plan.run.class_names))]
     keep = np.concatenate([p[0::2][:per_class] for p in per])
     return np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
 
@@ -487,24 +488,30 @@ def check_limits(flash: dict[str, int], arena: int, config: McuConfig) -> None:
 
 
 def mcu_export(
-    plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.ndarray], config: McuConfig
+    plan: Any,
+    backbone: Any,
+    head: tuple[np.ndarray, np.ndarray, np.ndarray],
+    config: McuConfig,
+    *,
+    to_int8: Callable[[Any, np.ndarray], bytes],
+    replay_pool: int,
 ) -> McuExport:
     """Convert, check, measure and verify the MCU model, and generate its C sources.
+
+    The exporter (:mod:`edgetl.host._export`, which dispatches to this module) passes its
+    converter: ``to_int8(model, calibration)`` gives the full-integer TFLite (int8 input and
+    output) of ``model``; ``replay_pool`` is how many examples per class replay.npz draws
+    from, so the MCU's replay examples are the ones the device Personalizer trains on.
 
     Raises:
         InputError: no calibration or held-out data, an op or tensor type TFLM cannot run,
             or flash or arena over ``config``'s limits.
     """
-    import edgetl.mcu
-    from edgetl import __version__
-    from edgetl.host._export import QuantizeConfig, to_tflite
-
     tflm_runtime()  # missing package: say so before converting anything
     if plan.data.calibration_x is None:
         raise InputError("export --target mcu needs calibration data for its int8 model: pass --calibration D")
-    q = QuantizeConfig("int8", io_dtype="int8")
     try:
-        model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name="embedding")
+        model = to_int8(backbone, plan.data.calibration_x)
     except InputError:
         raise
     except Exception as exc:  # TensorFlow's ConverterError (a private class) names the ops without int8 kernels
@@ -514,7 +521,7 @@ def mcu_export(
     check_tflm_runs(model, probe)
     measured = minimal_arena(model, probe)
     inq, outq = io_quantization(model)
-    rx, ry = replay_examples(plan, config.replay_per_class)
+    rx, ry = replay_examples(plan, config.replay_per_class, replay_pool)
     replay = run_int8(model, quantize(rx, *inq), "litert") if len(rx) else np.zeros((0, head[0].shape[0]), np.int8)
     sources = McuSources(
         model, inq, outq, tuple(plan.shape), plan.run.input_spec.get("kind", "image") == "image",
