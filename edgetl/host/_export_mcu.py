@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ import numpy as np
 
 import edgetl.mcu
 from edgetl import __version__
+from edgetl.bundle import Check
+from edgetl.bundle._head import masked_softmax
+from edgetl.device._runtimes import litert_interpreter
+from edgetl.device._verify import MAX_ACCURACY_DROP
 from edgetl.errors import DependencyError, InputError, describe
 
 MCU_MODEL = "mcu_backbone.int8.tflite"
@@ -92,7 +97,6 @@ def tflm_runtime() -> Any:
 def native_stderr_captured() -> Iterator[list[str]]:
     """What native code writes to file descriptor 2 meanwhile, as lines (TFLM reports why it
     cannot run a model only there: "Didn't find op for builtin opcode 'X'")."""
-    import sys
 
     lines: list[str] = []
     sys.stderr.flush()
@@ -193,7 +197,6 @@ def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 def io_quantization(model: bytes) -> tuple[tuple[float, int], tuple[float, int]]:
     """((input scale, zero point), (output scale, zero point)) of a single-input, single-output model."""
-    from edgetl.device._runtimes import litert_interpreter
 
     it = litert_interpreter(model, allocate=False)
     out = []
@@ -213,7 +216,6 @@ def run_int8(model: bytes, x_int8: np.ndarray, runtime: str) -> np.ndarray:
             it.invoke()
             outs.append(np.array(it.get_output(0)).reshape(-1))
         return np.stack(outs)
-    from edgetl.device._runtimes import litert_interpreter
 
     it = litert_interpreter(model, threads=1)
     i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
@@ -233,9 +235,6 @@ def verify_mcu(
 ) -> tuple[Any, dict[str, Any]]:
     """TFLM against LiteRT on the same file: top-1 of the factory head on the dequantized
     embeddings (the gate), identical embeddings, and accuracy on labelled held-out data."""
-    from edgetl.bundle import Check
-    from edgetl.bundle._head import masked_softmax
-    from edgetl.device._verify import MAX_ACCURACY_DROP
 
     (in_scale, in_zero), (out_scale, out_zero) = io_quantization(model)
     x, y = test if test is not None else (None, None)
@@ -294,7 +293,7 @@ def c_array(values: Any, per_line: int, fmt: Any) -> str:
 
 @dataclass(frozen=True)
 class McuSources:
-    """What the generated C files hold (everything :func:`model_sources` writes)."""
+    """What the generated C files hold (everything :func:`model_header` and :func:`model_source` write)."""
 
     model: bytes
     input_quantization: tuple[float, int]
