@@ -8,6 +8,12 @@ so the CLI and the Python API cannot drift apart. A stdout that fails (closed pi
 disk, I/O error) is never a traceback: a closed pipe (``edgetl store history | head -2``)
 ends quietly; any other failure says that the work itself is done and only its report was
 lost.
+
+The CLI only parses: data reading, options and work are the library's (edgetl.data,
+edgetl.host, edgetl.device); flags come from the config fields (edgetl._options). Each
+command imports the library inside its function, on purpose: `edgetl --help` starts in
+about 20 ms instead of 0.5 s (numpy and the halves), and a device command never loads the
+host half.
 """
 
 from __future__ import annotations

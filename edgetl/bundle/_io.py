@@ -7,9 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 from edgetl._atomic import atomic_directory, replace_file
 from edgetl.bundle._manifest import (
@@ -77,9 +82,6 @@ class Bundle:
         declared 2**40 floats before reading one) and missing keys are refused with a
         BundleError; shapes are for the caller to check against the manifest.
         """
-        import zipfile
-
-        import numpy as np
 
         path = self.artifact(role, "npz")
         try:
@@ -239,7 +241,6 @@ def pack_bundle(
 ) -> Path:
     """Pack a verified bundle into one ``.zip`` file for shipping (flat: the manifest and
     the files it lists, nothing else)."""
-    import zipfile
 
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     archive = Path(archive)
@@ -265,9 +266,6 @@ def unpack_bundle(archive: str | os.PathLike[str], out: str | os.PathLike[str], 
     files go into a temporary sibling that is verified as a bundle before it is renamed to
     ``out``, so a bad archive leaves nothing behind.
     """
-    import stat
-    import zipfile
-    import zlib
 
     archive, out = Path(archive), Path(out)
     if out.exists() and not overwrite:
@@ -314,7 +312,6 @@ MAX_ARRAY_ELEMENTS = 1 << 28
 
 def _check_npz_member(z: Any, key: str, name: str) -> None:
     """Refuse a member that is missing, not a numeric array, or too large, from its header."""
-    import numpy as np
 
     member = f"{key}.npy"
     if member not in z.namelist():

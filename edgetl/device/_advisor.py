@@ -19,6 +19,7 @@ settings, and re-used until ``refresh=True``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -114,7 +115,6 @@ def cache_dir() -> Path:
 
 def machine() -> dict[str, Any]:
     """What the measurement depends on besides the bundle: CPU, runtimes and their versions."""
-    import importlib.metadata as md
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():

@@ -6,12 +6,14 @@ module costs nothing and never touches TensorFlow.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgetl._quiet import native_output_silenced
 from edgetl.errors import BundleError, DependencyError
 
 # A device needs one runtime, not both: each has its own extra (`device` installs both).
@@ -23,7 +25,6 @@ BACKEND_FORMATS = {backend: fmt for fmt, backend in FORMAT_BACKENDS.items()}  # 
 
 def installed_backends() -> tuple[str, ...]:
     """The runtimes importable here, in preference order (onnxruntime first)."""
-    import importlib.util
 
     return tuple(b for b, module in RUNTIME_MODULES.items() if importlib.util.find_spec(module) is not None)
 
@@ -89,7 +90,6 @@ def litert_interpreter(path: str | Path | bytes, *, threads: int | None = None, 
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:  # pragma: no cover
         raise DependencyError(f"ai-edge-litert is not installed ({exc}); {install_hint('litert')}") from exc
-    from edgetl._quiet import native_output_silenced
 
     source = {"model_content": path} if isinstance(path, bytes) else {"model_path": str(path)}
     try:

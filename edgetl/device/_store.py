@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgetl.bundle import Bundle
+from edgetl.bundle import Bundle, key_id, load_public_key
 from edgetl.device._guard import FORGOTTEN, redact, redact_text
 from edgetl.device._head import HeadState
 from edgetl.errors import InputError, StoreError
@@ -509,7 +509,6 @@ class HeadStore:
     def set_trust(self, public_keys: list[str | os.PathLike[str]]) -> list[str]:
         """Require every bundle this store migrates to be signed by one of these Ed25519
         public keys (PEM files); returns their key ids."""
-        from edgetl.bundle import key_id, load_public_key
 
         try:
             pems = [Path(p).read_bytes() for p in public_keys]

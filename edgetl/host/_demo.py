@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -27,10 +28,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgetl.data import Dataset, Splits, load_digits_dataset, sample_shots, stratified_split
+from edgetl._quiet import progress
+from edgetl.bundle import read_bundle
+from edgetl.data import Dataset, Splits, load_digits_dataset, restyle_digits, sample_shots, stratified_split
+from edgetl.device._bench import bench_bundle
+from edgetl.device._classifier import Classifier
+from edgetl.device._lifecycle import migrate
+from edgetl.device._personalizer import Personalizer
+from edgetl.device._store import HeadStore
 from edgetl.errors import BundleError
+from edgetl.host._backbones import Backbone
 from edgetl.host._demo_report import USER_SHOTS, interpret, write_demo_report
 from edgetl.host._demo_source import GlyphSourceRecipe, SourceModel, pretrained_source
+from edgetl.host._export import export_bundle
+from edgetl.host._pretrain import pretrain
+from edgetl.host._reference_head import keras_retrain
+from edgetl.host._run import save_run
+from edgetl.host._tf import keras
+from edgetl.host._transfer import TrainConfig, train_transfer
 
 SOURCE = GlyphSourceRecipe()
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -156,11 +171,6 @@ def _compare_with_scratch(
 ) -> tuple[dict[Any, DemoRow], Any, Splits | None]:
     """Per seed and shot count: transfer (frozen pretrained backbone, linear head) and the
     same architecture from scratch, on the same examples, tested on the same held-out half."""
-    from edgetl._quiet import progress
-    from edgetl.host._backbones import Backbone
-    from edgetl.host._pretrain import pretrain
-    from edgetl.host._tf import keras
-    from edgetl.host._transfer import TrainConfig, train_transfer
 
     k = keras()
     backbone_weights = src.backbone.get_weights()
@@ -207,9 +217,6 @@ def _device_story(
     out_path: Path, final_result: Any, halves: Splits, seed: int, echo: Callable[[str], None]
 ) -> dict[str, Any]:
     """Export the final model, personalize it on the device, migrate, benchmark."""
-    from edgetl.bundle import read_bundle
-    from edgetl.device._bench import bench_bundle
-    from edgetl.host._run import save_run
 
     save_run(final_result, out_path / "target_run", kind="train", overwrite=True)
     echo(
@@ -245,7 +252,6 @@ def format_table(rows: list[dict[str, Any]], n_seeds: int) -> str:
 def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
     """Export the target model (fp32, int8, QAT; TFLite and ONNX) and print size, accuracy
     and parity of each file, measured on the held-out half of the target digits."""
-    from edgetl.host._export import export_bundle
 
     result = export_bundle(
         out / "target_run",
@@ -293,7 +299,6 @@ def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -
 
 def _new_user(halves: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The new user's digits (thicker, slanted): USER_SHOTS per class to adapt on, the rest to test."""
-    from edgetl.data import restyle_digits
 
     x = restyle_digits(halves.test.x)
     labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
@@ -310,11 +315,6 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
     """A new user draws digits differently (thicker, slanted): personalize the head on the
     device with each backend (a store per backend under ``out/stores``, examples kept), and
     compare with the same head retrained on the host by Keras."""
-    import shutil
-
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._personalizer import Personalizer
-    from edgetl.host._reference_head import keras_retrain
 
     x, labels, adapt, test = _new_user(halves)
     echo("")
@@ -363,12 +363,6 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
 def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
     """A new bundle arrives (the backbone fine-tuned one more phase): each device store moves
     to it, rebuilding the user's head from the examples it kept."""
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._lifecycle import migrate
-    from edgetl.device._store import HeadStore
-    from edgetl.host._export import export_bundle
-    from edgetl.host._run import save_run
-    from edgetl.host._transfer import TrainConfig, train_transfer
 
     config = TrainConfig(
         backbone=str(out / "source_run"),

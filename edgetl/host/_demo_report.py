@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import Splits
+from edgetl._glyphs import render_glyphs
+from edgetl.bundle._manifest import Check
+from edgetl.data import Splits, restyle_digits
 from edgetl.host._report import _CSS, _fmt, _img, _ok, _table
 
 USER_SHOTS = 10  # labelled examples per class the new user gives (the demo's story and its report)
@@ -68,7 +70,6 @@ def _pictures(panels: list[tuple[str, np.ndarray]], columns: int) -> bytes:
 
 
 def _source_section(result: dict[str, Any], recipe: Any, halves: Splits) -> list[str]:
-    from edgetl._glyphs import render_glyphs
 
     src, m = result["scenario"]["source"], result["source"]
     glyphs = render_glyphs(72, seed=recipe.seed + 1, characters=recipe.characters, image_size=recipe.image_size).x
@@ -163,7 +164,6 @@ def _transfer_section(result: dict[str, Any], halves: Splits) -> list[str]:
 
 
 def _export_section(result: dict[str, Any]) -> list[str]:
-    from edgetl.bundle._manifest import Check
 
     export = result["export"]
     checks = [Check.from_json(c) for c in export["checks"]]
@@ -282,7 +282,6 @@ def _bars(
 
 
 def _user_section(result: dict[str, Any], halves: Splits) -> list[str]:
-    from edgetl.data import restyle_digits
 
     pers = result["personalization"]
     backends = [b for b in ("onnxruntime", "litert") if b in pers]

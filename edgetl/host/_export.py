@@ -17,6 +17,9 @@ export travels as one :class:`ExportOptions`.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import tempfile
 import time
@@ -29,12 +32,19 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl._options import comma_list, option
-from edgetl._quiet import native_output_silenced
-from edgetl.bundle import Bundle, load_private_key, sign_bundle, write_bundle
+from edgetl._quiet import native_output_silenced, progress
+from edgetl.bundle import Bundle, format_checks, load_private_key, sign_bundle, write_bundle
 from edgetl.data import Dataset, image_size_arg, load_for_spec
+from edgetl.device._bench import timings
+from edgetl.device._runtimes import OnnxModel
+from edgetl.device._verify import MIN_TOP1_AGREEMENT, Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, describe
 from edgetl.host._export_mcu import McuConfig, mcu_export
+from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
+from edgetl.host._qat import train_qat
+from edgetl.host._run import Run, load_run
 from edgetl.host._tf import keras, tf
+from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
 FORMATS = ("tflite", "onnx")
 # Replay examples per class in a bundle: the device trains on a few and judges forgetting on
@@ -420,9 +430,6 @@ def choose_int8_onnx(
     :data:`INT8_ACCURACY_TIE` of the best accuracy (or all, without held-out data) compete on
     batch-1 latency.
     """
-    from edgetl.device._bench import timings
-    from edgetl.device._runtimes import OnnxModel
-    from edgetl.device._verify import MIN_TOP1_AGREEMENT
 
     stats: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -599,7 +606,6 @@ def plan_export(run: Any, options: ExportOptions | None = None, **kwargs: Any) -
 
     ``options`` (an :class:`ExportOptions`) or its fields as keyword arguments.
     """
-    from edgetl.host._run import Run, load_run
 
     o = ExportOptions.of(options, **kwargs)
     configs = list(o.quantize)
@@ -732,13 +738,10 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
     artifacts: list[Artifact] = []
     timings: dict[str, float] = {}
     fp32_onnx: dict[str, bytes] = {}
-    from edgetl._quiet import progress
 
     for c in progress(plan.configs, desc="export: precisions"):
         fused, seam = plan.run.model, backbone
         if c.mode == "qat":
-            from edgetl.host._qat import train_qat
-
             t0 = time.perf_counter()
             fused = train_qat(
                 plan.run.model,
@@ -833,7 +836,6 @@ def _input_spec(plan: ExportPlan) -> dict[str, Any]:
 
 
 def _tflite_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
-    from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
     spec = _input_spec(plan)
     if spec.get("kind") != "image" or len(plan.shape) != 3:
@@ -860,8 +862,6 @@ def _tflite_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
 
 def _onnx_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
     import onnx
-
-    from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 
     fused = a.role == "fused"
     graph = onnx.load_from_string(a.content).graph
@@ -963,7 +963,6 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -975,8 +974,6 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
     sha256 of its weights and input spec. File hashes cannot: every model file carries its
     bundle's name and version in its metadata. A device migrating its store to a new bundle
     with the same backbone id keeps its personalized head as it is."""
-    import hashlib
-    import json
 
     h = hashlib.sha256(json.dumps(_input_spec(plan), sort_keys=True, default=str).encode())
     for w in backbone.get_weights():
@@ -1058,7 +1055,6 @@ class ExportResult:
         return self.bundle
 
     def describe(self) -> str:
-        from edgetl.bundle import format_checks
 
         lines = [format_checks(self.report.checks)]
         lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
@@ -1155,7 +1151,6 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     a quantized (format, precision) whose fused or backbone check failed is left out
     (both files: a device needs the pair); any other failure is fatal, as is everything
     with ``plan.strict``."""
-    from edgetl.device._verify import Report, verify_bundle
 
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from edgetl import __version__
 from edgetl.errors import DependencyError, InputError, describe
 
 LABELS_KEY = "edgetl.labels"
@@ -58,7 +59,6 @@ def edgetl_onnx_props(
     Returns:
         A ``dict[str, str]`` for :func:`write_onnx_metadata`.
     """
-    from edgetl import __version__
 
     if not isinstance(input_spec, dict):
         raise InputError(f"input_spec must be a dict (the manifest's input_spec), received {describe(input_spec)}")

@@ -34,6 +34,8 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgetl.errors import DependencyError, InputError, describe
 
 METADATA_NAME = "TFLITE_METADATA"  # Model.metadata entry name MediaPipe looks for
@@ -624,7 +626,6 @@ def _check_model_fits(m: Any, info: TFLiteModelInfo) -> tuple[str, str]:
 
 def _set_metadata_buffer(m: Any, schema: Any, metadata: bytes) -> None:
     """Put ``metadata`` in a buffer of the unpacked model ``m`` named by the ``TFLITE_METADATA`` entry."""
-    import numpy as np
 
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(metadata, dtype=np.uint8)

@@ -35,6 +35,7 @@ from edgetl.host._backbones import (
     is_registry_name,
     leaf_layers,
 )
+from edgetl.host._embedding_cache import embed
 from edgetl.host._fit import compile_model, fit_model
 from edgetl.host._linear_head import Standardization, fit_linear_head, standardization
 from edgetl.host._tf import keras, tf
@@ -606,7 +607,6 @@ def _embed_streamed(
     splits: Splits, backbone: Backbone, config: TrainConfig, strategy: Any, record: dict[str, Any] | None
 ) -> _Streamed | None:
     """Embeddings of every streamed example (``None`` for in-memory data: embedded as before)."""
-    from edgetl.host._embedding_cache import embed
 
     parts = [ds.x for ds in (splits.train, splits.val, splits.test) if len(ds)]
     if not splits.train.streamed or not all(ds.streamed for ds in (splits.train, splits.val, splits.test) if len(ds)):
