@@ -163,20 +163,18 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
     """ExportOptions' and QuantizeConfig's option fields (edgetl._options), and what the CLI adds."""
     from edgetl._options import add_options
     from edgetl.host._export import ExportOptions, QuantizeConfig
+    from edgetl.host._export_mcu import McuConfig
 
     p.add_argument("run", help="run directory written by `edgetl train` or `edgetl pretrain`")
     add_options(p, ExportOptions)
     add_options(p, QuantizeConfig)
+    add_options(p, McuConfig)
     p.add_argument("--out", required=True, help="bundle directory to create (NAME.edgetl)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--sign",
         metavar="PRIVATE_KEY",
         help="sign the manifest with this Ed25519 private key (PEM, PKCS#8; see `edgetl keygen`)",
-    )
-    p.add_argument("--mcu-flash-limit", type=int, default=1024, metavar="KB", help="mcu: flash budget (default 1024)")
-    p.add_argument(
-        "--mcu-arena-limit", type=int, default=256, metavar="KB", help="mcu: tensor arena budget (default 256)"
     )
 
 
@@ -467,7 +465,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if "mcu" in options.targets:
         from edgetl.host._export_mcu import McuConfig
 
-        mcu = McuConfig(args.mcu_flash_limit << 10, args.mcu_arena_limit << 10)
+        mcu = McuConfig(**option_values(McuConfig, args))
     signer = _private_key(args.sign) if args.sign else None
     result = host.export_bundle(
         args.run, args.out, options, quantize=quantize, mcu=mcu, overwrite=args.overwrite, sign=signer

@@ -32,6 +32,7 @@ import numpy as np
 
 import edgetl.mcu
 from edgetl import __version__
+from edgetl._options import option
 from edgetl.bundle import Check
 from edgetl.bundle._head import masked_softmax
 from edgetl.device._runtimes import litert_interpreter
@@ -62,8 +63,25 @@ class McuConfig:
     int8 embeddings ship in flash for training against forgetting (0: none).
     """
 
-    flash_limit: int = 1 << 20
-    arena_limit: int = 256 << 10
+    # `edgetl export` takes the limits in KB (--mcu-flash-limit, --mcu-arena-limit).
+    flash_limit: int = option(
+        1 << 20,
+        flag="--mcu-flash-limit",
+        cli_default=1024,
+        type=int,
+        metavar="KB",
+        to_config=lambda kb: kb << 10,
+        help="mcu: flash budget (default 1024)",
+    )
+    arena_limit: int = option(
+        256 << 10,
+        flag="--mcu-arena-limit",
+        cli_default=256,
+        type=int,
+        metavar="KB",
+        to_config=lambda kb: kb << 10,
+        help="mcu: tensor arena budget (default 256)",
+    )
     replay_per_class: int = 10
 
     def __post_init__(self) -> None:

@@ -14,14 +14,16 @@ from edgetl.cli import build_parser, parse_args
 from edgetl.errors import InputError
 from edgetl.host import Augmentation, ExportOptions, QuantizeConfig, TrainConfig
 from edgetl.host._export import quantize_configs
+from edgetl.host._export_mcu import McuConfig
 
 # Fields the Python API takes but no command exposes (each for a reason the field's docs give).
 API_ONLY = {
     TrainConfig: {"standardize_embeddings", "head_solver", "cache_embeddings"},
-    ExportOptions: {"name", "mcu"},  # name: from --out; mcu: from --mcu-flash-limit/--mcu-arena-limit
+    ExportOptions: {"name", "mcu"},  # name: from --out; mcu: McuConfig's own options
     QuantizeConfig: {"mode"},  # from --quantize (one config per mode)
+    McuConfig: {"replay_per_class"},
 }
-COMMANDS = {"train": [TrainConfig], "pretrain": [TrainConfig], "export": [ExportOptions, QuantizeConfig]}
+COMMANDS = {"train": [TrainConfig], "pretrain": [TrainConfig], "export": [ExportOptions, QuantizeConfig, McuConfig]}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -84,6 +86,9 @@ def test_export_flags_build_the_options_the_api_builds():
         QuantizeConfig("int8", io_dtype="int8", qat_epochs=3),
         QuantizeConfig("qat", io_dtype="int8", qat_epochs=3),
     ]
+    assert McuConfig(**option_values(McuConfig, args)) == McuConfig()  # KB on the command line, bytes in the config
+    small = parse_args(["export", "run", "--out", "o", "--mcu-flash-limit", "64", "--mcu-arena-limit", "32"])
+    assert McuConfig(**option_values(McuConfig, small)) == McuConfig(flash_limit=64 << 10, arena_limit=32 << 10)
     defaults = parse_args(["export", "run", "--out", "o.edgetl"])
     assert ExportOptions(**option_values(ExportOptions, defaults)) == ExportOptions()
     # integer I/O only where it exists: the float presets keep float32
