@@ -1126,17 +1126,23 @@ class TargetOutput:
         ]
 
 
+def int8_embedding_tflite(backbone: Any, calibration: np.ndarray) -> bytes:
+    """The full-integer TFLite of a backbone with int8 input and output (what TFLM runs),
+    calibrated like the int8 bundle models; the MCU target's converter."""
+    q = QuantizeConfig("int8", io_dtype="int8")
+    return to_tflite(backbone, q, calibration[: q.calibration_samples], output_name="embedding")
+
+
 def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:
     out = TargetOutput()
     if "mcu" in targets:
-        q = QuantizeConfig("int8", io_dtype="int8")  # TFLM runs integer inputs and outputs
-
-        def to_int8(model: Any, calibration: np.ndarray) -> bytes:
-            return to_tflite(model, q, calibration[: q.calibration_samples], output_name="embedding")
-
-        config = mcu or McuConfig()
         made = mcu_export(
-            plan, backbone, padded_head(plan, classifier), config, to_int8=to_int8, replay_pool=REPLAY_PER_CLASS
+            plan,
+            backbone,
+            padded_head(plan, classifier),
+            mcu or McuConfig(),
+            to_int8=int8_embedding_tflite,
+            replay_pool=REPLAY_PER_CLASS,
         )
         for name, (content, role, precision) in made.files.items():
             fmt = "tflite" if name.endswith(".tflite") else "c"

@@ -235,10 +235,11 @@ def mcu_plan(digits_bundle):
     ],
 )
 def test_size_gates_name_the_numbers(mcu_plan, limits, message):
+    from edgetl.host._export import REPLAY_PER_CLASS, int8_embedding_tflite
     from edgetl.host._export_mcu import McuConfig, mcu_export
 
     with pytest.raises(InputError, match=message):
-        mcu_export(*mcu_plan, McuConfig(**limits))
+        mcu_export(*mcu_plan, McuConfig(**limits), to_int8=int8_embedding_tflite, replay_pool=REPLAY_PER_CLASS)
 
 
 def test_verification_gate_refuses_runtimes_that_disagree_or_lost_accuracy(mcu_bundle, monkeypatch):
