@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -84,28 +84,3 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iter
     except ImportError:  # tqdm comes with ai-edge-litert; without it, no bar
         return items
     return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def epoch_progress(epochs: int, desc: str) -> Any:
-    """A Keras callback that advances a terminal progress bar once per epoch, or ``None``."""
-    if not sys.stderr.isatty() or os.environ.get("EDGETL_NO_PROGRESS"):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    from edgetl.host._tf import keras
-
-    class EpochBar(keras().callbacks.Callback):
-        def on_train_begin(self, logs: Any = None) -> None:
-            self.bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            self.bar.update(1)
-            if logs and "loss" in logs:
-                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if "loss" in k or "accuracy" in k})
-
-        def on_train_end(self, logs: Any = None) -> None:
-            self.bar.close()
-
-    return EpochBar()

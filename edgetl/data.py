@@ -32,6 +32,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from edgetl.bundle import InputSpec
 from edgetl.errors import DataError, DependencyError, InputError, describe
 
 __all__ = [
@@ -56,6 +57,11 @@ __all__ = [
     "list_image_folder",
     "choose_streaming",
     "STREAMING_MODES",
+    "load_for_shape",
+    "load_for_spec",
+    "read_inputs",
+    "expand_input_folders",
+    "image_size_arg",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -251,6 +257,149 @@ def load_dataset(
         "streaming": "on" if ds.streamed else "off",
     }
     return replace(ds, origin=origin)
+
+
+# ----------------------------------------------------------------------------- data for a model
+
+
+def image_size_arg(values: Sequence[int] | int | None) -> tuple[int, int] | int | None:
+    """An image size as users give it (``--image-size N`` or ``--image-size H W``): ``None``,
+    one int (square) or ``(height, width)``."""
+    if values is None or isinstance(values, int) or (isinstance(values, Sequence) and not values):
+        return values or None
+    if len(values) not in (1, 2):
+        raise InputError(f"--image-size takes N or H W, received {list(values)}")
+    return (values[0], values[1]) if len(values) == 2 else values[0]
+
+
+def load_for_shape(
+    path: str | os.PathLike[str],
+    shape: Sequence[int] | None,
+    *,
+    image_size: tuple[int, int] | int | None = None,
+    channels: int | None = None,
+    label_column: str = "label",
+    streaming: str = "off",
+    require_trainable: bool = True,
+) -> Dataset:
+    """:func:`load_dataset` at a model's input size and channels.
+
+    Args:
+        shape: the model's input shape without the batch axis (``(h, w, c)`` for an image
+            model), or ``None`` when it is not known yet (the data then decides).
+        image_size, channels: override the shape's (``None``: the shape's).
+        label_column, streaming, require_trainable: as for :func:`load_dataset`.
+    """
+    if shape is not None and len(shape) == 3:
+        image_size = image_size or (int(shape[0]), int(shape[1]))
+        channels = channels or int(shape[2])
+    return load_dataset(
+        path,
+        image_size=image_size,
+        channels=channels,
+        label_column=label_column,
+        streaming=streaming,
+        require_trainable=require_trainable,
+    )
+
+
+def load_for_spec(
+    path: str | os.PathLike[str],
+    spec: InputSpec | dict[str, Any],
+    label_column: str = "label",
+    image_size: tuple[int, int] | int | None = None,
+    *,
+    require_trainable: bool = True,
+    labels: Sequence[str] | None = None,
+) -> Dataset:
+    """Load data the way a model's input spec (a bundle's or a run's) expects it.
+
+    Args:
+        spec: an :class:`edgetl.bundle.InputSpec` or its JSON (``run.input_spec``).
+        image_size: resize images to this instead of the spec's size.
+        require_trainable: as for :func:`load_dataset`.
+        labels: when given, the data's classes must be exactly these (a bundle's labels).
+
+    Raises:
+        InputError: the data's classes differ from ``labels``.
+    """
+    spec = spec if isinstance(spec, InputSpec) else InputSpec.from_json(spec)
+    if image_size is None and spec.is_image:
+        image_size = (spec.shape[0], spec.shape[1])
+    data = load_dataset(
+        path,
+        image_size=image_size if spec.is_image else None,
+        channels=spec.channels if spec.is_image else None,
+        label_column=label_column,
+        require_trainable=require_trainable,
+    )
+    if labels is not None and list(data.class_names) != list(labels):
+        raise InputError(f"--data classes {list(data.class_names)} differ from the bundle's labels {list(labels)}")
+    return data
+
+
+def expand_input_folders(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Every input file: a folder stands for the image, .npy and .npz files under it (sorted)."""
+    allowed = (*IMAGE_SUFFIXES, ".npy", ".npz")
+    out = []
+    for raw in map(str, paths):
+        if not Path(raw).is_dir():
+            out.append(raw)
+            continue
+        found = sorted(str(f) for f in Path(raw).rglob("*") if f.is_file() and f.suffix.lower() in allowed)
+        if not found:
+            raise InputError(f"folder {raw!r} holds no input files (allowed: {', '.join(allowed)})")
+        out += found
+    return out
+
+
+def read_inputs(paths: Sequence[str | os.PathLike[str]], shape: Sequence[int]) -> tuple[np.ndarray, list[str]]:
+    """Unlabelled examples to predict on, shaped as a model's input, and a name for each.
+
+    Args:
+        paths: image files, ``.npy`` arrays (one example or a batch), ``.npz`` files with an
+            array ``x``, or folders of those.
+        shape: the model's input shape without the batch axis (``Classifier.input_shape``).
+
+    Returns:
+        ``(x, names)``: the examples as one batch, and ``file`` or ``file[i]`` per example.
+
+    Raises:
+        InputError: a missing file, an unreadable array, an image for a feature model, or
+            inputs of different shapes.
+    """
+    shape = tuple(shape)
+    arrays, names = [], []
+    for raw in expand_input_folders(paths):
+        path = Path(raw)
+        if not path.is_file():
+            raise InputError(f"input {raw!r} does not exist")
+        if path.suffix.lower() in (".npy", ".npz"):
+            arr = _input_array(path, shape)
+            arrays.append(arr)
+            names += [f"{path.name}[{i}]" for i in range(len(arr))] if len(arr) > 1 else [path.name]
+        else:
+            if len(shape) != 3:
+                raise InputError(
+                    f"the bundle takes feature vectors of shape {shape}, received the image file {raw!r}; pass .npy "
+                    "arrays"
+                )
+            arrays.append(read_image(path, size=(shape[0], shape[1]), channels=shape[2])[None])
+            names.append(path.name)
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise InputError(f"inputs have different shapes {sorted(shapes)}; the bundle takes {shape}")
+    return np.concatenate(arrays), names
+
+
+def _input_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """One ``.npy`` array or an ``.npz``'s ``x``, as a batch (one example gets a batch axis)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        arr = data["x"] if path.suffix.lower() == ".npz" else data
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read {str(path)!r} as an array ({exc}); .npz inputs need an array 'x'") from None
+    return arr[None] if arr.shape == shape else arr
 
 
 def _load_folder(root: Path, image_size: tuple[int, int] | int | None, channels: int | None, streaming: str) -> Dataset:

@@ -266,7 +266,8 @@ def head_step_times(bundle_path: Path, peer: bool) -> dict[str, Any]:
     """One head train step (SGD, batch 16) per implementation, on the same tensors."""
     from edgetl.bundle import read_bundle
     from edgetl.bundle._head import initial_state, reference_step
-    from edgetl.device._head import HeadState, TrainSettings, make_trainer
+    from edgetl.device._head import HeadState, TrainSettings
+    from edgetl.device._head_loop import make_trainer
 
     bundle = read_bundle(bundle_path)
     head = HeadState.factory(bundle)

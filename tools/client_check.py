@@ -160,7 +160,8 @@ def edgetl_probabilities(bundle: Path, npy: Path, precision: str, labels: list[s
 def edgetl_trained_head(bundle: Path, x_train: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """edgetl's device trainer (onnxruntime) on the fp32 backbone's embeddings, the bundle's defaults."""
     from edgetl.device import Classifier
-    from edgetl.device._head import HeadState, TrainSettings, make_trainer
+    from edgetl.device._head import HeadState, TrainSettings
+    from edgetl.device._head_loop import make_trainer
 
     clf = Classifier.open(bundle, backend="onnxruntime", precision="fp32")
     head = HeadState.factory(clf.bundle)

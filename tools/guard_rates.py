@@ -394,7 +394,7 @@ def migration_case(wa: World, wb: World, kind: str, per_class: int, seed: int, s
     """A genuine user personalizes bundle A (examples kept), the store migrates to bundle B
     (another backbone: the head is retrained from the kept examples and guarded); compared
     with the same user personalizing B from scratch with the same examples."""
-    from edgetl.device import HeadStore, Personalizer
+    from edgetl.device import HeadStore, Personalizer, migrate
 
     rng = np.random.default_rng([seed, per_class, 99, sorted(KINDS).index(kind)])
     idx, y = draw(wa, per_class, rng, False)
@@ -403,7 +403,7 @@ def migration_case(wa: World, wb: World, kind: str, per_class: int, seed: int, s
     first = Personalizer(wa.clf, HeadStore(store_dir, wa.clf.bundle)).personalize(x, labels)
     if not first.accepted:  # nothing personalized on A: nothing to carry (the case is counted apart)
         return {"kind": kind, "per_class": per_class, "seed": seed, "first_accepted": False, "helpful": False}
-    migration = HeadStore(store_dir, None).migrate(wb.clf.bundle, backend=wb.clf.backend)
+    migration = migrate(HeadStore(store_dir, None), wb.clf.bundle, backend=wb.clf.backend)
     migrated = HeadStore(store_dir, wb.clf.bundle).active().head
     wb.clf.set_head(wb.clf.factory, 0)
     scratch = Personalizer(wb.clf, None)

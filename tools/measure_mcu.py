@@ -111,8 +111,8 @@ def trainer_parity(lib: ctypes.CDLL, bundle, optimizer: str, steps_wanted: int =
         TrainSettings,
         batches,
         effective_learning_rate,
-        make_trainer,
     )
+    from edgetl.device._head_loop import make_trainer
     from edgetl.device._verify import _train_check
 
     head = HeadState.factory(bundle)
@@ -220,7 +220,8 @@ def runtime_on_c_data(bundle, lib, user_q, user_columns, test_q, test_labels, se
     """The bundle's own trainer (numpy batch order) on exactly what tools/mcu_personalize.c trains
     on: dequantized TFLM user embeddings, the replay embeddings from edgetl_model.c's flash
     arrays, the same cyclic class balancing. Separates the C trainer from the C flow's data."""
-    from edgetl.device._head import HeadState, TrainSettings, make_trainer
+    from edgetl.device._head import HeadState, TrainSettings
+    from edgetl.device._head_loop import make_trainer
 
     mcu = bundle.manifest.mcu
     scale, zero = mcu["embedding_quantization"]["scale"], mcu["embedding_quantization"]["zero_point"]

@@ -12,7 +12,16 @@ trained (the reference step, the batch order, the defaults) in :mod:`edgetl.bund
     >>> b.labels, b.artifact("fused", "onnx", "int8")
 """
 
-from edgetl.bundle._io import Bundle, pack_bundle, read_bundle, sha256_file, unpack_bundle, write_bundle
+from edgetl.bundle._io import (
+    Bundle,
+    check_signature,
+    pack_bundle,
+    read_bundle,
+    sha256_file,
+    sign_bundle,
+    unpack_bundle,
+    write_bundle,
+)
 from edgetl.bundle._manifest import (
     FORMATS,
     PRECISIONS,
@@ -35,7 +44,6 @@ from edgetl.bundle._signing import (
     key_id,
     load_private_key,
     load_public_key,
-    sign_bundle,
     verify_bundle_signature,
 )
 
@@ -66,5 +74,6 @@ __all__ = [
     "load_public_key",
     "key_id",
     "sign_bundle",
+    "check_signature",
     "verify_bundle_signature",
 ]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import stat
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 from edgetl._atomic import atomic_directory, replace_file
 from edgetl.bundle._manifest import (
@@ -19,6 +25,7 @@ from edgetl.bundle._manifest import (
     Manifest,
     safe_file_name,
 )
+from edgetl.bundle._signing import SIGNATURE_FILE, read_signature, sign_manifest, verify_manifest_signature
 from edgetl.errors import BundleError
 
 
@@ -37,6 +44,9 @@ class Bundle:
     path: Path
     manifest: Manifest
     signer: str | None = None  # key id of the trusted key that signed it, when checked
+    # The exact bytes the manifest was parsed from: signatures are checked (and made) on
+    # these, never on a second read of manifest.json that a swapped file could answer.
+    manifest_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def labels(self) -> list[str]:
@@ -72,9 +82,6 @@ class Bundle:
         declared 2**40 floats before reading one) and missing keys are refused with a
         BundleError; shapes are for the caller to check against the manifest.
         """
-        import zipfile
-
-        import numpy as np
 
         path = self.artifact(role, "npz")
         try:
@@ -120,11 +127,7 @@ def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, tru
     raw = mpath.read_bytes()
     signer = None
     if trust is not None:  # the exact bytes that are then parsed: no window to swap the file
-        from edgetl.bundle._signing import SIGNATURE_FILE, verify_manifest_signature
-
-        sig = root / SIGNATURE_FILE
-        sig_bytes = sig.read_bytes()[:8192] if sig.is_file() and not sig.is_symlink() else None
-        signer = verify_manifest_signature(raw, sig_bytes, trust, where=f"bundle {str(root)!r}")
+        signer = verify_manifest_signature(raw, read_signature(root), trust, where=f"bundle {str(root)!r}")
     try:
         parsed = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -142,7 +145,53 @@ def read_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, tru
             raise BundleError(f"artifact {a.file!r} is {size} bytes, the manifest says {a.size}: truncated or replaced")
         if verify_hashes and sha256_file(f) != a.sha256:
             raise BundleError(f"artifact {a.file!r} fails its sha256 check: the file was modified or corrupted")
-    return Bundle(root, manifest, signer)
+    return Bundle(root, manifest, signer, raw)
+
+
+def check_signature(bundle: Bundle, trusted: Any) -> str:
+    """The key id of the trusted key that signed ``bundle``: its signature is checked on the
+    manifest bytes ``read_bundle`` parsed (``bundle.manifest_bytes``), not on the file as it
+    is now, so swapping ``manifest.json`` after the bundle was read cannot pass.
+
+    Raises:
+        BundleError: unsigned, signed by an untrusted key, or the signature does not match.
+    """
+    if not bundle.manifest_bytes:
+        raise BundleError(
+            f"bundle {str(bundle.path)!r} was not opened with read_bundle; its signature cannot be checked"
+        )
+    where = f"bundle {str(bundle.path)!r}"
+    return verify_manifest_signature(bundle.manifest_bytes, read_signature(bundle.path), trusted, where=where)
+
+
+def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
+    """Sign a bundle: write ``manifest.sig`` next to ``manifest.json`` (atomically).
+
+    The bundle is verified first (schema, every artifact's size and sha256), and the very
+    bytes that were verified are signed, so a vendor never signs a manifest whose files do
+    not match it. Any later change of ``manifest.json``, even of one byte, invalidates the
+    signature: sign last.
+
+    Args:
+        bundle_dir: the bundle directory.
+        private_key: an ``Ed25519PrivateKey`` or the path of an unencrypted PEM private key
+            (load an encrypted one with :func:`edgetl.bundle.load_private_key` first).
+
+    Returns:
+        The signer's key id.
+
+    Raises:
+        BundleError: the bundle is invalid or ``manifest.sig`` cannot be written.
+        InputError: the key is not a usable Ed25519 private key.
+    """
+    bundle = read_bundle(bundle_dir)
+    kid, document = sign_manifest(bundle.manifest_bytes, private_key)
+    try:
+        replace_file(bundle.path / SIGNATURE_FILE, document)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise BundleError(f"cannot write {SIGNATURE_FILE} into {str(bundle.path)!r}: {reason}") from exc
+    return kid
 
 
 def write_bundle(
@@ -192,7 +241,6 @@ def pack_bundle(
 ) -> Path:
     """Pack a verified bundle into one ``.zip`` file for shipping (flat: the manifest and
     the files it lists, nothing else)."""
-    import zipfile
 
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     archive = Path(archive)
@@ -218,9 +266,6 @@ def unpack_bundle(archive: str | os.PathLike[str], out: str | os.PathLike[str], 
     files go into a temporary sibling that is verified as a bundle before it is renamed to
     ``out``, so a bad archive leaves nothing behind.
     """
-    import stat
-    import zipfile
-    import zlib
 
     archive, out = Path(archive), Path(out)
     if out.exists() and not overwrite:
@@ -267,7 +312,6 @@ MAX_ARRAY_ELEMENTS = 1 << 28
 
 def _check_npz_member(z: Any, key: str, name: str) -> None:
     """Refuse a member that is missing, not a numeric array, or too large, from its header."""
-    import numpy as np
 
     member = f"{key}.npy"
     if member not in z.namelist():

@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any, Iterable
 
 from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS, MANIFEST_FILE, SIGNATURE_FILE
+from edgetl.bundle._head import SHUFFLE
 from edgetl.errors import BundleError, describe
 
 SCHEMA_VERSION = 3
@@ -268,8 +269,6 @@ class HeadTraining:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "HeadTraining | None":
         """The training fields of the ``head`` section, or None when it has none (schema < 3)."""
-        from edgetl.bundle._head import SHUFFLE
-
         if not any(k in obj for k in HEAD_TRAINING_FIELDS):
             return None
         values = {k: obj.get(k) for k in HEAD_TRAINING_FIELDS}

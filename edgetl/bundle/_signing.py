@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import hashlib
 import json
 import os
@@ -321,28 +320,19 @@ def key_id(public_key: KeySource) -> str:
 # ----------------------------------------------------------------------------- signing
 
 
-def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
-    """Sign a bundle: write ``manifest.sig`` next to ``manifest.json`` (atomically).
+def sign_manifest(manifest_bytes: bytes, private_key: Any) -> tuple[str, bytes]:
+    """Sign the exact bytes of a ``manifest.json``; return the key id and the ``manifest.sig`` document.
 
-    The bundle is verified first (schema, every artifact's size and sha256), so a vendor
-    never signs a manifest whose files do not match it. Any later change of
-    ``manifest.json`` (any rewrite, even one byte) invalidates the
-    signature: sign last.
+    :func:`edgetl.bundle.sign_bundle` signs a bundle with it (the bytes it verified and parsed).
 
     Args:
-        bundle_dir: the bundle directory.
+        manifest_bytes: the bytes of ``manifest.json``.
         private_key: an ``Ed25519PrivateKey`` or the path of an unencrypted PEM private key
             (load an encrypted one with :func:`load_private_key` first).
 
-    Returns:
-        The signer's key id.
-
     Raises:
-        BundleError: the bundle is invalid or ``manifest.sig`` cannot be written.
         InputError: the key is not a usable Ed25519 private key.
     """
-    from edgetl.bundle._io import read_bundle  # here: io will import this module for trust=
-
     c = _crypto()
     if isinstance(private_key, (str, os.PathLike)):
         private_key = load_private_key(private_key)
@@ -352,10 +342,6 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
         raise InputError(
             f"private_key must be an Ed25519 private key or a PEM file path, received {describe(private_key)}"
         )
-    bundle = read_bundle(bundle_dir)
-    # Sign the bytes read once here; the manifest was just validated from the same file, and
-    # a racing writer would at worst make the signature fail verification, never pass.
-    manifest_bytes = _read_bounded(bundle.path / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
     kid = key_id(private_key)
     doc = {
         "format": SIGNATURE_FORMAT,
@@ -364,12 +350,7 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], private_key: Any) -> str:
         "key_id": kid,
         "signature": base64.b64encode(private_key.sign(manifest_bytes)).decode("ascii"),
     }
-    try:
-        _atomic.replace_file(bundle.path / SIGNATURE_FILE, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
-    except OSError as exc:
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-        raise BundleError(f"cannot write {SIGNATURE_FILE} into {str(bundle.path)!r}: {reason}") from exc
-    return kid
+    return kid, (json.dumps(doc, indent=1) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- verifying
@@ -543,11 +524,15 @@ def verify_bundle_signature(bundle_dir: str | os.PathLike[str], trusted: KeySour
         manifest_bytes = _read_bounded(root / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
     except FileNotFoundError:
         raise BundleError(f"{where} has no manifest.json") from None
+    return verify_manifest_signature(manifest_bytes, read_signature(root), trusted, where=where)
+
+
+def read_signature(bundle_dir: Path) -> bytes | None:
+    """The bytes of a bundle's ``manifest.sig`` (bounded, never through a symlink), ``None`` when unsigned."""
     try:
-        sig_bytes: bytes | None = _read_bounded(root / SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE)
+        return _read_bounded(bundle_dir / SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE)
     except FileNotFoundError:
-        sig_bytes = None
-    return verify_manifest_signature(manifest_bytes, sig_bytes, trusted, where=where)
+        return None
 
 
 __all__ = [
@@ -556,7 +541,8 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "key_id",
-    "sign_bundle",
+    "sign_manifest",
+    "read_signature",
     "verify_bundle_signature",
     "verify_manifest_signature",
 ]

@@ -15,6 +15,7 @@ from edgetl.device._bench import bench_bundle
 from edgetl.device._classifier import Classifier, Prediction
 from edgetl.device._guard import GuardPolicy
 from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._lifecycle import Migration, migrate
 from edgetl.device._personalizer import CommitResult, Personalizer
 from edgetl.device._store import HeadStore
 from edgetl.device._verify import Report, verify_bundle
@@ -26,6 +27,8 @@ __all__ = [
     "CommitResult",
     "GuardPolicy",
     "HeadStore",
+    "migrate",
+    "Migration",
     "HeadState",
     "TrainSettings",
     "verify_bundle",

@@ -19,6 +19,7 @@ settings, and re-used until ``refresh=True``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import numpy as np
 
 from edgetl._atomic import replace_file
 from edgetl.bundle import Bundle
+from edgetl.device._runtimes import BACKEND_FORMATS, install_hint, installed_backends, load_model
 from edgetl.errors import InputError
 
 DEFAULT_BUDGET = 0.01  # one point of accuracy
@@ -43,7 +45,7 @@ class Candidate:
 
     backend: str
     precision: str
-    latency_ms: float  # median batch-1 latency of Classifier.predict
+    latency_ms: float  # median batch-1 latency of the fused model (Classifier.predict's work)
     accuracy: float | None
     accuracy_source: str  # "data", "manifest" or "agreement" (top-1 agreement with Keras)
     within_budget: bool
@@ -113,7 +115,6 @@ def cache_dir() -> Path:
 
 def machine() -> dict[str, Any]:
     """What the measurement depends on besides the bundle: CPU, runtimes and their versions."""
-    import importlib.metadata as md
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
@@ -190,15 +191,12 @@ def advise(
 
 
 def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
-    from edgetl.device._classifier import _FORMAT
-    from edgetl.device._runtimes import install_hint, installed_backends
-
     out = []
     for backend in installed_backends():
         out += [
             (backend, p)
-            for p in bundle.precisions("fused", _FORMAT[backend])
-            if p in bundle.precisions("backbone", _FORMAT[backend])
+            for p in bundle.precisions("fused", BACKEND_FORMATS[backend])
+            if p in bundle.precisions("backbone", BACKEND_FORMATS[backend])
         ]
     if not out:
         raise InputError(
@@ -210,51 +208,51 @@ def _configurations(bundle: Bundle) -> list[tuple[str, str]]:
 def _measure(
     bundle: Bundle, data: tuple[np.ndarray, np.ndarray] | None, threads: int | None, runs: int
 ) -> list[dict[str, Any]]:
-    """Batch-1 latency of every configuration, timed in interleaved rounds so that a noisy
-    neighbour slows all of them alike, and each one's accuracy."""
-    from edgetl.device._classifier import Classifier
-
-    one = bundle.arrays("parity", ("x",))["x"][:1]
-    clfs = {
-        cfg: Classifier(bundle, backend=cfg[0], precision=cfg[1], threads=threads) for cfg in _configurations(bundle)
+    """Batch-1 latency of every configuration's fused model (what ``Classifier.predict`` runs
+    with the factory head; its own overhead is the same for every configuration), timed in
+    interleaved rounds so that a noisy neighbour slows all of them alike, and each one's
+    accuracy."""
+    one = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
+    models = {
+        (b, p): load_model(bundle.artifact("fused", BACKEND_FORMATS[b], p), BACKEND_FORMATS[b], threads=threads)
+        for b, p in _configurations(bundle)
     }
-    times: dict[tuple[str, str], list[float]] = {cfg: [] for cfg in clfs}
-    for clf in clfs.values():
+    times: dict[tuple[str, str], list[float]] = {cfg: [] for cfg in models}
+    for model in models.values():
         for _ in range(5):
-            clf.predict(one)
+            model(one)
     for _ in range(runs):
-        for cfg, clf in clfs.items():
+        for cfg, model in models.items():
             t0 = time.perf_counter()
-            clf.predict(one)
+            model(one)
             times[cfg].append(time.perf_counter() - t0)
     return [
         {
             "backend": b,
             "precision": p,
             "latency_ms": float(np.median(times[(b, p)]) * 1e3),
-            **_accuracy(bundle, clfs[(b, p)], data),
+            **_accuracy(bundle, b, p, models[(b, p)], data),
         }
-        for b, p in clfs
+        for b, p in models
     ]
 
 
-def _accuracy(bundle: Bundle, clf: Any, data: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+def _accuracy(
+    bundle: Bundle, backend: str, precision: str, model: Any, data: tuple[np.ndarray, np.ndarray] | None
+) -> dict[str, Any]:
     if data is not None:
-        pred = np.asarray(clf.predict(data[0]).labels)
-        return {
-            "accuracy": float(np.mean(pred == np.asarray([bundle.labels[i] for i in data[1]]))),
-            "accuracy_source": "data",
-        }
-    fmt = "onnx" if clf.backend == "onnxruntime" else "tflite"
+        pred = np.asarray(model(np.asarray(data[0], np.float32))).argmax(axis=1)
+        return {"accuracy": float(np.mean(pred == np.asarray(data[1]))), "accuracy_source": "data"}
+    fmt = BACKEND_FORMATS[backend]
     check = next(
-        (c for c in bundle.manifest.checks if c.role == "fused" and c.format == fmt and c.precision == clf.precision),
+        (c for c in bundle.manifest.checks if c.role == "fused" and c.format == fmt and c.precision == precision),
         None,
     )
     if check is not None and "accuracy" in check.extra:
         return {"accuracy": float(check.extra["accuracy"]), "accuracy_source": "manifest"}
     if check is not None and check.measure == "top1_agreement":
         return {"accuracy": check.value, "accuracy_source": "agreement"}
-    return {"accuracy": 1.0 if clf.precision == "fp32" else None, "accuracy_source": "agreement"}
+    return {"accuracy": 1.0 if precision == "fp32" else None, "accuracy_source": "agreement"}
 
 
 def _decide(measured: list[dict[str, Any]], budget: float, key: str, mach: dict[str, Any]) -> Advice:

@@ -18,8 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgetl.bundle import Bundle
-from edgetl.device._classifier import _FORMAT, Classifier
+from edgetl.device._classifier import Classifier
 from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._runtimes import BACKEND_FORMATS, install_hint, installed_backends, litert_interpreter
 from edgetl.errors import DependencyError
 
 
@@ -64,7 +65,6 @@ def public_api_call(path: Path, fmt: str, threads: int | None) -> Callable[[np.n
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
         return lambda x: sess.run([out], {name: x})[0]
-    from edgetl.device._runtimes import litert_interpreter
 
     it = litert_interpreter(path, threads=threads)
     inp, outp = it.get_input_details()[0], it.get_output_details()[0]
@@ -114,7 +114,6 @@ def bench_bundle(
     batch: int = 32,
 ) -> dict[str, Any]:
     """Measure every available backend x precision of ``bundle``; returns a JSON-able dict."""
-    from edgetl.device._runtimes import install_hint, installed_backends
 
     backends = backends or installed_backends()
     if not backends:
@@ -124,7 +123,7 @@ def bench_bundle(
     many = np.repeat(sample, int(np.ceil(batch / len(sample))), axis=0)[:batch]
     rows = []
     for backend in backends:
-        fmt = _FORMAT[backend]
+        fmt = BACKEND_FORMATS[backend]
         for precision in bundle.precisions("fused", fmt):
             clf = Classifier(bundle, backend=backend, precision=precision, threads=threads)
             raw = public_api_call(bundle.artifact("fused", fmt, precision), fmt, threads)

@@ -17,18 +17,18 @@ from typing import Any
 import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
-from edgetl.device._head import HeadState, make_trainer
-from edgetl.device._runtimes import check_io, load_model
+from edgetl.device._advisor import advise
+from edgetl.device._head import HeadState
+from edgetl.device._head_loop import make_trainer
+from edgetl.device._runtimes import BACKEND_FORMATS, check_io, install_hint, installed_backends, load_model
+from edgetl.device._store import HeadStore
 from edgetl.errors import DependencyError, InputError, describe
 
 BACKENDS = ("onnxruntime", "litert")
-_FORMAT = {"onnxruntime": "onnx", "litert": "tflite"}
 
 
 def default_backend() -> str:
     """onnxruntime if installed, else LiteRT."""
-    from edgetl.device._runtimes import install_hint, installed_backends
-
     backends = installed_backends()
     if not backends:
         raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
@@ -93,7 +93,7 @@ class Classifier:
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, received {backend!r}")
-        fmt = _FORMAT[backend]
+        fmt = BACKEND_FORMATS[backend]
         available = bundle.precisions("backbone", fmt)
         if precision not in available:
             raise InputError(
@@ -149,15 +149,11 @@ class Classifier:
         bundle = read_bundle(path, trust=trust)
         advice = None
         if backend == "auto" or precision == "auto":
-            from edgetl.device._advisor import advise
-
             advice = advise(bundle, threads=threads)
             backend, precision = advice.choose(backend, precision)
         clf = cls(bundle, backend=backend, precision=precision, threads=threads)
         clf.advice = advice
         if store is not None:
-            from edgetl.device._store import HeadStore
-
             active = HeadStore(store, clf.bundle).active()
             clf.set_head(active.head, active.number)
         return clf

@@ -10,7 +10,7 @@ batches and moves arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -155,30 +155,3 @@ class ReferenceHeadTrainer:
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         return masked_softmax(emb.astype(np.float64) @ head.W + head.b, head.mask)
-
-
-def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> Any:
-    """The bundle's head trainer on ``backend``: its loop graphs, which run a whole step plan
-    per call (the one-step graphs that older bundles also carry are not used).
-
-    Raises:
-        BundleError: the bundle has no loop graph for ``backend`` (re-export it).
-    """
-    from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
-
-    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
-    if backend == "onnxruntime":
-        loops = {a.optimizer or "sgd": bundle.path / a.file for a in bundle.artifacts("head_train_loop", "onnx")}
-        if not loops:
-            raise BundleError(
-                f"bundle {bundle.path.name!r} has no head_train_loop ONNX graphs, the only head training graphs this "
-                "edgetl runs; re-export it with this edgetl"
-            )
-        return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads, version)
-    head = bundle.artifacts("head", "tflite")
-    if not head or "train_steps" not in head[0].extra.get("signatures", []):
-        raise BundleError(
-            f"bundle {bundle.path.name!r} has no head.tflite with a train_steps signature, the only TFLite head "
-            "training this edgetl runs; re-export it with this edgetl"
-        )
-    return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads, version)

@@ -7,7 +7,7 @@ optimizer state stay there between steps: one onnxruntime ``run`` of
 :mod:`edgetl.host._head_loop_graphs` and compute :func:`edgetl.bundle._head.reference_step`
 over the batches of :func:`edgetl.bundle._head.step_plan` (:func:`plan_steps` as arrays).
 
-The trainers take the model bytes (or paths); :func:`edgetl.device._head.make_trainer` builds
+The trainers take the model bytes (or paths); :func:`make_trainer` builds
 them from a bundle's ``head_train_loop`` artifacts or its ``head.tflite``.
 """
 
@@ -16,10 +16,11 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from edgetl.bundle import Bundle
 from edgetl.bundle._contract import (
     ANCHOR_ONNX,
     BIAS,
@@ -55,7 +56,7 @@ from edgetl.device._runtimes import (
     litert_interpreter,
     onnx_session,
 )
-from edgetl.errors import InputError, describe
+from edgetl.errors import BundleError, InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -348,3 +349,28 @@ class LiteRTLoopHeadTrainer:
         with self._lock:
             self._load(head)
             return self._run["infer"](**{EMBEDDING: np.asarray(emb, np.float32)})[PROBABILITIES].copy()
+
+
+def make_trainer(bundle: Bundle, backend: str, threads: int | None = None) -> Any:
+    """The bundle's head trainer on ``backend``: its loop graphs, which run a whole step plan
+    per call (the one-step graphs that older bundles also carry are not used).
+
+    Raises:
+        BundleError: the bundle has no loop graph for ``backend`` (re-export it).
+    """
+    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
+    if backend == "onnxruntime":
+        loops = {a.optimizer or "sgd": bundle.path / a.file for a in bundle.artifacts("head_train_loop", "onnx")}
+        if not loops:
+            raise BundleError(
+                f"bundle {bundle.path.name!r} has no head_train_loop ONNX graphs, the only head training graphs this "
+                "edgetl runs; re-export it with this edgetl"
+            )
+        return OnnxLoopHeadTrainer(loops, bundle.artifact("head_infer", "onnx"), threads, version)
+    head = bundle.artifacts("head", "tflite")
+    if not head or "train_steps" not in head[0].extra.get("signatures", []):
+        raise BundleError(
+            f"bundle {bundle.path.name!r} has no head.tflite with a train_steps signature, the only TFLite head "
+            "training this edgetl runs; re-export it with this edgetl"
+        )
+    return LiteRTLoopHeadTrainer(bundle.path / head[0].file, threads, version)

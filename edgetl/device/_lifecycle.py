@@ -1,4 +1,4 @@
-"""Migration of a head store to a new bundle (``edgetl store migrate``).
+"""Migration of a head store to a new bundle (``edgetl store migrate``, :func:`edgetl.device.migrate`).
 
 A device that personalized bundle A receives bundle B:
 
@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.bundle import Bundle
+from edgetl.bundle import Bundle, check_signature
+from edgetl.device._classifier import Classifier
 from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._personalizer import Personalizer
 from edgetl.device._store import HeadStore, bundle_identity
 from edgetl.errors import InputError, StoreError
 
@@ -69,10 +71,8 @@ def migrate(
     if not store.db_path.exists():
         raise StoreError(f"{str(store.path)!r} is not a head store; nothing to migrate")
     trusted = trust if trust is not None else store.trusted_keys()
-    if trusted is not None:
-        from edgetl.bundle._signing import verify_bundle_signature
-
-        verify_bundle_signature(new_bundle.path, trusted)
+    if trusted is not None:  # on the manifest bytes new_bundle was parsed from
+        check_signature(new_bundle, trusted)
     if store.bundle_id == bundle_identity(new_bundle):
         return Migration("unchanged", store.active_version, new_bundle.name, "the store already belongs to this bundle")
     active = store.active_version
@@ -118,9 +118,6 @@ def _retrain(
 ) -> Migration:
     """Re-embed the kept examples with the new backbone and train from its factory head;
     the guard decides against the new factory head."""
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._personalizer import Personalizer
-
     clf = Classifier(new, backend=backend, threads=threads)
     p = Personalizer(clf, None, keep_examples=False, settings=settings or TrainSettings(), **guard)
     decision = p.personalize(x.astype(np.float32), labels, add_classes=True, commit=False)

@@ -8,11 +8,12 @@
     >>> p.commit()                                    # guarded; the store keeps versions
     CommitResult(accepted=True, version=3, ...)
 
-Training is executed by the runtime (onnxruntime's loop graph or LiteRT's ``train_steps``
-signature); numpy only plans the batches. Part of the user's examples and most of the bundle's replay
-buffer (examples of the factory classes) are held out; the guard (:mod:`._guard`) scores the
-active and the candidate head on them and refuses a candidate when the paired evidence shows
-it forgets the factory classes or is worse for the user, or when its labels look wrong.
+Training is executed by the runtime (the bundle's training loop graph in onnxruntime, or
+LiteRT's ``train_steps`` signature); numpy only plans the batches. Part of the user's
+examples and most of the bundle's replay buffer (examples of the factory classes) are held
+out; the guard (:mod:`edgetl.device._guard`) scores the active and the candidate head on
+them and refuses a candidate when the paired evidence shows it forgets the factory classes
+or is worse for the user, or when its labels look wrong.
 """
 
 from __future__ import annotations

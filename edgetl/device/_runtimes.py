@@ -6,12 +6,14 @@ module costs nothing and never touches TensorFlow.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgetl._quiet import native_output_silenced
 from edgetl.bundle._contract import UNUSED
 from edgetl.errors import BundleError, DependencyError
 
@@ -19,11 +21,11 @@ from edgetl.errors import BundleError, DependencyError
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}
 RUNTIME_EXTRAS = {"onnxruntime": "device-onnxruntime", "litert": "device-litert"}
 FORMAT_BACKENDS = {"onnx": "onnxruntime", "tflite": "litert"}
+BACKEND_FORMATS = {backend: fmt for fmt, backend in FORMAT_BACKENDS.items()}  # the model format each runs
 
 
 def installed_backends() -> tuple[str, ...]:
     """The runtimes importable here, in preference order (onnxruntime first)."""
-    import importlib.util
 
     return tuple(b for b, module in RUNTIME_MODULES.items() if importlib.util.find_spec(module) is not None)
 
@@ -89,7 +91,6 @@ def litert_interpreter(path: str | Path | bytes, *, threads: int | None = None, 
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:  # pragma: no cover
         raise DependencyError(f"ai-edge-litert is not installed ({exc}); {install_hint('litert')}") from exc
-    from edgetl._quiet import native_output_silenced
 
     source = {"model_content": path} if isinstance(path, bytes) else {"model_path": str(path)}
     try:

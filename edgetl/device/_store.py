@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgetl.bundle import Bundle
+from edgetl.bundle import Bundle, key_id, load_public_key
 from edgetl.device._guard import FORGOTTEN, redact, redact_text
 from edgetl.device._head import HeadState
 from edgetl.errors import InputError, StoreError
@@ -509,7 +509,6 @@ class HeadStore:
     def set_trust(self, public_keys: list[str | os.PathLike[str]]) -> list[str]:
         """Require every bundle this store migrates to be signed by one of these Ed25519
         public keys (PEM files); returns their key ids."""
-        from edgetl.bundle import key_id, load_public_key
 
         try:
             pems = [Path(p).read_bytes() for p in public_keys]
@@ -521,12 +520,6 @@ class HeadStore:
             db.executemany("INSERT INTO trust VALUES (?, ?)", keys.items())
             self._log(db, txn, "trust", self._active(db), {"key_ids": sorted(keys)})
         return sorted(keys)
-
-    def migrate(self, new_bundle: Bundle, **options: Any) -> Any:
-        """Move this store to ``new_bundle``; see :func:`edgetl.device._lifecycle.migrate`."""
-        from edgetl.device._lifecycle import migrate
-
-        return migrate(self, new_bundle, **options)
 
     # ----------------------------------------------------------------- helpers
 

@@ -33,7 +33,9 @@ from edgetl.bundle._contract import (
     WEIGHTS,
 )
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
-from edgetl.device._runtimes import load_model
+from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
+from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
+from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, installed_backends, load_model
 from edgetl.errors import DependencyError
 
 # fp32 exports must match Keras to this max abs difference on probabilities, and on
@@ -118,7 +120,6 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
     Raises:
         DependencyError: neither runtime is installed.
     """
-    from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, installed_backends
 
     backends = installed_backends()
     if not backends:
@@ -229,7 +230,6 @@ def _head_trainers(bundle: Bundle, backends: tuple[str, ...]) -> list[tuple[Any,
     """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file}).
 
     Only the loop graphs: the one-step graphs older bundles also carry are never run, so not checked."""
-    from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     out = []
     version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
@@ -251,7 +251,6 @@ def _head_checks(
 ) -> list[Check]:
     """The head graphs, run by the trainers personalization uses (a whole step plan per call),
     against the float64 reference over the same batches."""
-    from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 
     head = HeadState.factory(bundle)
     emb = ref[PARITY_EMBEDDINGS][:8].astype(np.float32)

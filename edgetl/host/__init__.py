@@ -4,7 +4,7 @@
     >>> data = host.load_dataset("photos/")
     >>> result = host.train(data, host.TrainConfig(backbone="my_model.h5", input_preprocessing="-1-1"))
     >>> host.save_run(result, "runs/photos")
-    >>> host.export_bundle("runs/photos", "photos.edgetl", quantize=["int8"]).bundle
+    >>> host.export_bundle("runs/photos", "photos.edgetl", host.ExportOptions(quantize=("int8",))).bundle
 
 TensorFlow is imported by the functions that need it, so importing this package is cheap.
 Modules whose names start with ``_`` are internal and may change.
@@ -23,7 +23,7 @@ from edgetl.host._backbones import (
     register_backbone,
 )
 from edgetl.host._demo import run_demo
-from edgetl.host._export import ExportResult, QuantizeConfig, export, export_bundle
+from edgetl.host._export import ExportOptions, ExportResult, QuantizeConfig, export, export_bundle
 from edgetl.host._pretrain import pretrain
 from edgetl.host._report import write_report
 from edgetl.host._run import Run, load_run, save_run
@@ -57,6 +57,7 @@ __all__ = [
     "save_run",
     "load_run",
     "QuantizeConfig",
+    "ExportOptions",
     "ExportResult",
     "export",
     "export_bundle",

@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from edgetl.errors import BackboneError, describe
+from edgetl.host._keras3 import load_keras3_as_tf_keras, saved_by_keras3
 from edgetl.host._tf import keras
 
 WeightsArg = Literal["imagenet"] | str | None
@@ -498,8 +499,6 @@ def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
     if not path.exists():
         raise BackboneError(f"model file {str(path)!r} does not exist")
     from tf_keras.src.saving.serialization_lib import SafeModeScope
-
-    from edgetl.host._keras3 import load_keras3_as_tf_keras, saved_by_keras3
 
     if saved_by_keras3(path):  # TensorFlow 2.16+'s `keras`: tf_keras cannot read these (see _keras3)
         return load_keras3_as_tf_keras(path, safe_mode=safe_mode)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -27,9 +28,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgetl.data import Dataset, Splits, load_digits_dataset, sample_shots, stratified_split
+from edgetl._quiet import progress
+from edgetl.bundle import read_bundle
+from edgetl.data import Dataset, Splits, load_digits_dataset, restyle_digits, sample_shots, stratified_split
+from edgetl.device._bench import bench_bundle
+from edgetl.device._classifier import Classifier
+from edgetl.device._lifecycle import migrate
+from edgetl.device._personalizer import Personalizer
+from edgetl.device._store import HeadStore
 from edgetl.errors import BundleError
+from edgetl.host._backbones import Backbone
+from edgetl.host._demo_report import USER_SHOTS, interpret, write_demo_report
 from edgetl.host._demo_source import GlyphSourceRecipe, SourceModel, pretrained_source
+from edgetl.host._export import export_bundle
+from edgetl.host._pretrain import pretrain
+from edgetl.host._reference_head import keras_retrain
+from edgetl.host._run import save_run
+from edgetl.host._tf import keras
+from edgetl.host._transfer import TrainConfig, train_transfer
 
 SOURCE = GlyphSourceRecipe()
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -125,8 +141,6 @@ def run_demo(
     }
     if out_path is not None and final_result is not None:
         result.update(_device_story(out_path, final_result, final_halves, seeds[0], echo))
-        from edgetl.host._demo_report import write_demo_report
-
         result["report"] = str(write_demo_report(out_path / "report.html", result, source, final_halves))
         echo(f"  report (source task, transfer vs scratch, export, int8, the new user, migration): {result['report']}")
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
@@ -157,11 +171,6 @@ def _compare_with_scratch(
 ) -> tuple[dict[Any, DemoRow], Any, Splits | None]:
     """Per seed and shot count: transfer (frozen pretrained backbone, linear head) and the
     same architecture from scratch, on the same examples, tested on the same held-out half."""
-    from edgetl._quiet import progress
-    from edgetl.host._backbones import Backbone
-    from edgetl.host._pretrain import pretrain
-    from edgetl.host._tf import keras
-    from edgetl.host._transfer import TrainConfig, train_transfer
 
     k = keras()
     backbone_weights = src.backbone.get_weights()
@@ -208,9 +217,6 @@ def _device_story(
     out_path: Path, final_result: Any, halves: Splits, seed: int, echo: Callable[[str], None]
 ) -> dict[str, Any]:
     """Export the final model, personalize it on the device, migrate, benchmark."""
-    from edgetl.bundle import read_bundle
-    from edgetl.device._bench import bench_bundle
-    from edgetl.host._run import save_run
 
     save_run(final_result, out_path / "target_run", kind="train", overwrite=True)
     echo(
@@ -243,32 +249,9 @@ def format_table(rows: list[dict[str, Any]], n_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def interpret(rows: list[dict[str, Any]]) -> list[str]:
-    """Plain-language reading of the table, derived from the numbers (not fixed text)."""
-    diffs = [(r["shots"], r["transfer_accuracy_mean"] - r["scratch_accuracy_mean"]) for r in rows]
-    wins = [str(s) for s, d in diffs if d > 0.01]
-    losses = [str(s) for s, d in diffs if d < -0.01]
-    ties = [str(s) for s, d in diffs if abs(d) <= 0.01]
-    param_ratio = rows[0]["transfer_trainable_params"] / rows[0]["scratch_trainable_params"]
-    time_ratio = float(np.mean([r["transfer_train_seconds_mean"] / r["scratch_train_seconds_mean"] for r in rows]))
-    out = ["  Reading it (accuracy difference > 1 point counts as a win or a loss):"]
-    out.append(
-        f"    examples per class where transfer is more accurate: {', '.join(wins) or 'none'}; less accurate: "
-        f"{', '.join(losses) or 'none'}; within 1 point: {', '.join(ties) or 'none'}."
-    )
-    out.append("    transfer minus scratch, points: " + ", ".join(f"{d * 100:+.1f} ({s})" for s, d in diffs) + ";")
-    out.append(
-        f"    transfer trains {param_ratio:.1%} of the parameters in {time_ratio:.0%} of the time (mean over shot "
-        "counts);"
-    )
-    out.append("    a head that small trains on cached embeddings on the device, a from-scratch CNN does not.")
-    return out
-
-
 def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
     """Export the target model (fp32, int8, QAT; TFLite and ONNX) and print size, accuracy
     and parity of each file, measured on the held-out half of the target digits."""
-    from edgetl.host._export import export_bundle
 
     result = export_bundle(
         out / "target_run",
@@ -314,12 +297,8 @@ def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -
     }
 
 
-USER_SHOTS = 10  # labelled examples per class the new user gives
-
-
 def _new_user(halves: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The new user's digits (thicker, slanted): USER_SHOTS per class to adapt on, the rest to test."""
-    from edgetl.data import restyle_digits
 
     x = restyle_digits(halves.test.x)
     labels = np.asarray([halves.test.class_names[i] for i in halves.test.y])
@@ -336,11 +315,6 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
     """A new user draws digits differently (thicker, slanted): personalize the head on the
     device with each backend (a store per backend under ``out/stores``, examples kept), and
     compare with the same head retrained on the host by Keras."""
-    import shutil
-
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._personalizer import Personalizer
-    from edgetl.host._reference_head import keras_retrain
 
     x, labels, adapt, test = _new_user(halves)
     echo("")
@@ -389,11 +363,6 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
 def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:
     """A new bundle arrives (the backbone fine-tuned one more phase): each device store moves
     to it, rebuilding the user's head from the examples it kept."""
-    from edgetl.device._classifier import Classifier
-    from edgetl.device._store import HeadStore
-    from edgetl.host._export import export_bundle
-    from edgetl.host._run import save_run
-    from edgetl.host._transfer import TrainConfig, train_transfer
 
     config = TrainConfig(
         backbone=str(out / "source_run"),
@@ -425,7 +394,7 @@ def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> di
         old = Classifier.open(out / "digits.edgetl", backend=backend, store=out / "stores" / backend)
         personalized = _accuracy(old, x[test], labels[test])
         factory = _accuracy(Classifier.open(new.path, backend=backend), x[test], labels[test])
-        result = HeadStore(out / "stores" / backend, old.bundle).migrate(new, backend=backend)
+        result = migrate(HeadStore(out / "stores" / backend, old.bundle), new, backend=backend)
         migrated = _accuracy(
             Classifier.open(new.path, backend=backend, store=out / "stores" / backend), x[test], labels[test]
         )

@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import Splits
+from edgetl._glyphs import render_glyphs
+from edgetl.bundle._manifest import Check
+from edgetl.data import Splits, restyle_digits
 from edgetl.host._report import _CSS, _fmt, _img, _ok, _table
+
+USER_SHOTS = 10  # labelled examples per class the new user gives (the demo's story and its report)
 
 _STYLE = _CSS + "details{margin-top:2em}summary{cursor:pointer;font-weight:bold}p.lead{font-size:1.05em}"
 
@@ -66,7 +70,6 @@ def _pictures(panels: list[tuple[str, np.ndarray]], columns: int) -> bytes:
 
 
 def _source_section(result: dict[str, Any], recipe: Any, halves: Splits) -> list[str]:
-    from edgetl._glyphs import render_glyphs
 
     src, m = result["scenario"]["source"], result["source"]
     glyphs = render_glyphs(72, seed=recipe.seed + 1, characters=recipe.characters, image_size=recipe.image_size).x
@@ -112,9 +115,29 @@ def _learning_curve(rows: list[dict[str, Any]], all_examples: float) -> bytes:
     return _png(fig)
 
 
-def _transfer_section(result: dict[str, Any], halves: Splits) -> list[str]:
-    from edgetl.host._demo import interpret
+def interpret(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain-language reading of the table, derived from the numbers (not fixed text)."""
+    diffs = [(r["shots"], r["transfer_accuracy_mean"] - r["scratch_accuracy_mean"]) for r in rows]
+    wins = [str(s) for s, d in diffs if d > 0.01]
+    losses = [str(s) for s, d in diffs if d < -0.01]
+    ties = [str(s) for s, d in diffs if abs(d) <= 0.01]
+    param_ratio = rows[0]["transfer_trainable_params"] / rows[0]["scratch_trainable_params"]
+    time_ratio = float(np.mean([r["transfer_train_seconds_mean"] / r["scratch_train_seconds_mean"] for r in rows]))
+    out = ["  Reading it (accuracy difference > 1 point counts as a win or a loss):"]
+    out.append(
+        f"    examples per class where transfer is more accurate: {', '.join(wins) or 'none'}; less accurate: "
+        f"{', '.join(losses) or 'none'}; within 1 point: {', '.join(ties) or 'none'}."
+    )
+    out.append("    transfer minus scratch, points: " + ", ".join(f"{d * 100:+.1f} ({s})" for s, d in diffs) + ";")
+    out.append(
+        f"    transfer trains {param_ratio:.1%} of the parameters in {time_ratio:.0%} of the time (mean over shot "
+        "counts);"
+    )
+    out.append("    a head that small trains on cached embeddings on the device, a from-scratch CNN does not.")
+    return out
 
+
+def _transfer_section(result: dict[str, Any], halves: Splits) -> list[str]:
     rows = result["rows"]
     reading = interpret(rows)[1].strip()
     table = [
@@ -141,7 +164,6 @@ def _transfer_section(result: dict[str, Any], halves: Splits) -> list[str]:
 
 
 def _export_section(result: dict[str, Any]) -> list[str]:
-    from edgetl.bundle._manifest import Check
 
     export = result["export"]
     checks = [Check.from_json(c) for c in export["checks"]]
@@ -260,8 +282,6 @@ def _bars(
 
 
 def _user_section(result: dict[str, Any], halves: Splits) -> list[str]:
-    from edgetl.data import restyle_digits
-    from edgetl.host._demo import USER_SHOTS
 
     pers = result["personalization"]
     backends = [b for b in ("onnxruntime", "litert") if b in pers]

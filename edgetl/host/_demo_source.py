@@ -22,6 +22,14 @@ from typing import Any, Callable
 import numpy as np
 
 from edgetl._glyphs import DEFAULT_CHARACTERS, glyph_fingerprint, glyph_fonts, render_glyphs
+from edgetl.errors import EdgeTLError
+from edgetl.host._backbones import create_backbone, load_keras_model
+from edgetl.host._embedding_cache import cache_home
+from edgetl.host._linear_head import standardization
+from edgetl.host._pretrain import pretrain
+from edgetl.host._run import save_run
+from edgetl.host._tf import keras, tf
+from edgetl.host._transfer import TrainConfig
 
 # Bump when the way the demo pretrains changes in a way the key below does not see.
 DEMO_SOURCE_VERSION = 3
@@ -43,7 +51,6 @@ class GlyphSourceRecipe:
     seed: int = 0
 
     def train_config(self) -> Any:
-        from edgetl.host._transfer import TrainConfig
 
         return TrainConfig(
             backbone="edgetl_cnn",
@@ -72,9 +79,6 @@ class SourceModel:
 
 
 def cache_entry(recipe: GlyphSourceRecipe, fonts: list[Any]) -> Path:
-    from edgetl.host._backbones import create_backbone
-    from edgetl.host._embedding_cache import cache_home
-    from edgetl.host._tf import tf
 
     shape = (recipe.image_size, recipe.image_size, 1)
     ident = {
@@ -112,8 +116,6 @@ def pretrained_source(
 
 def _load(entry: Path, recipe: GlyphSourceRecipe, n_fonts: int) -> SourceModel | None:
     """The cached run, or ``None`` when it cannot be read (then it is made again)."""
-    from edgetl.errors import EdgeTLError
-    from edgetl.host._backbones import load_keras_model
 
     try:
         info = json.loads((entry / "config.json").read_text())
@@ -134,8 +136,6 @@ def with_source_standardization(backbone: Any, source_x: Any) -> Any:
     can. Measured on the tuning target (tools/glyph_transfer.py, 10 seeds): +3 points at one
     example per class, within a point at 3-10.
     """
-    from edgetl.host._linear_head import standardization
-    from edgetl.host._tf import keras
 
     k = keras()
     stats = standardization(backbone.predict(source_x.astype("float32"), batch_size=512, verbose=0))
@@ -152,8 +152,6 @@ def with_source_standardization(backbone: Any, source_x: Any) -> Any:
 
 
 def _pretrain(recipe: GlyphSourceRecipe, fonts: list[Any], entry: Path, echo: Callable[[str], None]) -> SourceModel:
-    from edgetl.host._pretrain import pretrain
-    from edgetl.host._run import save_run
 
     t0 = time.perf_counter()
     glyphs = render_glyphs(

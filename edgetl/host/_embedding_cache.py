@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from edgetl._atomic import replace_file
 from edgetl.data import LazyArray
 from edgetl.errors import InputError
 from edgetl.host._tf import tf
+from edgetl.host._tf_data import rows_dataset
 
 CACHE_FORMAT = 1
 BATCH_SIZE = 256
@@ -244,7 +246,6 @@ def compute_embeddings(
     as every worker must run the same collectives), then the shares are gathered in worker
     order, so every worker writes every row.
     """
-    from edgetl.host._tf_data import rows_dataset
 
     t = tf()
     workers, rank = _workers(strategy)
@@ -314,7 +315,6 @@ def _all_agree(strategy: Any, flag: bool) -> bool:
 def store_in_run(info: dict[str, Any], run_dir: Path, record: dict[str, Any] | None) -> bool:
     """Link (or copy) a cache entry (``Embeddings.info()``) into ``run_dir`` with what export
     needs to trust it: the sha256 of the data it describes."""
-    import shutil
 
     path = Path(info.get("path") or "")
     if not info.get("key") or not path.is_file():

@@ -5,9 +5,11 @@ For each precision the bundle gets the **fused** model (raw input -> probabiliti
 exported as ``head_init.npz`` (host-trained weights padded to ``max_classes`` with an
 active-class mask), as ``head.tflite`` with ``infer``/``train_steps``/``get_weights``/
 ``set_weights`` signatures for LiteRT, and as an ONNX inference graph and loop training
-graphs (SGD with momentum and Adam; a whole step plan per call) for plain onnxruntime.
+graphs (SGD with momentum and Adam; a whole step plan per call) for plain onnxruntime. What to
+export travels as one :class:`ExportOptions`.
 
-    >>> bundle = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], calibration=data)
+    >>> options = ExportOptions(quantize=("none", "int8"), calibration=data)
+    >>> result = export_bundle("runs/digits", "digits.edgetl", options)
     >>> # on the device, without TensorFlow:
     >>> import onnxruntime as ort
     >>> ort.InferenceSession("digits.edgetl/model.int8.onnx").run(None, {...})
@@ -15,19 +17,23 @@ graphs (SGD with momentum and Adam; a whole step plan per call) for plain onnxru
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from edgetl import __version__
-from edgetl._quiet import native_output_silenced
-from edgetl.bundle import Bundle, write_bundle
+from edgetl._options import comma_list, option
+from edgetl._quiet import native_output_silenced, progress
+from edgetl.bundle import Bundle, format_checks, load_private_key, sign_bundle, write_bundle
 from edgetl.bundle._contract import (
     BACKBONE_OUTPUT,
     FUSED_OUTPUT,
@@ -40,9 +46,21 @@ from edgetl.bundle._contract import (
     PARITY_X,
     REPLAY_MEMBERS,
 )
-from edgetl.data import Dataset
+from edgetl.bundle._head import OPTIMIZERS, SHUFFLE, TFLITE_SIGNATURES, TRAINING_DEFAULTS
+from edgetl.data import Dataset, image_size_arg, load_for_spec
+from edgetl.device._bench import timings
+from edgetl.device._runtimes import OnnxModel
+from edgetl.device._verify import MIN_TOP1_AGREEMENT, Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, describe
+from edgetl.host._export_mcu import McuConfig, mcu_export
+from edgetl.host._head_graphs import head_infer_onnx
+from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
+from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
+from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
+from edgetl.host._qat import train_qat
+from edgetl.host._run import Run, load_run
 from edgetl.host._tf import keras, tf
+from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
 FORMATS = ("tflite", "onnx")
 # Replay examples per class in a bundle: the device trains on a few and judges forgetting on
@@ -75,11 +93,15 @@ class QuantizeConfig:
     artifacts keep float32 inputs and outputs.
     """
 
-    mode: Literal["none", "dynamic", "float16", "int8", "qat"] = "none"
-    calibration_samples: int = 200
-    qat_epochs: int = 2
-    qat_learning_rate: float = 1e-4
-    io_dtype: Literal["float32", "int8", "uint8"] = "float32"
+    mode: Literal["none", "dynamic", "float16", "int8", "qat"] = "none"  # --quantize (ExportOptions.quantize)
+    calibration_samples: int = option(200)
+    qat_epochs: int = option(2)
+    qat_learning_rate: float = option(1e-4)
+    io_dtype: Literal["float32", "int8", "uint8"] = option(
+        "float32",
+        choices=("float32", "int8", "uint8"),
+        help="input/output type of int8/qat TFLite models (ONNX stays float32)",
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_OF:
@@ -125,6 +147,141 @@ class QuantizeConfig:
 
 
 PRECISION_OF = {"none": "fp32", "dynamic": "dynamic", "float16": "float16", "int8": "int8", "qat": "qat"}
+
+
+def quantize_configs(modes: Sequence[str], **settings: Any) -> list[QuantizeConfig]:
+    """One :class:`QuantizeConfig` per mode, sharing ``settings`` (what ``edgetl export
+    --quantize int8,qat --qat-epochs 3`` means); an integer ``io_dtype`` applies to the
+    int8 and qat models only (the others keep float32 inputs)."""
+    out = []
+    for mode in modes:
+        integer_io = mode in ("int8", "qat")
+        out.append(QuantizeConfig(mode=mode, **{**settings, **({} if integer_io else {"io_dtype": "float32"})}))
+    return out
+
+
+# Device targets beyond the default bundle (export --target); each adds files, manifest
+# fields and checks of its own. Later targets (CPU classes) register here too.
+TARGETS = ("mcu",)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything :func:`export` takes besides the run, as one object (onnxruntime's
+    ``quantize(model_input, model_output, quant_config)`` style): ``plan_export``,
+    ``export``, ``export_bundle`` and ``edgetl export`` (whose flags come from these
+    fields) share it. Keyword arguments of those functions set the same fields.
+
+        >>> options = ExportOptions(quantize=("none", "int8"), calibration="photos/")
+        >>> export_bundle("runs/photos", "photos.edgetl", options)
+
+    Attributes:
+        quantize: presets or :class:`QuantizeConfig` objects; fp32 is always included as
+            the reference.
+        formats: subset of ``("tflite", "onnx")``.
+        calibration: labelled data like the training data (a :class:`Dataset`, or a path
+            read at the run's input size): its train split (by the run's seed and
+            fractions) calibrates int8 and fine-tunes QAT, its test split measures accuracy
+            unless ``evaluation`` is given. Default: the run's own training data, when it is
+            still where the run recorded it and unchanged (sha256).
+        evaluation: labelled held-out data (a Dataset or a path) to measure every
+            artifact's accuracy on.
+        image_size: resize calibration/evaluation images read from a path to this
+            (default: the model's input size).
+        label_column: the CSV column holding the class, for data read from a path.
+        opset: ONNX opset (13..21).
+        max_classes: head capacity for classes added on the device (default: 2x labels).
+        name: the bundle's name in its manifest (``export_bundle``: ``out``'s name).
+        strict: any failed check is fatal; by default a quantized format/precision that
+            fails its gate is left out of the bundle (reported in ``omitted``).
+        version: the bundle's version, written into the manifest and every model file's
+            metadata.
+        targets: extra device targets, from :data:`TARGETS`: ``"mcu"`` adds the files a
+            microcontroller running TensorFlow Lite Micro needs (``edgetl.host._export_mcu``;
+            int8 is added to ``quantize`` for its calibration).
+        mcu: an ``McuConfig`` (flash and arena limits, replay examples) for ``"mcu"``.
+    """
+
+    quantize: Sequence[str | QuantizeConfig] = option(
+        ("none",),
+        cli_default="none",
+        to_config=comma_list,
+        help="comma-separated: none,dynamic,float16,int8,qat (fp32 is always included; int8 and qat need labelled "
+        "data: --calibration or the run's own)",
+    )
+    formats: Sequence[str] = option(
+        FORMATS, flag="--format", cli_default="tflite,onnx", to_config=comma_list, help="comma-separated: tflite,onnx"
+    )
+    calibration: Dataset | str | os.PathLike[str] | None = option(
+        None,
+        help="labelled data like the training data (calibrates int8/qat; its test split measures accuracy); default: "
+        "the run's own training data when it is unchanged",
+    )
+    evaluation: Dataset | str | os.PathLike[str] | None = option(
+        None,
+        help="labelled held-out data to measure every exported model's accuracy on (default: the calibration data's "
+        "test split)",
+    )
+    image_size: tuple[int, int] | int | None = option(
+        None,
+        type=int,
+        nargs="+",
+        metavar="N",
+        to_config=image_size_arg,
+        help="resize calibration images (default: the model's input size)",
+    )
+    label_column: str = option("label")
+    opset: int = option(17)
+    max_classes: int | None = option(
+        None, type=int, help="head capacity for classes added on the device (default: 2x labels)"
+    )
+    name: str | None = None
+    strict: bool = option(
+        False,
+        help="any failed check is fatal; by default a quantized format/precision that fails its gate is left out of "
+        "the bundle",
+    )
+    version: str = option(
+        "1", flag="--bundle-version", help="version string written into the manifest and every model's metadata"
+    )
+    targets: Sequence[str] = option(
+        (),
+        flag="--target",
+        cli_default="",
+        to_config=comma_list,
+        help="comma-separated extra device targets: mcu (a full-integer TensorFlow Lite Micro backbone, C sources "
+        "and the C99 head trainer in the bundle; adds int8; needs the tflite-micro package)",
+    )
+    mcu: McuConfig | None = None
+
+    def __post_init__(self) -> None:
+        """Cheap checks first, before any data is read or model converted."""
+        for name in ("quantize", "formats", "targets"):
+            value = getattr(self, name)
+            if isinstance(value, (str, QuantizeConfig)):  # one preset for a list of them
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise InputError(f"formats must be a non-empty subset of {FORMATS}, received {list(self.formats)}")
+        if not isinstance(self.opset, int) or not 13 <= self.opset <= 21:
+            raise InputError(f"opset must be in 13..21, received {self.opset}")
+        if [t for t in self.targets if t not in TARGETS]:
+            raise InputError(f"targets must be a list of {TARGETS}, received {describe(list(self.targets))}")
+        object.__setattr__(self, "quantize", tuple(QuantizeConfig.preset(q) for q in self.quantize))
+        object.__setattr__(self, "version", str(self.version))
+
+    @classmethod
+    def of(cls, options: "ExportOptions | None" = None, **changes: Any) -> "ExportOptions":
+        """``options`` (default: the defaults) with keyword arguments applied, as the
+        functions taking both do; an unknown keyword is an InputError naming the fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InputError(f"unknown export option(s) {unknown}; ExportOptions has {sorted(known)}")
+        if options is not None and not isinstance(options, ExportOptions):
+            raise InputError(f"options must be an ExportOptions, received {describe(options)}")
+        return replace(options, **changes) if options is not None else cls(**changes)
 
 
 def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
@@ -289,9 +446,6 @@ def choose_int8_onnx(
     :data:`INT8_ACCURACY_TIE` of the best accuracy (or all, without held-out data) compete on
     batch-1 latency.
     """
-    from edgetl.device._bench import timings
-    from edgetl.device._runtimes import OnnxModel
-    from edgetl.device._verify import MIN_TOP1_AGREEMENT
 
     stats: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -468,35 +622,22 @@ class ExportPlan:
         return tuple(self.run.input_spec["shape"])
 
 
-def plan_export(
-    run: Any,
-    *,
-    quantize: Sequence[str | QuantizeConfig] = ("none",),
-    formats: Sequence[str] = FORMATS,
-    calibration: Dataset | None = None,
-    evaluation: Dataset | None = None,
-    opset: int = 17,
-    max_classes: int | None = None,
-    name: str = "model",
-    strict: bool = False,
-    version: str = "1",
-) -> ExportPlan:
-    """Check the options (cheap things first) and gather the data; nothing is converted yet."""
-    from edgetl.host._run import Run, load_run
+def plan_export(run: Any, options: ExportOptions | None = None, **kwargs: Any) -> ExportPlan:
+    """Check the options (cheap things first) and gather the data; nothing is converted yet.
 
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise InputError(f"formats must be a non-empty subset of {FORMATS}, received {list(formats)}")
-    if not 13 <= opset <= 21:
-        raise InputError(f"opset must be in 13..21, received {opset}")
-    configs = [QuantizeConfig.preset(q) for q in quantize]
+    ``options`` (an :class:`ExportOptions`) or its fields as keyword arguments.
+    """
+
+    o = ExportOptions.of(options, **kwargs)
+    configs = list(o.quantize)
     if not any(c.mode == "none" for c in configs):
         configs.insert(0, QuantizeConfig("none"))
     r: Run = run if isinstance(run, Run) else load_run(run)
     n_labels = len(r.class_names)
-    cap = max_classes or 2 * n_labels
+    cap = o.max_classes or 2 * n_labels
     if cap < n_labels:
         raise InputError(f"max_classes must be at least the {n_labels} trained classes, received {cap}")
+    calibration, evaluation = (_dataset(d, r, o) for d in (o.calibration, o.evaluation))
     data = resolve_data(
         r,
         calibration,
@@ -504,7 +645,14 @@ def plan_export(
         need_labels=any(c.mode in ("int8", "qat") for c in configs),
         samples=max(c.calibration_samples for c in configs),
     )
-    return ExportPlan(r, configs, tuple(formats), opset, cap, name, strict, data, str(version))
+    return ExportPlan(r, configs, o.formats, o.opset, cap, o.name or "model", o.strict, data, o.version)
+
+
+def _dataset(data: Dataset | str | os.PathLike[str] | None, run: Any, o: ExportOptions) -> Dataset | None:
+    """A Dataset as given, or read from a path at the run's input size."""
+    if data is None or isinstance(data, Dataset):
+        return data
+    return load_for_spec(data, run.input_spec, o.label_column, image_size_arg(o.image_size))
 
 
 def resolve_data(
@@ -611,13 +759,10 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
     artifacts: list[Artifact] = []
     timings: dict[str, float] = {}
     fp32_onnx: dict[str, bytes] = {}
-    from edgetl._quiet import progress
 
     for c in progress(plan.configs, desc="export: precisions"):
         fused, seam = plan.run.model, backbone
         if c.mode == "qat":
-            from edgetl.host._qat import train_qat
-
             t0 = time.perf_counter()
             fused = train_qat(
                 plan.run.model,
@@ -693,7 +838,6 @@ def _convert_one(
 def with_contract_names(artifacts: list[Artifact]) -> list[Artifact]:
     """Every fused model and backbone renamed to the contract's I/O names (``input`` ->
     ``probabilities`` or ``embedding``), whatever converter made it (see :mod:`edgetl.host._io_names`)."""
-    from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 
     rename = {"onnx": rename_onnx_io, "tflite": rename_tflite_io}
     outputs = {"fused": FUSED_OUTPUT, "backbone": BACKBONE_OUTPUT}
@@ -725,7 +869,6 @@ def _input_spec(plan: ExportPlan) -> dict[str, Any]:
 
 
 def _tflite_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
-    from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
     spec = _input_spec(plan)
     if spec.get("kind") != "image" or len(plan.shape) != 3:
@@ -752,8 +895,6 @@ def _tflite_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
 
 def _onnx_with_metadata(plan: ExportPlan, a: Artifact) -> tuple[bytes, str]:
     import onnx
-
-    from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 
     fused = a.role == "fused"
     graph = onnx.load_from_string(a.content).graph
@@ -791,9 +932,6 @@ def padded_head(plan: ExportPlan, classifier: Any) -> tuple[np.ndarray, np.ndarr
 
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
-    from edgetl.bundle._head import OPTIMIZERS, TFLITE_SIGNATURES
-    from edgetl.host._head_graphs import head_infer_onnx
-    from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     Wp, bp, mask = padded_head(plan, classifier)
     d, cap = Wp.shape
@@ -850,7 +988,6 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -862,8 +999,6 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
     sha256 of its weights and input spec. File hashes cannot: every model file carries its
     bundle's name and version in its metadata. A device migrating its store to a new bundle
     with the same backbone id keeps its personalized head as it is."""
-    import hashlib
-    import json
 
     h = hashlib.sha256(json.dumps(_input_spec(plan), sort_keys=True, default=str).encode())
     for w in backbone.get_weights():
@@ -873,7 +1008,6 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
 
 def head_training_defaults() -> dict[str, Any]:
     """The manifest's head training fields: edgetl's defaults and the batch order's name."""
-    from edgetl.bundle._head import SHUFFLE, TRAINING_DEFAULTS
 
     return {**asdict(TRAINING_DEFAULTS), "shuffle": SHUFFLE}
 
@@ -933,6 +1067,7 @@ class ExportResult:
     timings: dict[str, Any]
     bundle: Bundle | None = None
     left_out: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
+    signer: str | None = None  # key id of the key export_bundle signed the bundle with
 
     @property
     def ok(self) -> bool:
@@ -952,7 +1087,6 @@ class ExportResult:
         return self.bundle
 
     def describe(self) -> str:
-        from edgetl.bundle import format_checks
 
         lines = [format_checks(self.report.checks)]
         lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
@@ -960,68 +1094,29 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def export(
-    run: str | os.PathLike[str] | Any,
-    *,
-    quantize: Sequence[str | QuantizeConfig] = ("none",),
-    formats: Sequence[str] = FORMATS,
-    calibration: Dataset | None = None,
-    evaluation: Dataset | None = None,
-    opset: int = 17,
-    max_classes: int | None = None,
-    name: str = "model",
-    strict: bool = False,
-    version: str = "1",
-    targets: Sequence[str] = (),
-    mcu: Any = None,
-) -> ExportResult:
+def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = None, **kwargs: Any) -> ExportResult:
     """Convert, verify and return (without writing) the bundle for ``run``.
 
     Args:
         run: a run directory or :class:`edgetl.host.Run`.
-        quantize: one or more presets/configs; fp32 is always included as the reference.
-        formats: subset of ``("tflite", "onnx")``.
-        calibration: labelled data like the training data; its train split (by the run's
-            seed and fractions) calibrates int8 and fine-tunes QAT, its test split measures
-            accuracy unless ``evaluation`` is given. Default: the run's own training data,
-            when it is still where the run recorded it and unchanged (sha256).
-        evaluation: labelled held-out data to measure every artifact's accuracy on.
-        opset: ONNX opset (13..21).
-        max_classes: head capacity for classes added on the device (default: 2x labels).
-        name: the bundle's name in its manifest.
-        strict: any failed check is fatal; by default a quantized format/precision that
-            fails its gate is left out of the bundle (reported in ``omitted``).
-        version: the bundle's version, written into the manifest and every model file's
-            metadata.
-        targets: extra device targets, from :data:`TARGETS`: ``"mcu"`` adds the files a
-            microcontroller running TensorFlow Lite Micro needs (``edgetl.host._export_mcu``;
-            int8 is added to ``quantize`` for its calibration).
-        mcu: an ``McuConfig`` (flash and arena limits, replay examples) for ``"mcu"``.
+        options: an :class:`ExportOptions` (what to export and with which data).
+        **kwargs: :class:`ExportOptions` fields, applied on top of ``options``
+            (``export(run, quantize=["int8"], calibration=data)``).
 
     Returns:
         An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
     """
     started = time.perf_counter()
-    quantize = _quantize_for_targets(quantize, _check_targets(targets))
-    plan = plan_export(
-        run,
-        quantize=quantize,
-        formats=formats,
-        calibration=calibration,
-        evaluation=evaluation,
-        opset=opset,
-        max_classes=max_classes,
-        name=name,
-        strict=strict,
-        version=version,
-    )
+    o = ExportOptions.of(options, **kwargs)
+    o = replace(o, quantize=_quantize_for_targets(o.quantize, o.targets))
+    plan = plan_export(run, o)
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
     artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
     artifacts += data_artifacts(plan, backbone, references)
-    extra = target_outputs(plan, targets, backbone, classifier, mcu)
+    extra = target_outputs(plan, o.targets, backbone, classifier, o.mcu)
     artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
     manifest.update(extra.manifest)
@@ -1030,18 +1125,6 @@ def export(
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}
     result.manifest["parity"] = {**result.report.to_json(), "omitted": result.omitted, **result.timings}
     return result
-
-
-# Device targets beyond the default bundle (export --target); each adds files, manifest
-# fields and checks of its own. Later targets (CPU classes) register here too.
-TARGETS = ("mcu",)
-
-
-def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or isinstance(targets, str):
-        raise InputError(f"targets must be a list of {TARGETS}, received {describe(targets)}")
-    return tuple(targets)
 
 
 def _quantize_for_targets(
@@ -1075,12 +1158,24 @@ class TargetOutput:
         ]
 
 
+def int8_embedding_tflite(backbone: Any, calibration: np.ndarray) -> bytes:
+    """The full-integer TFLite of a backbone with int8 input and output (what TFLM runs),
+    calibrated like the int8 bundle models; the MCU target's converter."""
+    q = QuantizeConfig("int8", io_dtype="int8")
+    return to_tflite(backbone, q, calibration[: q.calibration_samples], output_name=BACKBONE_OUTPUT)
+
+
 def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:
     out = TargetOutput()
     if "mcu" in targets:
-        from edgetl.host._export_mcu import McuConfig, mcu_export
-
-        made = mcu_export(plan, backbone, padded_head(plan, classifier), mcu or McuConfig())
+        made = mcu_export(
+            plan,
+            backbone,
+            padded_head(plan, classifier),
+            mcu or McuConfig(),
+            to_int8=int8_embedding_tflite,
+            replay_pool=REPLAY_PER_CLASS,
+        )
         for name, (content, role, precision) in made.files.items():
             fmt = "tflite" if name.endswith(".tflite") else "c"
             out.artifacts.append(Artifact(name, content, role, fmt, precision))
@@ -1094,7 +1189,6 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     a quantized (format, precision) whose fused or backbone check failed is left out
     (both files: a device needs the pair); any other failure is fatal, as is everything
     with ``plan.strict``."""
-    from edgetl.device._verify import Report, verify_bundle
 
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:
@@ -1158,25 +1252,40 @@ def failure_reason(check: Any) -> str:
 def export_bundle(
     run: str | os.PathLike[str] | Any,
     out: str | os.PathLike[str],
+    options: ExportOptions | None = None,
     *,
     overwrite: bool = False,
-    name: str | None = None,
-    **options: Any,
+    sign: Any = None,
+    **kwargs: Any,
 ) -> ExportResult:
     """:func:`export` then :meth:`ExportResult.save` to ``out`` when verification passed.
 
-    ``out`` is checked first, before any conversion. The bundle's name defaults to
-    ``out``'s name without ``.edgetl``. A failed (fatal) verification writes nothing and
-    returns the result with ``ok == False`` and ``bundle is None``.
+    ``out`` (and the signing key) are checked first, before any conversion. The bundle's
+    name defaults to ``out``'s name without ``.edgetl``. A failed (fatal) verification
+    writes nothing and returns the result with ``ok == False`` and ``bundle is None``.
 
-        >>> result = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"])
+    Args:
+        run: a run directory or :class:`edgetl.host.Run`.
+        out: the bundle directory to create.
+        options: an :class:`ExportOptions`; ``**kwargs`` set its fields too.
+        overwrite: replace an existing ``out``.
+        sign: an Ed25519 private key (or the path of an unencrypted PEM one): the written
+            bundle is signed with it (``result.signer`` holds its key id).
+
+        >>> result = export_bundle("runs/digits", "digits.edgetl", ExportOptions(quantize=("none", "int8")))
+        >>> result = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], overwrite=True)
         >>> # on the device, without TensorFlow:
         >>> import onnxruntime as ort
         >>> ort.InferenceSession("digits.edgetl/model.int8.onnx").run(None, {"input": x})
     """
     if Path(out).exists() and not overwrite:
         raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
-    result = export(run, name=name or Path(out).name.removesuffix(".edgetl"), **options)
+    if isinstance(sign, (str, os.PathLike)):
+        sign = load_private_key(sign)
+    o = ExportOptions.of(options, **kwargs)
+    result = export(run, replace(o, name=o.name or Path(out).name.removesuffix(".edgetl")))
     if result.ok:
         result.save(out, overwrite=overwrite)
+        if sign is not None:
+            result.signer = sign_bundle(result.bundle.path, sign)
     return result

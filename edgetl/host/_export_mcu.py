@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgetl.bundle._contract import BACKBONE_OUTPUT
+import edgetl.mcu
+from edgetl import __version__
+from edgetl._options import option
+from edgetl.bundle import Check
+from edgetl.bundle._head import masked_softmax
+from edgetl.device._runtimes import litert_interpreter
+from edgetl.device._verify import MAX_ACCURACY_DROP
 from edgetl.errors import DependencyError, InputError, describe
 
 MCU_MODEL = "mcu_backbone.int8.tflite"
@@ -56,8 +63,25 @@ class McuConfig:
     int8 embeddings ship in flash for training against forgetting (0: none).
     """
 
-    flash_limit: int = 1 << 20
-    arena_limit: int = 256 << 10
+    # `edgetl export` takes the limits in KB (--mcu-flash-limit, --mcu-arena-limit).
+    flash_limit: int = option(
+        1 << 20,
+        flag="--mcu-flash-limit",
+        cli_default=1024,
+        type=int,
+        metavar="KB",
+        to_config=lambda kb: kb << 10,
+        help="mcu: flash budget (default 1024)",
+    )
+    arena_limit: int = option(
+        256 << 10,
+        flag="--mcu-arena-limit",
+        cli_default=256,
+        type=int,
+        metavar="KB",
+        to_config=lambda kb: kb << 10,
+        help="mcu: tensor arena budget (default 256)",
+    )
     replay_per_class: int = 10
 
     def __post_init__(self) -> None:
@@ -91,7 +115,6 @@ def tflm_runtime() -> Any:
 def native_stderr_captured() -> Iterator[list[str]]:
     """What native code writes to file descriptor 2 meanwhile, as lines (TFLM reports why it
     cannot run a model only there: "Didn't find op for builtin opcode 'X'")."""
-    import sys
 
     lines: list[str] = []
     sys.stderr.flush()
@@ -192,7 +215,6 @@ def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 def io_quantization(model: bytes) -> tuple[tuple[float, int], tuple[float, int]]:
     """((input scale, zero point), (output scale, zero point)) of a single-input, single-output model."""
-    from edgetl.device._runtimes import litert_interpreter
 
     it = litert_interpreter(model, allocate=False)
     out = []
@@ -212,7 +234,6 @@ def run_int8(model: bytes, x_int8: np.ndarray, runtime: str) -> np.ndarray:
             it.invoke()
             outs.append(np.array(it.get_output(0)).reshape(-1))
         return np.stack(outs)
-    from edgetl.device._runtimes import litert_interpreter
 
     it = litert_interpreter(model, threads=1)
     i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
@@ -232,9 +253,6 @@ def verify_mcu(
 ) -> tuple[Any, dict[str, Any]]:
     """TFLM against LiteRT on the same file: top-1 of the factory head on the dequantized
     embeddings (the gate), identical embeddings, and accuracy on labelled held-out data."""
-    from edgetl.bundle import Check
-    from edgetl.bundle._head import masked_softmax
-    from edgetl.device._verify import MAX_ACCURACY_DROP
 
     (in_scale, in_zero), (out_scale, out_zero) = io_quantization(model)
     x, y = test if test is not None else (None, None)
@@ -293,7 +311,7 @@ def c_array(values: Any, per_line: int, fmt: Any) -> str:
 
 @dataclass(frozen=True)
 class McuSources:
-    """What the generated C files hold (everything :func:`model_sources` writes)."""
+    """What the generated C files hold (everything :func:`model_header` and :func:`model_source` write)."""
 
     model: bytes
     input_quantization: tuple[float, int]
@@ -439,16 +457,15 @@ void edgetl_quantize_pixels(const uint8_t *pixels, int8_t *input) {
     return out
 
 
-def replay_examples(plan: Any, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+def replay_examples(plan: Any, per_class: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw inputs and class indices of replay examples: per class, every other example of
-    replay.npz's (the half the device Personalizer trains on), up to ``per_class``."""
-    from edgetl.host._export import REPLAY_PER_CLASS
-
+    replay.npz's (drawn from ``pool`` per class; the half the device Personalizer trains
+    on), up to ``per_class``."""
     if plan.data.train is None or per_class == 0:
         return np.zeros((0, *plan.shape), np.float32), np.zeros(0, np.int32)
     x, y = plan.data.train
     rng = np.random.default_rng(1)
-    per = [rng.permutation(np.flatnonzero(y == c))[:REPLAY_PER_CLASS] for c in range(len(plan.run.class_names))]
+    per = [rng.permutation(np.flatnonzero(y == c))[:pool] for c in range(len(plan.run.class_names))]
     keep = np.concatenate([p[0::2][:per_class] for p in per])
     return np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
 
@@ -488,24 +505,30 @@ def check_limits(flash: dict[str, int], arena: int, config: McuConfig) -> None:
 
 
 def mcu_export(
-    plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.ndarray], config: McuConfig
+    plan: Any,
+    backbone: Any,
+    head: tuple[np.ndarray, np.ndarray, np.ndarray],
+    config: McuConfig,
+    *,
+    to_int8: Callable[[Any, np.ndarray], bytes],
+    replay_pool: int,
 ) -> McuExport:
     """Convert, check, measure and verify the MCU model, and generate its C sources.
+
+    The exporter (:mod:`edgetl.host._export`, which dispatches to this module) passes its
+    converter: ``to_int8(model, calibration)`` gives the full-integer TFLite (int8 input and
+    output) of ``model``; ``replay_pool`` is how many examples per class replay.npz draws
+    from, so the MCU's replay examples are the ones the device Personalizer trains on.
 
     Raises:
         InputError: no calibration or held-out data, an op or tensor type TFLM cannot run,
             or flash or arena over ``config``'s limits.
     """
-    import edgetl.mcu
-    from edgetl import __version__
-    from edgetl.host._export import QuantizeConfig, to_tflite
-
     tflm_runtime()  # missing package: say so before converting anything
     if plan.data.calibration_x is None:
         raise InputError("export --target mcu needs calibration data for its int8 model: pass --calibration D")
-    q = QuantizeConfig("int8", io_dtype="int8")
     try:
-        model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name=BACKBONE_OUTPUT)
+        model = to_int8(backbone, plan.data.calibration_x)
     except InputError:
         raise
     except Exception as exc:  # TensorFlow's ConverterError (a private class) names the ops without int8 kernels
@@ -515,7 +538,7 @@ def mcu_export(
     check_tflm_runs(model, probe)
     measured = minimal_arena(model, probe)
     inq, outq = io_quantization(model)
-    rx, ry = replay_examples(plan, config.replay_per_class)
+    rx, ry = replay_examples(plan, config.replay_per_class, replay_pool)
     replay = run_int8(model, quantize(rx, *inq), "litert") if len(rx) else np.zeros((0, head[0].shape[0]), np.int8)
     sources = McuSources(
         model, inq, outq, tuple(plan.shape), plan.run.input_spec.get("kind", "image") == "image",

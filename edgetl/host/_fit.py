@@ -8,6 +8,8 @@ terminals only.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,8 +46,6 @@ def fit_model(
     ``config`` supplies ``batch_size``, ``seed``, ``class_weight`` and
     ``early_stopping_patience`` (a :class:`edgetl.host.TrainConfig`).
     """
-    from edgetl._quiet import epoch_progress
-
     k = keras()
     weights = None
     if config.class_weight == "balanced":
@@ -80,3 +80,27 @@ def fit_model(
         cbs.append(bar)
     hist = model.fit(ds, validation_data=val_ds, epochs=epochs, verbose=verbose, callbacks=cbs)
     return {key: [float(v) for v in values] for key, values in hist.history.items()}
+
+
+def epoch_progress(epochs: int, desc: str) -> Any:
+    """A Keras callback that advances a terminal progress bar once per epoch, or ``None``."""
+    if not sys.stderr.isatty() or os.environ.get("EDGETL_NO_PROGRESS"):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+
+    class EpochBar(keras().callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.bar.update(1)
+            if logs and "loss" in logs:
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if "loss" in k or "accuracy" in k})
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.bar.close()
+
+    return EpochBar()

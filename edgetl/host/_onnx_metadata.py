@@ -17,15 +17,16 @@ of an edgetl ONNX file from the file alone. Keys edgetl writes (see :func:`edget
   NHWC float tensors.
 
 Namespaced keys follow the IR spec's advice to qualify custom keys ("ai.onnxruntime.key1"); MediaPipe
-has no ONNX convention. The writer needs the ``onnx`` package (host side); the reader only onnxruntime.
+has no ONNX convention. The writer needs the ``onnx`` package (host side); onnxruntime reads the keys back
+(``InferenceSession.get_modelmeta()``; the tests' reader is ``tests/model_metadata_readers.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from edgetl import __version__
 from edgetl.errors import DependencyError, InputError, describe
 
 LABELS_KEY = "edgetl.labels"
@@ -58,7 +59,6 @@ def edgetl_onnx_props(
     Returns:
         A ``dict[str, str]`` for :func:`write_onnx_metadata`.
     """
-    from edgetl import __version__
 
     if not isinstance(input_spec, dict):
         raise InputError(f"input_spec must be a dict (the manifest's input_spec), received {describe(input_spec)}")
@@ -167,62 +167,3 @@ def write_onnx_metadata(
         entry.key, entry.value = key, merged[key]
     proto.doc_string = doc_string
     return proto.SerializeToString()
-
-
-def read_onnx_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:
-    """Read an ONNX file's metadata with onnxruntime only (no TensorFlow, no onnx package).
-
-    Args:
-        path_or_bytes: a path to an ``.onnx`` file or its bytes.
-
-    Returns:
-        ``props`` (the raw ``custom_metadata_map``), ``labels`` and ``input_spec`` (parsed from their
-        JSON keys, ``None`` when absent), ``description`` (the model doc string), ``producer_name``,
-        ``graph_name``, ``domain``, ``version``, and ``inputs``/``outputs`` (name, shape, type).
-
-    Raises:
-        InputError: not an ONNX model onnxruntime can load, or a JSON key holds invalid JSON.
-        DependencyError: onnxruntime is not installed.
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DependencyError(
-            f'reading ONNX metadata needs onnxruntime ({exc}). Install the device extra: pip install "edgetl[device]"'
-        ) from exc
-    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-    source: Any = bytes(path_or_bytes) if is_bytes else os.fspath(path_or_bytes)
-    options = ort.SessionOptions()
-    # Only the metadata is wanted: skip graph optimizations, the bulk of session creation time.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/NoSuchFile types
-        what = f"{len(source)} bytes" if isinstance(source, bytes) else repr(source)
-        raise InputError(f"onnxruntime cannot load {what} as an ONNX model: {exc}") from exc
-    meta = session.get_modelmeta()
-    props = dict(meta.custom_metadata_map)
-    parsed: dict[str, Any] = {}
-    for key, kind in _JSON_KEYS.items():
-        if key not in props:
-            parsed[key] = None
-            continue
-        try:
-            parsed[key] = json.loads(props[key])
-        except ValueError as exc:
-            raise InputError(f"metadata_props[{key!r}] is not valid JSON: {describe(props[key])}") from exc
-        if not isinstance(parsed[key], kind):
-            raise InputError(f"metadata_props[{key!r}] must be a JSON {kind.__name__}, received {describe(props[key])}")
-    return {
-        "props": props,
-        "labels": parsed[LABELS_KEY],
-        "input_spec": parsed[INPUT_SPEC_KEY],
-        "description": meta.description,
-        "producer_name": meta.producer_name,
-        "graph_name": meta.graph_name,
-        "domain": meta.domain,
-        "version": meta.version,
-        "inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in session.get_inputs()],
-        "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in session.get_outputs()],
-    }

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgetl.data import Dataset, Splits
 from edgetl.errors import InputError
-from edgetl.host._backbones import Backbone, adapt_normalization, create_backbone
+from edgetl.host._backbones import Backbone, adapt_normalization, create_backbone, leaf_layers
 from edgetl.host._fit import compile_model, fit_model
 from edgetl.host._tf import keras
 from edgetl.host._transfer import (
@@ -145,7 +145,6 @@ def recalibrate_batchnorm(model: Any, x: np.ndarray, *, batch_size: int = 128, m
     so that batch i gets weight 1/(i+1), makes them the average batch statistics of the
     final weights. Returns the number of BatchNorm layers updated.
     """
-    from edgetl.host._backbones import leaf_layers
 
     k = keras()
     layers = [l for l in leaf_layers(model) if isinstance(l, k.layers.BatchNormalization)]

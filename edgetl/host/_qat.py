@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import DependencyError
+from edgetl.host._fit import compile_model
 from edgetl.host._tf import keras, tf
+from edgetl.host._tf_data import to_tf_dataset
 
 
 def flatten_model(model: Any) -> Any:
@@ -91,8 +93,6 @@ def train_qat(
     seed: int = 0,
 ) -> Any:
     """QAT model of ``model`` fine-tuned for ``epochs`` on (x, y); returns the QAT model."""
-    from edgetl.host._fit import compile_model
-    from edgetl.host._tf_data import to_tf_dataset
 
     k = keras()
     k.utils.set_random_seed(seed)

@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgetl.bundle import read_bundle
+from edgetl.errors import InputError
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -168,13 +171,10 @@ def _bench_section(bench: dict[str, Any]) -> list[str]:
 
 def write_report(target: str | Path, out: str | Path | None = None, *, bench: dict[str, Any] | None = None) -> Path:
     """Write the report for a run directory or a bundle; returns the HTML path."""
-    from edgetl.errors import InputError
 
     target = Path(target)
     sections: list[str] = []
     if (target / "manifest.json").is_file():
-        from edgetl.bundle import read_bundle
-
         manifest = read_bundle(target).manifest
         run = Path(manifest.producer.get("run", ""))
         if run.name and (run / "config.json").is_file():

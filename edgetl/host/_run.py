@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,11 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl._atomic import atomic_directory
-from edgetl.errors import InputError
+from edgetl.data import conform_images, load_dataset
+from edgetl.errors import EdgeTLError, InputError
+from edgetl.host._backbones import load_keras_model
+from edgetl.host._embedding_cache import load_from_run, store_in_run
+from edgetl.host._tf import tf
 from edgetl.host._transfer import TrainConfig, TrainResult
 
 
@@ -53,7 +60,6 @@ def save_run(result: TrainResult, out: str | os.PathLike[str], *, kind: str = "t
     Raises:
         InputError: ``out`` exists and ``overwrite`` is false.
     """
-    from edgetl.host._tf import tf
 
     out = Path(out)
     if result.config.strategy == "multi-worker" and not is_chief():
@@ -108,8 +114,6 @@ def _save_as_worker(result: TrainResult, out: Path) -> Path:
     """A non-chief worker saves the models into a directory it then deletes: saving reads
     every variable, and reading a synchronized variable is a collective every worker must
     join. The chief writes the run at ``out``."""
-    import shutil
-    import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix=".edgetl-worker-"))
     try:
@@ -123,7 +127,6 @@ def _save_as_worker(result: TrainResult, out: Path) -> Path:
 def _store_embeddings(result: TrainResult, run_dir: Path) -> None:
     """Link the run's on-disk embedding entry into the run, for export: only when one entry
     covers the run's data and the backbone is the one that computed it (not fine-tuned)."""
-    from edgetl.host._embedding_cache import store_in_run
 
     entries = result.metrics.get("embedding_cache") or []
     if len(entries) == 1 and not result.metrics.get("fine_tune_kept"):
@@ -149,10 +152,6 @@ class Run:
         sha256 (the same examples, labels and classes), then conformed to the model's input
         as training conformed it. Anything else returns ``None`` with the reason.
         """
-        import warnings
-
-        from edgetl.data import conform_images, load_dataset
-        from edgetl.errors import EdgeTLError
 
         record = self.info.get("data") or {}
         load = dict(record.get("load") or {})
@@ -188,14 +187,12 @@ class Run:
         example in the data's order) and their record, when the run stored them for the data
         it records; ``None`` otherwise. Valid only while that data is unchanged (see
         :meth:`training_data`, which checks it)."""
-        from edgetl.host._embedding_cache import load_from_run
 
         return load_from_run(self.path, (self.info.get("data") or {}).get("sha256"))
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by :func:`save_run`."""
-    from edgetl.host._backbones import load_keras_model
 
     path = Path(path)
     missing = [f for f in ("model.keras", "config.json") if not (path / f).is_file()]

@@ -8,9 +8,11 @@ with ``tf_keras`` and sets ``TF_USE_LEGACY_KERAS=1`` before TensorFlow is first 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from types import ModuleType
 
+from edgetl._quiet import native_output_silenced, quiet_python_loggers, verbose
 from edgetl.errors import DependencyError
 
 _INSTALL_HINT = 'Install the host extra: pip install "edgetl[host]"'
@@ -24,11 +26,9 @@ def tf() -> ModuleType:
     "All log messages before absl::InitializeLog()" straight to file descriptor 2, and its
     Python loggers warn about tf.function retracing on every ``predict`` of a new model.
     """
-    import sys
 
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    from edgetl._quiet import native_output_silenced, quiet_python_loggers, verbose
 
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "3")

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgetl.data import LazyArray
 from edgetl.errors import InputError
+from edgetl.host._tf import keras, tf
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,6 @@ class Augmentation:
 
     def build(self) -> Any:
         """A ``tf_keras.Sequential`` of preprocessing layers (random only when training=True)."""
-        from edgetl.host._tf import keras
 
         k = keras()
         layers = []
@@ -72,7 +72,6 @@ def to_tf_dataset(
     read in parallel as the pipeline needs them). Augmentation runs in the input pipeline
     with ``training=True`` so it never becomes part of the model that gets exported.
     """
-    from edgetl.host._tf import tf
 
     t = tf()
     lazy = isinstance(x, LazyArray)
@@ -103,7 +102,6 @@ def to_tf_dataset(
 def _row_reader(x: LazyArray) -> Any:
     """A graph function: row index -> that row of ``x`` as float32 (decoded in Python, off the GIL
     for most of the work: Pillow releases it while decoding and resizing)."""
-    from edgetl.host._tf import tf
 
     t = tf()
     shape = tuple(int(d) for d in x.shape[1:])
@@ -119,7 +117,6 @@ def _row_reader(x: LazyArray) -> Any:
 def rows_dataset(x: LazyArray | np.ndarray, rows: np.ndarray, batch_size: int) -> Any:
     """``x[rows]`` as float32 batches of ``batch_size``, read in parallel and prefetched (for
     embedding extraction: no labels, no shuffling, order kept)."""
-    from edgetl.host._tf import tf
 
     t = tf()
     rows = np.asarray(rows, np.int64)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from edgetl._options import option
 from edgetl.data import STREAMING_MODES, Dataset, Splits, class_weights, conform_images, stratified_split
 from edgetl.errors import BackboneError, InputError, describe
 from edgetl.host._backbones import (
@@ -34,6 +35,7 @@ from edgetl.host._backbones import (
     is_registry_name,
     leaf_layers,
 )
+from edgetl.host._embedding_cache import embed
 from edgetl.host._fit import compile_model, fit_model
 from edgetl.host._linear_head import Standardization, fit_linear_head, standardization
 from edgetl.host._tf import keras, tf
@@ -41,6 +43,7 @@ from edgetl.host._tf_data import Augmentation
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 FUSIONS = ("none", "concat")
+TRAIN = ("train",)  # command-line options only `edgetl train` takes
 # Adam's step is about lr per weight whatever the gradient's scale, so one rate moves
 # every backbone by about the same absolute amount. 1e-5 (the usual advice when all of a
 # large ImageNet backbone is unfrozen) left a small CNN where it was (issue 9: val 0.43 ->
@@ -107,34 +110,97 @@ class TrainConfig:
             In-memory data keeps its embeddings in memory as before.
     """
 
-    backbone: str = "edgetl_cnn"
-    weights: str | None = None
-    cut_layer: str | None = None
-    input_preprocessing: InputPreprocessing | str | None = None
+    # `edgetl pretrain` and `edgetl train` flags come from these fields (edgetl._options);
+    # TRAIN marks the ones only `train` (transfer) takes.
+    backbone: str = option(
+        "edgetl_cnn",
+        help="registered backbone (see `edgetl backbones`); for train also a Keras model file or an `edgetl "
+        "pretrain` run directory",
+    )
+    weights: str | None = option(
+        None, help="imagenet (downloads; needs internet), a local weights file, or omit for random init"
+    )
+    cut_layer: str | None = option(
+        None,
+        commands=TRAIN,
+        help="for a model-file backbone: the layer whose output is the embedding (default: the classifier's input; "
+        "see `edgetl layers MODEL`)",
+    )
+    input_preprocessing: InputPreprocessing | str | None = option(
+        None,
+        commands=TRAIN,
+        choices=("none", "0-1", "-1-1", "imagenet", "caffe"),
+        help="what a model-file backbone expects its raw pixels turned into: 0-1 (x/255), -1-1 (x/127.5-1), "
+        "imagenet (mean/std), caffe (BGR, mean); baked into the exported models",
+    )
     standardize_embeddings: bool = True
     head_solver: Literal["auto", "adam"] = "auto"
-    head_C: float | None = None
-    fusion: Literal["none", "concat"] = "none"
-    fusion_units: int = 16
-    head_hidden_units: int = 0
-    dropout: float = 0.0
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    fine_tune_layers: int = 0
-    fine_tune_epochs: int = 10
-    fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
-    early_stopping_patience: int = 5
-    class_weight: Literal["none", "balanced"] = "none"
-    label_smoothing: float = 0.0
-    augmentation: Augmentation | None = None
-    seed: int = 0
-    strategy: Literal["default", "mirrored", "multi-worker"] = "default"
+    head_C: float | None = option(
+        None,
+        commands=TRAIN,
+        type=float,
+        help="inverse L2 strength of the linear head (default: chosen on the validation split or by cross-validation)",
+    )
+    fusion: Literal["none", "concat"] = option(
+        "none",
+        commands=TRAIN,
+        choices=FUSIONS,
+        help="concat: fuse a trainable task branch with the shared embedding",
+    )
+    fusion_units: int = option(16, commands=TRAIN)
+    head_hidden_units: int = option(
+        0,
+        commands=TRAIN,
+        help="0 = linear softmax head (fitted to convergence); N adds Dense(N, relu), trained with Adam",
+    )
+    dropout: float = option(0.0)
+    epochs: int = option(30, help="Adam epochs (hidden-layer heads, fusion, pretrain)")
+    batch_size: int = option(32)
+    learning_rate: float = option(1e-3)
+    fine_tune_layers: int = option(
+        0,
+        commands=TRAIN,
+        help="after the head phase, fine-tune the top N backbone layers (kept only if validation improves)",
+    )
+    fine_tune_epochs: int = option(10, commands=TRAIN)
+    fine_tune_learning_rate: float = option(FINE_TUNE_LEARNING_RATE, commands=TRAIN)
+    early_stopping_patience: int = option(
+        5, flag="--patience", help="early-stopping patience in epochs, restoring the best weights; 0 disables"
+    )
+    class_weight: Literal["none", "balanced"] = option("none", choices=("none", "balanced"))
+    label_smoothing: float = option(0.0)
+    augmentation: Augmentation | None = option(
+        None,
+        flag="--augment",
+        action="store_true",
+        cli_default=False,
+        to_config=lambda on: Augmentation() if on else None,
+        help="random flip/rotation/zoom/brightness on training images",
+    )
+    seed: int = option(0)
+    strategy: Literal["default", "mirrored", "multi-worker"] = option(
+        "default",
+        choices=STRATEGIES,
+        help="tf.distribute strategy; multi-worker reads the cluster from TF_CONFIG",
+    )
     cache_embeddings: bool = True
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    streaming: Literal["auto", "on", "off"] = "auto"
-    embedding_cache: bool = True
+    val_fraction: float = option(0.1)
+    test_fraction: float = option(0.2)
+    # `pretrain` trains every layer on arrays in memory; only `train` streams.
+    streaming: Literal["auto", "on", "off"] = option(
+        "auto",
+        commands=TRAIN,
+        choices=STREAMING_MODES,
+        help="read image folders (and uncompressed .npz) lazily from disk instead of into memory: auto streams when "
+        "loading into memory would take more than half the available memory (default: %(default)s)",
+    )
+    embedding_cache: bool = option(
+        True,
+        commands=TRAIN,
+        flag="--no-embedding-cache",
+        help="for streamed data, do not keep the backbone's embeddings in the on-disk cache ($EDGETL_CACHE_DIR, "
+        "default ~/.cache/edgetl) that later runs and export reuse",
+    )
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -541,7 +607,6 @@ def _embed_streamed(
     splits: Splits, backbone: Backbone, config: TrainConfig, strategy: Any, record: dict[str, Any] | None
 ) -> _Streamed | None:
     """Embeddings of every streamed example (``None`` for in-memory data: embedded as before)."""
-    from edgetl.host._embedding_cache import embed
 
     parts = [ds.x for ds in (splits.train, splits.val, splits.test) if len(ds)]
     if not splits.train.streamed or not all(ds.streamed for ds in (splits.train, splits.val, splits.test) if len(ds)):

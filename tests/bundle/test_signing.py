@@ -20,14 +20,13 @@ pytest.importorskip("cryptography", reason="bundle signatures need cryptography 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: E402
 
-from edgetl.bundle import read_bundle, write_bundle  # noqa: E402
+from edgetl.bundle import read_bundle, sign_bundle, write_bundle  # noqa: E402
 from edgetl.bundle._signing import (  # noqa: E402
     SIGNATURE_FILE,
     generate_keypair,
     key_id,
     load_private_key,
     load_public_key,
-    sign_bundle,
     verify_bundle_signature,
     verify_manifest_signature,
 )

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from edgetl.device._classifier import Classifier
-from edgetl.device._head import HeadState, TrainSettings, make_trainer
+from edgetl.device._head import HeadState, TrainSettings
+from edgetl.device._head_loop import make_trainer
 from edgetl.device._personalizer import Personalizer
 from edgetl.device._store import HeadStore
 from edgetl.errors import InputError, StoreError

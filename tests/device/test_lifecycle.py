@@ -12,7 +12,7 @@ import pytest
 from conftest import load_tool
 
 from edgetl.cli import main
-from edgetl.device import Classifier, HeadStore, Personalizer
+from edgetl.device import Classifier, HeadStore, Personalizer, migrate
 from edgetl.errors import BundleError, InputError, StoreError
 
 BACKENDS = ["onnxruntime", "litert"]
@@ -59,7 +59,7 @@ def test_same_backbone_carries_the_head_over_unchanged(tmp_path, digits_bundle, 
     bundle, _ = digits_bundle
     same, _ = bundles
     clf, _ = personalized_store(tmp_path / "s", bundle, user)
-    result = HeadStore(tmp_path / "s", bundle).migrate(same)
+    result = migrate(HeadStore(tmp_path / "s", bundle), same)
     assert result.kind == "carried_over" and result.version == 2
     moved = HeadStore(tmp_path / "s", same).active()
     np.testing.assert_array_equal(moved.head.W, clf.head.W)
@@ -76,7 +76,7 @@ def test_a_new_backbone_retrains_from_kept_examples(tmp_path, digits_bundle, bun
     _, other = bundles
     (x, y), (tx, ty) = user
     personalized_store(tmp_path / "s", bundle, user, backend=backend)
-    result = HeadStore(tmp_path / "s", bundle).migrate(other, backend=backend, margin=1.0)
+    result = migrate(HeadStore(tmp_path / "s", bundle), other, backend=backend, margin=1.0)
     assert result.kind == "retrained", result.reason
     migrated = Classifier.open(other.path, backend=backend, store=tmp_path / "s")
     assert migrated.head_version == result.version
@@ -94,7 +94,7 @@ def test_migration_without_kept_examples_activates_the_new_factory_head(tmp_path
     bundle, _ = digits_bundle
     _, other = bundles
     personalized_store(tmp_path / "s", bundle, user, keep=False)
-    result = HeadStore(tmp_path / "s", bundle).migrate(other)
+    result = migrate(HeadStore(tmp_path / "s", bundle), other)
     assert result.kind == "factory" and result.version == 0 and "no kept examples" in result.reason
     assert HeadStore(tmp_path / "s", other).active().number == 0
 
@@ -113,7 +113,7 @@ def test_migration_to_a_bundle_of_another_input_shape_changes_nothing(tmp_path, 
     run = host.save_run(host.train(data, host.TrainConfig(backbone="edgetl_cnn")), tmp_path / "rgb_run")
     rgb = host.export_bundle(run, tmp_path / "rgb.edgetl", calibration=data).bundle
     with pytest.raises(InputError, match="must have shape"):
-        HeadStore(tmp_path / "s", bundle).migrate(rgb)
+        migrate(HeadStore(tmp_path / "s", bundle), rgb)
     assert HeadStore(tmp_path / "s", bundle).history() == before
     assert HeadStore(tmp_path / "s", bundle).active().number == 1
 
@@ -151,17 +151,44 @@ def test_a_store_that_trusts_a_key_migrates_only_to_bundles_it_signed(tmp_path, 
     from edgetl.bundle import read_bundle
 
     with pytest.raises(BundleError, match="not signed|unsigned|no manifest.sig"):
-        HeadStore(tmp_path / "s", bundle).migrate(read_bundle(unsigned))
+        migrate(HeadStore(tmp_path / "s", bundle), read_bundle(unsigned))
     wrong = tmp_path / "wrong.edgetl"
     shutil.copytree(same.path, wrong)
     sign_bundle(wrong, tmp_path / "other.pem")
     with pytest.raises(BundleError, match="does not trust.*rotated its signing key"):
-        HeadStore(tmp_path / "s", bundle).migrate(read_bundle(wrong))
+        migrate(HeadStore(tmp_path / "s", bundle), read_bundle(wrong))
     assert HeadStore(tmp_path / "s", bundle).active().number == 1  # nothing moved
     good = tmp_path / "good.edgetl"
     shutil.copytree(same.path, good)
     sign_bundle(good, tmp_path / "vendor.pem")
-    assert HeadStore(tmp_path / "s", bundle).migrate(read_bundle(good)).kind == "carried_over"
+    assert migrate(HeadStore(tmp_path / "s", bundle), read_bundle(good)).kind == "carried_over"
+
+
+def test_a_manifest_swapped_after_reading_cannot_borrow_its_signature(tmp_path, digits_bundle, bundles, user):
+    """The signature is checked on the manifest bytes the bundle was parsed from: a signed
+    manifest.json (and its manifest.sig) put in place after read_bundle parsed an unsigned
+    one does not make the parsed bundle trusted."""
+    import shutil
+
+    from edgetl.bundle import generate_keypair, read_bundle, sign_bundle
+
+    bundle, _ = digits_bundle
+    same, other = bundles
+    generate_keypair(tmp_path / "vendor.pem", tmp_path / "vendor.pub")
+    personalized_store(tmp_path / "s", bundle, user)
+    HeadStore(tmp_path / "s", bundle).set_trust([tmp_path / "vendor.pub"])
+    signed = tmp_path / "signed.edgetl"
+    shutil.copytree(same.path, signed)
+    sign_bundle(signed, tmp_path / "vendor.pem")
+    forged = tmp_path / "forged.edgetl"
+    shutil.copytree(other.path, forged)
+    parsed = read_bundle(forged)  # unsigned: the bundle the store would move to
+    for name in ("manifest.json", "manifest.sig"):  # the swap, after parsing
+        shutil.copy(signed / name, forged / name)
+    with pytest.raises(BundleError, match="changed after signing"):
+        migrate(HeadStore(tmp_path / "s", bundle), parsed)
+    assert HeadStore(tmp_path / "s", bundle).active().number == 1  # nothing moved
+    assert migrate(HeadStore(tmp_path / "s", bundle), read_bundle(signed)).kind == "carried_over"
 
 
 def test_a_corrupt_kept_example_stops_migration_and_loses_nothing(tmp_path, digits_bundle, bundles, user):
@@ -176,6 +203,6 @@ def test_a_corrupt_kept_example_stops_migration_and_loses_nothing(tmp_path, digi
         db.execute("UPDATE examples SET x=? WHERE seq=3", (bytes(x),))
     before = HeadStore(tmp_path / "s", bundle).history()
     with pytest.raises(StoreError, match="kept example 3 .* sha256"):
-        HeadStore(tmp_path / "s", bundle).migrate(other)
+        migrate(HeadStore(tmp_path / "s", bundle), other)
     assert HeadStore(tmp_path / "s", bundle).history() == before
     assert HeadStore(tmp_path / "s", bundle).active_version == 1

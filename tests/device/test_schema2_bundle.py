@@ -18,7 +18,8 @@ import pytest
 from edgetl.bundle import read_bundle
 from edgetl.device import verify_bundle
 from edgetl.device._classifier import Classifier
-from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings, make_trainer
+from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
+from edgetl.device._head_loop import make_trainer
 from edgetl.device._personalizer import Personalizer
 
 OLD = Path(__file__).resolve().parents[1] / "data" / "schema2.edgetl"

@@ -13,10 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import load_tool
+from model_metadata_readers import read_onnx_metadata, read_tflite_metadata
 
 from edgetl.device import Classifier
-from edgetl.host._onnx_metadata import read_onnx_metadata
-from edgetl.host._tflite_metadata import read_tflite_metadata
 
 
 @pytest.fixture(scope="module")

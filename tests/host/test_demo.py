@@ -48,7 +48,7 @@ def _row(shots, transfer, scratch, seconds=(0.5, 2.0)):
 
 
 def test_reading_line_says_what_the_numbers_say():
-    from edgetl.host._demo import interpret
+    from edgetl.host._demo_report import interpret
 
     rows = [_row(1, 0.85, 0.76), _row(3, 0.90, 0.895), _row(10, 0.93, 0.95), _row("all", 0.98, 0.9705)]
     lines = interpret(rows)

@@ -15,19 +15,15 @@ import sys
 import textwrap
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from model_metadata_readers import decode_metadata, read_onnx_metadata, read_tflite_metadata
 
 from edgetl.errors import InputError
-from edgetl.host._onnx_metadata import edgetl_onnx_props, read_onnx_metadata, write_onnx_metadata
-from edgetl.host._tflite_metadata import (
-    TFLiteModelInfo,
-    decode_metadata,
-    min_parser_version,
-    read_tflite_metadata,
-    write_tflite_metadata,
-)
+from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
+from edgetl.host._tflite_metadata import TFLiteModelInfo, min_parser_version, write_tflite_metadata
 
 LABELS = ("red", "green", "blue", "grüne Äpfel")  # a non-ASCII label with a space: labels.txt is UTF-8
 SIZE = 32
@@ -212,15 +208,20 @@ def test_reader_needs_no_tensorflow(with_metadata, models, tmp_path):
                 if name.split(".")[0] in HEAVY:
                     raise ImportError("blocked " + name)
         sys.meta_path.insert(0, Block())
-        from edgetl.host._tflite_metadata import read_tflite_metadata
-        from edgetl.host._onnx_metadata import read_onnx_metadata
+        sys.path.insert(0, sys.argv[3])
+        from model_metadata_readers import read_onnx_metadata, read_tflite_metadata
         a = read_tflite_metadata(open(sys.argv[1], "rb").read())
         b = read_onnx_metadata(sys.argv[2])
         assert not [m for m in sys.modules if m.split(".")[0] in HEAVY]
         print(json.dumps([a["labels"], a["kind"], b["labels"]]))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tfl), str(onx)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tfl), str(onx), str(Path(__file__).parents[1])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [list(LABELS), "classifier", list(LABELS)]
 

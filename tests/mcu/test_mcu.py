@@ -147,7 +147,8 @@ def test_c_fit_is_deterministic_per_seed_and_learns(digits_bundle, head_lib):
     assert not np.array_equal(heads["a"].W, heads["c"].W)  # the seed orders the batches
     # The bundle's trainer with its default settings: the same batches (the documented
     # xorshift32 Fisher-Yates order, edgetl.bundle._head.step_plan), the same SGD step.
-    from edgetl.device._head import TrainSettings, make_trainer
+    from edgetl.device._head import TrainSettings
+    from edgetl.device._head_loop import make_trainer
 
     trainer = make_trainer(digits_bundle[0], "onnxruntime")
     trained, _ = trainer.train(head, emb, np.eye(head.capacity, dtype=np.float32)[labels], TrainSettings())
@@ -237,10 +238,11 @@ def mcu_plan(digits_bundle):
     ],
 )
 def test_size_gates_name_the_numbers(mcu_plan, limits, message):
+    from edgetl.host._export import REPLAY_PER_CLASS, int8_embedding_tflite
     from edgetl.host._export_mcu import McuConfig, mcu_export
 
     with pytest.raises(InputError, match=message):
-        mcu_export(*mcu_plan, McuConfig(**limits))
+        mcu_export(*mcu_plan, McuConfig(**limits), to_int8=int8_embedding_tflite, replay_pool=REPLAY_PER_CLASS)
 
 
 def test_verification_gate_refuses_runtimes_that_disagree_or_lost_accuracy(mcu_bundle, monkeypatch):
