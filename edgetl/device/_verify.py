@@ -33,9 +33,10 @@ from edgetl.bundle._contract import (
     WEIGHTS,
 )
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
+from edgetl.device import _runtimes
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
-from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, installed_backends, load_model
+from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model
 from edgetl.errors import DependencyError
 
 # fp32 exports must match Keras to this max abs difference on probabilities, and on
@@ -121,7 +122,7 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
         DependencyError: neither runtime is installed.
     """
 
-    backends = installed_backends()
+    backends = _runtimes.installed_backends()  # looked up at call time: tests simulate a one-runtime device
     if not backends:
         raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
     ref = bundle.arrays("parity", PARITY_MEMBERS)
