@@ -66,7 +66,7 @@ def test_unbound_python_names_are_found():
 
 def test_blocks_without_a_way_to_run_are_refused(tmp_path):
     with pytest.raises(AssertionError, match="neither run here nor claimed"):
-        check_block(Block("d.md", 1, "kotlin", "val x = 1\n"), tmp_path, world=None)
+        check_block(Block("d.md", 1, "cpp", "int main() {}\n"), tmp_path, world=None)
     with pytest.raises(AssertionError, match="must say why"):
         check_block(Block("d.md", 1, "bash", "edgetl x\n", marker="skip"), tmp_path, world=None)
     with pytest.raises(AssertionError, match="no test reads it"):

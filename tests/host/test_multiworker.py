@@ -17,6 +17,9 @@ from PIL import Image
 from edgetl.cli import main
 from edgetl.data import load_digits_dataset
 
+# Each test starts three TensorFlow processes (one worker alone, then a cluster of two): minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 WORKER_TIMEOUT = 300  # seconds; a worker left alone waits for its peer forever, so both are killed then
 
 
