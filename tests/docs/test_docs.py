@@ -105,6 +105,13 @@ class World:
         return load_tool("user_models").digit_images((0, 1, 2), SIDE, 3, seed=1, per_class=80)
 
     @cached_property
+    def held_out(self) -> tuple[np.ndarray, np.ndarray]:
+        """Another draw of photos of the same classes (other tints and shifts, mostly other digits): test.npz."""
+        from conftest import load_tool
+
+        return load_tool("user_models").digit_images((0, 1, 2), SIDE, 3, seed=7, per_class=40)
+
+    @cached_property
     def user_examples(self) -> tuple[np.ndarray, np.ndarray]:
         """Another person's photos of the same classes (thicker, slanted strokes), which the
         guard accepts a personalization on (the same photos again gain nothing and may be refused)."""
@@ -119,21 +126,22 @@ class World:
 
     @cached_property
     def model_h5(self) -> Path:
-        """A user's tf_keras classifier (.h5) of other digits, trained on inputs in [-1, 1]."""
+        """A user's tf_keras digits classifier (.h5), trained on inputs in [-1, 1]; the photos
+        are of three of its classes (its features separate them well, so int8 keeps its accuracy)."""
         from conftest import load_tool
 
         from edgetl.host._tf import keras
 
         k = keras()
         k.utils.set_random_seed(0)
-        x, y = load_tool("user_models").digit_images((3, 4, 5, 6, 7, 8, 9), SIDE, 3, seed=0, per_class=100)
+        x, y = load_tool("user_models").digit_images(tuple(range(10)), SIDE, 3, seed=0, per_class=100)
         inputs = k.Input((SIDE, SIDE, 3))
         h = k.layers.Conv2D(16, 3, activation="relu")(inputs)
         h = k.layers.MaxPooling2D()(h)
         h = k.layers.Conv2D(32, 3, activation="relu")(h)
         h = k.layers.GlobalAveragePooling2D()(h)
         h = k.layers.Dense(32, activation="relu")(h)
-        model = k.Model(inputs, k.layers.Dense(7, activation="softmax")(h))
+        model = k.Model(inputs, k.layers.Dense(10, activation="softmax")(h))
         model.compile(optimizer=k.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
         model.fit(x.astype(np.float32) / 127.5 - 1, y, epochs=15, batch_size=32, verbose=0)
         path = self.base / "my_model.h5"
@@ -193,7 +201,7 @@ FILES = {
     "my_examples/": lambda w, d: w.folder(d, w.user_examples),
     "my_examples.npz": lambda w, d: _npz(d, w.user_examples),
     "my_model.h5": lambda w, d: _copy(w.model_h5, d),
-    "test.npz": lambda w, d: _npz(d, w.photos),
+    "test.npz": lambda w, d: _npz(d, w.held_out),
     "photo.png": lambda w, d: _image(d, w),
     "batch.npy": lambda w, d: np.save(d, w.photos[0][:4].astype(np.float32)),
     "vendor.pem": lambda w, d: _copy(w.keys[0], d),
