@@ -81,6 +81,7 @@ def test_usage_errors_exit_non_zero(capsys):
 QUICK_SOURCE_IMAGES = "3000"
 
 
+@pytest.mark.slow  # the demo end to end, ~100 s; tests/docs runs the Quickstart's demo too
 def test_demo_console_script(tmp_path, chromium):
     """The Quickstart's `edgetl demo`, run as users run it (console script, fresh process)."""
     exe = shutil.which("edgetl", path=str(Path(sys.executable).parent)) or shutil.which("edgetl")

@@ -54,6 +54,7 @@ def _device_venv(extra: str = "device") -> Path:
     return py
 
 
+@pytest.mark.slow  # builds a device-only venv, ~25 s
 def test_every_device_command_in_a_device_only_install(tmp_path, digits_bundle):
     from PIL import Image
 
@@ -104,6 +105,7 @@ def test_every_device_command_in_a_device_only_install(tmp_path, digits_bundle):
     )
 
 
+@pytest.mark.slow  # two more venvs, one per runtime, ~30 s
 @pytest.mark.parametrize(
     "extra, runtime, module, other, other_module",
     [

@@ -27,7 +27,10 @@ def test_registry_covers_the_device_families():
     assert list_backbones("features") == ["edgetl_mlp"]
 
 
-@pytest.mark.parametrize("name", APPLICATION_FAMILIES)
+# One family in the fast suite; the others build keras.applications-size graphs (10-25 s each).
+@pytest.mark.parametrize(
+    "name", [n if n == "mobilenetv3small" else pytest.param(n, marks=pytest.mark.slow) for n in APPLICATION_FAMILIES]
+)
 def test_application_family_builds_small_and_gives_registry_embedding(name):
     bb = create_backbone(name, (32, 32, 3), weights=None)
     assert bb.model.output_shape == (None, get_recipe(name).embedding_size)

@@ -234,6 +234,7 @@ def test_preprocessing_declarations_are_validated(files):
     )
 
 
+@pytest.mark.slow  # two int8 exports of a 64x64 model, ~90 s under load
 def test_int8_of_the_users_allconv_model_declared_and_raw(tmp_path, allconv_run, files):
     """Issue 9's case: the all-conv .h5 quantizes in both runtimes once its input range is
     declared (measured: agreement 1.000, backbone cosine 0.97); fed raw pixels, its int8

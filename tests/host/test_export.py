@@ -158,6 +158,7 @@ def test_flatten_model_is_exact_and_shares_weights(source_run, target_run):
     assert flat.get_layer("classifier") is run.model.get_layer("head").get_layer("classifier")
 
 
+@pytest.mark.slow  # converts keras.applications-size models: minutes for the three
 @pytest.mark.parametrize("family", ["mobilenetv2", "mobilenetv3small", "efficientnetb0"])
 def test_application_backbones_export_with_fp32_parity_in_both_runtimes(tmp_path, family):
     """Hard-swish (MobileNetV3), swish and squeeze-excite (EfficientNet) are where converters break."""

@@ -17,6 +17,9 @@ from PIL import Image
 from edgetl.cli import main
 from edgetl.data import load_digits_dataset
 
+# Each test starts three TensorFlow processes (one worker alone, then a cluster of two): minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 WORKER_TIMEOUT = 300  # seconds; a worker left alone waits for its peer forever, so both are killed then
 
 
@@ -106,27 +109,40 @@ def test_two_workers_train_an_adam_head_with_synchronized_gradients(tmp_path, fo
     assert abs(cluster["test_accuracy"] - single["test_accuracy"]) <= 0.01
 
 
-def test_two_workers_train_from_a_users_model_file(tmp_path, folder, monkeypatch):
-    """A backbone given as a model file (read for its input shape before training) used to
-    initialize TensorFlow's context before the strategy existed: "Collective ops must be
-    configured at program startup" on both workers."""
-    import tf_keras
-
-    model = tf_keras.Sequential(
+def _users_model(keras_module):
+    """A user's small digits classifier, written with ``keras_module`` (tf_keras or Keras 3)."""
+    L = keras_module.layers
+    return keras_module.Sequential(
         [
-            tf_keras.Input((8, 8, 1)),
-            tf_keras.layers.Rescaling(1 / 255.0),
-            tf_keras.layers.Conv2D(8, 3, activation="relu"),
-            tf_keras.layers.Flatten(),
-            tf_keras.layers.Dense(16, activation="relu"),
-            tf_keras.layers.Dense(5, activation="softmax"),
+            keras_module.Input((8, 8, 1)),
+            L.Rescaling(1 / 255.0),
+            L.Conv2D(8, 3, activation="relu"),
+            L.Flatten(),
+            L.Dense(16, activation="relu"),
+            L.Dense(5, activation="softmax"),
         ]
     )
-    model.save(tmp_path / "users_model.keras")
+
+
+@pytest.mark.parametrize("saved_by", ["tf_keras", "keras3"])
+def test_two_workers_train_from_a_users_model_file(tmp_path, folder, saved_by):
+    """A backbone given as a model file (read for its input shape before training) used to
+    initialize TensorFlow's context before the strategy existed: "Collective ops must be
+    configured at program startup" on both workers. A Keras 3 file (what ``model.save`` writes
+    under TensorFlow 2.16+) is rebuilt in tf_keras by each worker, after the strategy exists."""
+    if saved_by == "keras3":
+        import keras as keras_module
+
+        assert keras_module.__version__.startswith("3.")
+    else:
+        import tf_keras as keras_module
+
+    _users_model(keras_module).save(tmp_path / "users_model.keras")
     args = ["train", "--data", folder, "--backbone", tmp_path / "users_model.keras", "--quiet", "--out"]
     results = run_cluster([*args, tmp_path / "cluster", "--strategy", "multi-worker"], tmp_path / "cache")
     for code, output in results:
         assert code == 0, output
         assert "Traceback" not in output
     assert "wrote" in results[0][1] and "wrote" not in results[1][1]  # only the chief writes
-    assert json.loads((tmp_path / "cluster" / "metrics.json").read_text())["replicas"] == 2
+    metrics = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["test_accuracy"] > 0.5

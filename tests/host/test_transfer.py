@@ -247,6 +247,7 @@ def test_fine_tuning_that_hurts_validation_is_discarded(source_run, target_split
         assert final >= run.metrics["head_only_val_accuracy"]
 
 
+@pytest.mark.slow  # a TensorFlow subprocess with two logical CPUs
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, source_run):
     """Runs in a child process: logical devices must be configured before TensorFlow starts."""
     path, _ = source_run

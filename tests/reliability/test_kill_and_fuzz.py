@@ -22,6 +22,7 @@ def load_tool(name: str):
     return load(name)
 
 
+@pytest.mark.slow  # hundreds of SIGKILLed commits, ~30 s
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
 def test_store_survives_kills_at_random_and_at_every_write_of_a_commit(tmp_path, digits_bundle):
     stats = load_tool("kill_test").run(digits_bundle[0].path, tmp_path, random_kills=6, per_step=1, sample=12)
@@ -128,6 +129,7 @@ def read_fuzz(fuzz, digits_bundle):
     return fuzz.run(digits_bundle[0].path, cases=20 * len(READ_KINDS), seed=0, kinds=READ_KINDS)
 
 
+@pytest.mark.slow  # a fuzz campaign; the checks that each can fail stay fast
 def test_fuzzed_bundles_and_archives_only_raise_bundle_errors(fuzz, read_fuzz):
     assert not read_fuzz["findings"], fuzz.table(read_fuzz)
     kinds = read_fuzz["kinds"]
@@ -143,6 +145,7 @@ def open_fuzz(fuzz, digits_bundle):
     return fuzz.run(digits_bundle[0].path, cases=PER_OPEN_KIND * len(OPEN_KINDS), seed=0, kinds=OPEN_KINDS)
 
 
+@pytest.mark.slow  # a fuzz campaign over both runtimes, ~30 s
 @pytest.mark.parametrize(
     "kind",
     OPEN_KINDS,

@@ -21,6 +21,7 @@ def user_npz(tmp_path_factory, restyled_user):
     return path
 
 
+@pytest.mark.slow  # strace sweeps every system call of five operations, ~100 s
 @needs_strace
 def test_injected_io_errors_leave_the_state_before_or_after_and_say_which(
     tmp_path, digits_bundle, lifecycle_bundles, user_npz
