@@ -392,8 +392,8 @@ class Artifact:
     def entry(self) -> dict[str, Any]:
         out = {"file": self.file, "role": self.role, "format": self.format, "precision": self.precision, **self.extra}
         if (
-            self.format in FORMATS and self.role != "head"
-        ):  # the head's tensors are per signature (see head_tflite_loop)
+            self.format in FORMATS and self.role not in ("head", "tail")
+        ):  # the head's and tail's tensors are per signature (see head_tflite_loop, tail_tflite)
             out["inputs"], out["outputs"] = _io(self.content, self.format)
         return out
 
@@ -793,9 +793,10 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     return out
 
 
-def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> list[Artifact]:
+def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trunk: Any = None) -> list[Artifact]:
     """``replay.npz`` (class-balanced embeddings of training examples, so personalization can
-    train against and detect forgetting of the factory classes) and ``parity.npz``."""
+    train against and detect forgetting of the factory classes; with a ``trunk`` model, also
+    their trunk activations, for the tail) and ``parity.npz``."""
     out = []
     if plan.data.train is not None:
         x, y = plan.data.train
@@ -805,10 +806,13 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
             [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(len(plan.run.class_names))]
         )
         emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
+        arrays = {"embeddings": emb, "labels": y[keep].astype(np.int64)}
+        if trunk is not None:
+            arrays["trunk"] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
         out.append(
             Artifact(
                 "replay.npz",
-                _npz(embeddings=emb, labels=y[keep].astype(np.int64)),
+                _npz(**arrays),
                 "replay",
                 "npz",
                 "fp32",
@@ -987,11 +991,14 @@ def export(
     artifacts, timings = convert_models(plan, backbone, references)
     artifacts = with_metadata(plan, artifacts)
     artifacts += head_artifacts(plan, classifier)
-    artifacts += data_artifacts(plan, backbone, references)
+    from edgetl.host._tail_export import tail_step
+
+    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references)
+    artifacts += tail + data_artifacts(plan, backbone, references, trunk)
     extra = target_outputs(plan, targets, backbone, classifier, mcu)
     artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
-    manifest.update(extra.manifest)
+    manifest.update(extra.manifest, tail=tail_section)
     result = verify_staged(plan, manifest, artifacts)
     extra.add_checks(result)
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}
