@@ -76,3 +76,117 @@ def build_tail_bundle(out: Path, seed: int = 0) -> Path:
     run = save_run(train_transfer(halves.train, config), out / f"tail_target{seed}")
     result = export_bundle(run, out / f"tail{seed}.edgetl", quantize=["none"], calibration=halves.train)
     return result.bundle.path
+
+
+def run_user(w: Any, kind: str, per_class: int, seed: int, settings: Any = None) -> dict[str, Any]:
+    """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples)."""
+    from edgetl.device import Personalizer
+    from edgetl.device._tail import TailPersonalizer, choose_adapt
+    from guard_rates import KINDS, accuracy, draw, draw_style
+
+    rng = np.random.default_rng([seed, per_class, 24, sorted(KINDS).index(kind)])
+    idx, y = draw(w, per_class, rng, False)
+    x = draw_style(kind, w.pool_x[idx], [seed, per_class, 1])
+    clf = w.clf
+    clf.set_head(clf.factory, 0)
+    p = Personalizer(clf, None, **({"settings": settings} if settings else {}))
+    p.add_examples(x, [str(v) for v in y])
+    p.train()
+    head_verdict = p.decide()
+    tp = TailPersonalizer(p)
+    tp.train()
+    tail_verdict = tp.decide()
+    choice = choose_adapt(tp, head_verdict, tail_verdict)
+    user_x = draw_style(kind, w.test_x, [seed, per_class, 2])
+    user_emb, user_trunk, factory_trunk = clf.embed(user_x), tp.runtime.trunk(user_x), tp.runtime.trunk(w.test_x)
+
+    def tail_acc(weights: dict, trunk: np.ndarray) -> float:
+        return float(np.mean(tp.predict(weights, trunk, clf.factory.labels) == w.test_y))
+
+    head = p.candidate if head_verdict.accepted else clf.factory
+    out = {"kind": kind, "per_class": per_class, "seed": seed, "head_accepted": head_verdict.accepted}
+    out["tail_accepted"], out["auto"] = tail_verdict.accepted, choice
+    out["user_before"] = accuracy(clf, clf.factory, user_emb, w.test_y)
+    out["factory_before"] = accuracy(clf, clf.factory, w.factory_emb, w.test_y)
+    out["user_head"] = accuracy(clf, head, user_emb, w.test_y)
+    out["factory_head"] = accuracy(clf, head, w.factory_emb, w.test_y)
+    if tail_verdict.accepted:
+        out["user_tail"] = tail_acc(tp.candidate.weights, user_trunk)
+        out["factory_tail"] = tail_acc(tp.candidate.weights, factory_trunk)
+    else:
+        out["user_tail"], out["factory_tail"] = out["user_before"], out["factory_before"]
+    pick = "tail" if choice == "tail" else "head"
+    out["user_auto"], out["factory_auto"] = out[f"user_{pick}"], out[f"factory_{pick}"]
+    out["head_gain"] = out["user_head"] - out["user_before"]
+    return out
+
+
+def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The targets' lines (PASS/MISS) and whether all passed."""
+    low = [r for r in records if r["head_gain"] < LOW_GAIN]
+    mean = lambda key, rs: float(np.mean([r[key] for r in rs])) if rs else float("nan")  # noqa: E731
+    lines, ok = [], True
+    gain = mean("user_tail", low) - mean("user_head", low)
+    passed = bool(low) and gain >= TARGET_TAIL_GAIN
+    ok &= passed
+    lines.append(
+        f"users with head-only gain < {LOW_GAIN:.0%}: {len(low)} of {len(records)}; user accuracy head-only "
+        f"{mean('user_head', low):.3f}, tail {mean('user_tail', low):.3f} ({gain * 100:+.1f} points, target >= "
+        f"+{TARGET_TAIL_GAIN * 100:.0f}): {'PASS' if passed else 'MISS'}"
+    )
+    drop = mean("factory_head", records) - mean("factory_tail", records)
+    passed = drop <= FACTORY_SLACK
+    ok &= passed
+    lines.append(
+        f"factory classes, all users: head-only {mean('factory_head', records):.3f}, tail {mean('factory_tail', records):.3f}"
+        f" ({-drop * 100:+.1f} points, target within {FACTORY_SLACK * 100:.0f}): {'PASS' if passed else 'MISS'}"
+    )
+    auto = mean("user_auto", records) - mean("user_head", records)
+    auto_f = mean("factory_auto", records) - mean("factory_head", records)
+    passed = auto >= 0 and auto_f >= -FACTORY_SLACK
+    ok &= passed
+    lines.append(
+        f"auto vs head-only, all users: user {auto * 100:+.1f} points, factory {auto_f * 100:+.1f} points "
+        f"(tail chosen {sum(r['auto'] == 'tail' for r in records)} of {len(records)}; target: not below): "
+        f"{'PASS' if passed else 'MISS'}"
+    )
+    lines.append(
+        f"all users: before {mean('user_before', records):.3f}, head-only {mean('user_head', records):.3f}, tail "
+        f"{mean('user_tail', records):.3f}, auto {mean('user_auto', records):.3f}; guard accepted head "
+        f"{sum(r['head_accepted'] for r in records)}, tail {sum(r['tail_accepted'] for r in records)}"
+    )
+    return lines, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    from guard_rates import families, world
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--per-class", type=int, default=10)
+    ap.add_argument("--bundle", type=Path, help="a bundle with a tail (default: build one)")
+    ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "litert"))
+    ap.add_argument("--json", type=Path, help="write every record here")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or build_tail_bundle(Path(tmp))
+        w = world(bundle, args.backend)
+        records = []
+        for kind in families()["evaluation"]:
+            for seed in range(args.seeds):
+                r = run_user(w, kind, args.per_class, seed)
+                records.append(r)
+                print(
+                    f"{kind:<12} seed {seed}: before {r['user_before']:.3f} head {r['user_head']:.3f} tail "
+                    f"{r['user_tail']:.3f} auto={r['auto']} factory {r['factory_head']:.3f}/{r['factory_tail']:.3f}",
+                    flush=True,
+                )
+    lines, ok = summarize(records)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,7 +104,11 @@ def tail_files(split: TailSplit, head: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def verify_tail(
-    split: TailSplit, files: dict[str, Any], head: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray, y: np.ndarray
+    split: TailSplit,
+    files: dict[str, Any],
+    head: tuple[np.ndarray, np.ndarray, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
 ) -> dict[str, Any]:
     """Run every tail file in onnxruntime and LiteRT against Keras and the float64 reference.
 
@@ -137,7 +141,9 @@ def verify_tail(
     return out
 
 
-def tail_step(plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.ndarray], references: Any) -> tuple[list, dict, Any]:
+def tail_step(
+    plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.ndarray], references: Any
+) -> tuple[list, dict, Any]:
     """Export's tail step: ``(artifacts, manifest section, trunk model or None)``.
 
     A backbone without an eligible last layer gives no files and a section that says why
@@ -149,7 +155,11 @@ def tail_step(plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.n
     from edgetl.host._export import Artifact
 
     if getattr(plan.run.config, "fusion", "none") != "none" or getattr(plan.run.config, "head_hidden_units", 0):
-        return [], {"available": False, "reason": "the seam is not the backbone's embedding (fusion or hidden head layer)"}, None
+        return (
+            [],
+            {"available": False, "reason": "the seam is not the backbone's embedding (fusion or hidden head layer)"},
+            None,
+        )
     split = find_tail(backbone, references.x)
     if isinstance(split, str):
         return [], {"available": False, "reason": split}, None
@@ -158,7 +168,9 @@ def tail_step(plan: Any, backbone: Any, head: tuple[np.ndarray, np.ndarray, np.n
     checks = verify_tail(split, files, head, references.x, labels)
     if not checks["ok"]:
         raise BundleError("the trainable tail failed its checks: " + "; ".join(checks["failures"]))
-    artifacts = [Artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()]
+    artifacts = [
+        Artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()
+    ]
     f, d = split.init["W1"].shape
     section = {
         "available": True,
@@ -196,7 +208,9 @@ def _train_checks(
     for fmt, state in trained.items():
         out[f"{opt}_{fmt}_vs_reference"] = d = diff(state, ref)
         if not d <= tolerance:
-            out["failures"].append(f"tail {opt} in {fmt} differs from the float64 reference by {d:.3g} (> {tolerance:.3g})")
+            out["failures"].append(
+                f"tail {opt} in {fmt} differs from the float64 reference by {d:.3g} (> {tolerance:.3g})"
+            )
     out[f"{opt}_onnx_vs_tflite"] = d = diff(trained["onnx"], trained["tflite"])
     limit = RUNTIME_TOLERANCE if opt == "sgd" else tolerance
     if not d <= limit:

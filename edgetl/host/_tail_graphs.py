@@ -51,7 +51,12 @@ class _Graph:
 
 def _shapes(f: int, d: int, c: int) -> dict[str, list[Any]]:
     weights = {"W1": [f, d], "b1": [d], "W": [d, c], "b": [c]}
-    shapes: dict[str, list[Any]] = {"trunk": ["N", f], "labels": ["N", c], "order": ["S", "B"], "row_weight": ["S", "B"]}
+    shapes: dict[str, list[Any]] = {
+        "trunk": ["N", f],
+        "labels": ["N", c],
+        "order": ["S", "B"],
+        "row_weight": ["S", "B"],
+    }
     shapes.update(mask=[c], mean=[d], inv_std=[d], W0=[d, c], W1_0=[f, d], lr=[], l2=[], momentum=[], t=[])
     shapes.update(weights)
     for w, shape in weights.items():
@@ -204,7 +209,9 @@ def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
             g.op("Sub", w, g.op("Div", g.op("Mul", "lr", g.op("Div", m, "bc1_s")), denom), out=f"{w}_new")
 
 
-def tail_train_loop_onnx(trunk_size: int, embedding_size: int, max_classes: int, optimizer: str, activation: str) -> bytes:
+def tail_train_loop_onnx(
+    trunk_size: int, embedding_size: int, max_classes: int, optimizer: str, activation: str
+) -> bytes:
     """All steps of a step plan in one run: an ONNX ``Scan`` over the steps.
 
     Inputs: :data:`edgetl.bundle._tail.LOOP_INPUTS` (``order`` int64, the rest float32);
