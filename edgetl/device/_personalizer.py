@@ -137,6 +137,9 @@ class Personalizer:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
+        if self.classifier.head.tail is not None:  # the active version's tail layer gives the embeddings
+            trunk = self.classifier.bundle.arrays("replay", ("trunk",))["trunk"]
+            emb = self.classifier.tail_embed(trunk, self.classifier.head)
         return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 
     def _replay_split(self) -> tuple[np.ndarray, np.ndarray]:
@@ -385,12 +388,13 @@ class Personalizer:
             verdict.evidence(),
         )
 
-    def commit(self, margin: float | None = None) -> CommitResult:
+    def commit(self, margin: float | None = None, *, decision: CommitResult | None = None) -> CommitResult:
         """Store the trained candidate if the guard accepts it (:meth:`decide`); the
         classifier switches to it only once it is stored. With ``keep_examples``, the user's
         examples are kept in the store too (to rebuild the head for a new bundle), in the
-        same transaction."""
-        decision = self.decide(margin)
+        same transaction. ``decision``: the guard's verdict on ``candidate`` when another
+        judge made it (a tail: :meth:`edgetl.device._tail.TailPersonalizer.decide`)."""
+        decision = decision or self.decide(margin)
         if not decision.accepted:
             return self._record_rejection(decision)
         if self.store is None:

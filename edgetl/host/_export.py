@@ -391,8 +391,9 @@ class Artifact:
 
     def entry(self) -> dict[str, Any]:
         out = {"file": self.file, "role": self.role, "format": self.format, "precision": self.precision, **self.extra}
-        if (
-            self.format in FORMATS and self.role not in ("head", "tail")
+        if self.format in FORMATS and self.role not in (
+            "head",
+            "tail",
         ):  # the head's and tail's tensors are per signature (see head_tflite_loop, tail_tflite)
             out["inputs"], out["outputs"] = _io(self.content, self.format)
         return out
