@@ -396,9 +396,10 @@ def personalize(
         raise InputError(f"adapt must be one of {ADAPT}, received {adapt!r}")
     section = p.classifier.bundle.manifest.extra.get("tail") or {}
     if adapt != "head" and not section.get("available"):
-        result = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
         why = section.get("reason", "the bundle was exported before tails existed")
-        return replace(result, reason=f"head only (this bundle has no trainable tail: {why}); {result.reason}")
+        verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
+        verdict = replace(verdict, evidence={**verdict.evidence, "adapt": "head", "tail_unavailable": why})
+        return p.commit(decision=verdict) if commit else verdict
     if adapt == "head":
         return p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
     head_verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)

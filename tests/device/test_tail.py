@@ -161,4 +161,4 @@ def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digi
     halves = digits_bundle[1]
     x, y = np.asarray(halves.train.x)[:40], [halves.train.class_names[i] for i in halves.train.y[:40]]
     result = personalize(Personalizer(clf, None), x, y, adapt="auto", commit=False)
-    assert result.reason.startswith("head only (this bundle has no trainable tail: the embedding comes from Flatten")
+    assert result.evidence["adapt"] == "head" and "Flatten" in result.evidence["tail_unavailable"]
