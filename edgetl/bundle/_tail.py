@@ -1,19 +1,25 @@
 """The tail contract: the last embedding layer trained with the head (numpy, float64 reference).
 
 A bundle with a tail splits its backbone at the input of its last embedding layer: the
-frozen **trunk** (``trunk.fp32.onnx`` / ``trunk.fp32.tflite``: input -> ``trunk[N, F]``,
+frozen **trunk** (``trunk.fp32.onnx`` / ``trunk.fp32.tflite``: input -> ``trunk[N, P, F]``,
 what the device caches once per example) and the trainable **tail**::
 
-    h = act(a @ W1 + b1)                        # the backbone's last Dense (act: relu or linear)
-    z = (h - mean) * inv_std                    # the frozen seam standardization
+    h = act(a @ W1 + b1)                        # per position: [N, P, D]
+    e = mean over the P positions of h          # global average pooling (P = 1: nothing to pool)
+    z = (e - mean) * inv_std                    # the frozen seam standardization
     p = masked_softmax(z @ W + b, mask)         # the head (edgetl.bundle._head)
     loss = mean(-sum(y log p)) + l2/2 (||W - W0||^2 + ||W1 - W1_0||^2)
 
 One step on a batch (rows weighted by ``row_weight``: ``1/B_s`` per example, 0 for padding)::
 
     g = (p - y) * rw                  gW = z^T g + l2 (W - W0);       gb = sum g
-    gpre = (g W^T) * inv_std * [pre > 0 if relu]
+    gpre = (g W^T) * inv_std / P * act'(pre)         (broadcast over the positions)
                                       gW1 = a^T gpre + l2 (W1 - W1_0); gb1 = sum gpre
+                                      (sums over examples and positions)
+
+The last embedding layer is a ``Dense`` (P = 1) or a 1x1 ``Conv2D`` (+ ``BatchNormalization``,
+folded into ``W1``, ``b1`` at export) whose map is average-pooled (P = its height x width);
+``act`` is linear, ReLU or ReLU6 (MobileNetV2's ``out_relu``).
 
 SGD with momentum and Adam update the four tensors exactly as the head's step updates W and
 b. SGD's learning rate is the user-facing one and is normalised inside the graphs (the head
@@ -34,7 +40,7 @@ import numpy as np
 
 from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, OPTIMIZERS, masked_softmax
 
-ACTIVATIONS = ("linear", "relu")  # of the last embedding layer; anything else keeps the bundle head-only
+ACTIVATIONS = ("linear", "relu", "relu6")  # of the last embedding layer; others keep the bundle head-only
 WEIGHTS = ("W1", "b1", "W", "b")
 ANCHORS = {"W1": "W1_0", "W": "W0"}  # L2 anchors (biases are not pulled)
 CONSTANTS = ("mask", "mean", "inv_std")
@@ -60,12 +66,24 @@ INIT_FILE = "tail_init.npz"  # W1, b1, mean, inv_std (the head's W, b, mask stay
 REPLAY_KEY = "trunk"  # replay.npz gains the trunk activations of its examples
 
 
+def activate(pre: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "linear":
+        return pre
+    return np.clip(pre, 0.0, 6.0) if activation == "relu6" else np.maximum(pre, 0.0)
+
+
+def slope(pre: np.ndarray, activation: str) -> np.ndarray:
+    """``act'(pre)``: 1 where the activation passes its input, else 0."""
+    if activation == "linear":
+        return np.ones_like(pre)
+    return ((pre > 0) & (pre < 6)) if activation == "relu6" else (pre > 0)
+
+
 def forward(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> dict[str, np.ndarray]:
-    """The tail's forward pass in float64: pre-activation, embedding ``z`` and probabilities."""
+    """The tail's forward pass in float64 (``trunk[N, P, F]``): pre-activation, ``z``, probabilities."""
     a = np.asarray(trunk, np.float64)
     pre = a @ p["W1"] + p["b1"]
-    h = np.maximum(pre, 0.0) if activation == "relu" else pre
-    z = (h - p["mean"]) * p["inv_std"]
+    z = (activate(pre, activation).mean(axis=1) - p["mean"]) * p["inv_std"]
     return {"pre": pre, "z": z, "p": masked_softmax(z @ p["W"] + p["b"], p["mask"])}
 
 
@@ -74,6 +92,7 @@ def sgd_scales(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> 
     a = np.asarray(trunk, np.float64)
     z = forward(p, a, activation)["z"]
     head = float(np.mean(np.sum(z * z, axis=1))) + 1.0
+    a = a.mean(axis=1)  # the pooled trunk: what one step of W1 moves the pooled embedding by
     active = max(float(np.sum(p["mask"])), 1.0)
     w_scaled = np.asarray(p["W"], np.float64) * (np.asarray(p["mask"], np.float64)[None, :]) * p["inv_std"][:, None]
     tail = (float(np.mean(np.sum(a * a, axis=1))) + 1.0) * (float(np.sum(w_scaled**2)) / active + 1.0)
@@ -86,14 +105,13 @@ def gradients(
     """Gradients of the four tail tensors on one step's rows (weights ``rw``), and the loss."""
     f = forward(p, a, activation)
     g = (f["p"] - y) * rw[:, None]
-    gpre = (g @ p["W"].T) * p["inv_std"]
-    if activation == "relu":
-        gpre = gpre * (f["pre"] > 0)
+    gpre = ((g @ p["W"].T) * p["inv_std"] / a.shape[1])[:, None, :] * slope(f["pre"], activation)
     dW, dW1 = p["W"] - p["W0"], p["W1"] - p["W1_0"]
     loss = -np.sum(y * rw[:, None] * np.log(np.clip(f["p"], 1e-12, 1.0))) + 0.5 * l2 * (
         np.sum(dW * dW) + np.sum(dW1 * dW1)
     )
-    grads = {"W": f["z"].T @ g + l2 * dW, "b": g.sum(axis=0), "W1": a.T @ gpre + l2 * dW1, "b1": gpre.sum(axis=0)}
+    a2, g2 = a.reshape(-1, a.shape[2]), gpre.reshape(-1, gpre.shape[2])
+    grads = {"W": f["z"].T @ g + l2 * dW, "b": g.sum(axis=0), "W1": a2.T @ g2 + l2 * dW1, "b1": g2.sum(axis=0)}
     return grads, float(loss)
 
 

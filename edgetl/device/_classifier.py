@@ -236,10 +236,12 @@ class Classifier:
     def tail_embed(self, trunk: np.ndarray, head: HeadState) -> np.ndarray:
         """Embeddings from trunk activations through ``head``'s tail layer and the seam
         standardization (numpy: one matrix product, as :mod:`edgetl.bundle._tail` defines it)."""
+        from edgetl.bundle._tail import activate
+
         _, init, activation = self._tail_parts()
-        pre = np.asarray(trunk, np.float32) @ head.tail["W1"] + head.tail["b1"]
-        h = np.maximum(pre, 0.0) if activation == "relu" else pre
-        return ((h - init["mean"]) * init["inv_std"]).astype(np.float32)
+        pre = np.asarray(trunk, np.float32) @ head.tail["W1"] + head.tail["b1"]  # [N, P, D]
+        pooled = activate(pre, activation).mean(axis=1)
+        return ((pooled - init["mean"]) * init["inv_std"]).astype(np.float32)
 
     def predict(self, x: Any, *, top_k: int = 3) -> Prediction:
         """Labels and probabilities of raw inputs (one example or a batch)."""

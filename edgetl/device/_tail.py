@@ -216,10 +216,11 @@ class TailPersonalizer:
         self.runtime = TailRuntime.from_bundle(bundle, backend, threads)
         init = bundle.arrays("tail_init", ("W1", "b1", "mean", "inv_std"))
         self.init = {k: v.astype(np.float32) for k, v in init.items()}
-        self.replay_trunk = np.zeros((0, self.init["W1"].shape[0]), np.float32)
+        positions = int((bundle.manifest.extra.get("tail") or {}).get("positions", 1))
+        self.replay_trunk = np.zeros((0, positions, self.init["W1"].shape[0]), np.float32)
         if len(personalizer.replay_labels):
             self.replay_trunk = bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].astype(np.float32)
-            if self.replay_trunk.shape != (len(personalizer.replay_labels), self.init["W1"].shape[0]):
+            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init["W1"].shape[0]):
                 raise BundleError(f"replay.npz: trunk has shape {self.replay_trunk.shape}, not one row per example")
         self.candidate: TailCandidate | None = None
         self._user_trunk: np.ndarray | None = None

@@ -29,6 +29,7 @@ class TailSplit:
     layer: str
     activation: str
     init: dict[str, np.ndarray]  # W1, b1, mean, inv_std (float32)
+    positions: int = 1  # P of trunk[N, P, F]
 
 
 def _output_layer(model: Any) -> Any:
@@ -62,10 +63,11 @@ def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
         return f"the last Dense layer {layer.name!r} has activation {activation!r}; the tail trains {T.ACTIVATIONS}"
     owner = next(m for m in reversed(owners) if layer in m.layers)
     inner = k.Model(owner.inputs, layer.input, name="trunk_inner")
-    trunk = k.Model(backbone.inputs, inner(backbone.inputs[0]), name="trunk")
+    width = int(layer.input.shape[-1])
+    # [N, P, F] with P = 1: the contract's positions axis (a pooled 1x1 convolution has P > 1).
+    trunk = k.Model(backbone.inputs, k.layers.Reshape((1, width))(inner(backbone.inputs[0])), name="trunk")
     W1, b1 = (w.astype(np.float32) for w in layer.get_weights())
-    width = W1.shape[1]
-    mean, inv_std = np.zeros(width, np.float32), np.ones(width, np.float32)
+    mean, inv_std = np.zeros(W1.shape[1], np.float32), np.ones(W1.shape[1], np.float32)
     if norm is not None:
         mean = np.asarray(norm.mean, np.float32).reshape(-1)
         inv_std = (1.0 / np.maximum(np.sqrt(np.asarray(norm.variance).reshape(-1)), k.backend.epsilon())).astype(
@@ -73,8 +75,9 @@ def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
         )
     split = TailSplit(trunk, layer.name, activation, {"W1": W1, "b1": b1, "mean": mean, "inv_std": inv_std})
     a = trunk.predict(x, verbose=0)
-    pre = a @ W1 + b1
-    z = ((np.maximum(pre, 0) if activation == "relu" else pre) - mean) * inv_std
+    z = T.forward({**split.init, "W": np.zeros((W1.shape[1], 1)), "b": np.zeros(1), "mask": np.ones(1)}, a, activation)[
+        "z"
+    ]
     diff = float(np.abs(z - backbone.predict(x, verbose=0)).max())
     if not diff <= SPLIT_TOLERANCE * max(1.0, float(np.abs(z).max())):
         return f"the split at {layer.name!r} does not reproduce the backbone (max difference {diff:.3g})"
@@ -87,18 +90,18 @@ def tail_files(split: TailSplit, head: tuple[np.ndarray, np.ndarray, np.ndarray]
     from edgetl.host._tail_graphs import tail_infer_onnx, tail_tflite, tail_train_loop_onnx
 
     f, d = split.init["W1"].shape
-    cap, act = head[0].shape[1], split.activation
+    cap, act, p = head[0].shape[1], split.activation, split.positions
     buf = __import__("io").BytesIO()
     np.savez(buf, **split.init)
     files = {
         "trunk.fp32.tflite": (to_tflite(split.trunk, QuantizeConfig(), output_name="trunk"), "trunk", "tflite", {}),
         "trunk.fp32.onnx": (keras_to_onnx(split.trunk, opset), "trunk", "onnx", {}),
         T.INIT_FILE: (buf.getvalue(), "tail_init", "npz", {}),
-        T.INFER_FILE: (tail_infer_onnx(f, d, cap, act), "tail_infer", "onnx", {}),
-        T.TFLITE_FILE: (tail_tflite(f, d, cap, act), "tail", "tflite", {"signatures": list(T.TFLITE_SIGNATURES)}),
+        T.INFER_FILE: (tail_infer_onnx(f, d, cap, act, p), "tail_infer", "onnx", {}),
+        T.TFLITE_FILE: (tail_tflite(f, d, cap, act, p), "tail", "tflite", {"signatures": list(T.TFLITE_SIGNATURES)}),
     }
     for opt in OPTIMIZERS:
-        graph = tail_train_loop_onnx(f, d, cap, opt, act)
+        graph = tail_train_loop_onnx(f, d, cap, opt, act, p)
         files[T.TRAIN_FILE.format(optimizer=opt)] = (graph, "tail_train_loop", "onnx", {"optimizer": opt})
     return files
 
@@ -177,6 +180,7 @@ def tail_step(
         "layer": split.layer,
         "activation": split.activation,
         "trunk_size": int(f),
+        "positions": split.positions,
         "embedding_size": int(d),
         "optimizers": list(OPTIMIZERS),
         "loss": "softmax cross-entropy + l2/2 (||W - W0||^2 + ||W1 - W1_0||^2)",

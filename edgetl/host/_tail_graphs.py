@@ -49,10 +49,10 @@ class _Graph:
         return name
 
 
-def _shapes(f: int, d: int, c: int) -> dict[str, list[Any]]:
+def _shapes(f: int, d: int, c: int, positions: int = 1) -> dict[str, list[Any]]:
     weights = {"W1": [f, d], "b1": [d], "W": [d, c], "b": [c]}
     shapes: dict[str, list[Any]] = {
-        "trunk": ["N", f],
+        "trunk": ["N", positions, f],
         "labels": ["N", c],
         "order": ["S", "B"],
         "row_weight": ["S", "B"],
@@ -71,6 +71,9 @@ def _consts(h: Any) -> list[Any]:
     f, i64, f64 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.DOUBLE
     return [
         h.make_tensor("one", f, [], [1.0]),
+        h.make_tensor("zero", f, [], [0.0]),
+        h.make_tensor("six", f, [], [6.0]),
+        h.make_tensor("ax01", i64, [2], [0, 1]),
         h.make_tensor("half", f, [], [0.5]),
         h.make_tensor("neg_big", f, [], [MASK_NEG]),
         h.make_tensor("tiny", f, [], [1e-12]),
@@ -88,17 +91,25 @@ def _consts(h: Any) -> list[Any]:
     ]
 
 
+def _act(g: _Graph, pre: str, activation: str) -> str:
+    if activation == "relu":
+        return g.op("Relu", pre)
+    return g.op("Clip", pre, "zero", "six") if activation == "relu6" else pre
+
+
 def _forward(g: _Graph, a: str, w1: str, b1: str, w: str, b: str, activation: str) -> tuple[str, str, str]:
-    """pre, z and the masked logits of rows ``a``; ``mask_bias`` must exist."""
+    """pre ``[B, P, D]``, z and the masked logits of rows ``a[B, P, F]``; ``mask_bias`` must exist."""
     pre = g.op("Add", g.op("MatMul", a, w1), b1)
-    h = g.op("Relu", pre) if activation == "relu" else pre
-    z = g.op("Mul", g.op("Sub", h, "mean"), "inv_std")
+    pooled = g.op("ReduceMean", _act(g, pre, activation), axes=[1], keepdims=0)
+    z = g.op("Mul", g.op("Sub", pooled, "mean"), "inv_std")
     logits = g.op("Add", g.op("Add", g.op("MatMul", z, w), b), "mask_bias")
     return pre, z, logits
 
 
-def tail_infer_onnx(trunk_size: int, embedding_size: int, max_classes: int, activation: str) -> bytes:
-    """``probabilities[N, C]`` from ``trunk[N, F]`` and the tail's tensors (:data:`INFER_INPUTS`)."""
+def tail_infer_onnx(
+    trunk_size: int, embedding_size: int, max_classes: int, activation: str, positions: int = 1
+) -> bytes:
+    """``probabilities[N, C]`` from ``trunk[N, P, F]`` and the tail's tensors (:data:`INFER_INPUTS`)."""
     import onnx
 
     _check(trunk_size, embedding_size, max_classes, activation)
@@ -107,7 +118,7 @@ def tail_infer_onnx(trunk_size: int, embedding_size: int, max_classes: int, acti
     g.op("Mul", g.op("Sub", "one", "mask"), "neg_big", out="mask_bias")
     _, _, logits = _forward(g, "trunk", "W1", "b1", "W", "b", activation)
     g.op("Softmax", logits, axis=-1, out="probabilities")
-    shapes = _shapes(trunk_size, embedding_size, max_classes)
+    shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
     f = onnx.TensorProto.FLOAT
     graph = h.make_graph(
         g.nodes,
@@ -150,7 +161,8 @@ def _sgd_rates(g: _Graph, activation: str) -> None:
     """``lr_head`` and ``lr_tail``: the user's rate over each layer's normaliser (:mod:`edgetl.bundle._tail`)."""
     _, z0, _ = _forward(g, "trunk", "W1", "b1", "W", "b", activation)
     z_sq = g.op("ReduceMean", g.op("ReduceSumSquare", z0, axes=[1], keepdims=0), keepdims=0)
-    a_sq = g.op("ReduceMean", g.op("ReduceSumSquare", "trunk", axes=[1], keepdims=0), keepdims=0)
+    pooled = g.op("ReduceMean", "trunk", axes=[1], keepdims=0)
+    a_sq = g.op("ReduceMean", g.op("ReduceSumSquare", pooled, axes=[1], keepdims=0), keepdims=0)
     w_scaled = g.op("Mul", g.op("Mul", "W", g.op("Unsqueeze", "inv_std", "ax1")), "mask")
     active = g.op("Max", g.op("ReduceSum", "mask", keepdims=0), "one")
     w_sq = g.op("Add", g.op("Div", g.op("ReduceSumSquare", w_scaled, keepdims=0), active), "one")
@@ -184,14 +196,21 @@ def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
     y_rw = g.op("Mul", y, rw)
     grad_logits = g.op("Sub", g.op("Mul", p, rw), y_rw)
     d_w, d_w1 = g.op("Sub", "W", "W0"), g.op("Sub", "W1", "W1_0")
-    g_pre = g.op("Mul", g.op("MatMul", grad_logits, g.op("Transpose", "W", perm=[1, 0])), "inv_std")
-    if activation == "relu":
-        g_pre = g.op("Mul", g_pre, g.op("Cast", g.op("Greater", pre, "zero_f"), to=1))
+    g_z = g.op("Mul", g.op("MatMul", grad_logits, g.op("Transpose", "W", perm=[1, 0])), "inv_std_p")
+    g_h = g.op("Unsqueeze", g_z, "ax1")  # [B, 1, D]: the same gradient at every pooled position
+    if activation == "linear":
+        g_pre = g.op("Expand", g_h, g.op("Shape", pre))
+    else:
+        passes = g.op("Greater", pre, "zero")
+        if activation == "relu6":
+            passes = g.op("And", passes, g.op("Less", pre, "six"))
+        g_pre = g.op("Mul", g_h, g.op("Cast", passes, to=1))
+    a_rows, g_rows = g.op("Reshape", a, "rows_f"), g.op("Reshape", g_pre, "rows_d")  # [B P, F], [B P, D]
     grads = {
         "W": g.op("Add", g.op("MatMul", g.op("Transpose", z, perm=[1, 0]), grad_logits), g.op("Mul", "l2", d_w)),
         "b": g.op("ReduceSum", grad_logits, "ax0", keepdims=0),
-        "W1": g.op("Add", g.op("MatMul", g.op("Transpose", a, perm=[1, 0]), g_pre), g.op("Mul", "l2", d_w1)),
-        "b1": g.op("ReduceSum", g_pre, "ax0", keepdims=0),
+        "W1": g.op("Add", g.op("MatMul", g.op("Transpose", a_rows, perm=[1, 0]), g_rows), g.op("Mul", "l2", d_w1)),
+        "b1": g.op("ReduceSum", g_rows, "ax0", keepdims=0),
     }
     nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", y_rw, g.op("Log", g.op("Clip", p, "tiny", "one"))), keepdims=0))
     offsets = g.op("Add", g.op("ReduceSumSquare", d_w, keepdims=0), g.op("ReduceSumSquare", d_w1, keepdims=0))
@@ -210,7 +229,7 @@ def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
 
 
 def tail_train_loop_onnx(
-    trunk_size: int, embedding_size: int, max_classes: int, optimizer: str, activation: str
+    trunk_size: int, embedding_size: int, max_classes: int, optimizer: str, activation: str, positions: int = 1
 ) -> bytes:
     """All steps of a step plan in one run: an ONNX ``Scan`` over the steps.
 
@@ -227,10 +246,11 @@ def tail_train_loop_onnx(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received {optimizer!r}")
     _check(trunk_size, embedding_size, max_classes, activation)
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
-    shapes = _shapes(trunk_size, embedding_size, max_classes)
+    shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
     g = _Graph("o_")
     h = g.h
     g.op("Mul", g.op("Sub", "one", "mask"), "neg_big", out="mask_bias")
+    g.op("Mul", "inv_std", "inv_p", out="inv_std_p")  # the pooling's 1/P, folded once
     if optimizer == "sgd":
         _sgd_rates(g, activation)
     else:
@@ -248,7 +268,6 @@ def tail_train_loop_onnx(
         + [h.make_tensor_value_info(name, dtype, shape) for name, _, dtype, shape in scans],
         [h.make_tensor_value_info(f"{v}_new", f32, shapes[v]) for v in loop_vars]
         + [h.make_tensor_value_info("loss_s", f32, [])],
-        initializer=[h.make_tensor("zero_f", f32, [], [0.0])],
     )
     g.nodes.append(
         h.make_node(
@@ -265,7 +284,12 @@ def tail_train_loop_onnx(
         [h.make_tensor_value_info(x, i64 if x == "order" else f32, shapes[x]) for x in LOOP_INPUTS[optimizer]],
         [h.make_tensor_value_info(f"{s}_out", f32, shapes[s]) for s in STATE[optimizer]]
         + [h.make_tensor_value_info("losses", f32, ["S"])],
-        initializer=_consts(h),
+        initializer=_consts(h)
+        + [
+            h.make_tensor("inv_p", f32, [], [1.0 / positions]),
+            h.make_tensor("rows_f", i64, [2], [-1, trunk_size]),
+            h.make_tensor("rows_d", i64, [2], [-1, embedding_size]),
+        ],
     )
     return _finish(graph)
 
@@ -273,7 +297,7 @@ def tail_train_loop_onnx(
 # ----------------------------------------------------------------------------- TFLite
 
 
-def tail_tflite(trunk_size: int, embedding_size: int, max_classes: int, activation: str) -> bytes:
+def tail_tflite(trunk_size: int, embedding_size: int, max_classes: int, activation: str, positions: int = 1) -> bytes:
     """``tail.tflite``: signatures ``infer``, ``train_steps_sgd``, ``train_steps_adam``.
 
     Stateless (inputs and outputs as the ONNX graphs, :data:`edgetl.bundle._tail.TFLITE_SIGNATURES`),
@@ -281,8 +305,10 @@ def tail_tflite(trunk_size: int, embedding_size: int, max_classes: int, activati
     """
     _check(trunk_size, embedding_size, max_classes, activation)
     t = tf()
-    shapes = _shapes(trunk_size, embedding_size, max_classes)
-    shapes.update(trunk=[None, trunk_size], labels=[None, max_classes], order=[None, None], row_weight=[None, None])
+    shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
+    shapes.update(
+        trunk=[None, positions, trunk_size], labels=[None, max_classes], order=[None, None], row_weight=[None, None]
+    )
     module = t.Module()
     fns = []
     for name, inputs in TFLITE_SIGNATURES.items():
@@ -308,10 +334,18 @@ def _bind(body: Any, signature: str, names: tuple[str, ...], activation: str) ->
     return fn
 
 
+def _tf_act(t: Any, pre: Any, activation: str) -> Any:
+    if activation == "relu":
+        return t.nn.relu(pre)
+    return t.clip_by_value(pre, 0.0, 6.0) if activation == "relu6" else pre
+
+
 def _tf_forward(t: Any, x: dict[str, Any], a: Any, w: dict[str, Any], activation: str) -> tuple[Any, Any, Any]:
-    pre = t.matmul(a, w["W1"]) + w["b1"]
-    h = t.nn.relu(pre) if activation == "relu" else pre
-    z = (h - x["mean"]) * x["inv_std"]
+    """pre ``[B, P, D]`` (as ``[B P, D]`` rows through FULLY_CONNECTED), z, probabilities."""
+    f, d = w["W1"].shape
+    positions = a.shape[1]
+    pre = t.reshape(t.matmul(t.reshape(a, [-1, f]), w["W1"]) + w["b1"], [-1, positions, d])
+    z = (t.reduce_mean(_tf_act(t, pre, activation), axis=1) - x["mean"]) * x["inv_std"]
     logits = t.matmul(z, w["W"]) + w["b"] + (1.0 - x["mask"]) * MASK_NEG
     return pre, z, t.nn.softmax(logits)
 
@@ -333,15 +367,22 @@ def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: 
     y_rw = t.gather(x["labels"], idx) * rw
     pre, z, p = _tf_forward(t, x, a, w, activation)
     g = p * rw - y_rw
-    g_pre = t.matmul(g, w["W"], transpose_b=True) * x["inv_std"]
-    if activation == "relu":
-        g_pre = g_pre * t.cast(pre > 0.0, t.float32)
+    f, d = w["W1"].shape
+    g_h = t.expand_dims(t.matmul(g, w["W"], transpose_b=True) * x["inv_std"] / float(a.shape[1]), 1)
+    if activation == "linear":
+        g_pre = g_h + t.zeros_like(pre)
+    else:
+        passes = pre > 0.0
+        if activation == "relu6":
+            passes = t.logical_and(passes, pre < 6.0)
+        g_pre = g_h * t.cast(passes, t.float32)
+    a_rows, g_rows = t.reshape(a, [-1, f]), t.reshape(g_pre, [-1, d])
     d_w, d_w1 = w["W"] - x["W0"], w["W1"] - x["W1_0"]
     grads = {
         "W": t.matmul(z, g, transpose_a=True) + x["l2"] * d_w,
         "b": t.reduce_sum(g, axis=0),
-        "W1": t.matmul(a, g_pre, transpose_a=True) + x["l2"] * d_w1,
-        "b1": t.reduce_sum(g_pre, axis=0),
+        "W1": t.matmul(a_rows, g_rows, transpose_a=True) + x["l2"] * d_w1,
+        "b1": t.reduce_sum(g_rows, axis=0),
     }
     nll = -t.reduce_sum(y_rw * t.math.log(t.clip_by_value(p, 1e-12, 1.0)))
     loss = nll + 0.5 * x["l2"] * (t.reduce_sum(d_w * d_w) + t.reduce_sum(d_w1 * d_w1))
@@ -351,7 +392,8 @@ def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: 
 def _tf_sgd_rates(t: Any, x: dict[str, Any], activation: str) -> dict[str, Any]:
     _, z0, _ = _tf_forward(t, x, x["trunk"], x, activation)
     z_sq = t.reduce_mean(t.reduce_sum(z0 * z0, axis=1))
-    a_sq = t.reduce_mean(t.reduce_sum(x["trunk"] * x["trunk"], axis=1))
+    pooled = t.reduce_mean(x["trunk"], axis=1)
+    a_sq = t.reduce_mean(t.reduce_sum(pooled * pooled, axis=1))
     w_scaled = x["W"] * t.expand_dims(x["inv_std"], 1) * x["mask"]
     w_sq = t.reduce_sum(w_scaled * w_scaled) / t.maximum(t.reduce_sum(x["mask"]), 1.0) + 1.0
     head, tail = x["lr"] / (z_sq + 1.0), x["lr"] / ((a_sq + 1.0) * w_sq)

@@ -31,7 +31,7 @@ def test_export_splits_the_dense_embedding_and_verifies_both_runtimes(tail_bundl
     checks = section["checks"]
     assert checks["sgd_onnx_vs_tflite"] <= 1e-5  # issue 24's target
     assert checks["adam_onnx_vs_tflite"] <= checks["adam_tolerance"]
-    assert bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].shape[1] == 1024
+    assert bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].shape[1:] == (1, 1024)  # [N, P, F], P = 1
 
 
 # The 5-point target is on the evaluation family's mean (tools/tail_rates.py); for one user in a
@@ -137,7 +137,8 @@ def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(t
     head = tuple(bundle.arrays("head_init", ("W", "b", "mask"))[k] for k in ("W", "b", "mask"))
     k = keras()
     inputs = k.Input((8, 8, 1))
-    trunk = k.Model(inputs, k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs)))  # F = 1024
+    flat = k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs))
+    trunk = k.Model(inputs, k.layers.Reshape((1, 1024))(flat))  # [N, P, F] = [N, 1, 1024]
     honest = TailSplit(trunk, "embedding_dense", "relu", init)
     files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
     x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
