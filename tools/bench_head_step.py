@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-step head training time: step-by-step runtime calls vs whole-plan loops, vs the peer.
+"""Per-step head training time: edgetl's whole-plan loops vs the peer.
 
     python tools/bench_head_step.py [--rounds 7] [--no-peer] [--json out.json]
 
@@ -8,8 +8,6 @@ D=256, C=10 (5 active classes), batch 16, 160 examples; one `train` call runs 10
 side by side in interleaved rounds; per step = time of a whole `train` call / its steps,
 median over rounds, as wall-clock and as this thread's CPU time:
 
-* edgetl stepwise onnxruntime / LiteRT: the existing trainers of edgetl.device._head
-  (one runtime call per step), on a bundle holding only the head's files;
 * edgetl loop onnxruntime / LiteRT: edgetl.device._head_loop (one call per `train`);
 * numpy reference: edgetl.bundle._head.reference_step (float64), step by step;
 * onnxruntime-training 1.19.2 (the peer: AdamW, one step = module call + optimizer step),
@@ -48,9 +46,9 @@ TARGET = 0.5
 
 
 def build(work: Path) -> dict[str, Any]:
-    """The head's models (host side, TensorFlow), a bundle for the stepwise trainers."""
-    from edgetl.bundle import write_bundle
-    from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
+    """The head's models (host side, TensorFlow) and its starting weights."""
+    from edgetl.device._head import HeadState
+    from edgetl.host._head_graphs import head_infer_onnx
     from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     rng = np.random.default_rng(0)
@@ -58,55 +56,12 @@ def build(work: Path) -> dict[str, Any]:
     b = np.zeros(C, np.float32)
     mask = (np.arange(C) < ACTIVE).astype(np.float32)
     W[:, ACTIVE:] = 0.0
-    files = {
-        "head_init.npz": _npz(W=W, b=b, mask=mask),
-        "head.tflite": head_tflite_loop(W, b, mask),
-        "head_infer.onnx": head_infer_onnx(D, C),
-        "head_train_sgd.onnx": head_train_onnx(D, C, "sgd"),
-        "head_train_adam.onnx": head_train_onnx(D, C, "adam"),
-    }
-    artifacts = [
-        {"file": "head_init.npz", "role": "head_init", "format": "npz", "precision": "fp32"},
-        {"file": "head.tflite", "role": "head", "format": "tflite", "precision": "fp32"},
-        {"file": "head_infer.onnx", "role": "head_infer", "format": "onnx", "precision": "fp32"},
-        {
-            "file": "head_train_sgd.onnx",
-            "role": "head_train",
-            "format": "onnx",
-            "precision": "fp32",
-            "optimizer": "sgd",
-        },
-        {
-            "file": "head_train_adam.onnx",
-            "role": "head_train",
-            "format": "onnx",
-            "precision": "fp32",
-            "optimizer": "adam",
-        },
-    ]
-    manifest = {
-        "name": "bench_head",
-        "labels": [f"c{i}" for i in range(ACTIVE)],
-        "input_spec": {"shape": [D], "dtype": "float32"},
-        "embedding_size": D,
-        "head": {"max_classes": C},
-        "artifacts": artifacts,
-    }
-    bundle = write_bundle(work / "head.edgetl", manifest, files)
     return {
-        "bundle": bundle,
+        "head": HeadState(W, b, mask, W.copy(), tuple(f"c{i}" for i in range(ACTIVE))),
         "loop_onnx": {opt: head_train_loop_onnx(D, C, opt) for opt in ("sgd", "adam")},
-        "infer_onnx": files["head_infer.onnx"],
+        "infer_onnx": head_infer_onnx(D, C),
         "loop_tflite": head_tflite_loop(W, b, mask),
     }
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 PEER_MODULE = 'Module(d + "/training_model.onnx", state, d + "/eval_model.onnx", "cpu")'
@@ -161,23 +116,14 @@ def measure(models: dict[str, Any], rounds: int, peer: bool) -> dict[str, Any]:
     from bench_suite import ort_training_peer
 
     from edgetl.bundle._head import initial_state, reference_step
-    from edgetl.device._head import (
-        HeadState,
-        LiteRTHeadTrainer,
-        OnnxHeadTrainer,
-        TrainSettings,
-        batches,
-        effective_learning_rate,
-    )
+    from edgetl.device._head import TrainSettings, batches, effective_learning_rate
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
-    head = HeadState.factory(models["bundle"])
+    head = models["head"]
     rng = np.random.default_rng(1)
     emb = rng.random((N, D), dtype=np.float32)
     onehot = np.eye(C, dtype=np.float32)[np.arange(N) % ACTIVE]
     trainers = {
-        "edgetl stepwise onnxruntime": OnnxHeadTrainer(models["bundle"], threads=1),
-        "edgetl stepwise LiteRT": LiteRTHeadTrainer(models["bundle"], threads=1),
         "edgetl loop onnxruntime": OnnxLoopHeadTrainer(models["loop_onnx"], models["infer_onnx"], threads=1),
         "edgetl loop LiteRT": LiteRTLoopHeadTrainer(models["loop_tflite"], threads=1),
     }
@@ -204,8 +150,6 @@ def measure(models: dict[str, Any], rounds: int, peer: bool) -> dict[str, Any]:
             settings = TrainSettings(epochs=epochs, batch_size=BATCH, optimizer=opt)
             steps = len(batches(N, settings))
             for name, trainer in trainers.items():
-                if "stepwise" in name and opt == "adam" and epochs == 1:
-                    continue  # stepwise cost per step does not depend on the plan length
                 cases.append((name, opt, steps, lambda t=trainer, s=settings: t.train(head, emb, onehot, s)))
             if epochs == 10:
                 cases.append(("numpy reference (float64)", opt, steps, lambda s=settings: numpy_train(s)))

@@ -4,8 +4,9 @@ A bundle is a directory ``NAME.edgetl/`` with ``manifest.json`` (typed as
 :class:`Manifest`), the artifact files it lists, and optionally ``manifest.sig``.
 :func:`read_bundle` trusts nothing until the schema and every hash (and, with ``trust=``,
 the signature) check out; :func:`write_bundle` builds the directory in a temporary sibling
-and renames it into place. The head contract (tensor names, the reference train step)
-lives in :mod:`edgetl.bundle._head`.
+and renames it into place. The contract's names (files, tensors, signatures, manifest
+fields) live in :mod:`edgetl.bundle._contract`; what the head computes and how it is
+trained (the reference step, the batch order, the defaults) in :mod:`edgetl.bundle._head`.
 
     >>> b = read_bundle("digits.edgetl")
     >>> b.labels, b.artifact("fused", "onnx", "int8")

@@ -10,67 +10,60 @@ One train step on a batch of embeddings ``e`` and one-hot labels ``y``::
 
     g_logits = (p - y) / B
     gW = e^T g_logits + l2 * (W - W0);  gb = sum(g_logits)
-    SGD with momentum:  v = mu v + g;  w -= lr v
+    SGD with momentum:  v = mu v + g;  w -= lr' v,   lr' = lr / (mean_i ||e_i||^2 + 1)
     Adam:               m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  t += 1
                         w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
 
-The host builds graphs of exactly this (``edgetl.host._head_graphs``: ONNX inference and
-train-step graphs; ``edgetl.host._head_loop_graphs``: the loop graphs and ``head.tflite``
-with its signatures); the device runs them (``edgetl.device._head``,
-``edgetl.device._head_loop``); ``verify`` checks every graph against :func:`reference_step`.
-The tensor names below are the graphs' interface: a device that does not run Python
-(docs/integration.md) feeds exactly these names.
+SGD's ``lr'`` is over every example of the run (:func:`sgd_step_size`); the SGD graphs compute
+it from the learning rate they are fed, which is the user's. The batches of a run are
+:func:`step_plan`'s, a shuffle any language can reproduce. The defaults are
+:data:`TRAINING_DEFAULTS` (the manifest's ``head`` section records them).
+
+The host builds graphs of exactly this (``edgetl.host._head_graphs``: the ONNX inference
+graph; ``edgetl.host._head_loop_graphs``: the ONNX loop graphs, which run a whole step plan
+per call (S = 1 is one step), and ``head.tflite`` with its signatures); the device runs them
+(``edgetl.device._head_loop``); ``verify`` checks every graph against :func:`reference_step`.
+The graphs' tensor names are in :mod:`edgetl.bundle._contract`: a device that does not run
+Python (docs/integration.md) feeds exactly these names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+# The names are the contract module's; imported here too for the modules that use both.
+from edgetl.bundle._contract import (  # noqa: F401
+    HYPERPARAMETERS,
+    INFER_INPUTS,
+    INFER_OUTPUT,
+    LOOP_INPUTS,
+    LOOP_OUTPUTS,
+    LOOP_STATE,
+    OPTIMIZERS,
+    STATE,
+    TFLITE_SIGNATURE_OUTPUTS,
+    TFLITE_SIGNATURES,
+    TRAIN_INPUTS,
+    UNUSED,
+    state_output,
+)
 
 MASK_NEG = -1e9  # added to inactive-class logits; exp() underflows to exactly 0
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-7
-OPTIMIZERS = ("sgd", "adam")
-
-# ONNX graphs (head_infer.onnx, head_train_{sgd,adam}.onnx): inputs and outputs by name.
-INFER_INPUTS = ("embedding", "W", "b", "mask")
-INFER_OUTPUT = "probabilities"
-TRAIN_INPUTS = ("embedding", "labels", "mask", "W", "b", "W0", "lr", "l2")
-STATE = {"sgd": ("W", "b", "vel_W", "vel_b"), "adam": ("W", "b", "m_W", "m_b", "v_W", "v_b", "t")}
-HYPERPARAMETERS = {"sgd": ("momentum",), "adam": ()}
-LOSS_OUTPUT = "loss"
 
 
-def train_graph_inputs(optimizer: str, *, loop: bool = False) -> set[str]:
-    """The inputs an ONNX training graph for ``optimizer`` takes (``loop``: the many-step
-    graph, which also takes the step plan ``order`` and ``row_weight``)."""
-    names = {*TRAIN_INPUTS, *STATE[optimizer], *HYPERPARAMETERS[optimizer]}
-    return names | {"order", "row_weight"} if loop else names
-
-
-def state_output(name: str) -> str:
-    """The graph output that carries the updated ``name`` (``W`` -> ``W_out``)."""
-    return f"{name}_out"
-
-
-# TFLite head (head.tflite): signature -> input names (outputs in the docstring of
-# edgetl.host._head_loop_graphs.head_tflite_loop). ``optimizer`` is 0 for SGD, 1 for Adam.
-# ``get_weights`` takes one ignored scalar, ``unused``: LiteRT's Java/Kotlin
-# ``Interpreter.runSignature`` refuses an empty input map, so an Android app could not read
-# its trained weights back from a signature without inputs. ``train_steps`` runs a whole
-# step plan (``order``, ``row_weight``) in one invoke.
-TFLITE_SIGNATURES = {
-    "infer": ("embedding",),
-    "train": ("embedding", "labels", "lr", "l2", "momentum", "optimizer"),
-    "get_weights": ("unused",),
-    "set_weights": ("W", "b", "mask", "anchor"),
-    "train_steps": ("embedding", "labels", "order", "row_weight", "lr", "l2", "momentum", "optimizer"),
-}
+def train_graph_inputs(optimizer: str) -> set[str]:
+    """The inputs the ONNX loop graph for ``optimizer`` takes (:data:`~edgetl.bundle._contract.LOOP_INPUTS`)."""
+    return set(LOOP_INPUTS[optimizer])
 
 
 def signature_inputs(signatures: dict, name: str) -> dict:
     """Keyword arguments a runtime must add for ``name`` beyond the data, for heads exported
     by any edgetl version: ``get_weights`` gained its ``unused`` input in schema 2."""
     inputs = signatures.get(name, {}).get("inputs", [])
-    return {"unused": np.float32(0.0)} if name == "get_weights" and "unused" in inputs else {}
+    return {UNUSED: np.float32(0.0)} if name == "get_weights" and UNUSED in inputs else {}
 
 
 def masked_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -132,3 +125,108 @@ def reference_step(
             vhat = new[f"v_{w}"] / (1 - ADAM_BETA2**t)
             new[w] = s[w] - lr * mhat / (np.sqrt(vhat) + ADAM_EPS)
     return new, loss
+
+
+# --- The training rule a client follows (the manifest's head section records the defaults) ---
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """edgetl's training defaults (``edgetl.device.TrainSettings``), written to the manifest's
+    ``head`` section so a client without Python trains the head as edgetl does."""
+
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    l2: float = 1e-3
+    momentum: float = 0.9
+    epochs: int = 30
+    batch_size: int = 16
+    seed: int = 0
+
+
+TRAINING_DEFAULTS = TrainingDefaults()
+SHUFFLE = "xorshift32-fisher-yates"  # the manifest's head.shuffle: the batch order of step_plan
+#: From this manifest schema on, the SGD graphs normalize the learning rate themselves; the
+#: loop graphs of older bundles take it already normalized (see graph_learning_rate).
+SGD_LR_IN_GRAPH_SINCE_SCHEMA = 3
+
+
+def sgd_step_size(learning_rate: float, embedding: np.ndarray) -> float:
+    """SGD's step: ``learning_rate / (mean_i ||e_i||^2 + 1)`` over every example ``e_i`` of the
+    ``embedding`` input (float64). The SGD graphs compute this themselves from the learning
+    rate they are fed.
+
+    The gradient of the logits w.r.t. W scales with ||e||^2, so a fixed SGD learning rate
+    that is stable for one backbone diverges on another (measured: lr 0.05 with momentum
+    0.9 on the digits CNN's 256-d embeddings drove the loss from 0.08 to 13). Dividing by
+    the mean squared norm of the input (as normalised LMS does) makes ``learning_rate`` a
+    fraction of the largest stable step. The input includes the constant 1 the bias
+    multiplies, hence ``+ 1``: without it, all-zero embeddings (a dead backbone) gave a
+    huge step on the bias, whose gradient does not shrink with e, and NaN weights.
+    Adam normalises its steps itself and takes the learning rate as it is.
+    """
+    if not len(embedding):
+        return float(learning_rate)
+    scale = float(np.mean(np.sum(np.asarray(embedding, np.float64) ** 2, axis=1))) + 1.0
+    return float(learning_rate / scale)
+
+
+def graph_learning_rate(optimizer: str, learning_rate: float, embedding: np.ndarray, schema_version: int) -> float:
+    """The ``lr`` to feed a bundle's training graphs: the user's learning rate, except for the
+    SGD graphs of bundles before :data:`SGD_LR_IN_GRAPH_SINCE_SCHEMA`, which take it normalized."""
+    if optimizer == "sgd" and schema_version < SGD_LR_IN_GRAPH_SINCE_SCHEMA:
+        return sgd_step_size(learning_rate, embedding)
+    return float(learning_rate)
+
+
+_XORSHIFT_SEED_MUL, _XORSHIFT_SEED_ADD, _U32 = 2654435761, 0x9E3779B9, 0xFFFFFFFF
+
+
+def step_plan(n: int, epochs: int, batch_size: int, seed: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The batches of a training run: ``order[S][B]`` and ``row_weight[S][B]`` (pure Python).
+
+    The algorithm (``shuffle: "xorshift32-fisher-yates"`` in the manifest), in 32-bit
+    unsigned arithmetic, so that a client in any language gets the same batches:
+
+    1. ``state = (seed * 2654435761 + 0x9E3779B9) mod 2^32``; if it is 0, ``state = 1``.
+    2. ``order = [0, 1, ..., n-1]`` once, before the first epoch.
+    3. Each epoch shuffles ``order`` in place (it continues from the previous epoch's
+       order): for ``i`` from ``n-1`` down to 1, draw ``x`` (xorshift32:
+       ``state ^= state << 13; state ^= state >> 17; state ^= state << 5``, each mod 2^32,
+       ``x = state``), ``j = x mod (i + 1)``, swap ``order[i]`` and ``order[j]``.
+    4. The epoch is then cut into ``ceil(n / batch_size)`` steps of ``batch_size`` examples
+       in that order, the last one holding the ``B_s`` that remain. Every step is padded to
+       ``B = min(batch_size, n)`` slots with its own first example, at row weight 0; each
+       real example has row weight ``1 / B_s`` (float32 when fed to a graph).
+
+    Test vector: ``step_plan(5, 2, 2, 0)`` is order ``[[0, 1], [4, 2], [3, 3], [0, 4],
+    [3, 2], [1, 1]]`` with row weights ``[[0.5, 0.5], [0.5, 0.5], [1, 0], [0.5, 0.5],
+    [0.5, 0.5], [1, 0]]`` (tests/bundle/test_head_contract.py checks it).
+    This is also the MCU C trainer's order (``edgetl_head_fit`` with ``rows`` NULL).
+
+    Raises:
+        ValueError: ``n``, ``epochs`` or ``batch_size`` is below 1, or ``seed`` is outside
+            ``[0, 2^32)``.
+    """
+    for name, value in (("n", n), ("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, received {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _U32:
+        raise ValueError(f"seed must be an integer in [0, 2^32), received {seed!r}")
+    state = (seed * _XORSHIFT_SEED_MUL + _XORSHIFT_SEED_ADD) & _U32 or 1
+    order, width = list(range(n)), min(batch_size, n)
+    plan_order: list[list[int]] = []
+    plan_weight: list[list[float]] = []
+    for _ in range(epochs):
+        for i in range(n - 1, 0, -1):
+            state ^= (state << 13) & _U32
+            state ^= state >> 17
+            state ^= (state << 5) & _U32
+            j = state % (i + 1)
+            order[i], order[j] = order[j], order[i]
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            pad = width - len(batch)
+            plan_order.append(batch + [batch[0]] * pad)
+            plan_weight.append([1.0 / len(batch)] * len(batch) + [0.0] * pad)
+    return plan_order, plan_weight

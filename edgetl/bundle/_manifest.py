@@ -5,9 +5,14 @@ names the field (``artifacts[2].sha256``), what was received and what is allowed
 rest of edgetl reads typed, frozen objects instead of string keys. Fields a newer edgetl
 adds are kept in ``extra`` (forward compatible); :meth:`Manifest.to_json` writes them back.
 
-Schema versions: 1 (edgetl 0.1) and 2 (adds ``data``, ``parity.omitted`` and signatures
-beside the manifest) are both read; edgetl writes 2. Anything else is refused with a
-message saying which versions this edgetl reads.
+Schema versions: 1 (edgetl 0.1), 2 (adds ``data``, ``parity.omitted`` and signatures
+beside the manifest) and 3 are read; edgetl writes 3. Schema 3 changed the meaning of a
+graph input, so a reader of schema 2 must refuse it: the SGD training graphs take the
+user's learning rate and normalize it themselves (before, the caller fed it normalized; an
+old reader would normalize twice and train ~(mean |e|^2 + 1) times too slowly). Schema 3
+also ships one head-training family (no one-step graphs), the training defaults in
+``head``, ``head_init.*.bin`` and the same I/O names for every model. Anything else is
+refused with a message saying which versions this edgetl reads.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
+from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS, MANIFEST_FILE, SIGNATURE_FILE
 from edgetl.errors import BundleError, describe
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MAX_MANIFEST_BYTES = 1 << 20
 # A plain file name inside the bundle: no directories, no "..", no hidden files.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -34,10 +40,10 @@ class Role(str, Enum):
     FUSED = "fused"  # raw input -> class probabilities
     BACKBONE = "backbone"  # raw input -> embedding (the seam)
     HEAD_INFER = "head_infer"  # ONNX: embedding, W, b, mask -> probabilities
-    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step (weights and state in and out)
+    HEAD_TRAIN = "head_train"  # ONNX: one optimizer step; only in bundles before schema 3, never run
     HEAD_TRAIN_LOOP = "head_train_loop"  # ONNX: many steps in one call (Scan)
-    HEAD = "head"  # TFLite: signatures infer/train/get_weights/set_weights[/train_steps]
-    HEAD_INIT = "head_init"  # npz: the host-trained head, padded to the capacity
+    HEAD = "head"  # TFLite: signatures infer/train_steps/get_weights/set_weights
+    HEAD_INIT = "head_init"  # npz (and raw .bin per array): the host-trained head, padded to the capacity
     PARITY = "parity"  # npz: Keras reference inputs and outputs
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
     MCU_BACKBONE = "mcu_backbone"  # TFLite for TFLM: full-integer backbone, int8 input and output
@@ -58,6 +64,7 @@ class Format(str, Enum):
     ONNX = "onnx"
     NPZ = "npz"
     C = "c"  # C source or header (export --target mcu)
+    BIN = "bin"  # raw little-endian array, no header: member, shape and dtype in the artifact entry
 
     def __str__(self) -> str:
         return self.value
@@ -251,8 +258,48 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class HeadTraining:
+    """How edgetl trains the head by default (schema 3): what a client without Python needs
+    to train it the same way (the rule is in :mod:`edgetl.bundle._head`)."""
+
+    optimizer: str
+    learning_rate: float
+    l2: float
+    momentum: float
+    epochs: int
+    batch_size: int
+    seed: int
+    shuffle: str
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "HeadTraining | None":
+        """The training fields of the ``head`` section, or None when it has none (schema < 3)."""
+        from edgetl.bundle._head import SHUFFLE
+
+        if not any(k in obj for k in HEAD_TRAINING_FIELDS):
+            return None
+        values = {k: obj.get(k) for k in HEAD_TRAINING_FIELDS}
+        if values["optimizer"] not in ("sgd", "adam") or values["shuffle"] != SHUFFLE:
+            raise BundleError(
+                f"manifest: head.optimizer must be 'sgd' or 'adam' and head.shuffle {SHUFFLE!r}, received "
+                f"{describe(values['optimizer'])} and {describe(values['shuffle'])}"
+            )
+        for key in ("epochs", "batch_size", "seed"):
+            v = values[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1) or v >= 1 << 32:
+                raise BundleError(f"manifest: head.{key} must be an integer in range, received {describe(v)}")
+        for key in ("learning_rate", "l2", "momentum"):
+            values[key] = _number(values[key], f"head.{key}")
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in HEAD_TRAINING_FIELDS}
+
+
+@dataclass(frozen=True)
 class HeadSpec:
-    """The trainable head: a linear softmax with ``max_classes`` columns, ``active_classes`` in use."""
+    """The trainable head: a linear softmax with ``max_classes`` columns, ``active_classes`` in use,
+    and (schema 3) the training defaults."""
 
     max_classes: int
     active_classes: int
@@ -260,6 +307,7 @@ class HeadSpec:
     optimizers: tuple[str, ...] = ("sgd", "adam")
     loss: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    training: HeadTraining | None = None
 
     @classmethod
     def from_json(cls, obj: Any, n_labels: int) -> "HeadSpec":
@@ -288,7 +336,8 @@ class HeadSpec:
             kind,
             tuple(opts),
             loss if isinstance(loss, str) else "",
-            _extra(obj, ("max_classes", "active_classes", "kind", "optimizers", "loss")),
+            _extra(obj, HEAD_FIELDS + HEAD_TRAINING_FIELDS),
+            HeadTraining.from_json(obj),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -298,8 +347,23 @@ class HeadSpec:
             "active_classes": self.active_classes,
             "optimizers": list(self.optimizers),
             "loss": self.loss,
+            **(self.training.to_json() if self.training else {}),
             **self.extra,
         }
+
+
+def _check_raw_array(a: dict[str, Any], size: int, where: str) -> None:
+    """A raw ``.bin`` array: its member, shape, dtype and byte order, and a size that fits them."""
+    shape = _shape(_require(a, "shape", list, where), f"{where}shape", allow_unknown=False)
+    _require(a, "member", str, where)
+    if a.get("dtype") != "float32" or a.get("byte_order") != "little":
+        raise BundleError(
+            f"manifest: {where}dtype and byte_order must be 'float32' and 'little', received "
+            f"{describe(a.get('dtype'))} and {describe(a.get('byte_order'))}"
+        )
+    if size != 4 * math.prod(shape):
+        need = 4 * math.prod(shape)
+        raise BundleError(f"manifest: {where}size {size} does not hold float32 {list(shape)} ({need} bytes)")
 
 
 @dataclass(frozen=True)
@@ -349,6 +413,8 @@ class ArtifactSpec:
                 )
             tensors[key] = tuple(TensorInfo.from_json(t, f"{where}{key}[{j}]") for j, t in enumerate(items))
         known = ("file", "role", "format", "precision", "sha256", "size", "inputs", "outputs")
+        if fmt == Format.BIN:
+            _check_raw_array(a, size, where)
         return cls(name, role, fmt, precision, sha, size, tensors["inputs"], tensors["outputs"], _extra(a, known))
 
     def to_json(self) -> dict[str, Any]:
@@ -474,6 +540,10 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None  # the bundle's version, chosen at export
+    # sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on): equal ids
+    # mean the same embedding, so a personalized head carries over to a new bundle.
+    backbone_id: str | None = None
 
     @classmethod
     def from_json(cls, m: Any) -> "Manifest":
@@ -506,11 +576,15 @@ class Manifest:
             raise BundleError(f"manifest: artifacts must list 1..64 files, received {len(raw)}")
         artifacts = tuple(ArtifactSpec.from_json(a, i) for i, a in enumerate(raw))
         names = [a.file for a in artifacts]
-        dup = next((n for n in names if names.count(n) > 1 or n in ("manifest.json", "manifest.sig")), None)
+        dup = next((n for n in names if names.count(n) > 1 or n in (MANIFEST_FILE, SIGNATURE_FILE)), None)
         if dup:
             raise BundleError(f"manifest: artifact file {dup!r} is reserved or listed twice")
         dicts = {k: m.get(k) if isinstance(m.get(k), dict) else {} for k in ("metrics", "producer", "data")}
         parity = m.get("parity") if isinstance(m.get("parity"), dict) else None
+        bundle_version, backbone = m.get("version"), m.get("backbone_id")
+        for key, value in (("version", bundle_version), ("backbone_id", backbone)):
+            if value is not None and not isinstance(value, str):
+                raise BundleError(f"manifest: {key} must be a string, received {describe(value)}")
         known = (
             "schema_version",
             "name",
@@ -523,6 +597,8 @@ class Manifest:
             "producer",
             "data",
             "parity",
+            "version",
+            "backbone_id",
         )
         return cls(
             name,
@@ -537,6 +613,8 @@ class Manifest:
             dicts["data"],
             parity,
             _extra(m, known),
+            bundle_version,
+            backbone,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -554,6 +632,10 @@ class Manifest:
         }
         if self.parity is not None:
             out["parity"] = self.parity
+        if self.version is not None:
+            out["version"] = self.version
+        if self.backbone_id is not None:
+            out["backbone_id"] = self.backbone_id
         return {**out, **self.extra}
 
     def find(self, role: str | None = None, fmt: str | None = None, precision: str | None = None) -> list[ArtifactSpec]:
@@ -565,17 +647,6 @@ class Manifest:
             and (fmt is None or a.format == fmt)
             and (precision is None or a.precision == precision)
         ]
-
-    @property
-    def backbone_id(self) -> str | None:
-        """sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on)."""
-        value = self.extra.get("backbone_id")
-        return value if isinstance(value, str) and value else None
-
-    @property
-    def version(self) -> str | None:
-        value = self.extra.get("version")
-        return value if isinstance(value, str) else None
 
     @property
     def mcu(self) -> dict[str, Any] | None:

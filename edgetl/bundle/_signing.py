@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgetl import _atomic
+from edgetl.bundle._contract import SIGNATURE_FILE
 from edgetl.bundle._manifest import MAX_MANIFEST_BYTES
 from edgetl.errors import BundleError, DependencyError, InputError, describe
 
-SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_FORMAT = "edgetl-signature"
 SIGNATURE_VERSION = 1
 ALGORITHM = "ed25519"

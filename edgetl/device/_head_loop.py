@@ -1,16 +1,14 @@
-"""Head training with many steps per runtime call (numpy + onnxruntime or LiteRT only).
+"""Head training, a whole step plan per runtime call (numpy + onnxruntime or LiteRT only).
 
-:mod:`edgetl.device._head`'s trainers call the runtime once per step, so the weights and
-optimizer state cross into Python on every step. The trainers here hand the runtime the
-whole step plan instead and it loops inside: one onnxruntime ``run`` of
-``head_train_loop_{sgd,adam}.onnx`` (an ONNX ``Scan``), or one invoke of ``head_loop.tflite``'s
+The trainers hand the runtime the whole step plan and it loops inside, so the weights and
+optimizer state stay there between steps: one onnxruntime ``run`` of
+``head_train_loop_{sgd,adam}.onnx`` (an ONNX ``Scan``), or one invoke of ``head.tflite``'s
 ``train_steps`` signature (a TFLite ``WHILE``). Both graphs come from
-:mod:`edgetl.host._head_loop_graphs` and give the weights of step-by-step training: same
-batches (:func:`plan_steps` is :func:`edgetl.device._head.batches` as arrays), same formulas.
+:mod:`edgetl.host._head_loop_graphs` and compute :func:`edgetl.bundle._head.reference_step`
+over the batches of :func:`edgetl.bundle._head.step_plan` (:func:`plan_steps` as arrays).
 
-The trainers take the model bytes (or paths); :func:`edgetl.device._head.make_trainer` picks
-them for bundles that carry these graphs (``head_train_loop`` artifacts, ``head.tflite``
-with ``train_steps``).
+The trainers take the model bytes (or paths); :func:`edgetl.device._head.make_trainer` builds
+them from a bundle's ``head_train_loop`` artifacts or its ``head.tflite``.
 """
 
 from __future__ import annotations
@@ -22,8 +20,34 @@ from typing import Mapping
 
 import numpy as np
 
-from edgetl.bundle._head import INFER_INPUTS, TFLITE_SIGNATURES, initial_state, signature_inputs, train_graph_inputs
-from edgetl.device._head import HeadState, TrainSettings, batches, effective_learning_rate
+from edgetl.bundle._contract import (
+    ANCHOR_ONNX,
+    BIAS,
+    EMBEDDING,
+    L2,
+    LABELS,
+    LEARNING_RATE,
+    LOSSES,
+    MASK,
+    MOMENTUM,
+    OPTIMIZER,
+    ORDER,
+    PROBABILITIES,
+    ROW_WEIGHT,
+    WEIGHTS,
+    state_output,
+)
+from edgetl.bundle._head import (
+    INFER_INPUTS,
+    TFLITE_SIGNATURES,
+    graph_learning_rate,
+    initial_state,
+    signature_inputs,
+    step_plan,
+    train_graph_inputs,
+)
+from edgetl.bundle._manifest import SCHEMA_VERSION
+from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._runtimes import (
     LiteRTSignature,
     check_graph_inputs,
@@ -35,7 +59,7 @@ from edgetl.errors import InputError, describe
 
 
 def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The step plan of :func:`edgetl.device._head.batches` as the loop graphs' inputs.
+    """:func:`edgetl.bundle._head.step_plan` as the loop graphs' inputs.
 
     Args:
         n: Number of training examples.
@@ -44,27 +68,16 @@ def plan_steps(n: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]
     Returns:
         ``order[S, B]`` (int64): step s uses examples ``order[s, :B_s]``; and
         ``row_weight[S, B]`` (float32): ``1/B_s`` for those, 0 for the padding slots of a
-        smaller last batch (they point at a real example, so every index is valid, and
-        their weight 0 makes their contribution exactly 0). ``B = min(batch_size, n)``.
+        smaller last batch (they repeat the step's first example, so every index is valid,
+        and their weight 0 makes their contribution exactly 0). ``B = min(batch_size, n)``.
 
     Raises:
         InputError: ``n`` is not a positive integer.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"the step plan needs at least 1 example, received n={describe(n)}")
-    steps = batches(int(n), settings)
-    sizes = np.fromiter(map(len, steps), np.int64, count=len(steps))
-    flat = np.concatenate(steps).astype(np.int64)
-    starts = np.cumsum(sizes) - sizes
-    # Vectorised (a Python loop over the steps cost ~4 us per step): padding slots repeat
-    # their step's first example, then each step's examples fill its row from the left.
-    order = np.repeat(flat[starts], int(sizes.max())).reshape(len(steps), -1)
-    rows = np.repeat(np.arange(len(steps)), sizes)
-    cols = np.arange(len(flat)) - np.repeat(starts, sizes)
-    order[rows, cols] = flat
-    row_weight = np.zeros(order.shape, np.float32)
-    row_weight[rows, cols] = np.repeat(1.0 / sizes, sizes)
-    return order, row_weight
+    order, row_weight = step_plan(int(n), settings.epochs, settings.batch_size, settings.seed)
+    return np.array(order, np.int64), np.array(row_weight, np.float32)
 
 
 def check_training_data(head: HeadState, emb: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +96,7 @@ def check_training_data(head: HeadState, emb: np.ndarray, onehot: np.ndarray) ->
         )
     if len(emb) == 0:
         raise InputError("training needs at least 1 example, received 0 (the step plan would be empty)")
-    for name, arr in (("embeddings", emb), ("labels", onehot)):
+    for name, arr in (("embeddings", emb), (LABELS, onehot)):
         if arr.dtype.kind not in "fiu":
             raise InputError(f"{name} must be numbers, received dtype {arr.dtype}")
         if not np.isfinite(arr).all():
@@ -121,6 +134,8 @@ class OnnxLoopHeadTrainer:
             bytes or path of :func:`edgetl.host._head_loop_graphs.head_train_loop_onnx`.
         infer_model: bytes or path of :func:`edgetl.host._head_graphs.head_infer_onnx`.
         threads: onnxruntime intra-op threads (None: its default).
+        schema_version: the bundle's manifest schema; decides the ``lr`` fed to the SGD
+            graph (:func:`edgetl.bundle._head.graph_learning_rate`).
     """
 
     backend = "onnxruntime"
@@ -130,7 +145,9 @@ class OnnxLoopHeadTrainer:
         train_models: Mapping[str, bytes | str | Path],
         infer_model: bytes | str | Path,
         threads: int | None = None,
+        schema_version: int = SCHEMA_VERSION,
     ) -> None:
+        self._schema_version = schema_version  # bundles before schema 3 take SGD's lr normalized
         unknown = set(train_models) - {"sgd", "adam"}
         if unknown or not train_models:
             raise InputError(
@@ -138,7 +155,7 @@ class OnnxLoopHeadTrainer:
             )
         self._sessions = {opt: onnx_session(m, threads=threads) for opt, m in train_models.items()}
         for opt, session in self._sessions.items():
-            check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt, loop=True))
+            check_graph_inputs(session, f"the {opt} training loop graph", train_graph_inputs(opt))
         self._outputs = {opt: [o.name for o in s.get_outputs()] for opt, s in self._sessions.items()}
         self._infer = onnx_session(infer_model, threads=threads)
         check_graph_inputs(self._infer, "the head inference graph", INFER_INPUTS, exact=True)
@@ -146,7 +163,7 @@ class OnnxLoopHeadTrainer:
     def train(
         self, head: HeadState, emb: np.ndarray, onehot: np.ndarray, settings: TrainSettings
     ) -> tuple[HeadState, list[float]]:
-        """Train ``head`` on the examples; same contract as :class:`edgetl.device._head.OnnxHeadTrainer`.
+        """Train ``head`` on the examples, over the batches of :func:`plan_steps`.
 
         Returns:
             The trained head (optimizer state starts at zero, as step-by-step) and the loss
@@ -165,7 +182,7 @@ class OnnxLoopHeadTrainer:
             settings,
             initial_state(head.W, head.b, settings.optimizer),
         )
-        return replace(head, W=state["W"], b=state["b"]), losses
+        return replace(head, W=state[WEIGHTS], b=state[BIAS]), losses
 
     def train_plan(
         self,
@@ -211,29 +228,32 @@ class OnnxLoopHeadTrainer:
             )
         # onnxruntime takes 0-d arrays for scalar inputs, not numpy scalars.
         feed = {
-            "embedding": emb,
-            "labels": onehot,
-            "order": order,
-            "row_weight": row_weight,
-            "mask": head.mask,
-            "W0": head.anchor,
-            "lr": np.array(effective_learning_rate(settings, emb), np.float32),
-            "l2": np.array(settings.l2, np.float32),
+            EMBEDDING: emb,
+            LABELS: onehot,
+            ORDER: order,
+            ROW_WEIGHT: row_weight,
+            MASK: head.mask,
+            ANCHOR_ONNX: head.anchor,
+            LEARNING_RATE: np.array(self._lr(settings, emb), np.float32),
+            L2: np.array(settings.l2, np.float32),
             **{k: np.asarray(v, np.float32) for k, v in state.items()},
         }
         if settings.optimizer == "sgd":
-            feed["momentum"] = np.array(settings.momentum, np.float32)
+            feed[MOMENTUM] = np.array(settings.momentum, np.float32)
         out = dict(zip(self._outputs[settings.optimizer], self._sessions[settings.optimizer].run(None, feed)))
-        return {k: out[f"{k}_out"] for k in state}, out["losses"].tolist()
+        return {k: out[state_output(k)] for k in state}, out[LOSSES].tolist()
+
+    def _lr(self, settings: TrainSettings, emb: np.ndarray) -> float:
+        return graph_learning_rate(settings.optimizer, settings.learning_rate, emb, self._schema_version)
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         return self._infer.run(
-            None, {"embedding": np.asarray(emb, np.float32), "W": head.W, "b": head.b, "mask": head.mask}
+            None, {EMBEDDING: np.asarray(emb, np.float32), WEIGHTS: head.W, BIAS: head.b, MASK: head.mask}
         )[0]
 
 
 class LiteRTLoopHeadTrainer:
-    """Runs ``head_loop.tflite``'s ``train_steps`` signature: every step in one invoke.
+    """Runs ``head.tflite``'s ``train_steps`` signature: every step in one invoke.
 
     The model is :func:`edgetl.host._head_loop_graphs.head_tflite_loop`; its weights live in
     the interpreter, so each call loads the head it is given first (under a lock:
@@ -242,11 +262,15 @@ class LiteRTLoopHeadTrainer:
     Args:
         model: bytes or path of the TFLite model.
         threads: interpreter threads (None: its default).
+        schema_version: the bundle's manifest schema (see :class:`OnnxLoopHeadTrainer`).
     """
 
     backend = "litert"
 
-    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, model: bytes | str | Path, threads: int | None = None, schema_version: int = SCHEMA_VERSION
+    ) -> None:
+        self._schema_version = schema_version
         self._interpreter = litert_interpreter(model, threads=threads, allocate=False)
         signatures = self._interpreter.get_signature_list()
         self._get_weights_args = signature_inputs(signatures, "get_weights")
@@ -301,24 +325,26 @@ class LiteRTLoopHeadTrainer:
             losses = self._train_steps(emb, onehot, order, row_weight, settings)
             w = self._run["get_weights"](**self._get_weights_args)
             self._loaded = None  # the interpreter now holds the trained weights, not `head`
-        return replace(head, W=w["W"].copy(), b=w["b"].copy()), losses
+        return replace(head, W=w[WEIGHTS].copy(), b=w[BIAS].copy()), losses
 
     def _train_steps(
         self, emb: np.ndarray, onehot: np.ndarray, order: np.ndarray, row_weight: np.ndarray, settings: TrainSettings
     ) -> list[float]:
-        out = self._run["train_steps"](
-            embedding=emb,
-            labels=onehot,
-            order=order,
-            row_weight=row_weight,
-            lr=np.float32(effective_learning_rate(settings, emb)),
-            l2=np.float32(settings.l2),
-            momentum=np.float32(settings.momentum),
-            optimizer=np.float32(1.0 if settings.optimizer == "adam" else 0.0),
-        )
-        return out["losses"].tolist()
+        lr = graph_learning_rate(settings.optimizer, settings.learning_rate, emb, self._schema_version)
+        feed = {
+            EMBEDDING: emb,
+            LABELS: onehot,
+            ORDER: order,
+            ROW_WEIGHT: row_weight,
+            LEARNING_RATE: np.float32(lr),
+            L2: np.float32(settings.l2),
+            MOMENTUM: np.float32(settings.momentum),
+            OPTIMIZER: np.float32(1.0 if settings.optimizer == "adam" else 0.0),
+        }
+        out = self._run["train_steps"](**feed)
+        return out[LOSSES].tolist()
 
     def probabilities(self, head: HeadState, emb: np.ndarray) -> np.ndarray:
         with self._lock:
             self._load(head)
-            return self._run["infer"](embedding=np.asarray(emb, np.float32))["probabilities"].copy()
+            return self._run["infer"](**{EMBEDDING: np.asarray(emb, np.float32)})[PROBABILITIES].copy()

@@ -8,8 +8,8 @@
     >>> p.commit()                                    # guarded; the store keeps versions
     CommitResult(accepted=True, version=3, ...)
 
-Training is executed by the runtime (onnxruntime's train-step graph or LiteRT's ``train``
-signature); numpy only batches. Part of the user's examples and most of the bundle's replay
+Training is executed by the runtime (onnxruntime's loop graph or LiteRT's ``train_steps``
+signature); numpy only plans the batches. Part of the user's examples and most of the bundle's replay
 buffer (examples of the factory classes) are held out; the guard (:mod:`._guard`) scores the
 active and the candidate head on them and refuses a candidate when the paired evidence shows
 it forgets the factory classes or is worse for the user, or when its labels look wrong.

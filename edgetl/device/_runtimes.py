@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.bundle._contract import UNUSED
 from edgetl.errors import BundleError, DependencyError
 
 # A device needs one runtime, not both: each has its own extra (`device` installs both).
@@ -248,7 +249,7 @@ def check_signatures(signatures: dict[str, Any], what: str, required: dict[str, 
     """Refuse a TFLite head whose signatures lack one the device runs, or one of its inputs."""
     for name, inputs in required.items():
         have = set(signatures.get(name, {}).get("inputs", [])) if name in signatures else None
-        needed = set(inputs) - {"unused"}  # get_weights' placeholder came with schema 2
+        needed = set(inputs) - {UNUSED}  # get_weights' placeholder came with schema 2
         if have is None or not needed <= have:
             raise BundleError(
                 f"{what}: signature {name!r} has inputs {sorted(have) if have is not None else 'none (missing)'}; "

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgetl.bundle import _contract as C
 from edgetl.bundle import _tail as T
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._guard import generalizes, paired
@@ -103,13 +104,13 @@ class TailRuntime:
         from edgetl.device._runtimes import litert_interpreter, onnx_session
 
         if fmt == "onnx":
-            return onnx_session(model).run(None, {"input": np.asarray(x, np.float32)})[0]
+            return onnx_session(model).run(None, {C.MODEL_INPUT: np.asarray(x, np.float32)})[0]
         return _run_signature(litert_interpreter(model, allocate=False), None, input=np.asarray(x, np.float32))
 
     def trunk(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         if self.fmt == "onnx":
-            return self._trunk.run(None, {"input": x})[0]
+            return self._trunk.run(None, {C.MODEL_INPUT: x})[0]
         return _run_signature(self._trunk, None, input=x)
 
     def probabilities(self, weights: Mapping[str, np.ndarray], trunk: np.ndarray) -> np.ndarray:
@@ -117,7 +118,7 @@ class TailRuntime:
         feed["trunk"] = np.asarray(trunk, np.float32)
         if self.fmt == "onnx":
             return self._infer.run(None, feed)[0]
-        return _run_signature(self._tail, "infer", **feed)["probabilities"]
+        return _run_signature(self._tail, "infer", **feed)[C.PROBABILITIES]
 
     def train_plan(
         self,
@@ -142,17 +143,17 @@ class TailRuntime:
             out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         else:
             out = _run_signature(self._tail, f"train_steps_{optimizer}", **feed)
-        return {**{s: np.array(out[f"{s}_out"]) for s in T.STATE[optimizer]}, "losses": np.array(out["losses"])}
+        return {**{s: np.array(out[f"{s}_out"]) for s in T.STATE[optimizer]}, C.LOSSES: np.array(out[C.LOSSES])}
 
     @staticmethod
     def _feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum) -> dict[str, np.ndarray]:  # noqa: ANN001
         f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-        feed = {"trunk": f32(trunk), "labels": f32(onehot), "order": order, "row_weight": row_weight}
+        feed = {"trunk": f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
         feed.update({k: f32(weights[k]) for k in T.CONSTANTS})
         feed.update({anchor: f32(weights.get(anchor, weights[w])) for w, anchor in T.ANCHORS.items()})
         feed.update(lr=f32(lr), l2=f32(l2))
         if optimizer == "sgd":
-            feed["momentum"] = f32(momentum)
+            feed[C.MOMENTUM] = f32(momentum)
         feed.update(T.initial_state(weights, optimizer))
         return feed
 
@@ -243,10 +244,10 @@ class TailPersonalizer:
         return {
             **self.init,
             **layer,
-            "W": base.W,
-            "b": base.b,
-            "mask": base.mask,
-            "W0": base.anchor,
+            C.WEIGHTS: base.W,
+            C.BIAS: base.b,
+            C.MASK: base.mask,
+            C.ANCHOR_ONNX: base.anchor,
             "W1_0": self.init["W1"],
         }
 
@@ -256,7 +257,9 @@ class TailPersonalizer:
             raise InputError("no candidate tail: call train() first")
         w = self.candidate.weights
         tail = {"W1": np.asarray(w["W1"], np.float32), "b1": np.asarray(w["b1"], np.float32)}
-        return replace(self.p._base, W=np.asarray(w["W"], np.float32), b=np.asarray(w["b"], np.float32), tail=tail)
+        return replace(
+            self.p._base, W=np.asarray(w[C.WEIGHTS], np.float32), b=np.asarray(w[C.BIAS], np.float32), tail=tail
+        )
 
     def commit(self, decision: Any = None) -> Any:
         """Store the candidate tail (head and layer, one version) if the guard accepts it."""
@@ -296,7 +299,7 @@ class TailPersonalizer:
             seed=settings.seed,
         )
         weights = {**self.start_weights(), **{w: state[w] for w in T.WEIGHTS}}
-        self.candidate = TailCandidate(weights, state["losses"].tolist(), settings)
+        self.candidate = TailCandidate(weights, state[C.LOSSES].tolist(), settings)
         return self.candidate
 
     def held_out(self) -> dict[str, tuple[np.ndarray, list[str]]]:
@@ -316,7 +319,7 @@ class TailPersonalizer:
         }
 
     def predict(self, weights: dict, trunk: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray:
-        active = np.flatnonzero(np.asarray(weights["mask"]) > 0)
+        active = np.flatnonzero(np.asarray(weights[C.MASK]) > 0)
         probs = self.runtime.probabilities(weights, trunk)[:, active]
         return np.asarray(labels_of)[probs.argmax(axis=1)]
 

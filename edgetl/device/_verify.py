@@ -22,6 +22,16 @@ from typing import Any
 import numpy as np
 
 from edgetl.bundle import Bundle, Check, format_checks
+from edgetl.bundle._contract import (
+    BIAS,
+    HEAD_INIT_MEMBERS,
+    MASK,
+    PARITY_EMBEDDINGS,
+    PARITY_MEMBERS,
+    PARITY_PROBABILITIES,
+    PARITY_X,
+    WEIGHTS,
+)
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
 from edgetl.device._runtimes import load_model
 from edgetl.errors import DependencyError
@@ -113,8 +123,8 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
     backends = installed_backends()
     if not backends:
         raise DependencyError(f"no runtime installed (onnxruntime or ai-edge-litert): {install_hint()}")
-    ref = bundle.arrays("parity", ("x", "probabilities", "embeddings"))
-    init = bundle.arrays("head_init", ("W", "b", "mask"))
+    ref = bundle.arrays("parity", PARITY_MEMBERS)
+    init = bundle.arrays("head_init", HEAD_INIT_MEMBERS)
     report = Report()
     runnable = [a for a in bundle.artifacts() if FORMAT_BACKENDS.get(a.format.value) in backends]
     for missing in sorted(set(FORMAT_BACKENDS.values()) - set(backends)):
@@ -152,8 +162,8 @@ def _model_check(
     y: np.ndarray | None,
 ) -> Check:
     model = load_model(bundle.path / a.file, a.format.value)
-    key = "probabilities" if a.role == "fused" else "embeddings"
-    out = model(ref["x"])
+    key = PARITY_PROBABILITIES if a.role == "fused" else PARITY_EMBEDDINGS
+    out = model(ref[PARITY_X])
     base = dict(file=a.file, role=a.role.value, format=a.format.value, precision=a.precision.value)
     extra: dict[str, Any] = {}
     if x is not None and y is not None and a.role == "fused":
@@ -187,10 +197,10 @@ def _model_check(
 def _backbone_check(
     base: dict[str, str], out: np.ndarray, ref: dict[str, np.ndarray], init: dict[str, np.ndarray], precision: str
 ) -> Check:
-    head = lambda e: masked_softmax(e.astype(np.float64) @ init["W"] + init["b"], init["mask"]).argmax(1)  # noqa: E731
-    agree = float(np.mean(head(out) == head(ref["embeddings"])))
-    norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref["embeddings"], axis=1)
-    cosine = float(np.mean(np.sum(out * ref["embeddings"], axis=1) / np.maximum(norms, 1e-12)))
+    head = lambda e: masked_softmax(e.astype(np.float64) @ init[WEIGHTS] + init[BIAS], init[MASK]).argmax(1)  # noqa: E731
+    agree = float(np.mean(head(out) == head(ref[PARITY_EMBEDDINGS])))
+    norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref[PARITY_EMBEDDINGS], axis=1)
+    cosine = float(np.mean(np.sum(out * ref[PARITY_EMBEDDINGS], axis=1) / np.maximum(norms, 1e-12)))
     min_cosine = MIN_COSINE[precision]
     ok = agree >= MIN_TOP1_AGREEMENT[precision] and (min_cosine is None or cosine >= min_cosine)
     extra = {"head_top1_agreement": agree, "min_agreement": MIN_TOP1_AGREEMENT[precision]}
@@ -216,40 +226,39 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
 
 
 def _head_trainers(bundle: Bundle, backends: tuple[str, ...]) -> list[tuple[Any, str, str, dict[str, str]]]:
-    """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file})."""
-    from edgetl.device._head import LiteRTHeadTrainer, OnnxHeadTrainer
+    """Every way the bundle's head can be trained in ``backends``: (trainer, role, infer file, {optimizer: file}).
+
+    Only the loop graphs: the one-step graphs older bundles also carry are never run, so not checked."""
     from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 
     out = []
-    infer = bundle.artifacts("head_infer", "onnx")
-    step, loop = bundle.artifacts("head_train", "onnx"), bundle.artifacts("head_train_loop", "onnx")
-    if "onnxruntime" not in backends:
-        infer = []
-    if infer and step:
-        out.append((OnnxHeadTrainer(bundle), "head_train", infer[0].file, {a.optimizer: a.file for a in step}))
+    version = bundle.manifest.schema_version  # how the graphs take the SGD learning rate
+    infer = bundle.artifacts("head_infer", "onnx") if "onnxruntime" in backends else []
+    loop = bundle.artifacts("head_train_loop", "onnx")
     if infer and loop:
-        trainer = OnnxLoopHeadTrainer({a.optimizer: bundle.path / a.file for a in loop}, bundle.path / infer[0].file)
+        files = {a.optimizer: bundle.path / a.file for a in loop}
+        trainer = OnnxLoopHeadTrainer(files, bundle.path / infer[0].file, schema_version=version)
         out.append((trainer, "head_train_loop", infer[0].file, {a.optimizer: a.file for a in loop}))
     for a in bundle.artifacts("head", "tflite") if "litert" in backends else []:
-        out.append((LiteRTHeadTrainer(bundle), "head", a.file, {"sgd": a.file, "adam": a.file}))
         if "train_steps" in a.extra.get("signatures", []):
-            out.append((LiteRTLoopHeadTrainer(bundle.path / a.file), "head", a.file, {"sgd": a.file, "adam": a.file}))
+            trainer = LiteRTLoopHeadTrainer(bundle.path / a.file, schema_version=version)
+            out.append((trainer, "head", a.file, {"sgd": a.file, "adam": a.file}))
     return out
 
 
 def _head_checks(
     bundle: Bundle, ref: dict[str, np.ndarray], init: dict[str, np.ndarray], backends: tuple[str, ...]
 ) -> list[Check]:
-    """The head graphs, run by the trainers personalization uses (one step per call, and a
-    whole step plan per call), against the float64 reference over the same batches."""
+    """The head graphs, run by the trainers personalization uses (a whole step plan per call),
+    against the float64 reference over the same batches."""
     from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 
     head = HeadState.factory(bundle)
-    emb = ref["embeddings"][:8].astype(np.float32)
-    n_active = int(init["mask"].sum())
+    emb = ref[PARITY_EMBEDDINGS][:8].astype(np.float32)
+    n_active = int(init[MASK].sum())
     onehot = np.eye(head.capacity, dtype=np.float32)[np.arange(len(emb)) % n_active]
     want_probs = np.zeros((len(emb), head.capacity))
-    want_probs[:, :n_active] = ref["probabilities"][:8]  # inactive classes must get exactly 0
+    want_probs[:, :n_active] = ref[PARITY_PROBABILITIES][:8]  # inactive classes must get exactly 0
     out, inferred = [], set()
     for trainer, role, infer_file, train_files in _head_trainers(bundle, backends):
         fmt = "onnx" if trainer.backend == "onnxruntime" else "tflite"
@@ -310,7 +319,7 @@ def _train_check(
     moved = max(float(np.max(np.abs(want.W - start.W))), float(np.max(np.abs(want.b - start.b))))
     tolerance = HEAD_STEP_ATOL + HEAD_STEP_RTOL * moved
     diffs, skipped = [], 0
-    for key, g, w in (("W", got.W, want.W), ("b", got.b, want.b)):
+    for key, g, w in ((WEIGHTS, got.W, want.W), (BIAS, got.b, want.b)):
         d = np.abs(g - w).ravel()
         if opt == "adam":
             ill = ((min_abs_gradient[key] < 100 * ADAM_EPS) & (min_abs_gradient[key] > 0)).ravel()

@@ -296,7 +296,7 @@ def export_demo_bundle(out: Path, halves: Splits, echo: Callable[[str], None]) -
             )
     for o in result.omitted:
         echo(f"  left out {', '.join(o['files'])}: {o['reason']}")
-    heads = [c for c in checks if c.role in ("head", "head_train")]
+    heads = [c for c in checks if c.role in ("head", "head_train_loop")]
     echo(
         f"  on-device head graphs ({', '.join(sorted({c.file for c in heads}))}): {heads[0].extra.get('steps', 1)} "
         f"train steps match numpy (largest difference {max(c.value for c in heads):.1e})"

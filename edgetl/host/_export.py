@@ -3,9 +3,9 @@
 For each precision the bundle gets the **fused** model (raw input -> probabilities) and the
 **backbone** (raw input -> embedding, the seam where the trainable head starts). The head is
 exported as ``head_init.npz`` (host-trained weights padded to ``max_classes`` with an
-active-class mask), as ``head.tflite`` with ``infer``/``train``/``get_weights``/
-``set_weights`` signatures for LiteRT, and as ONNX inference and train-step graphs (SGD
-with momentum and Adam) that run on plain onnxruntime.
+active-class mask), as ``head.tflite`` with ``infer``/``train_steps``/``get_weights``/
+``set_weights`` signatures for LiteRT, and as an ONNX inference graph and loop training
+graphs (SGD with momentum and Adam; a whole step plan per call) for plain onnxruntime.
 
     >>> bundle = export_bundle("runs/digits", "digits.edgetl", quantize=["none", "int8"], calibration=data)
     >>> # on the device, without TensorFlow:
@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -28,6 +28,18 @@ import numpy as np
 from edgetl import __version__
 from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
+from edgetl.bundle._contract import (
+    BACKBONE_OUTPUT,
+    FUSED_OUTPUT,
+    HEAD_INIT_BIN_FILE,
+    HEAD_INIT_MEMBERS,
+    HEAD_INIT_NPZ_FILE,
+    MODEL_INPUT,
+    PARITY_EMBEDDINGS,
+    PARITY_PROBABILITIES,
+    PARITY_X,
+    REPLAY_MEMBERS,
+)
 from edgetl.data import Dataset
 from edgetl.errors import BundleError, DependencyError, InputError, describe
 from edgetl.host._tf import keras, tf
@@ -127,7 +139,7 @@ def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
     t = tf()
     module = t.Module()
     module.model_variables = list(model.variables)
-    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")
+    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)
     module.serve = t.function(lambda x: {output_name: model(x, training=False)}, input_signature=[spec])
     return module, module.serve.get_concrete_function()
 
@@ -172,7 +184,7 @@ def keras_to_onnx(model: Any, opset: int) -> bytes:
     import tf2onnx
 
     t = tf()
-    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name="input")]
+    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)]
     with native_output_silenced():
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto.SerializeToString()
@@ -340,8 +352,13 @@ def _io(content: bytes, fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, 
         init = {i.name for i in m.graph.initializer}
 
         def desc(v: Any) -> dict[str, Any]:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            return {"name": v.name, "shape": dims}
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            return {
+                "name": v.name,
+                "shape": dims,
+                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+            }
 
         return [desc(v) for v in m.graph.input if v.name not in init], [desc(v) for v in m.graph.output]
     from ai_edge_litert.interpreter import Interpreter
@@ -614,7 +631,7 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
             seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
         int8_choice: tuple[str, dict[str, Any]] | None = None
-        for role, model, output in (("fused", fused, "probabilities"), ("backbone", seam, "embedding")):
+        for role, model, output in (("fused", fused, FUSED_OUTPUT), ("backbone", seam, BACKBONE_OUTPUT)):
             t0 = time.perf_counter()
             new, int8_choice = _convert_one(plan, c, role, model, output, fp32_onnx, int8_choice, references)
             artifacts += new
@@ -672,6 +689,19 @@ def _convert_one(
             Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
         )
     return out, int8_choice
+
+
+def with_contract_names(artifacts: list[Artifact]) -> list[Artifact]:
+    """Every fused model and backbone renamed to the contract's I/O names (``input`` ->
+    ``probabilities`` or ``embedding``), whatever converter made it (see :mod:`edgetl.host._io_names`)."""
+    from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
+
+    rename = {"onnx": rename_onnx_io, "tflite": rename_tflite_io}
+    outputs = {"fused": FUSED_OUTPUT, "backbone": BACKBONE_OUTPUT}
+    return [
+        replace(a, content=rename[a.format](a.content, MODEL_INPUT, outputs[a.role])) if a.role in outputs else a
+        for a in artifacts
+    ]
 
 
 def with_metadata(plan: ExportPlan, artifacts: list[Artifact]) -> list[Artifact]:
@@ -763,30 +793,23 @@ def padded_head(plan: ExportPlan, classifier: Any) -> tuple[np.ndarray, np.ndarr
 def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     """The host-trained head padded to the capacity, and its trainable forms for the device."""
     from edgetl.bundle._head import OPTIMIZERS, TFLITE_SIGNATURES
-    from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
+    from edgetl.host._head_graphs import head_infer_onnx
     from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 
     Wp, bp, mask = padded_head(plan, classifier)
     d, cap = Wp.shape
-    out = [Artifact("head_init.npz", _npz(W=Wp, b=bp, mask=mask), "head_init", "npz", "fp32")]
+    arrays = dict(zip(HEAD_INIT_MEMBERS, (Wp, bp, mask)))
+    out = [Artifact(HEAD_INIT_NPZ_FILE, _npz(**arrays), "head_init", "npz", "fp32")]
+    for member, array in arrays.items():  # readable with fread / an ArrayBuffer alone
+        raw = {"member": member, "shape": list(array.shape), "dtype": "float32", "byte_order": "little"}
+        data = np.ascontiguousarray(array, "<f4").tobytes()
+        out.append(Artifact(HEAD_INIT_BIN_FILE.format(member=member), data, "head_init", "bin", "fp32", raw))
     if "tflite" in plan.formats:
         signatures = {"signatures": list(TFLITE_SIGNATURES), "optimizers": list(OPTIMIZERS)}
         out.append(Artifact("head.tflite", head_tflite_loop(Wp, bp, mask), "head", "tflite", "fp32", signatures))
     if "onnx" in plan.formats:
         out.append(Artifact("head_infer.onnx", head_infer_onnx(d, cap), "head_infer", "onnx", "fp32"))
-        for opt in OPTIMIZERS:
-            # One step per call (the simplest graph for a C API), and a whole step plan per
-            # call (what edgetl's trainers run: weights stay in the runtime between steps).
-            out.append(
-                Artifact(
-                    f"head_train_{opt}.onnx",
-                    head_train_onnx(d, cap, opt),
-                    "head_train",
-                    "onnx",
-                    "fp32",
-                    {"optimizer": opt},
-                )
-            )
+        for opt in OPTIMIZERS:  # a whole step plan per call; S = 1 is one step
             loop = head_train_loop_onnx(d, cap, opt)
             out.append(
                 Artifact(f"head_train_loop_{opt}.onnx", loop, "head_train_loop", "onnx", "fp32", {"optimizer": opt})
@@ -807,7 +830,7 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trun
             [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(len(plan.run.class_names))]
         )
         emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
-        arrays = {"embeddings": emb, "labels": y[keep].astype(np.int64)}
+        arrays = dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))
         if trunk is not None:
             arrays["trunk"] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
         out.append(
@@ -821,9 +844,11 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trun
             )
         )
     parity = _npz(
-        x=references.x,
-        probabilities=references.probabilities.astype(np.float32),
-        embeddings=references.embeddings.astype(np.float32),
+        **{
+            PARITY_X: references.x,
+            PARITY_PROBABILITIES: references.probabilities.astype(np.float32),
+            PARITY_EMBEDDINGS: references.embeddings.astype(np.float32),
+        }
     )
     out.append(Artifact("parity.npz", parity, "parity", "npz", "fp32"))
     return out
@@ -851,6 +876,13 @@ def backbone_id(backbone: Any, plan: ExportPlan) -> str:
     return h.hexdigest()
 
 
+def head_training_defaults() -> dict[str, Any]:
+    """The manifest's head training fields: edgetl's defaults and the batch order's name."""
+    from edgetl.bundle._head import SHUFFLE, TRAINING_DEFAULTS
+
+    return {**asdict(TRAINING_DEFAULTS), "shuffle": SHUFFLE}
+
+
 def build_manifest(
     plan: ExportPlan, artifacts: Sequence[Artifact], embedding_size: int, backbone_sha: str = ""
 ) -> dict[str, Any]:
@@ -871,6 +903,7 @@ def build_manifest(
             "active_classes": len(r.class_names),
             "optimizers": ["sgd", "adam"],
             "loss": "softmax cross-entropy + l2/2 ||W - W_init||^2",
+            **head_training_defaults(),
         },
         "artifacts": [a.entry() for a in artifacts],
         "metrics": {"host_test_accuracy": r.metrics.get("test_accuracy")},
@@ -990,7 +1023,7 @@ def export(
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone, references)
-    artifacts = with_metadata(plan, artifacts)
+    artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
     from edgetl.host._tail_export import tail_step
 

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edgetl.bundle._contract import BACKBONE_OUTPUT
 from edgetl.errors import DependencyError, InputError, describe
 
 MCU_MODEL = "mcu_backbone.int8.tflite"
@@ -504,7 +505,7 @@ def mcu_export(
         raise InputError("export --target mcu needs calibration data for its int8 model: pass --calibration D")
     q = QuantizeConfig("int8", io_dtype="int8")
     try:
-        model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name="embedding")
+        model = to_tflite(backbone, q, plan.data.calibration_x[: q.calibration_samples], output_name=BACKBONE_OUTPUT)
     except InputError:
         raise
     except Exception as exc:  # TensorFlow's ConverterError (a private class) names the ops without int8 kernels

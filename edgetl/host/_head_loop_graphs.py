@@ -1,17 +1,17 @@
-"""Head training graphs that run many optimizer steps in one runtime call.
+"""Head training graphs: every optimizer step of a step plan in one runtime call.
 
-The step graphs of :mod:`edgetl.host._head_graphs` move the weights and optimizer state in
-and out of Python on every step; these take a whole step plan and loop inside the
-runtime, so the state stays there between steps. The step is the same (same formulas, see
-:mod:`edgetl.host._head_graphs`); what differs is its arrangement, chosen by measurement
-(onnxruntime 1.32 and ai-edge-litert 2.3, one thread, D=256, C=10, batch 16; per step):
+These are the bundle's only training graphs. They take a whole step plan and loop inside
+the runtime, so the weights and optimizer state stay there between steps; a plan of one
+step (S = 1) is a single optimizer step, which is how a client without a loop of its own
+takes one step. The step is :func:`edgetl.bundle._head.reference_step` (the head contract);
+its arrangement was chosen by measurement (onnxruntime 1.32 and ai-edge-litert 2.3, one
+thread, D=256, C=10, batch 16; per step):
 
 * **Step plan.** ``order[S, B]`` lists the examples of each of the S steps and
   ``row_weight[S, B]`` is ``1/B_s`` for the ``B_s`` real examples of step s and 0 for the
   padding slots of a smaller last batch (see :func:`edgetl.device._head_loop.plan_steps`).
   The per-example gradient ``p - y`` is scaled by its row weight, so a padding slot adds
-  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples, as
-  :func:`edgetl.device._head.batches` batches them. Every per-step shape is static, which
+  exactly 0 and each step's gradient is ``(p - y) / B_s`` over its own examples. Every per-step shape is static, which
   keeps TFLite's ``WHILE`` on its path that copies only the loop variables that change.
 * **Bias folded into W.** The embeddings get a constant 1 column once, before the loop,
   and ``[W; b]`` is one ``(D+1, C)`` matrix, kept transposed as ``[C, D+1]`` (the weight
@@ -42,35 +42,42 @@ from typing import Any
 import numpy as np
 
 from edgetl._quiet import native_output_silenced
-from edgetl.bundle._head import (
-    ADAM_BETA1,
-    ADAM_BETA2,
-    ADAM_EPS,
-    HYPERPARAMETERS,
-    MASK_NEG,
-    OPTIMIZERS,
+from edgetl.bundle._contract import (
+    ANCHOR,
+    ANCHOR_ONNX,
+    BIAS,
+    EMBEDDING,
+    L2,
+    LABELS,
+    LEARNING_RATE,
+    LOOP_INPUTS,
+    LOOP_STATE,
+    LOSSES,
+    M_B,
+    M_W,
+    MASK,
+    MOMENTUM,
+    OK,
+    ORDER,
+    PROBABILITIES,
+    ROW_WEIGHT,
     STATE,
+    STEP_COUNT,
     TFLITE_SIGNATURES,
-    TRAIN_INPUTS,
+    V_B,
+    V_W,
+    VEL_B,
+    VEL_W,
+    WEIGHTS,
     state_output,
 )
+from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG
 from edgetl.host._tf import tf
 
 OPSET = 17
 IR_VERSION = 8  # readable by older onnxruntime builds on devices
 
-#: Graph inputs and outputs of :func:`head_train_loop_onnx`, per optimizer: the step graph's
-#: (:data:`edgetl.bundle._head.TRAIN_INPUTS`) with the step plan after ``labels``, then the
-#: hyperparameters and the optimizer state (:data:`~edgetl.bundle._head.STATE` without W and b);
-#: outputs are the updated state (``_out`` names) and ``losses``.
-LOOP_STATE = {opt: STATE[opt][2:] for opt in OPTIMIZERS}
-LOOP_INPUTS = {
-    opt: TRAIN_INPUTS[:2] + ("order", "row_weight") + TRAIN_INPUTS[2:] + HYPERPARAMETERS[opt] + LOOP_STATE[opt]
-    for opt in OPTIMIZERS
-}
-LOOP_OUTPUTS = {opt: tuple(state_output(s) for s in STATE[opt]) + ("losses",) for opt in OPTIMIZERS}
-
-#: Signatures of :func:`head_tflite_loop` and their inputs: the head contract's, plus ``train_steps``.
+#: Signatures of :func:`head_tflite_loop` and their inputs: the head contract's.
 _TFLITE_LOOP_SIGNATURES = TFLITE_SIGNATURES
 
 
@@ -80,11 +87,13 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     Inputs (float32 unless noted): ``embedding[N, D]``, ``labels[N, C]`` (one-hot),
     ``order[S, B]`` (int64 example indices), ``row_weight[S, B]`` (``1/B_s`` per real
     example, 0 per padding slot), ``mask[C]``, ``W[D, C]``, ``b[C]``, ``W0[D, C]`` (the L2
-    anchor), ``lr`` (> 0), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
+    anchor), ``lr`` (> 0, the user's learning rate: the SGD graph normalizes it to
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings, see
+    :func:`edgetl.bundle._head.sgd_step_size`), ``l2``; SGD adds ``momentum``, ``vel_W[D, C]``, ``vel_b[C]``;
     Adam adds ``m_W``, ``m_b``, ``v_W``, ``v_b`` and ``t`` (steps taken so far).
 
     Outputs: ``W_out``, ``b_out``, the state with ``_out`` names (Adam's ``t_out = t + S``)
-    and ``losses[S]``, each step's loss at its pre-step weights (the step graph's ``loss``).
+    and ``losses[S]``, each step's loss at its pre-step weights.
     Names and order: :data:`LOOP_INPUTS`, :data:`LOOP_OUTPUTS`. Opset 17, IR version 8,
     plain onnxruntime (no training build).
 
@@ -109,17 +118,17 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
     f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     d, c = embedding_size, max_classes
     opt = _adam_parts(h) if optimizer == "adam" else _sgd_parts(h)
-    nodes = _before_loop_nodes(h, opt.grad_factor) + opt.before
+    nodes = _before_loop_nodes(h, opt.grad_factor, sgd=optimizer == "sgd") + opt.before
     nodes.append(_scan_node(h, d, c, opt))
     # After the loop: weights and state in their own layout and units, and the losses.
-    nodes += _split_t(h, "w_final", "W_out", "b_out") + opt.after + _loss_nodes(h)
+    nodes += _split_t(h, "w_final", state_output(WEIGHTS), state_output(BIAS)) + opt.after + _loss_nodes(h)
     shapes = _io_shapes(d, c)
     graph = h.make_graph(
         nodes,
         f"edgetl_head_train_loop_{optimizer}",
-        [h.make_tensor_value_info(x, i64 if x == "order" else f, shapes[x]) for x in LOOP_INPUTS[optimizer]],
+        [h.make_tensor_value_info(x, i64 if x == ORDER else f, shapes[x]) for x in LOOP_INPUTS[optimizer]],
         [h.make_tensor_value_info(state_output(s), f, shapes[s]) for s in STATE[optimizer]]
-        + [h.make_tensor_value_info("losses", f, ["S"])],
+        + [h.make_tensor_value_info(LOSSES, f, ["S"])],
         initializer=_initializers(h, d, c) + opt.init,
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="edgetl")
@@ -131,24 +140,24 @@ def head_train_loop_onnx(embedding_size: int, max_classes: int, optimizer: str) 
 def _io_shapes(d: int, c: int) -> dict[str, list[Any]]:
     """Shapes of the loop graph's inputs; an output ``X_out`` has the shape of ``X``."""
     return {
-        "embedding": ["N", d],
-        "labels": ["N", c],
-        "order": ["S", "B"],
-        "row_weight": ["S", "B"],
-        "mask": [c],
-        "W": [d, c],
-        "b": [c],
-        "W0": [d, c],
-        "lr": [],
-        "l2": [],
-        "momentum": [],
-        "vel_W": [d, c],
-        "vel_b": [c],
-        "m_W": [d, c],
-        "m_b": [c],
-        "v_W": [d, c],
-        "v_b": [c],
-        "t": [],
+        EMBEDDING: ["N", d],
+        LABELS: ["N", c],
+        ORDER: ["S", "B"],
+        ROW_WEIGHT: ["S", "B"],
+        MASK: [c],
+        WEIGHTS: [d, c],
+        BIAS: [c],
+        ANCHOR_ONNX: [d, c],
+        LEARNING_RATE: [],
+        L2: [],
+        MOMENTUM: [],
+        VEL_W: [d, c],
+        VEL_B: [c],
+        M_W: [d, c],
+        M_B: [c],
+        V_W: [d, c],
+        V_B: [c],
+        STEP_COUNT: [],
     }
 
 
@@ -219,24 +228,33 @@ def _initializers(h: Any, d: int, c: int) -> list[Any]:
     ]
 
 
-def _before_loop_nodes(h: Any, grad_factor: str) -> list[Any]:
-    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``."""
+def _before_loop_nodes(h: Any, grad_factor: str, *, sgd: bool) -> list[Any]:
+    """Once per call, before the loop: inputs in the loop's layout, row weights scaled by ``grad_factor``
+    (SGD: the normalized step ``lr_step``, computed here)."""
+    # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1), and the 1
+    # is the bias input, so the mean squared norm of the padded rows is the denominator.
+    sgd_step = [
+        h.make_node("ReduceSumSquare", ["emb_aug"], ["row_sq"], axes=[1], keepdims=0),
+        h.make_node("ReduceMean", ["row_sq"], ["mean_row_sq"], keepdims=0),
+        h.make_node("Div", [LEARNING_RATE, "mean_row_sq"], ["lr_step"]),
+    ]
     return [
-        h.make_node("Pad", ["embedding", "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
-        h.make_node("Gather", ["labels", "order"], ["y_g"], axis=0),  # [S, B, C]
-        h.make_node("Unsqueeze", ["row_weight", "ax2"], ["rw3"]),  # [S, B, 1]
+        h.make_node("Pad", [EMBEDDING, "pad_col", "one"], ["emb_aug"]),  # [N, D+1]: the bias input 1
+        *(sgd_step if sgd else []),
+        h.make_node("Gather", [LABELS, ORDER], ["y_g"], axis=0),  # [S, B, C]
+        h.make_node("Unsqueeze", [ROW_WEIGHT, "ax2"], ["rw3"]),  # [S, B, 1]
         h.make_node("Mul", ["y_g", "rw3"], ["y_rw"]),  # for the losses
         h.make_node("Shape", ["y_g"], ["y_shape"]),
-        h.make_node("Sub", ["one", "mask"], ["inactive"]),
+        h.make_node("Sub", ["one", MASK], ["inactive"]),
         h.make_node("Mul", ["inactive", "neg_big"], ["mask_bias"]),
         # The anchor's bias entry is 0: any value does, its L2 weight is 0.
-        h.make_node("Transpose", ["W0"], ["w0_top"], perm=[1, 0]),
+        h.make_node("Transpose", [ANCHOR_ONNX], ["w0_top"], perm=[1, 0]),
         h.make_node("Pad", ["w0_top", "pad_col"], ["w0_t"]),
-        *_aug_t_nodes(h, "W", "b", "w_init"),
+        *_aug_t_nodes(h, WEIGHTS, BIAS, "w_init"),
         h.make_node("Mul", ["rw3", grad_factor], ["rw_step"]),
         h.make_node("Expand", ["rw_step", "y_shape"], ["rw_steps"]),  # [S, B, C]
         h.make_node("Mul", ["y_g", "rw_steps"], ["yrw_steps"]),
-        h.make_node("Mul", ["l2", grad_factor], ["l2_factor"]),
+        h.make_node("Mul", [L2, grad_factor], ["l2_factor"]),
         h.make_node("Expand", ["w_cols", "cd_shape"], ["w_cols_full"]),  # [C, D+1], once
         h.make_node("Mul", ["w_cols_full", "l2_factor"], ["l2_step"]),
     ]
@@ -266,7 +284,7 @@ def _scan_node(h: Any, d: int, c: int, opt: _LoopParts) -> Any:
     state = ("w", *opt.state)
     # Each step gathers its rows inside the loop (as fast as gathering all S x B rows
     # before it, measured, and memory stays O(N D) instead of growing with the epochs).
-    scan = [("order_s", "order", ["B"]), ("rw_s", "rw_steps", ["B", c]), ("yrw_s", "yrw_steps", ["B", c])]
+    scan = [("order_s", ORDER, ["B"]), ("rw_s", "rw_steps", ["B", c]), ("yrw_s", "yrw_steps", ["B", c])]
     scan += opt.scan
     body = h.make_graph(
         _step_nodes(h) + opt.body,
@@ -292,28 +310,29 @@ def _loss_nodes(h: Any) -> list[Any]:
         h.make_node("Log", ["p_clip"], ["logp"]),
         h.make_node("Mul", ["y_rw", "logp"], ["ylogp"]),
         h.make_node("ReduceSum", ["ylogp", "ax12"], ["ll"], keepdims=0),  # -CE, averaged by the row weights
-        h.make_node("Mul", ["half_w_cols", "l2"], ["half_l2"]),  # [D+1], bias entry 0
+        h.make_node("Mul", ["half_w_cols", L2], ["half_l2"]),  # [D+1], bias entry 0
         h.make_node("MatMul", ["col_sq", "half_l2"], ["l2_term"]),  # [S]
-        h.make_node("Sub", ["l2_term", "ll"], ["losses"]),
+        h.make_node("Sub", ["l2_term", "ll"], [LOSSES]),
     ]
 
 
 def _sgd_parts(h: Any) -> _LoopParts:
-    """SGD with momentum; the velocity is kept as ``lr * vel``, so the row weights carry ``lr``."""
+    """SGD with momentum; the velocity is kept as ``lr_step * vel``, so the row weights carry ``lr_step``
+    (the normalized step, see :func:`_before_loop_nodes`)."""
     return _LoopParts(
-        grad_factor="lr",
+        grad_factor="lr_step",
         init=[],
-        before=_aug_t_nodes(h, "vel_W", "vel_b", "vel_raw") + [h.make_node("Mul", ["vel_raw", "lr"], ["vel_init"])],
+        before=_aug_t_nodes(h, VEL_W, VEL_B, "vel_raw") + [h.make_node("Mul", ["vel_raw", "lr_step"], ["vel_init"])],
         state=("vel",),
         scan=[],
         body=[
-            h.make_node("Mul", ["vel", "momentum"], ["vel_decay"]),
+            h.make_node("Mul", ["vel", MOMENTUM], ["vel_decay"]),
             h.make_node("Add", ["vel_decay", "g_l2"], ["vel_part"]),
-            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr * vel_new
+            h.make_node("Gemm", ["g_logits", "e_s", "vel_part"], ["vel_new"], transA=1),  # lr_step * vel_new
             h.make_node("Sub", ["w", "vel_new"], ["w_new"]),
         ],
-        after=[h.make_node("Div", ["vel_final", "lr"], ["vel_back"])]
-        + _split_t(h, "vel_back", "vel_W_out", "vel_b_out"),
+        after=[h.make_node("Div", ["vel_final", "lr_step"], ["vel_back"])]
+        + _split_t(h, "vel_back", state_output(VEL_W), state_output(VEL_B)),
     )
 
 
@@ -337,8 +356,8 @@ def _adam_parts(h: Any) -> _LoopParts:
     # g1 = (1 - beta1) g from the GEMM, v'_new = beta2 v' + g1^2 needs no extra scaling.
     before = (
         _adam_schedule_nodes(h)
-        + _aug_t_nodes(h, "m_W", "m_b", "m_init")
-        + _aug_t_nodes(h, "v_W", "v_b", "v_raw")
+        + _aug_t_nodes(h, M_W, M_B, "m_init")
+        + _aug_t_nodes(h, V_W, V_B, "v_raw")
         + [h.make_node("Mul", ["v_raw", "v_scale"], ["v_init"])]
     )
     body = [
@@ -355,10 +374,10 @@ def _adam_parts(h: Any) -> _LoopParts:
         h.make_node("Sub", ["w", "step"], ["w_new"]),
     ]
     after = (
-        _split_t(h, "m_final", "m_W_out", "m_b_out")
+        _split_t(h, "m_final", state_output(M_W), state_output(M_B))
         + [h.make_node("Div", ["v_final", "v_scale"], ["v_back"])]
-        + _split_t(h, "v_back", "v_W_out", "v_b_out")
-        + [h.make_node("Add", ["t", "steps_f"], ["t_out"])]
+        + _split_t(h, "v_back", state_output(V_W), state_output(V_B))
+        + [h.make_node("Add", [STEP_COUNT, "steps_f"], [state_output(STEP_COUNT)])]
     )
     scan = [("eps_s", "eps_steps", []), ("lam_s", "lam_steps", [])]
     return _LoopParts("omb1", init, before, ("m", "v"), scan, body, after)
@@ -376,12 +395,12 @@ def _adam_schedule_nodes(h: Any) -> list[Any]:
 
     f, f64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
     return [
-        h.make_node("Shape", ["order"], ["order_shape"]),
+        h.make_node("Shape", [ORDER], ["order_shape"]),
         h.make_node("Gather", ["order_shape", "ax0"], ["steps_1"], axis=0),
         h.make_node("Cast", ["steps_1"], ["steps_d1"], to=f64),
         h.make_node("Squeeze", ["steps_d1", "ax0"], ["steps_d"]),
         h.make_node("Cast", ["steps_d"], ["steps_f"], to=f),
-        h.make_node("Cast", ["t"], ["t_d"], to=f64),
+        h.make_node("Cast", [STEP_COUNT], ["t_d"], to=f64),
         h.make_node("Add", ["t_d", "one_d"], ["t_first"]),
         h.make_node("Add", ["t_d", "steps_d"], ["t_last"]),
         h.make_node("Add", ["t_last", "one_d"], ["t_limit"]),
@@ -395,7 +414,7 @@ def _adam_schedule_nodes(h: Any) -> list[Any]:
         h.make_node("Div", ["eps", "kappa"], ["eps_d"]),
         h.make_node("Cast", ["eps_d"], ["eps_steps"], to=f),
         h.make_node("Mul", ["bc1", "kappa"], ["lam_den"]),
-        h.make_node("Cast", ["lr"], ["lr_d"], to=f64),
+        h.make_node("Cast", [LEARNING_RATE], ["lr_d"], to=f64),
         h.make_node("Div", ["lr_d", "lam_den"], ["lam_d"]),
         h.make_node("Cast", ["lam_d"], ["lam_steps"], to=f),
     ]
@@ -408,18 +427,19 @@ def head_tflite_loop(W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> bytes:
     names from :data:`edgetl.bundle._head.TFLITE_SIGNATURES`):
 
         infer(embedding[B,D]) -> probabilities[B,C]
-        train(embedding[B,D], labels[B,C], lr, l2, momentum, optimizer) -> loss
         get_weights(unused) -> W, b, mask, anchor   (``unused`` is ignored: see the head contract)
         set_weights(W, b, mask, anchor) -> ok   (also resets the optimizer state)
         train_steps(embedding[N,D], labels[N,C], order[S,B] int64, row_weight[S,B], lr, l2,
                     momentum, optimizer) -> losses[S]
 
+    ``lr`` is the user's learning rate; for SGD the graph takes
+    ``lr / (mean_i ||e_i||^2 + 1)`` over the N embeddings as its step (as the ONNX graph).
+
     ``train_steps`` runs the S steps of a step plan (see :func:`head_train_loop_onnx` for
-    ``order`` and ``row_weight``) in one ``WHILE`` loop, on the same variables as ``train``:
-    it equals S ``train`` calls on the plan's batches, except that Adam's bias corrections
-    are computed without float32's cancellation (:func:`_one_minus_pow`). ``optimizer`` <= 0.5
-    is SGD with momentum, > 0.5 Adam; it selects one of two loops with an ``IF`` (a builtin
-    op), so each step runs one optimizer's update (``train`` computes and blends both).
+    ``order`` and ``row_weight``) in one ``WHILE`` loop (S = 1: one step); Adam's bias
+    corrections are computed without float32's cancellation (:func:`_one_minus_pow`).
+    ``optimizer`` <= 0.5 is SGD with momentum, > 0.5 Adam; it selects one of two loops with
+    an ``IF`` (a builtin op), so each step runs one optimizer's update.
 
     The loop keeps ``[W; b]^T``, the optimizer state and the losses as loop variables (read
     from the resource variables before the loop, assigned after it); its inputs are the
@@ -449,20 +469,20 @@ def _head_module(t: Any, W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Any:
     """A ``tf.Module`` with :class:`_LoopHead`'s signature methods, each a ``tf.function`` of its input signature."""
     d, c = W.shape
     shapes = {
-        "embedding": [None, d],
-        "labels": [None, c],
-        "order": [None, None],
-        "row_weight": [None, None],
-        "W": [d, c],
-        "b": [c],
-        "mask": [c],
-        "anchor": [d, c],
+        EMBEDDING: [None, d],
+        LABELS: [None, c],
+        ORDER: [None, None],
+        ROW_WEIGHT: [None, None],
+        WEIGHTS: [d, c],
+        BIAS: [c],
+        MASK: [c],
+        ANCHOR: [d, c],
     }  # the rest are scalars
     signatures = {
         name: t.function(
             getattr(_LoopHead, name),
             input_signature=[
-                t.TensorSpec(shapes.get(x, []), t.int64 if x == "order" else t.float32, name=x) for x in inputs
+                t.TensorSpec(shapes.get(x, []), t.int64 if x == ORDER else t.float32, name=x) for x in inputs
             ],
         )
         for name, inputs in _TFLITE_LOOP_SIGNATURES.items()
@@ -492,39 +512,7 @@ class _LoopHead:
         return t.nn.softmax(logits)
 
     def infer(self, embedding: Any) -> Any:
-        return {"probabilities": self._probs(embedding)}
-
-    def train(self, embedding: Any, labels: Any, lr: Any, l2: Any, momentum: Any, optimizer: Any) -> Any:
-        # One step of edgetl.bundle._head.reference_step (both optimizer updates computed, blended by `optimizer`).
-        t = tf()
-        p = self._probs(embedding)
-        batch = t.cast(t.shape(embedding)[0], t.float32)
-        d_anchor = self.W - self.anchor
-        loss = -t.reduce_mean(
-            t.reduce_sum(labels * t.math.log(t.clip_by_value(p, 1e-12, 1.0)), axis=1)
-        ) + 0.5 * l2 * t.reduce_sum(d_anchor * d_anchor)
-        g_logits = (p - labels) / batch
-        grads = {
-            "W": t.matmul(embedding, g_logits, transpose_a=True) + l2 * d_anchor,
-            "b": t.reduce_sum(g_logits, axis=0),
-        }
-        adam, sgd = optimizer, 1.0 - optimizer
-        step_t = self.t + adam
-        bc1 = 1.0 - t.pow(ADAM_BETA1, t.maximum(step_t, 1.0))
-        bc2 = 1.0 - t.pow(ADAM_BETA2, t.maximum(step_t, 1.0))
-        for name in ("W", "b"):
-            w, g = getattr(self, name), grads[name]
-            vel, m, v = getattr(self, f"vel_{name}"), getattr(self, f"m_{name}"), getattr(self, f"v_{name}")
-            vel_new = momentum * vel + g
-            m_new = ADAM_BETA1 * m + (1.0 - ADAM_BETA1) * g
-            v_new = ADAM_BETA2 * v + (1.0 - ADAM_BETA2) * g * g
-            adam_step = lr * (m_new / bc1) / (t.sqrt(v_new / bc2) + ADAM_EPS)
-            w.assign(w - sgd * lr * vel_new - adam * adam_step)
-            vel.assign(sgd * vel_new + adam * vel)
-            m.assign(adam * m_new + sgd * m)
-            v.assign(adam * v_new + sgd * v)
-        self.t.assign(step_t)
-        return {"loss": loss}
+        return {PROBABILITIES: self._probs(embedding)}
 
     def train_steps(
         self,
@@ -544,14 +532,14 @@ class _LoopHead:
         steps = t.shape(order, out_type=t.int32)[0]
         plan = {
             "emb": emb,
-            "labels": labels,
-            "order": order,
+            "y": labels,
+            "steps_order": order,
             "rw": t.expand_dims(row_weight, -1),  # [S, B, 1]
             "mask_bias": (1.0 - self.mask) * MASK_NEG,
             # [W; b]^T, the layout FULLY_CONNECTED takes its weights in; the anchor's bias
             # entry is b, but its L2 weight is 0 (the pull is on W only).
             "w0": _aug_t(t, self.anchor, self.b),
-            "l2": l2 * w_cols,  # [1, D+1]
+            "l2_cols": l2 * w_cols,  # [1, D+1]
             "steps": steps,
             "step_ids": t.range(steps),  # outside the body: RANGE's output shape is dynamic
         }
@@ -559,20 +547,20 @@ class _LoopHead:
         losses = t.cond(
             optimizer > 0.5, lambda: self._adam_loop(plan, w, lr), lambda: self._sgd_loop(plan, w, lr, momentum)
         )
-        return {"losses": losses}
+        return {LOSSES: losses}
 
     def _step_grad(self, plan: dict[str, Any], i: Any, w: Any) -> tuple[Any, Any]:
         """Gradient of ``[W; b]^T`` at step i, and the step's loss at w."""
         t = tf()
-        idx = t.gather(plan["order"], i)
+        idx = t.gather(plan["steps_order"], i)
         e = t.gather(plan["emb"], idx)  # [B, D+1]
         rw = t.gather(plan["rw"], i)  # [B, 1]
-        y_rw = t.gather(plan["labels"], idx) * rw
+        y_rw = t.gather(plan["y"], idx) * rw
         # [W; b]^T is FULLY_CONNECTED's weight layout: the logits need no transpose.
         p = t.nn.softmax(t.matmul(e, w, transpose_b=True) + plan["mask_bias"])  # [B, C]
         g_logits = p * rw - y_rw
         dw = w - plan["w0"]
-        l2_dw = plan["l2"] * dw
+        l2_dw = plan["l2_cols"] * dw
         # E^T g as FULLY_CONNECTED(E^T, g^T), transposed back: 25% faster in LiteRT (XNNPACK)
         # than BATCH_MATMUL(g, E, adj_x) or FULLY_CONNECTED(g^T, E^T), measured at D=256.
         grad = t.transpose(t.matmul(t.transpose(e), t.transpose(g_logits), transpose_b=True)) + l2_dw  # [C, D+1]
@@ -588,6 +576,9 @@ class _LoopHead:
 
     def _sgd_loop(self, plan: dict[str, Any], w: Any, lr: Any, momentum: Any) -> Any:
         t = tf()
+        # SGD's step (edgetl.bundle._head.sgd_step_size): lr / (mean_i ||e_i||^2 + 1); the
+        # padded rows end in the bias input 1, so their mean squared norm is the denominator.
+        lr = lr / t.reduce_mean(t.reduce_sum(plan["emb"] * plan["emb"], axis=1))
 
         def body(i: Any, w: Any, vel: Any, losses: Any) -> Any:
             grad, loss = self._step_grad(plan, i, w)
@@ -632,10 +623,10 @@ class _LoopHead:
     def get_weights(self, unused: Any) -> Any:  # unused: see edgetl.bundle._head.TFLITE_SIGNATURES
         t = tf()
         return {
-            "W": t.identity(self.W),
-            "b": t.identity(self.b),
-            "mask": t.identity(self.mask),
-            "anchor": t.identity(self.anchor),
+            WEIGHTS: t.identity(self.W),
+            BIAS: t.identity(self.b),
+            MASK: t.identity(self.mask),
+            ANCHOR: t.identity(self.anchor),
         }
 
     def set_weights(self, W: Any, b: Any, mask: Any, anchor: Any) -> Any:
@@ -645,7 +636,7 @@ class _LoopHead:
         for var in (self.vel_W, self.vel_b, self.m_W, self.m_b, self.v_W, self.v_b):
             var.assign(t.zeros_like(var))
         self.t.assign(0.0)
-        return {"ok": t.constant(1.0)}
+        return {OK: t.constant(1.0)}
 
 
 def _aug_t(t: Any, w: Any, b: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.bundle import _contract as C
 from edgetl.bundle import _tail as T
 from edgetl.bundle._head import OPTIMIZERS
 from edgetl.host._tf import keras
@@ -75,9 +76,9 @@ def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
         )
     split = TailSplit(trunk, layer.name, activation, {"W1": W1, "b1": b1, "mean": mean, "inv_std": inv_std})
     a = trunk.predict(x, verbose=0)
-    z = T.forward({**split.init, "W": np.zeros((W1.shape[1], 1)), "b": np.zeros(1), "mask": np.ones(1)}, a, activation)[
-        "z"
-    ]
+    z = T.forward(
+        {**split.init, C.WEIGHTS: np.zeros((W1.shape[1], 1)), C.BIAS: np.zeros(1), C.MASK: np.ones(1)}, a, activation
+    )["z"]
     diff = float(np.abs(z - backbone.predict(x, verbose=0)).max())
     if not diff <= SPLIT_TOLERANCE * max(1.0, float(np.abs(z).max())):
         return f"the split at {layer.name!r} does not reproduce the backbone (max difference {diff:.3g})"
@@ -102,7 +103,7 @@ def tail_files(split: TailSplit, head: tuple[np.ndarray, np.ndarray, np.ndarray]
     }
     for opt in OPTIMIZERS:
         graph = tail_train_loop_onnx(f, d, cap, opt, act, p)
-        files[T.TRAIN_FILE.format(optimizer=opt)] = (graph, "tail_train_loop", "onnx", {"optimizer": opt})
+        files[T.TRAIN_FILE.format(optimizer=opt)] = (graph, "tail_train_loop", "onnx", {C.OPTIMIZER: opt})
     return files
 
 
@@ -129,7 +130,7 @@ def verify_tail(
         out[f"trunk_{fmt}_max_abs_diff"] = diff = float(np.abs(got - a_ref).max())
         if not diff <= 1e-4 * max(1.0, float(np.abs(a_ref).max())):
             out["failures"].append(f"trunk.fp32.{fmt} differs from Keras by {diff:.3g}")
-    weights = {**split.init, "W": head[0], "b": head[1], "mask": head[2]}
+    weights = {**split.init, C.WEIGHTS: head[0], C.BIAS: head[1], C.MASK: head[2]}
     onehot = np.eye(head[0].shape[1], dtype=np.float32)[y]
     runtimes = {fmt: TailRuntime.from_files(files, fmt, split.activation) for fmt in ("onnx", "tflite")}
     for opt, lr in (("sgd", 0.1), ("adam", 0.01)):
@@ -140,7 +141,7 @@ def verify_tail(
         out[f"infer_{fmt}_max_abs_diff"] = diff = float(np.abs(p - want).max())
         if not diff <= 1e-5:
             out["failures"].append(f"tail inference in {fmt} differs from the reference by {diff:.3g}")
-    out["ok"] = not out["failures"]
+    out["passed"] = not out["failures"]
     return out
 
 
@@ -169,7 +170,7 @@ def tail_step(
     files = tail_files(split, head, plan.opset)
     labels = np.argmax(references.probabilities, axis=1)
     checks = verify_tail(split, files, head, references.x, labels)
-    if not checks["ok"]:
+    if not checks["passed"]:
         raise BundleError("the trainable tail failed its checks: " + "; ".join(checks["failures"]))
     artifacts = [
         Artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()
@@ -185,7 +186,7 @@ def tail_step(
         "optimizers": list(OPTIMIZERS),
         "loss": "softmax cross-entropy + l2/2 (||W - W0||^2 + ||W1 - W1_0||^2)",
         "replay": f"replay.npz key {T.REPLAY_KEY!r}",
-        "checks": {k: v for k, v in checks.items() if k not in ("ok", "failures")},
+        "checks": {k: v for k, v in checks.items() if k not in ("passed", "failures")},
     }
     return artifacts, section, split.trunk
 

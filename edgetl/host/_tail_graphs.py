@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgetl._quiet import native_output_silenced
+from edgetl.bundle import _contract as C
 from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MASK_NEG, OPTIMIZERS
 from edgetl.bundle._tail import (
     ACTIVATIONS,
@@ -50,12 +51,12 @@ class _Graph:
 
 
 def _shapes(f: int, d: int, c: int, positions: int = 1) -> dict[str, list[Any]]:
-    weights = {"W1": [f, d], "b1": [d], "W": [d, c], "b": [c]}
+    weights = {"W1": [f, d], "b1": [d], C.WEIGHTS: [d, c], C.BIAS: [c]}
     shapes: dict[str, list[Any]] = {
         "trunk": ["N", positions, f],
-        "labels": ["N", c],
-        "order": ["S", "B"],
-        "row_weight": ["S", "B"],
+        C.LABELS: ["N", c],
+        C.ORDER: ["S", "B"],
+        C.ROW_WEIGHT: ["S", "B"],
     }
     shapes.update(mask=[c], mean=[d], inv_std=[d], W0=[d, c], W1_0=[f, d], lr=[], l2=[], momentum=[], t=[])
     shapes.update(weights)
@@ -115,16 +116,16 @@ def tail_infer_onnx(
     _check(trunk_size, embedding_size, max_classes, activation)
     g = _Graph("i_")
     h = g.h
-    g.op("Mul", g.op("Sub", "one", "mask"), "neg_big", out="mask_bias")
-    _, _, logits = _forward(g, "trunk", "W1", "b1", "W", "b", activation)
-    g.op("Softmax", logits, axis=-1, out="probabilities")
+    g.op("Mul", g.op("Sub", "one", C.MASK), "neg_big", out="mask_bias")
+    _, _, logits = _forward(g, "trunk", "W1", "b1", C.WEIGHTS, C.BIAS, activation)
+    g.op("Softmax", logits, axis=-1, out=C.PROBABILITIES)
     shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
     f = onnx.TensorProto.FLOAT
     graph = h.make_graph(
         g.nodes,
         "edgetl_tail_infer",
         [h.make_tensor_value_info(x, f, shapes[x]) for x in INFER_INPUTS],
-        [h.make_tensor_value_info("probabilities", f, ["N", max_classes])],
+        [h.make_tensor_value_info(C.PROBABILITIES, f, ["N", max_classes])],
         initializer=_consts(h),
     )
     return _finish(graph)
@@ -159,15 +160,15 @@ def _check(f: int, d: int, c: int, activation: str) -> None:
 
 def _sgd_rates(g: _Graph, activation: str) -> None:
     """``lr_head`` and ``lr_tail``: the user's rate over each layer's normaliser (:mod:`edgetl.bundle._tail`)."""
-    _, z0, _ = _forward(g, "trunk", "W1", "b1", "W", "b", activation)
+    _, z0, _ = _forward(g, "trunk", "W1", "b1", C.WEIGHTS, C.BIAS, activation)
     z_sq = g.op("ReduceMean", g.op("ReduceSumSquare", z0, axes=[1], keepdims=0), keepdims=0)
     pooled = g.op("ReduceMean", "trunk", axes=[1], keepdims=0)
     a_sq = g.op("ReduceMean", g.op("ReduceSumSquare", pooled, axes=[1], keepdims=0), keepdims=0)
-    w_scaled = g.op("Mul", g.op("Mul", "W", g.op("Unsqueeze", "inv_std", "ax1")), "mask")
-    active = g.op("Max", g.op("ReduceSum", "mask", keepdims=0), "one")
+    w_scaled = g.op("Mul", g.op("Mul", C.WEIGHTS, g.op("Unsqueeze", "inv_std", "ax1")), C.MASK)
+    active = g.op("Max", g.op("ReduceSum", C.MASK, keepdims=0), "one")
     w_sq = g.op("Add", g.op("Div", g.op("ReduceSumSquare", w_scaled, keepdims=0), active), "one")
-    g.op("Div", "lr", g.op("Add", z_sq, "one"), out="lr_head")
-    g.op("Div", "lr", g.op("Mul", g.op("Add", a_sq, "one"), w_sq), out="lr_tail")
+    g.op("Div", C.LEARNING_RATE, g.op("Add", z_sq, "one"), out="lr_head")
+    g.op("Div", C.LEARNING_RATE, g.op("Mul", g.op("Add", a_sq, "one"), w_sq), out="lr_tail")
 
 
 def _adam_schedule(g: _Graph) -> None:
@@ -176,27 +177,27 @@ def _adam_schedule(g: _Graph) -> None:
     from onnx import TensorProto
 
     f64, f = TensorProto.DOUBLE, TensorProto.FLOAT
-    steps = g.op("Squeeze", g.op("Cast", g.op("Gather", g.op("Shape", "order"), "ax0", axis=0), to=f64), "ax0")
-    t_d = g.op("Cast", "t", to=f64)
+    steps = g.op("Squeeze", g.op("Cast", g.op("Gather", g.op("Shape", C.ORDER), "ax0", axis=0), to=f64), "ax0")
+    t_d = g.op("Cast", C.STEP_COUNT, to=f64)
     first = g.op("Add", t_d, "one_d")
     limit = g.op("Add", g.op("Add", t_d, steps), "one_d")
     t_steps = g.op("Range", first, limit, "one_d")
     g.op("Cast", g.op("Sub", "one_d", g.op("Pow", "beta1_d", t_steps)), to=f, out="bc1_steps")
     g.op("Cast", g.op("Sub", "one_d", g.op("Pow", "beta2_d", t_steps)), to=f, out="bc2_steps")
-    g.op("Add", "t", g.op("Cast", steps, to=f), out="t_out")
+    g.op("Add", C.STEP_COUNT, g.op("Cast", steps, to=f), out=C.state_output(C.STEP_COUNT))
 
 
 def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
     """One step inside the Scan: reads the loop variables, writes ``X_new`` and ``loss_s``."""
     a = g.op("Gather", "trunk", "order_s", axis=0)
-    y = g.op("Gather", "labels", "order_s", axis=0)
+    y = g.op("Gather", C.LABELS, "order_s", axis=0)
     rw = g.op("Unsqueeze", "rw_s", "ax1")  # [B, 1]
-    pre, z, logits = _forward(g, a, "W1", "b1", "W", "b", activation)
+    pre, z, logits = _forward(g, a, "W1", "b1", C.WEIGHTS, C.BIAS, activation)
     p = g.op("Softmax", logits, axis=-1)
     y_rw = g.op("Mul", y, rw)
     grad_logits = g.op("Sub", g.op("Mul", p, rw), y_rw)
-    d_w, d_w1 = g.op("Sub", "W", "W0"), g.op("Sub", "W1", "W1_0")
-    g_z = g.op("Mul", g.op("MatMul", grad_logits, g.op("Transpose", "W", perm=[1, 0])), "inv_std_p")
+    d_w, d_w1 = g.op("Sub", C.WEIGHTS, C.ANCHOR_ONNX), g.op("Sub", "W1", "W1_0")
+    g_z = g.op("Mul", g.op("MatMul", grad_logits, g.op("Transpose", C.WEIGHTS, perm=[1, 0])), "inv_std_p")
     g_h = g.op("Unsqueeze", g_z, "ax1")  # [B, 1, D]: the same gradient at every pooled position
     if activation == "linear":
         g_pre = g.op("Expand", g_h, g.op("Shape", pre))
@@ -207,25 +208,25 @@ def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
         g_pre = g.op("Mul", g_h, g.op("Cast", passes, to=1))
     a_rows, g_rows = g.op("Reshape", a, "rows_f"), g.op("Reshape", g_pre, "rows_d")  # [B P, F], [B P, D]
     grads = {
-        "W": g.op("Add", g.op("MatMul", g.op("Transpose", z, perm=[1, 0]), grad_logits), g.op("Mul", "l2", d_w)),
-        "b": g.op("ReduceSum", grad_logits, "ax0", keepdims=0),
-        "W1": g.op("Add", g.op("MatMul", g.op("Transpose", a_rows, perm=[1, 0]), g_rows), g.op("Mul", "l2", d_w1)),
+        C.WEIGHTS: g.op("Add", g.op("MatMul", g.op("Transpose", z, perm=[1, 0]), grad_logits), g.op("Mul", C.L2, d_w)),
+        C.BIAS: g.op("ReduceSum", grad_logits, "ax0", keepdims=0),
+        "W1": g.op("Add", g.op("MatMul", g.op("Transpose", a_rows, perm=[1, 0]), g_rows), g.op("Mul", C.L2, d_w1)),
         "b1": g.op("ReduceSum", g_rows, "ax0", keepdims=0),
     }
     nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", y_rw, g.op("Log", g.op("Clip", p, "tiny", "one"))), keepdims=0))
     offsets = g.op("Add", g.op("ReduceSumSquare", d_w, keepdims=0), g.op("ReduceSumSquare", d_w1, keepdims=0))
-    g.op("Add", nll, g.op("Mul", g.op("Mul", "half", "l2"), offsets), out="loss_s")
+    g.op("Add", nll, g.op("Mul", g.op("Mul", "half", C.L2), offsets), out="loss_s")
     for w in WEIGHTS:
         if optimizer == "sgd":
-            vel = g.op("Add", g.op("Mul", "momentum", f"vel_{w}"), grads[w], out=f"vel_{w}_new")
-            rate = "lr_head" if w in ("W", "b") else "lr_tail"
+            vel = g.op("Add", g.op("Mul", C.MOMENTUM, f"vel_{w}"), grads[w], out=f"vel_{w}_new")
+            rate = "lr_head" if w in (C.WEIGHTS, C.BIAS) else "lr_tail"
             g.op("Sub", w, g.op("Mul", rate, vel), out=f"{w}_new")
         else:
             m = g.op("Add", g.op("Mul", "beta1", f"m_{w}"), g.op("Mul", "omb1", grads[w]), out=f"m_{w}_new")
             sq = g.op("Mul", grads[w], grads[w])
             v = g.op("Add", g.op("Mul", "beta2", f"v_{w}"), g.op("Mul", "omb2", sq), out=f"v_{w}_new")
             denom = g.op("Add", g.op("Sqrt", g.op("Div", v, "bc2_s")), "eps")
-            g.op("Sub", w, g.op("Div", g.op("Mul", "lr", g.op("Div", m, "bc1_s")), denom), out=f"{w}_new")
+            g.op("Sub", w, g.op("Div", g.op("Mul", C.LEARNING_RATE, g.op("Div", m, "bc1_s")), denom), out=f"{w}_new")
 
 
 def tail_train_loop_onnx(
@@ -249,14 +250,14 @@ def tail_train_loop_onnx(
     shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
     g = _Graph("o_")
     h = g.h
-    g.op("Mul", g.op("Sub", "one", "mask"), "neg_big", out="mask_bias")
+    g.op("Mul", g.op("Sub", "one", C.MASK), "neg_big", out="mask_bias")
     g.op("Mul", "inv_std", "inv_p", out="inv_std_p")  # the pooling's 1/P, folded once
     if optimizer == "sgd":
         _sgd_rates(g, activation)
     else:
         _adam_schedule(g)
-    loop_vars = [s for s in STATE[optimizer] if s != "t"]
-    scans = [("order_s", "order", i64, ["B"]), ("rw_s", "row_weight", f32, ["B"])]
+    loop_vars = [s for s in STATE[optimizer] if s != C.STEP_COUNT]
+    scans = [("order_s", C.ORDER, i64, ["B"]), ("rw_s", C.ROW_WEIGHT, f32, ["B"])]
     if optimizer == "adam":
         scans += [("bc1_s", "bc1_steps", f32, []), ("bc2_s", "bc2_steps", f32, [])]
     body = _Graph("b_")
@@ -273,7 +274,7 @@ def tail_train_loop_onnx(
         h.make_node(
             "Scan",
             loop_vars + [src for _, src, _, _ in scans],
-            [f"{v}_out" for v in loop_vars] + ["losses"],
+            [f"{v}_out" for v in loop_vars] + [C.LOSSES],
             body=body_graph,
             num_scan_inputs=len(scans),
         )
@@ -281,9 +282,9 @@ def tail_train_loop_onnx(
     graph = h.make_graph(
         g.nodes,
         f"edgetl_tail_train_loop_{optimizer}",
-        [h.make_tensor_value_info(x, i64 if x == "order" else f32, shapes[x]) for x in LOOP_INPUTS[optimizer]],
+        [h.make_tensor_value_info(x, i64 if x == C.ORDER else f32, shapes[x]) for x in LOOP_INPUTS[optimizer]],
         [h.make_tensor_value_info(f"{s}_out", f32, shapes[s]) for s in STATE[optimizer]]
-        + [h.make_tensor_value_info("losses", f32, ["S"])],
+        + [h.make_tensor_value_info(C.LOSSES, f32, ["S"])],
         initializer=_consts(h)
         + [
             h.make_tensor("inv_p", f32, [], [1.0 / positions]),
@@ -313,7 +314,7 @@ def tail_tflite(trunk_size: int, embedding_size: int, max_classes: int, activati
     fns = []
     for name, inputs in TFLITE_SIGNATURES.items():
         body = _tflite_infer if name == "infer" else _tflite_train(name.removeprefix("train_steps_"))
-        spec = [t.TensorSpec(shapes[x], t.int64 if x == "order" else t.float32, name=x) for x in inputs]
+        spec = [t.TensorSpec(shapes[x], t.int64 if x == C.ORDER else t.float32, name=x) for x in inputs]
         fn = t.function(_bind(body, name, inputs, activation), input_signature=spec)
         setattr(module, name, fn)
         fns.append(fn.get_concrete_function())
@@ -346,12 +347,12 @@ def _tf_forward(t: Any, x: dict[str, Any], a: Any, w: dict[str, Any], activation
     positions = a.shape[1]
     pre = t.reshape(t.matmul(t.reshape(a, [-1, f]), w["W1"]) + w["b1"], [-1, positions, d])
     z = (t.reduce_mean(_tf_act(t, pre, activation), axis=1) - x["mean"]) * x["inv_std"]
-    logits = t.matmul(z, w["W"]) + w["b"] + (1.0 - x["mask"]) * MASK_NEG
+    logits = t.matmul(z, w[C.WEIGHTS]) + w[C.BIAS] + (1.0 - x[C.MASK]) * MASK_NEG
     return pre, z, t.nn.softmax(logits)
 
 
 def _tflite_infer(x: dict[str, Any], activation: str) -> Any:
-    return {"probabilities": _tf_forward(tf(), x, x["trunk"], x, activation)[2]}
+    return {C.PROBABILITIES: _tf_forward(tf(), x, x["trunk"], x, activation)[2]}
 
 
 def _tflite_train(optimizer: str) -> Any:
@@ -362,13 +363,13 @@ def _tflite_train(optimizer: str) -> Any:
 
 
 def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: str) -> tuple[dict[str, Any], Any]:
-    idx = t.gather(x["order"], i)
-    a, rw = t.gather(x["trunk"], idx), t.expand_dims(t.gather(x["row_weight"], i), -1)
-    y_rw = t.gather(x["labels"], idx) * rw
+    idx = t.gather(x[C.ORDER], i)
+    a, rw = t.gather(x["trunk"], idx), t.expand_dims(t.gather(x[C.ROW_WEIGHT], i), -1)
+    y_rw = t.gather(x[C.LABELS], idx) * rw
     pre, z, p = _tf_forward(t, x, a, w, activation)
     g = p * rw - y_rw
     f, d = w["W1"].shape
-    g_h = t.expand_dims(t.matmul(g, w["W"], transpose_b=True) * x["inv_std"] / float(a.shape[1]), 1)
+    g_h = t.expand_dims(t.matmul(g, w[C.WEIGHTS], transpose_b=True) * x["inv_std"] / float(a.shape[1]), 1)
     if activation == "linear":
         g_pre = g_h + t.zeros_like(pre)
     else:
@@ -377,15 +378,15 @@ def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: 
             passes = t.logical_and(passes, pre < 6.0)
         g_pre = g_h * t.cast(passes, t.float32)
     a_rows, g_rows = t.reshape(a, [-1, f]), t.reshape(g_pre, [-1, d])
-    d_w, d_w1 = w["W"] - x["W0"], w["W1"] - x["W1_0"]
+    d_w, d_w1 = w[C.WEIGHTS] - x[C.ANCHOR_ONNX], w["W1"] - x["W1_0"]
     grads = {
-        "W": t.matmul(z, g, transpose_a=True) + x["l2"] * d_w,
-        "b": t.reduce_sum(g, axis=0),
-        "W1": t.matmul(a_rows, g_rows, transpose_a=True) + x["l2"] * d_w1,
+        C.WEIGHTS: t.matmul(z, g, transpose_a=True) + x[C.L2] * d_w,
+        C.BIAS: t.reduce_sum(g, axis=0),
+        "W1": t.matmul(a_rows, g_rows, transpose_a=True) + x[C.L2] * d_w1,
         "b1": t.reduce_sum(g_rows, axis=0),
     }
     nll = -t.reduce_sum(y_rw * t.math.log(t.clip_by_value(p, 1e-12, 1.0)))
-    loss = nll + 0.5 * x["l2"] * (t.reduce_sum(d_w * d_w) + t.reduce_sum(d_w1 * d_w1))
+    loss = nll + 0.5 * x[C.L2] * (t.reduce_sum(d_w * d_w) + t.reduce_sum(d_w1 * d_w1))
     return grads, loss
 
 
@@ -394,21 +395,21 @@ def _tf_sgd_rates(t: Any, x: dict[str, Any], activation: str) -> dict[str, Any]:
     z_sq = t.reduce_mean(t.reduce_sum(z0 * z0, axis=1))
     pooled = t.reduce_mean(x["trunk"], axis=1)
     a_sq = t.reduce_mean(t.reduce_sum(pooled * pooled, axis=1))
-    w_scaled = x["W"] * t.expand_dims(x["inv_std"], 1) * x["mask"]
-    w_sq = t.reduce_sum(w_scaled * w_scaled) / t.maximum(t.reduce_sum(x["mask"]), 1.0) + 1.0
-    head, tail = x["lr"] / (z_sq + 1.0), x["lr"] / ((a_sq + 1.0) * w_sq)
-    return {"W": head, "b": head, "W1": tail, "b1": tail}
+    w_scaled = x[C.WEIGHTS] * t.expand_dims(x["inv_std"], 1) * x[C.MASK]
+    w_sq = t.reduce_sum(w_scaled * w_scaled) / t.maximum(t.reduce_sum(x[C.MASK]), 1.0) + 1.0
+    head, tail = x[C.LEARNING_RATE] / (z_sq + 1.0), x[C.LEARNING_RATE] / ((a_sq + 1.0) * w_sq)
+    return {C.WEIGHTS: head, C.BIAS: head, "W1": tail, "b1": tail}
 
 
 def _tf_train(x: dict[str, Any], optimizer: str, activation: str) -> Any:
     t = tf()
-    steps = t.shape(x["order"], out_type=t.int32)[0]
+    steps = t.shape(x[C.ORDER], out_type=t.int32)[0]
     step_ids = t.range(steps)  # outside the body: RANGE's output shape is dynamic
-    names = [s for s in STATE[optimizer] if s != "t"]
+    names = [s for s in STATE[optimizer] if s != C.STEP_COUNT]
     if optimizer == "sgd":
         rates = _tf_sgd_rates(t, x, activation)
     else:
-        step_t = x["t"] + 1.0 + t.cast(step_ids, t.float32)
+        step_t = x[C.STEP_COUNT] + 1.0 + t.cast(step_ids, t.float32)
         bc1, bc2 = _one_minus_pow(t, ADAM_BETA1, step_t), _one_minus_pow(t, ADAM_BETA2, step_t)
 
     def body(i: Any, losses: Any, *values: Any) -> Any:
@@ -416,21 +417,21 @@ def _tf_train(x: dict[str, Any], optimizer: str, activation: str) -> Any:
         grads, loss = _tf_grads(t, x, s, i, activation)
         for w in WEIGHTS:
             if optimizer == "sgd":
-                s[f"vel_{w}"] = x["momentum"] * s[f"vel_{w}"] + grads[w]
+                s[f"vel_{w}"] = x[C.MOMENTUM] * s[f"vel_{w}"] + grads[w]
                 s[w] = s[w] - rates[w] * s[f"vel_{w}"]
             else:
                 s[f"m_{w}"] = ADAM_BETA1 * s[f"m_{w}"] + (1.0 - ADAM_BETA1) * grads[w]
                 s[f"v_{w}"] = ADAM_BETA2 * s[f"v_{w}"] + (1.0 - ADAM_BETA2) * grads[w] * grads[w]
                 m_hat = s[f"m_{w}"] / t.gather(bc1, i)
-                s[w] = s[w] - x["lr"] * m_hat / (t.sqrt(s[f"v_{w}"] / t.gather(bc2, i)) + ADAM_EPS)
+                s[w] = s[w] - x[C.LEARNING_RATE] * m_hat / (t.sqrt(s[f"v_{w}"] / t.gather(bc2, i)) + ADAM_EPS)
         return (i + 1, t.where(step_ids == i, loss, losses), *[s[n] for n in names])
 
     start = (t.constant(0), t.zeros([steps], t.float32), *[x[n] for n in names])
     _, losses, *final = t.while_loop(lambda i, *_: i < steps, body, start)
     out = {f"{n}_out": v for n, v in zip(names, final)}
     if optimizer == "adam":
-        out["t_out"] = x["t"] + t.cast(steps, t.float32)
-    out["losses"] = losses
+        out[C.state_output(C.STEP_COUNT)] = x[C.STEP_COUNT] + t.cast(steps, t.float32)
+    out[C.LOSSES] = losses
     return out
 
 

@@ -89,8 +89,9 @@ edgetl_train_settings edgetl_default_settings(void);
 
 /* A whole training run from a zero optimizer state on the examples rows[0..n-1] (indices into emb
  * and labels; an index may repeat, e.g. to balance classes; rows NULL: examples 0..n-1): every
- * epoch shuffles them (xorshift32 seeded by settings.seed; not numpy's order, so weights differ
- * from the Python trainers' while the algorithm is the same) and steps through them in batches.
+ * epoch shuffles them (xorshift32 seeded by settings.seed, Fisher-Yates: the bundle's documented
+ * batch order, "xorshift32-fisher-yates", so with rows NULL the batches are the Python trainers')
+ * and steps through them in batches.
  * order: n int32 of scratch; scratch: batch_size * capacity floats. *last_loss may be NULL. */
 int edgetl_head_fit(edgetl_head *head, const float *emb, const int32_t *labels, const int32_t *rows, int32_t n,
                     const edgetl_train_settings *settings, int32_t *order, float *scratch, float *last_loss);

@@ -123,7 +123,7 @@ def test_schema_1_bundles_still_load_and_unknown_versions_are_refused_clearly(bu
     assert read_bundle(bundle.path).manifest.schema_version == 1
     m["schema_version"] = 7
     (bundle.path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"schema_version 7 is not supported; this edgetl reads versions \[1, 2\]"):
+    with pytest.raises(BundleError, match=r"schema_version 7 is not supported; this edgetl reads versions \[1, 2, 3\]"):
         read_bundle(bundle.path)
 
 

@@ -121,7 +121,7 @@ def test_demo_console_script(tmp_path, chromium):
     assert (tmp_path / "demo" / "target_run" / "model.keras").is_file()
     # the export step: fp32, int8 and QAT in both formats, verified, printed
     assert results["export"]["ok"] is True
-    for name in ("model.fp32.tflite", "model.int8.onnx", "head.tflite", "head_train_sgd.onnx"):
+    for name in ("model.fp32.tflite", "model.int8.onnx", "head.tflite", "head_train_loop_sgd.onnx"):
         assert name in out and (tmp_path / "demo" / "digits.edgetl" / name).is_file(), name
     # QAT runs; its model is in the bundle when it passes verification, else left out with the
     # reason printed (on the glyph backbone it ends far below fp32: the int8 issue's subject)

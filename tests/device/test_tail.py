@@ -143,7 +143,7 @@ def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(t
     files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
     x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
     checks = verify_tail(honest, files, head, x, np.zeros(16, np.int64))
-    assert not checks["ok"] and any("reference" in f for f in checks["failures"]), checks
+    assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
 
 
 def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):

@@ -17,7 +17,8 @@ import pytest
 from edgetl.bundle import read_bundle, write_bundle
 from edgetl.device import verify_bundle
 from edgetl.errors import BundleError
-from edgetl.host._head_graphs import head_infer_onnx, head_train_onnx
+from edgetl.host._head_graphs import head_infer_onnx
+from edgetl.host._head_loop_graphs import head_train_loop_onnx
 
 D, C, N_ACTIVE = 32, 6, 4
 
@@ -44,15 +45,15 @@ def _head_bundle(tmp_path, *, scale: float = 1.0, train_adam: bytes | None = Non
         "head_init.npz": _npz(W=W, b=b, mask=mask),
         "parity.npz": _npz(x=emb, probabilities=probs.astype(np.float32), embeddings=emb),
         "head_infer.onnx": head_infer_onnx(D, C),
-        "head_train_sgd.onnx": head_train_onnx(D, C, "sgd"),
-        "head_train_adam.onnx": train_adam or head_train_onnx(D, C, "adam"),
+        "head_train_loop_sgd.onnx": head_train_loop_onnx(D, C, "sgd"),
+        "head_train_loop_adam.onnx": train_adam or head_train_loop_onnx(D, C, "adam"),
     }
     roles = {
         "head_init.npz": ("head_init", "npz"),
         "parity.npz": ("parity", "npz"),
         "head_infer.onnx": ("head_infer", "onnx"),
-        "head_train_sgd.onnx": ("head_train", "onnx"),
-        "head_train_adam.onnx": ("head_train", "onnx"),
+        "head_train_loop_sgd.onnx": ("head_train_loop", "onnx"),
+        "head_train_loop_adam.onnx": ("head_train_loop", "onnx"),
     }
     artifacts = [
         {
@@ -60,7 +61,7 @@ def _head_bundle(tmp_path, *, scale: float = 1.0, train_adam: bytes | None = Non
             "role": r,
             "format": fmt,
             "precision": "fp32",
-            **({"optimizer": f.split("_")[-1].split(".")[0]} if r == "head_train" else {}),
+            **({"optimizer": f.split("_")[-1].split(".")[0]} if r == "head_train_loop" else {}),
         }
         for f, (r, fmt) in roles.items()
     ]
@@ -92,14 +93,16 @@ def test_a_wrong_adam_graph_is_refused(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load_from_string(head_train_onnx(D, C, "adam"))
+    model = onnx.load_from_string(head_train_loop_onnx(D, C, "adam"))
     for i, init in enumerate(model.graph.initializer):
         if init.name == "beta1":
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), "beta1"))
     bundle = _head_bundle(tmp_path, train_adam=model.SerializeToString())
     report = verify_bundle(read_bundle(bundle.path))
     failed = report.failed()
-    assert [(c.file, c.extra.get("optimizer")) for c in failed] == [("head_train_adam.onnx", "adam")], report.describe()
+    assert [(c.file, c.extra.get("optimizer")) for c in failed] == [("head_train_loop_adam.onnx", "adam")], (
+        report.describe()
+    )
     assert failed[0].value > failed[0].limit
 
 
@@ -107,13 +110,14 @@ def test_a_wrong_sgd_momentum_is_refused(tmp_path):
     """The SGD graph without momentum (velocity reset every step)."""
     import onnx
 
-    model = onnx.load_from_string(head_train_onnx(D, C, "sgd"))
-    for node in model.graph.node:
+    model = onnx.load_from_string(head_train_loop_onnx(D, C, "sgd"))
+    (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
+    for node in scan.attribute[0].g.node:  # the step body reads the outer `momentum`
         if node.op_type == "Mul" and "momentum" in node.input:
             node.input[list(node.input).index("momentum")] = "zero_momentum"
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero_momentum"))
     bundle = _head_bundle(tmp_path)
-    (bundle.path / "head_train_sgd.onnx").write_bytes(model.SerializeToString())
+    (bundle.path / "head_train_loop_sgd.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match="truncated or replaced|sha256"):
         read_bundle(bundle.path)  # integrity first; now re-hash it as a hostile author would
     import json
@@ -122,11 +126,35 @@ def test_a_wrong_sgd_momentum_is_refused(tmp_path):
 
     m = json.loads((bundle.path / "manifest.json").read_text())
     for a in m["artifacts"]:
-        if a["file"] == "head_train_sgd.onnx":
+        if a["file"] == "head_train_loop_sgd.onnx":
             a["sha256"], a["size"] = sha256_file(bundle.path / a["file"]), (bundle.path / a["file"]).stat().st_size
     (bundle.path / "manifest.json").write_text(json.dumps(m))
     report = verify_bundle(read_bundle(bundle.path))
-    assert [c.file for c in report.failed()] == ["head_train_sgd.onnx"], report.describe()
+    assert [c.file for c in report.failed()] == ["head_train_loop_sgd.onnx"], report.describe()
+
+
+def test_an_sgd_graph_that_does_not_normalize_the_learning_rate_is_refused(tmp_path):
+    """The SGD loop graph with its step taken as the raw ``lr`` (the normalization
+    lr / (mean |e|^2 + 1) skipped): the weights move too far and verify says so."""
+    import onnx
+
+    model = onnx.load_from_string(head_train_loop_onnx(D, C, "sgd"))
+    (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
+    for node in [*model.graph.node, *scan.attribute[0].g.node]:
+        for i, name in enumerate(node.input):
+            if name == "lr_step":
+                node.input[i] = "lr"
+    bundle = _head_bundle(tmp_path)
+    (bundle.path / "head_train_loop_sgd.onnx").write_bytes(model.SerializeToString())
+    m = json.loads((bundle.path / "manifest.json").read_text())
+    from edgetl.bundle import sha256_file
+
+    for a in m["artifacts"]:
+        if a["file"] == "head_train_loop_sgd.onnx":
+            a["sha256"], a["size"] = sha256_file(bundle.path / a["file"]), (bundle.path / a["file"]).stat().st_size
+    (bundle.path / "manifest.json").write_text(json.dumps(m))
+    report = verify_bundle(read_bundle(bundle.path))
+    assert [c.file for c in report.failed()] == ["head_train_loop_sgd.onnx"], report.describe()
 
 
 @pytest.mark.parametrize(

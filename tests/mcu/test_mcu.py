@@ -145,14 +145,16 @@ def test_c_fit_is_deterministic_per_seed_and_learns(digits_bundle, head_lib):
         assert status == 0 and loss < 0.5, loss
     np.testing.assert_array_equal(heads["a"].W, heads["b"].W)
     assert not np.array_equal(heads["a"].W, heads["c"].W)  # the seed orders the batches
-    # The same algorithm as the bundle's trainer with its default settings, in another batch order.
+    # The bundle's trainer with its default settings: the same batches (the documented
+    # xorshift32 Fisher-Yates order, edgetl.bundle._head.step_plan), the same SGD step.
     from edgetl.device._head import TrainSettings, make_trainer
 
     trainer = make_trainer(digits_bundle[0], "onnxruntime")
     trained, _ = trainer.train(head, emb, np.eye(head.capacity, dtype=np.float32)[labels], TrainSettings())
-    python_accuracy = np.mean(trainer.probabilities(trained, emb)[:, :5].argmax(1) == labels)
-    c_accuracy = np.mean(heads["a"].probabilities(emb)[:, :5].argmax(1) == labels)
-    assert c_accuracy >= python_accuracy - 0.03 and c_accuracy > 0.5, (c_accuracy, python_accuracy)
+    # float32 in both, summed in another order; 30 epochs of momentum SGD that move the weights
+    # by up to 0.25: measured 3.5e-6 on W, 1.9e-6 on b (LiteRT's trainer: 3.4e-6).
+    np.testing.assert_allclose(heads["a"].W, trained.W, rtol=0, atol=3e-5)
+    np.testing.assert_allclose(heads["a"].b, trained.b, rtol=0, atol=3e-5)
 
 
 def test_c_head_is_plain_c99_with_no_allocator(tmp_path):

@@ -1,0 +1,183 @@
+"""The bundle contract in one place: file names, tensor names, signatures, manifest fields.
+
+Everything a client of a bundle (edgetl's device half, a Kotlin, Swift, JavaScript or C++
+app) relies on by name is defined here, and only here: the rest of edgetl imports these
+constants (tests/test_codebase.py refuses a contract tensor name spelled as a literal
+outside ``edgetl/bundle/``), and tests check ``manifest.schema.json`` and the tables of
+docs/integration.md against this module. What the head computes with these tensors, and
+the training rule, are in :mod:`edgetl.bundle._head`.
+
+Shapes use ``N`` (examples fed), ``D`` (embedding size), ``C`` (head capacity,
+``head.max_classes``), ``S`` (steps of a call) and ``B`` (slots per step).
+"""
+
+from __future__ import annotations
+
+# --- files ------------------------------------------------------------------------------
+
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 over the exact bytes of manifest.json
+FUSED_FILE = "model.{precision}.{format}"  # raw input -> class probabilities
+BACKBONE_FILE = "backbone.{precision}.{format}"  # raw input -> embedding
+HEAD_TFLITE_FILE = "head.tflite"
+HEAD_INFER_FILE = "head_infer.onnx"
+HEAD_TRAIN_LOOP_FILE = "head_train_loop_{optimizer}.onnx"
+HEAD_INIT_NPZ_FILE = "head_init.npz"
+HEAD_INIT_BIN_FILE = "head_init.{member}.bin"  # raw little-endian float32, shape in the manifest
+REPLAY_FILE = "replay.npz"
+PARITY_FILE = "parity.npz"
+#: Files of bundles before schema 3, still read (and never run): the one-step ONNX graphs.
+LEGACY_HEAD_TRAIN_FILE = "head_train_{optimizer}.onnx"
+
+# --- tensor names -----------------------------------------------------------------------
+
+# Fused models and backbones, every precision and format.
+MODEL_INPUT = "input"
+FUSED_OUTPUT = "probabilities"
+BACKBONE_OUTPUT = "embedding"
+
+# The head's graphs.
+EMBEDDING = "embedding"
+LABELS = "labels"
+ORDER = "order"
+ROW_WEIGHT = "row_weight"
+MASK = "mask"
+WEIGHTS = "W"
+BIAS = "b"
+ANCHOR_ONNX = "W0"  # the L2 anchor as the ONNX graphs name it
+ANCHOR = "anchor"  # ... and as head.tflite's signatures name it
+LEARNING_RATE = "lr"
+L2 = "l2"
+MOMENTUM = "momentum"
+OPTIMIZER = "optimizer"  # head.tflite: 0 = SGD, 1 = Adam
+UNUSED = "unused"
+PROBABILITIES = "probabilities"
+LOSSES = "losses"
+OK = "ok"
+VEL_W, VEL_B = "vel_W", "vel_b"
+M_W, M_B, V_W, V_B, STEP_COUNT = "m_W", "m_b", "v_W", "v_b", "t"
+
+OPTIMIZERS = ("sgd", "adam")
+# head_infer.onnx
+INFER_INPUTS = (EMBEDDING, WEIGHTS, BIAS, MASK)
+INFER_OUTPUT = PROBABILITIES
+# What one step of either optimizer reads; the loop graphs add the step plan after LABELS.
+TRAIN_INPUTS = (EMBEDDING, LABELS, MASK, WEIGHTS, BIAS, ANCHOR_ONNX, LEARNING_RATE, L2)
+STATE = {"sgd": (WEIGHTS, BIAS, VEL_W, VEL_B), "adam": (WEIGHTS, BIAS, M_W, M_B, V_W, V_B, STEP_COUNT)}
+HYPERPARAMETERS = {"sgd": (MOMENTUM,), "adam": ()}
+
+
+def state_output(name: str) -> str:
+    """The graph output that carries the updated ``name`` (``W`` -> ``W_out``)."""
+    return f"{name}_out"
+
+
+# head_train_loop_{sgd,adam}.onnx: inputs and outputs, in graph order.
+LOOP_STATE = {opt: STATE[opt][2:] for opt in OPTIMIZERS}
+LOOP_INPUTS = {
+    opt: TRAIN_INPUTS[:2] + (ORDER, ROW_WEIGHT) + TRAIN_INPUTS[2:] + HYPERPARAMETERS[opt] + LOOP_STATE[opt]
+    for opt in OPTIMIZERS
+}
+LOOP_OUTPUTS = {opt: tuple(state_output(s) for s in STATE[opt]) + (LOSSES,) for opt in OPTIMIZERS}
+
+# head.tflite: signature -> inputs, and -> outputs. ``get_weights`` takes one ignored scalar,
+# ``unused``: LiteRT's Java/Kotlin ``Interpreter.runSignature`` refuses an empty input map.
+TFLITE_SIGNATURES = {
+    "infer": (EMBEDDING,),
+    "get_weights": (UNUSED,),
+    "set_weights": (WEIGHTS, BIAS, MASK, ANCHOR),
+    "train_steps": (EMBEDDING, LABELS, ORDER, ROW_WEIGHT, LEARNING_RATE, L2, MOMENTUM, OPTIMIZER),
+}
+TFLITE_SIGNATURE_OUTPUTS = {
+    "infer": (PROBABILITIES,),
+    "get_weights": (WEIGHTS, BIAS, MASK, ANCHOR),
+    "set_weights": (OK,),
+    "train_steps": (LOSSES,),
+}
+#: Signatures of head.tflite in bundles before schema 3, never run now.
+LEGACY_TFLITE_SIGNATURES = ("train",)
+
+#: dtype and shape of every head tensor (outputs ``X_out`` are shaped as ``X``).
+HEAD_TENSORS = {
+    EMBEDDING: ("float32", "[N, D]"),
+    LABELS: ("float32", "[N, C]"),
+    ORDER: ("int64", "[S, B]"),
+    ROW_WEIGHT: ("float32", "[S, B]"),
+    MASK: ("float32", "[C]"),
+    WEIGHTS: ("float32", "[D, C]"),
+    BIAS: ("float32", "[C]"),
+    ANCHOR_ONNX: ("float32", "[D, C]"),
+    ANCHOR: ("float32", "[D, C]"),
+    LEARNING_RATE: ("float32", "[]"),
+    L2: ("float32", "[]"),
+    MOMENTUM: ("float32", "[]"),
+    OPTIMIZER: ("float32", "[]"),
+    UNUSED: ("float32", "[]"),
+    VEL_W: ("float32", "[D, C]"),
+    VEL_B: ("float32", "[C]"),
+    M_W: ("float32", "[D, C]"),
+    M_B: ("float32", "[C]"),
+    V_W: ("float32", "[D, C]"),
+    V_B: ("float32", "[C]"),
+    STEP_COUNT: ("float32", "[]"),
+    PROBABILITIES: ("float32", "[N, C]"),
+    LOSSES: ("float32", "[S]"),
+    OK: ("float32", "[]"),
+}
+
+# --- npz / bin members ------------------------------------------------------------------
+
+HEAD_INIT_MEMBERS = (WEIGHTS, BIAS, MASK)  # shapes [D, C], [C], [C]
+REPLAY_MEMBERS = ("embeddings", "labels")  # float32 [R, D], int64 [R] (label indices)
+PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS = "x", "probabilities", "embeddings"
+PARITY_MEMBERS = (PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS)  # Keras inputs and outputs
+
+# --- manifest fields --------------------------------------------------------------------
+
+MANIFEST_FIELDS = (
+    "schema_version",
+    "name",
+    "version",
+    "labels",
+    "input_spec",
+    "embedding_size",
+    "backbone_id",
+    "head",
+    "artifacts",
+    "metrics",
+    "producer",
+    "data",
+    "parity",
+    "mcu",
+)
+INPUT_SPEC_FIELDS = ("shape", "dtype", "kind", "layout", "value_range", "preprocessing")
+#: The head section: what it is, and the training defaults a client needs (schema 3).
+HEAD_FIELDS = ("kind", "max_classes", "active_classes", "optimizers", "loss")
+HEAD_TRAINING_FIELDS = ("optimizer", "learning_rate", "l2", "momentum", "epochs", "batch_size", "seed", "shuffle")
+ARTIFACT_FIELDS = (
+    "file",
+    "role",
+    "format",
+    "precision",
+    "sha256",
+    "size",
+    "inputs",
+    "outputs",
+    "optimizer",
+    "signatures",
+    "metadata",
+    "quantization",
+    "member",
+    "shape",
+    "dtype",
+    "byte_order",
+)
+TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
+
+
+def contract_tensor_names() -> frozenset[str]:
+    """Every tensor name a client feeds or reads, in any graph, signature or model."""
+    names = {MODEL_INPUT, FUSED_OUTPUT, BACKBONE_OUTPUT, *HEAD_TENSORS}
+    names |= {state_output(s) for opt in OPTIMIZERS for s in STATE[opt]}
+    names |= {n for ios in (TFLITE_SIGNATURES, TFLITE_SIGNATURE_OUTPUTS) for v in ios.values() for n in v}
+    return frozenset(names)
