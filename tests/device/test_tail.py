@@ -163,3 +163,32 @@ def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digi
     x, y = np.asarray(halves.train.x)[:40], [halves.train.class_names[i] for i in halves.train.y[:40]]
     result = personalize(Personalizer(clf, None), x, y, adapt="auto", commit=False)
     assert result.evidence["adapt"] == "head" and "Flatten" in result.evidence["tail_unavailable"]
+
+
+def test_personalize_cli_adapt_says_once_when_the_bundle_has_no_tail(tmp_path, digits_bundle, capsys):
+    from edgetl.cli import main
+
+    bundle, halves = digits_bundle
+    np.savez(
+        tmp_path / "u.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(halves.test.class_names)
+    )
+    args = ["personalize", str(bundle.path), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
+    assert main([*args, "--adapt", "auto"]) in (0, 3)  # the guard's verdict on the head
+    out = capsys.readouterr().out
+    assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+    with pytest.raises(SystemExit):  # argparse refuses a value outside head|tail|auto
+        main([*args, "--adapt", "sideways"])
+
+
+def test_personalize_cli_adapt_tail_commits_a_tail_version(tmp_path, tail_bundle, tail_user, capsys):
+    from edgetl.cli import main
+    from edgetl.device import HeadStore
+
+    w = tail_bundle[1]
+    x, labels, _ = _user(w, tail_user[0])
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=np.asarray([names.index(v) for v in labels]), class_names=np.array(names))
+    args = ["personalize", str(tail_bundle[0]), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
+    assert main([*args, "--adapt", "tail"]) == 0
+    assert "adapt tail: judged the tail" in capsys.readouterr().out
+    assert HeadStore(tmp_path / "s", w.clf.bundle).active().head.tail is not None
