@@ -236,6 +236,13 @@ def _parser_personalize(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="labels the head does not know become new classes (up to its capacity)",
     )
+    p.add_argument(
+        "--adapt",
+        choices=("head", "tail", "auto"),
+        default="head",
+        help="what trains: the head; the head and the backbone's last layer (bundles with a tail); or auto: "
+        "the tail when the guard's evidence prefers it to the head (training settings below apply to the head)",
+    )
     p.add_argument("--epochs", type=int, default=t["epochs"])
     p.add_argument("--batch-size", type=int, default=t["batch_size"])
     p.add_argument(
@@ -604,9 +611,18 @@ def _run_personalize(args: argparse.Namespace) -> int:
         ),
         settings=settings,
     )
+    from edgetl.device._tail import personalize
+
     known = set(clf.head.labels)
-    result = p.personalize(data.x, labels, add_classes=args.add_classes)
+    result = personalize(p, data.x, labels, adapt=args.adapt, add_classes=args.add_classes)
     new = sorted(set(labels) - known)
+    if "tail_unavailable" in result.evidence:
+        print(f"head only: this bundle has no trainable tail ({result.evidence['tail_unavailable']})")
+    elif args.adapt != "head":
+        print(
+            f"adapt {args.adapt}: judged the {result.evidence['adapt']}"
+            + (f" ({result.evidence['auto']})" if "auto" in result.evidence else "")
+        )
     print(
         f"{len(labels)} examples ({len(new)} new classes), backend {clf.backend}: held-out accuracy "
         f"{result.candidate_accuracy:.4f} (active head {result.active_accuracy:.4f})"

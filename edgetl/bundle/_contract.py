@@ -149,6 +149,7 @@ MANIFEST_FIELDS = (
     "data",
     "parity",
     "mcu",
+    "tail",  # issue 24: the trainable tail, or why there is none (edgetl/bundle/_tail.py)
 )
 INPUT_SPEC_FIELDS = ("shape", "dtype", "kind", "layout", "value_range", "preprocessing")
 #: The head section: what it is, and the training defaults a client needs (schema 3).

@@ -49,6 +49,12 @@ class Role(str, Enum):
     REPLAY = "replay"  # npz: class-balanced embeddings of training examples
     MCU_BACKBONE = "mcu_backbone"  # TFLite for TFLM: full-integer backbone, int8 input and output
     MCU_SOURCE = "mcu_source"  # C: the MCU model and factory head as arrays, the C99 head trainer
+    # The trainable tail (edgetl.bundle._tail): only when the backbone's last layer is eligible.
+    TRUNK = "trunk"  # raw input -> trunk activations (the input of the last embedding layer)
+    TAIL_INIT = "tail_init"  # npz: W1, b1, mean, inv_std
+    TAIL_INFER = "tail_infer"  # ONNX: trunk + tail tensors -> probabilities
+    TAIL_TRAIN_LOOP = "tail_train_loop"  # ONNX: many tail steps in one call (Scan)
+    TAIL = "tail"  # TFLite: stateless signatures infer, train_steps_sgd, train_steps_adam
 
     def __str__(self) -> str:
         return self.value

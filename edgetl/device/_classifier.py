@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
+from edgetl.bundle._tail import activate
 from edgetl.device._advisor import advise
 from edgetl.device._head import HeadState
 from edgetl.device._head_loop import make_trainer
 from edgetl.device._runtimes import BACKEND_FORMATS, check_io, install_hint, installed_backends, load_model
 from edgetl.device._store import HeadStore
+from edgetl.device._tail import TailRuntime
 from edgetl.errors import DependencyError, InputError, describe
 
 BACKENDS = ("onnxruntime", "litert")
@@ -114,6 +116,7 @@ class Classifier:
         check_io(self._fused, fused_path.name, self.input_shape, len(bundle.labels), "fused model")
         self.head_runtime = make_trainer(bundle, backend, threads)
         self.factory = HeadState.factory(bundle)
+        self._tail: Any = None  # (TailRuntime, constants), loaded for a head with a tail
         self._head: tuple[int, HeadState, np.ndarray, tuple[str, ...]] = (0, self.factory, np.empty(0), ())
         self.set_head(self.factory, 0)
 
@@ -169,6 +172,8 @@ class Classifier:
     def set_head(self, head: HeadState, version: int) -> None:
         if head.W.shape != self.factory.W.shape:
             raise InputError(f"head shape {head.W.shape} does not match the bundle's {self.factory.W.shape}")
+        if head.tail is not None:
+            self._tail_parts()  # a head with a tail needs the bundle's tail files: refused here, not on predict
         # One reference assignment: readers see old or new, never a mix. The active columns
         # and labels are computed here, once per head, not on every prediction.
         self._head = (version, head, np.flatnonzero(head.mask > 0), tuple(head.labels))
@@ -210,8 +215,28 @@ class Classifier:
         return x
 
     def embed(self, x: Any) -> np.ndarray:
-        """Backbone embeddings of raw inputs."""
-        return self._backbone(self.check_inputs(x)).astype(np.float32, copy=False)
+        """Backbone embeddings of raw inputs (through the active head's trained tail layer, if it has one)."""
+        batch = self.check_inputs(x)
+        if self._head[1].tail is not None:
+            return self.tail_embed(self._tail_parts()[0].trunk(batch), self._head[1])
+        return self._backbone(batch).astype(np.float32, copy=False)
+
+    def _tail_parts(self) -> tuple[Any, dict[str, np.ndarray], str]:
+        """The bundle's trunk runtime, tail constants and activation (loaded on first use)."""
+        if self._tail is None:
+            init = self.bundle.arrays("tail_init", ("mean", "inv_std"))
+            self._tail = (TailRuntime.from_bundle(self.bundle, self.backend), init)
+        runtime, init = self._tail
+        return runtime, init, runtime.activation
+
+    def tail_embed(self, trunk: np.ndarray, head: HeadState) -> np.ndarray:
+        """Embeddings from trunk activations through ``head``'s tail layer and the seam
+        standardization (numpy: one matrix product, as :mod:`edgetl.bundle._tail` defines it)."""
+
+        _, init, activation = self._tail_parts()
+        pre = np.asarray(trunk, np.float32) @ head.tail["W1"] + head.tail["b1"]  # [N, P, D]
+        pooled = activate(pre, activation).mean(axis=1)
+        return ((pooled - init["mean"]) * init["inv_std"]).astype(np.float32)
 
     def predict(self, x: Any, *, top_k: int = 3) -> Prediction:
         """Labels and probabilities of raw inputs (one example or a batch)."""
@@ -222,5 +247,10 @@ class Classifier:
         if version == 0:
             probs = self._fused(batch)
         else:
-            probs = self.head_runtime.probabilities(head, self._backbone(batch))[:, active]
+            emb = (
+                self._backbone(batch)
+                if head.tail is None
+                else self.tail_embed(self._tail_parts()[0].trunk(batch), head)
+            )
+            probs = self.head_runtime.probabilities(head, emb)[:, active]
         return Prediction(probs, classes, max(1, min(int(top_k), len(classes))), version)

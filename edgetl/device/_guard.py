@@ -38,7 +38,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -356,3 +357,41 @@ def redact(evidence: dict, label: str | None) -> dict:
         if isinstance(holder.get(key), str):
             holder[key] = redact_text(holder[key], label)
     return out
+
+
+# What a commit decided, and the held-out scoring both judges (head and tail) share.
+SCORE_NAMES = {"user": "user", "factory": "replay"}  # held-out part -> its key in *_scores
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What the guard decided, and why. ``*_accuracy`` is the mean of the held-out user and
+    held-out factory-class (replay) accuracies, ``*_scores`` has each part; ``evidence`` has
+    the counts the decision rests on (see :mod:`edgetl.device._guard`), as the store
+    history keeps them."""
+
+    accepted: bool
+    version: int  # the active version after the call
+    candidate_accuracy: float
+    active_accuracy: float
+    margin: float
+    reason: str
+    candidate_scores: dict = field(default_factory=dict)
+    active_scores: dict = field(default_factory=dict)
+    evidence: dict = field(default_factory=dict)
+
+
+def _balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices in which every class appears as often as the largest one (smaller classes'
+    examples repeated, in a seeded order)."""
+    if not len(labels):
+        return np.zeros(0, np.int64)
+    groups = [np.flatnonzero(labels == name) for name in sorted(set(labels.tolist()))]
+    most = max(len(g) for g in groups)
+    return np.sort(np.concatenate([np.resize(rng.permutation(g), most) for g in groups]))
+
+
+def _balanced_accuracy(correct: np.ndarray, labels: Sequence[str]) -> float:
+    """The mean of per-class recalls from per-example correctness."""
+    truth = np.asarray(list(labels))
+    return float(np.mean([np.mean(correct[truth == c]) for c in sorted(set(truth.tolist()))]))

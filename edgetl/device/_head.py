@@ -32,13 +32,16 @@ Optimizer = Literal["sgd", "adam"]
 
 @dataclass(frozen=True)
 class HeadState:
-    """One complete head: weights, active-class mask, the L2 anchor and the labels."""
+    """One complete head: weights, active-class mask, the L2 anchor and the labels; ``tail``
+    (``{"W1", "b1"}``, issue 24) when the version also trained the backbone's last layer: the
+    head then runs on the embeddings that layer gives (``Classifier.embed`` follows it)."""
 
     W: np.ndarray
     b: np.ndarray
     mask: np.ndarray
     anchor: np.ndarray
     labels: tuple[str, ...]
+    tail: dict | None = None
 
     @property
     def capacity(self) -> int:

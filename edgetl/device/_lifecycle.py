@@ -101,7 +101,10 @@ def _same_embedding(store: HeadStore, head: HeadState, new: Bundle) -> bool:
     old_id, new_id = store.describe().get("backbone_id"), new.manifest.backbone_id
     factory = HeadState.factory(new)
     same_labels = tuple(head.labels[: len(new.labels)]) == tuple(new.labels)
-    return bool(old_id) and old_id == new_id and head.W.shape == factory.W.shape and same_labels
+    # A version with a trained tail layer carries over only to a bundle that has the tail's
+    # files; otherwise the head is rebuilt from the kept examples (head-only).
+    tail_ok = head.tail is None or bool((new.manifest.extra.get("tail") or {}).get("available"))
+    return bool(old_id) and old_id == new_id and head.W.shape == factory.W.shape and same_labels and tail_ok
 
 
 def _retrain(

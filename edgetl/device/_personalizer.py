@@ -19,35 +19,27 @@ or is worse for the user, or when its labels look wrong.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from edgetl.device._classifier import Classifier
-from edgetl.device._guard import GuardPolicy, LabelCheck, generalizes, label_check, paired
+from edgetl.device._guard import (
+    SCORE_NAMES,
+    CommitResult,
+    GuardPolicy,
+    LabelCheck,
+    _balanced,
+    _balanced_accuracy,
+    generalizes,
+    label_check,
+    paired,
+)
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
 from edgetl.errors import BundleError, InputError, StoreError, describe
-
-
-@dataclass(frozen=True)
-class CommitResult:
-    """What the guard decided, and why. ``*_accuracy`` is the mean of the held-out user and
-    held-out factory-class (replay) accuracies, ``*_scores`` has each part; ``evidence`` has
-    the counts the decision rests on (see :mod:`edgetl.device._guard`), as the store
-    history keeps them."""
-
-    accepted: bool
-    version: int  # the active version after the call
-    candidate_accuracy: float
-    active_accuracy: float
-    margin: float
-    reason: str
-    candidate_scores: dict = field(default_factory=dict)
-    active_scores: dict = field(default_factory=dict)
-    evidence: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,21 +48,10 @@ class _Factory:
     head: HeadState
 
 
-def _balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices in which every class appears as often as the largest one (smaller classes'
-    examples repeated, in a seeded order)."""
-    if not len(labels):
-        return np.zeros(0, np.int64)
-    groups = [np.flatnonzero(labels == name) for name in sorted(set(labels.tolist()))]
-    most = max(len(g) for g in groups)
-    return np.sort(np.concatenate([np.resize(rng.permutation(g), most) for g in groups]))
-
-
 DEFAULT_HOLDOUT = 0.25
 # Replay examples per factory class trained on (against forgetting); the rest of the bundle's
 # replay buffer is held out to judge forgetting (more held out = a sharper guard).
 DEFAULT_REPLAY_PER_CLASS = 10
-SCORE_NAMES = {"user": "user", "factory": "replay"}  # held-out part -> its key in *_scores
 
 
 class Personalizer:
@@ -138,6 +119,9 @@ class Personalizer:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
+        if self.classifier.head.tail is not None:  # the active version's tail layer gives the embeddings
+            trunk = self.classifier.bundle.arrays("replay", ("trunk",))["trunk"]
+            emb = self.classifier.tail_embed(trunk, self.classifier.head)
         return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 
     def _replay_split(self) -> tuple[np.ndarray, np.ndarray]:
@@ -386,12 +370,13 @@ class Personalizer:
             verdict.evidence(),
         )
 
-    def commit(self, margin: float | None = None) -> CommitResult:
+    def commit(self, margin: float | None = None, *, decision: CommitResult | None = None) -> CommitResult:
         """Store the trained candidate if the guard accepts it (:meth:`decide`); the
         classifier switches to it only once it is stored. With ``keep_examples``, the user's
         examples are kept in the store too (to rebuild the head for a new bundle), in the
-        same transaction."""
-        decision = self.decide(margin)
+        same transaction. ``decision``: the guard's verdict on ``candidate`` when another
+        judge made it (a tail: :meth:`edgetl.device._tail.TailPersonalizer.decide`)."""
+        decision = decision or self.decide(margin)
         if not decision.accepted:
             return self._record_rejection(decision)
         if self.store is None:
@@ -489,12 +474,6 @@ class Personalizer:
         active = self.store.active()
         self.classifier.set_head(active.head, active.number)
         self._base, self.candidate = active.head, None
-
-
-def _balanced_accuracy(correct: np.ndarray, labels: Sequence[str]) -> float:
-    """The mean of per-class recalls from per-example correctness."""
-    truth = np.asarray(list(labels))
-    return float(np.mean([np.mean(correct[truth == c]) for c in sorted(set(truth.tolist()))]))
 
 
 def _checked_replay(arrays: dict[str, np.ndarray], width: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,6 +64,12 @@ CREATE TABLE examples (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE, x BLOB NOT NULL);
 CREATE TABLE trust (key_id TEXT PRIMARY KEY, pem TEXT NOT NULL);
 """
+# The trained tail layer of a version (issue 24; sha256 of W1's then b1's bytes). Stores made
+# before it get the table on their first tail commit, in that commit's transaction.
+_TAILS = """CREATE TABLE IF NOT EXISTS tails (
+    version INTEGER PRIMARY KEY, rows INTEGER NOT NULL, cols INTEGER NOT NULL,
+    W1 BLOB NOT NULL, b1 BLOB NOT NULL, sha256 TEXT NOT NULL)"""
+SCHEMA += _TAILS + ";\n"
 _F32 = np.dtype("<f4")
 
 
@@ -310,7 +316,19 @@ class HeadStore:
         )
         if self._factory is not None and owner == self.bundle_id and head.W.shape != self._factory.W.shape:
             raise StoreError(f"head version {number} has shape {head.W.shape}, the bundle's is {self._factory.W.shape}")
-        return head
+        return replace(head, tail=self._load_tail(db, number))
+
+    def _load_tail(self, db: sqlite3.Connection, number: int) -> dict | None:
+        """The version's trained tail layer (``W1``, ``b1``), checksum-verified, or None."""
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tails'").fetchone():
+            return None
+        row = db.execute("SELECT rows, cols, W1, b1, sha256 FROM tails WHERE version=?", (number,)).fetchone()
+        if row is None:
+            return None
+        rows, cols, w1, b1, sha = row
+        if hashlib.sha256(w1 + b1).hexdigest() != sha or len(w1) != rows * cols * 4 or len(b1) != cols * 4:
+            raise StoreError(f"the tail of head version {number} fails its sha256 check: corrupted; roll back or reset")
+        return {"W1": np.frombuffer(w1, _F32).reshape(rows, cols).copy(), "b1": np.frombuffer(b1, _F32).copy()}
 
     def history(self) -> list[dict[str, Any]]:
         """Every action, oldest first: ``{"version", "action", "time", ...}`` (a commit's
@@ -491,6 +509,8 @@ class HeadStore:
                 if label is None or label in json.loads(trained_on)
             )
             db.executemany("DELETE FROM versions WHERE number=?", [(n,) for n in doomed])
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tails'").fetchone():
+                db.executemany("DELETE FROM tails WHERE version=?", [(n,) for n in doomed])  # trained on it too
             db.executemany("DELETE FROM rollback_stack WHERE version=?", [(n,) for n in doomed])
             active = self._active(db)
             if active in doomed:
@@ -562,7 +582,15 @@ class HeadStore:
             (bundle_id or self.bundle_id, labels, json.dumps(trained_on), *head.W.shape,
              blobs["W"], blobs["b"], blobs["mask"], blobs["anchor"], _digest(blobs, labels)),
         )  # fmt: skip
-        return int(cur.lastrowid)
+        number = int(cur.lastrowid)
+        if head.tail is not None:  # same transaction: a version and its tail, or neither
+            db.execute(_TAILS)
+            w1, b1 = (np.ascontiguousarray(head.tail[k], dtype=_F32).tobytes() for k in ("W1", "b1"))
+            db.execute(
+                "INSERT INTO tails (version, rows, cols, W1, b1, sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                (number, *np.shape(head.tail["W1"]), w1, b1, hashlib.sha256(w1 + b1).hexdigest()),
+            )
+        return number
 
     def _owner(self, db: sqlite3.Connection) -> str:
         return db.execute("SELECT value FROM meta WHERE key='bundle_id'").fetchone()[0]

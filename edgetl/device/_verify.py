@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+import edgetl.device._runtimes as _runtimes
 from edgetl.bundle import Bundle, Check, format_checks
 from edgetl.bundle._contract import (
     BIAS,
@@ -33,7 +34,6 @@ from edgetl.bundle._contract import (
     WEIGHTS,
 )
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
-from edgetl.device import _runtimes
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model

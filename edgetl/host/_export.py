@@ -59,6 +59,7 @@ from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 from edgetl.host._qat import train_qat
 from edgetl.host._run import Run, load_run
+from edgetl.host._tail_export import TrunkConverters, tail_step
 from edgetl.host._tf import keras, tf
 from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
@@ -562,9 +563,10 @@ class Artifact:
 
     def entry(self) -> dict[str, Any]:
         out = {"file": self.file, "role": self.role, "format": self.format, "precision": self.precision, **self.extra}
-        if (
-            self.format in FORMATS and self.role != "head"
-        ):  # the head's tensors are per signature (see head_tflite_loop)
+        if self.format in FORMATS and self.role not in (
+            "head",
+            "tail",
+        ):  # the head's and tail's tensors are per signature (see head_tflite_loop, tail_tflite)
             out["inputs"], out["outputs"] = _io(self.content, self.format)
         return out
 
@@ -954,9 +956,10 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     return out
 
 
-def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> list[Artifact]:
+def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trunk: Any = None) -> list[Artifact]:
     """``replay.npz`` (class-balanced embeddings of training examples, so personalization can
-    train against and detect forgetting of the factory classes) and ``parity.npz``."""
+    train against and detect forgetting of the factory classes; with a ``trunk`` model, also
+    their trunk activations, for the tail) and ``parity.npz``."""
     out = []
     if plan.data.train is not None:
         x, y = plan.data.train
@@ -966,10 +969,13 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References) -> l
             [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(len(plan.run.class_names))]
         )
         emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
+        arrays = dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))
+        if trunk is not None:
+            arrays["trunk"] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
         out.append(
             Artifact(
                 "replay.npz",
-                _npz(**dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))),
+                _npz(**arrays),
                 "replay",
                 "npz",
                 "fp32",
@@ -1115,11 +1121,15 @@ def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = No
     artifacts, timings = convert_models(plan, backbone, references)
     artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
-    artifacts += data_artifacts(plan, backbone, references)
+    convert = TrunkConverters(
+        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name="trunk"), onnx=keras_to_onnx, artifact=Artifact
+    )
+    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references, convert)
+    artifacts += tail + data_artifacts(plan, backbone, references, trunk)
     extra = target_outputs(plan, o.targets, backbone, classifier, o.mcu)
     artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
-    manifest.update(extra.manifest)
+    manifest.update(extra.manifest, tail=tail_section)
     result = verify_staged(plan, manifest, artifacts)
     extra.add_checks(result)
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}

@@ -1,0 +1,176 @@
+"""The tail contract: the last embedding layer trained with the head (numpy, float64 reference).
+
+A bundle with a tail splits its backbone at the input of its last embedding layer: the
+frozen **trunk** (``trunk.fp32.onnx`` / ``trunk.fp32.tflite``: input -> ``trunk[N, P, F]``,
+what the device caches once per example) and the trainable **tail**::
+
+    h = act(a @ W1 + b1)                        # per position: [N, P, D]
+    e = mean over the P positions of h          # global average pooling (P = 1: nothing to pool)
+    z = (e - mean) * inv_std                    # the frozen seam standardization
+    p = masked_softmax(z @ W + b, mask)         # the head (edgetl.bundle._head)
+    loss = mean(-sum(y log p)) + l2/2 (||W - W0||^2 + ||W1 - W1_0||^2)
+
+One step on a batch (rows weighted by ``row_weight``: ``1/B_s`` per example, 0 for padding)::
+
+    g = (p - y) * rw                  gW = z^T g + l2 (W - W0);       gb = sum g
+    gpre = (g W^T) * inv_std / P * act'(pre)         (broadcast over the positions)
+                                      gW1 = a^T gpre + l2 (W1 - W1_0); gb1 = sum gpre
+                                      (sums over examples and positions)
+
+The last embedding layer is a ``Dense`` (P = 1) or a 1x1 ``Conv2D`` (+ ``BatchNormalization``,
+folded into ``W1``, ``b1`` at export) whose map is average-pooled (P = its height x width);
+``act`` is linear, ReLU or ReLU6 (MobileNetV2's ``out_relu``).
+
+SGD with momentum and Adam update the four tensors exactly as the head's step updates W and
+b. SGD's learning rate is the user-facing one and is normalised inside the graphs (the head
+rule, DECISIONS.md), per layer: the head's by ``mean ||z||^2 + 1`` over the call's examples
+at the starting weights, the tail layer's by ``(mean ||a||^2 + 1) * (||W * inv_std||_F^2 / C_active + 1)``
+(the gradient of ``W1`` reaches it through ``W`` and the standardization; the Frobenius norm
+per active class bounds that factor without an eigenvalue solver in the graph).
+
+The tensor names below are the graphs' interface (``edgetl.host._tail_graphs`` builds them,
+``edgetl.device._tail`` runs them): a client that does not run Python feeds exactly these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, OPTIMIZERS, masked_softmax
+
+ACTIVATIONS = ("linear", "relu", "relu6")  # of the last embedding layer; others keep the bundle head-only
+WEIGHTS = ("W1", "b1", "W", "b")
+ANCHORS = {"W1": "W1_0", "W": "W0"}  # L2 anchors (biases are not pulled)
+CONSTANTS = ("mask", "mean", "inv_std")
+STATE = {
+    "sgd": WEIGHTS + tuple(f"vel_{w}" for w in WEIGHTS),
+    "adam": WEIGHTS + tuple(f"m_{w}" for w in WEIGHTS) + tuple(f"v_{w}" for w in WEIGHTS) + ("t",),
+}
+HYPERPARAMETERS = {"sgd": ("lr", "l2", "momentum"), "adam": ("lr", "l2")}
+PLAN = ("order", "row_weight")
+DATA = ("trunk", "labels")
+INFER_INPUTS = ("trunk",) + WEIGHTS + CONSTANTS
+INFER_OUTPUT = "probabilities"
+LOOP_INPUTS = {
+    opt: DATA + PLAN + CONSTANTS + tuple(ANCHORS.values()) + HYPERPARAMETERS[opt] + STATE[opt] for opt in OPTIMIZERS
+}
+LOOP_OUTPUTS = {opt: tuple(f"{s}_out" for s in STATE[opt]) + ("losses",) for opt in OPTIMIZERS}
+# Files and manifest roles.
+TRAIN_FILE = "tail_train_loop_{optimizer}.onnx"
+INFER_FILE = "tail_infer.onnx"
+TFLITE_FILE = "tail.tflite"  # signatures: infer, train_steps_sgd, train_steps_adam (stateless)
+TFLITE_SIGNATURES = {"infer": INFER_INPUTS, **{f"train_steps_{opt}": LOOP_INPUTS[opt] for opt in OPTIMIZERS}}
+INIT_FILE = "tail_init.npz"  # W1, b1, mean, inv_std (the head's W, b, mask stay in head_init)
+REPLAY_KEY = "trunk"  # replay.npz gains the trunk activations of its examples
+
+
+def activate(pre: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "linear":
+        return pre
+    return np.clip(pre, 0.0, 6.0) if activation == "relu6" else np.maximum(pre, 0.0)
+
+
+def slope(pre: np.ndarray, activation: str) -> np.ndarray:
+    """``act'(pre)``: 1 where the activation passes its input, else 0."""
+    if activation == "linear":
+        return np.ones_like(pre)
+    return ((pre > 0) & (pre < 6)) if activation == "relu6" else (pre > 0)
+
+
+def forward(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> dict[str, np.ndarray]:
+    """The tail's forward pass in float64 (``trunk[N, P, F]``): pre-activation, ``z``, probabilities."""
+    a = np.asarray(trunk, np.float64)
+    pre = a @ p["W1"] + p["b1"]
+    z = (activate(pre, activation).mean(axis=1) - p["mean"]) * p["inv_std"]
+    return {"pre": pre, "z": z, "p": masked_softmax(z @ p["W"] + p["b"], p["mask"])}
+
+
+def sgd_scales(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> tuple[float, float]:
+    """The SGD normalisers (head layer, tail layer) the graphs compute before the loop."""
+    a = np.asarray(trunk, np.float64)
+    z = forward(p, a, activation)["z"]
+    head = float(np.mean(np.sum(z * z, axis=1))) + 1.0
+    a = a.mean(axis=1)  # the pooled trunk: what one step of W1 moves the pooled embedding by
+    active = max(float(np.sum(p["mask"])), 1.0)
+    w_scaled = np.asarray(p["W"], np.float64) * (np.asarray(p["mask"], np.float64)[None, :]) * p["inv_std"][:, None]
+    tail = (float(np.mean(np.sum(a * a, axis=1))) + 1.0) * (float(np.sum(w_scaled**2)) / active + 1.0)
+    return head, tail
+
+
+def gradients(
+    p: dict[str, np.ndarray], a: np.ndarray, y: np.ndarray, rw: np.ndarray, activation: str, l2: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """Gradients of the four tail tensors on one step's rows (weights ``rw``), and the loss."""
+    f = forward(p, a, activation)
+    g = (f["p"] - y) * rw[:, None]
+    gpre = ((g @ p["W"].T) * p["inv_std"] / a.shape[1])[:, None, :] * slope(f["pre"], activation)
+    dW, dW1 = p["W"] - p["W0"], p["W1"] - p["W1_0"]
+    loss = -np.sum(y * rw[:, None] * np.log(np.clip(f["p"], 1e-12, 1.0))) + 0.5 * l2 * (
+        np.sum(dW * dW) + np.sum(dW1 * dW1)
+    )
+    a2, g2 = a.reshape(-1, a.shape[2]), gpre.reshape(-1, gpre.shape[2])
+    grads = {"W": f["z"].T @ g + l2 * dW, "b": g.sum(axis=0), "W1": a2.T @ g2 + l2 * dW1, "b1": g2.sum(axis=0)}
+    return grads, float(loss)
+
+
+def initial_state(weights: dict[str, np.ndarray], optimizer: str) -> dict[str, np.ndarray]:
+    """The four weights and a zero optimizer state, float32, keyed by :data:`STATE` names."""
+    state = {w: np.asarray(weights[w], np.float32) for w in WEIGHTS}
+    for name in STATE[optimizer][len(WEIGHTS) :]:
+        state[name] = np.zeros((), np.float32) if name == "t" else np.zeros_like(state[name.split("_", 1)[1]])
+    return state
+
+
+def reference_train(
+    state: dict[str, np.ndarray],
+    fixed: dict[str, np.ndarray],
+    trunk: np.ndarray,
+    labels: np.ndarray,
+    order: np.ndarray,
+    row_weight: np.ndarray,
+    *,
+    optimizer: str,
+    activation: str,
+    lr: float,
+    l2: float,
+    momentum: float = 0.9,
+) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Every step of a plan in float64: what the graphs must reproduce.
+
+    Args:
+        state: :func:`initial_state`'s keys.
+        fixed: ``mask``, ``mean``, ``inv_std``, ``W0``, ``W1_0``.
+    """
+    s = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    c = {k: np.asarray(v, np.float64) for k, v in fixed.items()}
+    a_all, y_all = np.asarray(trunk, np.float64), np.asarray(labels, np.float64)
+    lrs = dict.fromkeys(WEIGHTS, lr)
+    if optimizer == "sgd":
+        head_scale, tail_scale = sgd_scales({**s, **c}, a_all, activation)
+        lrs = {"W": lr / head_scale, "b": lr / head_scale, "W1": lr / tail_scale, "b1": lr / tail_scale}
+    losses = []
+    for idx, rw in zip(np.asarray(order), np.asarray(row_weight, np.float64)):
+        grads, loss = gradients({**s, **c}, a_all[idx], y_all[idx], rw, activation, l2)
+        losses.append(loss)
+        s = _update(s, grads, optimizer, lrs, momentum)
+    return s, losses
+
+
+def _update(s: dict[str, Any], grads: dict[str, Any], optimizer: str, lrs: dict[str, float], momentum: float) -> dict:
+    new = dict(s)
+    if optimizer == "sgd":
+        for w in WEIGHTS:
+            new[f"vel_{w}"] = momentum * s[f"vel_{w}"] + grads[w]
+            new[w] = s[w] - lrs[w] * new[f"vel_{w}"]
+        return new
+    t = s["t"] + 1
+    new["t"] = t
+    for w in WEIGHTS:
+        new[f"m_{w}"] = ADAM_BETA1 * s[f"m_{w}"] + (1 - ADAM_BETA1) * grads[w]
+        new[f"v_{w}"] = ADAM_BETA2 * s[f"v_{w}"] + (1 - ADAM_BETA2) * grads[w] ** 2
+        mhat = new[f"m_{w}"] / (1 - ADAM_BETA1**t)
+        vhat = new[f"v_{w}"] / (1 - ADAM_BETA2**t)
+        new[w] = s[w] - lrs[w] * mhat / (np.sqrt(vhat) + ADAM_EPS)
+    return new

@@ -1,0 +1,420 @@
+"""Tail personalization on the device: the last embedding layer trains with the head.
+
+:class:`TailRuntime` runs a bundle's tail files (:mod:`edgetl.bundle._tail`) in onnxruntime
+or LiteRT: the trunk model (input -> trunk activations), the stateless inference graph and
+the loop training graphs. :class:`TailPersonalizer` extends a :class:`Personalizer`: the
+user's examples (kept as inputs until commit) go through the trunk once, the replay buffer
+brings its trunk activations (``replay.npz`` key ``trunk``: recomputing them would need the
+factory inputs, which a bundle does not ship), and the candidate tail is judged by the same
+guard as a head (:mod:`edgetl.device._guard`), on the same held-out examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgetl.bundle import _contract as C
+from edgetl.bundle import _tail as T
+from edgetl.device._guard import SCORE_NAMES, CommitResult, _balanced, _balanced_accuracy, generalizes, paired
+from edgetl.device._guard import decide as decide_guard
+from edgetl.device._head import TrainSettings
+from edgetl.device._head_loop import plan_steps
+from edgetl.device._runtimes import LiteRTSignature, litert_interpreter, onnx_session
+from edgetl.errors import BundleError, InputError
+
+ADAPT = ("head", "tail", "auto")
+# Chosen on the guard's TUNING family only (never the evaluation family):
+# * 40 replay examples per class trained on (the rest held out for the guard): with the head's
+#   10 the tail forgot the factory classes and the guard refused 5-8 of 8 tails (8-28 of 353
+#   held-out factory examples lost); with 40 it accepted 6 of 8 (/tmp sweep, 1 seed).
+# * SGD at the user-facing rate 0.3 (normalised in the graph) with l2 0.1:
+#   `python tools/tail_rates.py --tune --seeds 2` (8 kinds x 2 seeds, 10 per class), users whose
+#   head-only gain < 10 points, tail minus head-only (tails the guard accepted, of 16):
+#   SGD lr 0.3/1.0/3.0 at l2 1e-3: +3.3/+2.8/+2.5 points (11/10/7); lr 1.0 at l2 1e-2/1e-1/3e-1/1:
+#   +4.4/+4.5/+4.3/+4.0 (12/12/12/12); lr 0.3 at l2 1e-1: +4.8 (14); Adam 1e-3 at l2 3e-2: +3.4 (8).
+#   Factory classes within 0.2 points of head-only in every setting.
+TAIL_REPLAY_PER_CLASS = 40
+TAIL_SETTINGS = TrainSettings(learning_rate=0.3, l2=0.1)
+
+
+def _plan(n: int, epochs: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head's step plan (same shuffle), so a tail and a head see the same batches."""
+
+    return plan_steps(n, TrainSettings(epochs=epochs, batch_size=batch, seed=seed))
+
+
+class TailRuntime:
+    """The tail's files in one runtime (``fmt``: ``"onnx"`` or ``"tflite"``).
+
+    Args:
+        models: ``{role: bytes or path}`` with ``trunk``, ``infer`` and ``train_sgd``/``train_adam``
+            (ONNX) or ``tail`` (the TFLite file with all signatures).
+        activation: the tail layer's activation (the manifest's ``tail.activation``).
+    """
+
+    def __init__(self, models: Mapping[str, Any], fmt: str, activation: str, threads: int | None = None) -> None:
+
+        if fmt not in ("onnx", "tflite") or activation not in T.ACTIVATIONS:
+            raise InputError(
+                f"format must be onnx or tflite and activation one of {T.ACTIVATIONS}, received {fmt!r}, {activation!r}"
+            )
+        self.fmt, self.activation = fmt, activation
+        if fmt == "onnx":
+            self._trunk = onnx_session(models["trunk"], threads=threads)
+            self._infer = onnx_session(models["infer"], threads=threads)
+            self._train = {opt: onnx_session(models[f"train_{opt}"], threads=threads) for opt in ("sgd", "adam")}
+        else:
+            self._trunk = litert_interpreter(models["trunk"], threads=threads, allocate=False)
+            self._tail = litert_interpreter(models["tail"], threads=threads, allocate=False)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, Any], fmt: str, activation: str) -> "TailRuntime":
+        """From export's in-memory ``{file: (content, ...)}``."""
+        if fmt == "onnx":
+            models = {"trunk": files["trunk.fp32.onnx"][0], "infer": files[T.INFER_FILE][0]}
+            models.update({f"train_{o}": files[T.TRAIN_FILE.format(optimizer=o)][0] for o in ("sgd", "adam")})
+        else:
+            models = {"trunk": files["trunk.fp32.tflite"][0], "tail": files[T.TFLITE_FILE][0]}
+        return cls(models, fmt, activation)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, backend: str, threads: int | None = None) -> "TailRuntime":
+        """The bundle's tail for ``backend`` (``onnxruntime`` or ``litert``)."""
+        section = bundle.manifest.extra.get("tail") or {}
+        if not section.get("available"):
+            raise BundleError(
+                f"this bundle has no trainable tail: {section.get('reason', 'exported before tails existed')}"
+            )
+        fmt = "onnx" if backend == "onnxruntime" else "tflite"
+        path = Path(bundle.path)
+        if fmt == "onnx":
+            models = {"trunk": path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
+            models.update({f"train_{o}": path / T.TRAIN_FILE.format(optimizer=o) for o in ("sgd", "adam")})
+        else:
+            models = {"trunk": path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
+        return cls(models, fmt, section["activation"], threads)
+
+    @staticmethod
+    def trunk_outputs(model: Any, fmt: str, x: np.ndarray) -> np.ndarray:
+        """Run a trunk model once (export's check)."""
+
+        if fmt == "onnx":
+            return onnx_session(model).run(None, {C.MODEL_INPUT: np.asarray(x, np.float32)})[0]
+        return _run_signature(litert_interpreter(model, allocate=False), None, input=np.asarray(x, np.float32))
+
+    def trunk(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if self.fmt == "onnx":
+            return self._trunk.run(None, {C.MODEL_INPUT: x})[0]
+        return _run_signature(self._trunk, None, input=x)
+
+    def probabilities(self, weights: Mapping[str, np.ndarray], trunk: np.ndarray) -> np.ndarray:
+        feed = {k: np.asarray(weights[k], np.float32) for k in T.INFER_INPUTS if k != "trunk"}
+        feed["trunk"] = np.asarray(trunk, np.float32)
+        if self.fmt == "onnx":
+            return self._infer.run(None, feed)[0]
+        return _run_signature(self._tail, "infer", **feed)[C.PROBABILITIES]
+
+    def train_plan(
+        self,
+        weights: Mapping[str, np.ndarray],
+        trunk: np.ndarray,
+        onehot: np.ndarray,
+        optimizer: str,
+        *,
+        lr: float,
+        l2: float,
+        epochs: int,
+        batch: int,
+        momentum: float = 0.9,
+        seed: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Train from ``weights`` (anchors: the starting W1 and W) with a zero optimizer state;
+        returns the trained state (:data:`edgetl.bundle._tail.STATE` keys) and ``losses``."""
+        order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
+        feed = self._feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum)
+        if self.fmt == "onnx":
+            session = self._train[optimizer]
+            out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        else:
+            out = _run_signature(self._tail, f"train_steps_{optimizer}", **feed)
+        return {**{s: np.array(out[f"{s}_out"]) for s in T.STATE[optimizer]}, C.LOSSES: np.array(out[C.LOSSES])}
+
+    @staticmethod
+    def _feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum) -> dict[str, np.ndarray]:  # noqa: ANN001
+        f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+        feed = {"trunk": f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
+        feed.update({k: f32(weights[k]) for k in T.CONSTANTS})
+        feed.update({anchor: f32(weights.get(anchor, weights[w])) for w, anchor in T.ANCHORS.items()})
+        feed.update(lr=f32(lr), l2=f32(l2))
+        if optimizer == "sgd":
+            feed[C.MOMENTUM] = f32(momentum)
+        feed.update(T.initial_state(weights, optimizer))
+        return feed
+
+    def reference(self, weights, trunk, onehot, optimizer, *, lr, l2, epochs, batch, momentum=0.9, seed=0) -> dict:  # noqa: ANN001
+        """The float64 reference of :meth:`train_plan` (same plan)."""
+        order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
+        fixed = {k: weights[k] for k in T.CONSTANTS}
+        fixed.update({anchor: weights.get(anchor, weights[w]) for w, anchor in T.ANCHORS.items()})
+        state, _ = T.reference_train(
+            T.initial_state(weights, optimizer),
+            fixed,
+            trunk,
+            onehot,
+            order,
+            row_weight,
+            optimizer=optimizer,
+            activation=self.activation,
+            lr=lr,
+            l2=l2,
+            momentum=momentum,
+        )
+        return state
+
+
+def _run_signature(interpreter: Any, name: str | None, **inputs: np.ndarray) -> Any:
+    """A LiteRT signature call (``name`` None: the trunk's only signature, its one output)."""
+
+    key = name or next(iter(interpreter.get_signature_list()))
+    out = LiteRTSignature(interpreter, key)(**inputs)
+    return next(iter(out.values())).copy() if name is None else {k: np.array(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class TailCandidate:
+    """A trained tail: the four tensors with the constants they run with, and the step losses."""
+
+    weights: dict
+    losses: list
+    settings: TrainSettings
+
+
+class TailPersonalizer:
+    """Trains and judges a tail for the examples a :class:`Personalizer` holds.
+
+    Uses the Personalizer's own split (held-out user examples, the replay buffer's training
+    and held-out halves, class balancing, labels), so a head and a tail trained on the same
+    examples are judged on the same held-out examples by the same guard.
+
+    Raises:
+        BundleError: the bundle has no tail (its manifest says why) or its replay buffer has
+            no trunk activations.
+    """
+
+    def __init__(
+        self, personalizer: Any, threads: int | None = None, replay_per_class: int = TAIL_REPLAY_PER_CLASS
+    ) -> None:
+        self.p, self.replay_per_class = personalizer, replay_per_class
+        bundle = personalizer.classifier.bundle
+        backend = personalizer.classifier.backend
+        self.runtime = TailRuntime.from_bundle(bundle, backend, threads)
+        init = bundle.arrays("tail_init", ("W1", "b1", "mean", "inv_std"))
+        self.init = {k: v.astype(np.float32) for k, v in init.items()}
+        positions = int((bundle.manifest.extra.get("tail") or {}).get("positions", 1))
+        self.replay_trunk = np.zeros((0, positions, self.init["W1"].shape[0]), np.float32)
+        if len(personalizer.replay_labels):
+            self.replay_trunk = bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].astype(np.float32)
+            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init["W1"].shape[0]):
+                raise BundleError(f"replay.npz: trunk has shape {self.replay_trunk.shape}, not one row per example")
+        self.candidate: TailCandidate | None = None
+        self._user_trunk: np.ndarray | None = None
+
+    def user_trunk(self) -> np.ndarray:
+        """Trunk activations of the Personalizer's examples, in its order (computed once)."""
+        raw = self.p._raw
+        n = sum(len(x) for x, _ in raw)
+        if self._user_trunk is None or len(self._user_trunk) != n:
+            if n != len(self.p._labels):
+                raise InputError("the tail needs the user's inputs; they were committed already (add examples again)")
+            self._user_trunk = self.runtime.trunk(np.concatenate([x for x, _ in raw]))
+        return self._user_trunk
+
+    def start_weights(self) -> dict:
+        """Where training starts: the head being extended and the active version's tail layer
+        (the bundle's, if it has none); the L2 pulls toward the factory head and layer."""
+        base = self.p._base
+        layer = base.tail or {"W1": self.init["W1"], "b1": self.init["b1"]}
+        return {
+            **self.init,
+            **layer,
+            C.WEIGHTS: base.W,
+            C.BIAS: base.b,
+            C.MASK: base.mask,
+            C.ANCHOR_ONNX: base.anchor,
+            "W1_0": self.init["W1"],
+        }
+
+    def candidate_head(self) -> Any:
+        """The candidate as a head version: the trained head with its tail layer."""
+        if self.candidate is None:
+            raise InputError("no candidate tail: call train() first")
+        w = self.candidate.weights
+        tail = {"W1": np.asarray(w["W1"], np.float32), "b1": np.asarray(w["b1"], np.float32)}
+        return replace(
+            self.p._base, W=np.asarray(w[C.WEIGHTS], np.float32), b=np.asarray(w[C.BIAS], np.float32), tail=tail
+        )
+
+    def commit(self, decision: Any = None) -> Any:
+        """Store the candidate tail (head and layer, one version) if the guard accepts it."""
+        decision = decision or self.decide()
+        self.p.candidate = self.candidate_head()
+        return self.p.commit(decision=decision)
+
+    def replay_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Personalizer's rule (every other example of a class, up to a count, is trained
+        on; the rest held out) with the tail's count, :data:`TAIL_REPLAY_PER_CLASS`."""
+        labels = np.asarray(self.p.replay_labels)
+        train = [np.flatnonzero(labels == c)[0::2][: self.replay_per_class] for c in sorted(set(labels.tolist()))]
+        chosen = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
+        return chosen.astype(np.int64), np.setdiff1d(np.arange(len(labels)), chosen).astype(np.int64)
+
+    def train(self, settings: TrainSettings | None = None) -> TailCandidate:
+        """Train a candidate tail on the user's training examples and the tail's replay share, balanced."""
+
+        settings = settings or TAIL_SETTINGS
+        user, _ = self.p._split()
+        replay, _ = self.replay_split()
+        trunk = np.concatenate([self.user_trunk()[user], self.replay_trunk[replay]])
+        labels = [self.p._labels[i] for i in user] + [self.p.replay_labels[i] for i in replay]
+        index = _balanced(np.asarray(labels), np.random.default_rng(settings.seed))
+        onehot = self.p.onehot([labels[i] for i in index], self.p._base)
+        state = self.runtime.train_plan(
+            self.start_weights(),
+            trunk[index],
+            onehot,
+            settings.optimizer,
+            lr=settings.learning_rate,
+            l2=settings.l2,
+            epochs=settings.epochs,
+            batch=settings.batch_size,
+            momentum=settings.momentum,
+            seed=settings.seed,
+        )
+        weights = {**self.start_weights(), **{w: state[w] for w in T.WEIGHTS}}
+        self.candidate = TailCandidate(weights, state[C.LOSSES].tolist(), settings)
+        return self.candidate
+
+    def held_out(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """The guard's held-out parts for the tail (embeddings, for the active head): the
+        Personalizer's user part, the replay examples the tail did not train on."""
+        _, replay = self.replay_split()
+        parts = dict(self.p._held_out())
+        parts["factory"] = (self.p.replay_emb[replay], [self.p.replay_labels[i] for i in replay])
+        return parts
+
+    def held_out_trunk(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        _, held = self.p._split()
+        _, replay = self.replay_split()
+        return {
+            "user": (self.user_trunk()[held], [self.p._labels[i] for i in held]),
+            "factory": (self.replay_trunk[replay], [self.p.replay_labels[i] for i in replay]),
+        }
+
+    def predict(self, weights: dict, trunk: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray:
+        active = np.flatnonzero(np.asarray(weights[C.MASK]) > 0)
+        probs = self.runtime.probabilities(weights, trunk)[:, active]
+        return np.asarray(labels_of)[probs.argmax(axis=1)]
+
+    def correct(self, weights: dict) -> dict[str, np.ndarray]:
+        """Per held-out part, which examples the tail gets right."""
+        return {
+            part: self.predict(weights, a, self.p._base.labels) == np.asarray(labels)
+            if len(labels)
+            else np.zeros(0, bool)
+            for part, (a, labels) in self.held_out_trunk().items()
+        }
+
+    def decide(self) -> Any:
+        """The guard's verdict on the candidate tail against the active head (as
+        :meth:`Personalizer.decide` judges a head): a ``CommitResult``."""
+
+        if self.candidate is None:
+            raise InputError("no candidate tail: call train() first")
+        policy, parts = self.p.guard, self.held_out()
+        before = {part: self.p._correct(self.p.classifier.head, *parts[part]) for part in parts}
+        after = self.correct(self.candidate.weights)
+        user = paired("user", before["user"], after["user"], policy.user_tolerance)
+        factory = paired("factory", before["factory"], after["factory"], policy.forget_tolerance, parts["factory"][1])
+        verdict = decide_guard(user, factory, self.p._label_check(generalizes(user, policy)), policy)
+        scores = [
+            {SCORE_NAMES[p]: _balanced_accuracy(hits[p], parts[p][1]) for p in parts if len(parts[p][1])}
+            for hits in (after, before)
+        ]
+        return CommitResult(
+            verdict.accepted,
+            self.p.classifier.head_version,
+            float(np.mean(list(scores[0].values()))),
+            float(np.mean(list(scores[1].values()))),
+            policy.user_tolerance,
+            verdict.reason,
+            scores[0],
+            scores[1],
+            {**verdict.evidence(), "adapt": "tail"},
+        )
+
+
+def choose_adapt(tail: TailPersonalizer, head_verdict: Any, tail_verdict: Any) -> str:
+    """``auto``'s choice: ``"tail"`` when the guard accepted the tail and, on the held-out user
+    examples, the tail gets more right than the head candidate (or the head was refused)
+    without losing factory-class examples beyond the guard's forget tolerance; else ``"head"``."""
+    if not tail_verdict.accepted:
+        return "head"
+    if not head_verdict.accepted:
+        return "tail"
+    p, parts = tail.p, tail.held_out()  # the tail's held-out examples: the head never trained on them either
+    head = {part: p._correct(p.candidate, *parts[part]) for part in parts}
+    after = tail.correct(tail.candidate.weights)
+    user = paired("user", head["user"], after["user"], 0.0)
+    factory = paired("factory", head["factory"], after["factory"], p.guard.forget_tolerance, parts["factory"][1])
+    return "tail" if user.gained > user.lost and factory.p_loss >= p.guard.alpha else "head"
+
+
+def personalize(
+    p: Any,
+    x: Any,
+    labels: list[str],
+    *,
+    adapt: str = "head",
+    add_classes: bool = False,
+    settings: TrainSettings | None = None,
+    tail_settings: TrainSettings | None = None,
+    commit: bool = True,
+) -> Any:
+    """``Personalizer.personalize`` with a choice of what adapts (``personalize --adapt``).
+
+    ``head``: the head alone. ``tail``: the head and the backbone's last layer, guarded like a
+    head. ``auto``: both candidates are trained on the same examples; the tail is committed
+    when :func:`choose_adapt` prefers it, else the head. A bundle without a tail personalizes
+    the head and says so in the result's reason (once, at that call).
+    """
+    if adapt not in ADAPT:
+        raise InputError(f"adapt must be one of {ADAPT}, received {adapt!r}")
+    section = p.classifier.bundle.manifest.extra.get("tail") or {}
+    if adapt != "head" and not section.get("available"):
+        why = section.get("reason", "the bundle was exported before tails existed")
+        verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
+        verdict = replace(verdict, evidence={**verdict.evidence, "adapt": "head", "tail_unavailable": why})
+        return p.commit(decision=verdict) if commit else verdict
+    if adapt == "head":
+        return p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
+    head_verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
+    head_verdict = replace(head_verdict, evidence={**head_verdict.evidence, "adapt": "head"})
+    tail = TailPersonalizer(p)
+    tail.train(tail_settings)
+    tail_verdict = tail.decide()
+    choice = "tail" if adapt == "tail" else choose_adapt(tail, head_verdict, tail_verdict)
+    if choice == "head":
+        verdict = replace(head_verdict, evidence={**head_verdict.evidence, "auto": _auto_note(tail_verdict)})
+        return p.commit(decision=verdict) if commit else verdict
+    if adapt == "auto":
+        tail_verdict = replace(tail_verdict, evidence={**tail_verdict.evidence, "auto": "the tail beat the head"})
+    return tail.commit(tail_verdict) if commit else tail_verdict
+
+
+def _auto_note(tail_verdict: Any) -> str:
+    return "the tail was refused by the guard" if not tail_verdict.accepted else "the tail did not beat the head"

@@ -1,0 +1,194 @@
+"""The trainable tail (issue 24): a backbone with an eligible last layer, built here, exports a
+tail that both runtimes train to the same weights; a user head-only cannot reach gains with
+the tail, and the guard accepts it; an ineligible backbone stays head-only and says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import load_tool
+
+from edgetl.bundle import _tail as T
+from edgetl.errors import BundleError
+
+
+@pytest.fixture(scope="module")
+def tail_bundle(tmp_path_factory):
+    tool = load_tool("tail_rates")
+    path = tool.build_tail_bundle(tmp_path_factory.mktemp("tail"))
+    from guard_rates import world
+
+    return path, world(path)
+
+
+def test_export_splits_the_dense_embedding_and_verifies_both_runtimes(tail_bundle):
+    bundle = tail_bundle[1].clf.bundle
+    section = bundle.manifest.extra["tail"]
+    assert section["available"] and section["layer"] == "embedding_dense" and section["activation"] == "relu"
+    assert (section["trunk_size"], section["embedding_size"]) == (1024, 64)
+    roles = {a.role.value for a in bundle.artifacts()}
+    assert {"trunk", "tail", "tail_infer", "tail_train_loop", "tail_init"} <= roles
+    checks = section["checks"]
+    assert checks["sgd_onnx_vs_tflite"] <= 1e-5  # issue 24's target
+    assert checks["adam_onnx_vs_tflite"] <= checks["adam_tolerance"]
+    assert bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].shape[1:] == (1, 1024)  # [N, P, F], P = 1
+
+
+# The 5-point target is on the evaluation family's mean (tools/tail_rates.py); for one user in a
+# test, 3 points = 13 of the 448 test images, more than the noise between two runs of a head.
+MIN_GAIN = 0.03
+# Tuning-family users (the evaluation family is for tools/tail_rates.py), in the order tried.
+USERS = [(kind, seed) for seed in (0, 1) for kind in ("shift", "slant", "thin_rotate", "zoom_noise", "thick_slant")]
+
+
+def _user(w, user):
+    """A user (kind, seed) with 10 examples per class, and their test images."""
+    from guard_rates import draw, draw_style
+
+    kind, seed = user
+    idx, y = draw(w, 10, np.random.default_rng(seed), False)
+    x = draw_style(kind, w.pool_x[idx], [seed, 10, 1])
+    return x, [str(v) for v in y], draw_style(kind, w.test_x, [seed, 10, 2])
+
+
+@pytest.fixture(scope="module")
+def tail_user(tail_bundle):
+    """The first user whose tail the guard accepts and whose head-only candidate it beats by
+    :data:`MIN_GAIN` on their test images (TensorFlow's training is not bit-reproducible across runs,
+    so which kind that is may vary; that one exists is what the test asserts)."""
+    from guard_rates import accuracy
+
+    from edgetl.device import Personalizer
+    from edgetl.device._tail import TailPersonalizer
+
+    w = tail_bundle[1]
+    seen = []
+    for kind in USERS:
+        x, labels, test_x = _user(w, kind)
+        w.clf.set_head(w.clf.factory, 0)
+        p = Personalizer(w.clf, None)
+        p.add_examples(x, labels)
+        p.train()
+        tp = TailPersonalizer(p)
+        tail = tp.train()
+        verdict = tp.decide()
+        head_after = accuracy(w.clf, p.candidate, w.clf.embed(test_x), w.test_y)
+        trunk = tp.runtime.trunk(test_x)
+        tail_after = float(np.mean(tp.predict(tail.weights, trunk, w.clf.factory.labels) == w.test_y))
+        seen.append((kind, verdict.accepted, round(head_after, 3), round(tail_after, 3)))
+        if verdict.accepted and tail_after >= head_after + MIN_GAIN:
+            return kind, p, tp, verdict, head_after, tail_after
+    pytest.fail(f"no user gained {MIN_GAIN:.0%} with an accepted tail: {seen}")
+
+
+def test_a_user_head_only_cannot_reach_gains_with_the_tail_and_the_guard_accepts_it(tail_bundle, tail_user):
+    from edgetl.device._tail import TailRuntime
+
+    kind, p, tp, verdict, head_after, tail_after = tail_user
+    assert verdict.accepted and verdict.evidence["adapt"] == "tail", verdict.reason
+    assert tail_after >= head_after + MIN_GAIN, (kind, head_after, tail_after)
+    # The same training in LiteRT gives the same weights (stateless tail.tflite, same plan).
+    x, labels, _ = _user(tail_bundle[1], kind)
+    litert = TailRuntime.from_bundle(tail_bundle[1].clf.bundle, "litert")
+    trunk, onehot = tp.runtime.trunk(x), p.onehot(labels, p._base)
+    runs = [
+        rt.train_plan(tp.start_weights(), trunk, onehot, "sgd", lr=0.3, l2=0.1, epochs=3, batch=16)
+        for rt in (tp.runtime, litert)
+    ]
+    assert max(float(np.abs(runs[0][k] - runs[1][k]).max()) for k in T.WEIGHTS) <= 1e-5
+    assert not np.allclose(runs[0]["W1"], tp.init["W1"])  # it trained the layer
+
+
+def test_a_committed_tail_is_a_store_version_the_classifier_runs_and_a_corrupt_one_is_refused(
+    tail_bundle, tail_user, tmp_path
+):
+    import sqlite3
+
+    from edgetl.device import Classifier, HeadStore, Personalizer
+    from edgetl.device._tail import personalize
+    from edgetl.errors import StoreError
+
+    w = tail_bundle[1]
+    x, labels, test_x = _user(w, tail_user[0])
+    w.clf.set_head(w.clf.factory, 0)
+    store = HeadStore(tmp_path / "store", w.clf.bundle)
+    result = personalize(Personalizer(w.clf, store), x, labels, adapt="tail")
+    assert result.accepted and result.version == 1 and result.evidence["adapt"] == "tail", result.reason
+    assert store.active().head.tail["W1"].shape == (1024, 64)
+    clf = Classifier.open(w.clf.bundle.path, store=tmp_path / "store")
+    assert clf.head.tail is not None
+    # The classifier runs trunk -> trained layer -> head: the accuracy the tail measured.
+    assert float(np.mean(np.asarray(clf.predict(test_x).labels) == w.test_y)) == pytest.approx(tail_user[5], abs=0.01)
+    assert store.reset() == 0 and store.active().head.tail is None  # back to the factory head
+    store.close()
+    with sqlite3.connect(tmp_path / "store" / "store.db") as db:  # overwrite the stored layer's bias
+        db.execute("UPDATE tails SET b1 = zeroblob(length(b1)) WHERE version = 1")
+    with pytest.raises(StoreError, match="tail of head version 1 fails its sha256 check"):
+        HeadStore(tmp_path / "store", w.clf.bundle).verified_versions()
+
+
+def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(tail_bundle):
+    """A wrong graph (linear where the layer is relu) must fail verify_tail's checks."""
+    from edgetl.host._tail_export import TailSplit, tail_files, verify_tail
+    from edgetl.host._tf import keras
+
+    bundle = tail_bundle[1].clf.bundle
+    init = {k: v.astype(np.float32) for k, v in bundle.arrays("tail_init", ("W1", "b1", "mean", "inv_std")).items()}
+    head = tuple(bundle.arrays("head_init", ("W", "b", "mask"))[k] for k in ("W", "b", "mask"))
+    k = keras()
+    inputs = k.Input((8, 8, 1))
+    flat = k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs))
+    trunk = k.Model(inputs, k.layers.Reshape((1, 1024))(flat))  # [N, P, F] = [N, 1, 1024]
+    honest = TailSplit(trunk, "embedding_dense", "relu", init)
+    files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
+    x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
+    checks = verify_tail(honest, files, head, x, np.zeros(16, np.int64))
+    assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
+
+
+def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):
+    from edgetl.device import Classifier, Personalizer
+    from edgetl.device._tail import TailPersonalizer
+
+    bundle = digits_bundle[0]
+    section = bundle.manifest.extra["tail"]
+    assert section["available"] is False and "Flatten" in section["reason"]
+    assert not [a for a in bundle.artifacts() if a.role.value.startswith(("tail", "trunk"))]
+    clf = Classifier.open(bundle.path)
+    with pytest.raises(BundleError, match="no trainable tail: .*Flatten"):
+        TailPersonalizer(Personalizer(clf, None))
+    from edgetl.device._tail import personalize
+
+    halves = digits_bundle[1]
+    x, y = np.asarray(halves.train.x)[:40], [halves.train.class_names[i] for i in halves.train.y[:40]]
+    result = personalize(Personalizer(clf, None), x, y, adapt="auto", commit=False)
+    assert result.evidence["adapt"] == "head" and "Flatten" in result.evidence["tail_unavailable"]
+
+
+def test_personalize_cli_adapt_says_once_when_the_bundle_has_no_tail(tmp_path, digits_bundle, capsys):
+    from edgetl.cli import main
+
+    bundle, halves = digits_bundle
+    np.savez(
+        tmp_path / "u.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(halves.test.class_names)
+    )
+    args = ["personalize", str(bundle.path), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
+    assert main([*args, "--adapt", "auto"]) in (0, 3)  # the guard's verdict on the head
+    out = capsys.readouterr().out
+    assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+    assert main([*args, "--adapt", "sideways"]) == 2  # argparse refuses a value outside head|tail|auto
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_personalize_cli_adapt_tail_commits_a_tail_version(tmp_path, tail_bundle, tail_user, capsys):
+    from edgetl.cli import main
+    from edgetl.device import HeadStore
+
+    w = tail_bundle[1]
+    x, labels, _ = _user(w, tail_user[0])
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=np.asarray([names.index(v) for v in labels]), class_names=np.array(names))
+    args = ["personalize", str(tail_bundle[0]), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
+    assert main([*args, "--adapt", "tail"]) == 0
+    assert "adapt tail: judged the tail" in capsys.readouterr().out
+    assert HeadStore(tmp_path / "s", w.clf.bundle).active().head.tail is not None
