@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from edgetl import __version__
-from edgetl.errors import EdgeTLError, InputError
+from edgetl.errors import EdgeTLError, InputError, QuantizedModelLeftOut
 
 EXIT_FAILED, EXIT_ERROR, EXIT_REJECTED = 1, 2, 3
 
@@ -680,20 +680,22 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     evaluation = _load_for_spec(args.evaluation, run.input_spec, args.label_column, size) if args.evaluation else None
     signer = _private_key(args.sign) if args.sign else None
-    result = host.export_bundle(
-        run,
-        args.out,
-        quantize=configs,
-        formats=[f.strip() for f in args.format.split(",")],
-        calibration=calibration,
-        evaluation=evaluation,
-        opset=args.opset,
-        max_classes=args.max_classes,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        version=args.bundle_version,
-        **_target_options(args),
-    )
+    with warnings.catch_warnings():  # the left-out files are printed below with the report
+        warnings.simplefilter("ignore", QuantizedModelLeftOut)
+        result = host.export_bundle(
+            run,
+            args.out,
+            quantize=configs,
+            formats=[f.strip() for f in args.format.split(",")],
+            calibration=calibration,
+            evaluation=evaluation,
+            opset=args.opset,
+            max_classes=args.max_classes,
+            overwrite=args.overwrite,
+            strict=args.strict,
+            version=args.bundle_version,
+            **_target_options(args),
+        )
     print(f"data: {result.manifest['data'].get('calibration')}")
     print(result.describe())
     if not result.ok:

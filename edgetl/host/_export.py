@@ -29,7 +29,7 @@ from edgetl import __version__
 from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
 from edgetl.data import Dataset
-from edgetl.errors import BundleError, DependencyError, InputError, describe
+from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
 from edgetl.host._tf import keras, tf
 
 FORMATS = ("tflite", "onnx")
@@ -68,6 +68,9 @@ class QuantizeConfig:
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-4
     io_dtype: Literal["float32", "int8", "uint8"] = "float32"
+    # int8 TFLite: when post-training int8 misses its gate or 1 point of fp32, keep the
+    # layers the QuantizationDebugger finds noisiest in float (edgetl.host._int8_tflite).
+    float_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_OF:
@@ -136,9 +139,24 @@ def to_tflite(
     model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
 ) -> bytes:
     """Convert a Keras model with ``tf.lite.TFLiteConverter`` (signature ``serving_default``)."""
+    conv = tflite_converter(model, q, calibration, output_name=output_name)
+    with warnings.catch_warnings(), native_output_silenced():
+        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
+        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
+        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
+        return conv.convert()
+
+
+def tflite_converter(
+    model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
+) -> Any:
+    """The ``tf.lite.TFLiteConverter`` :func:`to_tflite` runs (the int8 ladder reuses it)."""
     t = tf()
     module, fn = _servable(model, output_name)
     conv = t.lite.TFLiteConverter.from_concrete_functions([fn], module)
+    conv._edgetl_module = module  # keeps the variables alive as long as the converter
     if q.mode == "dynamic":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
     elif q.mode == "float16":
@@ -159,13 +177,7 @@ def to_tflite(
         io = {"float32": t.float32, "int8": t.int8, "uint8": t.uint8}[q.io_dtype]
         conv.inference_input_type = io
         conv.inference_output_type = io
-    with warnings.catch_warnings(), native_output_silenced():
-        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
-        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
-        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
-        return conv.convert()
+    return conv
 
 
 def keras_to_onnx(model: Any, opset: int) -> bytes:
@@ -637,7 +649,12 @@ def _convert_one(
     out = []
     tfl = to_tflite(model, c, calib, output_name=output)
     if "tflite" in plan.formats:
-        out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, {"quantization": c.describe()}))
+        from edgetl.host._int8_tflite import ladder_for
+
+        climbed, extra = ladder_for(plan, c, role, model, output, calib, tfl), {"quantization": c.describe()}
+        if climbed is not None:  # the int8 remedy ladder (selective float fallback)
+            tfl, extra["ladder"] = climbed["content"], climbed["ladder"]
+        out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, extra))
     if "onnx" not in plan.formats:
         return out, int8_choice
     if c.io_dtype != "float32":  # ONNX keeps float I/O
@@ -1066,7 +1083,8 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:
         staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
-        report = verify_bundle(staged, test[0], test[1])
+        # Gates judge on every example there is: the held-out split and the calibration inputs.
+        report = verify_bundle(staged, test[0], test[1], inputs=plan.data.calibration_x)
     if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
         raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
     fatal, dropped = [], set()
@@ -1081,7 +1099,19 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
         reasons = "; ".join(
             f"{c.file}: {failure_reason(c)}" for c in report.failed() if (c.format, c.precision) == (fmt, precision)
         )
-        omitted.append({"format": fmt, "precision": precision, "files": files, "reason": reasons + _int8_hint(plan)})
+        outcomes = {
+            c.extra.get("outcome", "fail") for c in report.failed() if (c.format, c.precision) == (fmt, precision)
+        }
+        outcome = "thin" if outcomes == {"thin"} else "fail"
+        omitted.append(
+            {
+                "format": fmt,
+                "precision": precision,
+                "files": files,
+                "outcome": outcome,
+                "reason": reasons + _int8_hint(plan),
+            }
+        )
     keep = [a for a in artifacts if (a.format, a.precision) not in dropped]
     kept_files = {a.file for a in keep}
     report = Report([c for c in report.checks if c.file in kept_files])
@@ -1107,6 +1137,11 @@ def _int8_hint(plan: ExportPlan) -> str:
 
 def failure_reason(check: Any) -> str:
     """What a failed check measured against what it needed, in words."""
+    outcome = check.extra.get("outcome")  # set by the evidence gates (edgetl.device._evidence_gate)
+    if outcome in ("fail", "thin"):
+        return check.extra["gate"]
+    if outcome == "pass":  # the paired tests passed; the backbone's cosine did not
+        return f"{check.describe()} ({check.extra['gate']})"
     drop, limit = check.extra.get("accuracy_drop"), check.extra.get("max_accuracy_drop")
     if drop is not None and limit is not None and drop > limit:
         return (
@@ -1144,6 +1179,8 @@ def export_bundle(
     if Path(out).exists() and not overwrite:
         raise BundleError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
     result = export(run, name=name or Path(out).name.removesuffix(".edgetl"), **options)
+    for o in result.omitted:  # never silent: the CLI prints these, the Python API warns
+        warnings.warn(f"left out {', '.join(o['files'])}: {o['reason']}", QuantizedModelLeftOut, stacklevel=2)
     if result.ok:
         result.save(out, overwrite=overwrite)
     return result
