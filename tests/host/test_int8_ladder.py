@@ -55,7 +55,7 @@ def fragile():
 
 
 def _climb(model, x, y):
-    from edgetl.host._export import QuantizeConfig, to_tflite, tflite_converter
+    from edgetl.host._export import QuantizeConfig, tflite_converter, to_tflite
     from edgetl.host._int8_tflite import Judge, climb
     from edgetl.host._tf import tf
 
