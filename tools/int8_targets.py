@@ -65,19 +65,26 @@ def report(bundle_dir: Path, left_out: list[dict], quantize: str) -> bool:
     print(f"\n{'file':<22} {'acc':>6} {'fp32':>6} {'points':>7} {'rung':<28} {'float share':>11} {'KB':>6}")
     ok = True
     for file, c in sorted(checks.items()):
-        if c["role"] != "fused" or "accuracy" not in c.get("extra", {}):
+        if c["role"] != "fused" or "accuracy" not in c:
             continue
-        e, x = entries[file], c["extra"]
-        drop = x.get("accuracy_drop", 0.0) * 100
+        e, drop = entries[file], c.get("accuracy_drop", 0.0) * 100
         ladder = e.get("ladder", {})
-        rung = ladder.get("rung", "ptq" if c["precision"] != "fp32" else "-")
+        rung = ladder.get("rung", "-" if c["precision"] == "fp32" else c["precision"])
         share = ladder.get("float_share")
         print(
-            f"{file:<22} {x['accuracy']:>6.3f} {x['accuracy'] + x.get('accuracy_drop', 0):>6.3f} {-drop:>+7.2f} "
+            f"{file:<22} {c['accuracy']:>6.3f} {c['accuracy'] + drop / 100:>6.3f} {-drop:>+7.2f} "
             f"{rung:<28} {'' if share is None else f'{share:.3f}':>11} {e.get('size', 0) / 1024:>6.0f}"
         )
         if c["precision"] == "int8":
             ok = ok and drop <= TARGET_POINTS
+        if c.get("gate"):
+            print(f"{'':<22} gate {c['outcome']}: {c['gate']}")
+    for file, e in sorted(entries.items()):
+        if e.get("ladder") and e.get("role") == "backbone":
+            lad = e["ladder"]
+            print(
+                f"{file:<22} rung {lad['rung']}, float share {lad['float_share']}, float layers {lad['float_layers']}"
+            )
     for o in left_out:
         print(f"left out {', '.join(o['files'])}: {o['reason']}")
         ok = ok and o["precision"] != "int8"
