@@ -93,6 +93,8 @@ def _why(check: Check) -> str:
             f"accuracy {check.extra['accuracy']:.4f} is {drop * 100:.1f} points below fp32 of its format "
             f"(at most {allowed * 100:g} allowed)"
         )
+    if check.extra.get("outcome") in ("fail", "thin"):  # the evidence gates' words, with the counts
+        return f"{check.describe()}: {check.extra['gate']}"
     return check.describe() + (f" ({check.extra['optimizer']})" if check.extra.get("optimizer") else "")
 
 
