@@ -109,10 +109,13 @@ def climb(converter_factory: Callable[[], Any], calibration: np.ndarray, ptq: by
 
     ``converter_factory()`` makes a ``TFLiteConverter`` set up for int8 with float I/O
     (``optimizations``, ``representative_dataset`` over ``calibration``)."""
-    tried = [judge("ptq", ptq, [])]
+    tried, note = [judge("ptq", ptq, [])], ""
     if not tried[0].meets_target:
-        debugger = _debugger(converter_factory)
-        ranked = rank_layers(debugger, calibration[:RANK_SAMPLES])
+        try:
+            debugger = _debugger(converter_factory)
+            ranked = rank_layers(debugger, calibration[:RANK_SAMPLES])
+        except (ValueError, RuntimeError) as exc:  # e.g. constant calibration data: nothing to instrument
+            ranked, note = [], f"no per-layer analysis: {str(exc)[:200]}"
         for k in FALLBACK_STEPS:
             if k > len(ranked):
                 break
@@ -131,6 +134,8 @@ def climb(converter_factory: Callable[[], Any], calibration: np.ndarray, ptq: by
         "latency_ratio_to_ptq": round(_latency(kept.content) / _latency(ptq), 3) if kept.content is not ptq else 1.0,
         "tried": [r.to_json() for r in tried],
     }
+    if note:
+        ladder["note"] = note
     return {"content": kept.content, "ladder": ladder}
 
 
@@ -204,10 +209,17 @@ def rank_layers(debugger: Any, samples: np.ndarray) -> list[dict]:
 
 
 def _denylisted(debugger: Any, names: list[str]) -> bytes:
+    """The model with ``names`` (output tensors) kept float, from the debugger's calibration."""
     t = tf()
-    debugger.options = t.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
     with warnings.catch_warnings(), native_output_silenced():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        try:
+            debugger.options = t.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
+        except ValueError:
+            # The setter stores the options, then rebuilds its *instrumented* model and
+            # raises when nothing quantized is left to instrument; the plain model we need
+            # is made from the stored options.
+            pass
         return debugger.get_nondebug_quantized_model()
 
 
