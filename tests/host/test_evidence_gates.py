@@ -135,3 +135,30 @@ def test_a_corrupted_int8_file_is_refused_and_thin_evidence_is_said(tmp_path, sm
     check = {c.file: c for c in thin.checks}["model.int8.tflite"]
     assert check.extra["outcome"] == "thin" and not check.ok
     assert "evidence too thin" in check.extra["gate"] and "of 20" in check.extra["gate"]
+
+
+@pytest.mark.parametrize("io_dtype", ["int8", "uint8"])
+def test_full_integer_tflite_agrees_with_the_float_input_int8_model(tmp_path, small_user_run, io_dtype):
+    """`--io-dtype int8|uint8` (issue 23 item 4): the same int8 graph with integer input and
+    output; the device quantizes raw inputs with the file's scale and zero point. Target:
+    top-1 agreement >= 0.98 with the float-input int8 model."""
+    from edgetl.data import load_npz
+    from edgetl.device._runtimes import TFLiteModel
+    from edgetl.host._export import QuantizeConfig, to_tflite
+    from edgetl.host._run import load_run
+
+    run = load_run(small_user_run[0])
+    data = load_npz(small_user_run[1])
+    x = data.x.astype(np.float32)
+    calib = x[np.random.default_rng(0).permutation(len(x))[:200]]
+    outputs = {}
+    for io in ("float32", io_dtype):
+        path = tmp_path / f"{io}.tflite"
+        path.write_bytes(to_tflite(run.model, QuantizeConfig("int8", io_dtype=io), calib, output_name="probabilities"))
+        model = TFLiteModel(path)
+        outputs[io] = model(x)
+        if io != "float32":
+            details = model.interpreter.get_input_details()[0]
+            assert np.dtype(details["dtype"]).name == io and details["quantization_parameters"]["scales"][0] > 0
+    agreement = float(np.mean(outputs["float32"].argmax(1) == outputs[io_dtype].argmax(1)))
+    assert agreement >= 0.98, agreement
