@@ -266,7 +266,8 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
         "--io-dtype",
         choices=("float32", "int8", "uint8"),
         default=q["io_dtype"],
-        help="input/output type of int8/qat TFLite models (ONNX stays float32)",
+        help="input/output type of int8/qat TFLite models; int8 or uint8 makes them full-integer (no float at the "
+        "edges: NPUs, Edge TPU, microcontrollers; scale and zero point in the manifest). ONNX stays float32",
     )
     p.add_argument("--qat-epochs", type=int, default=q["qat_epochs"])
     p.add_argument("--qat-learning-rate", type=float, default=q["qat_learning_rate"])
