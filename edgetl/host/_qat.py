@@ -98,16 +98,39 @@ def quantize_aware(model: Any) -> Any:
     annotated.set_weights(flat.get_weights())
     with tfmot.quantization.keras.quantize_scope():
         qat = tfmot.quantization.keras.quantize_apply(annotated)
+    trains = _trains(model, flat)
     for layer in qat.layers:
         inner = getattr(layer, "layer", None)
-        if inner is not None:  # tfmot's wrappers are trainable whatever the layer they wrap
-            layer.trainable = inner.trainable
+        if inner is not None and not trains.get(inner.name, True):
+            # tfmot's wrappers train whatever the run froze: QuantizeWrapperV2.build copies the
+            # wrapped kernel into its own trainable list, so the flag alone does not freeze it.
+            inner.trainable = layer.trainable = False
+            layer._non_trainable_weights += layer._trainable_weights
+            layer._trainable_weights = []
         if isinstance(layer, k.layers.Normalization) and hasattr(layer, "adapt_mean"):
             # Cloned with its weights set after build, tf_keras' Normalization keeps the mean
             # and variance *tensors* build() took from them (0 and 1): the QAT model skipped
             # the seam's standardization (head agreement with fp32 0.47 on MobileNetV2-0.35).
             layer.finalize_state()
     return qat
+
+
+def _trains(model: Any, flat: Any) -> dict[str, bool]:
+    """Layer name -> whether the run trained it. A layer inside a frozen nested model (the
+    ``features`` of an ``edgetl train`` run) may still say ``trainable`` itself: Keras
+    freezes it through its parent, which flattening removes."""
+    k = keras()
+    out: dict[str, bool] = {}
+
+    def walk(m: Any, parent: bool) -> None:
+        for layer in m.layers:
+            trains = parent and layer.trainable
+            if isinstance(layer, k.Model):
+                walk(layer, trains)
+            out[layer.name] = trains
+
+    walk(model, model.trainable)
+    return {layer.name: out.get(layer.name, layer.trainable) for layer in flat.layers}
 
 
 def _batchnorms_after_conv(flat: Any) -> set[str]:

@@ -162,3 +162,51 @@ def test_full_integer_tflite_agrees_with_the_float_input_int8_model(tmp_path, sm
             assert np.dtype(details["dtype"]).name == io and details["quantization_parameters"]["scales"][0] > 0
     agreement = float(np.mean(outputs["float32"].argmax(1) == outputs[io_dtype].argmax(1)))
     assert agreement >= 0.98, agreement
+
+
+# ----------------------------------------------------------------------------- QAT (issue 23, 1c)
+
+
+def test_the_qat_model_starts_where_post_training_int8_is(small_user_run):
+    """Before any fine-tuning the QAT model must compute the fp32 model's function up to
+    quantization noise. It did not: the seam's standardization was skipped (stale 0/1
+    mean/variance after cloning) and activation ranges sat at tfmot's [-6, 6]."""
+    from edgetl.data import load_npz
+    from edgetl.host._qat import calibrate_ranges, flatten_model, quantize_aware
+    from edgetl.host._run import load_run
+
+    run = load_run(small_user_run[0])
+    x = load_npz(small_user_run[1]).x.astype(np.float32)
+    qat = quantize_aware(run.model)
+    seam = qat.get_layer("embedding_standardize")
+    assert np.allclose(np.asarray(seam.mean).ravel(), np.asarray(seam.get_weights()[0]).ravel())
+    # only what the run trained (the classifier) trains: the frozen backbone stays frozen
+    classifier = run.model.get_layer("head").layers[-1].name
+    assert qat.trainable_weights and all(classifier in w.name for w in qat.trainable_weights)
+    assert calibrate_ranges(qat, flatten_model(run.model), x[:200]) > 0
+    qat(x[:64], training=True)  # one training-mode call: weight ranges and the input range
+    agreement = np.mean(qat.predict(x, verbose=0).argmax(1) == run.model.predict(x, verbose=0).argmax(1))
+    assert agreement >= 0.95, agreement
+
+
+def test_qat_or_ptq_keeps_the_better_model_on_held_out_data():
+    """QAT stays only when its held-out accuracy is not below post-training int8 of its format."""
+    from edgetl.bundle import Check
+    from edgetl.host._export import qat_versus_ptq
+
+    def fused(fmt, precision, accuracy):
+        return Check(f"model.{precision}.{fmt}", "fused", fmt, precision, True, "top1_agreement", 1.0, 0.9,
+                     {"accuracy": accuracy})  # fmt: skip
+
+    choice = qat_versus_ptq(
+        [
+            fused("tflite", "int8", 0.90),
+            fused("tflite", "qat", 0.88),
+            fused("onnx", "int8", 0.90),
+            fused("onnx", "qat", 0.92),
+            fused("tflite", "fp32", 0.91),
+        ]  # fmt: skip
+    )
+    assert choice["tflite"].startswith("ptq kept") and "0.8800 < post-training int8 0.9000" in choice["tflite"]
+    assert choice["onnx"].startswith("qat kept")
+    assert qat_versus_ptq([fused("tflite", "qat", 0.5)]) == {}  # nothing to compare with: QAT's own gate decides
