@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from edgetl import __version__
-from edgetl.errors import EdgeTLError, InputError
+from edgetl.errors import EdgeTLError, InputError, QuantizedModelLeftOut
 
 EXIT_FAILED, EXIT_ERROR, EXIT_REJECTED = 1, 2, 3
 
@@ -474,9 +474,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
         mcu = McuConfig(**option_values(McuConfig, args))
     signer = _private_key(args.sign) if args.sign else None
-    result = host.export_bundle(
-        args.run, args.out, options, quantize=quantize, mcu=mcu, overwrite=args.overwrite, sign=signer
-    )
+    with warnings.catch_warnings():  # the left-out files are printed below with the report
+        warnings.simplefilter("ignore", QuantizedModelLeftOut)
+        result = host.export_bundle(
+            args.run, args.out, options, quantize=quantize, mcu=mcu, overwrite=args.overwrite, sign=signer
+        )
     print(f"data: {result.manifest['data'].get('calibration')}")
     print(result.describe())
     if not result.ok:

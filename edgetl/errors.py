@@ -15,6 +15,8 @@ __all__ = [
     "BundleError",
     "StoreError",
     "DependencyError",
+    "EdgeTLWarning",
+    "QuantizedModelLeftOut",
     "describe",
 ]
 
@@ -48,6 +50,15 @@ class StoreError(EdgeTLError):
 
 class DependencyError(EdgeTLError, ImportError):
     """An optional dependency (TensorFlow, onnxruntime, ...) is not installed."""
+
+
+class EdgeTLWarning(UserWarning):
+    """Base class of the warnings edgetl gives: something was done differently than asked."""
+
+
+class QuantizedModelLeftOut(EdgeTLWarning):
+    """An export left a quantized model out of the bundle (its gate failed or its evidence was
+    too thin); ``ExportResult.omitted`` has the files and the measured reason."""
 
 
 def describe(value: object, limit: int = 80) -> str:

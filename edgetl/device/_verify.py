@@ -34,6 +34,7 @@ from edgetl.bundle._contract import (
     WEIGHTS,
 )
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
+from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT, evidence_gates
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model
@@ -44,19 +45,6 @@ from edgetl.errors import DependencyError
 # float32 reordering error is relative: MobileNetV2's measured 3.3e-4 on values up to ~8).
 # Not 1e-6: converters fuse ops and reorder float sums (tf2onnx, XNNPACK in LiteRT).
 FP32_TOLERANCE = 1e-4
-# Quantized fused models: top-1 agreement with Keras on the parity inputs.
-MIN_TOP1_AGREEMENT = {"dynamic": 0.95, "float16": 0.99, "int8": 0.9, "qat": 0.9}
-# Quantized backbones: mean cosine similarity of their embeddings to the fp32 reference.
-# Measured on the suite's bundles: int8 0.96-0.99, dynamic > 0.999, float16 > 0.9999. QAT
-# is not gated on it: quantization-aware training changes the weights, so its embeddings
-# are not the fp32 model's (measured cosine 0.28 on the demo, with the factory head still
-# agreeing on every example); it is judged by the factory head's agreement alone.
-MIN_COSINE = {"dynamic": 0.99, "float16": 0.999, "int8": 0.9, "qat": None}
-# With labelled data, a quantized model may lose at most this much accuracy against fp32
-# of the same format. A gate against broken artifacts, not the quality target (int8 within
-# 1 point, measured by tools/measure_export.py): on a few hundred test images one example
-# is a third of a point, so a 1-point gate would leave out healthy models by chance.
-MAX_ACCURACY_DROP = {"dynamic": 0.01, "float16": 0.01, "int8": 0.02, "qat": 0.02}
 # The head trainers must match the numpy reference to HEAD_STEP_ATOL plus HEAD_STEP_RTOL
 # of how far the weights moved: float32 rounding in W - lr*update scales with the update,
 # and Adam's update is ~lr per element whatever the gradient, so a fixed 1e-5 failed
@@ -105,12 +93,18 @@ def _why(check: Check) -> str:
             f"accuracy {check.extra['accuracy']:.4f} is {drop * 100:.1f} points below fp32 of its format "
             f"(at most {allowed * 100:g} allowed)"
         )
+    if check.extra.get("outcome") in ("fail", "thin"):  # the evidence gates' words, with the counts
+        return f"{check.describe()}: {check.extra['gate']}"
     return check.describe() + (f" ({check.extra['optimizer']})" if check.extra.get("optimizer") else "")
 
 
-def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | None = None) -> Report:
+def verify_bundle(
+    bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | None = None, *, inputs: np.ndarray | None = None
+) -> Report:
     """Run every check of ``bundle`` in the runtimes installed here; with labelled ``x``/``y``,
-    also measure accuracy.
+    also measure accuracy. With ``x`` and/or unlabelled ``inputs`` (an export passes its
+    calibration examples), quantized models are gated on that evidence (:func:`evidence_gates`)
+    instead of the 32 parity examples.
 
     Artifacts for a runtime that is not installed (a ``device-onnxruntime`` or
     ``device-litert`` install) are listed in ``report.not_checked``, not failed.
@@ -134,7 +128,8 @@ def verify_bundle(bundle: Bundle, x: np.ndarray | None = None, y: np.ndarray | N
         if files:
             report.not_checked.append(f"{len(files)} files need {missing}, not installed: {install_hint(missing)}")
     models = [_model_check(bundle, a, ref, init, x, y) for a in runnable if a.role in ("fused", "backbone")]
-    report.checks = _with_accuracy_drops(models) + _head_checks(bundle, ref, init, backends)
+    models = evidence_gates(bundle, _with_accuracy_drops(models), x, y, inputs, init)
+    report.checks = models + _head_checks(bundle, ref, init, backends)
     return report
 
 
@@ -219,7 +214,7 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
             drop = fp32[c.format] - c.extra["accuracy"]
             extra = {**c.extra, "accuracy_drop": drop}
             ok = c.ok
-            if c.precision != "fp32":
+            if c.precision != "fp32":  # the fixed limit, unless evidence_gates decides on the paired evidence
                 extra["max_accuracy_drop"] = MAX_ACCURACY_DROP[c.precision]
                 ok = ok and drop <= MAX_ACCURACY_DROP[c.precision]
             c = replace(c, ok=ok, extra=extra)

@@ -51,10 +51,11 @@ from edgetl.data import Dataset, image_size_arg, load_for_spec
 from edgetl.device._bench import timings
 from edgetl.device._runtimes import OnnxModel
 from edgetl.device._verify import MIN_TOP1_AGREEMENT, Report, verify_bundle
-from edgetl.errors import BundleError, DependencyError, InputError, describe
+from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
 from edgetl.host._export_mcu import McuConfig, mcu_export
 from edgetl.host._head_graphs import head_infer_onnx
 from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
+from edgetl.host._int8_tflite import ladder_for
 from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 from edgetl.host._qat import train_qat
@@ -101,7 +102,15 @@ class QuantizeConfig:
     io_dtype: Literal["float32", "int8", "uint8"] = option(
         "float32",
         choices=("float32", "int8", "uint8"),
-        help="input/output type of int8/qat TFLite models (ONNX stays float32)",
+        help="input/output type of int8/qat TFLite models; int8 or uint8 makes them full-integer (no float at the "
+        "edges: NPUs, Edge TPU, microcontrollers; scale and zero point in the manifest). ONNX stays float32",
+    )
+    # int8 TFLite: when post-training int8 misses its gate or 1 point of fp32, keep the
+    # layers the QuantizationDebugger finds noisiest in float (edgetl.host._int8_tflite).
+    float_fallback: bool = option(
+        True,
+        flag="--no-float-fallback",
+        help="int8 TFLite: do not keep the noisiest layers in float when post-training int8 misses its gate",
     )
 
     def __post_init__(self) -> None:
@@ -306,9 +315,24 @@ def to_tflite(
     model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
 ) -> bytes:
     """Convert a Keras model with ``tf.lite.TFLiteConverter`` (signature ``serving_default``)."""
+    conv = tflite_converter(model, q, calibration, output_name=output_name)
+    with warnings.catch_warnings(), native_output_silenced():
+        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
+        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
+        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
+        return conv.convert()
+
+
+def tflite_converter(
+    model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
+) -> Any:
+    """The ``tf.lite.TFLiteConverter`` :func:`to_tflite` runs (the int8 ladder reuses it)."""
     t = tf()
     module, fn = _servable(model, output_name)
     conv = t.lite.TFLiteConverter.from_concrete_functions([fn], module)
+    conv._edgetl_module = module  # keeps the variables alive as long as the converter
     if q.mode == "dynamic":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
     elif q.mode == "float16":
@@ -329,13 +353,7 @@ def to_tflite(
         io = {"float32": t.float32, "int8": t.int8, "uint8": t.uint8}[q.io_dtype]
         conv.inference_input_type = io
         conv.inference_output_type = io
-    with warnings.catch_warnings(), native_output_silenced():
-        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
-        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
-        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
-        return conv.convert()
+    return conv
 
 
 def keras_to_onnx(model: Any, opset: int) -> bytes:
@@ -801,7 +819,13 @@ def _convert_one(
     out = []
     tfl = to_tflite(model, c, calib, output_name=output)
     if "tflite" in plan.formats:
-        out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, {"quantization": c.describe()}))
+        climbed, extra = (
+            ladder_for(plan, c, role, model, output, calib, tfl, tflite_converter),
+            {"quantization": c.describe()},
+        )
+        if climbed is not None:  # the int8 remedy ladder (selective float fallback)
+            tfl, extra["ladder"] = climbed["content"], climbed["ladder"]
+        out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, extra))
     if "onnx" not in plan.formats:
         return out, int8_choice
     if c.io_dtype != "float32":  # ONNX keeps float I/O
@@ -1203,7 +1227,8 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:
         staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
-        report = verify_bundle(staged, test[0], test[1])
+        # Gates judge on every example there is: the held-out split and the calibration inputs.
+        report = verify_bundle(staged, test[0], test[1], inputs=plan.data.calibration_x)
     if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
         raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
     fatal, dropped = [], set()
@@ -1218,14 +1243,55 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
         reasons = "; ".join(
             f"{c.file}: {failure_reason(c)}" for c in report.failed() if (c.format, c.precision) == (fmt, precision)
         )
-        omitted.append({"format": fmt, "precision": precision, "files": files, "reason": reasons + _int8_hint(plan)})
+        outcomes = {
+            c.extra.get("outcome", "fail") for c in report.failed() if (c.format, c.precision) == (fmt, precision)
+        }
+        outcome = "thin" if outcomes == {"thin"} else "fail"
+        omitted.append(
+            {
+                "format": fmt,
+                "precision": precision,
+                "files": files,
+                "outcome": outcome,
+                "reason": reasons + _int8_hint(plan),
+            }
+        )
+    choice = qat_versus_ptq([c for c in report.checks if (c.format, c.precision) not in dropped])
+    for fmt, why in choice.items():
+        if why.startswith("ptq") and (fmt, "qat") not in dropped:
+            dropped.add((fmt, "qat"))
+            files = [a.file for a in artifacts if a.format == fmt and a.precision == "qat"]
+            omitted.append(
+                {"format": fmt, "precision": "qat", "files": files, "outcome": "worse-than-ptq", "reason": why}
+            )
     keep = [a for a in artifacts if (a.format, a.precision) not in dropped]
     kept_files = {a.file for a in keep}
     report = Report([c for c in report.checks if c.file in kept_files])
     entries = {e["file"]: e for e in manifest["artifacts"]}
     left_out = {a.file: (entries[a.file], a.content) for a in artifacts if a.file not in kept_files}
     manifest = {**manifest, "artifacts": [e for e in manifest["artifacts"] if e["file"] in kept_files]}
+    if choice:
+        manifest["qat_choice"] = choice
     return ExportResult(manifest, keep, report, omitted, fatal, {}, left_out=left_out)
+
+
+def qat_versus_ptq(checks: Sequence[Any]) -> dict[str, str]:
+    """Per format with both a QAT and a post-training int8 fused model measured on held-out
+    data (and not left out by their gates): which one the bundle keeps, in words. QAT is
+    the remedy ladder's last step and costs training; it stays only when it is not worse
+    than PTQ on held-out accuracy
+    (issue 23: QAT trailed PTQ by 3-9 points on MobileNetV2 and 1.6 on the demo's CNN)."""
+    acc = {(c.format, c.precision): c.extra["accuracy"] for c in checks if c.role == "fused" and "accuracy" in c.extra}
+    out = {}
+    for fmt in sorted({f for f, p in acc if p == "qat"}):
+        if (fmt, "int8") not in acc:
+            continue
+        qat, ptq = acc[(fmt, "qat")], acc[(fmt, "int8")]
+        if qat >= ptq:
+            out[fmt] = f"qat kept: held-out accuracy {qat:.4f} >= post-training int8 {ptq:.4f}"
+        else:
+            out[fmt] = f"ptq kept, qat left out: held-out accuracy {qat:.4f} < post-training int8 {ptq:.4f}"
+    return out
 
 
 def _int8_hint(plan: ExportPlan) -> str:
@@ -1244,6 +1310,11 @@ def _int8_hint(plan: ExportPlan) -> str:
 
 def failure_reason(check: Any) -> str:
     """What a failed check measured against what it needed, in words."""
+    outcome = check.extra.get("outcome")  # set by the evidence gates (edgetl.device._evidence_gate)
+    if outcome in ("fail", "thin"):
+        return check.extra["gate"]
+    if outcome == "pass":  # the paired tests passed; the backbone's cosine did not
+        return f"{check.describe()} ({check.extra['gate']})"
     drop, limit = check.extra.get("accuracy_drop"), check.extra.get("max_accuracy_drop")
     if drop is not None and limit is not None and drop > limit:
         return (
@@ -1294,6 +1365,8 @@ def export_bundle(
         sign = load_private_key(sign)
     o = ExportOptions.of(options, **kwargs)
     result = export(run, replace(o, name=o.name or Path(out).name.removesuffix(".edgetl")))
+    for left in result.omitted:  # never silent: the CLI prints these, the Python API warns
+        warnings.warn(f"left out {', '.join(left['files'])}: {left['reason']}", QuantizedModelLeftOut, stacklevel=2)
     if result.ok:
         result.save(out, overwrite=overwrite)
         if sign is not None:

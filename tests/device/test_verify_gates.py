@@ -208,7 +208,7 @@ def test_with_one_runtime_verify_lists_what_it_could_not_check_and_export_refuse
     files = [
         SimpleNamespace(file=e["file"], content=(bundle.path / e["file"]).read_bytes()) for e in manifest["artifacts"]
     ]
-    plan = SimpleNamespace(data=SimpleNamespace(test=(halves.test.x, halves.test.y)), strict=False)
+    plan = SimpleNamespace(data=SimpleNamespace(test=(halves.test.x, halves.test.y), calibration_x=None), strict=False)
     with pytest.raises(DependencyError, match="export verifies every file in both runtimes"):
         verify_staged(plan, manifest, files)
     monkeypatch.setattr(runtimes, "installed_backends", lambda: ())

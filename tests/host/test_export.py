@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,9 @@ def full_bundle(tmp_path_factory, target_run, digits_target):
     result = export_bundle(
         target_run, out, quantize=["none", "dynamic", "float16", "int8", "qat"], calibration=digits_target
     )
-    assert result.ok and not result.omitted, result.describe()
+    # QAT is kept only when not below post-training int8 on held-out data (issue 23); here it
+    # may trail by an example or two: then both its files are left out, saying so
+    assert result.ok and all(o["outcome"] == "worse-than-ptq" for o in result.omitted), result.describe()
     return result.bundle, result.report
 
 
@@ -36,8 +40,10 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     bundle, report = full_bundle
     assert report.ok, [c for c in report.checks if not c["ok"]]
     have = {(a["role"], a["format"], a["precision"]) for a in bundle.manifest.to_json()["artifacts"]}
+    choice = json.loads((bundle.path / "manifest.json").read_text()).get("qat_choice", {})
+    qat_kept = {fmt for fmt, why in choice.items() if why.startswith("qat")} if choice else {"tflite", "onnx"}
     for precision in ("fp32", "dynamic", "float16", "int8", "qat"):
-        for fmt in ("tflite", "onnx"):
+        for fmt in ("tflite", "onnx") if precision != "qat" else qat_kept:
             assert ("fused", fmt, precision) in have and ("backbone", fmt, precision) in have
     fp32 = [c for c in report.checks if c["precision"] == "fp32" and c["role"] in ("fused", "backbone")]
     # tolerance: 1e-4, times the typical embedding norm (~15 for these 256 dims) for backbones;
@@ -47,7 +53,7 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     int8 = [c for c in report.checks if c["precision"] == "int8" and c["role"] == "fused"]
     assert all(c["accuracy_drop"] <= 0.03 for c in int8)
     qat = [c for c in report.checks if c["precision"] == "qat" and c["role"] == "fused"]
-    assert len(qat) == 2 and all(c["accuracy_drop"] <= 0.03 and c["top1_agreement"] >= 0.9 for c in qat)
+    assert len(qat) == len(qat_kept) and all(c["accuracy_drop"] <= 0.03 and c["top1_agreement"] >= 0.9 for c in qat)
     onnx_int8 = next(a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
     stats = onnx_int8["int8_candidates"]
     assert set(stats) == {"tf2onnx_from_tflite", "onnxruntime_qdq"}
