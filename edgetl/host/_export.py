@@ -1145,10 +1145,7 @@ def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = No
     artifacts, timings = convert_models(plan, backbone, references)
     artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
-    convert = TrunkConverters(
-        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name="trunk"), onnx=keras_to_onnx, artifact=Artifact
-    )
-    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references, convert)
+    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references, trunk_converters())
     artifacts += tail + data_artifacts(plan, backbone, references, trunk)
     extra = target_outputs(plan, o.targets, backbone, classifier, o.mcu)
     artifacts += extra.artifacts
@@ -1197,6 +1194,13 @@ def int8_embedding_tflite(backbone: Any, calibration: np.ndarray) -> bytes:
     calibrated like the int8 bundle models; the MCU target's converter."""
     q = QuantizeConfig("int8", io_dtype="int8")
     return to_tflite(backbone, q, calibration[: q.calibration_samples], output_name=BACKBONE_OUTPUT)
+
+
+def trunk_converters() -> TrunkConverters:
+    """The converters the trainable tail's trunk models are written with (fp32 TFLite, ONNX)."""
+    return TrunkConverters(
+        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name="trunk"), onnx=keras_to_onnx, artifact=Artifact
+    )
 
 
 def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:

@@ -129,6 +129,7 @@ def test_a_committed_tail_is_a_store_version_the_classifier_runs_and_a_corrupt_o
 
 def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(tail_bundle):
     """A wrong graph (linear where the layer is relu) must fail verify_tail's checks."""
+    from edgetl.host._export import trunk_converters
     from edgetl.host._tail_export import TailSplit, tail_files, verify_tail
     from edgetl.host._tf import keras
 
@@ -140,7 +141,7 @@ def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(t
     flat = k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs))
     trunk = k.Model(inputs, k.layers.Reshape((1, 1024))(flat))  # [N, P, F] = [N, 1, 1024]
     honest = TailSplit(trunk, "embedding_dense", "relu", init)
-    files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
+    files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17, trunk_converters())
     x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
     checks = verify_tail(honest, files, head, x, np.zeros(16, np.int64))
     assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
