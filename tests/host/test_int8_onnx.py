@@ -1,0 +1,126 @@
+"""The int8 ONNX ladder and device targets: a model with one deliberately fragile layer (a
+huge activation range) climbs to selective float fallback, which finds that layer and keeps
+it float; the same model without the fault passes at the first rung; targets choose the recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgetl.data import load_digits_dataset
+from edgetl.errors import InputError
+from edgetl.host._int8_onnx import (
+    RECIPES,
+    agreement_gate,
+    op_census,
+    quantize_onnx_int8,
+    recipe_for,
+    tensor_sensitivity,
+)
+
+FRAGILE = "fragile"
+
+
+@pytest.fixture(scope="module")
+def digit_cnns():
+    """A small CNN trained on all ten digits, as float ONNX twice: as trained, and with the
+    layer ``fragile`` rescaled so its 16 output channels span 1 to 10^4 (the next layer
+    divides the scale back out, so the float function is the same: ReLU is positively
+    homogeneous). uint8 per-tensor activations of that layer then lose most channels."""
+    from edgetl.host._export import keras_to_onnx
+    from edgetl.host._tf import keras, tf
+
+    tf().random.set_seed(0)
+    k = keras()
+    data = load_digits_dataset()
+    x, y = data.x.astype(np.float32) / 255.0, data.y
+    inp = k.Input((8, 8, 1))
+    h = k.layers.Conv2D(32, 3, padding="same", activation="relu")(inp)
+    h = k.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = k.layers.Conv2D(16, 1, activation="relu", name=FRAGILE)(h)
+    h = k.layers.Conv2D(16, 1, activation="relu", name="after")(h)
+    out = k.layers.Dense(10, activation="softmax")(k.layers.Flatten()(h))
+    model = k.Model(inp, out)
+    model.compile(k.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x[:1200], y[:1200], epochs=12, batch_size=32, verbose=0)
+    healthy = keras_to_onnx(model, 17)
+    scale = np.logspace(0, 4, 16).astype(np.float32)
+    kernel, bias = model.get_layer(FRAGILE).get_weights()
+    model.get_layer(FRAGILE).set_weights([kernel * scale, bias * scale])
+    kernel, bias = model.get_layer("after").get_weights()
+    model.get_layer("after").set_weights([kernel / scale[:, None], bias])
+    return healthy, keras_to_onnx(model, 17), x, y
+
+
+def _gate(fp32, x, y):
+    return agreement_gate(fp32, x[1200:], y=y[1200:])
+
+
+def test_a_healthy_model_passes_at_the_first_rung(digit_cnns):
+    healthy, _, x, y = digit_cnns
+    result = quantize_onnx_int8(healthy, x[:200], _gate(healthy, x, y), recipe=RECIPES["x86-vnni"])
+    record = result.record
+    assert result.passed and record["rung"] == "a1-minmax" and len(record["tried"]) == 1
+    assert record["float_nodes"] == [] and record["float_share_macs"] == 0.0
+    assert record["ops"] == {"quantized": {"Conv": 4, "Gemm": 1}, "float": {}}  # nothing left over
+    assert record["gate"]["top1_agreement"] >= 0.9 and record["gate"]["examples"] == len(x) - 1200
+
+
+def test_the_ladder_finds_the_fragile_layer_and_keeps_it_float(digit_cnns):
+    """Every calibration rung fails (the fault is the range, not the samples); sensitivity
+    ranks the fragile layer's output first, and keeping it float passes the gate with a
+    small float share of the model."""
+    _, fragile, x, y = digit_cnns
+    gate = _gate(fragile, x, y)
+    result = quantize_onnx_int8(fragile, x[:200], gate, recipe=RECIPES["x86-vnni"], more_calibration=x[:1200])
+    record = result.record
+    rungs = [t["rung"] for t in record["tried"]]
+    assert rungs[:4] == ["a1-minmax", "a2-minmax-more-samples", "a3-percentile", "a4-entropy"], rungs
+    assert not any(t["gate"]["ok"] for t in record["tried"][:4])  # the gate refused them, measured
+    assert result.passed and record["rung"] == "b-float-fallback"
+    assert any(FRAGILE in n for n in record["float_nodes"]), record["float_nodes"]
+    assert len(record["float_tensors"]) == 1 and record["float_tensors"][0]["damage"] > 0.3
+    float_macs = (32 * 16 + 16 * 16) * 64  # the fragile 1x1 layer and the one reading its output
+    total = (9 * 32 + 9 * 32 * 32 + 32 * 16 + 16 * 16) * 64 + 1024 * 10
+    assert record["float_share_macs"] == pytest.approx(float_macs / total, abs=1e-4)
+    assert record["ops"]["float"] == {"Conv": 2}  # the fragile layer and the one reading its output
+    assert set(record["latency_ms"]) == {"fp32", "int8", "all_int8"}
+    assert set(record["size_bytes"]) == {"fp32", "int8", "all_int8"}  # what the float part costs, recorded
+
+
+def test_sensitivity_ranks_the_fragile_tensor_worst_and_healthy_tensors_low(digit_cnns, tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _, fragile, x, y = digit_cnns
+    result = quantize_onnx_int8(fragile, x[:100], lambda _: {"ok": True, "score": 1.0})  # a1 only
+    (tmp_path / "f.onnx").write_bytes(fragile)
+    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
+    ranked = tensor_sensitivity(tmp_path / "pre.onnx", result.content, x[:32])
+    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.3
+    assert all(r["damage"] < 0.2 for r in ranked[1:]), ranked
+
+
+def test_a_gate_refuses_a_broken_int8_model(digit_cnns):
+    """The gate is a real check: int8 calibrated on blank images fails it, with its measures."""
+    healthy, _, x, y = digit_cnns
+    gate = _gate(healthy, x, y)
+    broken = quantize_onnx_int8(healthy, np.zeros_like(x[:50]), lambda _: {"ok": True, "score": 1.0}).content
+    judged = gate(broken)
+    assert not judged["ok"] and judged["top1_agreement"] < 0.9 and judged["accuracy_drop"] > 0.02
+
+
+def test_targets_choose_the_recipe_and_refuse_nonsense():
+    assert recipe_for([]).target == "any" and recipe_for(["mcu"]).target == "any"
+    assert recipe_for(["x86-avx2"]).reduce_range and recipe_for(["any"]).reduce_range
+    assert not recipe_for(["x86-vnni", "mcu"]).reduce_range and not recipe_for(["arm64"]).reduce_range
+    assert recipe_for(["arm64"]).activations == "int8"
+    with pytest.raises(InputError, match="one CPU target"):
+        recipe_for(["arm64", "x86-vnni"])
+
+
+def test_op_census_counts_float_convolutions(digit_cnns):
+    healthy, _, _, _ = digit_cnns
+    counts = op_census(healthy)
+    assert counts["quantized"] == {} and counts["float"]["Conv"] == 4
+    assert onnx.load_from_string(healthy).graph.node  # a real graph
