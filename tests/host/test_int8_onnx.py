@@ -25,7 +25,7 @@ FRAGILE = "fragile"
 @pytest.fixture(scope="module")
 def digit_cnns():
     """A small CNN trained on all ten digits, as float ONNX twice: as trained, and with the
-    layer ``fragile`` rescaled so its 16 output channels span 1 to 10^4 (the next layer
+    layer ``fragile`` rescaled so its 16 output channels span 1 to 10^5 (the next layer
     divides the scale back out, so the float function is the same: ReLU is positively
     homogeneous). uint8 per-tensor activations of that layer then lose most channels."""
     from edgetl.host._export import keras_to_onnx
@@ -45,7 +45,7 @@ def digit_cnns():
     model.compile(k.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x[:1200], y[:1200], epochs=12, batch_size=32, verbose=0)
     healthy = keras_to_onnx(model, 17)
-    scale = np.logspace(0, 4, 16).astype(np.float32)
+    scale = np.logspace(0, 5, 16).astype(np.float32)
     kernel, bias = model.get_layer(FRAGILE).get_weights()
     model.get_layer(FRAGILE).set_weights([kernel * scale, bias * scale])
     kernel, bias = model.get_layer("after").get_weights()
@@ -80,7 +80,7 @@ def test_the_ladder_finds_the_fragile_layer_and_keeps_it_float(digit_cnns):
     assert not any(t["gate"]["ok"] for t in record["tried"][:4])  # the gate refused them, measured
     assert result.passed and record["rung"] == "b-float-fallback"
     assert any(FRAGILE in n for n in record["float_nodes"]), record["float_nodes"]
-    assert len(record["float_tensors"]) == 1 and record["float_tensors"][0]["damage"] > 0.3
+    assert len(record["float_tensors"]) == 1 and record["float_tensors"][0]["damage"] > 0.4
     float_macs = (32 * 16 + 16 * 16) * 64  # the fragile 1x1 layer and the one reading its output
     total = (9 * 32 + 9 * 32 * 32 + 32 * 16 + 16 * 16) * 64 + 1024 * 10
     assert record["float_share_macs"] == pytest.approx(float_macs / total, abs=1e-4)
@@ -97,8 +97,8 @@ def test_sensitivity_ranks_the_fragile_tensor_worst_and_healthy_tensors_low(digi
     (tmp_path / "f.onnx").write_bytes(fragile)
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
     ranked = tensor_sensitivity(tmp_path / "pre.onnx", result.content, x[:32])
-    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.3
-    assert all(r["damage"] < 0.2 for r in ranked[1:]), ranked
+    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.4
+    assert all(r["damage"] < ranked[0]["damage"] / 3 for r in ranked[1:]), ranked
 
 
 def test_a_gate_refuses_a_broken_int8_model(digit_cnns):
