@@ -299,8 +299,10 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default="",
-        help="comma-separated extra device targets: mcu (a full-integer TensorFlow Lite Micro backbone, C sources "
-        "and the C99 head trainer in the bundle; adds int8; needs the tflite-micro package)",
+        help="comma-separated device targets: one CPU class for the int8 ONNX recipe, any (default: correct on "
+        "every CPU, 7-bit weights), x86-avx2 (7-bit weights), x86-vnni or arm64 (8-bit weights); and/or mcu (a "
+        "full-integer TensorFlow Lite Micro backbone, C sources and the C99 head trainer in the bundle; adds int8; "
+        "needs the tflite-micro package)",
     )
     p.add_argument("--mcu-flash-limit", type=int, default=1024, metavar="KB", help="mcu: flash budget (default 1024)")
     p.add_argument(

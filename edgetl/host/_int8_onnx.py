@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -134,8 +134,19 @@ class _Prepared:
     model_path: Path
     input_name: str
     base: np.ndarray
-    more: np.ndarray | None
+    more_source: np.ndarray | Callable[[int], np.ndarray] | None
     caches: dict[str, Path] = field(default_factory=dict)
+    _more: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def more(self) -> np.ndarray | None:
+        """The larger calibration pool, made on first use (decoding streamed data costs)."""
+        if not self._more:
+            want = min(MORE_SAMPLES_CAP, MORE_SAMPLES_FACTOR * len(self.base))
+            src = self.more_source(want) if callable(self.more_source) else self.more_source
+            src = None if src is None else np.asarray(src[:want], np.float32)
+            self._more.append(src if src is not None and len(src) > len(self.base) else None)
+        return self._more[0]
 
 
 def quantize_onnx_int8(
@@ -144,7 +155,7 @@ def quantize_onnx_int8(
     gate: Gate,
     *,
     recipe: OnnxInt8Recipe = RECIPES[DEFAULT_TARGET],
-    more_calibration: np.ndarray | None = None,
+    more_calibration: np.ndarray | Callable[[int], np.ndarray] | None = None,
     keep_float: Sequence[str] = (),
 ) -> Int8OnnxResult:
     """Quantize ``fp32_onnx`` and climb the ladder until ``gate`` passes.
@@ -154,8 +165,9 @@ def quantize_onnx_int8(
         calibration: the configured calibration inputs (rung a1).
         gate: judges an int8 candidate (see :func:`agreement_gate`).
         recipe: the device class's settings (:data:`RECIPES`).
-        more_calibration: a larger pool for rungs a2-a4 (the training split); without it
-            those rungs use ``calibration``.
+        more_calibration: a larger pool for rungs a2-a4 (the training split), or a function
+            giving that many examples (called only when a1 fails); without it those rungs use
+            ``calibration``.
         keep_float: node-name substrings always kept float (the seam standardization).
 
     Returns:
@@ -184,7 +196,7 @@ def quantize_onnx_int8(
         return _finish(prep, fp32_onnx, best[1], best[2], tried, seam, passed=False, all_int8=base_content)
 
 
-def _prepare(work: Path, fp32_onnx: bytes, base: np.ndarray, more: np.ndarray | None) -> _Prepared:
+def _prepare(work: Path, fp32_onnx: bytes, base: np.ndarray, more: Any) -> _Prepared:
     """``quant_pre_process``: onnxruntime's recommended step (shape inference, constant folding,
     MatMul+Add -> Gemm). Symbolic shape inference is skipped: it needs sympy, and edgetl's
     graphs have static shapes apart from the batch."""
@@ -196,17 +208,17 @@ def _prepare(work: Path, fp32_onnx: bytes, base: np.ndarray, more: np.ndarray | 
     with native_output_silenced():
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
-    more = more if more is not None and len(more) > len(base) else None
-    return _Prepared(work, pre, name, base.astype(np.float32), None if more is None else more.astype(np.float32))
+    return _Prepared(work, pre, name, base.astype(np.float32), more)
 
 
-def _calibration_rungs(prep: _Prepared) -> list[tuple[str, str, np.ndarray]]:
+def _calibration_rungs(prep: _Prepared) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Rungs a1-a4, lazily: the larger pool is made only when a1 failed."""
+    yield "a1-minmax", "MinMax", prep.base
     more = prep.more if prep.more is not None else prep.base
-    rungs = [("a1-minmax", "MinMax", prep.base)]
     if prep.more is not None:
-        rungs.append(("a2-minmax-more-samples", "MinMax", more))
-    rungs += [("a3-percentile", "Percentile", more), ("a4-entropy", "Entropy", more)]
-    return rungs
+        yield "a2-minmax-more-samples", "MinMax", more
+    yield "a3-percentile", "Percentile", more
+    yield "a4-entropy", "Entropy", more
 
 
 def _quantize(

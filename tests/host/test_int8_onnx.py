@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import load_tool
 
-from edgetl.data import load_digits_dataset
 from edgetl.errors import InputError
 from edgetl.host._int8_onnx import (
     RECIPES,
@@ -19,38 +19,14 @@ from edgetl.host._int8_onnx import (
     tensor_sensitivity,
 )
 
-FRAGILE = "fragile"
+FRAGILE = "fragile"  # the layer tools/int8_ladder_check.py makes fragile
 
 
 @pytest.fixture(scope="module")
 def digit_cnns():
-    """A small CNN trained on all ten digits, as float ONNX twice: as trained, and with the
-    layer ``fragile`` rescaled so its 16 output channels span 1 to 10^5 (the next layer
-    divides the scale back out, so the float function is the same: ReLU is positively
-    homogeneous). uint8 per-tensor activations of that layer then lose most channels."""
-    from edgetl.host._export import keras_to_onnx
-    from edgetl.host._tf import keras, tf
-
-    tf().random.set_seed(0)
-    k = keras()
-    data = load_digits_dataset()
-    x, y = data.x.astype(np.float32) / 255.0, data.y
-    inp = k.Input((8, 8, 1))
-    h = k.layers.Conv2D(32, 3, padding="same", activation="relu")(inp)
-    h = k.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
-    h = k.layers.Conv2D(16, 1, activation="relu", name=FRAGILE)(h)
-    h = k.layers.Conv2D(16, 1, activation="relu", name="after")(h)
-    out = k.layers.Dense(10, activation="softmax")(k.layers.Flatten()(h))
-    model = k.Model(inp, out)
-    model.compile(k.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x[:1200], y[:1200], epochs=12, batch_size=32, verbose=0)
-    healthy = keras_to_onnx(model, 17)
-    scale = np.logspace(0, 5, 16).astype(np.float32)
-    kernel, bias = model.get_layer(FRAGILE).get_weights()
-    model.get_layer(FRAGILE).set_weights([kernel * scale, bias * scale])
-    kernel, bias = model.get_layer("after").get_weights()
-    model.get_layer("after").set_weights([kernel / scale[:, None], bias])
-    return healthy, keras_to_onnx(model, 17), x, y
+    """A small CNN trained on digits as float ONNX, healthy and with one fragile layer whose
+    output channels span 1 to 10^5 (same float function; see tools/int8_ladder_check.py)."""
+    return load_tool("int8_ladder_check").fragile_digit_cnns()
 
 
 def _gate(fp32, x, y):
