@@ -30,7 +30,7 @@ from edgetl._quiet import native_output_silenced
 from edgetl.bundle import Bundle, write_bundle
 from edgetl.data import Dataset
 from edgetl.errors import BundleError, DependencyError, InputError, describe
-from edgetl.host._int8_onnx import CPU_TARGETS, recipe_for
+from edgetl.host._int8_onnx import CPU_TARGETS, RECIPES, recipe_for
 from edgetl.host._tf import keras, tf
 
 FORMATS = ("tflite", "onnx")
@@ -541,7 +541,8 @@ def _convert_one(
         out.append(Artifact(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p))
     elif p == "int8":
         content, record = onnx_int8(plan, role, fp32_onnx[role], calib)
-        extra = {"quantization": {**float_io, "target": plan.target}, "int8_method": "onnxruntime_qdq"}
+        recipe = RECIPES[plan.target].describe()  # ONNX activations and weights differ from TFLite's
+        extra = {"quantization": {**float_io, **recipe}, "int8_method": "onnxruntime_qdq"}
         out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {**extra, "int8_ladder": record}))
     else:
         out.append(
@@ -564,7 +565,7 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     vector as one uint8 tensor, and with raw-pixel embeddings it spans orders of magnitude,
     so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
     """
-    from edgetl.host._int8_onnx import RECIPES, agreement_gate, quantize_onnx_int8
+    from edgetl.host._int8_onnx import agreement_gate, quantize_onnx_int8
 
     test = plan.data.test
     x = test[0][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else calibration[:INT8_GATE_EXAMPLES]

@@ -100,3 +100,46 @@ def test_op_census_counts_float_convolutions(digit_cnns):
     counts = op_census(healthy)
     assert counts["quantized"] == {} and counts["float"]["Conv"] == 4
     assert onnx.load_from_string(healthy).graph.node  # a real graph
+
+
+def _max_int8_weight(content: bytes) -> int:
+    """Largest |code| among the int8 weight initializers of a QDQ model (7-bit range: <= 64)."""
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(content).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    codes = [init[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init]
+    return max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.dtype == np.int8 and c.size > 1)
+
+
+def test_export_target_sets_the_recipe_and_is_recorded(tmp_path, digits_bundle):
+    """The default bundle (target any) has 7-bit weights; --target x86-vnni writes full 8-bit
+    weights, and both say so in the manifest; two CPU classes are refused before any work."""
+    from edgetl.bundle import read_bundle
+    from edgetl.host._export import export_bundle
+
+    default, halves = digits_bundle
+    manifest = default.manifest.to_json()
+    entry = next(a for a in manifest["artifacts"] if a["file"] == "model.int8.onnx")
+    assert manifest["target"] == "any" and entry["quantization"]["target"] == "any"
+    assert entry["int8_ladder"]["passed"] and entry["int8_ladder"]["ops"]["float"] == {}
+    assert _max_int8_weight((default.path / "model.int8.onnx").read_bytes()) <= 64
+    run = manifest["producer"]["run"]
+    with pytest.raises(InputError, match="one CPU target"):
+        export_bundle(run, tmp_path / "two.edgetl", quantize=["int8"], targets=["arm64", "x86-vnni"])
+    with pytest.raises(InputError, match="targets must be a list"):
+        export_bundle(run, tmp_path / "bad.edgetl", quantize=["int8"], targets=["riscv"])
+    result = export_bundle(
+        run,
+        tmp_path / "vnni.edgetl",
+        quantize=["int8"],
+        formats=["onnx"],
+        targets=["x86-vnni"],
+        calibration=halves.train,
+        evaluation=halves.test,
+    )
+    assert result.ok and not result.omitted, result.describe()
+    vnni = read_bundle(tmp_path / "vnni.edgetl")
+    entry = next(a for a in vnni.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
+    assert vnni.manifest.to_json()["target"] == "x86-vnni" and entry["quantization"]["target"] == "x86-vnni"
+    assert _max_int8_weight((vnni.path / "model.int8.onnx").read_bytes()) > 64
