@@ -304,6 +304,12 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
         "full-integer TensorFlow Lite Micro backbone, C sources and the C99 head trainer in the bundle; adds int8; "
         "needs the tflite-micro package)",
     )
+    p.add_argument(
+        "--no-int8-ladder",
+        action="store_true",
+        help="quantize int8 ONNX once and let its gate decide, instead of climbing the remedy ladder (more and other "
+        "calibration, then keeping the most damaged layers float) when it misses the gate; faster on large models",
+    )
     p.add_argument("--mcu-flash-limit", type=int, default=1024, metavar="KB", help="mcu: flash budget (default 1024)")
     p.add_argument(
         "--mcu-arena-limit", type=int, default=256, metavar="KB", help="mcu: tensor arena budget (default 256)"
@@ -694,6 +700,7 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         strict=args.strict,
         version=args.bundle_version,
+        int8_ladder=not args.no_int8_ladder,
         **_target_options(args),
     )
     print(f"data: {result.manifest['data'].get('calibration')}")

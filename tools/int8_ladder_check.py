@@ -97,9 +97,7 @@ def main() -> int:
         print(f"{name}: {time.perf_counter() - t0:.1f} s, ended at {r['rung']} (passed {r['passed']})")
         for t in r["tried"]:
             g = t["gate"]
-            ranked = (
-                f"  float {t['float_tensors']} ({t['sensitivity_seconds']} s to rank)" if "float_tensors" in t else ""
-            )
+            ranked = f"  float {t['float_tensors']}" if "float_tensors" in t else ""
             print(
                 f"  {t['rung']:<24} {t['calibration']:<10} {t['calibration_samples']:>5} samples  agreement "
                 f"{g['top1_agreement']:.3f}  drop {g['accuracy_drop'] * 100:+.2f} pts  ok {g['ok']}  {t['seconds']} s"
@@ -108,6 +106,8 @@ def main() -> int:
         print(f"  float nodes {r['float_nodes']}, float share {r['float_share_macs']:.3f} of MACs, ops {r['ops']}")
         if "latency_ms" in r:
             print(f"  batch-1 ms {r['latency_ms']}, bytes {r['size_bytes']}")
+        if "sensitivity" in r:
+            print(f"  per-tensor sensitivity: {r['sensitivity']}")
         expected = "a1-minmax" if name == "healthy" else "b-float-fallback"
         ok = ok and result.passed and r["rung"] == expected
         ok = ok and (name == "healthy" or any(FRAGILE in n for n in r["float_nodes"]))

@@ -341,6 +341,7 @@ class ExportPlan:
     data: ExportData
     version: str = "1"
     target: str = "any"  # the CPU class the int8 ONNX recipe is for (edgetl.host._int8_onnx.RECIPES)
+    int8_ladder: bool = True  # climb the int8 ONNX remedy ladder when rung a1 misses its gate
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -590,6 +591,7 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
         recipe=RECIPES[plan.target],
         more_calibration=more,
         keep_float=("embedding_standardize",),
+        ladder=plan.int8_ladder,
     )
     return result.content, result.record
 
@@ -862,6 +864,7 @@ def export(
     version: str = "1",
     targets: Sequence[str] = (),
     mcu: Any = None,
+    int8_ladder: bool = True,
 ) -> ExportResult:
     """Convert, verify and return (without writing) the bundle for ``run``.
 
@@ -888,6 +891,9 @@ def export(
             int8 ONNX recipe (``edgetl.host._int8_onnx.RECIPES``), recorded as the manifest's
             ``target`` and in each int8 ONNX file's ``quantization``.
         mcu: an ``McuConfig`` (flash and arena limits, replay examples) for ``"mcu"``.
+        int8_ladder: when the int8 ONNX misses its gate, climb the remedy ladder (more and
+            other calibration, then selective float fallback; ``edgetl.host._int8_onnx``);
+            ``False`` quantizes once and lets the gate decide (faster on large models).
 
     Returns:
         An :class:`ExportResult`; ``result.save(out)`` writes the bundle.
@@ -907,7 +913,7 @@ def export(
         strict=strict,
         version=version,
     )
-    plan.target = target
+    plan.target, plan.int8_ladder = target, int8_ladder
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
     artifacts, timings = convert_models(plan, backbone)
