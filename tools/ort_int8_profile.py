@@ -4,6 +4,7 @@
     python tools/ort_int8_profile.py BUNDLE [--runs 50]
     python tools/ort_int8_profile.py --build mobilenetv2 [--size 224] [--target x86-vnni]   # weights=None
     python tools/ort_int8_profile.py --build mobilenetv2 --work DIR --build-only   # then time DIR/... under the lock
+    python tools/ort_int8_profile.py BUNDLE --requantize any   # another target's recipe (rung a1) of the same fp32
 
 Runs each fused ONNX model (fp32 and int8) at batch 1 on one thread with onnxruntime's
 profiler and sums kernel time per op type. In the int8 model it reports the **leftover**:
@@ -131,6 +132,19 @@ def verdict(ratio: float, left: dict[str, float], cpu: dict[str, object]) -> lis
     return lines
 
 
+def requantized(fp32: Path, bundle, target: str, work: Path) -> Path:
+    """The bundle's fp32 ONNX quantized with ``target``'s recipe (rung a1, calibrated on the parity inputs)."""
+    from edgetl.host._int8_onnx import RECIPES, quantize_onnx_int8
+
+    x = bundle.arrays("parity", ("x",))["x"].astype(np.float32)
+    accept = lambda _: {"ok": True, "score": 1.0}  # noqa: E731 (timing only: no gate)
+    seam = ("embedding_standardize",)  # kept float, as export does
+    result = quantize_onnx_int8(fp32.read_bytes(), x, accept, recipe=RECIPES[target], keep_float=seam)
+    path = work / f"model.int8.{target}.onnx"
+    path.write_bytes(result.content)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, nargs="?")
@@ -141,6 +155,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--work", type=Path, help="keep the --build bundle in this directory")
     parser.add_argument("--build-only", action="store_true", help="build (into --work) and print its path")
+    parser.add_argument("--requantize", metavar="TARGET", help="profile this target's recipe (rung a1) instead")
     args = parser.parse_args()
     from edgetl.bundle import read_bundle
 
@@ -162,9 +177,13 @@ def main() -> int:
         bundle = read_bundle(path)
         x = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
         files = {p: bundle.artifact("fused", "onnx", p) for p in ("fp32", "int8")}
+        if args.requantize:
+            files["int8"] = requantized(files["fp32"], bundle, args.requantize, Path(temp))
         fp32, int8 = (profile(files[p], x, args.runs) for p in ("fp32", "int8"))
         times = timed_ms(files, x)
-        record = next(a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == files["int8"].name)
+        record = next((a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == files["int8"].name), {})
+        if args.requantize:
+            record = {"quantization": {"target": args.requantize, "requantized": "rung a1 on the parity inputs"}}
     ratio = times["int8"]["cpu_ms"] / times["fp32"]["cpu_ms"]
     left = leftover(int8)
     print(f"CPU: {cpu}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
