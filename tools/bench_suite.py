@@ -80,6 +80,19 @@ def cpu_peak() -> dict[str, Any]:
     }
 
 
+def median_cpu_seconds(fn, warmup: int, runs: int) -> float:
+    """Median CPU time of the calling thread per call: with one runtime thread the inference
+    runs on it, and other processes on a shared machine cannot inflate it by preemption."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.thread_time()
+        fn()
+        out.append(time.thread_time() - t0)
+    return float(np.median(out))
+
+
 def median_seconds(fn, warmup: int, runs: int) -> float:
     from edgetl.device._bench import timings
 
@@ -201,7 +214,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
     bundle = read_bundle(bundle_path)
     x = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
     macs = count_macs(keras_model)
-    row: dict[str, Any] = {"model": name, "macs": macs, "latency_ms": {}, "raw_ms": {}, "size": {}}
+    row: dict[str, Any] = {"model": name, "macs": macs, "latency_ms": {}, "raw_ms": {}, "cpu_ms": {}, "size": {}}
     for backend, fmt in (("onnxruntime", "onnx"), ("litert", "tflite")):
         for precision in ("fp32", "int8"):
             key = f"{backend}/{precision}"
@@ -216,6 +229,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
                 raw_t.append(median_seconds(lambda: raw(x), 3, max(1, runs // 5)))
             row["latency_ms"][key] = float(np.median(sdk_t) * 1e3)
             row["raw_ms"][key] = float(np.median(raw_t) * 1e3)
+            row["cpu_ms"][key] = median_cpu_seconds(lambda: raw(x), 3, runs) * 1e3
             row["size"][key] = bundle.artifact("fused", fmt, precision).stat().st_size
     row["keras_ms"] = median_seconds(lambda: keras_model(x, training=False), 3, runs) * 1e3
     ghz = peak["mhz"] / 1e3
@@ -223,7 +237,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
         "fp32": macs / (peak["fp32_macs_per_cycle"] * ghz * 1e9) * 1e3,
         "int8": macs / (peak["int8_macs_per_cycle"] * ghz * 1e9) * 1e3,
     }
-    lat, raw, size = row["latency_ms"], row["raw_ms"], row["size"]
+    lat, raw, size, cpu = row["latency_ms"], row["raw_ms"], row["size"], row["cpu_ms"]
     nan = float("nan")
 
     def ratio(a: str, b: str, table: dict[str, float]) -> float:
@@ -233,6 +247,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
         **{f"sdk_over_raw {k}": lat[k] / raw[k] for k in lat},
         **{f"int8_over_fp32_latency {b}": ratio(f"{b}/int8", f"{b}/fp32", lat) for b in ("onnxruntime", "litert")},
         **{f"int8_over_fp32_raw {b}": ratio(f"{b}/int8", f"{b}/fp32", raw) for b in ("onnxruntime", "litert")},
+        **{f"int8_over_fp32_cpu {b}": ratio(f"{b}/int8", f"{b}/fp32", cpu) for b in ("onnxruntime", "litert")},
         **{f"int8_over_fp32_size {b}": ratio(f"{b}/int8", f"{b}/fp32", size) for b in ("onnxruntime", "litert")},
         **{f"litert_over_onnxruntime {p}": ratio(f"litert/{p}", f"onnxruntime/{p}", lat) for p in ("fp32", "int8")},
         "best_exported_fp32_over_keras": min(lat["onnxruntime/fp32"], lat["litert/fp32"]) / row["keras_ms"],
@@ -423,17 +438,21 @@ def int8_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"Where int8 pays on this machine ({m['cpu']}; flags: {flags}; load average at the end "
-        f"{m.get('loadavg', '?')}): raw runtime batch-1 latency, one thread.",
+        f"{m.get('loadavg', '?')}): raw runtime batch-1, one thread, int8/fp32 of the calling thread's median CPU "
+        "time (wall-time medians in parentheses: they also count time other processes held the core).",
         "",
-        "| model | MACs | ORT int8/fp32 | LiteRT int8/fp32 | ORT int8 recipe | ORT int8 graph |",
-        "|---|---|---|---|---|---|",
+        "| model | MACs | ORT int8/fp32 | LiteRT int8/fp32 | fp32 ms ORT / LiteRT | ORT int8 recipe | ORT int8 graph |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["models"]:
-        q, onnx = r["ratios"], r.get("int8_onnx", {})
-        ort_r, lite_r = q["int8_over_fp32_raw onnxruntime"], q["int8_over_fp32_raw litert"]
+        q, onnx, cpu = r["ratios"], r.get("int8_onnx", {}), r.get("cpu_ms", {})
+        ort_r, lite_r = q["int8_over_fp32_cpu onnxruntime"], q["int8_over_fp32_cpu litert"]
+        ort_w, lite_w = q["int8_over_fp32_raw onnxruntime"], q["int8_over_fp32_raw litert"]
+        fp32 = f"{cpu.get('onnxruntime/fp32', float('nan')):.3f} / {cpu.get('litert/fp32', float('nan')):.3f}"
         lines.append(
-            f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {ort_r:.2f} ({_verdict(ort_r)}) | {lite_r:.2f} "
-            f"({_verdict(lite_r)}) | {onnx.get('target', '?')}, rung {onnx.get('rung', '?')} | {onnx.get('ops', '?')} |"
+            f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {ort_r:.2f} ({ort_w:.2f}) {_verdict(ort_r)} | {lite_r:.2f} "
+            f"({lite_w:.2f}) {_verdict(lite_r)} | {fp32} | {onnx.get('target', '?')}, rung {onnx.get('rung', '?')} | "
+            f"{onnx.get('ops', '?')} |"
         )
     return lines
 
