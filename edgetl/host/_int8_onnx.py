@@ -76,7 +76,8 @@ RECIPES = {
         "x86-avx2",
         "uint8",
         True,
-        "AVX2 without VNNI: 7-bit weights keep MLAS's u8*s8 int16 pair sums from saturating",
+        "AVX2 without VNNI: 7-bit weights keep MLAS's u8*s8 int16 pair sums (vpmaddubsw) from saturating "
+        "(issue 9, AMD EPYC Zen 1: top-1 agreement with fp32 on MobileNetV2 0.71 -> 0.86, same latency)",
     ),
     "x86-vnni": OnnxInt8Recipe(
         "x86-vnni",
