@@ -4,7 +4,7 @@
     python tools/ort_int8_profile.py BUNDLE [--runs 50]
     python tools/ort_int8_profile.py --build mobilenetv2 [--size 224] [--target x86-vnni]   # weights=None
     python tools/ort_int8_profile.py --build mobilenetv2 --work DIR --build-only   # then time DIR/... under the lock
-    python tools/ort_int8_profile.py BUNDLE --requantize any   # another target's recipe (rung a1) of the same fp32
+    python tools/ort_int8_profile.py BUNDLE --requantize any   # + another target's recipe (rung a1), timed alongside
 
 Runs each fused ONNX model (fp32 and int8) at batch 1 on one thread with onnxruntime's
 profiler and sums kernel time per op type. In the int8 model it reports the **leftover**:
@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--work", type=Path, help="keep the --build bundle in this directory")
     parser.add_argument("--build-only", action="store_true", help="build (into --work) and print its path")
-    parser.add_argument("--requantize", metavar="TARGET", help="profile this target's recipe (rung a1) instead")
+    parser.add_argument("--requantize", metavar="TARGET", help="also time this target's recipe (rung a1)")
     args = parser.parse_args()
     from edgetl.bundle import read_bundle
 
@@ -178,12 +178,10 @@ def main() -> int:
         x = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
         files = {p: bundle.artifact("fused", "onnx", p) for p in ("fp32", "int8")}
         if args.requantize:
-            files["int8"] = requantized(files["fp32"], bundle, args.requantize, Path(temp))
+            files[f"int8 {args.requantize}"] = requantized(files["fp32"], bundle, args.requantize, Path(temp))
         fp32, int8 = (profile(files[p], x, args.runs) for p in ("fp32", "int8"))
         times = timed_ms(files, x)
         record = next((a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == files["int8"].name), {})
-        if args.requantize:
-            record = {"quantization": {"target": args.requantize, "requantized": "rung a1 on the parity inputs"}}
     ratio = times["int8"]["cpu_ms"] / times["fp32"]["cpu_ms"]
     left = leftover(int8)
     print(f"CPU: {cpu}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
@@ -191,8 +189,9 @@ def main() -> int:
     ladder = record.get("int8_ladder", {})
     print(f"int8 ladder: rung {ladder.get('rung')}, float share {ladder.get('float_share_macs')}", ladder.get("ops"))
     for what, key in (("thread CPU time, median", "cpu_ms"), ("wall time, minimum", "wall_min_ms")):
-        fp, q = times["fp32"][key], times["int8"][key]
-        print(f"per inference ({what} of interleaved runs): fp32 {fp:.3f} ms, int8 {q:.3f} ms, int8/fp32 {q / fp:.3f}")
+        base = times["fp32"][key]
+        each = ", ".join(f"{k} {t[key]:.3f} ms ({t[key] / base:.3f})" for k, t in times.items())
+        print(f"per inference ({what} of interleaved runs; /fp32 in parentheses): {each}")
     print(f"{'op type':<28} {'fp32 us':>9} {'int8 us':>9}")
     for op in sorted(set(fp32) | set(int8), key=lambda op: -(fp32.get(op, 0) + int8.get(op, 0))):
         print(f"{op:<28} {fp32.get(op, 0):>9.1f} {int8.get(op, 0):>9.1f}")
