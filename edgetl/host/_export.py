@@ -845,9 +845,23 @@ class ExportResult:
         from edgetl.bundle import format_checks
 
         lines = [format_checks(self.report.checks)]
+        entries = [*self.manifest["artifacts"], *(entry for entry, _ in self.left_out.values())]
+        lines += [_ladder_line(e) for e in entries if "int8_ladder" in e]
         lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
         lines += [f"FAILED: {c['message']}" for c in self.fatal]
         return "\n".join(lines)
+
+
+def _ladder_line(entry: dict[str, Any]) -> str:
+    """One line on how an int8 ONNX file was made: the ladder's rung, its gate, what stayed float."""
+    ladder = entry["int8_ladder"]
+    gate = ladder["gate"]
+    measured = ", ".join(f"{k} {v:.3f}" for k, v in gate.items() if k in ("top1_agreement", "accuracy_drop", "cosine"))
+    return (
+        f"{entry['file']}: int8 for target {entry['quantization'].get('target')}, ladder rung {ladder['rung']} "
+        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples: {measured}; "
+        f"{len(ladder['tried'])} rung(s) tried), float share {ladder['float_share_macs']:.1%}"
+    )
 
 
 def export(

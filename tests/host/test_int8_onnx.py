@@ -139,6 +139,7 @@ def test_export_target_sets_the_recipe_and_is_recorded(tmp_path, digits_bundle):
         evaluation=halves.test,
     )
     assert result.ok and not result.omitted, result.describe()
+    assert "model.int8.onnx: int8 for target x86-vnni, ladder rung a1-minmax (passed" in result.describe()
     vnni = read_bundle(tmp_path / "vnni.edgetl")
     entry = next(a for a in vnni.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
     assert vnni.manifest.to_json()["target"] == "x86-vnni" and entry["quantization"]["target"] == "x86-vnni"
