@@ -62,6 +62,7 @@ OTHER_MEANINGS = {
     "host/_demo_report.py": ({"ok", "optimizer"}, "keys of verification checks"),
     "host/_demo.py": ({"ok"}, "keys of verification checks"),
     "host/_export.py": ({"labels", "ok", "optimizer"}, "manifest fields and keys of verification checks"),
+    "host/_int8_onnx.py": ({"ok"}, "a key of the ladder gate's record"),
     "host/_export_mcu.py": ({"labels", "input"}, "a flash budget entry and a message word"),
     "host/_onnx_metadata.py": ({"labels"}, "a metadata_props key"),
     "host/_tflite_metadata.py": ({"labels", "input", "embedding"}, "TFLite Model Metadata fields"),

@@ -71,12 +71,26 @@ def cpu_peak() -> dict[str, Any]:
         fp32, int8, why = 4, 8, "no AVX2: SSE estimate"
     return {
         "cpu": model,
+        "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
         "mhz": mhz,
         "fp32_macs_per_cycle": fp32,
         "int8_macs_per_cycle": int8,
         "assumption": f"{why}, at the reported {mhz:.0f} MHz on one core; both optimistic (a split 512-bit unit or "
         "lower clocks only raise the bound's distance), so measured/bound >= 1 always",
     }
+
+
+def median_cpu_seconds(fn, warmup: int, runs: int) -> float:
+    """Median CPU time of the calling thread per call: with one runtime thread the inference
+    runs on it, and other processes on a shared machine cannot inflate it by preemption."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.thread_time()
+        fn()
+        out.append(time.thread_time() - t0)
+    return float(np.median(out))
 
 
 def median_seconds(fn, warmup: int, runs: int) -> float:
@@ -88,8 +102,17 @@ def median_seconds(fn, warmup: int, runs: int) -> float:
 gated_out: list[str] = []  # suite models whose int8 files failed their export gate (timed anyway)
 
 
-def build_models(work: Path) -> list[tuple[str, Path, Any]]:
-    """(name, bundle path, Keras model) for each suite model."""
+SUITE = (
+    ("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96),
+    ("mobilenetv2 (224x224)", "mobilenetv2", 224),  # issue 23's int8 target model
+    ("mobilenetv3small (224x224)", "mobilenetv3small", 224),
+    ("efficientnetb0 (224x224)", "efficientnetb0", 224),
+)
+
+
+def build_models(work: Path, only: list[str], targets: list[str]) -> list[tuple[str, Path, Any]]:
+    """(name, bundle path, Keras model) for each suite model (those whose name contains one of
+    ``only``, when given); ``targets`` go to ``export --target``."""
     from edgetl.data import load_digits_dataset, stratified_split
     from edgetl.host._export import export_bundle
     from edgetl.host._pretrain import pretrain
@@ -97,6 +120,12 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
     from edgetl.host._transfer import TrainConfig, train_transfer
 
     out = []
+    for name, family, size in SUITE:
+        if not only or any(o in name for o in only):
+            path, model = build_app_bundle(work, family, size, name, targets=targets)
+            out.append((name, path, model))
+    if only and not any(o in "digits_cnn (8x8)" for o in only):
+        return out
     src = save_run(
         pretrain(load_digits_dataset((0, 1, 2, 3, 4)), TrainConfig(epochs=15)), work / "src", kind="pretrain"
     )
@@ -106,21 +135,25 @@ def build_models(work: Path) -> list[tuple[str, Path, Any]]:
         train_transfer(halves.train, TrainConfig(backbone=str(src), epochs=40, learning_rate=1e-2)), work / "digits"
     )
     bundle = export_bundle(
-        run, work / "digits.edgetl", quantize=["none", "int8"], calibration=halves.train, evaluation=halves.test
+        run,
+        work / "digits.edgetl",
+        quantize=["none", "int8"],
+        calibration=halves.train,
+        evaluation=halves.test,
+        targets=targets,
     ).bundle
-    out.append(("digits_cnn (8x8)", bundle.path, load_run(run).model))
-    for name, family, size in (
-        ("mobilenetv2_035 (96x96)", "mobilenetv2_035", 96),
-        ("mobilenetv3small (224x224)", "mobilenetv3small", 224),
-        ("efficientnetb0 (224x224)", "efficientnetb0", 224),
-    ):
-        path, model = build_app_bundle(work, family, size, name)
-        out.append((name, path, model))
-    return out
+    return [("digits_cnn (8x8)", bundle.path, load_run(run).model), *out]
 
 
 def build_app_bundle(
-    work: Path, family: str, size: int, name: str | None = None, *, classes: int = 4, per_class: int = 30
+    work: Path,
+    family: str,
+    size: int,
+    name: str | None = None,
+    *,
+    classes: int = 4,
+    per_class: int = 30,
+    targets: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, Any]:
     """A keras.applications backbone (weights=None, BatchNorm statistics estimated on the
     data) with a linear head on upscaled digits, exported fp32 + int8; returns the bundle
@@ -144,7 +177,16 @@ def build_app_bundle(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": on purpose here
         run = save_run(train_transfer(ds, config, backbone=bb), work / family)
-    result = export_bundle(run, work / f"{family}.edgetl", quantize=["none", "int8"], calibration=ds)
+    # Random weights: int8 misses its gate whatever the ladder does (no layer stands out), and
+    # the suite times the left-out files anyway, so it quantizes once (rung a1).
+    result = export_bundle(
+        run,
+        work / f"{family}.edgetl",
+        quantize=["none", "int8"],
+        calibration=ds,
+        targets=list(targets),
+        int8_ladder=False,
+    )
     if not result.ok:
         raise RuntimeError(f"{name}: export failed: {result.describe()}")
     path = result.bundle.path
@@ -172,7 +214,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
     bundle = read_bundle(bundle_path)
     x = bundle.arrays("parity", ("x",))["x"][:1].astype(np.float32)
     macs = count_macs(keras_model)
-    row: dict[str, Any] = {"model": name, "macs": macs, "latency_ms": {}, "raw_ms": {}, "size": {}}
+    row: dict[str, Any] = {"model": name, "macs": macs, "latency_ms": {}, "raw_ms": {}, "cpu_ms": {}, "size": {}}
     for backend, fmt in (("onnxruntime", "onnx"), ("litert", "tflite")):
         for precision in ("fp32", "int8"):
             key = f"{backend}/{precision}"
@@ -187,6 +229,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
                 raw_t.append(median_seconds(lambda: raw(x), 3, max(1, runs // 5)))
             row["latency_ms"][key] = float(np.median(sdk_t) * 1e3)
             row["raw_ms"][key] = float(np.median(raw_t) * 1e3)
+            row["cpu_ms"][key] = median_cpu_seconds(lambda: raw(x), 3, runs) * 1e3
             row["size"][key] = bundle.artifact("fused", fmt, precision).stat().st_size
     row["keras_ms"] = median_seconds(lambda: keras_model(x, training=False), 3, runs) * 1e3
     ghz = peak["mhz"] / 1e3
@@ -194,7 +237,7 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
         "fp32": macs / (peak["fp32_macs_per_cycle"] * ghz * 1e9) * 1e3,
         "int8": macs / (peak["int8_macs_per_cycle"] * ghz * 1e9) * 1e3,
     }
-    lat, raw, size = row["latency_ms"], row["raw_ms"], row["size"]
+    lat, raw, size, cpu = row["latency_ms"], row["raw_ms"], row["size"], row["cpu_ms"]
     nan = float("nan")
 
     def ratio(a: str, b: str, table: dict[str, float]) -> float:
@@ -203,12 +246,18 @@ def measure_model(name: str, bundle_path: Path, keras_model: Any, peak: dict[str
     row["ratios"] = {
         **{f"sdk_over_raw {k}": lat[k] / raw[k] for k in lat},
         **{f"int8_over_fp32_latency {b}": ratio(f"{b}/int8", f"{b}/fp32", lat) for b in ("onnxruntime", "litert")},
+        **{f"int8_over_fp32_raw {b}": ratio(f"{b}/int8", f"{b}/fp32", raw) for b in ("onnxruntime", "litert")},
+        **{f"int8_over_fp32_cpu {b}": ratio(f"{b}/int8", f"{b}/fp32", cpu) for b in ("onnxruntime", "litert")},
         **{f"int8_over_fp32_size {b}": ratio(f"{b}/int8", f"{b}/fp32", size) for b in ("onnxruntime", "litert")},
         **{f"litert_over_onnxruntime {p}": ratio(f"litert/{p}", f"onnxruntime/{p}", lat) for p in ("fp32", "int8")},
         "best_exported_fp32_over_keras": min(lat["onnxruntime/fp32"], lat["litert/fp32"]) / row["keras_ms"],
         **{f"measured_over_bound {k}": raw[k] / row["bound_ms"][k.split("/")[1]] for k in raw},
     }
     row["advisor"] = advisor_choice(bundle, lat, runs)
+    manifest = bundle.manifest.to_json()
+    onnx_int8 = next((a for a in manifest["artifacts"] if a["file"] == "model.int8.onnx"), {})
+    ladder = onnx_int8.get("int8_ladder", {})
+    row["int8_onnx"] = {"target": manifest.get("target"), "rung": ladder.get("rung"), "ops": ladder.get("ops")}
     return row
 
 
@@ -255,7 +304,7 @@ def check_targets(results: dict[str, Any]) -> list[tuple[bool, str]]:
             TARGETS["advisor_over_fastest"],
         )
     h = results["head_step"]
-    for backend in ("onnxruntime", "litert"):
+    for backend in ("onnxruntime", "litert") if h else ():
         peer = h["onnxruntime_training_ms"]
         value = h[f"edgetl_{backend}_ms"] / peer if peer else float("nan")
         check(f"head step edgetl {backend} / onnxruntime-training", value, TARGETS["head_step_over_peer"])
@@ -376,6 +425,39 @@ def ort_training_peer(d: int, c: int) -> tuple[float | None, str]:
         return None, f"skipped: could not install onnxruntime-training 1.19.2 ({type(exc).__name__})"
 
 
+def _verdict(ratio: float) -> str:
+    """int8/fp32 latency in words; within 5% is a tie (run-to-run noise on a shared machine)."""
+    if ratio != ratio:  # NaN: not measured
+        return "n/a"
+    return "int8 faster" if ratio < 0.95 else "int8 SLOWER" if ratio > 1.05 else "same"
+
+
+def int8_table(results: dict[str, Any]) -> list[str]:
+    """Where int8 pays on this machine: int8/fp32 batch-1 latency per model and runtime."""
+    m = results["machine"]
+    flags = ", ".join(f for f, on in m.get("flags", {}).items() if on) or "none"
+    lines = [
+        "",
+        f"Where int8 pays on this machine ({m['cpu']}; flags: {flags}; load average at the end "
+        f"{m.get('loadavg', '?')}): raw runtime batch-1, one thread, int8/fp32 of the calling thread's median CPU "
+        "time (wall-time medians in parentheses: they also count time other processes held the core).",
+        "",
+        "| model | MACs | ORT int8/fp32 | LiteRT int8/fp32 | fp32 ms ORT / LiteRT | ORT int8 recipe | ORT int8 graph |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["models"]:
+        q, onnx, cpu = r["ratios"], r.get("int8_onnx", {}), r.get("cpu_ms", {})
+        ort_r, lite_r = q["int8_over_fp32_cpu onnxruntime"], q["int8_over_fp32_cpu litert"]
+        ort_w, lite_w = q["int8_over_fp32_raw onnxruntime"], q["int8_over_fp32_raw litert"]
+        fp32 = f"{cpu.get('onnxruntime/fp32', float('nan')):.3f} / {cpu.get('litert/fp32', float('nan')):.3f}"
+        lines.append(
+            f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {ort_r:.2f} ({ort_w:.2f}) {_verdict(ort_r)} | {lite_r:.2f} "
+            f"({lite_w:.2f}) {_verdict(lite_r)} | {fp32} | {onnx.get('target', '?')}, rung {onnx.get('rung', '?')} | "
+            f"{onnx.get('ops', '?')} |"
+        )
+    return lines
+
+
 def write_outputs(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -421,15 +503,20 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
             f"{q['int8_over_fp32_size litert']:.3f} | {q['litert_over_onnxruntime fp32']:.2f} | "
             f"{q['litert_over_onnxruntime int8']:.2f} | {q['best_exported_fp32_over_keras']:.3f} |"
         )
-    h = results["head_step"]
+    lines += int8_table(results)
+    h = results["head_step"] or {"onnxruntime_training_ms": None}
     peer = f"{h['onnxruntime_training_ms']:.3f} ms" if h["onnxruntime_training_ms"] else "n/a"
-    lines += [
-        "",
-        f"Head train step (D={h['embedding']}, C={h['classes']}, batch {h['batch']}): edgetl onnxruntime "
-        f"{h['edgetl_onnxruntime_ms']:.3f} ms, edgetl LiteRT {h['edgetl_litert_ms']:.3f} ms, numpy reference "
-        f"{h['numpy_reference_ms']:.3f} ms, onnxruntime-training {peer} ({h['onnxruntime_training_note']}).",
-        "",
-    ]
+    lines += (
+        []
+        if not results["head_step"]
+        else [
+            "",
+            f"Head train step (D={h['embedding']}, C={h['classes']}, batch {h['batch']}): edgetl onnxruntime "
+            f"{h['edgetl_onnxruntime_ms']:.3f} ms, edgetl LiteRT {h['edgetl_litert_ms']:.3f} ms, numpy reference "
+            f"{h['numpy_reference_ms']:.3f} ms, onnxruntime-training {peer} ({h['onnxruntime_training_note']}).",
+            "",
+        ]
+    )
     lines += ["| model | advisor's choice | fastest within budget | choice / fastest |", "|---|---|---|---|"]
     for r in results["models"]:
         a = r["advisor"]
@@ -467,6 +554,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--no-peer", action="store_true", help="skip onnxruntime-training")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
+    parser.add_argument("--models", default="", help="comma-separated name parts: only these suite models")
+    parser.add_argument("--target", default="", help="export --target for every bundle (default: export's)")
     args = parser.parse_args()
     import os
 
@@ -478,15 +567,19 @@ def main() -> int:
     peak = cpu_peak()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        models = build_models(Path(d))
+        only, targets = ([p for p in v.split(",") if p] for v in (args.models, args.target))
+        models = build_models(Path(d), only, targets)
         rows = [measure_model(name, path, model, peak, args.runs) for name, path, model in models]
-        head = head_step_times(models[0][1], not args.no_peer)
+        digits = [path for name, path, _ in models if name.startswith("digits")]
+        head = head_step_times(digits[0], not args.no_peer) if digits else None
     results = {
         "machine": {
             "cpu": peak["cpu"],
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "flags": peak["flags"],
+            "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
         },
         "peak": peak,
         "models": rows,

@@ -72,9 +72,10 @@ def main() -> int:
                 f"{c.extra['accuracy_drop'] * 100:+.2f} points"
             )
 
+    ladder = onnx_int8["int8_ladder"]
     print(
-        f"  int8 ONNX candidates (test accuracy, batch-1 ms): {onnx_int8['int8_candidates']} -> kept "
-        f"{onnx_int8['int8_method']}"
+        f"  int8 ONNX: rung {ladder['rung']} (passed {ladder['passed']}), gate {ladder['gate']}, float share "
+        f"{ladder['float_share_macs']:.3f}, ops {ladder['ops']}"
     )
 
     bb = create_backbone("mobilenetv2", (96, 96, 3))

@@ -371,7 +371,7 @@ class ArtifactSpec:
 
     ``extra`` holds what only some artifacts have: ``quantization`` (how it was
     quantized), ``optimizer`` (head train graphs), ``signatures`` (the TFLite head),
-    ``int8_method``/``int8_candidates`` (int8 ONNX), ``per_class`` (replay).
+    ``int8_method``/``int8_ladder`` (int8 ONNX: the remedy ladder's record), ``per_class`` (replay).
     """
 
     file: str

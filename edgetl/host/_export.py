@@ -48,13 +48,12 @@ from edgetl.bundle._contract import (
 )
 from edgetl.bundle._head import OPTIMIZERS, SHUFFLE, TFLITE_SIGNATURES, TRAINING_DEFAULTS
 from edgetl.data import Dataset, image_size_arg, load_for_spec
-from edgetl.device._bench import timings
-from edgetl.device._runtimes import OnnxModel
-from edgetl.device._verify import MIN_TOP1_AGREEMENT, Report, verify_bundle
+from edgetl.device._verify import Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
 from edgetl.host._export_mcu import McuConfig, mcu_export
 from edgetl.host._head_graphs import head_infer_onnx
 from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
+from edgetl.host._int8_onnx import CPU_TARGETS, RECIPES, agreement_gate, quantize_onnx_int8, recipe_for
 from edgetl.host._int8_tflite import ladder_for
 from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
@@ -170,9 +169,9 @@ def quantize_configs(modes: Sequence[str], **settings: Any) -> list[QuantizeConf
     return out
 
 
-# Device targets beyond the default bundle (export --target); each adds files, manifest
-# fields and checks of its own. Later targets (CPU classes) register here too.
-TARGETS = ("mcu",)
+# Device targets (export --target): "mcu" adds files, manifest fields and checks of its own;
+# the CPU classes choose the int8 ONNX recipe (at most one; default "any", see _int8_onnx.RECIPES).
+TARGETS = ("mcu", *CPU_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -206,10 +205,16 @@ class ExportOptions:
             fails its gate is left out of the bundle (reported in ``omitted``).
         version: the bundle's version, written into the manifest and every model file's
             metadata.
-        targets: extra device targets, from :data:`TARGETS`: ``"mcu"`` adds the files a
+        targets: device targets, from :data:`TARGETS`: ``"mcu"`` adds the files a
             microcontroller running TensorFlow Lite Micro needs (``edgetl.host._export_mcu``;
-            int8 is added to ``quantize`` for its calibration).
+            int8 is added to ``quantize`` for its calibration); at most one CPU class
+            (``"any"``, the default, ``"arm64"``, ``"x86-avx2"``, ``"x86-vnni"``) chooses the
+            int8 ONNX recipe (``edgetl.host._int8_onnx.RECIPES``), recorded as the manifest's
+            ``target`` and in each int8 ONNX file's ``quantization``.
         mcu: an ``McuConfig`` (flash and arena limits, replay examples) for ``"mcu"``.
+        int8_ladder: when the int8 ONNX misses its gate, climb the remedy ladder (more and
+            other calibration, then selective float fallback; ``edgetl.host._int8_onnx``);
+            ``False`` quantizes once and lets the gate decide (faster on large models).
     """
 
     quantize: Sequence[str | QuantizeConfig] = option(
@@ -259,10 +264,18 @@ class ExportOptions:
         flag="--target",
         cli_default="",
         to_config=comma_list,
-        help="comma-separated extra device targets: mcu (a full-integer TensorFlow Lite Micro backbone, C sources "
-        "and the C99 head trainer in the bundle; adds int8; needs the tflite-micro package)",
+        help="comma-separated device targets: one CPU class for the int8 ONNX recipe, any (default: correct on "
+        "every CPU, 7-bit weights), x86-avx2 (7-bit weights), x86-vnni or arm64 (8-bit weights); and/or mcu (a "
+        "full-integer TensorFlow Lite Micro backbone, C sources and the C99 head trainer in the bundle; adds int8; "
+        "needs the tflite-micro package)",
     )
     mcu: McuConfig | None = None
+    int8_ladder: bool = option(
+        True,
+        flag="--no-int8-ladder",
+        help="quantize int8 ONNX once and let its gate decide, instead of climbing the remedy ladder (more and other "
+        "calibration, then keeping the most damaged layers float) when it misses the gate; faster on large models",
+    )
 
     def __post_init__(self) -> None:
         """Cheap checks first, before any data is read or model converted."""
@@ -278,6 +291,7 @@ class ExportOptions:
             raise InputError(f"opset must be in 13..21, received {self.opset}")
         if [t for t in self.targets if t not in TARGETS]:
             raise InputError(f"targets must be a list of {TARGETS}, received {describe(list(self.targets))}")
+        recipe_for(self.targets)  # at most one CPU class
         object.__setattr__(self, "quantize", tuple(QuantizeConfig.preset(q) for q in self.quantize))
         object.__setattr__(self, "version", str(self.version))
 
@@ -379,109 +393,6 @@ def tflite_to_onnx(tflite: bytes, opset: int) -> bytes:
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
             proto, _ = tf2onnx.convert.from_tflite(path, opset=opset)
     return proto.SerializeToString()
-
-
-def onnx_static_qdq(fp32_onnx: bytes, calibration: np.ndarray) -> bytes:
-    """onnxruntime's own static quantization (QDQ) of the fp32 ONNX with the same samples.
-
-    Settings follow onnxruntime's CPU guidance (``quantize_static`` docstring): QUInt8
-    activations, QInt8 per-channel weights like TFLite's int8, after ``quant_pre_process``
-    (onnxruntime's recommended step; symbolic shape inference skipped, it needs sympy; it
-    folds MatMul+Add into one QGemm: MobileNetV2-0.35 0.389 -> 0.325 ms). Two deviations,
-    measured (study in the issue 9 closing note, AMD EPYC Zen 1, AVX2 without VNNI):
-
-    - ``reduce_range=True`` (7-bit weights): MLAS's AVX2 U8S8 kernels (``vpmaddubsw``) sum
-      u8*s8 pairs in saturating int16 (255*127*2 > 32767), which onnxruntime documents at
-      ``session.x64quantprecision``. Agreement with fp32: MobileNetV2 0.71 -> 0.86, an
-      all-conv raw-pixel model 0.84 -> 0.96, same latency; where nothing saturates (VNNI,
-      ARM) the cost is small (total variation to fp32 0.096 -> 0.103).
-    - The seam standardization (``embedding_standardize``: Sub, Mul by 1/std) stays float:
-      QDQ quantizes the 1/std vector as one uint8 tensor, and with raw-pixel embeddings it
-      spans orders of magnitude, so most factors round to exactly 0 (agreement 0.50 -> 0.98).
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name: str) -> None:
-            self._items = iter([{name: calibration[i : i + 1]} for i in range(len(calibration))])
-
-        def get_next(self) -> dict | None:
-            return next(self._items, None)
-
-    import onnx
-
-    with tempfile.TemporaryDirectory() as d:
-        src, pre, dst = (os.path.join(d, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        Path(src).write_bytes(fp32_onnx)
-        with native_output_silenced():
-            quant_pre_process(src, pre, skip_symbolic_shape=True)
-        model = onnx.load(pre)
-        seam = [n.name for n in model.graph.node if "embedding_standardize" in n.name]
-        quantize_static(
-            pre,
-            dst,
-            Reader(model.graph.input[0].name),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=seam,
-            reduce_range=True,
-        )
-        return Path(dst).read_bytes()
-
-
-# Accuracy differences below this are ties, decided by speed: at half a point (the old
-# value) one image of 200 decided, and the tf2onnx-from-TFLite graph (1.2-3.4x slower in
-# onnxruntime) won on noise in all four bundles of the issue 9 all-conv study.
-INT8_ACCURACY_TIE = 0.02
-
-
-def choose_int8_onnx(
-    candidates: dict[str, bytes],
-    x: np.ndarray | None,
-    y: np.ndarray | None,
-    sample: np.ndarray,
-    reference: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[str, dict[str, dict[str, float]]]:
-    """Pick the int8 ONNX candidate: one that passes its gate, then by accuracy, then speed.
-
-    The gate is the one ``verify`` applies (top-1 agreement with the Keras reference on
-    ``reference = (inputs, probabilities)``): a candidate that fails it is never chosen
-    over one that passes, so the bundle keeps an int8 ONNX model whenever one is good
-    enough. Why measure instead of fixing one method: it depends on the model. On
-    MobileNetV2-0.35 (``python tools/measure_export.py``), ORT's QDQ was 1.1 points more
-    accurate than tf2onnx-from-TFLite, and tf2onnx's graph ran 3x slower in onnxruntime
-    (it keeps 109 DequantizeLinear, 46 QuantizeLinear and 31 Transpose nodes and 25 float
-    convolutions; QDQ turns all 52 convolutions into QLinearConv). Candidates within
-    :data:`INT8_ACCURACY_TIE` of the best accuracy (or all, without held-out data) compete on
-    batch-1 latency.
-    """
-
-    stats: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as d:
-        for name, content in candidates.items():
-            path = Path(d) / f"{name}.onnx"
-            path.write_bytes(content)
-            model = OnnxModel(path, threads=1)
-            one = sample[:1].astype(np.float32)
-            stats[name] = {"latency_ms": float(np.median(timings(lambda: model(one), 3, 20)) * 1e3)}
-            if x is not None and y is not None and len(y):
-                stats[name]["accuracy"] = float(np.mean(model(x.astype(np.float32)).argmax(1) == y))
-            if reference is not None:
-                stats[name]["top1_agreement"] = float(np.mean(model(reference[0]).argmax(1) == reference[1].argmax(1)))
-    passing = [n for n, s in stats.items() if s.get("top1_agreement", 1.0) >= MIN_TOP1_AGREEMENT["int8"]] or list(stats)
-    best_acc = max((stats[n].get("accuracy", 0.0) for n in passing), default=0.0)
-    contenders = [n for n in passing if stats[n].get("accuracy", best_acc) >= best_acc - INT8_ACCURACY_TIE]
-    return min(contenders, key=lambda n: stats[n]["latency_ms"]), stats
 
 
 def _check_matches(data: Dataset, shape: tuple[int, ...], class_names: Sequence[str], what: str) -> None:
@@ -636,6 +547,8 @@ class ExportPlan:
     strict: bool
     data: ExportData
     version: str = "1"
+    target: str = "any"  # the CPU class the int8 ONNX recipe is for (edgetl.host._int8_onnx.RECIPES)
+    int8_ladder: bool = True  # climb the int8 ONNX remedy ladder when rung a1 misses its gate
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -774,7 +687,7 @@ def reference_outputs(plan: ExportPlan, backbone: Any) -> References:
     return References(x, plan.run.model.predict(x, verbose=0), backbone.predict(x, verbose=0))
 
 
-def convert_models(plan: ExportPlan, backbone: Any, references: References) -> tuple[list[Artifact], dict[str, float]]:
+def convert_models(plan: ExportPlan, backbone: Any) -> tuple[list[Artifact], dict[str, float]]:
     """The fused and backbone models in every requested precision and format."""
     artifacts: list[Artifact] = []
     timings: dict[str, float] = {}
@@ -794,10 +707,9 @@ def convert_models(plan: ExportPlan, backbone: Any, references: References) -> t
             )
             seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
-        int8_choice: tuple[str, dict[str, Any]] | None = None
         for role, model, output in (("fused", fused, FUSED_OUTPUT), ("backbone", seam, BACKBONE_OUTPUT)):
             t0 = time.perf_counter()
-            new, int8_choice = _convert_one(plan, c, role, model, output, fp32_onnx, int8_choice, references)
+            new = _convert_one(plan, c, role, model, output, fp32_onnx)
             artifacts += new
             timings[f"{'model' if role == 'fused' else 'backbone'}.{c.precision}"] = round(time.perf_counter() - t0, 3)
     return artifacts, timings
@@ -810,9 +722,7 @@ def _convert_one(
     model: Any,
     output: str,
     fp32_onnx: dict[str, bytes],
-    int8_choice: Any,
-    references: References,
-) -> tuple[list[Artifact], Any]:
+) -> list[Artifact]:
     """One model (fused or backbone) in one precision, in every requested format."""
     stem, p = ("model" if role == "fused" else "backbone"), c.precision
     calib = plan.data.calibration_x[: c.calibration_samples] if plan.data.calibration_x is not None else None
@@ -827,7 +737,7 @@ def _convert_one(
             tfl, extra["ladder"] = climbed["content"], climbed["ladder"]
         out.append(Artifact(f"{stem}.{p}.tflite", tfl, role, "tflite", p, extra))
     if "onnx" not in plan.formats:
-        return out, int8_choice
+        return out
     if c.io_dtype != "float32":  # ONNX keeps float I/O
         tfl = to_tflite(model, replace(c, io_dtype="float32"), calib, output_name=output)
     float_io = replace(c, io_dtype="float32").describe()
@@ -835,30 +745,58 @@ def _convert_one(
         fp32_onnx[role] = keras_to_onnx(model, plan.opset)
         out.append(Artifact(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p))
     elif p == "int8":
-        candidates = {
-            "tf2onnx_from_tflite": tflite_to_onnx(tfl, plan.opset),
-            "onnxruntime_qdq": onnx_static_qdq(fp32_onnx[role], calib),
-        }
-        if role == "fused":  # the backbone follows the fused model's choice (no labels for embeddings)
-            test = plan.data.test or (None, None)
-            int8_choice = choose_int8_onnx(
-                candidates, test[0], test[1], calib, reference=(references.x, references.probabilities)
-            )
-        out.append(
-            Artifact(
-                f"{stem}.{p}.onnx",
-                candidates[int8_choice[0]],
-                role,
-                "onnx",
-                p,
-                {"quantization": float_io, "int8_method": int8_choice[0], "int8_candidates": int8_choice[1]},
-            )
-        )
+        content, record = onnx_int8(plan, role, fp32_onnx[role], calib)
+        recipe = RECIPES[plan.target].describe()  # ONNX activations and weights differ from TFLite's
+        extra = {"quantization": {**float_io, **recipe}, "int8_method": "onnxruntime_qdq"}
+        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {**extra, "int8_ladder": record}))
     else:
         out.append(
             Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
         )
-    return out, int8_choice
+    return out
+
+
+# The int8 ONNX gate judges on at most this many held-out examples (each candidate runs on all).
+INT8_GATE_EXAMPLES = 1000
+
+
+def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """The int8 ONNX of one model: onnxruntime QDQ of the float ONNX for ``plan.target``, up the
+    remedy ladder (``edgetl.host._int8_onnx``) until the gate ``verify`` applies passes.
+
+    The fused model is judged on the held-out split (top-1 agreement with fp32, accuracy drop);
+    the backbone on its embeddings (cosine, and the factory head's agreement). The seam
+    standardization (Sub, Mul by 1/std) always stays float: QDQ would quantize the 1/std
+    vector as one uint8 tensor, and with raw-pixel embeddings it spans orders of magnitude,
+    so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
+    """
+
+    test = plan.data.test
+    x = test[0][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else calibration[:INT8_GATE_EXAMPLES]
+    if role == "fused":
+        y = test[1][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else None
+        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y)
+    else:
+        W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
+        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), head=(W, b))
+
+    def more(n: int) -> np.ndarray | None:
+        if plan.data.train is None:
+            return None
+        pool = plan.data.train[0]
+        index = np.sort(np.random.default_rng(0).permutation(len(pool))[:n])
+        return np.asarray(pool[index] if isinstance(pool, np.ndarray) else pool.take(index), np.float32)
+
+    result = quantize_onnx_int8(
+        fp32_onnx,
+        calibration,
+        gate,
+        recipe=RECIPES[plan.target],
+        more_calibration=more,
+        keep_float=("embedding_standardize",),
+        ladder=plan.int8_ladder,
+    )
+    return result.content, result.record
 
 
 def with_contract_names(artifacts: list[Artifact]) -> list[Artifact]:
@@ -1119,9 +1057,23 @@ class ExportResult:
     def describe(self) -> str:
 
         lines = [format_checks(self.report.checks)]
+        entries = [*self.manifest["artifacts"], *(entry for entry, _ in self.left_out.values())]
+        lines += [_ladder_line(e) for e in entries if "int8_ladder" in e]
         lines += [f"left out {', '.join(o['files'])}: {o['reason']}" for o in self.omitted]
         lines += [f"FAILED: {c['message']}" for c in self.fatal]
         return "\n".join(lines)
+
+
+def _ladder_line(entry: dict[str, Any]) -> str:
+    """One line on how an int8 ONNX file was made: the ladder's rung, its gate, what stayed float."""
+    ladder = entry["int8_ladder"]
+    gate = ladder["gate"]
+    measured = ", ".join(f"{k} {v:.3f}" for k, v in gate.items() if k in ("top1_agreement", "accuracy_drop", "cosine"))
+    return (
+        f"{entry['file']}: int8 for target {entry['quantization'].get('target')}, ladder rung {ladder['rung']} "
+        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples: {measured}; "
+        f"{len(ladder['tried'])} rung(s) tried), float share {ladder['float_share_macs']:.1%}"
+    )
 
 
 def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = None, **kwargs: Any) -> ExportResult:
@@ -1140,9 +1092,10 @@ def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = No
     o = ExportOptions.of(options, **kwargs)
     o = replace(o, quantize=_quantize_for_targets(o.quantize, o.targets))
     plan = plan_export(run, o)
+    plan.target, plan.int8_ladder = recipe_for(o.targets).target, o.int8_ladder
     backbone, classifier = split_model(plan.run.model)
     references = reference_outputs(plan, backbone)
-    artifacts, timings = convert_models(plan, backbone, references)
+    artifacts, timings = convert_models(plan, backbone)
     artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
     tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references, trunk_converters())
@@ -1150,7 +1103,7 @@ def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = No
     extra = target_outputs(plan, o.targets, backbone, classifier, o.mcu)
     artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
-    manifest.update(extra.manifest, tail=tail_section)
+    manifest.update(extra.manifest, tail=tail_section, target=plan.target)
     result = verify_staged(plan, manifest, artifacts)
     extra.add_checks(result)
     result.timings = {"export_seconds": round(time.perf_counter() - started, 2), "conversion_seconds": timings}

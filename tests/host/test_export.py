@@ -55,9 +55,10 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     qat = [c for c in report.checks if c["precision"] == "qat" and c["role"] == "fused"]
     assert len(qat) == len(qat_kept) and all(c["accuracy_drop"] <= 0.03 and c["top1_agreement"] >= 0.9 for c in qat)
     onnx_int8 = next(a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
-    stats = onnx_int8["int8_candidates"]
-    assert set(stats) == {"tf2onnx_from_tflite", "onnxruntime_qdq"}
-    assert all("top1_agreement" in s and "accuracy" in s for s in stats.values())
+    ladder = onnx_int8["int8_ladder"]  # made from the float ONNX, every convolution quantized, at a named rung
+    assert onnx_int8["int8_method"] == "onnxruntime_qdq" and ladder["passed"] and ladder["rung"] == "a1-minmax"
+    assert ladder["ops"]["float"] == {} and ladder["ops"]["quantized"]["Conv"] >= 2
+    assert onnx_int8["quantization"]["target"] == bundle.manifest.to_json()["target"] == "any"
     heads = [c for c in report.checks if c.role == "head_train_loop"]
     assert {c.extra["optimizer"] for c in heads} == {"sgd", "adam"} and all(c.ok and c.value <= c.limit for c in heads)
     assert all(c.extra["steps"] > 1 for c in heads)  # several steps: momentum and Adam's moments in play

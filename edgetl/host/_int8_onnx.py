@@ -1,0 +1,593 @@
+"""int8 ONNX: onnxruntime's static QDQ quantization of the float ONNX graph, per device target,
+with a remedy ladder when the result misses its gate.
+
+Why the float ONNX and not the int8 TFLite file: tf2onnx's conversion of the int8 TFLite
+keeps NHWC<->NCHW ``Transpose`` nodes, float convolutions and unfused Q/DQ pairs (the
+issue 23 profile: 1.22x the fp32 time on a VNNI host). QDQ on the float graph, after
+``quant_pre_process``, is what onnxruntime fuses into ``QLinearConv``/``QLinearMatMul``
+kernels that stay int8 between layers (``tools/ort_int8_profile.py`` shows what is left).
+
+The ladder, cheapest first; every rung is measured by the same gate and recorded:
+
+    a1  MinMax calibration on the configured samples
+    a2  MinMax on more samples (up to 4x, from the training split)
+    a3  Percentile calibration (99.999th percentile of |x|), more samples
+    a4  Entropy calibration (KL), more samples
+    b   selective float fallback: the activation tensors that lose the most to
+        quantization are kept float (``nodes_to_exclude`` for every node that touches
+        them), worst first, 1, 2, 4, ... tensors until the gate passes
+
+    >>> result = quantize_onnx_int8(fp32_onnx, calibration, gate, recipe=RECIPES["x86-vnni"])
+    >>> result.record["rung"], result.record["float_share"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from edgetl._quiet import native_output_silenced
+from edgetl.device._bench import timings
+from edgetl.device._runtimes import OnnxModel
+from edgetl.device._verify import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT
+from edgetl.errors import InputError, describe
+
+# --------------------------------------------------------------------------- device targets
+
+
+@dataclass(frozen=True)
+class OnnxInt8Recipe:
+    """How the int8 ONNX is quantized for one device class (``edgetl export --target``)."""
+
+    target: str
+    activations: str  # "uint8" | "int8"
+    reduce_range: bool
+    why: str
+    weights: str = "int8 per-channel (symmetric)"
+    format: str = "QDQ"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "format": self.format,
+            "activations": f"{self.activations} per-tensor",
+            "weights": self.weights + (", 7-bit range (reduce_range)" if self.reduce_range else ""),
+            "reduce_range": self.reduce_range,
+            "why": self.why,
+        }
+
+
+# What each class gets and why (onnxruntime's quantize_static guidance, and what was measured
+# here: tools/ort_int8_profile.py, issue 23 closing note).
+RECIPES = {
+    "any": OnnxInt8Recipe(
+        "any",
+        "uint8",
+        True,
+        "runs correctly on every CPU: x86 without VNNI (AVX2 vpmaddubsw) saturates u8*s8 pair sums in int16 "
+        "unless weights use 7 bits, and an export host with VNNI or ARM cannot see that saturation in its own "
+        "gate; costs a little accuracy, no speed (VNNI host, MobileNetV2 224 int8/fp32: 0.577 vs x86-vnni's 0.573)",
+    ),
+    "x86-avx2": OnnxInt8Recipe(
+        "x86-avx2",
+        "uint8",
+        True,
+        "AVX2 without VNNI: 7-bit weights keep MLAS's u8*s8 int16 pair sums (vpmaddubsw) from saturating "
+        "(issue 9, AMD EPYC Zen 1: top-1 agreement with fp32 on MobileNetV2 0.71 -> 0.86, same latency)",
+    ),
+    "x86-vnni": OnnxInt8Recipe(
+        "x86-vnni",
+        "uint8",
+        False,
+        "AVX-512 VNNI / AVX-VNNI accumulate u8*s8 products in int32 without saturation: full 8-bit weights; "
+        "uint8 activations because int8 (S8S8) ones run slower on x86 (MobileNetV2 224 on a VNNI host: 0.885 of "
+        "fp32 against 0.517, tools/ort_int8_profile.py --requantize arm64)",
+    ),
+    "arm64": OnnxInt8Recipe(
+        "arm64",
+        "int8",
+        False,
+        "ARM dot-product kernels do not saturate; symmetric int8 activations are what onnxruntime's ARM kernels "
+        "prefer (quantize_static guidance); not measured on ARM here",
+    ),
+}
+CPU_TARGETS = tuple(RECIPES)
+DEFAULT_TARGET = "any"
+
+
+def recipe_for(targets: Sequence[str]) -> OnnxInt8Recipe:
+    """The ONNX int8 recipe for the export's targets: at most one CPU class (default ``any``)."""
+    cpu = [t for t in targets if t in RECIPES]
+    if len(cpu) > 1:
+        raise InputError(f"choose one CPU target of {CPU_TARGETS}, received {describe(list(targets))}")
+    return RECIPES[cpu[0] if cpu else DEFAULT_TARGET]
+
+
+# --------------------------------------------------------------------------- the ladder
+
+Gate = Callable[[bytes], dict[str, Any]]  # int8 model bytes -> {"ok": bool, "score": float, ...}
+# Percentile kept by rung a3: clips the rare outliers MinMax stretches the range for.
+PERCENTILE = 99.999
+MORE_SAMPLES_FACTOR = 4
+MORE_SAMPLES_CAP = 1000
+# Rung b stops at this many float tensors: a model that needs more is not an int8 model.
+MAX_FLOAT_TENSORS = 8
+# A tensor is a float-fallback candidate when int8 damages it this many times more than the
+# median tensor. Measured: the test's fragile layer 0.4-0.9 against < 0.1 for the rest; on
+# random-weight MobileNetV2 224 the worst eight tensors were all 0.018-0.024 (no outlier), and
+# keeping 1-8 of them float did not pass its gate (agreement 0.47-0.63, needs 0.9).
+OUTLIER_FACTOR = 4.0
+SENSITIVITY_SAMPLES = 32
+
+
+@dataclass
+class Int8OnnxResult:
+    """The int8 model the ladder ended with (passing, or the best it found) and its record."""
+
+    content: bytes
+    record: dict[str, Any]
+    passed: bool
+
+
+@dataclass
+class _Prepared:
+    """The float graph after ``quant_pre_process``, in a work directory, with its calibration pools."""
+
+    work: Path
+    model_path: Path
+    input_name: str
+    base: np.ndarray
+    more_source: np.ndarray | Callable[[int], np.ndarray] | None
+    caches: dict[str, Path] = field(default_factory=dict)
+    _more: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def more(self) -> np.ndarray | None:
+        """The larger calibration pool, made on first use (decoding streamed data costs)."""
+        if not self._more:
+            want = min(MORE_SAMPLES_CAP, MORE_SAMPLES_FACTOR * len(self.base))
+            src = self.more_source(want) if callable(self.more_source) else self.more_source
+            src = None if src is None else np.asarray(src[:want], np.float32)
+            self._more.append(src if src is not None and len(src) > len(self.base) else None)
+        return self._more[0]
+
+
+def quantize_onnx_int8(
+    fp32_onnx: bytes,
+    calibration: np.ndarray,
+    gate: Gate,
+    *,
+    recipe: OnnxInt8Recipe = RECIPES[DEFAULT_TARGET],
+    more_calibration: np.ndarray | Callable[[int], np.ndarray] | None = None,
+    keep_float: Sequence[str] = (),
+    ladder: bool = True,
+) -> Int8OnnxResult:
+    """Quantize ``fp32_onnx`` and climb the ladder until ``gate`` passes.
+
+    Args:
+        fp32_onnx: the float model (edgetl's tf2onnx export).
+        calibration: the configured calibration inputs (rung a1).
+        gate: judges an int8 candidate (see :func:`agreement_gate`).
+        recipe: the device class's settings (:data:`RECIPES`).
+        more_calibration: a larger pool for rungs a2-a4 (the training split), or a function
+            giving that many examples (called only when a1 fails); without it those rungs use
+            ``calibration``.
+        keep_float: node-name substrings always kept float (the seam standardization).
+        ladder: ``False`` stops after rung a1 (one quantization; the gate still judges it).
+
+    Returns:
+        The first candidate that passes, else the best-scoring one (``passed`` False).
+    """
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, bytes, dict[str, Any]] | None = None
+    with tempfile.TemporaryDirectory() as d:
+        prep = _prepare(Path(d), fp32_onnx, calibration, more_calibration)
+        seam = _nodes_matching(prep.model_path, keep_float)
+        for rung, method, samples in _calibration_rungs(prep):
+            content, attempt = _attempt(prep, recipe, rung, method, samples, seam, gate)
+            tried.append(attempt)
+            if best is None or attempt["gate"]["score"] > best[0]:
+                best = (attempt["gate"]["score"], content, attempt)
+            if attempt["gate"]["ok"] or not ladder:
+                return _finish(prep, fp32_onnx, content, attempt, tried, seam, attempt["gate"]["ok"])
+        assert best is not None
+        base_content, base = best[1], best[2]
+        sensitivity: dict[str, Any] = {}
+        for content, attempt in _float_fallback(prep, recipe, base, base_content, seam, gate, sensitivity):
+            tried.append(attempt)
+            if attempt["gate"]["score"] > best[0]:
+                best = (attempt["gate"]["score"], content, attempt)
+            if attempt["gate"]["ok"]:
+                return _finish(prep, fp32_onnx, content, attempt, tried, seam, True, base_content, sensitivity)
+        return _finish(prep, fp32_onnx, best[1], best[2], tried, seam, False, base_content, sensitivity)
+
+
+def _prepare(work: Path, fp32_onnx: bytes, base: np.ndarray, more: Any) -> _Prepared:
+    """``quant_pre_process``: onnxruntime's recommended step (shape inference, constant folding,
+    MatMul+Add -> Gemm). Symbolic shape inference is skipped: it needs sympy, and edgetl's
+    graphs have static shapes apart from the batch."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, pre = work / "fp32.onnx", work / "pre.onnx"
+    src.write_bytes(fp32_onnx)
+    with native_output_silenced():
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    return _Prepared(work, pre, name, base.astype(np.float32), more)
+
+
+def _calibration_rungs(prep: _Prepared) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Rungs a1-a4, lazily: the larger pool is made only when a1 failed."""
+    yield "a1-minmax", "MinMax", prep.base
+    more = prep.more if prep.more is not None else prep.base
+    if prep.more is not None:
+        yield "a2-minmax-more-samples", "MinMax", more
+    yield "a3-percentile", "Percentile", more
+    yield "a4-entropy", "Entropy", more
+
+
+def _quantize(
+    prep: _Prepared, recipe: OnnxInt8Recipe, method: str, samples: np.ndarray, exclude: Sequence[str]
+) -> bytes:
+    """One ``quantize_static`` run (QDQ); calibration ranges are cached per (method, samples)
+    so the float-fallback rungs do not calibrate again."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter([{prep.input_name: samples[i : i + 1]} for i in range(len(samples))])
+
+        def get_next(self) -> dict | None:
+            return next(self._items, None)
+
+    cache = prep.caches.setdefault(f"{method}-{len(samples)}", prep.work / f"calib-{method}-{len(samples)}.json")
+    out = prep.work / "int8.onnx"
+    extra: dict[str, Any] = {"CalibPercentile": PERCENTILE} if method == "Percentile" else {}
+    # onnxruntime's calibrators print progress with print(): silenced with the native output.
+    with native_output_silenced(), contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(prep.model_path),
+            str(out),
+            None if cache.exists() else Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+            nodes_to_exclude=list(exclude),
+            reduce_range=recipe.reduce_range,
+            extra_options=extra,
+            calibration_cache_path=str(cache),
+        )
+    return out.read_bytes()
+
+
+def _attempt(
+    prep: _Prepared,
+    recipe: OnnxInt8Recipe,
+    rung: str,
+    method: str,
+    samples: np.ndarray,
+    exclude: Sequence[str],
+    gate: Gate,
+    **extra: Any,
+) -> tuple[bytes, dict[str, Any]]:
+    t0 = time.perf_counter()
+    content = _quantize(prep, recipe, method, samples, exclude)
+    judged = gate(content)
+    attempt = {
+        "rung": rung,
+        "calibration": method,
+        "calibration_samples": int(len(samples)),
+        "gate": judged,
+        "seconds": round(time.perf_counter() - t0, 2),
+        **extra,
+    }
+    return content, attempt
+
+
+def _float_fallback(
+    prep: _Prepared,
+    recipe: OnnxInt8Recipe,
+    base: dict[str, Any],
+    base_content: bytes,
+    seam: Sequence[str],
+    gate: Gate,
+    info: dict[str, Any],
+) -> Any:
+    """Rung b: keep the worst tensors float, 1, 2, 4, ... of them, on the best calibration so far.
+
+    Only outliers are candidates (damage at least :data:`OUTLIER_FACTOR` times the median
+    tensor's): when int8 hurts every tensor alike (a model whose features carry little
+    information, e.g. random weights), keeping a few float cannot pass the gate, and the
+    ladder says so instead of trying (``info``).
+    """
+    t0 = time.perf_counter()
+    ranked = tensor_sensitivity(prep.model_path, base_content, prep.base[:SENSITIVITY_SAMPLES])
+    median = float(np.median([t["damage"] for t in ranked])) if ranked else 0.0
+    outliers = [t for t in ranked if t["damage"] >= OUTLIER_FACTOR * median and t["damage"] > 0]
+    info.update(
+        seconds=round(time.perf_counter() - t0, 2),
+        tensors=len(ranked),
+        median_damage=round(median, 4),
+        worst=[{k: t[k] for k in ("tensor", "damage")} for t in ranked[:3]],
+        outliers=len(outliers),
+    )
+    samples = prep.more if base["calibration_samples"] > len(prep.base) and prep.more is not None else prep.base
+    most = min(MAX_FLOAT_TENSORS, len(outliers))
+    for count in sorted({min(2**i, most) for i in range(most.bit_length() + 1)} - {0}):
+        worst = outliers[:count]
+        nodes = sorted({n for t in worst for n in t["nodes"]})
+        yield _attempt(
+            prep,
+            recipe,
+            "b-float-fallback",
+            base["calibration"],
+            samples,
+            [*seam, *nodes],
+            gate,
+            float_tensors=[{k: t[k] for k in ("tensor", "damage")} for t in worst],
+            float_nodes=nodes,
+        )
+
+
+def _finish(
+    prep: _Prepared,
+    fp32_onnx: bytes,
+    content: bytes,
+    attempt: dict[str, Any],
+    tried: list[dict[str, Any]],
+    seam: Sequence[str],
+    passed: bool,
+    all_int8: bytes | None = None,
+    sensitivity: dict[str, Any] | None = None,
+) -> Int8OnnxResult:
+    """The manifest's record: the rung that passed (or the best one), every rung tried, how
+    much of the model stayed float, and what that float part costs in speed and size."""
+    census = op_census(content)
+    macs = _macs(prep.model_path)
+    float_nodes = set(attempt.get("float_nodes", []))
+    total = sum(macs.values()) or 1
+    record: dict[str, Any] = {
+        "rung": attempt["rung"],
+        "passed": passed,
+        "calibration": attempt["calibration"],
+        "calibration_samples": attempt["calibration_samples"],
+        "gate": attempt["gate"],
+        "seam_kept_float": list(seam),
+        "float_nodes": sorted(float_nodes),
+        "float_tensors": attempt.get("float_tensors", []),
+        "float_share_macs": round(sum(m for n, m in macs.items() if n in float_nodes) / total, 4),
+        "ops": census,
+        "tried": [{k: v for k, v in t.items() if k not in ("float_nodes",)} for t in tried],
+        "size_bytes": {"fp32": len(fp32_onnx), "int8": len(content)},
+    }
+    if sensitivity:
+        record["sensitivity"] = sensitivity
+    if float_nodes and all_int8 is not None:
+        x = prep.base[:1]
+        record["size_bytes"]["all_int8"] = len(all_int8)
+        record["latency_ms"] = {
+            k: _latency_ms(v, x) for k, v in (("fp32", fp32_onnx), ("int8", content), ("all_int8", all_int8))
+        }
+    return Int8OnnxResult(content, record, passed)
+
+
+def op_census(int8: bytes) -> dict[str, dict[str, int]]:
+    """Conv/MatMul/Gemm nodes of a QDQ model, quantized (weights from a DequantizeLinear) or float."""
+    import onnx
+
+    graph = onnx.load_from_string(int8).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    out: dict[str, dict[str, int]] = {"quantized": {}, "float": {}}
+    for n in graph.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm"):
+            kind = "quantized" if len(n.input) > 1 and n.input[1] in dq_outputs else "float"
+            out[kind][n.op_type] = out[kind].get(n.op_type, 0) + 1
+    return out
+
+
+def _macs(path: Path) -> dict[str, int]:
+    """Multiply-accumulates per Conv/MatMul/Gemm node (batch 1), from the inferred shapes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+    shapes = {
+        v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.value_info, *model.graph.output)
+    }
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        w, y = weights[n.input[1]], shapes.get(n.output[0])
+        per_output = int(np.prod(w[1:])) if n.op_type == "Conv" else int(w[0])
+        transposed = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        if n.op_type == "Gemm" and transposed:
+            per_output = int(w[1])
+        out[n.name] = per_output * (int(np.prod(y[1:])) if y else int(np.prod(w)) // max(per_output, 1))
+    return out
+
+
+def _latency_ms(content: bytes, x: np.ndarray, runs: int = 20) -> float:
+    """Median batch-1 latency on one thread (what the record's speed cost compares)."""
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        path.write_bytes(content)
+        model = OnnxModel(path, threads=1)
+        return round(float(np.median(timings(lambda: model(x), 3, runs))) * 1e3, 4)
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def agreement_gate(
+    fp32_onnx: bytes,
+    x: np.ndarray,
+    *,
+    y: np.ndarray | None = None,
+    head: tuple[np.ndarray, np.ndarray] | None = None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+    min_cosine: float | None = None,
+) -> Gate:
+    """The gate ``verify`` applies to an int8 file, measured against the fp32 ONNX model on ``x``.
+
+    Fused models: top-1 agreement, and with labels ``y`` the accuracy drop. Backbones
+    (``head`` = the factory head's ``(W, b)``): the factory head's top-1 agreement on the
+    embeddings and their mean cosine similarity. Limits default to ``edgetl.device._verify``'s.
+    ``score`` orders failing candidates (agreement, less any excess accuracy drop).
+    """
+
+    min_agreement = MIN_TOP1_AGREEMENT["int8"] if min_agreement is None else min_agreement
+    max_drop = MAX_ACCURACY_DROP["int8"] if max_accuracy_drop is None else max_accuracy_drop
+    min_cos = MIN_COSINE["int8"] if min_cosine is None and head is not None else min_cosine
+    x = x.astype(np.float32)
+    ref = _run(fp32_onnx, x)
+    classes = (lambda e: (e @ head[0] + head[1]).argmax(1)) if head is not None else (lambda p: p.argmax(1))
+
+    def gate(int8: bytes) -> dict[str, Any]:
+        out = _run(int8, x)
+        agree = float(np.mean(classes(out) == classes(ref)))
+        measures: dict[str, Any] = {"examples": int(len(x)), "top1_agreement": agree, "min_agreement": min_agreement}
+        ok, score = agree >= min_agreement, agree
+        if y is not None and head is None:
+            drop = float(np.mean(classes(ref) == y) - np.mean(classes(out) == y))
+            measures.update(accuracy_drop=drop, max_accuracy_drop=max_drop)
+            ok, score = ok and drop <= max_drop, score - max(0.0, drop - max_drop)
+        if min_cos is not None:
+            norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+            cosine = float(np.mean(np.sum(out * ref, axis=1) / norms))
+            measures.update(cosine=cosine, min_cosine=min_cos)
+            ok, score = ok and cosine >= min_cos, score - max(0.0, min_cos - cosine)
+        return {"ok": bool(ok), "score": round(score, 6), **measures}
+
+    return gate
+
+
+def _run(content: bytes, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(content, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+# Elementwise activations the QDQ quantizer folds into the op before them: a tensor they
+# produce is quantized on behalf of that op too, so keeping it float excludes both.
+_FOLDED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}
+
+
+def tensor_sensitivity(float_path: Path, int8: bytes, x: np.ndarray) -> list[dict[str, Any]]:
+    """Activation tensors ranked by what int8 does to them, worst first.
+
+    Cheaper than excluding one node at a time (one quantization and one gate run per node):
+    the float model runs once with every quantized activation tensor as an output, and each
+    tensor is fake-quantized with the scale and zero point the int8 model chose for it.
+    ``damage`` is the median over channels of ||q(x_c) - x_c|| / ||x_c||: it is near 1 when
+    the tensor's range is so wide that most channels fall inside one quantization step
+    (a huge activation range in one layer), and a few percent for a healthy tensor.
+    ``nodes`` are the nodes to keep float for that tensor to stay float: its producer
+    (through a folded activation) and its consumers.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    qmodel = onnx.load_from_string(int8)
+    params = _activation_qparams(qmodel)
+    model = onnx.load(str(float_path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names = [t for t in params if t in producer]
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: x.astype(np.float32)})))
+    ranked = []
+    for t in names:
+        scale, zero, lo, hi = params[t]
+        v = values[t]
+        q = (np.clip(np.round(v / scale) + zero, lo, hi) - zero) * scale
+        ranked.append(
+            {"tensor": t, "damage": round(_channel_damage(v, q), 4), "nodes": _touching(t, producer, consumers)}
+        )
+    return sorted(ranked, key=lambda r: -r["damage"])
+
+
+def _channel_damage(v: np.ndarray, q: np.ndarray) -> float:
+    axis = 1 if v.ndim == 4 else v.ndim - 1  # NCHW after tf2onnx's input transpose; features last otherwise
+    move = lambda a: np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)  # noqa: E731
+    v_c, err_c = move(v), move(q - v)
+    norms = np.linalg.norm(v_c, axis=1)
+    live = norms > 1e-12 * max(float(norms.max(initial=0.0)), 1e-30)
+    if not live.any():
+        return 0.0
+    return float(np.median(np.linalg.norm(err_c[live], axis=1) / norms[live]))
+
+
+def _touching(tensor: str, producer: dict[str, Any], consumers: dict[str, list[Any]]) -> list[str]:
+    """Every node that would quantize ``tensor``: its producer and consumers, walking through
+    folded activations both ways (a Conv -> Relu pair shares one quantized tensor)."""
+    nodes, node = set(), producer.get(tensor)
+    while node is not None:
+        nodes.add(node.name)
+        if node.op_type not in _FOLDED_ACTIVATIONS or not node.input:
+            break
+        node = producer.get(node.input[0])
+    todo = list(consumers.get(tensor, []))
+    while todo:
+        node = todo.pop()
+        if node.name not in nodes:
+            nodes.add(node.name)
+            if node.op_type in _FOLDED_ACTIVATIONS:
+                todo += consumers.get(node.output[0], [])
+    return sorted(nodes)
+
+
+def _activation_qparams(model: Any) -> dict[str, tuple[float, int, int, int]]:
+    """Per-tensor (scale, zero point, qmin, qmax) of every QuantizeLinear on an activation."""
+    from onnx import numpy_helper
+
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in init or len(n.input) < 3:
+            continue
+        scale, zero = init.get(n.input[1]), init.get(n.input[2])
+        if scale is None or zero is None or scale.size != 1:
+            continue
+        info = np.iinfo(zero.dtype)
+        out[n.input[0]] = (float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), int(info.min), int(info.max))
+    return out
+
+
+def _nodes_matching(path: Path, parts: Sequence[str]) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(path)).graph.node if any(p in n.name for p in parts)]
