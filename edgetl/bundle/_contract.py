@@ -150,7 +150,11 @@ MANIFEST_FIELDS = (
     "parity",
     "mcu",
     "tail",  # issue 24: the trainable tail, or why there is none (edgetl/bundle/_tail.py)
+    "target",  # issue 23: the device class the int8 ONNX recipe is for (edgetl/host/_int8_onnx.py)
+    "qat_choice",  # issue 23: QAT against PTQ on held-out data, and which one shipped
 )
+#: Sections read by the modules of their feature (kept in ``Manifest.extra``, not typed).
+FEATURE_SECTIONS = ("mcu", "tail", "target", "qat_choice")
 INPUT_SPEC_FIELDS = ("shape", "dtype", "kind", "layout", "value_range", "preprocessing")
 #: The head section: what it is, and the training defaults a client needs (schema 3).
 HEAD_FIELDS = ("kind", "max_classes", "active_classes", "optimizers", "loss")
@@ -172,6 +176,7 @@ ARTIFACT_FIELDS = (
     "shape",
     "dtype",
     "byte_order",
+    "ladder",  # int8 TFLite: the remedy ladder's rung and what stayed float (edgetl/host/_int8_tflite.py)
 )
 TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
-from edgetl.bundle._contract import HEAD_FIELDS, HEAD_TRAINING_FIELDS, MANIFEST_FILE, SIGNATURE_FILE
+from edgetl.bundle._contract import (
+    FEATURE_SECTIONS,
+    HEAD_FIELDS,
+    HEAD_TRAINING_FIELDS,
+    MANIFEST_FIELDS,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+)
 from edgetl.bundle._head import SHUFFLE
 from edgetl.errors import BundleError, describe
 
@@ -584,21 +591,7 @@ class Manifest:
         for key, value in (("version", bundle_version), ("backbone_id", backbone)):
             if value is not None and not isinstance(value, str):
                 raise BundleError(f"manifest: {key} must be a string, received {describe(value)}")
-        known = (
-            "schema_version",
-            "name",
-            "labels",
-            "input_spec",
-            "embedding_size",
-            "head",
-            "artifacts",
-            "metrics",
-            "producer",
-            "data",
-            "parity",
-            "version",
-            "backbone_id",
-        )
+        known = tuple(f for f in MANIFEST_FIELDS if f not in FEATURE_SECTIONS)
         return cls(
             name,
             tuple(labels),

@@ -270,7 +270,7 @@ def test_targets_and_limits_are_checked_first(monkeypatch):
     from edgetl.host._export import export
     from edgetl.host._export_mcu import McuConfig, tflm_runtime
 
-    with pytest.raises(InputError, match=r"targets must be a list of \('mcu',\), received \['gpu'\]"):
+    with pytest.raises(InputError, match=r"targets must be a list of \('mcu', 'any', .*\), received \['gpu'\]"):
         export("no/such/run", targets=["gpu"])
     with pytest.raises(InputError, match="arena_limit must be an integer >= 1, received 0"):
         McuConfig(arena_limit=0)
@@ -285,7 +285,9 @@ def test_cli_export_refuses_an_unknown_target_and_bad_limits(digits_bundle, tmp_
 
     run = digits_bundle[0].manifest.producer["run"]
     assert main(["export", run, "--target", "gpu", "--out", str(tmp_path / "x.edgetl")]) == 2
-    assert "targets must be a list of ('mcu',), received ['gpu']" in capsys.readouterr().err
+    assert "targets must be a list of ('mcu', 'any', 'x86-avx2', 'x86-vnni', 'arm64'), received ['gpu']" in (
+        capsys.readouterr().err
+    )
     assert main(["export", run, "--target", "mcu", "--mcu-arena-limit", "0", "--out", str(tmp_path / "y.edgetl")]) == 2
     assert "arena_limit must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x.edgetl").exists() and not (tmp_path / "y.edgetl").exists()
