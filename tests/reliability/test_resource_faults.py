@@ -23,7 +23,8 @@ def _immutable(path, on: bool) -> bool:
     return subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
 
 
-def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digits_bundle):
+def _committed_once(tmp_path, digits_bundle):
+    """A store with version 1 committed from 20 restyled digits, and 20 more to train on."""
     bundle, halves = digits_bundle
     x = restyle_digits(halves.test.x[:40])
     labels = [halves.test.class_names[i] for i in halves.test.y[:40]]
@@ -32,6 +33,11 @@ def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digi
     p.add_examples(x[:20], labels[:20])
     p.train()
     assert p.commit().version == 1
+    return clf, p, x, labels
+
+
+def test_read_only_store_refuses_commit_and_keeps_the_active_head(tmp_path, digits_bundle):
+    clf, p, x, labels = _committed_once(tmp_path, digits_bundle)
     W = clf.head.W.copy()
     p.add_examples(x[20:], labels[20:])
     p.train()
@@ -125,14 +131,7 @@ def test_a_refusal_the_store_cannot_record_stays_a_refusal(tmp_path, digits_bund
     still the guard's refusal, says it was not recorded, and the store is unchanged."""
     from dataclasses import replace
 
-    bundle, halves = digits_bundle
-    x = restyle_digits(halves.test.x[:40])
-    labels = [halves.test.class_names[i] for i in halves.test.y[:40]]
-    clf = Classifier.open(bundle.path, backend="onnxruntime")
-    p = Personalizer(clf, tmp_path / "store", margin=1.0)
-    p.add_examples(x[:20], labels[:20])
-    p.train()
-    assert p.commit().version == 1
+    clf, p, x, labels = _committed_once(tmp_path, digits_bundle)
     history = p.store.history()
     p.add_examples(x[20:], labels[20:])
     p.train()
