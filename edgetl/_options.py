@@ -5,7 +5,7 @@ a command exposes with :func:`option`: its flag (when it differs from the field'
 help text and argparse settings live next to the field and its default, so the CLI, the
 Python API and ``--help`` cannot drift apart. ``edgetl.cli`` turns them into arguments
 (:func:`add_options`) and parsed arguments back into the config's keywords
-(:func:`option_values`).
+(:func:`option_values`) or the config itself (:func:`build_config`).
 
     >>> @dataclass(frozen=True)
     ... class Config:
@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, Field, field, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from edgetl.errors import InputError
+
+T = TypeVar("T")
 
 CLI = "edgetl.cli"  # the metadata key
 
@@ -91,6 +95,26 @@ def option_values(cls: type, args: argparse.Namespace, command: str | None = Non
         value = getattr(args, f.name)
         out[f.name] = spec["to_config"](value) if spec["to_config"] is not None else value
     return out
+
+
+def build_config(cls: type[T], args: argparse.Namespace, command: str | None = None, **values: Any) -> T:
+    """``cls`` built from the command line (``values`` set fields the CLI computes itself).
+
+    The config checks its values; when it refuses one whose flag is not spelled like the
+    field (``--holdout`` sets ``holdout_fraction``), the message names the flag as well, so a
+    user reads the word they typed.
+    """
+    try:
+        return cls(**{**option_values(cls, args, command), **values})
+    except InputError as exc:
+        renamed = [
+            f"{flag_of(f)} sets {f.name}"
+            for f, _ in cli_fields(cls, command)
+            if flag_of(f) != "--" + f.name.replace("_", "-") and f.name in str(exc)
+        ]
+        if renamed:
+            exc.args = (f"{exc} ({'; '.join(renamed)})", *exc.args[1:])
+        raise
 
 
 def comma_list(value: str | Sequence[str]) -> tuple[str, ...]:

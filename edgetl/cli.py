@@ -26,7 +26,6 @@ import os
 import sys
 import traceback
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,11 +33,6 @@ from edgetl import __version__
 from edgetl.errors import EdgeTLError, InputError, QuantizedModelLeftOut
 
 EXIT_FAILED, EXIT_ERROR, EXIT_REJECTED = 1, 2, 3
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    """The default of every field of a config dataclass (the one source of defaults)."""
-    return {f.name: f.default for f in fields(cls)}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -212,11 +206,9 @@ def _parser_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_personalize(p: argparse.ArgumentParser) -> None:
-    from edgetl.device._guard import DEFAULT_ALPHA, DEFAULT_FORGET_TOLERANCE, DEFAULT_USER_TOLERANCE, GuardPolicy
-    from edgetl.device._head import TrainSettings
-    from edgetl.device._personalizer import DEFAULT_HOLDOUT
+    """`personalize` flags: the option fields of what a personalization takes (edgetl._options)."""
+    from edgetl._options import add_options
 
-    t = _defaults(TrainSettings)
     p.add_argument("bundle")
     p.add_argument(
         "--data",
@@ -226,61 +218,17 @@ def _parser_personalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="label")
     p.add_argument("--store", required=True, help="head store directory (created if missing)")
     _add_device_args(p)
-    p.add_argument(
-        "--no-keep-examples",
-        action="store_true",
-        help="do not keep the examples in the store (a new bundle cannot rebuild the head)",
-    )
-    p.add_argument(
-        "--add-classes",
-        action="store_true",
-        help="labels the head does not know become new classes (up to its capacity)",
-    )
-    p.add_argument(
-        "--adapt",
-        choices=("head", "tail", "auto"),
-        default="head",
-        help="what trains: the head; the head and the backbone's last layer (bundles with a tail); or auto: "
-        "the tail when the guard's evidence prefers it to the head (training settings below apply to the head)",
-    )
-    p.add_argument("--epochs", type=int, default=t["epochs"])
-    p.add_argument("--batch-size", type=int, default=t["batch_size"])
-    p.add_argument(
-        "--learning-rate",
-        type=float,
-        default=t["learning_rate"],
-        help="for sgd relative to the embedding scale; for adam absolute (e.g. 0.01)",
-    )
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=t["optimizer"])
-    p.add_argument("--l2", type=float, default=t["l2"], help="pull toward the factory head")
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=DEFAULT_USER_TOLERANCE,
-        help="share of your held-out examples a new head may lose before the loss is tested (1 opens the guard)",
-    )
-    p.add_argument(
-        "--forget-margin",
-        type=float,
-        default=DEFAULT_FORGET_TOLERANCE,
-        help="share of the held-out factory-class examples a new head may lose before the loss is tested "
-        "(1 opens the guard)",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=DEFAULT_ALPHA,
-        help="significance level of the guard's exact tests: a loss is forgetting when p < alpha",
-    )
-    p.add_argument(
-        "--mislabel",
-        choices=("refuse", "warn", "off"),
-        default=GuardPolicy.mislabel,
-        help="a head trained on labels that contradict confident factory predictions: refuse it, or warn",
-    )
-    p.add_argument(
-        "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share of the examples held out for the guard"
-    )
+    for config in _personalize_configs():
+        add_options(p, config)
+
+
+def _personalize_configs() -> tuple[type, type, type]:
+    """What `edgetl personalize` sets: the personalization's own options, head training, the guard."""
+    from edgetl.device._guard import GuardPolicy
+    from edgetl.device._head import TrainSettings
+    from edgetl.device._personalizer import PersonalizeOptions
+
+    return PersonalizeOptions, TrainSettings, GuardPolicy
 
 
 def _parser_bench(p: argparse.ArgumentParser) -> None:
@@ -385,7 +333,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # cheap check before any training
         raise InputError(f"run directory {str(out)!r} already exists; choose another --out or pass --overwrite")
     from edgetl import host
-    from edgetl._options import option_values
+    from edgetl._options import build_config
     from edgetl.data import image_size_arg, load_for_shape
 
     if args.cpu_devices:
@@ -397,10 +345,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
         make_strategy("multi-worker")
     safe_mode = not getattr(args, "unsafe", False)
-    fields = option_values(host.TrainConfig, args, args.command)
-    if args.command == "train":
-        fields["input_preprocessing"] = _preprocessing(args)
-    config = host.TrainConfig(**fields)
+    computed = {"input_preprocessing": _preprocessing(args)} if args.command == "train" else {}
+    config = build_config(host.TrainConfig, args, args.command, **computed)
     # The data at the backbone's input size and channels (files and runs report theirs).
     data = load_for_shape(
         args.data,
@@ -463,16 +409,16 @@ def _labelled_data(path: str | None, bundle: Any, label_column: str) -> tuple[An
 
 def _run_export(args: argparse.Namespace) -> int:
     from edgetl import host
-    from edgetl._options import option_values
+    from edgetl._options import build_config, option_values
     from edgetl.host._export import quantize_configs
 
-    options = host.ExportOptions(**option_values(host.ExportOptions, args))
+    options = build_config(host.ExportOptions, args)
     quantize = quantize_configs([q.mode for q in options.quantize], **option_values(host.QuantizeConfig, args))
     mcu = None
     if "mcu" in options.targets:
         from edgetl.host._export_mcu import McuConfig
 
-        mcu = McuConfig(**option_values(McuConfig, args))
+        mcu = build_config(McuConfig, args)
     signer = _private_key(args.sign) if args.sign else None
     with warnings.catch_warnings():  # the left-out files are printed below with the report
         warnings.simplefilter("ignore", QuantizedModelLeftOut)
@@ -586,43 +532,32 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_personalize(args: argparse.Namespace) -> int:
-    from edgetl.device import GuardPolicy, Personalizer, TrainSettings
-
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        optimizer=args.optimizer,
-        l2=args.l2,
-    )
+    from edgetl._options import build_config
     from edgetl.data import load_for_spec
+    from edgetl.device import Personalizer
 
+    options, settings, guard = (build_config(config, args) for config in _personalize_configs())
     clf = _classifier(args)
     data = load_for_spec(args.data, clf.bundle.input_spec, args.label_column, require_trainable=False)
     labels = [data.class_names[i] for i in data.y]
     p = Personalizer(
         clf,
         args.store,
-        keep_examples=not args.no_keep_examples,
-        holdout_fraction=args.holdout,
-        guard=GuardPolicy(
-            alpha=args.alpha,
-            forget_tolerance=args.forget_margin,
-            user_tolerance=args.margin,
-            mislabel=args.mislabel,
-        ),
+        keep_examples=options.keep_examples,
+        holdout_fraction=options.holdout_fraction,
+        guard=guard,
         settings=settings,
     )
     from edgetl.device._tail import personalize
 
     known = set(clf.head.labels)
-    result = personalize(p, data.x, labels, adapt=args.adapt, add_classes=args.add_classes)
+    result = personalize(p, data.x, labels, adapt=options.adapt, add_classes=options.add_classes)
     new = sorted(set(labels) - known)
     if "tail_unavailable" in result.evidence:
         print(f"head only: this bundle has no trainable tail ({result.evidence['tail_unavailable']})")
-    elif args.adapt != "head":
+    elif options.adapt != "head":
         print(
-            f"adapt {args.adapt}: judged the {result.evidence['adapt']}"
+            f"adapt {options.adapt}: judged the {result.evidence['adapt']}"
             + (f" ({result.evidence['auto']})" if "auto" in result.evidence else "")
         )
     print(

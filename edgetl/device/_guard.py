@@ -43,12 +43,14 @@ from typing import Sequence
 
 import numpy as np
 
+from edgetl._options import option
 from edgetl.errors import InputError
 
 # Chosen on the tuning family of tools/guard_rates.py (never on its evaluation family).
 DEFAULT_ALPHA = 0.05
 DEFAULT_FORGET_TOLERANCE = 0.01
 DEFAULT_USER_TOLERANCE = 0.0
+MISLABEL_POLICIES = ("refuse", "warn", "off")
 # Below this many held-out examples a part's test cannot see a loss of THIN_LOSS: say so.
 THIN_LOSS = 0.10
 
@@ -254,10 +256,25 @@ class GuardPolicy:
             decide on the other checks, or ``"off"``.
     """
 
-    alpha: float = DEFAULT_ALPHA
-    forget_tolerance: float = DEFAULT_FORGET_TOLERANCE
-    user_tolerance: float = DEFAULT_USER_TOLERANCE
-    mislabel: str = "refuse"
+    alpha: float = option(
+        DEFAULT_ALPHA, help="significance level of the guard's exact tests: a loss is forgetting when p < alpha"
+    )
+    forget_tolerance: float = option(
+        DEFAULT_FORGET_TOLERANCE,
+        flag="--forget-margin",
+        help="share of the held-out factory-class examples a new head may lose before the loss is tested "
+        "(1 opens the guard)",
+    )
+    user_tolerance: float = option(
+        DEFAULT_USER_TOLERANCE,
+        flag="--margin",
+        help="share of your held-out examples a new head may lose before the loss is tested (1 opens the guard)",
+    )
+    mislabel: str = option(
+        "refuse",
+        choices=MISLABEL_POLICIES,
+        help="a head trained on labels that contradict confident factory predictions: refuse it, or warn",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
@@ -266,8 +283,8 @@ class GuardPolicy:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise InputError(f"{name} must be in [0, 1], received {value}")
-        if self.mislabel not in ("refuse", "warn", "off"):
-            raise InputError(f"mislabel must be 'refuse', 'warn' or 'off', received {self.mislabel!r}")
+        if self.mislabel not in MISLABEL_POLICIES:
+            raise InputError(f"mislabel must be one of {MISLABEL_POLICIES}, received {self.mislabel!r}")
 
 
 def generalizes(user: PairedEvidence, policy: GuardPolicy) -> bool:

@@ -14,8 +14,9 @@ from typing import Literal
 
 import numpy as np
 
+from edgetl._options import option
 from edgetl.bundle import Bundle
-from edgetl.bundle._contract import ANCHOR, BIAS, HEAD_INIT_MEMBERS, MASK, WEIGHTS
+from edgetl.bundle._contract import ANCHOR, BIAS, HEAD_INIT_MEMBERS, MASK, OPTIMIZERS, WEIGHTS
 from edgetl.bundle._head import (
     TRAINING_DEFAULTS,
     gradients,
@@ -75,15 +76,21 @@ class HeadState:
 @dataclass(frozen=True)
 class TrainSettings:
     """Head training hyperparameters (defaults suit a few dozen examples; they are the
-    contract's :data:`edgetl.bundle._head.TRAINING_DEFAULTS`, which the manifest records)."""
+    contract's :data:`edgetl.bundle._head.TRAINING_DEFAULTS`, which the manifest records).
+    ``edgetl personalize`` takes the fields marked :func:`~edgetl._options.option` as flags."""
 
-    epochs: int = TRAINING_DEFAULTS.epochs
-    batch_size: int = TRAINING_DEFAULTS.batch_size
+    epochs: int = option(TRAINING_DEFAULTS.epochs, help="passes over the examples")
+    batch_size: int = option(TRAINING_DEFAULTS.batch_size, help="examples per step")
     # For SGD this is relative to the embeddings' scale (see `effective_learning_rate`), so one
     # value suits any backbone; for Adam it is the usual absolute step size.
-    learning_rate: float = TRAINING_DEFAULTS.learning_rate
-    l2: float = TRAINING_DEFAULTS.l2  # pull toward the factory (anchor) weights, against forgetting
-    optimizer: Optimizer = TRAINING_DEFAULTS.optimizer
+    learning_rate: float = option(
+        TRAINING_DEFAULTS.learning_rate, help="for sgd relative to the embedding scale; for adam absolute (e.g. 0.01)"
+    )
+    # pull toward the factory (anchor) weights, against forgetting
+    l2: float = option(TRAINING_DEFAULTS.l2, help="pull toward the factory head")
+    optimizer: Optimizer = option(TRAINING_DEFAULTS.optimizer, choices=OPTIMIZERS, help="the update rule")
+    # API only: momentum is the contract's (recorded in the manifest), and the seed fixes the
+    # batch order that clients in other languages reproduce; neither is a user's knob.
     momentum: float = TRAINING_DEFAULTS.momentum
     seed: int = TRAINING_DEFAULTS.seed  # orders the batches (edgetl.bundle._head.step_plan)
 
@@ -96,8 +103,8 @@ class TrainSettings:
             raise InputError(f"learning_rate must be in (0, 10), received {self.learning_rate}")
         if self.l2 < 0 or not 0 <= self.momentum < 1:
             raise InputError(f"l2 must be >= 0 and momentum in [0, 1), received l2={self.l2}, momentum={self.momentum}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise InputError(f"optimizer must be 'sgd' or 'adam', received {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, received {self.optimizer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 32:
             raise InputError(f"seed must be an integer in [0, 2^32), received seed={describe(self.seed)}")
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgetl._options import option
 from edgetl.device._classifier import Classifier
 from edgetl.device._guard import (
     SCORE_NAMES,
@@ -39,6 +40,7 @@ from edgetl.device._guard import (
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
+from edgetl.device._tail import ADAPT
 from edgetl.errors import BundleError, InputError, StoreError, describe
 
 
@@ -52,6 +54,41 @@ DEFAULT_HOLDOUT = 0.25
 # Replay examples per factory class trained on (against forgetting); the rest of the bundle's
 # replay buffer is held out to judge forgetting (more held out = a sharper guard).
 DEFAULT_REPLAY_PER_CLASS = 10
+
+
+@dataclass(frozen=True)
+class PersonalizeOptions:
+    """What a personalization does besides training (:class:`TrainSettings`) and judging
+    (:class:`GuardPolicy`): the :class:`Personalizer`'s ``keep_examples`` and
+    ``holdout_fraction``, and :func:`edgetl.device._tail.personalize`'s ``adapt`` and
+    ``add_classes``. ``edgetl personalize`` takes each field as a flag (:mod:`edgetl._options`)."""
+
+    keep_examples: bool = option(
+        True,
+        flag="--no-keep-examples",
+        help="do not keep the examples in the store (a new bundle cannot rebuild the head)",
+    )
+    add_classes: bool = option(False, help="labels the head does not know become new classes (up to its capacity)")
+    adapt: str = option(
+        "head",
+        choices=ADAPT,
+        help="what trains: the head; the head and the backbone's last layer (bundles with a tail); or auto: "
+        "the tail when the guard's evidence prefers it to the head (training settings below apply to the head)",
+    )
+    holdout_fraction: float = option(
+        DEFAULT_HOLDOUT, flag="--holdout", help="share of the examples held out for the guard"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("keep_examples", "add_classes"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, received {name}={describe(getattr(self, name))}")
+        if self.adapt not in ADAPT:
+            raise InputError(f"adapt must be one of {ADAPT}, received {self.adapt!r}")
+        if isinstance(self.holdout_fraction, bool) or not isinstance(self.holdout_fraction, (int, float)):
+            raise InputError(f"holdout_fraction must be a number in [0, 1), received {describe(self.holdout_fraction)}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise InputError(f"holdout_fraction must be in [0, 1), received {self.holdout_fraction}")
 
 
 class Personalizer:

@@ -10,7 +10,9 @@ import argparse
 import pytest
 
 from edgetl._options import cli_fields, flag_of, option_values
-from edgetl.cli import build_parser, parse_args
+from edgetl.cli import build_parser, main, parse_args
+from edgetl.device import GuardPolicy, TrainSettings
+from edgetl.device._personalizer import PersonalizeOptions
 from edgetl.errors import InputError
 from edgetl.host import Augmentation, ExportOptions, QuantizeConfig, TrainConfig
 from edgetl.host._export import quantize_configs
@@ -22,8 +24,17 @@ API_ONLY = {
     ExportOptions: {"name", "mcu"},  # name: from --out; mcu: McuConfig's own options
     QuantizeConfig: {"mode"},  # from --quantize (one config per mode)
     McuConfig: {"replay_per_class"},
+    TrainSettings: {"momentum", "seed"},  # the contract's momentum; the seed fixes the batch order clients reproduce
+    GuardPolicy: set(),
+    PersonalizeOptions: set(),
 }
-COMMANDS = {"train": [TrainConfig], "pretrain": [TrainConfig], "export": [ExportOptions, QuantizeConfig, McuConfig]}
+PERSONALIZE = [PersonalizeOptions, TrainSettings, GuardPolicy]
+COMMANDS = {
+    "train": [TrainConfig],
+    "pretrain": [TrainConfig],
+    "export": [ExportOptions, QuantizeConfig, McuConfig],
+    "personalize": PERSONALIZE,
+}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -115,3 +126,86 @@ def test_export_options_one_object_or_keywords():
             ExportOptions(**bad)
     with pytest.raises(InputError, match="options must be an ExportOptions"):
         ExportOptions.of({"strict": True})
+
+
+PERSONALIZE_ARGS = ["personalize", "b.edgetl", "--data", "d", "--store", "s"]
+
+
+def test_personalize_flags_build_the_configs_the_api_builds():
+    """Every flag README types keeps its name; the values land in the library's dataclasses."""
+    args = parse_args(
+        [*PERSONALIZE_ARGS, "--no-keep-examples", "--add-classes", "--adapt", "auto", "--holdout", "0.4",
+         "--epochs", "9", "--batch-size", "4", "--learning-rate", "0.01", "--optimizer", "adam", "--l2", "0.5",
+         "--alpha", "0.1", "--forget-margin", "0.02", "--margin", "1", "--mislabel", "warn"]
+    )  # fmt: skip
+    assert PersonalizeOptions(**option_values(PersonalizeOptions, args)) == PersonalizeOptions(
+        keep_examples=False, add_classes=True, adapt="auto", holdout_fraction=0.4
+    )
+    assert TrainSettings(**option_values(TrainSettings, args)) == TrainSettings(
+        epochs=9, batch_size=4, learning_rate=0.01, optimizer="adam", l2=0.5
+    )
+    assert GuardPolicy(**option_values(GuardPolicy, args)) == GuardPolicy(
+        alpha=0.1, forget_tolerance=0.02, user_tolerance=1.0, mislabel="warn"
+    )
+
+
+def test_personalize_defaults_are_the_dataclass_defaults():
+    args = parse_args(PERSONALIZE_ARGS)
+    for cls in PERSONALIZE:
+        assert cls(**option_values(cls, args)) == cls(), cls.__name__
+    # the numbers behind them, so a default changed in one place shows here
+    assert (args.holdout_fraction, args.epochs, args.user_tolerance, args.forget_tolerance, args.alpha) == (
+        PersonalizeOptions.holdout_fraction,
+        TrainSettings.epochs,
+        GuardPolicy.user_tolerance,
+        GuardPolicy.forget_tolerance,
+        GuardPolicy.alpha,
+    )
+    assert args.keep_examples is True and args.add_classes is False and args.adapt == "head"
+
+
+@pytest.mark.parametrize("cls", PERSONALIZE)
+def test_a_field_added_to_a_personalize_config_becomes_a_flag(cls, monkeypatch):
+    """The personalize parser is built from the dataclasses, not written out: a subclass with
+    one more option field, put where the CLI looks, gives `personalize` one more flag."""
+    from dataclasses import dataclass
+
+    from edgetl._options import option
+
+    module = __import__(cls.__module__, fromlist=[cls.__name__])
+
+    @dataclass(frozen=True)
+    class Extended(cls):
+        warmup_steps: int = option(3, help="an option field added for this test")
+
+    monkeypatch.setattr(module, cls.__name__, Extended)
+    help_text = _subparser("personalize").format_help()
+    assert "--warmup-steps" in help_text and "an option field added for this test" in help_text
+    assert parse_args(PERSONALIZE_ARGS).warmup_steps == 3
+    args = parse_args([*PERSONALIZE_ARGS, "--warmup-steps", "7"])
+    assert option_values(Extended, args)["warmup_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--epochs", "0"], ["epochs=0", "must be a positive integer"]),
+        (["--epochs", "two"], ["--epochs", "'two'", "invalid int value"]),
+        (["--optimizer", "rmsprop"], ["--optimizer", "'rmsprop'", "choose from", "sgd", "adam"]),
+        (["--adapt", "sideways"], ["--adapt", "'sideways'", "choose from", "head", "tail", "auto"]),
+        (["--mislabel", "ignore"], ["--mislabel", "'ignore'", "choose from", "refuse", "warn", "off"]),
+        (["--learning-rate", "50"], ["received 50.0", "must be in (0, 10)"]),
+        (["--holdout", "1.5"], ["received 1.5", "must be in [0, 1)", "(--holdout sets holdout_fraction)"]),
+        (["--margin", "-0.1"], ["received -0.1", "must be in [0, 1]", "(--margin sets user_tolerance)"]),
+        (["--forget-margin", "2"], ["received 2.0", "must be in [0, 1]", "(--forget-margin sets forget_tolerance)"]),
+        (["--alpha", "1"], ["received 1.0", "alpha must be in (0, 1)"]),
+    ],
+)
+def test_personalize_refuses_a_bad_value_naming_what_it_received_and_allows(flags, said, capsys):
+    """Checked before the bundle is opened (there is none here): exit 2 and one line saying
+    what was received and what is allowed, naming the flag typed when the field differs."""
+    assert main([*PERSONALIZE_ARGS, *flags]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse prints its usage above
+    assert last.startswith("edgetl personalize: error: ") and all(part in last for part in said), err
+    assert "Traceback" not in err
