@@ -641,7 +641,8 @@ def _store_verify(store: Any, args: argparse.Namespace) -> int:
     versions = store.verified_versions()  # SQLite's integrity check, then every version's sha256
     x, labels = store.kept_examples()  # every example's sha256
     print(f"active version {store.active_version}; stack {store.rollback_stack()}")
-    print(f"versions {sorted(versions)} verified")
+    tails = sorted(n for n, head in versions.items() if head.tail is not None)
+    print(f"versions {sorted(versions)} verified" + (f" (with a trained tail layer: {tails})" if tails else ""))
     counts = {label: labels.count(label) for label in sorted(set(labels))}
     print(f"{len(labels)} kept examples verified: {json.dumps(counts)}")
     return 0

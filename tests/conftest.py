@@ -156,6 +156,56 @@ def restyled_user(digits_bundle):
     return (x[order[:50]], labels[order[:50]]), (x[order[50:]], labels[order[50:]])
 
 
+@pytest.fixture(scope="session")
+def tail_bundle(tmp_path_factory):
+    """A bundle whose backbone ends in a user CNN's Dense(64, relu): it has a trainable tail
+    (tools/tail_rates.py); with the guard tools' world of its digits (tools/guard_rates.py)."""
+    path = load_tool("tail_rates").build_tail_bundle(tmp_path_factory.mktemp("tail"))
+    from guard_rates import world
+
+    return path, world(path)
+
+
+TAIL_ROLES = ("trunk", "tail", "tail_infer", "tail_train_loop", "tail_init")
+
+
+@pytest.fixture(scope="session")
+def tail_migration_bundles(tail_bundle, tmp_path_factory):
+    """Bundles a store with a personalized tail migrates to, both with ``tail_bundle``'s
+    backbone: v2 of the same run with its tail files, and v2 without them (its manifest and
+    replay buffer as a bundle exported before tails existed, re-hashed)."""
+    import io
+
+    from guard_rates import digit_halves
+
+    from edgetl.bundle import read_bundle, write_bundle
+    from edgetl.bundle._tail import REPLAY_KEY
+    from edgetl.device._store import bundle_identity
+    from edgetl.host._export import export_bundle
+
+    base = tmp_path_factory.mktemp("tail_migration")
+    run = tail_bundle[0].parent / "tail_target0"  # tools/tail_rates.build_tail_bundle's run
+    with_tail = export_bundle(
+        run, base / "tail_v2.edgetl", quantize=["none"], calibration=digit_halves().train, version="2"
+    ).bundle
+    manifest = json.loads((with_tail.path / "manifest.json").read_text())
+    manifest.pop("tail")
+    manifest["name"] = "head_only_v2"
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
+    files = {a["file"]: (with_tail.path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    replay = next(a["file"] for a in manifest["artifacts"] if a["role"] == "replay")
+    with np.load(io.BytesIO(files[replay])) as z:
+        arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files[replay] = buffer.getvalue()
+    without_tail = write_bundle(base / "head_only_v2.edgetl", manifest, files)
+    old = read_bundle(tail_bundle[0])
+    assert with_tail.manifest.backbone_id == without_tail.manifest.backbone_id == old.manifest.backbone_id
+    assert bundle_identity(with_tail) != bundle_identity(old), "a re-export is a new bundle to migrate to"
+    return with_tail, read_bundle(without_tail.path)
+
+
 class Chromium:
     """Debian's headless Chromium, opening pages as a person would (tests of HTML reports)."""
 

@@ -2,7 +2,7 @@
 """Inject I/O errors into every write-path system call of the store's five operations, with
 strace, and check each outcome through the CLI alone.
 
-    python tools/fault_inject.py BUNDLE NEW_BUNDLE DATA.npz [--ops personalize,rollback] [--limit N]
+    python tools/fault_inject.py BUNDLE NEW_BUNDLE DATA.npz [--ops personalize,rollback] [--limit N] [--adapt tail]
 
 strace (an independent tool: ``apt-get install strace``) runs the real ``edgetl`` command
 and makes the N-th call of one system call fail: ``-e inject=SYSCALL:error=EIO:when=N``,
@@ -12,6 +12,10 @@ shared memory and journal) and on the command's report (stdout, redirected to a 
 ENOSPC for the writes (pwrite64, write, ftruncate). The five operations, each from a fresh
 copy of a store with two commits and kept examples: ``personalize`` (new examples),
 ``store rollback``, ``store reset``, ``store migrate NEW_BUNDLE``, ``store forget --label``.
+With ``--adapt tail`` (a BUNDLE with a trainable tail) every personalization, the template's
+two included, commits a head and tail layer: the ``tails`` table's row is written in each
+commit, carried by a migration to a NEW_BUNDLE with the same tail, removed by a forget, and
+``store verify`` names the versions that hold one.
 
 After each case, through the CLI only (``store history``, ``store verify``): no traceback;
 the state is the one before or the one after the operation (history, active version,
@@ -54,6 +58,7 @@ class Setup:
     data: Path  # the examples the personalize operation adds
     template: Path  # a store with two commits and kept examples
     work: Path
+    adapt: str = "head"  # what personalize trains (personalize --adapt): "tail" writes the tails table too
 
 
 def edgetl(*args: str, stdout: Any = subprocess.PIPE, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -64,8 +69,9 @@ def edgetl(*args: str, stdout: Any = subprocess.PIPE, prefix: tuple[str, ...] = 
 
 def op_args(op: str, s: Setup, store: Path) -> list[str]:
     if op == "personalize":
+        # The guard opened (the sweep is about the store's writes: a commit's), what trains as asked.
         return ["personalize", str(s.bundle), "--data", str(s.data), "--store", str(store), "--margin", "1",
-                "--forget-margin", "1"]  # fmt: skip
+                "--forget-margin", "1", "--mislabel", "off", "--adapt", s.adapt]  # fmt: skip
     extra = {"migrate": [str(s.new_bundle)], "forget": ["--label", "7"]}.get(op, [])
     return ["store", op, "--store", str(store), *extra]
 
@@ -148,8 +154,9 @@ def run_case(s: Setup, op: str, case: tuple[str, str, int], before: str, after: 
     return "ok: after, reported as done" if not failed else "ok: after, error says it was committed"
 
 
-def make_template(bundle: Path, data: Path, work: Path) -> tuple[Path, Path]:
-    """Two commits with kept examples (two thirds of DATA); returns (template, the last third)."""
+def make_template(bundle: Path, data: Path, work: Path, adapt: str = "head") -> tuple[Path, Path]:
+    """Two commits with kept examples (two thirds of DATA; ``adapt``: what they train);
+    returns (template, the last third)."""
     import numpy as np
 
     with np.load(data) as z:
@@ -159,7 +166,8 @@ def make_template(bundle: Path, data: Path, work: Path) -> tuple[Path, Path]:
     for i, part in enumerate(thirds):
         np.savez(work / f"part{i}.npz", x=x[part], y=y[part])
     for i in (0, 1):
-        proc = edgetl(*op_args("personalize", Setup(bundle, bundle, work / f"part{i}.npz", template, work), template))
+        setup = Setup(bundle, bundle, work / f"part{i}.npz", template, work, adapt)
+        proc = edgetl(*op_args("personalize", setup, template))
         assert proc.returncode == 0, proc.stderr[-500:]
     return template, work / "part2.npz"
 
@@ -175,7 +183,8 @@ def sweep(
 ) -> dict[str, Any]:
     """Every case (or, with ``limit``, at most that many occurrences per syscall, spread over
     the run); ``faults``: only these (syscall, error) pairs (default: all); ``picked``: only
-    these (syscall, error, occurrence) cases, a negative occurrence counting from the last."""
+    these (syscall, error, occurrence) cases, a negative occurrence counting from the last, a
+    fraction in (0, 1) at that share of the calls (0.5: the middle one)."""
     faults = faults or [(sc, err) for sc in SYSCALLS for err in ("EIO", "ENOSPC") if err == "EIO" or sc in WRITES]
     results: dict[str, Any] = {"cases": 0, "failures": [], "by_op": {}, "outcomes": Counter()}
     before, _ = state(fresh(s, "before"))
@@ -183,7 +192,7 @@ def sweep(
         counts, after = trace_counts(s, op)
         cases = [(sc, err, n) for sc, err in faults for n in spread(counts.get(sc, 0), limit)]
         if picked is not None:
-            cases = [(sc, err, n if n > 0 else counts[sc] + 1 + n) for sc, err, n in picked if counts.get(sc)]
+            cases = [(sc, err, occurrence(n, counts[sc])) for sc, err, n in picked if counts.get(sc)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(jobs) as pool:  # each case in its own store copy
             problems = list(pool.map(lambda case: run_case(s, op, case, before, after), cases))
@@ -196,6 +205,13 @@ def sweep(
         results["cases"] += len(cases)
         echo(f"{op}: {len(cases)} cases over {dict(counts)} in {time.perf_counter() - t0:.0f}s")
     return results
+
+
+def occurrence(n: float, count: int) -> int:
+    """The call a picked case means: ``n`` >= 1 itself, negative from the last, a fraction that share of ``count``."""
+    if 0 < n < 1:
+        return max(1, round(n * count))
+    return int(n) if n >= 1 else count + 1 + int(n)
 
 
 def spread(count: int, limit: int | None) -> list[int]:
@@ -212,6 +228,9 @@ def main() -> int:
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--limit", type=int, help="at most this many occurrences per syscall (default: every one)")
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
+    parser.add_argument(
+        "--adapt", choices=("head", "tail"), default="head", help="tail: every personalization commits a tail layer"
+    )
     args = parser.parse_args()
     if shutil.which("strace") is None:
         print("strace is not installed: apt-get install strace")
@@ -219,8 +238,8 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        template, part = make_template(args.bundle, args.data, work)
-        s = Setup(args.bundle, args.new_bundle, part, template, work)
+        template, part = make_template(args.bundle, args.data, work, args.adapt)
+        s = Setup(args.bundle, args.new_bundle, part, template, work, args.adapt)
         results = sweep(s, args.ops.split(","), args.limit, args.jobs)
     print(
         json.dumps({"cases": results["cases"], "outcomes": results["outcomes"], "failures": len(results["failures"])})

@@ -9,6 +9,11 @@ A device that personalized bundle A receives bundle B:
   and the guard decides against B's factory head, as a commit would.
 - Without kept examples (or when the guard refuses): B's factory head, with a message.
 
+A version that also trained the backbone's last layer (a tail, issue 24) carries over only
+to a bundle with the same backbone and the tail's files. Anywhere else the store keeps
+head-only, and the migration's reason says so, once (B has no trainable tail, or its
+backbone differs: ``personalize --adapt tail`` trains a new one).
+
 Whatever the path, the switch is one transaction of the store
 (:meth:`HeadStore.switch_bundle`): until it commits the store is A's, untouched; after it,
 B's. This module decides; only :mod:`edgetl.device._store` writes.
@@ -83,6 +88,7 @@ def migrate(
         trained_on = next((h.get("metrics", {}).get("example_labels", []) for h in store.history() if
                            h["version"] == active and h["action"] in ("commit", "migrate")), [])  # fmt: skip
         return _switch(store, new_bundle, head, "carried_over", why, None, {**entry, "example_labels": trained_on})
+    entry["tail_dropped"] = _tail_dropped(head, new_bundle)
     x, labels = store.kept_examples()
     if not labels:
         why = "no kept examples to rebuild the personalized head from" if head is not None else "no personalized head"
@@ -105,6 +111,17 @@ def _same_embedding(store: HeadStore, head: HeadState, new: Bundle) -> bool:
     # files; otherwise the head is rebuilt from the kept examples (head-only).
     tail_ok = head.tail is None or bool((new.manifest.extra.get("tail") or {}).get("available"))
     return bool(old_id) and old_id == new_id and head.W.shape == factory.W.shape and same_labels and tail_ok
+
+
+def _tail_dropped(head: HeadState | None, new: Bundle) -> str:
+    """Why the active version's trained tail layer does not move to ``new`` ("" when it has none)."""
+    if head is None or head.tail is None:
+        return ""
+    section = new.manifest.extra.get("tail") or {}
+    if not section.get("available"):
+        why = section.get("reason", "it was exported before tails existed")
+        return f"bundle {new.name!r} has no trainable tail ({why})"
+    return "its backbone differs, and a migration rebuilds the head only"
 
 
 def _retrain(
@@ -148,5 +165,8 @@ def _switch(
     decision: Any,
     entry: dict[str, Any],
 ) -> Migration:
+    dropped = entry.pop("tail_dropped", "")
+    if dropped:  # said once, in the reason (printed by `store migrate`, kept in the history)
+        reason = f"head only: the personalized tail layer does not carry over ({dropped}); {reason}"
     number = store.switch_bundle(new, head, {**entry, "kind": kind, "reason": reason})
     return Migration(kind, number, new.name, reason, decision)

@@ -1,4 +1,4 @@
-"""The trainable tail (issue 24): a backbone with an eligible last layer, built here, exports a
+"""The trainable tail (issue 24): a backbone with an eligible last layer, built by the tests, exports a
 tail that both runtimes train to the same weights; a user head-only cannot reach gains with
 the tail, and the guard accepts it; an ineligible backbone stays head-only and says why."""
 
@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_tool
 
 from edgetl.bundle import _tail as T
 from edgetl.errors import BundleError
 
-
-@pytest.fixture(scope="module")
-def tail_bundle(tmp_path_factory):
-    tool = load_tool("tail_rates")
-    path = tool.build_tail_bundle(tmp_path_factory.mktemp("tail"))
-    from guard_rates import world
-
-    return path, world(path)
+# tail_bundle (tests/conftest.py, session): the built bundle's path and the guard tools' world of it.
 
 
 def test_export_splits_the_dense_embedding_and_verifies_both_runtimes(tail_bundle):

@@ -79,6 +79,69 @@ def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
         kill.check_store(half, bundle, factory, 3)
 
 
+TAIL = (1024, 64)  # the tail layer of the test CNN (tools/tail_rates.py): 256 KiB, ~64 pages per commit
+
+
+@pytest.mark.slow  # SIGKILLed tail commits, ~25 s
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
+def test_store_survives_kills_during_tail_commits(tmp_path, digits_bundle):
+    """Every commit also writes a tail layer (the ``tails`` row of its version, same
+    transaction): after a kill at random or inside any write of the commit, every version
+    holds its own whole tail, the previous version is intact, and no tail is half-written."""
+    stats = load_tool("kill_test").run(
+        digits_bundle[0].path, tmp_path, random_kills=4, per_step=1, sample=10, tail_shape=TAIL
+    )
+    per_commit = stats["syscalls_per_commit"]
+    assert per_commit["pwrite64"] >= 64, per_commit  # the tail's pages are written inside the commit
+    assert stats["kills_by_kind"].get("pwrite64 of a commit", 0) >= 2 and stats["commits_seen"] > 0, stats
+
+
+def test_the_kill_check_sees_a_damaged_tail(tmp_path, digits_bundle):
+    """check_store refuses a version that lost its tail row, a tail holding another version's
+    layer (re-hashed, so only the content check can see it), and a tail where none was committed."""
+    import hashlib
+    import sqlite3
+    from dataclasses import replace
+
+    import numpy as np
+
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
+
+    kill = load_tool("kill_test")
+    bundle = digits_bundle[0]
+    factory = HeadState.factory(bundle)
+    shape = (16, 4)
+    good = tmp_path / "good"
+    store = HeadStore(good, bundle)
+    x = np.zeros((3, 8, 8, 1), np.uint8)
+    for step in (1, 2):
+        x[:, 0, 0, 0] = np.arange(3) + 10 * step
+        tail = {"W1": np.full(shape, step, np.float32), "b1": np.full(shape[1:], -step, np.float32)}
+        head = replace(factory, W=factory.W + np.float32(step), tail=tail)
+        store.commit(head, {"step": step}, examples=(x, [f"s{step}"] * 3))
+    store.close()
+    assert kill.check_store(good, bundle, factory, 2, shape)["versions"] == 2
+    with pytest.raises(AssertionError, match="committed without a tail layer and has one"):
+        kill.check_store(good, bundle, factory, 2, None)
+
+    def damaged(name, sql, *args):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        with sqlite3.connect(path / "store.db") as db:
+            db.execute(sql, args)
+        return path
+
+    with pytest.raises(AssertionError, match="version 1 lost its tail layer"):
+        kill.check_store(damaged("lost", "DELETE FROM tails WHERE version = 1"), bundle, factory, 2, shape)
+    w1, b1 = np.full(shape, 2, np.float32).tobytes(), np.full(shape[1:], -1, np.float32).tobytes()
+    mixed = damaged(
+        "mixed", "UPDATE tails SET W1 = ?, sha256 = ? WHERE version = 1", w1, hashlib.sha256(w1 + b1).hexdigest()
+    )
+    with pytest.raises(AssertionError, match="version 1's tail layer holds another version's weights or a mix"):
+        kill.check_store(mixed, bundle, factory, 2, shape)
+
+
 # ----------------------------------------------------------------------------- fuzzing
 
 # Operations on a bundle directory or archive (read_bundle, unpack_bundle): fast, 20 per kind.

@@ -38,6 +38,37 @@ def test_injected_io_errors_leave_the_state_before_or_after_and_say_which(
     assert sum(n for outcome, n in results["outcomes"].items() if outcome.startswith("ok")) == results["cases"]
 
 
+@pytest.fixture(scope="module")
+def tail_faults(tmp_path_factory, tail_bundle, tail_migration_bundles, user_npz):
+    """The sweep's setup on a bundle with a trainable tail: a template store with two tail
+    versions (head and layer) and kept examples; migrate moves to v2 of the same run, whose
+    tail files let the tail carry over (a tails row written in the migration's transaction)."""
+    fi = load_tool("fault_inject")
+    work = tmp_path_factory.mktemp("tail_faults")
+    template, part = fi.make_template(tail_bundle[0], user_npz, work, adapt="tail")
+    return fi.Setup(tail_bundle[0], tail_migration_bundles[0].path, part, template, work, adapt="tail")
+
+
+@pytest.mark.slow  # strace on the three operations that write the tails table, ~60 s
+@needs_strace
+def test_injected_io_errors_during_tail_writes_leave_the_previous_version_whole(tail_faults):
+    """personalize --adapt tail (a new version and its tails row), migrate (the tail carried
+    over) and forget (tails rows deleted with their versions), each failed inside the write
+    of the tail's pages (the middle pwrite64: the layer is 256 KiB of the commit's ~300) and
+    at its last write (disk full): the store is the one before (both earlier tail versions
+    whole: `store verify` checks every version's and tail's sha256 and lists the versions
+    holding a tail) or the one after, and says which."""
+    fi = load_tool("fault_inject")
+    before, _ = fi.state(fi.fresh(tail_faults, "tails"))
+    assert "verified (with a trained tail layer: [1, 2])" in before, before
+    picked = [("pwrite64", "EIO", 0.5), ("pwrite64", "ENOSPC", -1)]
+    results = fi.sweep(tail_faults, ["personalize", "migrate", "forget"], jobs=2, picked=picked)
+    assert results["failures"] == [], results["failures"]
+    assert results["cases"] == 3 * 2, results["by_op"]
+    assert results["by_op"]["personalize"]["syscalls"]["pwrite64"] >= 64, results["by_op"]  # the tail's pages
+    assert sum(n for outcome, n in results["outcomes"].items() if outcome.startswith("ok")) == results["cases"]
+
+
 @needs_strace
 def test_the_fault_check_sees_a_lie(tmp_path, digits_bundle, user_npz):
     """run_case refuses a message contradicted by the state: an operation that ran without

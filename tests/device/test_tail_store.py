@@ -1,0 +1,106 @@
+"""A store holding a personalized tail (issue 24) through migration and rollback: to a bundle
+with the same backbone and tail files the tail carries over and predictions run through it; to
+one without tail files the store keeps head-only and says so once; rollback brings the
+previous version's tail back. The bundles are the session's (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edgetl.bundle import read_bundle
+from edgetl.cli import main
+from edgetl.device import Classifier, GuardPolicy, HeadStore, Personalizer, migrate
+from edgetl.device._tail import personalize
+from edgetl.errors import StoreError
+
+OPEN = GuardPolicy(forget_tolerance=1.0, user_tolerance=1.0, mislabel="off")  # commits whatever trains
+USERS = (("thick_slant", 0), ("shift", 1))  # two commits, each by another user style, 10 per class
+
+
+def _user_examples(w, kind: str, seed: int):
+    from guard_rates import draw, draw_style
+
+    idx, y = draw(w, 10, np.random.default_rng(seed), False)
+    return draw_style(kind, w.pool_x[idx], [seed, 10, 1]), [str(v) for v in y]
+
+
+@pytest.fixture(scope="module")
+def tail_store(tail_bundle, tmp_path_factory):
+    """A store with two tail versions (guard opened: this is about the store, not the verdict),
+    examples kept; and what each version predicted on test images when it was committed."""
+    path, w = tail_bundle
+    store = tmp_path_factory.mktemp("tail_store") / "store"
+    test_x = w.test_x[::4]
+    seen = {}
+    for kind, seed in USERS:
+        clf = Classifier.open(path, store=store)
+        x, labels = _user_examples(w, kind, seed)
+        result = personalize(Personalizer(clf, store, guard=OPEN), x, labels, adapt="tail")
+        assert result.accepted and result.evidence["adapt"] == "tail", result.reason
+        seen[result.version] = (clf.head.tail["W1"].copy(), clf.predict(test_x).probabilities)
+    assert sorted(seen) == [1, 2] and not np.array_equal(seen[1][0], seen[2][0])
+    return store, test_x, seen
+
+
+def _copy(tail_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(tail_store[0], store)
+    return store
+
+
+def test_rollback_restores_the_previous_versions_tail(tail_bundle, tail_store, tmp_path):
+    test_x, seen = tail_store[1], tail_store[2]
+    store_dir = _copy(tail_store, tmp_path)
+    bundle = read_bundle(tail_bundle[0])
+    store = HeadStore(store_dir, bundle)
+    assert store.active().number == 2
+    assert store.rollback() == 1
+    np.testing.assert_array_equal(store.active().head.tail["W1"], seen[1][0])
+    clf = Classifier.open(bundle.path, store=store_dir)
+    assert clf.head_version == 1
+    np.testing.assert_allclose(clf.predict(test_x).probabilities, seen[1][1], atol=1e-6)
+    assert store.reset() == 0 and Classifier.open(bundle.path, store=store_dir).head.tail is None
+    assert store.rollback() == 1 and store.active().head.tail is not None  # undoing the reset brings it back
+
+
+def test_a_tail_carries_over_to_a_bundle_with_the_same_tail_and_predictions_use_it(
+    tail_bundle, tail_store, tail_migration_bundles, tmp_path
+):
+    test_x, seen = tail_store[1], tail_store[2]
+    store_dir = _copy(tail_store, tmp_path)
+    with_tail, _ = tail_migration_bundles
+    result = migrate(HeadStore(store_dir, read_bundle(tail_bundle[0])), with_tail)
+    assert result.kind == "carried_over" and "tail" not in result.reason, result.describe()
+    moved = HeadStore(store_dir, with_tail).active()
+    assert moved.number == 3
+    np.testing.assert_array_equal(moved.head.tail["W1"], seen[2][0])
+    clf = Classifier.open(with_tail.path, store=store_dir)
+    assert clf.head_version == 3 and clf.head.tail is not None
+    carried = clf.predict(test_x)
+    np.testing.assert_allclose(carried.probabilities, seen[2][1], atol=1e-6)  # as on the old bundle
+    clf.set_head(replace(clf.head, tail=None), 3)  # the same head without its layer predicts otherwise
+    assert not np.allclose(clf.predict(test_x).probabilities, carried.probabilities, atol=1e-3)
+
+
+def test_a_bundle_without_tail_files_keeps_head_only_and_says_so_once(
+    tail_bundle, tail_store, tail_migration_bundles, tmp_path, capsys
+):
+    test_x = tail_store[1]
+    store_dir = _copy(tail_store, tmp_path)
+    _, head_only = tail_migration_bundles
+    assert main(["store", "migrate", "--store", str(store_dir), str(head_only.path)]) == 0
+    out = capsys.readouterr().out
+    said = "head only: the personalized tail layer does not carry over (bundle 'head_only_v2' has no trainable tail"
+    assert out.count(said) == 1 and out.count("does not carry over") == 1, out
+    assert "it was exported before tails existed" in out
+    store = HeadStore(store_dir, head_only)
+    assert store.active().head.tail is None and store.history()[-1]["reason"].count(said) == 1
+    assert out.startswith(("retrained:", "factory:")), out  # rebuilt from the kept examples, or the factory head
+    clf = Classifier.open(head_only.path, store=store_dir)
+    assert clf.head.tail is None and len(clf.predict(test_x).labels) == len(test_x)
+    with pytest.raises(StoreError, match="nothing to roll back to"):
+        store.rollback()  # the old bundle's versions (and their tails) cannot run with the new one
