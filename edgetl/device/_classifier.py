@@ -130,6 +130,7 @@ class Classifier:
         store: str | os.PathLike[str] | None = None,
         threads: int | None = None,
         trust: Any = None,
+        new_store: bool = False,
     ) -> "Classifier":
         """Open and verify a bundle; with ``store``, load its active head (checksum-verified).
 
@@ -140,15 +141,28 @@ class Classifier:
             precision: which exported precision to run (``bundle.precisions()``), or
                 ``"auto"``: with ``"auto"`` either way, the configuration comes from
                 :func:`edgetl.device.advise` (measured on this machine once, then cached).
-            store: a head store directory: start from its active (personalized) head.
+            store: a head store directory: start from its active (personalized) head. A
+                directory that does not exist is refused (a typo would otherwise run the
+                factory head without a word), unless ``new_store``.
             threads: runtime threads (default: the runtime's choice).
             trust: trusted Ed25519 public key(s): refuse a bundle not signed by one of them.
+            new_store: ``store`` may not exist yet (a first run): the factory head is active,
+                and a :class:`Personalizer` on that directory creates the store at its first
+                commit. Opening writes nothing either way.
+
+        Raises:
+            InputError: ``store`` does not exist and ``new_store`` is false.
 
         Example (what a device runs; no TensorFlow)::
 
             clf = Classifier.open("digits.edgetl", backend="litert", precision="int8")
             clf.predict(np.zeros((8, 8, 1), np.uint8)).labels
         """
+        if store is not None and not new_store and not os.path.exists(store):
+            raise InputError(
+                f"store {os.fspath(store)!r} does not exist; a Personalizer creates it at its first commit. Pass "
+                "new_store=True to start there from the factory head, or omit store for the factory head alone"
+            )
         bundle = read_bundle(path, trust=trust)
         advice = None
         if backend == "auto" or precision == "auto":

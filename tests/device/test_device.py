@@ -101,6 +101,23 @@ def test_personalization_improves_the_new_user_and_commits(tmp_path, digits_bund
     np.testing.assert_array_equal(reopened.head.W, clf.head.W)
 
 
+def test_open_refuses_a_store_that_does_not_exist_unless_it_is_a_new_one(tmp_path, digits_bundle, user):
+    """A typo in ``store=`` would run the factory head without a word (the CLI refuses it too):
+    refused, naming the path and the two ways out; ``new_store=True`` is a first run, whose
+    Personalizer creates the store; a store that exists opens as before."""
+    bundle = digits_bundle[0]
+    typo = tmp_path / "haeds"
+    with pytest.raises(InputError, match=r"store '.*haeds' does not exist; a Personalizer creates it.*new_store=True"):
+        Classifier.open(bundle.path, store=typo)
+    assert not typo.exists()  # refusing wrote nothing
+    first = Classifier.open(bundle.path, store=tmp_path / "heads", new_store=True)
+    assert first.head_version == 0 and not (tmp_path / "heads").exists()  # opening writes nothing
+    (x, y), _ = user
+    assert Personalizer(first, tmp_path / "heads", margin=1.0).personalize(x, y).version == 1
+    for new_store in (False, True):  # an existing store: its active head, whatever the flag
+        assert Classifier.open(bundle.path, store=tmp_path / "heads", new_store=new_store).head_version == 1
+
+
 def test_onnxruntime_and_litert_heads_train_to_the_same_weights(digits_bundle, user):
     (x, y), _ = user
     bundle = digits_bundle[0]

@@ -37,7 +37,7 @@ def tail_store(tail_bundle, tmp_path_factory):
     test_x = w.test_x[::4]
     seen = {}
     for kind, seed in USERS:
-        clf = Classifier.open(path, store=store)
+        clf = Classifier.open(path, store=store, new_store=True)  # the first commit creates it
         x, labels = _user_examples(w, kind, seed)
         result = personalize(Personalizer(clf, store, guard=OPEN), x, labels, adapt="tail")
         assert result.accepted and result.evidence["adapt"] == "tail", result.reason
