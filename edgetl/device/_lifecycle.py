@@ -11,8 +11,8 @@ A device that personalized bundle A receives bundle B:
 
 A version that also trained the backbone's last layer (a tail, issue 24) carries over only
 to a bundle with the same backbone and the tail's files. Anywhere else the store keeps
-head-only, and the migration's reason says so, once (B has no trainable tail, or its
-backbone differs: ``personalize --adapt tail`` trains a new one).
+head-only, and the migration's reason says so, once (B has no trainable tail, or another
+backbone, labels or head shape: ``personalize --adapt tail`` trains a new one).
 
 Whatever the path, the switch is one transaction of the store
 (:meth:`HeadStore.switch_bundle`): until it commits the store is A's, untouched; after it,
@@ -121,7 +121,7 @@ def _tail_dropped(head: HeadState | None, new: Bundle) -> str:
     if not section.get("available"):
         why = section.get("reason", "it was exported before tails existed")
         return f"bundle {new.name!r} has no trainable tail ({why})"
-    return "its backbone differs, and a migration rebuilds the head only"
+    return f"bundle {new.name!r} has another backbone, labels or head shape, and a migration rebuilds the head only"
 
 
 def _retrain(

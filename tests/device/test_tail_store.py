@@ -104,3 +104,20 @@ def test_a_bundle_without_tail_files_keeps_head_only_and_says_so_once(
     assert clf.head.tail is None and len(clf.predict(test_x).labels) == len(test_x)
     with pytest.raises(StoreError, match="nothing to roll back to"):
         store.rollback()  # the old bundle's versions (and their tails) cannot run with the new one
+
+
+def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migration_bundles, digits_bundle):
+    """Nothing to say without a tail; a bundle without one, named with its manifest's reason;
+    a bundle with a tail the migration does not carry to (another backbone: retrained head-only)."""
+    from edgetl.device import HeadState
+    from edgetl.device._lifecycle import _tail_dropped
+
+    with_tail, head_only = tail_migration_bundles
+    factory = HeadState.factory(with_tail)
+    tailed = replace(factory, tail={"W1": np.zeros((1024, 64), np.float32), "b1": np.zeros(64, np.float32)})
+    assert _tail_dropped(None, head_only) == _tail_dropped(factory, head_only) == ""
+    assert _tail_dropped(tailed, head_only) == (
+        "bundle 'head_only_v2' has no trainable tail (it was exported before tails existed)"
+    )
+    assert "(the embedding comes from Flatten" in _tail_dropped(tailed, digits_bundle[0])  # its manifest's reason
+    assert "another backbone, labels or head shape" in _tail_dropped(tailed, with_tail)
