@@ -44,10 +44,10 @@ def user_cnn(path: Path, seed: int = 0, epochs: int = 15, embedding: str = "dens
     (``embedding="dense"``), or conv -> 1x1 Conv2D(64) -> BatchNormalization -> ReLU6 -> global
     average pooling -> softmax (``"conv"``, MobileNetV2's last block in small)."""
     from edgetl.data import load_digits_dataset
-    from edgetl.host._tf import keras, tf
+    from edgetl.host._tf import keras
 
-    tf().random.set_seed(seed)
     k = keras()
+    k.utils.set_random_seed(seed)  # Python, numpy and TensorFlow: the same weights in every process
     d = load_digits_dataset((0, 1, 2, 3, 4))
     inputs = k.Input((8, 8, 1), name="pixels")
     x = k.layers.Rescaling(1.0 / 255.0)(inputs)

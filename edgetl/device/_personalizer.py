@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgetl.bundle import _contract as C
 from edgetl.device._classifier import Classifier
 from edgetl.device._guard import (
     SCORE_NAMES,
@@ -120,7 +121,7 @@ class Personalizer:
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
         if self.classifier.head.tail is not None:  # the active version's tail layer gives the embeddings
-            trunk = self.classifier.bundle.arrays("replay", ("trunk",))["trunk"]
+            trunk = self.classifier.bundle.arrays("replay", (C.TRUNK,))[C.TRUNK]
             emb = self.classifier.tail_embed(trunk, self.classifier.head)
         return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 

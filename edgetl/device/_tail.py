@@ -64,21 +64,21 @@ class TailRuntime:
             )
         self.fmt, self.activation = fmt, activation
         if fmt == "onnx":
-            self._trunk = onnx_session(models["trunk"], threads=threads)
+            self._trunk = onnx_session(models[C.TRUNK], threads=threads)
             self._infer = onnx_session(models["infer"], threads=threads)
             self._train = {opt: onnx_session(models[f"train_{opt}"], threads=threads) for opt in ("sgd", "adam")}
         else:
-            self._trunk = litert_interpreter(models["trunk"], threads=threads, allocate=False)
+            self._trunk = litert_interpreter(models[C.TRUNK], threads=threads, allocate=False)
             self._tail = litert_interpreter(models["tail"], threads=threads, allocate=False)
 
     @classmethod
     def from_files(cls, files: Mapping[str, Any], fmt: str, activation: str) -> "TailRuntime":
         """From export's in-memory ``{file: (content, ...)}``."""
         if fmt == "onnx":
-            models = {"trunk": files["trunk.fp32.onnx"][0], "infer": files[T.INFER_FILE][0]}
+            models = {C.TRUNK: files["trunk.fp32.onnx"][0], "infer": files[T.INFER_FILE][0]}
             models.update({f"train_{o}": files[T.TRAIN_FILE.format(optimizer=o)][0] for o in ("sgd", "adam")})
         else:
-            models = {"trunk": files["trunk.fp32.tflite"][0], "tail": files[T.TFLITE_FILE][0]}
+            models = {C.TRUNK: files["trunk.fp32.tflite"][0], "tail": files[T.TFLITE_FILE][0]}
         return cls(models, fmt, activation)
 
     @classmethod
@@ -92,10 +92,10 @@ class TailRuntime:
         fmt = "onnx" if backend == "onnxruntime" else "tflite"
         path = Path(bundle.path)
         if fmt == "onnx":
-            models = {"trunk": path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
+            models = {C.TRUNK: path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
             models.update({f"train_{o}": path / T.TRAIN_FILE.format(optimizer=o) for o in ("sgd", "adam")})
         else:
-            models = {"trunk": path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
+            models = {C.TRUNK: path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
         return cls(models, fmt, section["activation"], threads)
 
     @staticmethod
@@ -113,8 +113,8 @@ class TailRuntime:
         return _run_signature(self._trunk, None, input=x)
 
     def probabilities(self, weights: Mapping[str, np.ndarray], trunk: np.ndarray) -> np.ndarray:
-        feed = {k: np.asarray(weights[k], np.float32) for k in T.INFER_INPUTS if k != "trunk"}
-        feed["trunk"] = np.asarray(trunk, np.float32)
+        feed = {k: np.asarray(weights[k], np.float32) for k in T.INFER_INPUTS if k != C.TRUNK}
+        feed[C.TRUNK] = np.asarray(trunk, np.float32)
         if self.fmt == "onnx":
             return self._infer.run(None, feed)[0]
         return _run_signature(self._tail, "infer", **feed)[C.PROBABILITIES]
@@ -147,7 +147,7 @@ class TailRuntime:
     @staticmethod
     def _feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum) -> dict[str, np.ndarray]:  # noqa: ANN001
         f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-        feed = {"trunk": f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
+        feed = {C.TRUNK: f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
         feed.update({k: f32(weights[k]) for k in T.CONSTANTS})
         feed.update({anchor: f32(weights.get(anchor, weights[w])) for w, anchor in T.ANCHORS.items()})
         feed.update(lr=f32(lr), l2=f32(l2))
@@ -213,13 +213,13 @@ class TailPersonalizer:
         bundle = personalizer.classifier.bundle
         backend = personalizer.classifier.backend
         self.runtime = TailRuntime.from_bundle(bundle, backend, threads)
-        init = bundle.arrays("tail_init", ("W1", "b1", "mean", "inv_std"))
+        init = bundle.arrays("tail_init", (C.TAIL_W, C.TAIL_B, C.SEAM_MEAN, C.SEAM_INV_STD))
         self.init = {k: v.astype(np.float32) for k, v in init.items()}
         positions = int((bundle.manifest.extra.get("tail") or {}).get("positions", 1))
-        self.replay_trunk = np.zeros((0, positions, self.init["W1"].shape[0]), np.float32)
+        self.replay_trunk = np.zeros((0, positions, self.init[C.TAIL_W].shape[0]), np.float32)
         if len(personalizer.replay_labels):
             self.replay_trunk = bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].astype(np.float32)
-            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init["W1"].shape[0]):
+            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init[C.TAIL_W].shape[0]):
                 raise BundleError(f"replay.npz: trunk has shape {self.replay_trunk.shape}, not one row per example")
         self.candidate: TailCandidate | None = None
         self._user_trunk: np.ndarray | None = None
@@ -238,7 +238,7 @@ class TailPersonalizer:
         """Where training starts: the head being extended and the active version's tail layer
         (the bundle's, if it has none); the L2 pulls toward the factory head and layer."""
         base = self.p._base
-        layer = base.tail or {"W1": self.init["W1"], "b1": self.init["b1"]}
+        layer = base.tail or {C.TAIL_W: self.init[C.TAIL_W], C.TAIL_B: self.init[C.TAIL_B]}
         return {
             **self.init,
             **layer,
@@ -246,7 +246,7 @@ class TailPersonalizer:
             C.BIAS: base.b,
             C.MASK: base.mask,
             C.ANCHOR_ONNX: base.anchor,
-            "W1_0": self.init["W1"],
+            C.TAIL_ANCHOR: self.init[C.TAIL_W],
         }
 
     def candidate_head(self) -> Any:
@@ -254,7 +254,7 @@ class TailPersonalizer:
         if self.candidate is None:
             raise InputError("no candidate tail: call train() first")
         w = self.candidate.weights
-        tail = {"W1": np.asarray(w["W1"], np.float32), "b1": np.asarray(w["b1"], np.float32)}
+        tail = {C.TAIL_W: np.asarray(w[C.TAIL_W], np.float32), C.TAIL_B: np.asarray(w[C.TAIL_B], np.float32)}
         return replace(
             self.p._base, W=np.asarray(w[C.WEIGHTS], np.float32), b=np.asarray(w[C.BIAS], np.float32), tail=tail
         )

@@ -125,7 +125,7 @@ def _layer_weights(walk: _Walk, layer: Any) -> tuple[dict[str, np.ndarray], str]
         gamma, beta, mu, var = (np.asarray(v, np.float64) for v in _bn_parts(bn))
         scale = gamma / np.sqrt(var + bn.epsilon)
         W1, b1 = W1 * scale, (b1 - mu) * scale + beta
-    return {"W1": W1.astype(np.float32), "b1": b1.astype(np.float32)}, activation
+    return {C.TAIL_W: W1.astype(np.float32), C.TAIL_B: b1.astype(np.float32)}, activation
 
 
 def _bn_parts(bn: Any) -> tuple[np.ndarray, ...]:
@@ -184,7 +184,7 @@ def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
     if isinstance(found, str):
         return found
     weights, activation = found
-    seam = _seam(walk.norms, weights["W1"].shape[1])
+    seam = _seam(walk.norms, weights[C.TAIL_W].shape[1])
     if isinstance(seam, str):
         return seam
     try:
@@ -194,8 +194,8 @@ def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
     shape = [int(d) for d in layer.input.shape[1:]]
     positions, width = int(np.prod(shape[:-1])) if walk.pooled else 1, shape[-1]
     # trunk[N, P, F]: a pooled convolution's H x W positions, or P = 1 for a Dense layer.
-    trunk = k.Model(backbone.inputs, k.layers.Reshape((positions, width))(inner.output), name="trunk")
-    init = {**weights, "mean": seam[0], "inv_std": seam[1]}
+    trunk = k.Model(backbone.inputs, k.layers.Reshape((positions, width))(inner.output), name=C.TRUNK)
+    init = {**weights, C.SEAM_MEAN: seam[0], C.SEAM_INV_STD: seam[1]}
     split = TailSplit(trunk, layer.name, activation, init, positions)
     why = check_split(split, backbone, x)
     return why or split
@@ -205,7 +205,7 @@ def check_split(split: TailSplit, backbone: Any, x: np.ndarray) -> str | None:
     """``None`` when ``tail(trunk(x))`` reproduces the backbone's embeddings of ``x`` within
     :data:`SPLIT_TOLERANCE` (relative to the largest embedding), else what differs."""
     a = split.trunk.predict(x, verbose=0)
-    d = split.init["W1"].shape[1]
+    d = split.init[C.TAIL_W].shape[1]
     dummy_head = {C.WEIGHTS: np.zeros((d, 1)), C.BIAS: np.zeros(1), C.MASK: np.ones(1)}
     z = T.forward({**split.init, **dummy_head}, a, split.activation)["z"]
     want = backbone.predict(x, verbose=0)
@@ -222,13 +222,13 @@ def tail_files(
 ) -> dict[str, Any]:
     """``{file: (content, role, format, extra)}``: the trunk models and the tail's graphs."""
 
-    f, d = split.init["W1"].shape
+    f, d = split.init[C.TAIL_W].shape
     cap, act, p = head[0].shape[1], split.activation, split.positions
     buf = __import__("io").BytesIO()
     np.savez(buf, **split.init)
     files = {
-        "trunk.fp32.tflite": (convert.tflite(split.trunk), "trunk", "tflite", {}),
-        "trunk.fp32.onnx": (convert.onnx(split.trunk, opset), "trunk", "onnx", {}),
+        "trunk.fp32.tflite": (convert.tflite(split.trunk), C.TRUNK, "tflite", {}),
+        "trunk.fp32.onnx": (convert.onnx(split.trunk, opset), C.TRUNK, "onnx", {}),
         T.INIT_FILE: (buf.getvalue(), "tail_init", "npz", {}),
         T.INFER_FILE: (tail_infer_onnx(f, d, cap, act, p), "tail_infer", "onnx", {}),
         T.TFLITE_FILE: (tail_tflite(f, d, cap, act, p), "tail", "tflite", {"signatures": list(T.TFLITE_SIGNATURES)}),
@@ -317,7 +317,7 @@ def tail_step(
     artifacts = [
         convert.artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()
     ]
-    f, d = split.init["W1"].shape
+    f, d = split.init[C.TAIL_W].shape
     section = {
         "available": True,
         "layer": split.layer,
