@@ -222,6 +222,20 @@ def test_export_splits_a_pooled_1x1_convolution_with_batchnorm_and_relu6(conv_ta
     assert checks["sgd_onnx_vs_tflite"] <= 1e-5 and checks["adam_onnx_vs_tflite"] <= checks["adam_tolerance"]
     assert max(checks["sgd_onnx_vs_reference"], checks["sgd_tflite_vs_reference"]) <= checks["sgd_tolerance"]
     assert bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].shape[1:] == (16, 64)
+    # The files' interfaces are the contract's, in order (what docs/integration.md tabulates).
+    import onnxruntime as ort
+
+    from edgetl.bundle import _contract as C
+    from edgetl.device._runtimes import litert_interpreter
+
+    for opt in C.OPTIMIZERS:
+        session = ort.InferenceSession(str(bundle.path / C.TAIL_TRAIN_LOOP_FILE.format(optimizer=opt)))
+        assert [i.name for i in session.get_inputs()] == list(C.TAIL_LOOP_INPUTS[opt])
+        assert [o.name for o in session.get_outputs()] == list(C.TAIL_LOOP_OUTPUTS[opt])
+    signatures = litert_interpreter(bundle.path / C.TAIL_TFLITE_FILE, allocate=False).get_signature_list()
+    assert {k: set(v["inputs"]) for k, v in signatures.items()} == {
+        k: set(v) for k, v in C.TAIL_TFLITE_SIGNATURES.items()
+    }
 
 
 def _conv_backbone(stride: int = 1):
