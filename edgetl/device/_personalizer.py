@@ -103,6 +103,7 @@ class Personalizer:
             active = self.store.active()
         classifier.set_head(active.head, active.number)
         self._raw: list[tuple[np.ndarray, list[str]]] = []  # the user's inputs, kept at commit
+        self._embed = classifier.embed  # a TailPersonalizer embeds through its trunk pass instead (one pass)
         self.holdout_fraction, self.settings = holdout_fraction, settings
         self._emb = np.zeros((0, classifier.factory.W.shape[0]), np.float32)
         self._labels: list[str] = []
@@ -164,7 +165,7 @@ class Personalizer:
         self._cache(batch, labels)
 
     def _cache(self, batch: np.ndarray, labels: list[str]) -> None:
-        emb = self.classifier.embed(batch)
+        emb = self._embed(batch)
         self._emb = np.concatenate([self._emb, emb])
         self._labels += labels
         self._raw.append((batch, labels))
@@ -186,7 +187,7 @@ class Personalizer:
                 "with a larger max_classes"
             )
         batch = self.classifier.check_inputs(x)
-        emb = self.classifier.embed(batch)
+        emb = self._embed(batch)
         col = int(free[0])
         W, b, mask, anchor = base.W.copy(), base.b.copy(), base.mask.copy(), base.anchor.copy()
         W[:, col], b[col] = self._imprint(base, emb)

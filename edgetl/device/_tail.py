@@ -66,7 +66,7 @@ class TailRuntime:
         if fmt == "onnx":
             self._trunk = onnx_session(models[C.TRUNK], threads=threads)
             self._infer = onnx_session(models["infer"], threads=threads)
-            self._train = {opt: onnx_session(models[f"train_{opt}"], threads=threads) for opt in ("sgd", "adam")}
+            self._models, self._threads, self._train = models, threads, {}  # training sessions: made on first use
         else:
             self._trunk = litert_interpreter(models[C.TRUNK], threads=threads, allocate=False)
             self._tail = litert_interpreter(models["tail"], threads=threads, allocate=False)
@@ -138,6 +138,8 @@ class TailRuntime:
         order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
         feed = self._feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum)
         if self.fmt == "onnx":
+            if optimizer not in self._train:
+                self._train[optimizer] = onnx_session(self._models[f"train_{optimizer}"], threads=self._threads)
             session = self._train[optimizer]
             out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         else:
@@ -223,15 +225,34 @@ class TailPersonalizer:
                 raise BundleError(f"replay.npz: trunk has shape {self.replay_trunk.shape}, not one row per example")
         self.candidate: TailCandidate | None = None
         self._user_trunk: np.ndarray | None = None
+        # Examples added from now on go through the trunk once: their embeddings for the
+        # Personalizer (the head's candidate, the guard) come from it, not from a second,
+        # whole-backbone pass (profiled: on MobileNetV2 the two passes were most of the tail's time).
+        self._trunks: list[tuple[np.ndarray, np.ndarray]] = []
+        personalizer._embed = self._embed_via_trunk
+
+    def _embed_via_trunk(self, batch: np.ndarray) -> np.ndarray:
+        """Embeddings of ``batch`` from one trunk pass (kept for the tail): the active version's
+        layer (else the bundle's) and the seam standardization in numpy; the backbone's numbers
+        within export's split check."""
+        trunk = self.runtime.trunk(batch)
+        self._trunks.append((batch, trunk))
+        layer = self.p.classifier.head.tail or {C.TAIL_W: self.init[C.TAIL_W], C.TAIL_B: self.init[C.TAIL_B]}
+        pre = trunk @ layer[C.TAIL_W] + layer[C.TAIL_B]
+        pooled = T.activate(pre, self.runtime.activation).mean(axis=1)
+        return ((pooled - self.init[C.SEAM_MEAN]) * self.init[C.SEAM_INV_STD]).astype(np.float32)
 
     def user_trunk(self) -> np.ndarray:
-        """Trunk activations of the Personalizer's examples, in its order (computed once)."""
+        """Trunk activations of the Personalizer's examples, in its order (each batch's trunk
+        pass is reused when the examples were added through this object)."""
         raw = self.p._raw
         n = sum(len(x) for x, _ in raw)
         if self._user_trunk is None or len(self._user_trunk) != n:
             if n != len(self.p._labels):
                 raise InputError("the tail needs the user's inputs; they were committed already (add examples again)")
-            self._user_trunk = self.runtime.trunk(np.concatenate([x for x, _ in raw]))
+            kept = [next((t for b, t in self._trunks if b is x), None) for x, _ in raw]
+            parts = [t if t is not None else self.runtime.trunk(x) for t, (x, _) in zip(kept, raw)]
+            self._user_trunk = np.concatenate(parts) if parts else self.replay_trunk[:0]
         return self._user_trunk
 
     def start_weights(self) -> dict:
@@ -402,9 +423,9 @@ def personalize(
         return p.commit(decision=verdict) if commit else verdict
     if adapt == "head":
         return p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
+    tail = TailPersonalizer(p)  # before the examples: one trunk pass gives the head's embeddings too
     head_verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
     head_verdict = replace(head_verdict, evidence={**head_verdict.evidence, "adapt": "head"})
-    tail = TailPersonalizer(p)
     tail.train(tail_settings)
     tail_verdict = tail.decide()
     choice = "tail" if adapt == "tail" else choose_adapt(tail, head_verdict, tail_verdict)
