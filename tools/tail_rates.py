@@ -168,7 +168,7 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2).
+# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2[, epochs]).
 TUNE_GRID = [
     ("sgd", 0.3, 1e-3),
     ("sgd", 1.0, 1e-3),
@@ -179,6 +179,11 @@ TUNE_GRID = [
     ("sgd", 1.0, 1.0),
     ("sgd", 0.3, 1e-1),
     ("adam", 1e-3, 3e-2),
+    # fewer epochs (the tail's step costs F x D per example and position: issue 24's time target)
+    ("sgd", 0.3, 1e-1, 10),
+    ("sgd", 1.0, 1e-1, 10),
+    ("sgd", 0.3, 1e-1, 15),
+    ("sgd", 1.0, 1e-1, 15),
 ]
 
 
@@ -190,12 +195,12 @@ def tune(w: Any, seeds: int, per_class: int, only: str | None = None) -> None:
     from edgetl.device import TrainSettings
 
     chosen = [TUNE_GRID[int(i)] for i in only.split(",")] if only else TUNE_GRID
-    for optimizer, lr, l2 in chosen:
-        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2)
+    for optimizer, lr, l2, *epochs in chosen:
+        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=(epochs or [30])[0])
         records = [
             run_user(w, kind, per_class, seed, settings) for kind in families()["tuning"] for seed in range(seeds)
         ]
-        print(f"--- tail {optimizer} lr {lr} l2 {l2} (tuning family)")
+        print(f"--- tail {optimizer} lr {lr} l2 {l2} epochs {settings.epochs} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
 
 

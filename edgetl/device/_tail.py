@@ -37,6 +37,12 @@ ADAPT = ("head", "tail", "auto")
 #   SGD lr 0.3/1.0/3.0 at l2 1e-3: +3.3/+2.8/+2.5 points (11/10/7); lr 1.0 at l2 1e-2/1e-1/3e-1/1:
 #   +4.4/+4.5/+4.3/+4.0 (12/12/12/12); lr 0.3 at l2 1e-1: +4.8 (14); Adam 1e-3 at l2 3e-2: +3.4 (8).
 #   Factory classes within 0.2 points of head-only in every setting.
+# * Not adopted: 10 epochs at lr 1.0 (3x fewer steps, for issue 24's time target: a step costs
+#   F x D per example and position, ~100x the head's on MobileNetV2-0.35). On the Dense user CNN's
+#   tuning family (`python tools/tail_rates.py --tune --grid 7,9,10,11,12 --seeds 2`, low-gain
+#   users, tail minus head-only; all users' tail accuracy) it matched 30 epochs (+14.3 vs +13.6
+#   points; 0.797 vs 0.805), but on the 1x1-conv user CNN's tuning-family users
+#   (tests/device/test_tail.py) no user gained 3 points any more (best +2.9; 30 epochs found one).
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_SETTINGS = TrainSettings(learning_rate=0.3, l2=0.1)
 
@@ -227,7 +233,7 @@ class TailPersonalizer:
         self._user_trunk: np.ndarray | None = None
         # Examples added from now on go through the trunk once: their embeddings for the
         # Personalizer (the head's candidate, the guard) come from it, not from a second,
-        # whole-backbone pass (profiled: on MobileNetV2 the two passes were most of the tail's time).
+        # whole-backbone pass (on MobileNetV2-0.35 the trunk pass costs as much as the backbone's).
         self._trunks: list[tuple[np.ndarray, np.ndarray]] = []
         personalizer._embed = self._embed_via_trunk
 
