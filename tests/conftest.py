@@ -184,7 +184,7 @@ def tail_migration_bundles(tail_bundle, tmp_path_factory):
     from edgetl.host._export import export_bundle
 
     base = tmp_path_factory.mktemp("tail_migration")
-    run = tail_bundle[0].parent / "tail_target0"  # tools/tail_rates.build_tail_bundle's run
+    run = tail_bundle[0].parent / "tail_target_dense0"  # tools/tail_rates.build_tail_bundle's run
     with_tail = export_bundle(
         run, base / "tail_v2.edgetl", quantize=["none"], calibration=digit_halves().train, version="2"
     ).bundle

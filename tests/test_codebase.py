@@ -48,13 +48,19 @@ def test_internal_modules_are_underscored():
 # Literals equal to a contract tensor name that mean something else where they appear (each
 # with its reason); everywhere else outside edgetl/bundle/ the name comes from the contract.
 OTHER_MEANINGS = {
-    "device/_store.py": ({"W", "b", "mask", "anchor", "labels", "ok"}, "the store's own SQLite/JSON record keys"),
+    "device/_store.py": (
+        {"W", "b", "mask", "anchor", "labels", "ok", "W1", "b1"},
+        "the store's own SQLite/JSON record keys and columns",
+    ),
     "device/_guard.py": ({"labels"}, "the user's labels, in messages"),
     "device/_personalizer.py": ({"labels"}, "the user's labels, in messages"),
     "device/_classifier.py": ({"probabilities"}, "an attribute of Prediction"),
     "device/_verify.py": ({"ok", "optimizer"}, "keys of the verification report's JSON"),
-    "cli.py": ({"embedding", "input", "l2", "optimizer"}, "CLI options and --json keys"),
-    "host/_backbones.py": ({"embedding"}, "Keras layer names; exported files are renamed by _export"),
+    "cli.py": ({"embedding", "input", "l2", "optimizer", "mean"}, "CLI options, --json keys and an input statistic"),
+    "host/_backbones.py": (
+        {"embedding", "mean"},
+        "Keras layer names (exported files are renamed by _export); ImageNet preprocessing's mean",
+    ),
     "host/_pretrain.py": ({"embedding", "input"}, "Keras layer names; exported files are renamed by _export"),
     "host/_transfer.py": ({"embedding", "input"}, "Keras layer names; exported files are renamed by _export"),
     "host/_linear_head.py": ({"l2"}, "a Keras regularizer keyword"),
@@ -65,7 +71,7 @@ OTHER_MEANINGS = {
     "host/_int8_onnx.py": ({"ok"}, "a key of the ladder gate's record"),
     "host/_export_mcu.py": ({"labels", "input"}, "a flash budget entry and a message word"),
     "host/_onnx_metadata.py": ({"labels"}, "a metadata_props key"),
-    "host/_tflite_metadata.py": ({"labels", "input", "embedding"}, "TFLite Model Metadata fields"),
+    "host/_tflite_metadata.py": ({"labels", "input", "embedding", "mean"}, "TFLite Model Metadata fields"),
 }
 
 

@@ -15,11 +15,11 @@ Every figure is compared with its target and printed with PASS or MISS; ``--stri
 exits 1 when any target is missed (without it, misses are printed, not fatal).
 
 ``--tail`` measures issue 24's costs instead: personalizing with the trainable tail against
-head-only (100 examples: 20 of each of the bundle's 5 classes, embedding or trunk extraction included, one
-core, median of 5), and the extra peak memory (each in a fresh process, peak RSS). The bundle
-is tools/tail_rates.py's (a user CNN with a Dense(64, relu) embedding: F = 1024, D = 64); the
-MobileNetV2-0.35 bundle and the demo's have no tail (a pooled 1x1 convolution, a Flatten: see
-edgetl/host/_tail_export.py), so they are reported as not measured.
+head-only (embedding or trunk extraction included, one core, median of 5), and the extra peak
+memory (each in a fresh process: VmHWM), on three bundles: MobileNetV2-0.35 at 96x96 (weights=None,
+a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10 classes x 10 examples, the issue's
+target), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20)
+and tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
 """
 
 from __future__ import annotations
@@ -121,11 +121,13 @@ TAIL_PROBE = textwrap.dedent(
         clf = Classifier.open(bundle, backend="onnxruntime", threads=1)
         t0 = time.perf_counter()
         p = Personalizer(clf, None)
-        p.add_examples(x, labels)
         if adapt == "head":
+            p.add_examples(x, labels)
             p.train()
-        else:
-            TailPersonalizer(p, threads=1).train()
+        else:  # made first: the examples then go through the trunk once (embeddings included)
+            tp = TailPersonalizer(p, threads=1)
+            p.add_examples(x, labels)
+            tp.train()
         times.append(time.perf_counter() - t0)
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of this (TensorFlow-
     # sized) process would report the parent's peak; VmHWM belongs to the new address space.
@@ -135,42 +137,78 @@ TAIL_PROBE = textwrap.dedent(
 )
 
 
-def tail_costs(targets: "Targets", per_class: int = 20) -> None:
-    """Tail vs head-only personalization: time ratio and extra peak memory (fresh processes)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+def demo_backbone_bundle(d: Path) -> Path:
+    """The demo's backbone (``edgetl_cnn_dense``) pretrained briefly on digits 0-4 and transferred
+    to 5-9, fp32 (costs do not depend on how well it was pretrained)."""
     from guard_rates import digit_halves
+
+    from edgetl.data import load_digits_dataset
+    from edgetl.host._export import export_bundle
+    from edgetl.host._pretrain import pretrain
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
+
+    source = pretrain(load_digits_dataset((0, 1, 2, 3, 4)), TrainConfig(backbone="edgetl_cnn_dense", epochs=5))
+    run = save_run(source, d / "demo_source", kind="pretrain")
+    halves = digit_halves()
+    target = save_run(train_transfer(halves.train, TrainConfig(backbone=str(run), epochs=30)), d / "demo_target")
+    return export_bundle(target, d / "demo.edgetl", quantize=["none"], calibration=halves.train).bundle.path
+
+
+def _digits_user(d: Path, per_class: int) -> Path:
+    from guard_rates import digit_halves
+
+    halves = digit_halves()
+    y = np.asarray(halves.train.y)
+    idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(halves.train.class_names))])
+    names = np.asarray([halves.train.class_names[i] for i in y[idx]])
+    np.savez(d / f"digits{per_class}.npz", x=np.asarray(halves.train.x)[idx], labels=names)
+    return d / f"digits{per_class}.npz"
+
+
+def tail_costs(targets: "Targets", only: str | None = None) -> None:
+    """Tail vs head-only personalization on each bundle: time ratio and extra peak memory."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_suite import build_app_bundle
     from tail_rates import build_tail_bundle
 
-    with tempfile.TemporaryDirectory() as d:
-        bundle = build_tail_bundle(Path(d))
-        halves = digit_halves()
-        y = np.asarray(halves.train.y)
-        idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(halves.train.class_names))])
-        names = np.asarray([halves.train.class_names[i] for i in y[idx]])
-        np.savez(Path(d) / "user.npz", x=np.asarray(halves.train.x)[idx], labels=names)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        rng = np.random.default_rng(1)
+        np.savez(d / "mnv2.npz", x=rng.integers(0, 255, (100, 96, 96, 3)).astype(np.uint8), labels=np.arange(100) % 10)
+        cases = {
+            "MobileNetV2-0.35 96x96 (pooled 1x1 conv tail, F=112, P=9, D=1280), 10 classes x 10": (
+                lambda: build_app_bundle(d, "mobilenetv2_035", 96, classes=10, per_class=20)[0],
+                d / "mnv2.npz",
+            ),
+            "the demo's backbone edgetl_cnn_dense (Dense tail, F=256, D=256), 5 classes x 20": (
+                lambda: demo_backbone_bundle(d),
+                _digits_user(d, 20),
+            ),
+            "tail_rates' user CNN (Dense tail, F=1024, D=64), 5 classes x 20": (
+                lambda: build_tail_bundle(d),
+                _digits_user(d, 20),
+            ),
+        }
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        out = {}
-        for adapt in ("head", "tail"):
-            run = [sys.executable, "-c", TAIL_PROBE, str(bundle), adapt, str(Path(d) / "user.npz")]
-            out[adapt] = [
-                float(v)
-                for v in subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout.split()
-            ]
-    (head_s, head_mb), (tail_s, tail_mb) = out["head"], out["tail"]
-    print(f"personalize {len(idx)} examples ({per_class} per class), one core: head {head_s:.3f}s, tail {tail_s:.3f}s")
-    targets.check(
-        "tail / head-only personalization time (user CNN, F=1024, D=64)",
-        tail_s / head_s,
-        3.0,
-        f"{tail_s / head_s:.2f}x",
-    )
-    targets.check(
-        "tail extra peak RSS over head-only (MB)",
-        tail_mb - head_mb,
-        50.0,
-        f"{tail_mb - head_mb:.1f} MB (head {head_mb:.0f} MB, tail {tail_mb:.0f} MB)",
-    )
-    print("NOT MEASURED  MobileNetV2-0.35 96x96 and the demo's backbone: no tail (pooled 1x1 conv / Flatten not split)")
+        for what, (build, user) in cases.items():
+            if only and only not in what:
+                continue
+            bundle = build()
+            out = {}
+            for adapt in ("head", "tail"):
+                run = [sys.executable, "-c", TAIL_PROBE, str(bundle), adapt, str(user)]
+                done = subprocess.run(run, capture_output=True, text=True, check=True, env=env)
+                out[adapt] = [float(v) for v in done.stdout.split()]
+            (head_s, head_mb), (tail_s, tail_mb) = out["head"], out["tail"]
+            print(f"{what}: personalize, one core: head-only {head_s:.3f}s, tail {tail_s:.3f}s", flush=True)
+            targets.check(f"  tail / head-only time, {what}", tail_s / head_s, 3.0, f"{tail_s / head_s:.2f}x")
+            targets.check(
+                f"  tail extra peak RSS over head-only (MB), {what}",
+                tail_mb - head_mb,
+                50.0,
+                f"{tail_mb - head_mb:.1f} MB (head {head_mb:.0f} MB, tail {tail_mb:.0f} MB)",
+            )
 
 
 def main() -> int:
@@ -178,12 +216,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     parser.add_argument("--tail", action="store_true", help="issue 24: the tail's time and memory against head-only")
+    parser.add_argument("--only", help="with --tail: only the bundles whose description contains this")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
     targets = Targets()
     if args.tail:
-        tail_costs(targets)
+        print(open("/proc/loadavg").read().strip(), "(load average)", flush=True)
+        tail_costs(targets, args.only)
         print("every target met" if not targets.misses else f"{len(targets.misses)} target(s) missed")
         return 1 if targets.misses and args.strict else 0
     seconds, rss = import_cost()

@@ -39,13 +39,15 @@ TARGET_TAIL_GAIN = 0.05  # ... gain at least this much more with the tail
 FACTORY_SLACK = 0.03
 
 
-def user_cnn(path: Path, seed: int = 0, epochs: int = 15) -> Path:
-    """The user's own model file: conv -> Flatten -> Dense(64, relu) -> softmax on digits 0-4."""
+def user_cnn(path: Path, seed: int = 0, epochs: int = 15, embedding: str = "dense") -> Path:
+    """The user's own model file on digits 0-4: conv -> Flatten -> Dense(64, relu) -> softmax
+    (``embedding="dense"``), or conv -> 1x1 Conv2D(64) -> BatchNormalization -> ReLU6 -> global
+    average pooling -> softmax (``"conv"``, MobileNetV2's last block in small)."""
     from edgetl.data import load_digits_dataset
-    from edgetl.host._tf import keras, tf
+    from edgetl.host._tf import keras
 
-    tf().random.set_seed(seed)
     k = keras()
+    k.utils.set_random_seed(seed)  # Python, numpy and TensorFlow: the same weights in every process
     d = load_digits_dataset((0, 1, 2, 3, 4))
     inputs = k.Input((8, 8, 1), name="pixels")
     x = k.layers.Rescaling(1.0 / 255.0)(inputs)
@@ -53,8 +55,12 @@ def user_cnn(path: Path, seed: int = 0, epochs: int = 15) -> Path:
     x = k.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
     x = k.layers.MaxPooling2D(2)(x)
     x = k.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = k.layers.Flatten()(x)
-    x = k.layers.Dense(64, activation="relu", name="embedding_dense")(x)
+    if embedding == "conv":
+        x = k.layers.Conv2D(64, 1, use_bias=False, name="embedding_conv")(x)
+        x = k.layers.BatchNormalization(name="embedding_conv_bn")(x)
+        x = k.layers.GlobalAveragePooling2D()(k.layers.ReLU(6.0, name="embedding_relu6")(x))
+    else:
+        x = k.layers.Dense(64, activation="relu", name="embedding_dense")(k.layers.Flatten()(x))
     model = k.Model(inputs, k.layers.Dense(5, activation="softmax", name="classifier")(x))
     model.compile(k.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(d.x.astype(np.float32), d.y, epochs=epochs, batch_size=32, verbose=0)
@@ -62,9 +68,11 @@ def user_cnn(path: Path, seed: int = 0, epochs: int = 15) -> Path:
     return path
 
 
-def build_tail_bundle(out: Path, seed: int = 0, *, source_epochs: int = 15, epochs: int = 60) -> Path:
-    """An fp32 bundle whose backbone ends in the user CNN's Dense(64, relu): it has a tail
-    (fewer ``epochs`` for the tests)."""
+def build_tail_bundle(
+    out: Path, seed: int = 0, *, source_epochs: int = 15, epochs: int = 60, embedding: str = "dense"
+) -> Path:
+    """An fp32 bundle whose backbone ends in the user CNN's embedding layer (:func:`user_cnn`):
+    it has a tail (fewer ``epochs`` for the tests)."""
     from guard_rates import digit_halves
 
     from edgetl.host._export import export_bundle
@@ -72,11 +80,11 @@ def build_tail_bundle(out: Path, seed: int = 0, *, source_epochs: int = 15, epoc
     from edgetl.host._transfer import TrainConfig, train_transfer
 
     out.mkdir(parents=True, exist_ok=True)
-    model = user_cnn(out / f"user_cnn{seed}.keras", seed, source_epochs)
+    model = user_cnn(out / f"user_{embedding}{seed}.keras", seed, source_epochs, embedding)
     config = TrainConfig(backbone=str(model), epochs=epochs, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0)
     halves = digit_halves()
-    run = save_run(train_transfer(halves.train, config), out / f"tail_target{seed}")
-    result = export_bundle(run, out / f"tail{seed}.edgetl", quantize=["none"], calibration=halves.train)
+    run = save_run(train_transfer(halves.train, config), out / f"tail_target_{embedding}{seed}")
+    result = export_bundle(run, out / f"tail_{embedding}{seed}.edgetl", quantize=["none"], calibration=halves.train)
     return result.bundle.path
 
 
@@ -160,7 +168,7 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2).
+# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2[, epochs]).
 TUNE_GRID = [
     ("sgd", 0.3, 1e-3),
     ("sgd", 1.0, 1e-3),
@@ -171,6 +179,11 @@ TUNE_GRID = [
     ("sgd", 1.0, 1.0),
     ("sgd", 0.3, 1e-1),
     ("adam", 1e-3, 3e-2),
+    # fewer epochs (the tail's step costs F x D per example and position: issue 24's time target)
+    ("sgd", 0.3, 1e-1, 10),
+    ("sgd", 1.0, 1e-1, 10),
+    ("sgd", 0.3, 1e-1, 15),
+    ("sgd", 1.0, 1e-1, 15),
 ]
 
 
@@ -182,12 +195,12 @@ def tune(w: Any, seeds: int, per_class: int, only: str | None = None) -> None:
     from edgetl.device import TrainSettings
 
     chosen = [TUNE_GRID[int(i)] for i in only.split(",")] if only else TUNE_GRID
-    for optimizer, lr, l2 in chosen:
-        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2)
+    for optimizer, lr, l2, *epochs in chosen:
+        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=(epochs or [30])[0])
         records = [
             run_user(w, kind, per_class, seed, settings) for kind in families()["tuning"] for seed in range(seeds)
         ]
-        print(f"--- tail {optimizer} lr {lr} l2 {l2} (tuning family)")
+        print(f"--- tail {optimizer} lr {lr} l2 {l2} epochs {settings.epochs} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
 
 

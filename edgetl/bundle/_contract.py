@@ -125,6 +125,62 @@ HEAD_TENSORS = {
     OK: ("float32", "[]"),
 }
 
+# --- the trainable tail (issue 24; the math: edgetl/bundle/_tail.py) ------------------------
+# Shapes add ``F`` (trunk width: the last layer's input channels), ``P`` (positions pooled:
+# 1 for a Dense layer, H x W for a pooled 1x1 convolution) and ``D`` (the layer's outputs, the
+# embedding size).
+
+TRUNK_FILE = "trunk.{precision}.{format}"  # raw input -> trunk activations (fp32 only)
+TAIL_TFLITE_FILE = "tail.tflite"  # stateless: every tensor goes in and comes out
+TAIL_INFER_FILE = "tail_infer.onnx"
+TAIL_TRAIN_LOOP_FILE = "tail_train_loop_{optimizer}.onnx"
+TAIL_INIT_FILE = "tail_init.npz"
+
+TRUNK = "trunk"  # the trunk models' output and the tail graphs' input
+TAIL_W, TAIL_B, TAIL_ANCHOR = "W1", "b1", "W1_0"  # the last layer (BatchNorm folded in) and its L2 anchor
+SEAM_MEAN, SEAM_INV_STD = "mean", "inv_std"  # the frozen seam standardization
+TAIL_WEIGHTS = (TAIL_W, TAIL_B, WEIGHTS, BIAS)
+TAIL_ANCHORS = {TAIL_W: TAIL_ANCHOR, WEIGHTS: ANCHOR_ONNX}
+TAIL_CONSTANTS = (MASK, SEAM_MEAN, SEAM_INV_STD)
+TAIL_STATE = {
+    "sgd": TAIL_WEIGHTS + tuple(f"vel_{w}" for w in TAIL_WEIGHTS),
+    "adam": TAIL_WEIGHTS
+    + tuple(f"m_{w}" for w in TAIL_WEIGHTS)
+    + tuple(f"v_{w}" for w in TAIL_WEIGHTS)
+    + (STEP_COUNT,),
+}
+TAIL_HYPERPARAMETERS = {"sgd": (LEARNING_RATE, L2, MOMENTUM), "adam": (LEARNING_RATE, L2)}
+TAIL_INFER_INPUTS = (TRUNK,) + TAIL_WEIGHTS + TAIL_CONSTANTS
+TAIL_LOOP_INPUTS = {
+    opt: (TRUNK, LABELS, ORDER, ROW_WEIGHT)
+    + TAIL_CONSTANTS
+    + tuple(TAIL_ANCHORS.values())
+    + TAIL_HYPERPARAMETERS[opt]
+    + TAIL_STATE[opt]
+    for opt in OPTIMIZERS
+}
+TAIL_LOOP_OUTPUTS = {opt: tuple(state_output(s) for s in TAIL_STATE[opt]) + (LOSSES,) for opt in OPTIMIZERS}
+# tail.tflite: the ONNX graphs' inputs and outputs, as signatures.
+TAIL_TFLITE_SIGNATURES = {"infer": TAIL_INFER_INPUTS, **{f"train_steps_{o}": TAIL_LOOP_INPUTS[o] for o in OPTIMIZERS}}
+TAIL_TFLITE_SIGNATURE_OUTPUTS = {
+    "infer": (PROBABILITIES,),
+    **{f"train_steps_{o}": TAIL_LOOP_OUTPUTS[o] for o in OPTIMIZERS},
+}
+#: dtype and shape of every tail tensor the head's table does not have (outputs ``X_out`` shaped as ``X``).
+TAIL_TENSORS = {
+    TRUNK: ("float32", "[N, P, F]"),
+    TAIL_W: ("float32", "[F, D]"),
+    TAIL_B: ("float32", "[D]"),
+    TAIL_ANCHOR: ("float32", "[F, D]"),
+    SEAM_MEAN: ("float32", "[D]"),
+    SEAM_INV_STD: ("float32", "[D]"),
+    **{
+        f"{p}_{w}": ("float32", "[F, D]" if w == TAIL_W else "[D]") for p in ("vel", "m", "v") for w in (TAIL_W, TAIL_B)
+    },
+}
+TAIL_INIT_MEMBERS = (TAIL_W, TAIL_B, SEAM_MEAN, SEAM_INV_STD)  # float32 [F, D], [D], [D], [D]
+REPLAY_TRUNK = TRUNK  # replay.npz: float32 [R, P, F], the trunk activations of the replay examples
+
 # --- npz / bin members ------------------------------------------------------------------
 
 HEAD_INIT_MEMBERS = (WEIGHTS, BIAS, MASK)  # shapes [D, C], [C], [C]
@@ -183,7 +239,8 @@ TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
 
 def contract_tensor_names() -> frozenset[str]:
     """Every tensor name a client feeds or reads, in any graph, signature or model."""
-    names = {MODEL_INPUT, FUSED_OUTPUT, BACKBONE_OUTPUT, *HEAD_TENSORS}
-    names |= {state_output(s) for opt in OPTIMIZERS for s in STATE[opt]}
-    names |= {n for ios in (TFLITE_SIGNATURES, TFLITE_SIGNATURE_OUTPUTS) for v in ios.values() for n in v}
+    names = {MODEL_INPUT, FUSED_OUTPUT, BACKBONE_OUTPUT, *HEAD_TENSORS, *TAIL_TENSORS}
+    names |= {state_output(s) for states in (STATE, TAIL_STATE) for opt in OPTIMIZERS for s in states[opt]}
+    signatures = (TFLITE_SIGNATURES, TFLITE_SIGNATURE_OUTPUTS, TAIL_TFLITE_SIGNATURES, TAIL_TFLITE_SIGNATURE_OUTPUTS)
+    names |= {n for ios in signatures for v in ios.values() for n in v}
     return frozenset(names)

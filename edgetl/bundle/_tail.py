@@ -38,32 +38,28 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, OPTIMIZERS, masked_softmax
+from edgetl.bundle import _contract as C
+from edgetl.bundle._head import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, masked_softmax
 
 ACTIVATIONS = ("linear", "relu", "relu6")  # of the last embedding layer; others keep the bundle head-only
-WEIGHTS = ("W1", "b1", "W", "b")
-ANCHORS = {"W1": "W1_0", "W": "W0"}  # L2 anchors (biases are not pulled)
-CONSTANTS = ("mask", "mean", "inv_std")
-STATE = {
-    "sgd": WEIGHTS + tuple(f"vel_{w}" for w in WEIGHTS),
-    "adam": WEIGHTS + tuple(f"m_{w}" for w in WEIGHTS) + tuple(f"v_{w}" for w in WEIGHTS) + ("t",),
-}
-HYPERPARAMETERS = {"sgd": ("lr", "l2", "momentum"), "adam": ("lr", "l2")}
-PLAN = ("order", "row_weight")
-DATA = ("trunk", "labels")
-INFER_INPUTS = ("trunk",) + WEIGHTS + CONSTANTS
-INFER_OUTPUT = "probabilities"
-LOOP_INPUTS = {
-    opt: DATA + PLAN + CONSTANTS + tuple(ANCHORS.values()) + HYPERPARAMETERS[opt] + STATE[opt] for opt in OPTIMIZERS
-}
-LOOP_OUTPUTS = {opt: tuple(f"{s}_out" for s in STATE[opt]) + ("losses",) for opt in OPTIMIZERS}
-# Files and manifest roles.
-TRAIN_FILE = "tail_train_loop_{optimizer}.onnx"
-INFER_FILE = "tail_infer.onnx"
-TFLITE_FILE = "tail.tflite"  # signatures: infer, train_steps_sgd, train_steps_adam (stateless)
-TFLITE_SIGNATURES = {"infer": INFER_INPUTS, **{f"train_steps_{opt}": LOOP_INPUTS[opt] for opt in OPTIMIZERS}}
-INIT_FILE = "tail_init.npz"  # W1, b1, mean, inv_std (the head's W, b, mask stay in head_init)
-REPLAY_KEY = "trunk"  # replay.npz gains the trunk activations of its examples
+# The names are the contract's (edgetl.bundle._contract), under the short names this module uses.
+WEIGHTS = C.TAIL_WEIGHTS
+ANCHORS = C.TAIL_ANCHORS  # L2 anchors (biases are not pulled)
+CONSTANTS = C.TAIL_CONSTANTS
+STATE = C.TAIL_STATE
+HYPERPARAMETERS = C.TAIL_HYPERPARAMETERS
+PLAN = (C.ORDER, C.ROW_WEIGHT)
+DATA = (C.TRUNK, C.LABELS)
+INFER_INPUTS = C.TAIL_INFER_INPUTS
+INFER_OUTPUT = C.PROBABILITIES
+LOOP_INPUTS = C.TAIL_LOOP_INPUTS
+LOOP_OUTPUTS = C.TAIL_LOOP_OUTPUTS
+TRAIN_FILE = C.TAIL_TRAIN_LOOP_FILE
+INFER_FILE = C.TAIL_INFER_FILE
+TFLITE_FILE = C.TAIL_TFLITE_FILE  # signatures: infer, train_steps_sgd, train_steps_adam (stateless)
+TFLITE_SIGNATURES = C.TAIL_TFLITE_SIGNATURES
+INIT_FILE = C.TAIL_INIT_FILE  # W1, b1, mean, inv_std (the head's W, b, mask stay in head_init)
+REPLAY_KEY = C.REPLAY_TRUNK  # replay.npz gains the trunk activations of its examples
 
 
 def activate(pre: np.ndarray, activation: str) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
+from edgetl.bundle import _contract as C
 from edgetl.bundle._tail import activate
 from edgetl.device._advisor import advise
 from edgetl.device._head import HeadState
@@ -238,7 +239,7 @@ class Classifier:
     def _tail_parts(self) -> tuple[Any, dict[str, np.ndarray], str]:
         """The bundle's trunk runtime, tail constants and activation (loaded on first use)."""
         if self._tail is None:
-            init = self.bundle.arrays("tail_init", ("mean", "inv_std"))
+            init = self.bundle.arrays("tail_init", (C.SEAM_MEAN, C.SEAM_INV_STD))
             self._tail = (TailRuntime.from_bundle(self.bundle, self.backend), init)
         runtime, init = self._tail
         return runtime, init, runtime.activation
@@ -248,9 +249,9 @@ class Classifier:
         standardization (numpy: one matrix product, as :mod:`edgetl.bundle._tail` defines it)."""
 
         _, init, activation = self._tail_parts()
-        pre = np.asarray(trunk, np.float32) @ head.tail["W1"] + head.tail["b1"]  # [N, P, D]
+        pre = np.asarray(trunk, np.float32) @ head.tail[C.TAIL_W] + head.tail[C.TAIL_B]  # [N, P, D]
         pooled = activate(pre, activation).mean(axis=1)
-        return ((pooled - init["mean"]) * init["inv_std"]).astype(np.float32)
+        return ((pooled - init[C.SEAM_MEAN]) * init[C.SEAM_INV_STD]).astype(np.float32)
 
     def predict(self, x: Any, *, top_k: int = 3) -> Prediction:
         """Labels and probabilities of raw inputs (one example or a batch)."""

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgetl._options import option
+from edgetl.bundle import _contract as C
 from edgetl.device._classifier import Classifier
 from edgetl.device._guard import (
     SCORE_NAMES,
@@ -139,6 +140,7 @@ class Personalizer:
             active = self.store.active()
         classifier.set_head(active.head, active.number)
         self._raw: list[tuple[np.ndarray, list[str]]] = []  # the user's inputs, kept at commit
+        self._embed = classifier.embed  # a TailPersonalizer embeds through its trunk pass instead (one pass)
         self.holdout_fraction, self.settings = holdout_fraction, settings
         self._emb = np.zeros((0, classifier.factory.W.shape[0]), np.float32)
         self._labels: list[str] = []
@@ -157,7 +159,7 @@ class Personalizer:
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
         if self.classifier.head.tail is not None:  # the active version's tail layer gives the embeddings
-            trunk = self.classifier.bundle.arrays("replay", ("trunk",))["trunk"]
+            trunk = self.classifier.bundle.arrays("replay", (C.TRUNK,))[C.TRUNK]
             emb = self.classifier.tail_embed(trunk, self.classifier.head)
         return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 
@@ -200,7 +202,7 @@ class Personalizer:
         self._cache(batch, labels)
 
     def _cache(self, batch: np.ndarray, labels: list[str]) -> None:
-        emb = self.classifier.embed(batch)
+        emb = self._embed(batch)
         self._emb = np.concatenate([self._emb, emb])
         self._labels += labels
         self._raw.append((batch, labels))
@@ -222,7 +224,7 @@ class Personalizer:
                 "with a larger max_classes"
             )
         batch = self.classifier.check_inputs(x)
-        emb = self.classifier.embed(batch)
+        emb = self._embed(batch)
         col = int(free[0])
         W, b, mask, anchor = base.W.copy(), base.b.copy(), base.mask.copy(), base.anchor.copy()
         W[:, col], b[col] = self._imprint(base, emb)

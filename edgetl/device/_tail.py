@@ -37,6 +37,12 @@ ADAPT = ("head", "tail", "auto")
 #   SGD lr 0.3/1.0/3.0 at l2 1e-3: +3.3/+2.8/+2.5 points (11/10/7); lr 1.0 at l2 1e-2/1e-1/3e-1/1:
 #   +4.4/+4.5/+4.3/+4.0 (12/12/12/12); lr 0.3 at l2 1e-1: +4.8 (14); Adam 1e-3 at l2 3e-2: +3.4 (8).
 #   Factory classes within 0.2 points of head-only in every setting.
+# * Not adopted: 10 epochs at lr 1.0 (3x fewer steps, for issue 24's time target: a step costs
+#   F x D per example and position, ~100x the head's on MobileNetV2-0.35). On the Dense user CNN's
+#   tuning family (`python tools/tail_rates.py --tune --grid 7,9,10,11,12 --seeds 2`, low-gain
+#   users, tail minus head-only; all users' tail accuracy) it matched 30 epochs (+14.3 vs +13.6
+#   points; 0.797 vs 0.805), but on the 1x1-conv user CNN's tuning-family users
+#   (tests/device/test_tail.py) no user gained 3 points any more (best +2.9; 30 epochs found one).
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_SETTINGS = TrainSettings(learning_rate=0.3, l2=0.1)
 
@@ -64,21 +70,21 @@ class TailRuntime:
             )
         self.fmt, self.activation = fmt, activation
         if fmt == "onnx":
-            self._trunk = onnx_session(models["trunk"], threads=threads)
+            self._trunk = onnx_session(models[C.TRUNK], threads=threads)
             self._infer = onnx_session(models["infer"], threads=threads)
-            self._train = {opt: onnx_session(models[f"train_{opt}"], threads=threads) for opt in ("sgd", "adam")}
+            self._models, self._threads, self._train = models, threads, {}  # training sessions: made on first use
         else:
-            self._trunk = litert_interpreter(models["trunk"], threads=threads, allocate=False)
+            self._trunk = litert_interpreter(models[C.TRUNK], threads=threads, allocate=False)
             self._tail = litert_interpreter(models["tail"], threads=threads, allocate=False)
 
     @classmethod
     def from_files(cls, files: Mapping[str, Any], fmt: str, activation: str) -> "TailRuntime":
         """From export's in-memory ``{file: (content, ...)}``."""
         if fmt == "onnx":
-            models = {"trunk": files["trunk.fp32.onnx"][0], "infer": files[T.INFER_FILE][0]}
+            models = {C.TRUNK: files["trunk.fp32.onnx"][0], "infer": files[T.INFER_FILE][0]}
             models.update({f"train_{o}": files[T.TRAIN_FILE.format(optimizer=o)][0] for o in ("sgd", "adam")})
         else:
-            models = {"trunk": files["trunk.fp32.tflite"][0], "tail": files[T.TFLITE_FILE][0]}
+            models = {C.TRUNK: files["trunk.fp32.tflite"][0], "tail": files[T.TFLITE_FILE][0]}
         return cls(models, fmt, activation)
 
     @classmethod
@@ -92,10 +98,10 @@ class TailRuntime:
         fmt = "onnx" if backend == "onnxruntime" else "tflite"
         path = Path(bundle.path)
         if fmt == "onnx":
-            models = {"trunk": path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
+            models = {C.TRUNK: path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
             models.update({f"train_{o}": path / T.TRAIN_FILE.format(optimizer=o) for o in ("sgd", "adam")})
         else:
-            models = {"trunk": path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
+            models = {C.TRUNK: path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
         return cls(models, fmt, section["activation"], threads)
 
     @staticmethod
@@ -113,8 +119,8 @@ class TailRuntime:
         return _run_signature(self._trunk, None, input=x)
 
     def probabilities(self, weights: Mapping[str, np.ndarray], trunk: np.ndarray) -> np.ndarray:
-        feed = {k: np.asarray(weights[k], np.float32) for k in T.INFER_INPUTS if k != "trunk"}
-        feed["trunk"] = np.asarray(trunk, np.float32)
+        feed = {k: np.asarray(weights[k], np.float32) for k in T.INFER_INPUTS if k != C.TRUNK}
+        feed[C.TRUNK] = np.asarray(trunk, np.float32)
         if self.fmt == "onnx":
             return self._infer.run(None, feed)[0]
         return _run_signature(self._tail, "infer", **feed)[C.PROBABILITIES]
@@ -138,6 +144,8 @@ class TailRuntime:
         order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
         feed = self._feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum)
         if self.fmt == "onnx":
+            if optimizer not in self._train:
+                self._train[optimizer] = onnx_session(self._models[f"train_{optimizer}"], threads=self._threads)
             session = self._train[optimizer]
             out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         else:
@@ -147,7 +155,7 @@ class TailRuntime:
     @staticmethod
     def _feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum) -> dict[str, np.ndarray]:  # noqa: ANN001
         f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-        feed = {"trunk": f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
+        feed = {C.TRUNK: f32(trunk), C.LABELS: f32(onehot), C.ORDER: order, C.ROW_WEIGHT: row_weight}
         feed.update({k: f32(weights[k]) for k in T.CONSTANTS})
         feed.update({anchor: f32(weights.get(anchor, weights[w])) for w, anchor in T.ANCHORS.items()})
         feed.update(lr=f32(lr), l2=f32(l2))
@@ -213,32 +221,51 @@ class TailPersonalizer:
         bundle = personalizer.classifier.bundle
         backend = personalizer.classifier.backend
         self.runtime = TailRuntime.from_bundle(bundle, backend, threads)
-        init = bundle.arrays("tail_init", ("W1", "b1", "mean", "inv_std"))
+        init = bundle.arrays("tail_init", (C.TAIL_W, C.TAIL_B, C.SEAM_MEAN, C.SEAM_INV_STD))
         self.init = {k: v.astype(np.float32) for k, v in init.items()}
         positions = int((bundle.manifest.extra.get("tail") or {}).get("positions", 1))
-        self.replay_trunk = np.zeros((0, positions, self.init["W1"].shape[0]), np.float32)
+        self.replay_trunk = np.zeros((0, positions, self.init[C.TAIL_W].shape[0]), np.float32)
         if len(personalizer.replay_labels):
             self.replay_trunk = bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].astype(np.float32)
-            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init["W1"].shape[0]):
+            if self.replay_trunk.shape != (len(personalizer.replay_labels), positions, self.init[C.TAIL_W].shape[0]):
                 raise BundleError(f"replay.npz: trunk has shape {self.replay_trunk.shape}, not one row per example")
         self.candidate: TailCandidate | None = None
         self._user_trunk: np.ndarray | None = None
+        # Examples added from now on go through the trunk once: their embeddings for the
+        # Personalizer (the head's candidate, the guard) come from it, not from a second,
+        # whole-backbone pass (on MobileNetV2-0.35 the trunk pass costs as much as the backbone's).
+        self._trunks: list[tuple[np.ndarray, np.ndarray]] = []
+        personalizer._embed = self._embed_via_trunk
+
+    def _embed_via_trunk(self, batch: np.ndarray) -> np.ndarray:
+        """Embeddings of ``batch`` from one trunk pass (kept for the tail): the active version's
+        layer (else the bundle's) and the seam standardization in numpy; the backbone's numbers
+        within export's split check."""
+        trunk = self.runtime.trunk(batch)
+        self._trunks.append((batch, trunk))
+        layer = self.p.classifier.head.tail or {C.TAIL_W: self.init[C.TAIL_W], C.TAIL_B: self.init[C.TAIL_B]}
+        pre = trunk @ layer[C.TAIL_W] + layer[C.TAIL_B]
+        pooled = T.activate(pre, self.runtime.activation).mean(axis=1)
+        return ((pooled - self.init[C.SEAM_MEAN]) * self.init[C.SEAM_INV_STD]).astype(np.float32)
 
     def user_trunk(self) -> np.ndarray:
-        """Trunk activations of the Personalizer's examples, in its order (computed once)."""
+        """Trunk activations of the Personalizer's examples, in its order (each batch's trunk
+        pass is reused when the examples were added through this object)."""
         raw = self.p._raw
         n = sum(len(x) for x, _ in raw)
         if self._user_trunk is None or len(self._user_trunk) != n:
             if n != len(self.p._labels):
                 raise InputError("the tail needs the user's inputs; they were committed already (add examples again)")
-            self._user_trunk = self.runtime.trunk(np.concatenate([x for x, _ in raw]))
+            kept = [next((t for b, t in self._trunks if b is x), None) for x, _ in raw]
+            parts = [t if t is not None else self.runtime.trunk(x) for t, (x, _) in zip(kept, raw)]
+            self._user_trunk = np.concatenate(parts) if parts else self.replay_trunk[:0]
         return self._user_trunk
 
     def start_weights(self) -> dict:
         """Where training starts: the head being extended and the active version's tail layer
         (the bundle's, if it has none); the L2 pulls toward the factory head and layer."""
         base = self.p._base
-        layer = base.tail or {"W1": self.init["W1"], "b1": self.init["b1"]}
+        layer = base.tail or {C.TAIL_W: self.init[C.TAIL_W], C.TAIL_B: self.init[C.TAIL_B]}
         return {
             **self.init,
             **layer,
@@ -246,7 +273,7 @@ class TailPersonalizer:
             C.BIAS: base.b,
             C.MASK: base.mask,
             C.ANCHOR_ONNX: base.anchor,
-            "W1_0": self.init["W1"],
+            C.TAIL_ANCHOR: self.init[C.TAIL_W],
         }
 
     def candidate_head(self) -> Any:
@@ -254,7 +281,7 @@ class TailPersonalizer:
         if self.candidate is None:
             raise InputError("no candidate tail: call train() first")
         w = self.candidate.weights
-        tail = {"W1": np.asarray(w["W1"], np.float32), "b1": np.asarray(w["b1"], np.float32)}
+        tail = {C.TAIL_W: np.asarray(w[C.TAIL_W], np.float32), C.TAIL_B: np.asarray(w[C.TAIL_B], np.float32)}
         return replace(
             self.p._base, W=np.asarray(w[C.WEIGHTS], np.float32), b=np.asarray(w[C.BIAS], np.float32), tail=tail
         )
@@ -402,9 +429,9 @@ def personalize(
         return p.commit(decision=verdict) if commit else verdict
     if adapt == "head":
         return p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
+    tail = TailPersonalizer(p)  # before the examples: one trunk pass gives the head's embeddings too
     head_verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
     head_verdict = replace(head_verdict, evidence={**head_verdict.evidence, "adapt": "head"})
-    tail = TailPersonalizer(p)
     tail.train(tail_settings)
     tail_verdict = tail.decide()
     choice = "tail" if adapt == "tail" else choose_adapt(tail, head_verdict, tail_verdict)

@@ -36,10 +36,11 @@ from edgetl.device._classifier import Classifier
 from edgetl.device._lifecycle import migrate
 from edgetl.device._personalizer import Personalizer
 from edgetl.device._store import HeadStore
+from edgetl.device._tail import TailPersonalizer
 from edgetl.errors import BundleError, QuantizedModelLeftOut
 from edgetl.host._backbones import Backbone
 from edgetl.host._demo_report import USER_SHOTS, interpret, write_demo_report
-from edgetl.host._demo_source import GlyphSourceRecipe, SourceModel, pretrained_source
+from edgetl.host._demo_source import DEMO_BACKBONE, GlyphSourceRecipe, SourceModel, pretrained_source
 from edgetl.host._export import export_bundle
 from edgetl.host._pretrain import pretrain
 from edgetl.host._reference_head import keras_retrain
@@ -184,9 +185,9 @@ def _compare_with_scratch(
             k.backend.clear_session()
             bb_model = k.models.clone_model(src.backbone)
             bb_model.set_weights(backbone_weights)
-            bb = Backbone(bb_model, "edgetl_cnn(pretrained on glyphs)", src.embedding_size, src.input_spec, "run")
+            bb = Backbone(bb_model, f"{DEMO_BACKBONE}(pretrained on glyphs)", src.embedding_size, src.input_spec, "run")
             t_cfg = TrainConfig(
-                backbone="edgetl_cnn",
+                backbone=DEMO_BACKBONE,
                 epochs=_epochs_for(len(train)),
                 batch_size=BATCH_SIZE,
                 learning_rate=1e-2,
@@ -350,6 +351,15 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
             f"{train_seconds:.2f}s; {'accepted' if committed.accepted else 'rejected'} by the guard)"
         )
         echo(f"      guard: {evidence}")
+        rows[backend]["tail"] = tail = tail_side(
+            out / "digits.edgetl", backend, x[adapt], labels[adapt], x[test], labels[test]
+        )
+        echo(
+            f"      with the tail (its last layer trained too): accuracy {before:.3f} -> {tail['after']:.3f} (embed + "
+            f"train {tail['seconds']:.2f}s; {'accepted' if tail['accepted'] else 'rejected'} by the guard)"
+            if tail["available"]
+            else f"      no tail: {tail['reason']}"
+        )
         if backend == "onnxruntime":  # host reference: the same data, head, settings and batches
             emb, names = p.training_set()
             clf.set_head(keras_retrain(clf.factory, emb, p.onehot(names, clf.factory), p.settings), -1)
@@ -360,6 +370,37 @@ def personalize_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> 
         f"{(rows['onnxruntime']['after'] - reference) * 100:+.2f} points)"
     )
     return rows
+
+
+def tail_side(
+    bundle: Path, backend: str, x: np.ndarray, labels: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> dict:
+    """The same examples personalizing the backbone's last layer with the head (``--adapt
+    tail``) from the factory head, judged by the same guard; not committed (the store keeps the
+    head-only personalization the migration step carries over). A refused tail leaves the
+    factory head: its accuracy is the one before."""
+    clf = Classifier.open(bundle, backend=backend)
+    before = _accuracy(clf, test_x, test_y)
+    t0 = time.perf_counter()
+    p = Personalizer(clf, None)
+    p.add_examples(x, labels)
+    try:
+        tp = TailPersonalizer(p)
+    except BundleError as exc:
+        return {"available": False, "reason": str(exc)}
+    candidate = tp.train()
+    verdict = tp.decide()
+    seconds = time.perf_counter() - t0
+    after = before
+    if verdict.accepted:
+        after = float(np.mean(tp.predict(candidate.weights, tp.runtime.trunk(test_x), clf.factory.labels) == test_y))
+    return {
+        "available": True,
+        "after": after,
+        "seconds": seconds,
+        "accepted": verdict.accepted,
+        "guard": verdict.reason,
+    }
 
 
 def migration_demo(out: Path, halves: Splits, echo: Callable[[str], None]) -> dict[str, Any]:

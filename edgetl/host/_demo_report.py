@@ -295,9 +295,21 @@ def _user_section(result: dict[str, Any], halves: Splits) -> list[str]:
         f"per class raises their accuracy ({gains}), as far as Keras retraining the same head on the host "
         f"({pers['host_keras']['after']:.3f})."
     )
+    series = {"before": [pers[b]["before"] for b in backends], "head only": [pers[b]["after"] for b in backends]}
+    tails = [pers[b].get("tail") or {} for b in backends]
+    if all(t.get("available") for t in tails):
+        series["with the tail"] = [t["after"] for t in tails]
+        sentence += (
+            " Training the backbone's last layer with the head (the tail) on the same examples: "
+            + ", ".join(
+                f"{b} {t['after']:.3f} ({'accepted' if t['accepted'] else 'refused'} by the guard)"
+                for b, t in zip(backends, tails)
+            )
+            + "."
+        )
     chart = _bars(
         [f"on the device: {b}" for b in backends],
-        {"before": [pers[b]["before"] for b in backends], "after personalizing": [pers[b]["after"] for b in backends]},
+        series,
         "the new user's accuracy",
         reference=(
             f"host: Keras retraining the same head ({pers['host_keras']['after']:.3f})",

@@ -34,6 +34,7 @@ from edgetl import __version__
 from edgetl._options import comma_list, option
 from edgetl._quiet import native_output_silenced, progress
 from edgetl.bundle import Bundle, format_checks, load_private_key, sign_bundle, write_bundle
+from edgetl.bundle import _contract as C
 from edgetl.bundle._contract import (
     BACKBONE_OUTPUT,
     FUSED_OUTPUT,
@@ -933,7 +934,7 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trun
         emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
         arrays = dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))
         if trunk is not None:
-            arrays["trunk"] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
+            arrays[C.TRUNK] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
         out.append(
             Artifact(
                 "replay.npz",
@@ -1152,7 +1153,7 @@ def int8_embedding_tflite(backbone: Any, calibration: np.ndarray) -> bytes:
 def trunk_converters() -> TrunkConverters:
     """The converters the trainable tail's trunk models are written with (fp32 TFLite, ONNX)."""
     return TrunkConverters(
-        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name="trunk"), onnx=keras_to_onnx, artifact=Artifact
+        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name=C.TRUNK), onnx=keras_to_onnx, artifact=Artifact
     )
 
 

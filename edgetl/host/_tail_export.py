@@ -1,11 +1,12 @@
 """Export of the trainable tail: split the backbone, write the tail's files, verify them.
 
 Eligible: the backbone's embedding (before the seam standardization) is the output of a
-``Dense`` layer with a ``relu`` or linear activation, reachable through nested models that
-are each applied directly to their parent's input (how ``edgetl train`` builds its models).
-The split is checked numerically: ``tail(trunk(x))`` must reproduce the exported backbone's
-embeddings on the parity inputs, or the bundle stays head-only and the manifest says why.
-A 1x1 convolution followed by pooling is not split yet (see the issue 24 report).
+``Dense`` layer, or the global average of a 1x1 ``Conv2D``'s map (MobileNetV2's ``Conv_1`` ->
+``Conv_1_bn`` -> ``out_relu`` -> pooling; the BatchNormalization is folded into the layer),
+with a linear, ReLU or ReLU6 activation, inside nested models (preprocessing layers before a
+nested application stay in the trunk). The split is checked numerically: ``tail(trunk(x))``
+must reproduce the exported backbone's embeddings on the parity inputs, or the bundle stays
+head-only and the manifest says why.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RUNTIME_TOLERANCE = 1e-5  # SGD: onnxruntime vs LiteRT after the same steps (iss
 
 @dataclass
 class TailSplit:
-    trunk: Any  # Keras model: raw input -> trunk activations [N, F]
+    trunk: Any  # Keras model: raw input -> trunk activations [N, P, F]
     layer: str
     activation: str
     init: dict[str, np.ndarray]  # W1, b1, mean, inv_std (float32)
@@ -49,44 +50,171 @@ def _inbound_layer(layer: Any) -> Any | None:
     return inbound
 
 
-def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
-    """The trunk/tail split of an exported ``backbone``, or the reason there is none."""
+@dataclass
+class _Walk:
+    """What lies between the backbone's output and its last embedding layer."""
+
+    owners: list  # the backbone and the nested models the walk entered, outermost first
+    norms: list  # seam Normalization layers, last applied first
+    pooled: bool = False
+    activation: str = "linear"  # an activation layer after the layer (ReLU / Activation)
+    batchnorm: Any = None
+
+
+def _walk(backbone: Any) -> tuple[_Walk, Any]:
+    """Back from the output: nested models, the seam standardization(s), global average
+    pooling, an activation layer and a BatchNormalization; returns them and the layer reached."""
     k = keras()
-    owners, layer, norm = [backbone], _output_layer(backbone), None
-    while True:
+    walk, layer = _Walk([backbone], []), _output_layer(backbone)
+    while isinstance(layer, (k.Model, k.layers.Normalization)):
         if isinstance(layer, k.Model):
-            owners.append(layer)
+            walk.owners.append(layer)
             layer = _output_layer(layer)
-        elif isinstance(layer, k.layers.Normalization) and norm is None and layer.name == "embedding_standardize":
-            norm, layer = layer, _inbound_layer(layer)
         else:
-            break
-    if not isinstance(layer, k.layers.Dense):
-        return f"the embedding comes from {layer.__class__.__name__} {getattr(layer, 'name', '?')!r}, not a Dense layer"
-    activation = getattr(layer.activation, "__name__", str(layer.activation))
-    if activation not in T.ACTIVATIONS:
-        return f"the last Dense layer {layer.name!r} has activation {activation!r}; the tail trains {T.ACTIVATIONS}"
-    owner = next(m for m in reversed(owners) if layer in m.layers)
-    inner = k.Model(owner.inputs, layer.input, name="trunk_inner")
-    width = int(layer.input.shape[-1])
-    # [N, P, F] with P = 1: the contract's positions axis (a pooled 1x1 convolution has P > 1).
-    trunk = k.Model(backbone.inputs, k.layers.Reshape((1, width))(inner(backbone.inputs[0])), name="trunk")
-    W1, b1 = (w.astype(np.float32) for w in layer.get_weights())
-    mean, inv_std = np.zeros(W1.shape[1], np.float32), np.ones(W1.shape[1], np.float32)
-    if norm is not None:
-        mean = np.asarray(norm.mean, np.float32).reshape(-1)
-        inv_std = (1.0 / np.maximum(np.sqrt(np.asarray(norm.variance).reshape(-1)), k.backend.epsilon())).astype(
-            np.float32
+            walk.norms.append(layer)
+            layer = _inbound_layer(layer)
+    if isinstance(layer, k.layers.GlobalAveragePooling2D) and not layer.keepdims:
+        walk.pooled, layer = True, _inbound_layer(layer)
+    if isinstance(layer, (k.layers.ReLU, k.layers.Activation)):
+        walk.activation = _activation_of(layer)
+        layer = _inbound_layer(layer)
+    if isinstance(layer, k.layers.BatchNormalization) and walk.pooled:
+        walk.batchnorm, layer = layer, _inbound_layer(layer)
+    return walk, layer
+
+
+def _activation_of(layer: Any) -> str:
+    """``relu``, ``relu6``, ``linear``, or a description of what the tail does not train."""
+    k = keras()
+    if isinstance(layer, k.layers.ReLU):
+        plain = float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
+        cap = None if layer.max_value is None else float(layer.max_value)
+        if plain and cap in (None, 6.0):
+            return "relu" if cap is None else "relu6"
+        return (
+            f"ReLU(max_value={cap}, negative_slope={float(layer.negative_slope)}, threshold={float(layer.threshold)})"
         )
-    split = TailSplit(trunk, layer.name, activation, {"W1": W1, "b1": b1, "mean": mean, "inv_std": inv_std})
-    a = trunk.predict(x, verbose=0)
-    z = T.forward(
-        {**split.init, C.WEIGHTS: np.zeros((W1.shape[1], 1)), C.BIAS: np.zeros(1), C.MASK: np.ones(1)}, a, activation
-    )["z"]
-    diff = float(np.abs(z - backbone.predict(x, verbose=0)).max())
-    if not diff <= SPLIT_TOLERANCE * max(1.0, float(np.abs(z).max())):
-        return f"the split at {layer.name!r} does not reproduce the backbone (max difference {diff:.3g})"
-    return split
+    fn = getattr(layer, "activation", None)
+    return getattr(fn, "__name__", str(fn))
+
+
+def _layer_weights(walk: _Walk, layer: Any) -> tuple[dict[str, np.ndarray], str] | str:
+    """``W1 [F, D]``, ``b1`` (BatchNorm folded in) and the activation of an eligible layer, or why not."""
+    k = keras()
+    own = getattr(layer.activation, "__name__", str(layer.activation)) if hasattr(layer, "activation") else "linear"
+    if walk.pooled:
+        if not isinstance(layer, k.layers.Conv2D) or isinstance(layer, k.layers.Conv2DTranspose):
+            return f"the pooled map comes from {layer.__class__.__name__} {layer.name!r}, not a 1x1 Conv2D"
+        shape = (tuple(layer.kernel_size), tuple(layer.strides), layer.groups, layer.data_format)
+        if shape != ((1, 1), (1, 1), 1, "channels_last"):
+            return f"the convolution {layer.name!r} is not a 1x1, stride-1, ungrouped, channels-last Conv2D"
+    elif not isinstance(layer, k.layers.Dense):
+        return f"the embedding comes from {layer.__class__.__name__} {getattr(layer, 'name', '?')!r}, not a Dense layer"
+    if own != "linear" and (walk.activation != "linear" or walk.batchnorm is not None):
+        return f"the layer {layer.name!r} has activation {own!r} before further layers; the tail trains one activation"
+    activation = own if own != "linear" else walk.activation
+    if activation not in T.ACTIVATIONS:
+        return f"the last layer {layer.name!r} has activation {activation!r}; the tail trains {T.ACTIVATIONS}"
+    weights = layer.get_weights()
+    W1 = np.asarray(weights[0], np.float64).reshape(-1, weights[0].shape[-1])  # a 1x1 kernel [1, 1, F, D]
+    b1 = np.asarray(weights[1], np.float64) if layer.use_bias else np.zeros(W1.shape[1])
+    if walk.batchnorm is not None:  # folded: gamma (x W + b - mu) / sqrt(var + eps) + beta
+        bn = walk.batchnorm
+        if list(bn.axis) != [3]:
+            return f"the BatchNormalization {bn.name!r} normalizes axis {bn.axis}, not the channels"
+        gamma, beta, mu, var = (np.asarray(v, np.float64) for v in _bn_parts(bn))
+        scale = gamma / np.sqrt(var + bn.epsilon)
+        W1, b1 = W1 * scale, (b1 - mu) * scale + beta
+    return {C.TAIL_W: W1.astype(np.float32), C.TAIL_B: b1.astype(np.float32)}, activation
+
+
+def _bn_parts(bn: Any) -> tuple[np.ndarray, ...]:
+    size = int(bn.moving_mean.shape[0])
+    gamma = bn.gamma.numpy() if bn.scale else np.ones(size)
+    beta = bn.beta.numpy() if bn.center else np.zeros(size)
+    return gamma, beta, bn.moving_mean.numpy(), bn.moving_variance.numpy()
+
+
+def _seam(norms: list, width: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """The seam standardization as one ``(mean, inv_std)``: the Normalization layers between
+    the layer and the embedding (``edgetl train``'s and a source task's), composed."""
+    k = keras()
+    mean, inv_std = np.zeros(width), np.ones(width)
+    for norm in reversed(norms):  # in the order they are applied
+        if getattr(norm, "invert", False):
+            return f"the Normalization {norm.name!r} inverts; the seam standardizes"
+        m = np.asarray(norm.mean, np.float64).reshape(-1)
+        s = 1.0 / np.maximum(np.sqrt(np.asarray(norm.variance, np.float64).reshape(-1)), k.backend.epsilon())
+        mean, inv_std = mean + m / inv_std, inv_std * s  # ((h - mean) inv_std - m) s
+    return mean.astype(np.float32), inv_std.astype(np.float32)
+
+
+def _truncated(owners: list, layer: Any) -> Any:
+    """The backbone cut at ``layer``'s input: each nested model is replaced by its part up to
+    there, called on the tensor its parent fed it (preprocessing layers before a nested
+    application stay in the trunk)."""
+    k = keras()
+    owner = next(m for m in reversed(owners) if layer in m.layers)
+    chain = owners[: owners.index(owner) + 1]
+    model = k.Model(owner.inputs, layer.input, name="trunk_inner")
+    for parent, child in reversed(list(zip(chain[:-1], chain[1:]))):
+        fed = [
+            n.input_tensors
+            for i, n in enumerate(child._inbound_nodes)
+            if f"{child.name}_ib-{i}" in getattr(parent, "_network_nodes", ())
+        ]
+        if len(fed) != 1 or isinstance(fed[0], (list, tuple)) and len(fed[0]) != 1:
+            raise ValueError(f"the nested model {child.name!r} is not called once on one input")
+        tensor = fed[0][0] if isinstance(fed[0], (list, tuple)) else fed[0]
+        model = k.Model(parent.inputs, model(tensor), name=f"trunk_{parent.name}")
+    return model
+
+
+def find_tail(backbone: Any, x: np.ndarray) -> TailSplit | str:
+    """The trunk/tail split of an exported ``backbone``, or the reason there is none.
+
+    Eligible: the embedding (before the seam's Normalization layers) is a ``Dense`` layer's
+    output, or the global average of a 1x1 ``Conv2D``'s map (a BatchNormalization after it is
+    folded into ``W1``, ``b1``), with a linear, ReLU or ReLU6 activation. The split is checked
+    numerically (:func:`check_split`).
+    """
+    k = keras()
+    walk, layer = _walk(backbone)
+    found = _layer_weights(walk, layer)
+    if isinstance(found, str):
+        return found
+    weights, activation = found
+    seam = _seam(walk.norms, weights[C.TAIL_W].shape[1])
+    if isinstance(seam, str):
+        return seam
+    try:
+        inner = _truncated(walk.owners, layer)
+    except (ValueError, StopIteration) as exc:
+        return f"the backbone cannot be cut at {layer.name!r}: {exc}"
+    shape = [int(d) for d in layer.input.shape[1:]]
+    positions, width = int(np.prod(shape[:-1])) if walk.pooled else 1, shape[-1]
+    # trunk[N, P, F]: a pooled convolution's H x W positions, or P = 1 for a Dense layer.
+    trunk = k.Model(backbone.inputs, k.layers.Reshape((positions, width))(inner.output), name=C.TRUNK)
+    init = {**weights, C.SEAM_MEAN: seam[0], C.SEAM_INV_STD: seam[1]}
+    split = TailSplit(trunk, layer.name, activation, init, positions)
+    why = check_split(split, backbone, x)
+    return why or split
+
+
+def check_split(split: TailSplit, backbone: Any, x: np.ndarray) -> str | None:
+    """``None`` when ``tail(trunk(x))`` reproduces the backbone's embeddings of ``x`` within
+    :data:`SPLIT_TOLERANCE` (relative to the largest embedding), else what differs."""
+    a = split.trunk.predict(x, verbose=0)
+    d = split.init[C.TAIL_W].shape[1]
+    dummy_head = {C.WEIGHTS: np.zeros((d, 1)), C.BIAS: np.zeros(1), C.MASK: np.ones(1)}
+    z = T.forward({**split.init, **dummy_head}, a, split.activation)["z"]
+    want = backbone.predict(x, verbose=0)
+    if z.shape != want.shape:
+        return f"the split at {split.layer!r} gives embeddings of shape {z.shape[1:]}, the backbone {want.shape[1:]}"
+    diff = float(np.abs(z - want).max())
+    if not diff <= SPLIT_TOLERANCE * max(1.0, float(np.abs(want).max())):
+        return f"the split at {split.layer!r} does not reproduce the backbone (max difference {diff:.3g})"
+    return None
 
 
 def tail_files(
@@ -94,13 +222,13 @@ def tail_files(
 ) -> dict[str, Any]:
     """``{file: (content, role, format, extra)}``: the trunk models and the tail's graphs."""
 
-    f, d = split.init["W1"].shape
+    f, d = split.init[C.TAIL_W].shape
     cap, act, p = head[0].shape[1], split.activation, split.positions
     buf = __import__("io").BytesIO()
     np.savez(buf, **split.init)
     files = {
-        "trunk.fp32.tflite": (convert.tflite(split.trunk), "trunk", "tflite", {}),
-        "trunk.fp32.onnx": (convert.onnx(split.trunk, opset), "trunk", "onnx", {}),
+        "trunk.fp32.tflite": (convert.tflite(split.trunk), C.TRUNK, "tflite", {}),
+        "trunk.fp32.onnx": (convert.onnx(split.trunk, opset), C.TRUNK, "onnx", {}),
         T.INIT_FILE: (buf.getvalue(), "tail_init", "npz", {}),
         T.INFER_FILE: (tail_infer_onnx(f, d, cap, act, p), "tail_infer", "onnx", {}),
         T.TFLITE_FILE: (tail_tflite(f, d, cap, act, p), "tail", "tflite", {"signatures": list(T.TFLITE_SIGNATURES)}),
@@ -189,7 +317,7 @@ def tail_step(
     artifacts = [
         convert.artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()
     ]
-    f, d = split.init["W1"].shape
+    f, d = split.init[C.TAIL_W].shape
     section = {
         "available": True,
         "layer": split.layer,

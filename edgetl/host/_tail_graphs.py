@@ -51,9 +51,9 @@ class _Graph:
 
 
 def _shapes(f: int, d: int, c: int, positions: int = 1) -> dict[str, list[Any]]:
-    weights = {"W1": [f, d], "b1": [d], C.WEIGHTS: [d, c], C.BIAS: [c]}
+    weights = {C.TAIL_W: [f, d], C.TAIL_B: [d], C.WEIGHTS: [d, c], C.BIAS: [c]}
     shapes: dict[str, list[Any]] = {
-        "trunk": ["N", positions, f],
+        C.TRUNK: ["N", positions, f],
         C.LABELS: ["N", c],
         C.ORDER: ["S", "B"],
         C.ROW_WEIGHT: ["S", "B"],
@@ -102,7 +102,7 @@ def _forward(g: _Graph, a: str, w1: str, b1: str, w: str, b: str, activation: st
     """pre ``[B, P, D]``, z and the masked logits of rows ``a[B, P, F]``; ``mask_bias`` must exist."""
     pre = g.op("Add", g.op("MatMul", a, w1), b1)
     pooled = g.op("ReduceMean", _act(g, pre, activation), axes=[1], keepdims=0)
-    z = g.op("Mul", g.op("Sub", pooled, "mean"), "inv_std")
+    z = g.op("Mul", g.op("Sub", pooled, C.SEAM_MEAN), C.SEAM_INV_STD)
     logits = g.op("Add", g.op("Add", g.op("MatMul", z, w), b), "mask_bias")
     return pre, z, logits
 
@@ -117,7 +117,7 @@ def tail_infer_onnx(
     g = _Graph("i_")
     h = g.h
     g.op("Mul", g.op("Sub", "one", C.MASK), "neg_big", out="mask_bias")
-    _, _, logits = _forward(g, "trunk", "W1", "b1", C.WEIGHTS, C.BIAS, activation)
+    _, _, logits = _forward(g, C.TRUNK, C.TAIL_W, C.TAIL_B, C.WEIGHTS, C.BIAS, activation)
     g.op("Softmax", logits, axis=-1, out=C.PROBABILITIES)
     shapes = _shapes(trunk_size, embedding_size, max_classes, positions)
     f = onnx.TensorProto.FLOAT
@@ -160,11 +160,11 @@ def _check(f: int, d: int, c: int, activation: str) -> None:
 
 def _sgd_rates(g: _Graph, activation: str) -> None:
     """``lr_head`` and ``lr_tail``: the user's rate over each layer's normaliser (:mod:`edgetl.bundle._tail`)."""
-    _, z0, _ = _forward(g, "trunk", "W1", "b1", C.WEIGHTS, C.BIAS, activation)
+    _, z0, _ = _forward(g, C.TRUNK, C.TAIL_W, C.TAIL_B, C.WEIGHTS, C.BIAS, activation)
     z_sq = g.op("ReduceMean", g.op("ReduceSumSquare", z0, axes=[1], keepdims=0), keepdims=0)
-    pooled = g.op("ReduceMean", "trunk", axes=[1], keepdims=0)
+    pooled = g.op("ReduceMean", C.TRUNK, axes=[1], keepdims=0)
     a_sq = g.op("ReduceMean", g.op("ReduceSumSquare", pooled, axes=[1], keepdims=0), keepdims=0)
-    w_scaled = g.op("Mul", g.op("Mul", C.WEIGHTS, g.op("Unsqueeze", "inv_std", "ax1")), C.MASK)
+    w_scaled = g.op("Mul", g.op("Mul", C.WEIGHTS, g.op("Unsqueeze", C.SEAM_INV_STD, "ax1")), C.MASK)
     active = g.op("Max", g.op("ReduceSum", C.MASK, keepdims=0), "one")
     w_sq = g.op("Add", g.op("Div", g.op("ReduceSumSquare", w_scaled, keepdims=0), active), "one")
     g.op("Div", C.LEARNING_RATE, g.op("Add", z_sq, "one"), out="lr_head")
@@ -189,14 +189,14 @@ def _adam_schedule(g: _Graph) -> None:
 
 def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
     """One step inside the Scan: reads the loop variables, writes ``X_new`` and ``loss_s``."""
-    a = g.op("Gather", "trunk", "order_s", axis=0)
+    a = g.op("Gather", C.TRUNK, "order_s", axis=0)
     y = g.op("Gather", C.LABELS, "order_s", axis=0)
     rw = g.op("Unsqueeze", "rw_s", "ax1")  # [B, 1]
-    pre, z, logits = _forward(g, a, "W1", "b1", C.WEIGHTS, C.BIAS, activation)
+    pre, z, logits = _forward(g, a, C.TAIL_W, C.TAIL_B, C.WEIGHTS, C.BIAS, activation)
     p = g.op("Softmax", logits, axis=-1)
     y_rw = g.op("Mul", y, rw)
     grad_logits = g.op("Sub", g.op("Mul", p, rw), y_rw)
-    d_w, d_w1 = g.op("Sub", C.WEIGHTS, C.ANCHOR_ONNX), g.op("Sub", "W1", "W1_0")
+    d_w, d_w1 = g.op("Sub", C.WEIGHTS, C.ANCHOR_ONNX), g.op("Sub", C.TAIL_W, C.TAIL_ANCHOR)
     g_z = g.op("Mul", g.op("MatMul", grad_logits, g.op("Transpose", C.WEIGHTS, perm=[1, 0])), "inv_std_p")
     g_h = g.op("Unsqueeze", g_z, "ax1")  # [B, 1, D]: the same gradient at every pooled position
     if activation == "linear":
@@ -210,8 +210,8 @@ def _step_body(g: _Graph, optimizer: str, activation: str) -> None:
     grads = {
         C.WEIGHTS: g.op("Add", g.op("MatMul", g.op("Transpose", z, perm=[1, 0]), grad_logits), g.op("Mul", C.L2, d_w)),
         C.BIAS: g.op("ReduceSum", grad_logits, "ax0", keepdims=0),
-        "W1": g.op("Add", g.op("MatMul", g.op("Transpose", a_rows, perm=[1, 0]), g_rows), g.op("Mul", C.L2, d_w1)),
-        "b1": g.op("ReduceSum", g_rows, "ax0", keepdims=0),
+        C.TAIL_W: g.op("Add", g.op("MatMul", g.op("Transpose", a_rows, perm=[1, 0]), g_rows), g.op("Mul", C.L2, d_w1)),
+        C.TAIL_B: g.op("ReduceSum", g_rows, "ax0", keepdims=0),
     }
     nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", y_rw, g.op("Log", g.op("Clip", p, "tiny", "one"))), keepdims=0))
     offsets = g.op("Add", g.op("ReduceSumSquare", d_w, keepdims=0), g.op("ReduceSumSquare", d_w1, keepdims=0))
@@ -251,7 +251,7 @@ def tail_train_loop_onnx(
     g = _Graph("o_")
     h = g.h
     g.op("Mul", g.op("Sub", "one", C.MASK), "neg_big", out="mask_bias")
-    g.op("Mul", "inv_std", "inv_p", out="inv_std_p")  # the pooling's 1/P, folded once
+    g.op("Mul", C.SEAM_INV_STD, "inv_p", out="inv_std_p")  # the pooling's 1/P, folded once
     if optimizer == "sgd":
         _sgd_rates(g, activation)
     else:
@@ -343,16 +343,16 @@ def _tf_act(t: Any, pre: Any, activation: str) -> Any:
 
 def _tf_forward(t: Any, x: dict[str, Any], a: Any, w: dict[str, Any], activation: str) -> tuple[Any, Any, Any]:
     """pre ``[B, P, D]`` (as ``[B P, D]`` rows through FULLY_CONNECTED), z, probabilities."""
-    f, d = w["W1"].shape
+    f, d = w[C.TAIL_W].shape
     positions = a.shape[1]
-    pre = t.reshape(t.matmul(t.reshape(a, [-1, f]), w["W1"]) + w["b1"], [-1, positions, d])
-    z = (t.reduce_mean(_tf_act(t, pre, activation), axis=1) - x["mean"]) * x["inv_std"]
+    pre = t.reshape(t.matmul(t.reshape(a, [-1, f]), w[C.TAIL_W]) + w[C.TAIL_B], [-1, positions, d])
+    z = (t.reduce_mean(_tf_act(t, pre, activation), axis=1) - x[C.SEAM_MEAN]) * x[C.SEAM_INV_STD]
     logits = t.matmul(z, w[C.WEIGHTS]) + w[C.BIAS] + (1.0 - x[C.MASK]) * MASK_NEG
     return pre, z, t.nn.softmax(logits)
 
 
 def _tflite_infer(x: dict[str, Any], activation: str) -> Any:
-    return {C.PROBABILITIES: _tf_forward(tf(), x, x["trunk"], x, activation)[2]}
+    return {C.PROBABILITIES: _tf_forward(tf(), x, x[C.TRUNK], x, activation)[2]}
 
 
 def _tflite_train(optimizer: str) -> Any:
@@ -364,12 +364,12 @@ def _tflite_train(optimizer: str) -> Any:
 
 def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: str) -> tuple[dict[str, Any], Any]:
     idx = t.gather(x[C.ORDER], i)
-    a, rw = t.gather(x["trunk"], idx), t.expand_dims(t.gather(x[C.ROW_WEIGHT], i), -1)
+    a, rw = t.gather(x[C.TRUNK], idx), t.expand_dims(t.gather(x[C.ROW_WEIGHT], i), -1)
     y_rw = t.gather(x[C.LABELS], idx) * rw
     pre, z, p = _tf_forward(t, x, a, w, activation)
     g = p * rw - y_rw
-    f, d = w["W1"].shape
-    g_h = t.expand_dims(t.matmul(g, w[C.WEIGHTS], transpose_b=True) * x["inv_std"] / float(a.shape[1]), 1)
+    f, d = w[C.TAIL_W].shape
+    g_h = t.expand_dims(t.matmul(g, w[C.WEIGHTS], transpose_b=True) * x[C.SEAM_INV_STD] / float(a.shape[1]), 1)
     if activation == "linear":
         g_pre = g_h + t.zeros_like(pre)
     else:
@@ -378,12 +378,12 @@ def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: 
             passes = t.logical_and(passes, pre < 6.0)
         g_pre = g_h * t.cast(passes, t.float32)
     a_rows, g_rows = t.reshape(a, [-1, f]), t.reshape(g_pre, [-1, d])
-    d_w, d_w1 = w[C.WEIGHTS] - x[C.ANCHOR_ONNX], w["W1"] - x["W1_0"]
+    d_w, d_w1 = w[C.WEIGHTS] - x[C.ANCHOR_ONNX], w[C.TAIL_W] - x[C.TAIL_ANCHOR]
     grads = {
         C.WEIGHTS: t.matmul(z, g, transpose_a=True) + x[C.L2] * d_w,
         C.BIAS: t.reduce_sum(g, axis=0),
-        "W1": t.matmul(a_rows, g_rows, transpose_a=True) + x[C.L2] * d_w1,
-        "b1": t.reduce_sum(g_rows, axis=0),
+        C.TAIL_W: t.matmul(a_rows, g_rows, transpose_a=True) + x[C.L2] * d_w1,
+        C.TAIL_B: t.reduce_sum(g_rows, axis=0),
     }
     nll = -t.reduce_sum(y_rw * t.math.log(t.clip_by_value(p, 1e-12, 1.0)))
     loss = nll + 0.5 * x[C.L2] * (t.reduce_sum(d_w * d_w) + t.reduce_sum(d_w1 * d_w1))
@@ -391,14 +391,14 @@ def _tf_grads(t: Any, x: dict[str, Any], w: dict[str, Any], i: Any, activation: 
 
 
 def _tf_sgd_rates(t: Any, x: dict[str, Any], activation: str) -> dict[str, Any]:
-    _, z0, _ = _tf_forward(t, x, x["trunk"], x, activation)
+    _, z0, _ = _tf_forward(t, x, x[C.TRUNK], x, activation)
     z_sq = t.reduce_mean(t.reduce_sum(z0 * z0, axis=1))
-    pooled = t.reduce_mean(x["trunk"], axis=1)
+    pooled = t.reduce_mean(x[C.TRUNK], axis=1)
     a_sq = t.reduce_mean(t.reduce_sum(pooled * pooled, axis=1))
-    w_scaled = x[C.WEIGHTS] * t.expand_dims(x["inv_std"], 1) * x[C.MASK]
+    w_scaled = x[C.WEIGHTS] * t.expand_dims(x[C.SEAM_INV_STD], 1) * x[C.MASK]
     w_sq = t.reduce_sum(w_scaled * w_scaled) / t.maximum(t.reduce_sum(x[C.MASK]), 1.0) + 1.0
     head, tail = x[C.LEARNING_RATE] / (z_sq + 1.0), x[C.LEARNING_RATE] / ((a_sq + 1.0) * w_sq)
-    return {C.WEIGHTS: head, C.BIAS: head, "W1": tail, "b1": tail}
+    return {C.WEIGHTS: head, C.BIAS: head, C.TAIL_W: tail, C.TAIL_B: tail}
 
 
 def _tf_train(x: dict[str, Any], optimizer: str, activation: str) -> Any:

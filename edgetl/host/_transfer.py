@@ -28,6 +28,7 @@ from edgetl._options import option
 from edgetl.data import STREAMING_MODES, Dataset, Splits, class_weights, conform_images, stratified_split
 from edgetl.errors import BackboneError, InputError, describe
 from edgetl.host._backbones import (
+    OWN_FAMILIES,
     Backbone,
     InputPreprocessing,
     adapt_normalization,
@@ -691,7 +692,7 @@ def _check_embeddings(raw: np.ndarray, backbone: Backbone, config: TrainConfig) 
             f"backbone {backbone.name!r} cannot be used: {stats.problem} on {len(raw)} training examples, so no head "
             f"can learn from it; {fix}"
         )
-    if backbone.source == "registry" and not backbone.pretrained and backbone.name not in ("edgetl_cnn", "edgetl_mlp"):
+    if backbone.source == "registry" and not backbone.pretrained and backbone.name not in OWN_FAMILIES:
         warnings.warn(
             f"backbone {backbone.name!r} has random weights (no --weights): its embeddings are random features and "
             "transfer will be poor. Pass --weights imagenet or --weights FILE, or use an `edgetl pretrain` run",

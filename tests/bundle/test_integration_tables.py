@@ -111,3 +111,31 @@ def test_the_parser_reads_a_table_and_sees_a_changed_name():
     text = "| signature | inputs | outputs |\n|---|---|---|\n| `infer` | `embeding[N,D]` | `probabilities[N,C]` |\n"
     rows = tables(text)[("signature", "inputs", "outputs")]
     assert names(rows[0][1]) == ["embeding"] != list(contract.TFLITE_SIGNATURES["infer"])
+
+
+def test_the_tail_tables_are_the_contracts(guide):
+    """Section 4b: the tail's files, graphs (graph order), signatures and tensor shapes."""
+    files = {n for row in guide[("file", "what")] for n in names(row[0])}
+    assert {
+        contract.TRUNK_FILE.format(precision="fp32", format="onnx"),
+        contract.TRUNK_FILE.format(precision="fp32", format="tflite"),
+        contract.TAIL_INIT_FILE,
+        contract.TAIL_INFER_FILE,
+        contract.TAIL_TFLITE_FILE,
+        *(contract.TAIL_TRAIN_LOOP_FILE.format(optimizer=o) for o in contract.OPTIMIZERS),
+    } <= files
+    graphs = {names(r[0])[0]: (names(r[1]), names(r[2])) for r in guide[("tail graph", "inputs", "outputs")]}
+    want = {contract.TAIL_INFER_FILE: (list(contract.TAIL_INFER_INPUTS), [contract.PROBABILITIES])}
+    for opt in contract.OPTIMIZERS:
+        want[contract.TAIL_TRAIN_LOOP_FILE.format(optimizer=opt)] = (
+            list(contract.TAIL_LOOP_INPUTS[opt]),
+            list(contract.TAIL_LOOP_OUTPUTS[opt]),
+        )
+    assert graphs == want
+    signatures = {names(r[0])[0]: (names(r[1]), names(r[2])) for r in guide[("tail signature", "inputs", "outputs")]}
+    assert signatures == {
+        k: (list(v), list(contract.TAIL_TFLITE_SIGNATURE_OUTPUTS[k]))
+        for k, v in contract.TAIL_TFLITE_SIGNATURES.items()
+    }
+    tensors = {names(r[0])[0]: (r[1], r[2].strip("`")) for r in guide[("tail tensor", "dtype", "shape")]}
+    assert tensors == dict(contract.TAIL_TENSORS)

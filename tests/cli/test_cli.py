@@ -139,6 +139,11 @@ def test_demo_console_script(tmp_path, chromium):
         assert pers[backend]["committed"] and pers[backend]["after"] > pers[backend]["before"] + 0.05
         assert abs(pers[backend]["after"] - pers["host_keras"]["after"]) <= 0.01  # issue target: within 1 point
     assert "on the device, litert" in out and "Keras retraining the same head" in out
+    # head-only and the tail side by side (issue 24): the demo's backbone has a tail, judged by the guard
+    for backend in ("onnxruntime", "litert"):
+        tail = pers[backend]["tail"]
+        assert tail["available"] and (tail["after"] > pers[backend]["before"]) == tail["accepted"], tail
+    assert out.count("with the tail (its last layer trained too)") == 2
     # each decision with the counts behind it (the guard's paired evidence)
     guard_lines = [line for line in out.splitlines() if line.strip().startswith("guard: ")]
     assert len(guard_lines) >= 2 and all(" lost and " in line and "factory classes:" in line for line in guard_lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edgetl.bundle import _tail as T
 from edgetl.errors import BundleError
@@ -43,17 +44,15 @@ def _user(w, user):
     return x, [str(v) for v in y], draw_style(kind, w.test_x, [seed, 10, 2])
 
 
-@pytest.fixture(scope="module")
-def tail_user(tail_bundle):
+def _gaining_user(w):
     """The first user whose tail the guard accepts and whose head-only candidate it beats by
     :data:`MIN_GAIN` on their test images (TensorFlow's training is not bit-reproducible across runs,
-    so which kind that is may vary; that one exists is what the test asserts)."""
+    so which kind that is may vary; that one exists is what the tests assert)."""
     from guard_rates import accuracy
 
     from edgetl.device import Personalizer
     from edgetl.device._tail import TailPersonalizer
 
-    w = tail_bundle[1]
     seen = []
     for kind in USERS:
         x, labels, test_x = _user(w, kind)
@@ -71,6 +70,11 @@ def tail_user(tail_bundle):
         if verdict.accepted and tail_after >= head_after + MIN_GAIN:
             return kind, p, tp, verdict, head_after, tail_after
     pytest.fail(f"no user gained {MIN_GAIN:.0%} with an accepted tail: {seen}")
+
+
+@pytest.fixture(scope="module")
+def tail_user(tail_bundle):
+    return _gaining_user(tail_bundle[1])
 
 
 def test_a_user_head_only_cannot_reach_gains_with_the_tail_and_the_guard_accepts_it(tail_bundle, tail_user):
@@ -185,3 +189,108 @@ def test_personalize_cli_adapt_tail_commits_a_tail_version(tmp_path, tail_bundle
     assert main([*args, "--adapt", "tail"]) == 0
     assert "adapt tail: judged the tail" in capsys.readouterr().out
     assert HeadStore(tmp_path / "s", w.clf.bundle).active().head.tail is not None
+
+
+# ----------------------------------------------------------------------------- the pooled 1x1 convolution
+
+
+@pytest.fixture(scope="module")
+def conv_tail_bundle(tmp_path_factory):
+    """A user CNN ending like MobileNetV2: 1x1 Conv2D (no bias) -> BatchNormalization -> ReLU6 ->
+    global average pooling (tools/tail_rates.py's ``embedding="conv"``), built here."""
+    tool = load_tool("tail_rates")
+    path = tool.build_tail_bundle(tmp_path_factory.mktemp("conv_tail"), embedding="conv")
+    from guard_rates import world
+
+    return path, world(path)
+
+
+def test_export_splits_a_pooled_1x1_convolution_with_batchnorm_and_relu6(conv_tail_bundle):
+    bundle = conv_tail_bundle[1].clf.bundle
+    section = bundle.manifest.extra["tail"]
+    assert section["available"], section.get("reason")
+    assert (section["layer"], section["activation"]) == ("embedding_conv", "relu6")
+    assert (section["positions"], section["trunk_size"], section["embedding_size"]) == (16, 64, 64)  # 4x4 map
+    checks = section["checks"]
+    assert checks["sgd_onnx_vs_tflite"] <= 1e-5 and checks["adam_onnx_vs_tflite"] <= checks["adam_tolerance"]
+    assert max(checks["sgd_onnx_vs_reference"], checks["sgd_tflite_vs_reference"]) <= checks["sgd_tolerance"]
+    assert bundle.arrays("replay", (T.REPLAY_KEY,))[T.REPLAY_KEY].shape[1:] == (16, 64)
+    # The files' interfaces are the contract's, in order (what docs/integration.md tabulates).
+    import onnxruntime as ort
+
+    from edgetl.bundle import _contract as C
+    from edgetl.device._runtimes import litert_interpreter
+
+    for opt in C.OPTIMIZERS:
+        session = ort.InferenceSession(str(bundle.path / C.TAIL_TRAIN_LOOP_FILE.format(optimizer=opt)))
+        assert [i.name for i in session.get_inputs()] == list(C.TAIL_LOOP_INPUTS[opt])
+        assert [o.name for o in session.get_outputs()] == list(C.TAIL_LOOP_OUTPUTS[opt])
+    signatures = litert_interpreter(bundle.path / C.TAIL_TFLITE_FILE, allocate=False).get_signature_list()
+    assert {k: set(v["inputs"]) for k, v in signatures.items()} == {
+        k: set(v) for k, v in C.TAIL_TFLITE_SIGNATURES.items()
+    }
+
+
+def _conv_backbone(stride: int = 1):
+    """conv -> 1x1 conv -> BN (moving statistics far from 0/1, so an unfolded BN shows) -> ReLU6 -> pooling."""
+    from edgetl.host._tf import keras
+
+    k = keras()
+    inputs = k.Input((6, 6, 3))
+    x = k.layers.Conv2D(8, 3, padding="same", activation="relu")(k.layers.Rescaling(0.1)(inputs))
+    x = k.layers.BatchNormalization()(k.layers.Conv2D(12, 1, strides=stride, use_bias=False, name="last_1x1")(x))
+    model = k.Model(inputs, k.layers.GlobalAveragePooling2D()(k.layers.ReLU(6.0)(x)))
+    bn = model.layers[-3]
+    rng = np.random.default_rng(0)
+    bn.set_weights([rng.uniform(0.5, 2, 12), rng.normal(4, 2, 12), rng.normal(0.5, 1, 12), rng.uniform(0.2, 3, 12)])
+    return model, rng.uniform(0, 40, (16, 6, 6, 3)).astype(np.float32)
+
+
+def test_split_check_refuses_a_split_that_does_not_reproduce_the_backbone():
+    from dataclasses import replace
+
+    from edgetl.host._tail_export import check_split, find_tail
+
+    model, x = _conv_backbone()
+    split = find_tail(model, x)
+    assert not isinstance(split, str), split
+    assert (split.positions, split.activation, split.init["W1"].shape) == (36, "relu6", (8, 12))
+    assert check_split(split, model, x) is None
+    unfolded = model.get_layer("last_1x1").get_weights()[0].reshape(8, 12)  # the BatchNorm left out
+    broken = replace(split, init={**split.init, "W1": unfolded, "b1": np.zeros(12, np.float32)})
+    assert "does not reproduce the backbone" in check_split(broken, model, x)
+    assert "does not reproduce" in check_split(replace(split, activation="relu"), model, x)  # the cap at 6 matters
+    strided, x = _conv_backbone(stride=2)
+    assert "not a 1x1, stride-1" in find_tail(strided, x)
+
+
+def test_conv_tail_both_runtimes_train_the_same_weights_with_sgd_and_adam(conv_tail_bundle):
+    from edgetl.device import Personalizer
+    from edgetl.device._tail import TailPersonalizer, TailRuntime
+
+    w = conv_tail_bundle[1]
+    x, labels, _ = _user(w, USERS[0])
+    w.clf.set_head(w.clf.factory, 0)
+    p = Personalizer(w.clf, None)
+    p.add_examples(x, labels)
+    tp = TailPersonalizer(p)
+    litert = TailRuntime.from_bundle(w.clf.bundle, "litert")
+    trunk, onehot = tp.user_trunk(), p.onehot(labels, p._base)
+    assert np.abs(litert.trunk(x) - trunk).max() <= 1e-4
+    for optimizer, lr, tolerance in (
+        ("sgd", 0.3, 1e-5),
+        ("adam", 1e-2, w.clf.bundle.manifest.extra["tail"]["checks"]["adam_tolerance"]),
+    ):
+        runs = [
+            rt.train_plan(tp.start_weights(), trunk, onehot, optimizer, lr=lr, l2=0.1, epochs=3, batch=16)
+            for rt in (tp.runtime, litert)
+        ]
+        assert max(float(np.abs(runs[0][k] - runs[1][k]).max()) for k in T.WEIGHTS) <= tolerance, optimizer
+        assert not np.allclose(runs[0]["W1"], tp.init["W1"])
+
+
+def test_a_user_head_only_cannot_reach_gains_with_the_conv_tail_and_the_guard_accepts_it(conv_tail_bundle):
+    kind, p, tp, verdict, head_after, tail_after = _gaining_user(conv_tail_bundle[1])
+    assert verdict.accepted and verdict.evidence["adapt"] == "tail", verdict.reason
+    assert tail_after >= head_after + MIN_GAIN, (kind, head_after, tail_after)
+    assert tp.candidate.weights["W1"].shape == (64, 64) and not np.allclose(tp.candidate.weights["W1"], tp.init["W1"])
