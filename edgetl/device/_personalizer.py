@@ -469,6 +469,13 @@ class Personalizer:
             InputError: bad inputs, a label count that differs from the example count, an
                 unknown label without ``add_classes``, a head without room for new classes.
         """
+        self.add_labelled(x, labels, add_classes=add_classes)
+        self.train(settings)
+        return self.commit() if commit else self.decide()
+
+    def add_labelled(self, x: Any, labels: Sequence[str], *, add_classes: bool = False) -> None:
+        """:meth:`personalize`'s first half: check the examples and labels, add the new classes
+        (imprinted) when ``add_classes`` allows, and keep every example; nothing is trained."""
         labels = [str(l) for l in labels]
         batch = self.classifier.check_inputs(x)
         if len(labels) != len(batch):
@@ -490,8 +497,6 @@ class Personalizer:
         known = [i for i, l in enumerate(labels) if l not in new]
         if known:
             self.add_examples(batch[known], [labels[i] for i in known])
-        self.train(settings)
-        return self.commit() if commit else self.decide()
 
     def _need_store(self) -> HeadStore:
         if self.store is None:

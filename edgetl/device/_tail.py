@@ -430,16 +430,20 @@ def personalize(
     if adapt == "head":
         return p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=commit)
     tail = TailPersonalizer(p)  # before the examples: one trunk pass gives the head's embeddings too
+    if adapt == "tail":  # no head candidate to compare with: it would be trained for nothing
+        p.add_labelled(x, labels, add_classes=add_classes)
+        tail.train(tail_settings)
+        verdict = tail.decide()
+        return tail.commit(verdict) if commit else verdict
     head_verdict = p.personalize(x, labels, add_classes=add_classes, settings=settings, commit=False)
     head_verdict = replace(head_verdict, evidence={**head_verdict.evidence, "adapt": "head"})
     tail.train(tail_settings)
     tail_verdict = tail.decide()
-    choice = "tail" if adapt == "tail" else choose_adapt(tail, head_verdict, tail_verdict)
+    choice = choose_adapt(tail, head_verdict, tail_verdict)
     if choice == "head":
         verdict = replace(head_verdict, evidence={**head_verdict.evidence, "auto": _auto_note(tail_verdict)})
         return p.commit(decision=verdict) if commit else verdict
-    if adapt == "auto":
-        tail_verdict = replace(tail_verdict, evidence={**tail_verdict.evidence, "auto": "the tail beat the head"})
+    tail_verdict = replace(tail_verdict, evidence={**tail_verdict.evidence, "auto": "the tail beat the head"})
     return tail.commit(tail_verdict) if commit else tail_verdict
 
 

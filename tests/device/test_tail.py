@@ -108,8 +108,18 @@ def test_a_committed_tail_is_a_store_version_the_classifier_runs_and_a_corrupt_o
     x, labels, test_x = _user(w, tail_user[0])
     w.clf.set_head(w.clf.factory, 0)
     store = HeadStore(tmp_path / "store", w.clf.bundle)
-    result = personalize(Personalizer(w.clf, store), x, labels, adapt="tail")
+
+    class HeadTrainsCounted(Personalizer):
+        head_trains = 0
+
+        def train(self, *args, **kwargs):
+            self.head_trains += 1
+            return super().train(*args, **kwargs)
+
+    p = HeadTrainsCounted(w.clf, store)
+    result = personalize(p, x, labels, adapt="tail")
     assert result.accepted and result.version == 1 and result.evidence["adapt"] == "tail", result.reason
+    assert p.head_trains == 0  # --adapt tail has no head candidate to compare with: none is trained
     assert store.active().head.tail["W1"].shape == (1024, 64)
     clf = Classifier.open(w.clf.bundle.path, store=tmp_path / "store")
     assert clf.head.tail is not None
