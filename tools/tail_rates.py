@@ -188,12 +188,15 @@ TUNE_GRID = [
     ("sgd", 1.0, 1e-1, 10),
     ("sgd", 0.3, 1e-1, 15),
     ("sgd", 1.0, 1e-1, 15),
+    # weaker pull toward the factory layer (l2), pooled over --bundles 3
+    ("sgd", 0.3, 1e-2),
+    ("sgd", 1.0, 3e-2),
 ]
 
 
-def tune(w: Any, seeds: int, per_class: int, only: str | None = None) -> None:
-    """Settings of :data:`TUNE_GRID` (``only``: their indices, e.g. "5,6") on the tuning family:
-    the summary lines of each."""
+def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None) -> None:
+    """Settings of :data:`TUNE_GRID` (``only``: their indices, e.g. "5,6") on the tuning family
+    of every bundle's world, pooled: the summary lines of each."""
     from guard_rates import families
 
     from edgetl.device import TrainSettings
@@ -202,7 +205,10 @@ def tune(w: Any, seeds: int, per_class: int, only: str | None = None) -> None:
     for optimizer, lr, l2, *epochs in chosen:
         settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=(epochs or [30])[0])
         records = [
-            run_user(w, kind, per_class, seed, settings) for kind in families()["tuning"] for seed in range(seeds)
+            run_user(w, kind, per_class, seed, settings)
+            for w in worlds
+            for kind in families()["tuning"]
+            for seed in range(seeds)
         ]
         print(f"--- tail {optimizer} lr {lr} l2 {l2} epochs {settings.epochs} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
@@ -223,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.tune:
         with tempfile.TemporaryDirectory() as tmp:
-            w = world(args.bundle or build_tail_bundle(Path(tmp)), args.backend)
-            tune(w, args.seeds, args.per_class, args.grid)
+            bundles = [args.bundle] if args.bundle else [build_tail_bundle(Path(tmp), b) for b in range(args.bundles)]
+            tune([world(b, args.backend) for b in bundles], args.seeds, args.per_class, args.grid)
         return 0
     records = []
     for b in range(1 if args.bundle else args.bundles):
