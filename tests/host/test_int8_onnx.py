@@ -106,6 +106,25 @@ def test_a_rung_the_gate_passes_above_the_accuracy_target_climbs_on(digit_cnns):
     assert untargeted.record["rung"] == "a1-minmax" and len(untargeted.record["tried"]) == 1
 
 
+def test_entropy_calibration_clips_an_outlier_minmax_keeps(digit_cnns, tmp_path):
+    """Rung a4 is its own calibration (onnxruntime's quantize_static Entropy, with its default
+    bins, searched one window, the whole range: byte-identical to MinMax): one calibration image
+    50x too bright stretches MinMax's ranges, and the entropy ranges clip it."""
+    import onnx
+
+    from edgetl.host._int8_onnx import _activation_qparams, _prepare, _quantize
+
+    healthy, _, x, _ = digit_cnns
+    samples = np.concatenate([x[:99], 50 * x[99:100]])
+    prep = _prepare(tmp_path, healthy, samples, None)
+    scales = {
+        method: _activation_qparams(onnx.load_from_string(_quantize(prep, RECIPES["x86-vnni"], method, samples, [])))
+        for method in ("MinMax", "Entropy")
+    }
+    ratios = [scales["Entropy"][t][0] / scales["MinMax"][t][0] for t in scales["MinMax"]]
+    assert np.median(ratios) < 0.5, ratios  # measured 0.25-0.31 (1.0 for the softmax, bounded anyway)
+
+
 def test_a_gate_refuses_a_broken_int8_model(digit_cnns):
     """The gate is a real check: int8 calibrated on blank images fails it, with its measures."""
     healthy, _, x, y = digit_cnns
