@@ -76,7 +76,8 @@ def test_sensitivity_ranks_the_fragile_tensor_worst_and_healthy_tensors_low(digi
     (tmp_path / "f.onnx").write_bytes(fragile)
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
     ranked = tensor_sensitivity(tmp_path / "pre.onnx", result.content, x[:32])
-    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.4
+    # > 0.3: the fixture trains a CNN, not bit-reproducibly (measured 0.356-0.9; healthy tensors < 0.1)
+    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.3
     assert all(r["damage"] < ranked[0]["damage"] / 3 for r in ranked[1:]), ranked
 
 
