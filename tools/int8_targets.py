@@ -68,9 +68,9 @@ def report(bundle_dir: Path, left_out: list[dict], quantize: str) -> bool:
         if c["role"] != "fused" or "accuracy" not in c:
             continue
         e, drop = entries[file], c.get("accuracy_drop", 0.0) * 100
-        ladder = e.get("ladder", {})
+        ladder = e.get("ladder") or e.get("int8_ladder") or {}  # TFLite's ladder, or the int8 ONNX one
         rung = ladder.get("rung", "-" if c["precision"] == "fp32" else c["precision"])
-        share = ladder.get("float_share")
+        share = ladder.get("float_share", ladder.get("float_share_macs"))
         print(
             f"{file:<22} {c['accuracy']:>6.3f} {c['accuracy'] + drop / 100:>6.3f} {-drop:>+7.2f} "
             f"{rung:<28} {'' if share is None else f'{share:.3f}':>11} {e.get('size', 0) / 1024:>6.0f}"
@@ -103,8 +103,12 @@ def export(root: Path, quantize: str, extra: list[str]) -> bool:
     kwargs = dict(quantize=quantize.split(","))
     if "full" in extra:
         kwargs["full_integer"] = True
+    targets = [e.split("=", 1)[1] for e in extra if e.startswith("target=")]
+    if targets:
+        kwargs["targets"] = targets
     result = export_bundle(root / "run", out, overwrite=True, **kwargs)
-    print(f"export_bundle({root / 'run'}, quantize={quantize}) in {time.perf_counter() - t0:.0f} s")
+    took = time.perf_counter() - t0
+    print(f"export_bundle({root / 'run'}, quantize={quantize}, targets={kwargs.get('targets')}) in {took:.0f} s")
     if not result.ok:
         print(result.describe())
         return False
@@ -120,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="int8,qat")
     parser.add_argument("--full-integer", action="store_true", help="also the full-integer TFLite")
     parser.add_argument("--root", help="default /tmp/edgetl-int8-run/BACKBONE-SIZE")
+    parser.add_argument("--target", help="edgetl export --target (int8 ONNX recipe), e.g. x86-vnni")
     args = parser.parse_args(argv)
     root = Path(args.root or f"/tmp/edgetl-int8-run/{args.backbone}-{args.image_size}")
     print(f"CPU: {_cpu()}; load {Path('/proc/loadavg').read_text().split()[:3]}")
     if args.stage in ("prepare", "all"):
         prepare(root, args.backbone, args.image_size, args.epochs)
     if args.stage in ("export", "all"):
-        return 0 if export(root, args.quantize, ["full"] if args.full_integer else []) else 1
+        extra = ["full"] * args.full_integer + ([f"target={args.target}"] if args.target else [])
+        return 0 if export(root, args.quantize, extra) else 1
     return 0
 
 

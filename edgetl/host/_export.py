@@ -58,6 +58,7 @@ from edgetl.host._int8_onnx import CPU_TARGETS, RECIPES, agreement_gate, quantiz
 from edgetl.host._int8_tflite import ladder_for
 from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
+from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
 from edgetl.host._qat import train_qat
 from edgetl.host._run import Run, load_run
 from edgetl.host._tail_export import TrunkConverters, tail_step
@@ -750,11 +751,24 @@ def _convert_one(
         recipe = RECIPES[plan.target].describe()  # ONNX activations and weights differ from TFLite's
         extra = {"quantization": {**float_io, **recipe}, "int8_method": "onnxruntime_qdq"}
         out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {**extra, "int8_ladder": record}))
+    elif p in ("dynamic", "float16"):  # from the float graph: no layout Transposes
+        content, how = onnx_from_float(plan, p, fp32_onnx[role])
+        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {"quantization": {**float_io, **how}}))
     else:
         out.append(
             Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
         )
     return out
+
+
+def onnx_from_float(plan: ExportPlan, precision: str, fp32_onnx: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The dynamic or float16 ONNX made from the float ONNX graph (``edgetl.host._onnx_quantized``),
+    and how, for the manifest: dynamic weights use 7 bits where the target's int8 recipe does."""
+    if precision == "float16":
+        return float16_onnx(fp32_onnx), {"onnx_method": "float16 weights of the float ONNX, float32 compute"}
+    reduce_range = RECIPES[plan.target].reduce_range
+    how = {"onnx_method": "onnxruntime quantize_dynamic of the float ONNX", "reduce_range": reduce_range}
+    return dynamic_onnx(fp32_onnx, reduce_range=reduce_range), how
 
 
 # The int8 ONNX gate judges on at most this many held-out examples (each candidate runs on all).
@@ -765,21 +779,23 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     """The int8 ONNX of one model: onnxruntime QDQ of the float ONNX for ``plan.target``, up the
     remedy ladder (``edgetl.host._int8_onnx``) until the gate ``verify`` applies passes.
 
-    The fused model is judged on the held-out split (top-1 agreement with fp32, accuracy drop);
-    the backbone on its embeddings (cosine, and the factory head's agreement). The seam
+    Judged as the export ships it (``edgetl.device._evidence_gate``): paired tests against fp32
+    on the held-out split and the calibration inputs; the fused model's accuracy on the
+    held-out split, the backbone's embeddings by cosine and the factory head's top-1. The seam
     standardization (Sub, Mul by 1/std) always stays float: QDQ would quantize the 1/std
     vector as one uint8 tensor, and with raw-pixel embeddings it spans orders of magnitude,
     so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
     """
 
     test = plan.data.test
-    x = test[0][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else calibration[:INT8_GATE_EXAMPLES]
+    x = test[0][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else calibration[:0]
+    inputs = np.asarray(plan.data.calibration_x if plan.data.calibration_x is not None else calibration, np.float32)
     if role == "fused":
         y = test[1][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else None
-        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y)
+        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y, inputs=inputs)
     else:
         W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
-        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), head=(W, b))
+        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), inputs=inputs, head=(W, b))
 
     def more(n: int) -> np.ndarray | None:
         if plan.data.train is None:
@@ -1074,6 +1090,7 @@ def _ladder_line(entry: dict[str, Any]) -> str:
         f"{entry['file']}: int8 for target {entry['quantization'].get('target')}, ladder rung {ladder['rung']} "
         f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples: {measured}; "
         f"{len(ladder['tried'])} rung(s) tried), float share {ladder['float_share_macs']:.1%}"
+        + ("" if ladder.get("meets_target", True) else f"; above the {ladder['target_accuracy_drop']:.0%} target drop")
     )
 
 

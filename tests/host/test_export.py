@@ -67,6 +67,36 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     assert all(c.ok for c in litert)
 
 
+def test_dynamic_and_float16_onnx_keep_the_float_graph_layout(full_bundle):
+    """Dynamic and float16 ONNX are made from the float ONNX graph: no layout Transpose inside the
+    network beyond the float graph's own (edgetl_cnn flattens a 2x2 map the Keras way, NHWC: one
+    Transpose), contract names, float16 weights at about half the size
+    (tests/host/test_onnx_quantized.py: the same on a model with depthwise and residual blocks)."""
+    import onnx
+
+    from edgetl.host._onnx_quantized import layout_transposes
+
+    bundle, _ = full_bundle
+    entries = {a["file"]: a for a in bundle.manifest.to_json()["artifacts"]}
+    for stem, output in (("model", "probabilities"), ("backbone", "embedding")):
+        fp32 = (bundle.path / f"{stem}.fp32.onnx").read_bytes()
+        fp32_size, own = len(fp32), layout_transposes(fp32)
+        assert own <= 1
+        for precision in ("dynamic", "float16"):
+            content = (bundle.path / f"{stem}.{precision}.onnx").read_bytes()
+            graph = onnx.load_from_string(content).graph
+            assert layout_transposes(content) == own, (stem, precision)
+            assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == [output]
+            assert "float ONNX" in entries[f"{stem}.{precision}.onnx"]["quantization"]["onnx_method"]
+        half = len((bundle.path / f"{stem}.float16.onnx").read_bytes())
+        assert 0.4 < half / fp32_size < 0.6, (half, fp32_size)
+        assert {
+            i.data_type
+            for i in onnx.load_from_string((bundle.path / f"{stem}.float16.onnx").read_bytes()).graph.initializer
+            if len(i.dims) > 1
+        } == {onnx.TensorProto.FLOAT16}
+
+
 def test_int8_is_smaller_and_the_manifest_round_trips(full_bundle):
     bundle, _ = full_bundle
     again = read_bundle(bundle.path)

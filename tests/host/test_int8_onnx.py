@@ -56,7 +56,10 @@ def test_the_ladder_finds_the_fragile_layer_and_keeps_it_float(digit_cnns):
     assert not any(t["gate"]["ok"] for t in record["tried"][:4])  # the gate refused them, measured
     assert result.passed and record["rung"] == "b-float-fallback"
     assert any(FRAGILE in n for n in record["float_nodes"]), record["float_nodes"]
-    assert len(record["float_tensors"]) == 1 and record["float_tensors"][0]["damage"] > 0.4
+    # ranked by the output: keeping that one tensor float removes nearly all of int8's output error
+    assert len(record["float_tensors"]) == 1 and FRAGILE in record["float_tensors"][0]["tensor"]
+    all_int8_error = record["sensitivity"]["output_error_all_int8"]
+    assert record["float_tensors"][0]["output_error"] < all_int8_error / 20, record["sensitivity"]
     float_macs = (32 * 16 + 16 * 16) * 64  # the fragile 1x1 layer and the one reading its output
     total = (9 * 32 + 9 * 32 * 32 + 32 * 16 + 16 * 16) * 64 + 1024 * 10
     assert record["float_share_macs"] == pytest.approx(float_macs / total, abs=1e-4)
@@ -73,8 +76,54 @@ def test_sensitivity_ranks_the_fragile_tensor_worst_and_healthy_tensors_low(digi
     (tmp_path / "f.onnx").write_bytes(fragile)
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
     ranked = tensor_sensitivity(tmp_path / "pre.onnx", result.content, x[:32])
-    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.4
+    # > 0.3: the fixture trains a CNN, not bit-reproducibly (measured 0.356-0.9; healthy tensors < 0.1)
+    assert any(FRAGILE in n for n in ranked[0]["nodes"]) and ranked[0]["damage"] > 0.3
     assert all(r["damage"] < ranked[0]["damage"] / 3 for r in ranked[1:]), ranked
+
+
+def test_a_rung_the_gate_passes_above_the_accuracy_target_climbs_on(digit_cnns):
+    """The gate tolerates 2 points (against broken files); the ladder's target is 1: a passing
+    candidate measured 1.5 points below fp32 does not stop the climb, and when no rung meets the
+    target, the first one the gate passed ships, with the miss recorded."""
+    healthy, _, x, y = digit_cnns
+    real = _gate(healthy, x, y)
+    drops = iter([0.015, 0.015, 0.0])  # a1 and a2 above the target, a3 within it
+
+    def gate(content):
+        return {**real(content), "ok": True, "accuracy_drop": next(drops, 0.015)}
+
+    result = quantize_onnx_int8(healthy, x[:200], gate, recipe=RECIPES["x86-vnni"], more_calibration=x[:1200])
+    assert result.record["rung"] == "a3-percentile" and result.record["meets_target"]
+    assert [t["meets_target"] for t in result.record["tried"]] == [False, False, True]
+
+    def always_above(content):
+        return {**real(content), "ok": True, "accuracy_drop": 0.015}
+
+    result = quantize_onnx_int8(healthy, x[:200], always_above, more_calibration=x[:1200])
+    rungs = [t["rung"] for t in result.record["tried"]]
+    assert rungs[:4] == ["a1-minmax", "a2-minmax-more-samples", "a3-percentile", "a4-entropy"]
+    assert result.passed and result.record["rung"] == "a1-minmax" and not result.record["meets_target"]
+    untargeted = quantize_onnx_int8(healthy, x[:200], always_above, target_drop=None)
+    assert untargeted.record["rung"] == "a1-minmax" and len(untargeted.record["tried"]) == 1
+
+
+def test_entropy_calibration_clips_an_outlier_minmax_keeps(digit_cnns, tmp_path):
+    """Rung a4 is its own calibration (onnxruntime's quantize_static Entropy, with its default
+    bins, searched one window, the whole range: byte-identical to MinMax): one calibration image
+    50x too bright stretches MinMax's ranges, and the entropy ranges clip it."""
+    import onnx
+
+    from edgetl.host._int8_onnx import _activation_qparams, _prepare, _quantize
+
+    healthy, _, x, _ = digit_cnns
+    samples = np.concatenate([x[:99], 50 * x[99:100]])
+    prep = _prepare(tmp_path, healthy, samples, None)
+    scales = {
+        method: _activation_qparams(onnx.load_from_string(_quantize(prep, RECIPES["x86-vnni"], method, samples, [])))
+        for method in ("MinMax", "Entropy")
+    }
+    ratios = [scales["Entropy"][t][0] / scales["MinMax"][t][0] for t in scales["MinMax"]]
+    assert np.median(ratios) < 0.5, ratios  # measured 0.25-0.31 (1.0 for the softmax, bounded anyway)
 
 
 def test_a_gate_refuses_a_broken_int8_model(digit_cnns):
