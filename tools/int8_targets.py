@@ -5,6 +5,7 @@
     nice -n 10 python tools/int8_targets.py export  [--backbone mobilenetv2_035] [--quantize int8,qat]
     nice -n 10 python tools/int8_targets.py files   [--backbone efficientnetb0 --image-size 128]
     nice -n 10 python tools/int8_targets.py explain [--backbone mobilenetv3small --image-size 224]
+    nice -n 10 python tools/int8_targets.py explain --keep-float _se_ [--backbone efficientnetb0 --image-size 128]
 
 What a new user does, with the CLI: ``edgetl pretrain`` on scikit-learn's handwritten digits
 0-4 upscaled to RGB (about 900 real images, tools/user_models.py), ``edgetl train`` on digits
@@ -230,6 +231,34 @@ def explain(root: Path, top: int) -> None:
                     print("   ", {k: v for k, v in t.items() if k not in ("float_tensors",)})
 
 
+def keep_float_experiment(root: Path, parts: list[str]) -> None:
+    """The fused model's int8 ONNX with every node whose name contains one of ``parts`` kept
+    float, up the calibration rungs: how much such a float fallback recovers, and of how much."""
+    from edgetl.host._export import plan_export
+    from edgetl.host._int8_onnx import RECIPES, agreement_gate, quantize_onnx_int8
+
+    bundle = root / "bundle.edgetl"
+    target = json.loads((bundle / "manifest.json").read_text()).get("target", "any")
+    fp32 = (bundle / "model.fp32.onnx").read_bytes()
+    x, y = _held_out(root)
+    calibration = plan_export(root / "run", quantize=["int8"]).data.calibration_x
+    keep = ("embedding_standardize", *parts)
+    result = quantize_onnx_int8(
+        fp32, calibration, agreement_gate(fp32, x, y=y), recipe=RECIPES[target], keep_float=keep
+    )
+    ops = result.record["ops"]
+    kept, total = sum(ops["float"].values()), sum(ops["float"].values()) + sum(ops["quantized"].values())
+    print(f"\nint8 ONNX with nodes matching {list(parts)} kept float: {kept} of {total} Conv/MatMul/Gemm float")
+    for t in result.record["tried"]:
+        g = t["gate"]
+        print(
+            f"  {t['rung']:<26} accuracy {-100 * g['accuracy_drop']:+.2f} points, agreement {g['top1_agreement']:.3f}"
+        )
+    size = result.record["size_bytes"]
+    verdict = "passed" if result.passed else "failed"
+    print(f"  size {size['int8'] / 1024:.0f} KB (fp32 {size['fp32'] / 1024:.0f} KB); gate {verdict}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="int8 accuracy targets on a pretrained small backbone")
     parser.add_argument("stage", choices=("prepare", "export", "all", "files", "explain"))
@@ -240,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-integer", action="store_true", help="also the full-integer TFLite")
     parser.add_argument("--root", help="default /tmp/edgetl-int8-run/BACKBONE-SIZE")
     parser.add_argument("--top", type=int, default=12, help="explain: layers to list")
+    parser.add_argument(
+        "--keep-float", nargs="*", default=[], help="explain: int8 ONNX with these node-name parts float"
+    )
     args = parser.parse_args(argv)
     root = Path(args.root or f"/tmp/edgetl-int8-run/{args.backbone}-{args.image_size}")
     print(f"CPU: {_cpu()}; load {Path('/proc/loadavg').read_text().split()[:3]}")
@@ -247,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(root, args.backbone, args.image_size, args.epochs)
     if args.stage in ("export", "all"):
         return 0 if export(root, args.quantize, ["full"] if args.full_integer else []) else 1
+    if args.stage == "explain" and args.keep_float:
+        keep_float_experiment(root, args.keep_float)
+        return 0
     if args.stage == "explain":
         explain(root, args.top)
         return 0
