@@ -30,7 +30,7 @@ import numpy as np
 from edgetl.bundle._contract import BIAS, MASK, WEIGHTS
 from edgetl.bundle._head import masked_softmax
 from edgetl.device._guard import DEFAULT_ALPHA, PairedEvidence, paired
-from edgetl.device._runtimes import load_model
+from edgetl.device._runtimes import load_model, run_batched
 
 # The gates' thresholds (device/_verify.py applies them to the parity set, this module to
 # the paired evidence).
@@ -146,4 +146,4 @@ def evidence_gates(
 
 
 def _run(bundle: Any, check: Any, xs: np.ndarray) -> np.ndarray:
-    return np.asarray(load_model(bundle.path / check.file, check.format)(xs))
+    return run_batched(load_model(bundle.path / check.file, check.format), xs)

@@ -37,7 +37,7 @@ from edgetl.bundle._head import ADAM_EPS, masked_softmax
 from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT, evidence_gates
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
-from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model
+from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model, run_batched
 from edgetl.errors import DependencyError
 
 # fp32 exports must match Keras to this max abs difference on probabilities, and on
@@ -164,7 +164,7 @@ def _model_check(
     base = dict(file=a.file, role=a.role.value, format=a.format.value, precision=a.precision.value)
     extra: dict[str, Any] = {}
     if x is not None and y is not None and a.role == "fused":
-        extra["accuracy"] = float(np.mean(model(x.astype(np.float32)).argmax(1) == y))
+        extra["accuracy"] = float(np.mean(run_batched(model, x.astype(np.float32)).argmax(1) == y))
     p = a.precision.value
     if p == "fp32":
         diff = float(np.max(np.abs(out - ref[key])))

@@ -33,7 +33,7 @@ import numpy as np
 from edgetl._quiet import native_output_silenced
 from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT, gate_outcome
 from edgetl.device._guard import paired
-from edgetl.device._runtimes import TFLiteModel
+from edgetl.device._runtimes import TFLiteModel, run_batched
 from edgetl.host._tf import tf
 
 # The quality target the ladder climbs for (issue 23: int8 within 1 point of fp32 on the
@@ -98,7 +98,7 @@ def _run_tflite(model_class: Any, content: bytes, xs: np.ndarray) -> np.ndarray:
         path = os.path.join(d, "m.tflite")
         with open(path, "wb") as f:
             f.write(content)
-        return np.asarray(model_class(path)(xs))
+        return run_batched(model_class(path), xs)
 
 
 def climb(converter_factory: Callable[[], Any], calibration: np.ndarray, ptq: bytes, judge: Judge) -> dict[str, Any]:
