@@ -22,6 +22,40 @@ def load_tool(name: str):
     return load(name)
 
 
+def _committed_store(path: Path, bundle, steps: int, tail_shape: tuple[int, int] | None = None):
+    """A store at ``path`` with ``steps`` committed versions (head W + step, three kept
+    examples each, and with ``tail_shape`` a tail layer of value step / -step): the factory head."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from edgetl.device._head import HeadState
+    from edgetl.device._store import HeadStore
+
+    factory = HeadState.factory(bundle)
+    store = HeadStore(path, bundle)
+    x = np.zeros((3, 8, 8, 1), np.uint8)
+    for step in range(1, steps + 1):
+        x[:, 0, 0, 0] = np.arange(3) + 10 * step
+        tail = None
+        if tail_shape is not None:
+            tail = {"W1": np.full(tail_shape, step, np.float32), "b1": np.full(tail_shape[1:], -step, np.float32)}
+        head = replace(factory, W=factory.W + np.float32(step), tail=tail)
+        store.commit(head, {"step": step}, examples=(x, [f"s{step}"] * 3))
+    store.close()
+    return factory
+
+
+def _damaged(good: Path, path: Path, sql: str, *args) -> Path:
+    """A copy of the store ``good`` at ``path`` with one SQL statement applied."""
+    import sqlite3
+
+    shutil.copytree(good, path)
+    with sqlite3.connect(path / "store.db") as db:
+        db.execute(sql, args)
+    return path
+
+
 @pytest.mark.slow  # hundreds of SIGKILLed commits, ~30 s
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
 def test_store_survives_kills_at_random_and_at_every_write_of_a_commit(tmp_path, digits_bundle):
@@ -34,32 +68,17 @@ def test_store_survives_kills_at_random_and_at_every_write_of_a_commit(tmp_path,
 
 def test_the_kill_check_sees_a_damaged_store(tmp_path, digits_bundle):
     """check_store refuses each kind of damage a kill could do (so the kill test can fail)."""
-    import sqlite3
-    from dataclasses import replace
-
-    import numpy as np
-
-    from edgetl.device._head import HeadState
     from edgetl.device._store import HeadStore
     from edgetl.errors import StoreError
 
     kill = load_tool("kill_test")
     bundle = digits_bundle[0]
-    factory = HeadState.factory(bundle)
     good = tmp_path / "good"
-    store = HeadStore(good, bundle)
-    x = np.zeros((3, 8, 8, 1), np.uint8)
-    for step in (1, 2, 3):
-        x[:, 0, 0, 0] = np.arange(3) + 10 * step
-        store.commit(replace(factory, W=factory.W + np.float32(step)), {"step": step}, examples=(x, [f"s{step}"] * 3))
+    factory = _committed_store(good, bundle, 3)
     assert kill.check_store(good, bundle, factory, 3)["active"] == 3
 
     def damaged(name, sql, *args):
-        path = tmp_path / name
-        shutil.copytree(good, path)
-        with sqlite3.connect(path / "store.db") as db:
-            db.execute(sql, args)
-        return path
+        return _damaged(good, tmp_path / name, sql, *args)
 
     with pytest.raises(AssertionError, match="older than committed"):  # a committed version lost
         kill.check_store(good, bundle, factory, 4)
@@ -100,37 +119,20 @@ def test_the_kill_check_sees_a_damaged_tail(tmp_path, digits_bundle):
     """check_store refuses a version that lost its tail row, a tail holding another version's
     layer (re-hashed, so only the content check can see it), and a tail where none was committed."""
     import hashlib
-    import sqlite3
-    from dataclasses import replace
 
     import numpy as np
 
-    from edgetl.device._head import HeadState
-    from edgetl.device._store import HeadStore
-
     kill = load_tool("kill_test")
     bundle = digits_bundle[0]
-    factory = HeadState.factory(bundle)
     shape = (16, 4)
     good = tmp_path / "good"
-    store = HeadStore(good, bundle)
-    x = np.zeros((3, 8, 8, 1), np.uint8)
-    for step in (1, 2):
-        x[:, 0, 0, 0] = np.arange(3) + 10 * step
-        tail = {"W1": np.full(shape, step, np.float32), "b1": np.full(shape[1:], -step, np.float32)}
-        head = replace(factory, W=factory.W + np.float32(step), tail=tail)
-        store.commit(head, {"step": step}, examples=(x, [f"s{step}"] * 3))
-    store.close()
+    factory = _committed_store(good, bundle, 2, shape)
     assert kill.check_store(good, bundle, factory, 2, shape)["versions"] == 2
     with pytest.raises(AssertionError, match="committed without a tail layer and has one"):
         kill.check_store(good, bundle, factory, 2, None)
 
     def damaged(name, sql, *args):
-        path = tmp_path / name
-        shutil.copytree(good, path)
-        with sqlite3.connect(path / "store.db") as db:
-            db.execute(sql, args)
-        return path
+        return _damaged(good, tmp_path / name, sql, *args)
 
     with pytest.raises(AssertionError, match="version 1 lost its tail layer"):
         kill.check_store(damaged("lost", "DELETE FROM tails WHERE version = 1"), bundle, factory, 2, shape)
