@@ -73,8 +73,7 @@ def test_dynamic_and_float16_onnx_keep_the_float_graph_layout(full_bundle):
     Transpose), contract names, float16 weights at about half the size
     (tests/host/test_onnx_quantized.py: the same on a model with depthwise and residual blocks)."""
     import onnx
-
-    from edgetl.host._onnx_quantized import layout_transposes
+    from onnx_graphs import layout_transposes
 
     bundle, _ = full_bundle
     entries = {a["file"]: a for a in bundle.manifest.to_json()["artifacts"]}

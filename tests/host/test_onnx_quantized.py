@@ -10,8 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_graphs import layout_transposes
 
-from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx, layout_transposes
+from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
 
 
 @pytest.fixture(scope="module")
