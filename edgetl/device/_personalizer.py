@@ -41,7 +41,7 @@ from edgetl.device._guard import (
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
-from edgetl.device._tail import ADAPT
+from edgetl.device._tail import ADAPT, check_adapt
 from edgetl.errors import BundleError, InputError, StoreError, describe
 
 
@@ -55,6 +55,12 @@ DEFAULT_HOLDOUT = 0.25
 # Replay examples per factory class trained on (against forgetting); the rest of the bundle's
 # replay buffer is held out to judge forgetting (more held out = a sharper guard).
 DEFAULT_REPLAY_PER_CLASS = 10
+
+
+def check_holdout(fraction: float) -> None:
+    """The held-out share a Personalizer accepts (its own check and PersonalizeOptions')."""
+    if not 0 <= fraction < 1:
+        raise InputError(f"holdout_fraction must be in [0, 1), received {fraction}")
 
 
 @dataclass(frozen=True)
@@ -84,12 +90,10 @@ class PersonalizeOptions:
         for name in ("keep_examples", "add_classes"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, received {name}={describe(getattr(self, name))}")
-        if self.adapt not in ADAPT:
-            raise InputError(f"adapt must be one of {ADAPT}, received {self.adapt!r}")
+        check_adapt(self.adapt)
         if isinstance(self.holdout_fraction, bool) or not isinstance(self.holdout_fraction, (int, float)):
             raise InputError(f"holdout_fraction must be a number in [0, 1), received {describe(self.holdout_fraction)}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise InputError(f"holdout_fraction must be in [0, 1), received {self.holdout_fraction}")
+        check_holdout(self.holdout_fraction)
 
 
 class Personalizer:
@@ -123,8 +127,7 @@ class Personalizer:
         forget_margin: float | None = None,
         settings: TrainSettings = TrainSettings(),
     ) -> None:
-        if not 0 <= holdout_fraction < 1:
-            raise InputError(f"holdout_fraction must be in [0, 1), received {holdout_fraction}")
+        check_holdout(holdout_fraction)
         if margin is not None:
             guard = replace(guard, user_tolerance=margin)
         if forget_margin is not None:

@@ -401,6 +401,12 @@ def choose_adapt(tail: TailPersonalizer, head_verdict: Any, tail_verdict: Any) -
     return "tail" if user.gained > user.lost and factory.p_loss >= p.guard.alpha else "head"
 
 
+def check_adapt(adapt: str) -> None:
+    """``adapt`` is one of :data:`ADAPT` (:func:`personalize`'s check and PersonalizeOptions')."""
+    if adapt not in ADAPT:
+        raise InputError(f"adapt must be one of {ADAPT}, received {adapt!r}")
+
+
 def personalize(
     p: Any,
     x: Any,
@@ -419,8 +425,7 @@ def personalize(
     when :func:`choose_adapt` prefers it, else the head. A bundle without a tail personalizes
     the head and says so in the result's reason (once, at that call).
     """
-    if adapt not in ADAPT:
-        raise InputError(f"adapt must be one of {ADAPT}, received {adapt!r}")
+    check_adapt(adapt)
     section = p.classifier.bundle.manifest.extra.get("tail") or {}
     if adapt != "head" and not section.get("available"):
         why = section.get("reason", "the bundle was exported before tails existed")
