@@ -75,22 +75,30 @@ def slope(pre: np.ndarray, activation: str) -> np.ndarray:
     return ((pre > 0) & (pre < 6)) if activation == "relu6" else (pre > 0)
 
 
-def forward(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> dict[str, np.ndarray]:
-    """The tail's forward pass in float64 (``trunk[N, P, F]``): pre-activation, ``z``, probabilities."""
-    a = np.asarray(trunk, np.float64)
+def forward(
+    p: dict[str, np.ndarray], trunk: np.ndarray, activation: str, dtype: type = np.float64
+) -> dict[str, np.ndarray]:
+    """The tail's forward pass (``trunk[N, P, F]``): pre-activation, ``z``, probabilities.
+
+    ``dtype`` float64 is the reference; float32 is the same math at the runtimes' precision,
+    which tells how far from the reference float32 arithmetic alone lands (``precision_floor``).
+    """
+    a = np.asarray(trunk, dtype)
     pre = a @ p["W1"] + p["b1"]
     z = (activate(pre, activation).mean(axis=1) - p["mean"]) * p["inv_std"]
     return {"pre": pre, "z": z, "p": masked_softmax(z @ p["W"] + p["b"], p["mask"])}
 
 
-def sgd_scales(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> tuple[float, float]:
+def sgd_scales(
+    p: dict[str, np.ndarray], trunk: np.ndarray, activation: str, dtype: type = np.float64
+) -> tuple[float, float]:
     """The SGD normalisers (head layer, tail layer) the graphs compute before the loop."""
-    a = np.asarray(trunk, np.float64)
-    z = forward(p, a, activation)["z"]
+    a = np.asarray(trunk, dtype)
+    z = forward(p, a, activation, dtype)["z"]
     head = float(np.mean(np.sum(z * z, axis=1))) + 1.0
     a = a.mean(axis=1)  # the pooled trunk: what one step of W1 moves the pooled embedding by
     active = max(float(np.sum(p["mask"])), 1.0)
-    w_scaled = np.asarray(p["W"], np.float64) * (np.asarray(p["mask"], np.float64)[None, :]) * p["inv_std"][:, None]
+    w_scaled = np.asarray(p["W"], dtype) * (np.asarray(p["mask"], dtype)[None, :]) * p["inv_std"][:, None]
     tail = (float(np.mean(np.sum(a * a, axis=1))) + 1.0) * (float(np.sum(w_scaled**2)) / active + 1.0)
     return head, tail
 
@@ -98,8 +106,9 @@ def sgd_scales(p: dict[str, np.ndarray], trunk: np.ndarray, activation: str) -> 
 def gradients(
     p: dict[str, np.ndarray], a: np.ndarray, y: np.ndarray, rw: np.ndarray, activation: str, l2: float
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Gradients of the four tail tensors on one step's rows (weights ``rw``), and the loss."""
-    f = forward(p, a, activation)
+    """Gradients of the four tail tensors on one step's rows (weights ``rw``), and the loss, in
+    ``a``'s precision."""
+    f = forward(p, a, activation, a.dtype.type)
     g = (f["p"] - y) * rw[:, None]
     gpre = ((g @ p["W"].T) * p["inv_std"] / a.shape[1])[:, None, :] * slope(f["pre"], activation)
     dW, dW1 = p["W"] - p["W0"], p["W1"] - p["W1_0"]
@@ -132,22 +141,24 @@ def reference_train(
     lr: float,
     l2: float,
     momentum: float = 0.9,
+    dtype: type = np.float64,
 ) -> tuple[dict[str, np.ndarray], list[float]]:
-    """Every step of a plan in float64: what the graphs must reproduce.
+    """Every step of a plan in float64: what the graphs must reproduce (``dtype`` float32: the
+    same steps at the runtimes' precision, see :func:`forward`).
 
     Args:
         state: :func:`initial_state`'s keys.
         fixed: ``mask``, ``mean``, ``inv_std``, ``W0``, ``W1_0``.
     """
-    s = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    c = {k: np.asarray(v, np.float64) for k, v in fixed.items()}
-    a_all, y_all = np.asarray(trunk, np.float64), np.asarray(labels, np.float64)
+    s = {k: np.asarray(v, dtype) for k, v in state.items()}
+    c = {k: np.asarray(v, dtype) for k, v in fixed.items()}
+    a_all, y_all = np.asarray(trunk, dtype), np.asarray(labels, dtype)
     lrs = dict.fromkeys(WEIGHTS, lr)
     if optimizer == "sgd":
-        head_scale, tail_scale = sgd_scales({**s, **c}, a_all, activation)
+        head_scale, tail_scale = sgd_scales({**s, **c}, a_all, activation, dtype)
         lrs = {"W": lr / head_scale, "b": lr / head_scale, "W1": lr / tail_scale, "b1": lr / tail_scale}
     losses = []
-    for idx, rw in zip(np.asarray(order), np.asarray(row_weight, np.float64)):
+    for idx, rw in zip(np.asarray(order), np.asarray(row_weight, dtype)):
         grads, loss = gradients({**s, **c}, a_all[idx], y_all[idx], rw, activation, l2)
         losses.append(loss)
         s = _update(s, grads, optimizer, lrs, momentum)

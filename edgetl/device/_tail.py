@@ -164,8 +164,23 @@ class TailRuntime:
         feed.update(T.initial_state(weights, optimizer))
         return feed
 
-    def reference(self, weights, trunk, onehot, optimizer, *, lr, l2, epochs, batch, momentum=0.9, seed=0) -> dict:  # noqa: ANN001
-        """The float64 reference of :meth:`train_plan` (same plan)."""
+    def reference(  # noqa: ANN201
+        self,
+        weights,
+        trunk,
+        onehot,
+        optimizer,
+        *,
+        lr,
+        l2,
+        epochs,
+        batch,
+        momentum=0.9,
+        seed=0,
+        dtype=np.float64,  # noqa: ANN001
+    ):
+        """The float64 reference of :meth:`train_plan` (same plan; ``dtype`` float32: the same
+        steps in numpy at the runtimes' precision)."""
         order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
         fixed = {k: weights[k] for k in T.CONSTANTS}
         fixed.update({anchor: weights.get(anchor, weights[w]) for w, anchor in T.ANCHORS.items()})
@@ -181,6 +196,7 @@ class TailRuntime:
             lr=lr,
             l2=l2,
             momentum=momentum,
+            dtype=dtype,
         )
         return state
 

@@ -18,6 +18,7 @@ import numpy as np
 from edgetl._glyphs import render_glyphs
 from edgetl.bundle._manifest import Check
 from edgetl.data import Splits, restyle_digits
+from edgetl.host._demo_source import source_accuracy
 from edgetl.host._report import _CSS, _fmt, _img, _ok, _table
 
 USER_SHOTS = 10  # labelled examples per class the new user gives (the demo's story and its report)
@@ -77,8 +78,7 @@ def _source_section(result: dict[str, Any], recipe: Any, halves: Splits) -> list
     digits = halves.train.x[rng.permutation(len(halves.train))[:24]]
     sentence = (
         f"The backbone first learned {len(src['characters'])} printed characters from {src['images']:,} synthetic "
-        f"images rendered from {src['fonts']} fonts (source test accuracy {m['test_accuracy']:.3f}); it never saw "
-        "a handwritten digit."
+        f"images rendered from {src['fonts']} fonts ({source_accuracy(m)}); it never saw a handwritten digit."
     )
     picture = _pictures(
         [("source: synthetic glyphs (a sample)", glyphs), ("target: real handwritten digits (a sample)", digits)], 24

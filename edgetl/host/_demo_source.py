@@ -130,6 +130,15 @@ def _load(entry: Path, recipe: GlyphSourceRecipe, n_fonts: int) -> SourceModel |
     return SourceModel(model, int(model.output_shape[-1]), info["input_spec"], metrics, entry, True, recipe, n_fonts)
 
 
+def source_accuracy(metrics: dict[str, Any]) -> str:
+    """The source run's test accuracy, or why there is none (``--source-images`` small enough that
+    5% of each character's images rounds to no test image)."""
+    acc = metrics.get("test_accuracy")
+    if acc is None or acc != acc:  # None (read back from JSON) or NaN (no test split)
+        return f"no source test images: {metrics.get('train_examples', '?')} images left none per character"
+    return f"source test accuracy {acc:.3f}"
+
+
 def with_source_standardization(backbone: Any, source_x: Any) -> Any:
     """``backbone`` followed by a frozen per-dimension standardization with statistics of the
     source task's embeddings.
@@ -169,7 +178,7 @@ def _pretrain(recipe: GlyphSourceRecipe, fonts: list[Any], entry: Path, echo: Ca
     result.metrics["render_seconds"] = metrics["render_seconds"]
     echo(
         f"  rendered {len(glyphs):,} glyph images ({render_seconds:.1f}s) and pretrained {DEMO_BACKBONE} on them: "
-        f"source test accuracy {metrics['test_accuracy']:.3f} over {glyphs.num_classes} characters, "
+        f"{source_accuracy(metrics)} over {glyphs.num_classes} characters, "
         f"{metrics['train_seconds']:.0f}s"
     )
     try:

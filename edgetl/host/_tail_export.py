@@ -27,6 +27,15 @@ from edgetl.host._tf import keras
 
 SPLIT_TOLERANCE = 1e-3  # max |tail(trunk(x)) - backbone(x)| on standardized embeddings (float32 reorderings)
 RUNTIME_TOLERANCE = 1e-5  # SGD: onnxruntime vs LiteRT after the same steps (issue 24's target)
+INFER_TOLERANCE = 1e-5  # max |p - p_ref| of the tail's inference graphs
+# Every check against the float64 reference also allows FLOOR_FACTOR x the precision floor: how
+# far the same math in float32 numpy lands from float64 on this model and data. Some models
+# leave float32 no better: the demo's backbone (bias 1 before a standardization with inv_std up
+# to 3,400 on 600 source images) puts z's float32 error at ~4e-4, and numpy float32, onnxruntime
+# and LiteRT all landed 1.4e-5 from the reference probabilities and 1.07e-4 (Adam, 99th
+# percentile) from its weights, within 1% of each other. The factor covers the runtimes' other
+# summation orders; a wrong graph (tests/device/test_tail.py) misses by the whole step.
+FLOOR_FACTOR = 4.0
 
 
 @dataclass
@@ -251,7 +260,9 @@ def verify_tail(
     ``x`` are parity inputs, ``y`` their class indices (the factory head's predictions). The
     training check runs 2 epochs of batch 8 per optimizer from the factory weights, with a
     learning rate that moves the weights (SGD 0.1, Adam 0.01), and compares the trained
-    tensors. Returns the measured differences, with ``ok`` and ``failures``.
+    tensors. Each comparison with the reference allows :data:`FLOOR_FACTOR` x its precision
+    floor (recorded as ``*_float32_floor``). Returns the measured differences, with ``passed``
+    and ``failures``.
     """
 
     a_ref = split.trunk.predict(x, verbose=0).astype(np.float32)
@@ -266,12 +277,17 @@ def verify_tail(
     runtimes = {fmt: TailRuntime.from_files(files, fmt, split.activation) for fmt in ("onnx", "tflite")}
     for opt, lr in (("sgd", 0.1), ("adam", 0.01)):
         _train_checks(out, runtimes, weights, a_ref, onehot, opt, lr)
+    want = T.forward(weights, a_ref, split.activation)["p"]
+    floor = float(np.abs(T.forward(weights, a_ref, split.activation, np.float32)["p"] - want).max())
+    out["infer_float32_floor"] = floor
+    tolerance = INFER_TOLERANCE + FLOOR_FACTOR * floor
     for fmt, rt in runtimes.items():
         p = rt.probabilities(weights, a_ref)
-        want = T.forward({k: v.astype(np.float64) for k, v in weights.items()}, a_ref, split.activation)["p"]
         out[f"infer_{fmt}_max_abs_diff"] = diff = float(np.abs(p - want).max())
-        if not diff <= 1e-5:
-            out["failures"].append(f"tail inference in {fmt} differs from the reference by {diff:.3g}")
+        if not diff <= tolerance:
+            out["failures"].append(
+                f"tail inference in {fmt} differs from the reference by {diff:.3g} (> {tolerance:.3g})"
+            )
     out["passed"] = not out["failures"]
     return out
 
@@ -338,18 +354,23 @@ def _train_checks(
 ) -> None:
     """Each runtime against the float64 reference, with the head's rule (edgetl.device._verify:
     ``HEAD_STEP_ATOL + HEAD_STEP_RTOL * how far the weights moved``; for Adam the 99th
-    percentile, as its update carries float32's relative error of each gradient), and the
-    runtimes against each other (SGD: within :data:`RUNTIME_TOLERANCE`)."""
+    percentile, as its update carries float32's relative error of each gradient) plus
+    :data:`FLOOR_FACTOR` x the precision floor, and the runtimes against each other (SGD: within
+    :data:`RUNTIME_TOLERANCE`)."""
 
     steps = dict(lr=lr, l2=1e-3, epochs=2, batch=8)
     trained = {fmt: rt.train_plan(weights, a, onehot, opt, **steps) for fmt, rt in runtimes.items()}
     ref = runtimes["onnx"].reference(weights, a, onehot, opt, **steps)
     moved = max(float(np.abs(ref[w] - weights[w]).max()) for w in T.WEIGHTS)
-    tolerance = HEAD_STEP_ATOL + HEAD_STEP_RTOL * moved
 
     def diff(x: dict, y: dict) -> float:
         d = np.concatenate([np.abs(np.asarray(x[w], np.float64) - y[w]).ravel() for w in T.WEIGHTS])
         return float(d.max() if opt == "sgd" else np.percentile(d, 99))
+
+    out[f"{opt}_float32_floor"] = floor = diff(
+        runtimes["onnx"].reference(weights, a, onehot, opt, **steps, dtype=np.float32), ref
+    )
+    tolerance = HEAD_STEP_ATOL + HEAD_STEP_RTOL * moved + FLOOR_FACTOR * floor
 
     for fmt, state in trained.items():
         out[f"{opt}_{fmt}_vs_reference"] = d = diff(state, ref)

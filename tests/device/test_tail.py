@@ -153,6 +153,43 @@ def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(t
     assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
 
 
+def test_the_export_check_allows_float32s_own_error_and_still_refuses_a_wrong_graph(tail_bundle):
+    """A model float32 cannot follow closely (the demo's backbone on 600 source images: a bias of 1
+    before a standardization with inv_std in the thousands) passes with the right graph, because
+    numpy in float32 lands as far from the float64 reference as the runtimes do, and the wrong
+    graph (linear where the layer is relu) is still refused on the same model."""
+    from edgetl.host._export import trunk_converters
+    from edgetl.host._tail_export import INFER_TOLERANCE, TailSplit, tail_files, verify_tail
+    from edgetl.host._tf import keras
+
+    bundle = tail_bundle[1].clf.bundle
+    head = tuple(bundle.arrays("head_init", ("W", "b", "mask"))[k] for k in ("W", "b", "mask"))
+    k = keras()
+    inputs = k.Input((8, 8, 1))
+    flat = k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs))
+    trunk = k.Model(inputs, k.layers.Reshape((1, 1024))(flat))
+    x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
+    a = trunk.predict(x, verbose=0)[:, 0]
+    rng = np.random.default_rng(1)
+    w1 = rng.normal(size=(1024, 64)) / np.abs(a).max() / 32
+    w1[:, :32] *= 1e-3  # half the units: 1 + ~1e-4 (ill-conditioned); the others cross 0 (relu matters)
+    b1 = np.where(np.arange(64) < 32, 1.0, 0.0)
+    e = np.maximum(a @ w1 + b1, 0)
+    init = {"W1": w1, "b1": b1, "mean": e.mean(axis=0), "inv_std": 1 / (e.std(axis=0) + 1e-12)}
+    init = {key: v.astype(np.float32) for key, v in init.items()}
+    assert init["inv_std"][:32].min() > 1e3
+    y = np.arange(16) % 4
+
+    honest = TailSplit(trunk, "embedding_dense", "relu", init)
+    checks = verify_tail(honest, tail_files(honest, head, 17, trunk_converters()), head, x, y)
+    assert checks["passed"], checks["failures"]
+    # The floor was needed: float32 itself misses the reference by more than the plain tolerance.
+    assert checks["infer_float32_floor"] > INFER_TOLERANCE or checks["adam_float32_floor"] > 1e-4, checks
+    wrong = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17, trunk_converters())
+    checks = verify_tail(honest, wrong, head, x, y)
+    assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
+
+
 def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):
     from edgetl.device import Classifier, Personalizer
     from edgetl.device._tail import TailPersonalizer
