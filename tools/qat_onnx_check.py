@@ -8,8 +8,9 @@ Builds a small Conv+BatchNorm+ReLU model, annotates it with tfmot's default 8-bi
 it with tf2onnx from Keras, and prints the op counts, the ops onnxruntime cannot run, and
 whether each convolution reads its weights through a DequantizeLinear (an int8 convolution)
 or as float constants. Measured with tf2onnx 1.17: one FakeQuantWithMinMaxVars left
-unconverted and the convolution's weights folded to float, so edgetl keeps converting the
-QAT TFLite file instead.
+unconverted and the convolution's weights folded to float, so edgetl makes the QAT ONNX from
+a float copy of the run holding QAT's trained weights (``edgetl.host._qat.float_twin``),
+quantized by onnxruntime like the int8 ONNX.
 """
 
 from __future__ import annotations

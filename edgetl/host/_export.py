@@ -59,7 +59,7 @@ from edgetl.host._int8_tflite import ladder_for
 from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
-from edgetl.host._qat import train_qat
+from edgetl.host._qat import float_twin, train_qat
 from edgetl.host._run import Run, load_run
 from edgetl.host._tail_export import TrunkConverters, tail_step
 from edgetl.host._tf import keras, tf
@@ -697,6 +697,7 @@ def convert_models(plan: ExportPlan, backbone: Any) -> tuple[list[Artifact], dic
 
     for c in progress(plan.configs, desc="export: precisions"):
         fused, seam = plan.run.model, backbone
+        twins: dict[str, Any] = {}  # role -> the float model the QAT ONNX is quantized from (or why none)
         if c.mode == "qat":
             t0 = time.perf_counter()
             fused = train_qat(
@@ -709,9 +710,11 @@ def convert_models(plan: ExportPlan, backbone: Any) -> tuple[list[Artifact], dic
             )
             seam = keras().Model(fused.input, fused.layers[-1].input, name="backbone_qat")  # the QAT model is flat
             timings["qat_training"] = round(time.perf_counter() - t0, 3)
+            twin = float_twin(plan.run.model, fused)
+            twins = {"fused": twin, "backbone": twin if isinstance(twin, str) else split_model(twin)[0]}
         for role, model, output in (("fused", fused, FUSED_OUTPUT), ("backbone", seam, BACKBONE_OUTPUT)):
             t0 = time.perf_counter()
-            new = _convert_one(plan, c, role, model, output, fp32_onnx)
+            new = _convert_one(plan, c, role, model, output, fp32_onnx, twins.get(role))
             artifacts += new
             timings[f"{'model' if role == 'fused' else 'backbone'}.{c.precision}"] = round(time.perf_counter() - t0, 3)
     return artifacts, timings
@@ -724,8 +727,10 @@ def _convert_one(
     model: Any,
     output: str,
     fp32_onnx: dict[str, bytes],
+    qat_twin: Any = None,
 ) -> list[Artifact]:
-    """One model (fused or backbone) in one precision, in every requested format."""
+    """One model (fused or backbone) in one precision, in every requested format (``qat_twin``:
+    :func:`edgetl.host._qat.float_twin`'s model for the QAT ONNX, or why there is none)."""
     stem, p = ("model" if role == "fused" else "backbone"), c.precision
     calib = plan.data.calibration_x[: c.calibration_samples] if plan.data.calibration_x is not None else None
     out = []
@@ -754,9 +759,17 @@ def _convert_one(
     elif p in ("dynamic", "float16"):  # from the float graph: no layout Transposes
         content, how = onnx_from_float(plan, p, fp32_onnx[role])
         out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {"quantization": {**float_io, **how}}))
+    elif qat_twin is not None and not isinstance(qat_twin, str):  # QAT's weights, quantized as int8 is
+        content, record = onnx_int8(plan, role, keras_to_onnx(qat_twin, plan.opset), calib)
+        recipe = RECIPES[plan.target].describe()
+        extra = {"quantization": {**float_io, **recipe}, "int8_method": QAT_ONNX_METHOD, "int8_ladder": record}
+        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, extra))
     else:
+        how = {"int8_method": "tf2onnx of the QAT TFLite file", "int8_method_reason": qat_twin} if p == "qat" else {}
         out.append(
-            Artifact(f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io})
+            Artifact(
+                f"{stem}.{p}.onnx", tflite_to_onnx(tfl, plan.opset), role, "onnx", p, {"quantization": float_io, **how}
+            )
         )
     return out
 
@@ -770,6 +783,13 @@ def onnx_from_float(plan: ExportPlan, precision: str, fp32_onnx: bytes) -> tuple
     how = {"onnx_method": "onnxruntime quantize_dynamic of the float ONNX", "reduce_range": reduce_range}
     return dynamic_onnx(fp32_onnx, reduce_range=reduce_range), how
 
+
+# The QAT ONNX: the float graph with QAT's trained weights (edgetl.host._qat.float_twin), quantized
+# by onnxruntime QDQ with calibrated ranges and the int8 ladder, as the int8 ONNX is. The ranges
+# QAT learned are not carried over (mapping Keras layer outputs to tf2onnx's tensor names is not
+# stable); QAT starts its ranges from the same min/max calibration (calibrate_ranges) and moves
+# them for a few epochs only.
+QAT_ONNX_METHOD = "onnxruntime_qdq of the float graph with the QAT-trained weights"
 
 # The int8 ONNX gate judges on at most this many held-out examples (each candidate runs on all).
 INT8_GATE_EXAMPLES = 1000

@@ -118,21 +118,65 @@ def quantize_aware(model: Any) -> Any:
 
 
 def _trains(model: Any, flat: Any) -> dict[str, bool]:
-    """Layer name -> whether the run trained it. A layer inside a frozen nested model (the
-    ``features`` of an ``edgetl train`` run) may still say ``trainable`` itself: Keras
-    freezes it through its parent, which flattening removes."""
+    """Layer name -> whether the run trained it, for ``flat``'s layers (see :func:`_nested_layers`)."""
+    out = {layer.name: trains for layer, trains in _nested_layers(model)}
+    return {layer.name: out.get(layer.name, layer.trainable) for layer in flat.layers}
+
+
+def _nested_layers(model: Any) -> list[tuple[Any, bool]]:
+    """Every layer of ``model``, nested models' included, and whether the run trained it. A layer
+    inside a frozen nested model (the ``features`` of an ``edgetl train`` run) may still say
+    ``trainable`` itself: Keras freezes it through its parent, which flattening removes."""
     k = keras()
-    out: dict[str, bool] = {}
+    out: list[tuple[Any, bool]] = []
 
     def walk(m: Any, parent: bool) -> None:
         for layer in m.layers:
             trains = parent and layer.trainable
             if isinstance(layer, k.Model):
                 walk(layer, trains)
-            out[layer.name] = trains
+            out.append((layer, trains))
 
     walk(model, model.trainable)
-    return {layer.name: out.get(layer.name, layer.trainable) for layer in flat.layers}
+    return out
+
+
+def float_twin(model: Any, qat: Any) -> Any:
+    """A copy of ``model`` (same layers, same nesting) holding the weights QAT trained: the layers
+    the run trained take the QAT model's float weights (a wrapper's inner layer holds them, before
+    fake-quantization), the frozen ones keep the run's. Returns a string saying why when a trained
+    layer's weights cannot be read back (not in the QAT model, or of other shapes).
+
+    What it is for: the QAT ONNX. tf2onnx cannot convert the QAT Keras model (its
+    ``FakeQuantWithMinMaxVars`` stay unconverted, ``tools/qat_onnx_check.py``), and converting the
+    QAT TFLite file leaves a layout Transpose around each convolution (55 in MobileNetV3Small's
+    QAT ONNX, 0 in its int8 ONNX). The twin converts like the fp32 model, and onnxruntime
+    quantizes it as it does int8 (``edgetl.host._export``).
+    """
+    k = keras()
+    twin = k.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    # A wrapper holds its inner layer's variables (named "<layer>/<variable>") beside its quantizers'
+    # ("quant_<layer>/..."); the inner layer itself no longer lists the kernel it quantizes.
+    held: dict[str, dict[str, Any]] = {}
+    for layer in qat.layers:
+        inner = getattr(layer, "layer", layer)
+        own = (
+            [w for w in layer.weights if not w.name.startswith(f"{layer.name}/")]
+            if inner is not layer
+            else layer.weights
+        )
+        held[inner.name] = {w.name.split("/")[-1]: w for w in own}
+    for layer, trains in _nested_layers(twin):
+        if not trains or not layer.weights or isinstance(layer, k.Model):
+            continue
+        source = held.get(layer.name, {})
+        values = [source.get(w.name.split("/")[-1]) for w in layer.weights]
+        if not source or any(v is None or tuple(v.shape) != tuple(w.shape) for v, w in zip(values, layer.weights)):
+            found = {name: tuple(v.shape) for name, v in source.items()}
+            return f"the QAT model holds no weights {[w.name for w in layer.weights]} of layer {layer.name!r} ({found})"
+        layer.set_weights([v.numpy() for v in values])
+    return twin
 
 
 def _batchnorms_after_conv(flat: Any) -> set[str]:

@@ -12,7 +12,7 @@ from edgetl.bundle._head import masked_softmax
 from edgetl.cli import main
 from edgetl.device._runtimes import load_model
 from edgetl.errors import BundleError, InputError
-from edgetl.host._export import QuantizeConfig, export_bundle
+from edgetl.host._export import QAT_ONNX_METHOD, QuantizeConfig, export_bundle
 from edgetl.host._run import save_run
 from edgetl.host._transfer import TrainConfig, train_transfer
 
@@ -54,6 +54,11 @@ def test_every_precision_and_format_passes_parity(full_bundle):
     assert all(c["accuracy_drop"] <= 0.03 for c in int8)
     qat = [c for c in report.checks if c["precision"] == "qat" and c["role"] == "fused"]
     assert len(qat) == len(qat_kept) and all(c["accuracy_drop"] <= 0.03 and c["top1_agreement"] >= 0.9 for c in qat)
+    if "onnx" in qat_kept:  # else left out as worse than PTQ (see full_bundle)
+        qat_onnx = next(a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == "model.qat.onnx")
+        assert qat_onnx["int8_method"] == QAT_ONNX_METHOD and qat_onnx["int8_ladder"]["passed"], qat_onnx.get(
+            "int8_method_reason"
+        )
     onnx_int8 = next(a for a in bundle.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
     ladder = onnx_int8["int8_ladder"]  # made from the float ONNX, every convolution quantized, at a named rung
     assert onnx_int8["int8_method"] == "onnxruntime_qdq" and ladder["passed"] and ladder["rung"] == "a1-minmax"
@@ -192,6 +197,44 @@ def test_flatten_model_is_exact_and_shares_weights(source_run, target_run):
     x = np.random.default_rng(0).uniform(0, 255, size=(8, 8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(flat.predict(x, verbose=0), run.model.predict(x, verbose=0))
     assert flat.get_layer("classifier") is run.model.get_layer("head").get_layer("classifier")
+
+
+def test_qat_onnx_is_the_float_graph_with_qats_weights_quantized_like_int8(target_run, digits_target):
+    """The QAT ONNX comes from a float twin of the run holding QAT's trained weights, converted like
+    fp32 (no layout Transpose beyond fp32's own; the QAT TFLite file's conversion left one per
+    convolution on MobileNetV3Small) and quantized by onnxruntime; a QAT model the run's trained
+    layer cannot be read from gives a reason instead of a model."""
+    from onnx_graphs import layout_transposes
+
+    from edgetl.host._export import keras_to_onnx, split_model
+    from edgetl.host._int8_onnx import quantize_onnx_int8
+    from edgetl.host._qat import float_twin, train_qat
+    from edgetl.host._run import load_run
+    from edgetl.host._tf import keras
+
+    run = load_run(target_run)
+    x, y = np.asarray(digits_target.x[:120], np.float32), np.asarray(digits_target.y[:120])
+    qat = train_qat(run.model, x, y, num_classes=len(run.class_names), epochs=1, learning_rate=1e-2)
+    twin = float_twin(run.model, qat)
+    trained = next(layer for layer in qat.layers if getattr(layer, "layer", None) is not None and layer.trainable)
+    name = trained.layer.name  # the classifier: the only layer this run trained
+    assert name == "classifier"
+    got, run_w = (split_model(m)[1].get_weights() for m in (twin, run.model))
+    qat_w = [w.numpy() for w in trained.weights if w.name.startswith(f"{name}/")]  # the wrapper holds the kernel
+    assert [w.shape for w in qat_w] == [w.shape for w in run_w]
+    assert all(np.array_equal(a, b) for a, b in zip(got, qat_w)) and not np.array_equal(got[0], run_w[0])
+    frozen = split_model(run.model)[0].get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(split_model(twin)[0].get_weights(), frozen))
+
+    fp32, float_qat = keras_to_onnx(run.model, 17), keras_to_onnx(twin, 17)
+    gate = lambda content: {"ok": True, "score": 1.0}  # noqa: E731  (quantization only; export gates it)
+    result = quantize_onnx_int8(float_qat, x[:32], gate, keep_float=("embedding_standardize",), ladder=False)
+    assert layout_transposes(result.content) == layout_transposes(fp32) <= 1
+    assert result.record["ops"]["quantized"]["Conv"] >= 2 and result.record["ops"]["float"] == {}
+
+    k = keras()
+    other = k.Sequential([k.Input((8, 8, 1)), k.layers.Flatten(), k.layers.Dense(5, name="not_the_classifier")])
+    assert float_twin(run.model, other).startswith("the QAT model holds no weights ['classifier/kernel:0'")
 
 
 @pytest.mark.slow  # converts keras.applications-size models: minutes for the three
