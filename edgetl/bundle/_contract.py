@@ -233,6 +233,7 @@ ARTIFACT_FIELDS = (
     "dtype",
     "byte_order",
     "ladder",  # int8 TFLite: the remedy ladder's rung and what stayed float (edgetl/host/_int8_tflite.py)
+    "selection",  # quantized models: the split that chose the file and the one it is reported on (host/_selection.py)
 )
 TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
 

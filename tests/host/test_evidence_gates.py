@@ -194,24 +194,18 @@ def test_the_qat_model_starts_where_post_training_int8_is(small_user_run):
     assert agreement >= 0.95, agreement
 
 
-def test_qat_or_ptq_keeps_the_better_model_on_held_out_data():
-    """QAT stays only when its held-out accuracy is not below post-training int8 of its format."""
-    from edgetl.bundle import Check
+def test_qat_or_ptq_keeps_the_better_model_on_the_selection_split():
+    """QAT stays only when its accuracy on the selection split is not below post-training int8 of its format."""
     from edgetl.host._export import qat_versus_ptq
 
-    def fused(fmt, precision, accuracy):
-        return Check(f"model.{precision}.{fmt}", "fused", fmt, precision, True, "top1_agreement", 1.0, 0.9,
-                     {"accuracy": accuracy})  # fmt: skip
-
-    choice = qat_versus_ptq(
-        [
-            fused("tflite", "int8", 0.90),
-            fused("tflite", "qat", 0.88),
-            fused("onnx", "int8", 0.90),
-            fused("onnx", "qat", 0.92),
-            fused("tflite", "fp32", 0.91),
-        ]  # fmt: skip
-    )
-    assert choice["tflite"].startswith("ptq kept") and "0.8800 < post-training int8 0.9000" in choice["tflite"]
+    accuracy = {
+        ("tflite", "int8"): 0.90,
+        ("tflite", "qat"): 0.88,
+        ("onnx", "int8"): 0.90,
+        ("onnx", "qat"): 0.92,
+        ("tflite", "fp32"): 0.91,
+    }
+    choice = qat_versus_ptq(accuracy, "val")
+    assert choice["tflite"].startswith("ptq kept") and "on val 0.8800 < post-training int8 0.9000" in choice["tflite"]
     assert choice["onnx"].startswith("qat kept")
-    assert qat_versus_ptq([fused("tflite", "qat", 0.5)]) == {}  # nothing to compare with: QAT's own gate decides
+    assert qat_versus_ptq({("tflite", "qat"): 0.5}) == {}  # nothing to compare with: QAT's own gate decides
