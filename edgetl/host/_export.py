@@ -194,11 +194,13 @@ class ExportOptions:
         formats: subset of ``("tflite", "onnx")``.
         calibration: labelled data like the training data (a :class:`Dataset`, or a path
             read at the run's input size): its train split (by the run's seed and
-            fractions) calibrates int8 and fine-tunes QAT, its test split measures accuracy
-            unless ``evaluation`` is given. Default: the run's own training data, when it is
-            still where the run recorded it and unchanged (sha256).
+            fractions) calibrates int8 and fine-tunes QAT, its validation split chooses
+            between int8 candidates (remedy ladders, QAT or PTQ) and its test split measures
+            accuracy unless ``evaluation`` is given. Default: the run's own training data, when
+            it is still where the run recorded it and unchanged (sha256).
         evaluation: labelled held-out data (a Dataset or a path) to measure every
-            artifact's accuracy on.
+            artifact's accuracy on. Without a validation split, a stratified half of the
+            held-out data chooses and the other half measures (``edgetl.host._selection``).
         image_size: resize calibration/evaluation images read from a path to this
             (default: the model's input size).
         label_column: the CSV column holding the class, for data read from a path.
@@ -233,13 +235,13 @@ class ExportOptions:
     )
     calibration: Dataset | str | os.PathLike[str] | None = option(
         None,
-        help="labelled data like the training data (calibrates int8/qat; its test split measures accuracy); default: "
-        "the run's own training data when it is unchanged",
+        help="labelled data like the training data (calibrates int8/qat; its validation split chooses between int8 "
+        "candidates, its test split measures accuracy); default: the run's own training data when it is unchanged",
     )
     evaluation: Dataset | str | os.PathLike[str] | None = option(
         None,
         help="labelled held-out data to measure every exported model's accuracy on (default: the calibration data's "
-        "test split)",
+        "test split; without a validation split, half of it chooses between int8 candidates and half measures)",
     )
     image_size: tuple[int, int] | int | None = option(
         None,
@@ -1261,10 +1263,7 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
                 "reason": reasons + _int8_hint(plan),
             }
         )
-    kept_fused = {(e["format"], e["precision"]) for e in manifest["artifacts"] if e["role"] == "fused"} - dropped
-    chooses = (plan.data.source.get("selection") or {}).get("chooses") or {}
-    accuracy = {k: v for k, v in drops.get("select_accuracy", {}).items() if k in kept_fused}
-    choice = qat_versus_ptq(accuracy, chooses.get("split", "selection"))
+    choice = _qat_choice(plan, manifest, drops, dropped)
     for fmt, why in choice.items():
         if why.startswith("ptq") and (fmt, "qat") not in dropped:
             dropped.add((fmt, "qat"))
@@ -1281,6 +1280,16 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     if choice:
         manifest["qat_choice"] = choice
     return ExportResult(manifest, keep, report, omitted, fatal, {}, left_out=left_out)
+
+
+def _qat_choice(
+    plan: ExportPlan, manifest: dict[str, Any], drops: dict[str, Any], dropped: set[tuple[str, str]]
+) -> dict[str, str]:
+    """:func:`qat_versus_ptq` on the selection split's accuracy of the fused models not left out."""
+    kept = {(e["format"], e["precision"]) for e in manifest["artifacts"] if e["role"] == "fused"} - dropped
+    chooses = (plan.data.source.get("selection") or {}).get("chooses") or {}
+    accuracy = {k: v for k, v in drops["select_accuracy"].items() if k in kept}
+    return qat_versus_ptq(accuracy, chooses.get("split", "selection"))
 
 
 def qat_versus_ptq(accuracy: dict[tuple[str, str], float], split: str = "selection") -> dict[str, str]:
@@ -1307,9 +1316,11 @@ def split_accuracy_drops(plan: ExportPlan, staged: Bundle) -> dict[str, dict[Any
     role, on the selection split (``select``) and the reporting split (``report``), by file,
     and the fused models' selection accuracy by ``(format, precision)`` (``select_accuracy``).
     A backbone is scored through the factory head, as its gate sees it."""
-    W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
     models = [a for a in staged.artifacts() if a.role.value in ("fused", "backbone") and a.format.value in FORMATS]
     out: dict[str, dict[Any, float]] = {"select": {}, "report": {}, "select_accuracy": {}}
+    if all(a.precision.value == "fp32" for a in models):
+        return out
+    W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
     for split, data in (("select", plan.data.select), ("report", plan.data.test)):
         if data is None or not len(data[1]):
             continue
@@ -1317,9 +1328,7 @@ def split_accuracy_drops(plan: ExportPlan, staged: Bundle) -> dict[str, dict[Any
         accuracy = {}  # file -> (format, role, precision, accuracy)
         for a in models:
             scores = run_batched(load_model(staged.path / a.file, a.format.value), x)
-            if a.role.value == "backbone":
-                if scores.shape[-1] != W.shape[0]:  # a hidden head layer: the classifier is not on the embedding
-                    continue
+            if a.role.value == "backbone":  # the exported backbone ends at the classifier's input
                 scores = scores @ W + b
             accuracy[a.file] = (a.format.value, a.role.value, a.precision.value, float(np.mean(scores.argmax(1) == y)))
         fp32 = {(f, r): v for f, r, p, v in accuracy.values() if p == "fp32"}
