@@ -523,6 +523,7 @@ class ExportData:
     """
 
     calibration_x: np.ndarray | None = None
+    calibration_y: np.ndarray | None = None  # their labels: the calibration examples also choose (select)
     train: tuple[Any, np.ndarray] | None = None
     test: tuple[np.ndarray, np.ndarray] | None = None
     select: tuple[np.ndarray, np.ndarray] | None = None  # chooses between quantized candidates (never reports)
@@ -624,8 +625,8 @@ def resolve_data(
     if calibration is not None:
         _check_matches(calibration, shape, names, "calibration")
         splits = run.config.split(calibration)  # exactly the split training made
-        rng = np.random.default_rng(0)
-        out.calibration_x = splits.train.x[rng.permutation(len(splits.train))[:samples]].astype(np.float32)
+        rows = np.random.default_rng(0).permutation(len(splits.train))[:samples]
+        out.calibration_x, out.calibration_y = splits.train.x[rows].astype(np.float32), np.asarray(splits.train.y)[rows]
         out.train = (splits.train.x, splits.train.y)
         held_out_split = "test" if len(splits.test) else "val" if len(splits.val) else None
         held_out = {"test": splits.test, "val": splits.val}.get(held_out_split)
@@ -646,7 +647,8 @@ def _assign_roles(out: ExportData, held_out_split: str | None, val: Dataset | No
     """Split ``out``'s labelled data into what chooses between quantized candidates
     (``out.select``) and what reports (``out.test``): :func:`edgetl.host._selection.assign_roles`."""
     sampled: dict[str, Any] = {}  # a streamed validation split is sampled like the held-out one
-    roles = assign_roles(out.test, held_out_split, _in_memory(val, sampled) if val is not None else None)
+    calibration = (out.calibration_x, out.calibration_y) if out.calibration_x is not None else None
+    roles = assign_roles(out.test, held_out_split, _in_memory(val, sampled) if val is not None else None, calibration)
     out.select, out.test = roles.select, roles.report
     if roles.report_index is not None and out.test_rows is not None:
         out.test_rows = out.test_rows[roles.report_index]
@@ -804,8 +806,8 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     remedy ladder (``edgetl.host._int8_onnx``) until the gate ``verify`` applies passes.
 
     Judged by the export's gate (``edgetl.device._evidence_gate``): paired tests against fp32
-    on the selection split (``plan.data.select``: never the data the export reports on, see
-    :mod:`edgetl.host._selection`) and the calibration inputs; the fused model's accuracy there
+    on the selection data (``plan.data.select``: the validation split and the labelled calibration
+    examples, never the data the export reports on, see :mod:`edgetl.host._selection`); the fused model's accuracy there
     (which also decides the 1-point target climb), the backbone's embeddings by cosine and the
     factory head's top-1. Verification then judges the file shipped on the reporting data. The seam
     standardization (Sub, Mul by 1/std) always stays float: QDQ would quantize the 1/std
@@ -813,11 +815,12 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
     """
 
-    select = plan.data.select
-    x = select[0][:INT8_GATE_EXAMPLES] if select is not None and len(select[0]) else calibration[:0]
-    inputs = np.asarray(plan.data.calibration_x if plan.data.calibration_x is not None else calibration, np.float32)
+    select = plan.data.select  # holds the calibration examples, labelled
+    if select is not None and len(select[0]):
+        x, y, inputs = select[0][:INT8_GATE_EXAMPLES], select[1][:INT8_GATE_EXAMPLES], None
+    else:
+        x, y, inputs = calibration[:0], None, np.asarray(calibration, np.float32)
     if role == "fused":
-        y = select[1][:INT8_GATE_EXAMPLES] if select is not None and len(select[0]) else None
         gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y, inputs=inputs)
     else:
         W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
@@ -1116,8 +1119,8 @@ def _ladder_line(entry: dict[str, Any]) -> str:
     chosen_on = (entry.get("selection") or {}).get("chosen_on") or {"split": "calibration inputs"}
     return (
         f"{entry['file']}: int8 for target {entry['quantization'].get('target')}, ladder rung {ladder['rung']} "
-        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples, chosen on "
-        f"{chosen_on['split']} and calibration inputs: {measured}; "
+        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples of "
+        f"{chosen_on['split']}: {measured}; "
         f"{len(ladder['tried'])} rung(s) tried), float share {ladder['float_share_macs']:.1%}"
         + ("" if ladder.get("meets_target", True) else f"; above the {ladder['target_accuracy_drop']:.0%} target drop")
     )

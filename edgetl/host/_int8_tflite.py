@@ -275,11 +275,14 @@ def ladder_for(
 
 
 def _judge(plan: Any, role: str, calibration: np.ndarray) -> Judge:
-    """Selection examples (``plan.data.select``: never the data the export reports on, see
-    ``edgetl.host._selection``) then calibration inputs, scored against the Keras fp32 model."""
+    """The selection examples (``plan.data.select``: the validation split and the labelled
+    calibration examples, never the data the export reports on, see ``edgetl.host._selection``),
+    else the calibration inputs unlabelled, scored against the Keras fp32 model."""
     select = plan.data.select
-    x, y = (select[0].astype(np.float32), np.asarray(select[1])) if select is not None else (None, None)
-    xs = np.concatenate([a for a in (x, calibration.astype(np.float32)) if a is not None])
+    if select is not None and len(select[1]):
+        xs, y = np.asarray(select[0], np.float32), np.asarray(select[1])
+    else:
+        xs, y = calibration.astype(np.float32), None
     reference = plan.run.model.predict(xs, verbose=0)
     to_probs: Callable = lambda out: out  # noqa: E731
     if role == "backbone":  # the factory head's view of the embeddings

@@ -85,7 +85,12 @@ def test_a_small_user_run_keeps_its_int8_model_when_within_a_point(small_export)
     assert not [w for w in caught if issubclass(w.category, QuantizedModelLeftOut)]
     checks = {c.file: c for c in result.report.checks}
     fused = checks["model.int8.tflite"]
-    assert fused.extra["accuracy_drop"] <= 0.01, fused.extra  # within a point on the held-out split
+    # within a point where the ladder chose it (the validation split and the labelled calibration
+    # examples); the test split, which chose nothing, reports its own drop (1 example of 60 here)
+    chosen = next(e for e in result.manifest["artifacts"] if e["file"] == "model.int8.tflite")["selection"]
+    assert chosen["selection_accuracy_drop"] <= 0.01 and chosen["chosen_on"]["examples"] >= 200, chosen
+    assert chosen["reported_accuracy_drop"] == pytest.approx(fused.extra["accuracy_drop"], abs=1e-4)
+    assert fused.extra["accuracy_drop"] <= 0.02, fused.extra
     evidence = fused.extra["evidence"]
     # judged on the held-out split plus the calibration inputs, not on 32 parity examples
     assert evidence["fidelity"]["n"] >= 200 and evidence["accuracy"]["n"] == 60
@@ -95,13 +100,16 @@ def test_a_small_user_run_keeps_its_int8_model_when_within_a_point(small_export)
 
 
 def _corrupted(content: bytes) -> bytes:
-    """The largest int8 weight tensor of a TFLite file overwritten with random values (file still loads)."""
+    """The largest weight tensor of a TFLite file overwritten with random bytes (file still loads). int8
+    weights, or float32 ones where the remedy ladder kept every layer float: chosen on the validation
+    split and the calibration examples (not on the test split), this small run's int8 file keeps 8
+    tensors float (every convolution and fully connected layer) to stay within a point there."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=content)
     weights = []
     for d in it.get_tensor_details():
-        if d["dtype"] == np.int8 and len(d["shape"]) >= 2:
+        if d["dtype"] in (np.int8, np.float32) and len(d["shape"]) >= 2:
             try:
                 weights.append(it.get_tensor(d["index"]))
             except ValueError:  # an activation: no data before invoke

@@ -1,5 +1,6 @@
-"""The int8 remedy ladders and the QAT-or-PTQ choice decide on a selection split, and the
-export reports on data no choice looked at (edgetl/host/_selection.py).
+"""The int8 remedy ladders and the QAT-or-PTQ choice decide on selection data (the validation
+split, or half of the held-out data, and the labelled calibration examples), and the export
+reports on data no choice looked at (edgetl/host/_selection.py).
 
 The choice tests craft the two splits so they disagree: labels are what fp32 predicts (fp32
 is right on every example), so a candidate's accuracy drop is the share of examples where it
@@ -107,25 +108,25 @@ def test_the_manifest_records_the_split_that_chose_and_the_one_reported(digits_b
     bundle, halves = digits_bundle
     manifest = bundle.manifest.to_json()
     roles = manifest["data"]["selection"]
-    assert roles["chooses"]["split"] == "val" and roles["reports"] == {"split": "evaluation", "examples": 448}
-    val = roles["chooses"]["examples"]
-    assert 0 < val < len(halves.train.y)
+    val, calibration = roles["chooses_parts"]
+    assert val["split"] == "val" and 0 < val["examples"] < len(halves.train.y)
+    assert calibration == {"split": "calibration (train split)", "examples": 200}
+    assert roles["chooses"] == {"split": "val + calibration (train split)", "examples": val["examples"] + 200}
+    assert roles["reports"] == {"split": "evaluation", "examples": 448}
     checks = {c["file"]: c for c in manifest["parity"]["checks"]}
     entries = {e["file"]: e for e in manifest["artifacts"]}
     for file in ("model.int8.onnx", "model.int8.tflite", "backbone.int8.onnx", "backbone.int8.tflite"):
         record = entries[file]["selection"]
-        assert record["chosen_on"] == {"split": "val", "examples": val}, (file, record)
-        assert record["reported_on"] == {"split": "evaluation", "examples": 448}
+        assert record["chosen_on"] == roles["chooses"] and record["reported_on"] == roles["reports"], (file, record)
         assert record["selection_accuracy_drop"] is not None and record["reported_accuracy_drop"] is not None
         if file.startswith("model."):  # the reported drop is the one verification measured on the evaluation data
             assert record["reported_accuracy_drop"] == pytest.approx(checks[file]["accuracy_drop"], abs=1e-4)
             assert checks[file]["evidence"]["accuracy"]["n"] == 448
     onnx = entries["model.int8.onnx"]
-    assert onnx["selection"]["selection_accuracy_drop"] == pytest.approx(
-        onnx["int8_ladder"]["gate"]["accuracy_drop"], abs=1e-4
-    )
-    assert onnx["int8_ladder"]["gate"]["labelled"] == val
-    assert "chosen on val and calibration inputs" in _ladder_line(onnx)
+    gate = onnx["int8_ladder"]["gate"]  # the ladder's gate measured what the record says, on the same data
+    assert onnx["selection"]["selection_accuracy_drop"] == pytest.approx(gate["accuracy_drop"], abs=1e-4)
+    assert gate["labelled"] == roles["chooses"]["examples"]
+    assert "examples of val + calibration (train split)" in _ladder_line(onnx)
     assert "selection" not in entries["model.fp32.onnx"]
 
 
@@ -145,11 +146,11 @@ def test_a_run_without_a_validation_split_chooses_on_one_half_and_reports_on_the
     roles = result.manifest["data"]["selection"]
     select, report = stratified_halves(halves.test.y)
     assert not set(select) & set(report) and len(select) + len(report) == len(halves.test.y)
-    assert roles["chooses"] == {"split": "evaluation (selection half)", "examples": len(select)}
+    assert roles["chooses_parts"][0] == {"split": "evaluation (selection half)", "examples": len(select)}
     assert roles["reports"] == {"split": "evaluation (reporting half)", "examples": len(report)}
     assert "no validation split" in roles["why"]
     entry = next(e for e in result.manifest["artifacts"] if e["file"] == "model.int8.onnx")
     assert entry["selection"]["chosen_on"] == roles["chooses"] and entry["selection"]["reported_on"] == roles["reports"]
-    assert entry["int8_ladder"]["gate"]["labelled"] == len(select)
+    assert entry["int8_ladder"]["gate"]["labelled"] == len(select) + 200
     check = next(c for c in result.report.checks if c.file == "model.int8.onnx")
     assert check.extra["evidence"]["accuracy"]["n"] == len(report)  # verification reports on the other half
