@@ -6,7 +6,8 @@
 Runs exactly what ``edgetl export --quantize int8 --target T`` runs for the int8 ONNX files
 (``edgetl.host._export.onnx_int8``: the ladder judged by the export's paired-evidence gate)
 and prints every rung tried with its gate and seconds, the rung that shipped, what stayed
-float, and the test-split accuracy of the result against fp32. RUN defaults to the
+float, and the test-split accuracy of the result against fp32 (the rungs are judged on the
+run's validation split, not on that test split: ``edgetl.host._selection``). RUN defaults to the
 MobileNetV2-0.35 96x96 run ``tools/int8_targets.py prepare`` caches.
 """
 
@@ -37,6 +38,8 @@ def probe(run: str, target: str, roles: list[str]) -> None:
     backbone, _ = split_model(plan.run.model)
     calib = plan.data.calibration_x[: plan.configs[-1].calibration_samples]
     xt, yt = plan.data.test
+    roles_record = plan.data.source["selection"]  # the ladder chooses on one split, the test line reports another
+    print(f"rungs judged on {roles_record['chooses']}; accuracy reported on {roles_record['reports']}")
     for role in roles:
         fp32 = keras_to_onnx(plan.run.model if role == "fused" else backbone, plan.opset)
         t0 = time.perf_counter()

@@ -13,7 +13,8 @@ What a new user does, with the CLI: ``edgetl pretrain`` on scikit-learn's handwr
 run's own data. ``prepare`` caches the runs and data under ``--root`` (default
 /tmp/edgetl-int8-run/BACKBONE-SIZE, reused by the ONNX work); ``export`` reports, per
 quantized file kept or left out, accuracy against fp32 on the test split, the remedy-ladder
-rung that got it there, its float share and size.
+rung that got it there, its float share and size, and the split that chose it (the run's
+validation split: the ladders and QAT-or-PTQ never choose on the test split they are reported on).
 
 Target: each int8 file ships at most 1 point below fp32 of its format (PASS/MISS printed).
 
@@ -88,6 +89,12 @@ def report(bundle_dir: Path, left_out: list[dict], quantize: str) -> bool:
         )
         if c["precision"] == "int8":
             ok = ok and drop <= TARGET_POINTS
+        chosen = e.get("selection") or {}
+        if chosen.get("chosen_on"):  # the ladder and QAT-or-PTQ chose on another split than this one
+            sel, on = chosen["selection_accuracy_drop"], chosen["chosen_on"]
+            sel_points = "-" if sel is None else f"{-100 * sel:+.2f} points"
+            print(f"{'':<22} chosen on {on['split']} ({on['examples']} examples): {sel_points}; reported above on "
+                  f"{chosen['reported_on']['split']} ({chosen['reported_on']['examples']} examples)")  # fmt: skip
         if c.get("gate"):
             print(f"{'':<22} gate {c['outcome']}: {c['gate']}")
     for file, e in sorted(entries.items()):

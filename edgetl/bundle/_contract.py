@@ -207,7 +207,7 @@ MANIFEST_FIELDS = (
     "mcu",
     "tail",  # issue 24: the trainable tail, or why there is none (edgetl/bundle/_tail.py)
     "target",  # issue 23: the device class the int8 ONNX recipe is for (edgetl/host/_int8_onnx.py)
-    "qat_choice",  # issue 23: QAT against PTQ on held-out data, and which one shipped
+    "qat_choice",  # issue 23: QAT against PTQ on the selection split (host/_selection.py), and which one shipped
 )
 #: Sections read by the modules of their feature (kept in ``Manifest.extra``, not typed).
 FEATURE_SECTIONS = ("mcu", "tail", "target", "qat_choice")
@@ -233,6 +233,7 @@ ARTIFACT_FIELDS = (
     "dtype",
     "byte_order",
     "ladder",  # int8 TFLite: the remedy ladder's rung and what stayed float (edgetl/host/_int8_tflite.py)
+    "selection",  # quantized models: the split that chose the file and the one it is reported on (host/_selection.py)
 )
 TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
 

@@ -378,7 +378,8 @@ class ArtifactSpec:
 
     ``extra`` holds what only some artifacts have: ``quantization`` (how it was
     quantized), ``optimizer`` (head train graphs), ``signatures`` (the TFLite head),
-    ``int8_method``/``int8_ladder`` (int8 ONNX: the remedy ladder's record), ``per_class`` (replay).
+    ``int8_method``/``int8_ladder`` (int8 ONNX: the remedy ladder's record), ``selection``
+    (quantized models: the split that chose the file and the one it is reported on), ``per_class`` (replay).
     """
 
     file: str

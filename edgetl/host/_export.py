@@ -49,6 +49,7 @@ from edgetl.bundle._contract import (
 )
 from edgetl.bundle._head import OPTIMIZERS, SHUFFLE, TFLITE_SIGNATURES, TRAINING_DEFAULTS
 from edgetl.data import Dataset, image_size_arg, load_for_spec
+from edgetl.device._runtimes import load_model, run_batched
 from edgetl.device._verify import Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
 from edgetl.host._export_mcu import McuConfig, mcu_export
@@ -61,6 +62,7 @@ from edgetl.host._onnx_metadata import edgetl_onnx_props, write_onnx_metadata
 from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
 from edgetl.host._qat import float_twin, train_qat
 from edgetl.host._run import Run, load_run
+from edgetl.host._selection import assign_roles, file_record
 from edgetl.host._tail_export import TrunkConverters, tail_step
 from edgetl.host._tf import keras, tf
 from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
@@ -192,11 +194,13 @@ class ExportOptions:
         formats: subset of ``("tflite", "onnx")``.
         calibration: labelled data like the training data (a :class:`Dataset`, or a path
             read at the run's input size): its train split (by the run's seed and
-            fractions) calibrates int8 and fine-tunes QAT, its test split measures accuracy
-            unless ``evaluation`` is given. Default: the run's own training data, when it is
-            still where the run recorded it and unchanged (sha256).
+            fractions) calibrates int8 and fine-tunes QAT, its validation split chooses
+            between int8 candidates (remedy ladders, QAT or PTQ) and its test split measures
+            accuracy unless ``evaluation`` is given. Default: the run's own training data, when
+            it is still where the run recorded it and unchanged (sha256).
         evaluation: labelled held-out data (a Dataset or a path) to measure every
-            artifact's accuracy on.
+            artifact's accuracy on. Without a validation split, a stratified half of the
+            held-out data chooses and the other half measures (``edgetl.host._selection``).
         image_size: resize calibration/evaluation images read from a path to this
             (default: the model's input size).
         label_column: the CSV column holding the class, for data read from a path.
@@ -231,13 +235,13 @@ class ExportOptions:
     )
     calibration: Dataset | str | os.PathLike[str] | None = option(
         None,
-        help="labelled data like the training data (calibrates int8/qat; its test split measures accuracy); default: "
-        "the run's own training data when it is unchanged",
+        help="labelled data like the training data (calibrates int8/qat; its validation split chooses between int8 "
+        "candidates, its test split measures accuracy); default: the run's own training data when it is unchanged",
     )
     evaluation: Dataset | str | os.PathLike[str] | None = option(
         None,
         help="labelled held-out data to measure every exported model's accuracy on (default: the calibration data's "
-        "test split)",
+        "test split; without a validation split, half of it chooses between int8 candidates and half measures)",
     )
     image_size: tuple[int, int] | int | None = option(
         None,
@@ -505,7 +509,9 @@ class Artifact:
 @dataclass
 class ExportData:
     """The labelled data export uses: calibration inputs, the training split (QAT, replay)
-    and held-out examples (accuracy of every artifact, parity inputs).
+    and held-out examples (accuracy of every artifact, parity inputs). ``select`` is the
+    labelled data the int8 ladders and the QAT-or-PTQ choice decide on and ``test`` the data
+    export reports on, disjoint (:mod:`edgetl.host._selection`; ``source["selection"]`` says which).
 
     For streamed data (a :class:`edgetl.data.LazyArray`), ``train`` stays streamed (QAT
     reads it through ``tf.data``, replay indexes a few rows) and ``test`` is a random sample
@@ -517,8 +523,10 @@ class ExportData:
     """
 
     calibration_x: np.ndarray | None = None
+    calibration_y: np.ndarray | None = None  # their labels: the calibration examples also choose (select)
     train: tuple[Any, np.ndarray] | None = None
     test: tuple[np.ndarray, np.ndarray] | None = None
+    select: tuple[np.ndarray, np.ndarray] | None = None  # chooses between quantized candidates (never reports)
     source: dict[str, Any] = field(default_factory=lambda: {"calibration": "none"})
     embeddings: np.ndarray | None = None
     train_rows: np.ndarray | None = None
@@ -613,22 +621,40 @@ def resolve_data(
                 stacklevel=3,
             )
     out = ExportData(source=source)
+    held_out_split, val = None, None
     if calibration is not None:
         _check_matches(calibration, shape, names, "calibration")
         splits = run.config.split(calibration)  # exactly the split training made
-        rng = np.random.default_rng(0)
-        out.calibration_x = splits.train.x[rng.permutation(len(splits.train))[:samples]].astype(np.float32)
+        rows = np.random.default_rng(0).permutation(len(splits.train))[:samples]
+        out.calibration_x, out.calibration_y = splits.train.x[rows].astype(np.float32), np.asarray(splits.train.y)[rows]
         out.train = (splits.train.x, splits.train.y)
-        held_out = splits.test if len(splits.test) else splits.val if len(splits.val) else None
+        held_out_split = "test" if len(splits.test) else "val" if len(splits.val) else None
+        held_out = {"test": splits.test, "val": splits.val}.get(held_out_split)
         out.test = _in_memory(held_out, out.source) if held_out is not None else None
+        val = splits.val if len(splits.val) else None
         if source["calibration"].startswith("the run's training data"):
             _cached_embeddings(run, calibration, splits, out)
     if evaluation is not None:
         _check_matches(evaluation, shape, names, "evaluation")
-        out.test = _in_memory(evaluation, out.source)
+        out.test, held_out_split = _in_memory(evaluation, out.source), "evaluation"
         out.test_rows = None
         out.source["evaluation"] = "given"
+    _assign_roles(out, held_out_split, val if held_out_split != "val" else None)  # val reports: halve it
     return out
+
+
+def _assign_roles(out: ExportData, held_out_split: str | None, val: Dataset | None) -> None:
+    """Split ``out``'s labelled data into what chooses between quantized candidates
+    (``out.select``) and what reports (``out.test``): :func:`edgetl.host._selection.assign_roles`."""
+    sampled: dict[str, Any] = {}  # a streamed validation split is sampled like the held-out one
+    calibration = (out.calibration_x, out.calibration_y) if out.calibration_x is not None else None
+    roles = assign_roles(out.test, held_out_split, _in_memory(val, sampled) if val is not None else None, calibration)
+    out.select, out.test = roles.select, roles.report
+    if roles.report_index is not None and out.test_rows is not None:
+        out.test_rows = out.test_rows[roles.report_index]
+    out.source["selection"] = roles.record
+    if sampled:
+        out.source["selection"]["sampled"] = sampled["evaluation_sample"].replace("held-out", "validation")
 
 
 # Streamed held-out data is evaluated on a random sample this large: every exported file
@@ -791,7 +817,7 @@ def onnx_from_float(plan: ExportPlan, precision: str, fp32_onnx: bytes) -> tuple
 # them for a few epochs only.
 QAT_ONNX_METHOD = "onnxruntime_qdq of the float graph with the QAT-trained weights"
 
-# The int8 ONNX gate judges on at most this many held-out examples (each candidate runs on all).
+# The int8 ONNX ladder's gate judges on at most this many selection examples (each candidate runs on all).
 INT8_GATE_EXAMPLES = 1000
 
 
@@ -799,19 +825,22 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     """The int8 ONNX of one model: onnxruntime QDQ of the float ONNX for ``plan.target``, up the
     remedy ladder (``edgetl.host._int8_onnx``) until the gate ``verify`` applies passes.
 
-    Judged as the export ships it (``edgetl.device._evidence_gate``): paired tests against fp32
-    on the held-out split and the calibration inputs; the fused model's accuracy on the
-    held-out split, the backbone's embeddings by cosine and the factory head's top-1. The seam
+    Judged by the export's gate (``edgetl.device._evidence_gate``): paired tests against fp32
+    on the selection data (``plan.data.select``: the validation split and the labelled calibration
+    examples, never the data the export reports on, see :mod:`edgetl.host._selection`); the fused model's accuracy there
+    (which also decides the 1-point target climb), the backbone's embeddings by cosine and the
+    factory head's top-1. Verification then judges the file shipped on the reporting data. The seam
     standardization (Sub, Mul by 1/std) always stays float: QDQ would quantize the 1/std
     vector as one uint8 tensor, and with raw-pixel embeddings it spans orders of magnitude,
     so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
     """
 
-    test = plan.data.test
-    x = test[0][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else calibration[:0]
-    inputs = np.asarray(plan.data.calibration_x if plan.data.calibration_x is not None else calibration, np.float32)
+    select = plan.data.select  # holds the calibration examples, labelled
+    if select is not None and len(select[0]):
+        x, y, inputs = select[0][:INT8_GATE_EXAMPLES], select[1][:INT8_GATE_EXAMPLES], None
+    else:
+        x, y, inputs = calibration[:0], None, np.asarray(calibration, np.float32)
     if role == "fused":
-        y = test[1][:INT8_GATE_EXAMPLES] if test is not None and len(test[0]) else None
         gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y, inputs=inputs)
     else:
         W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
@@ -1102,13 +1131,16 @@ class ExportResult:
 
 
 def _ladder_line(entry: dict[str, Any]) -> str:
-    """One line on how an int8 ONNX file was made: the ladder's rung, its gate, what stayed float."""
+    """One line on how an int8 ONNX file was made: the ladder's rung, its gate on the selection
+    split (not the reported one), what stayed float."""
     ladder = entry["int8_ladder"]
     gate = ladder["gate"]
     measured = ", ".join(f"{k} {v:.3f}" for k, v in gate.items() if k in ("top1_agreement", "accuracy_drop", "cosine"))
+    chosen_on = (entry.get("selection") or {}).get("chosen_on") or {"split": "calibration inputs"}
     return (
         f"{entry['file']}: int8 for target {entry['quantization'].get('target')}, ladder rung {ladder['rung']} "
-        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples: {measured}; "
+        f"({'passed' if ladder['passed'] else 'best found, failed'} on {gate['examples']} examples of "
+        f"{chosen_on['split']}: {measured}; "
         f"{len(ladder['tried'])} rung(s) tried), float share {ladder['float_share_macs']:.1%}"
         + ("" if ladder.get("meets_target", True) else f"; above the {ladder['target_accuracy_drop']:.0%} target drop")
     )
@@ -1222,8 +1254,11 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     test = plan.data.test or (None, None)
     with tempfile.TemporaryDirectory() as d:
         staged = write_bundle(Path(d) / "staged.edgetl", manifest, {a.file: a.content for a in artifacts})
-        # Gates judge on every example there is: the held-out split and the calibration inputs.
+        # Gates judge on every example the export reports on: the reporting split (never the one
+        # that chose between candidates, edgetl.host._selection) and the calibration inputs.
         report = verify_bundle(staged, test[0], test[1], inputs=plan.data.calibration_x)
+        drops = split_accuracy_drops(plan, staged)
+    manifest = with_selection_records(plan, manifest, drops)
     if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
         raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
     fatal, dropped = [], set()
@@ -1251,7 +1286,7 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
                 "reason": reasons + _int8_hint(plan),
             }
         )
-    choice = qat_versus_ptq([c for c in report.checks if (c.format, c.precision) not in dropped])
+    choice = _qat_choice(plan, manifest, drops, dropped)
     for fmt, why in choice.items():
         if why.startswith("ptq") and (fmt, "qat") not in dropped:
             dropped.add((fmt, "qat"))
@@ -1270,23 +1305,75 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
     return ExportResult(manifest, keep, report, omitted, fatal, {}, left_out=left_out)
 
 
-def qat_versus_ptq(checks: Sequence[Any]) -> dict[str, str]:
-    """Per format with both a QAT and a post-training int8 fused model measured on held-out
-    data (and not left out by their gates): which one the bundle keeps, in words. QAT is
-    the remedy ladder's last step and costs training; it stays only when it is not worse
-    than PTQ on held-out accuracy
+def _qat_choice(
+    plan: ExportPlan, manifest: dict[str, Any], drops: dict[str, Any], dropped: set[tuple[str, str]]
+) -> dict[str, str]:
+    """:func:`qat_versus_ptq` on the selection split's accuracy of the fused models not left out."""
+    kept = {(e["format"], e["precision"]) for e in manifest["artifacts"] if e["role"] == "fused"} - dropped
+    chooses = (plan.data.source.get("selection") or {}).get("chooses") or {}
+    accuracy = {k: v for k, v in drops["select_accuracy"].items() if k in kept}
+    return qat_versus_ptq(accuracy, chooses.get("split", "selection"))
+
+
+def qat_versus_ptq(accuracy: dict[tuple[str, str], float], split: str = "selection") -> dict[str, str]:
+    """Per format with both a QAT and a post-training int8 fused model measured (and not left
+    out by their gates): which one the bundle keeps, in words. ``accuracy`` maps ``(format,
+    precision)`` to the fused model's accuracy on the selection ``split``, never on the data
+    the export reports (edgetl.host._selection). QAT is the remedy ladder's last step and costs
+    training; it stays only when it is not worse than PTQ there
     (issue 23: QAT trailed PTQ by 3-9 points on MobileNetV2 and 1.6 on the demo's CNN)."""
-    acc = {(c.format, c.precision): c.extra["accuracy"] for c in checks if c.role == "fused" and "accuracy" in c.extra}
     out = {}
-    for fmt in sorted({f for f, p in acc if p == "qat"}):
-        if (fmt, "int8") not in acc:
+    for fmt in sorted({f for f, p in accuracy if p == "qat"}):
+        if (fmt, "int8") not in accuracy:
             continue
-        qat, ptq = acc[(fmt, "qat")], acc[(fmt, "int8")]
+        qat, ptq = accuracy[(fmt, "qat")], accuracy[(fmt, "int8")]
         if qat >= ptq:
-            out[fmt] = f"qat kept: held-out accuracy {qat:.4f} >= post-training int8 {ptq:.4f}"
+            out[fmt] = f"qat kept: accuracy on {split} {qat:.4f} >= post-training int8 {ptq:.4f}"
         else:
-            out[fmt] = f"ptq kept, qat left out: held-out accuracy {qat:.4f} < post-training int8 {ptq:.4f}"
+            out[fmt] = f"ptq kept, qat left out: accuracy on {split} {qat:.4f} < post-training int8 {ptq:.4f}"
     return out
+
+
+def split_accuracy_drops(plan: ExportPlan, staged: Bundle) -> dict[str, dict[Any, float]]:
+    """Each quantized fused model's and backbone's accuracy drop against fp32 of its format and
+    role, on the selection split (``select``) and the reporting split (``report``), by file,
+    and the fused models' selection accuracy by ``(format, precision)`` (``select_accuracy``).
+    A backbone is scored through the factory head, as its gate sees it."""
+    models = [a for a in staged.artifacts() if a.role.value in ("fused", "backbone") and a.format.value in FORMATS]
+    out: dict[str, dict[Any, float]] = {"select": {}, "report": {}, "select_accuracy": {}}
+    if all(a.precision.value == "fp32" for a in models):
+        return out
+    W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
+    for split, data in (("select", plan.data.select), ("report", plan.data.test)):
+        if data is None or not len(data[1]):
+            continue
+        x, y = np.asarray(data[0], np.float32), np.asarray(data[1])
+        accuracy = {}  # file -> (format, role, precision, accuracy)
+        for a in models:
+            scores = run_batched(load_model(staged.path / a.file, a.format.value), x)
+            if a.role.value == "backbone":  # the exported backbone ends at the classifier's input
+                scores = scores @ W + b
+            accuracy[a.file] = (a.format.value, a.role.value, a.precision.value, float(np.mean(scores.argmax(1) == y)))
+        fp32 = {(f, r): v for f, r, p, v in accuracy.values() if p == "fp32"}
+        for file, (f, r, p, v) in accuracy.items():
+            if p != "fp32" and (f, r) in fp32:
+                out[split][file] = fp32[(f, r)] - v
+            if split == "select" and r == "fused":
+                out["select_accuracy"][(f, p)] = v
+    return out
+
+
+def with_selection_records(plan: ExportPlan, manifest: dict[str, Any], drops: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with each quantized model's ``selection`` entry: the split that chose it (name,
+    size) and its accuracy drop there, the split it is reported on and its drop there."""
+    roles = plan.data.source.get("selection") or {}
+    entries = []
+    for e in manifest["artifacts"]:
+        if e["role"] in ("fused", "backbone") and e["precision"] != "fp32" and e["format"] in FORMATS:
+            record = file_record(roles, drops["select"].get(e["file"]), drops["report"].get(e["file"]))
+            e = {**e, "selection": record}
+        entries.append(e)
+    return {**manifest, "artifacts": entries}
 
 
 def _int8_hint(plan: ExportPlan) -> str:

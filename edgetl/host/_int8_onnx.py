@@ -17,9 +17,10 @@ The ladder, cheapest first; every rung is measured by the same gate and recorded
         model's output the most are kept float (``nodes_to_exclude`` for every node that
         touches them), worst first, 1, 2, 4, ... tensors until the gate passes
 
-Every rung is judged by the gate the export ships on (:func:`agreement_gate`: the paired
-evidence of ``edgetl.device._evidence_gate`` on the held-out split and the calibration
-inputs), so a rung the ladder accepts is not left out afterwards, and the reverse.
+Every rung is judged by the export's gate (:func:`agreement_gate`: the paired evidence of
+``edgetl.device._evidence_gate``), which the export builds on its selection split and the
+calibration inputs: the ladder chooses on examples the export does not report on
+(``edgetl.host._selection``); verification then judges the file shipped on the reporting data.
 
     >>> result = quantize_onnx_int8(fp32_onnx, calibration, gate, recipe=RECIPES["x86-vnni"])
     >>> result.record["rung"], result.record["float_share"]
@@ -126,7 +127,8 @@ PERCENTILE = 99.999
 ENTROPY_BINS = 512
 MORE_SAMPLES_FACTOR = 4
 MORE_SAMPLES_CAP = 1000
-# The quality target (issue 23: int8 at most 1 point below fp32 on the held-out split). The
+# The quality target (issue 23: int8 at most 1 point below fp32; the export measures it on its
+# selection split, so the figure it reports is not the one the climb stopped on). The
 # gate's tolerance (MAX_ACCURACY_DROP, 2 points) is wider, against broken files: a candidate
 # it passes that measures more than this below fp32 climbs on; if none meets it, the first
 # candidate the gate passed ships, and the record says the target was missed.

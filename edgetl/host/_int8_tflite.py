@@ -1,7 +1,8 @@
 """The int8 TFLite remedy ladder: selective float fallback when post-training int8 misses (issue 23, 1b).
 
 Post-training int8 (``to_tflite``) is rung ``ptq``. When it misses its gate or the quality
-target (held-out accuracy at most :data:`TARGET_DROP` below fp32), TensorFlow's
+target (accuracy at most :data:`TARGET_DROP` below fp32 on the selection split, not on the
+split the export reports: ``edgetl.host._selection``), TensorFlow's
 ``tf.lite.experimental.QuantizationDebugger`` measures every quantized layer on the
 calibration data: its own quantization noise against its own signal
 (``noise_to_signal = mean((float - dequantized)^2) / var(float)``, the layer's float output
@@ -52,7 +53,7 @@ class Rung:
     content: bytes = field(repr=False)
     float_layers: list[str]
     outcome: str  # the evidence gate's: pass, fail, thin
-    accuracy_drop: float | None  # held-out, against fp32 (None without labels)
+    accuracy_drop: float | None  # on the judge's labelled (selection) examples, against fp32; None without labels
     agreement: float
 
     @property
@@ -73,7 +74,7 @@ class Rung:
 
 class Judge:
     """Scores a TFLite model like the export gate does: paired against the Keras fp32
-    predictions on the held-out (labelled) examples and the calibration inputs."""
+    predictions on the labelled examples (the export's selection split) and the calibration inputs."""
 
     def __init__(self, xs: np.ndarray, reference: np.ndarray, y: np.ndarray | None, to_probs: Callable) -> None:
         self.xs, self.reference, self.y, self.to_probs = xs, reference.argmax(1), y, to_probs
@@ -274,10 +275,14 @@ def ladder_for(
 
 
 def _judge(plan: Any, role: str, calibration: np.ndarray) -> Judge:
-    """Held-out examples then calibration inputs, scored against the Keras fp32 model."""
-    test = plan.data.test
-    x, y = (test[0].astype(np.float32), np.asarray(test[1])) if test is not None else (None, None)
-    xs = np.concatenate([a for a in (x, calibration.astype(np.float32)) if a is not None])
+    """The selection examples (``plan.data.select``: the validation split and the labelled
+    calibration examples, never the data the export reports on, see ``edgetl.host._selection``),
+    else the calibration inputs unlabelled, scored against the Keras fp32 model."""
+    select = plan.data.select
+    if select is not None and len(select[1]):
+        xs, y = np.asarray(select[0], np.float32), np.asarray(select[1])
+    else:
+        xs, y = calibration.astype(np.float32), None
     reference = plan.run.model.predict(xs, verbose=0)
     to_probs: Callable = lambda out: out  # noqa: E731
     if role == "backbone":  # the factory head's view of the embeddings

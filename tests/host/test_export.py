@@ -30,7 +30,7 @@ def full_bundle(tmp_path_factory, target_run, digits_target):
     result = export_bundle(
         target_run, out, quantize=["none", "dynamic", "float16", "int8", "qat"], calibration=digits_target
     )
-    # QAT is kept only when not below post-training int8 on held-out data (issue 23); here it
+    # QAT is kept only when not below post-training int8 on the selection data (issue 23); here it
     # may trail by an example or two: then both its files are left out, saying so
     assert result.ok and all(o["outcome"] == "worse-than-ptq" for o in result.omitted), result.describe()
     return result.bundle, result.report
