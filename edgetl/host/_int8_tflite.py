@@ -41,6 +41,10 @@ from edgetl.host._tf import tf
 # test split); the gate itself (device/_evidence_gate.py) only refuses broken files.
 TARGET_DROP = 0.01
 FALLBACK_STEPS = (1, 2, 4, 8, 16)
+# A rung that would leave more than this share of the compute ops float is not an int8 model: the
+# ladder stops before it (a user's 3-convolution CNN climbed to 16 deny-listed layers and shipped
+# a file named int8 with every convolution float). The ONNX ladder's cap is MAX_FLOAT_TENSORS.
+MAX_FLOAT_SHARE = 0.5
 RANK_SAMPLES = 32  # calibration inputs the per-layer statistics run on
 COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
 
@@ -119,7 +123,14 @@ def climb(converter_factory: Callable[[], Any], calibration: np.ndarray, ptq: by
             if k > len(ranked):
                 break
             names = [r["tensor_name"] for r in ranked[:k]]
-            tried.append(judge("float-fallback", _denylisted(debugger, names), names))
+            content = _denylisted(debugger, names)
+            if (share := float_share(content)) > MAX_FLOAT_SHARE:
+                note = (
+                    f"stopped before keeping {k} layer(s) float: {share:.0%} of the compute ops would run float "
+                    f"(more than {MAX_FLOAT_SHARE:.0%} is not an int8 model)"
+                )
+                break
+            tried.append(judge("float-fallback", content, names))
             if tried[-1].meets_target:
                 break
     kept = _choose(tried)

@@ -85,10 +85,16 @@ def test_a_small_user_run_keeps_its_int8_model_when_within_a_point(small_export)
     assert not [w for w in caught if issubclass(w.category, QuantizedModelLeftOut)]
     checks = {c.file: c for c in result.report.checks}
     fused = checks["model.int8.tflite"]
-    # within a point where the ladder chose it (the validation split and the labelled calibration
-    # examples); the test split, which chose nothing, reports its own drop (1 example of 60 here)
-    chosen = next(e for e in result.manifest["artifacts"] if e["file"] == "model.int8.tflite")["selection"]
-    assert chosen["selection_accuracy_drop"] <= 0.01 and chosen["chosen_on"]["examples"] >= 200, chosen
+    # Chosen on the validation split and the labelled calibration examples: within the gate's
+    # tolerance there (the 1-point target was missed by 4 of 230 examples without turning most of
+    # the model float, which the ladder refuses: MAX_FLOAT_SHARE); the test split, which chose
+    # nothing, reports its own drop.
+    from edgetl.host._int8_tflite import MAX_FLOAT_SHARE
+
+    entry = next(e for e in result.manifest["artifacts"] if e["file"] == "model.int8.tflite")
+    chosen = entry["selection"]
+    assert chosen["selection_accuracy_drop"] <= 0.02 and chosen["chosen_on"]["examples"] >= 200, chosen
+    assert entry["ladder"]["float_share"] <= MAX_FLOAT_SHARE, entry["ladder"]
     assert chosen["reported_accuracy_drop"] == pytest.approx(fused.extra["accuracy_drop"], abs=1e-4)
     assert fused.extra["accuracy_drop"] <= 0.02, fused.extra
     evidence = fused.extra["evidence"]
@@ -100,10 +106,8 @@ def test_a_small_user_run_keeps_its_int8_model_when_within_a_point(small_export)
 
 
 def _corrupted(content: bytes) -> bytes:
-    """The largest weight tensor of a TFLite file overwritten with random bytes (file still loads). int8
-    weights, or float32 ones where the remedy ladder kept every layer float: chosen on the validation
-    split and the calibration examples (not on the test split), this small run's int8 file keeps 8
-    tensors float (every convolution and fully connected layer) to stay within a point there."""
+    """The largest weight tensor of a TFLite file overwritten with random bytes (file still loads): int8
+    weights, or float32 ones where the remedy ladder kept a layer float."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=content)

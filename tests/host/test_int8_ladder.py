@@ -101,3 +101,20 @@ def test_a_healthy_int8_model_stays_on_the_first_rung(fragile):
     ptq, climbed = _climb(healthy, x, y)
     assert climbed["ladder"]["rung"] == "ptq" and climbed["ladder"]["float_layers"] == []
     assert climbed["content"] is ptq and climbed["ladder"]["float_share"] == 0.0
+
+
+def test_the_ladder_stops_before_a_file_that_is_mostly_float(fragile, monkeypatch):
+    """A rung leaving more than MAX_FLOAT_SHARE of the compute ops float is not an int8 model: with
+    the cap below the fragile model's one-of-three, the ladder does not try it and keeps (failing)
+    post-training int8 for the gate to refuse, saying why."""
+    import edgetl.host._int8_tflite as ladder_module
+
+    model, x, y = fragile
+    monkeypatch.setattr(ladder_module, "MAX_FLOAT_SHARE", 0.2)
+    ptq, climbed = _climb(model, x, y)
+    ladder = climbed["ladder"]
+    assert [r["rung"] for r in ladder["tried"]] == ["ptq"] and climbed["content"] is ptq, ladder
+    assert ladder["note"] == (
+        "stopped before keeping 1 layer(s) float: 33% of the compute ops would run float "
+        "(more than 20% is not an int8 model)"
+    )
