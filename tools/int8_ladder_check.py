@@ -41,7 +41,7 @@ def fragile_digit_cnns() -> tuple[bytes, bytes, np.ndarray, np.ndarray]:
     homogeneous, so both compute the same function in float.
     """
     from edgetl.data import load_digits_dataset
-    from edgetl.host._export import keras_to_onnx
+    from edgetl.host._convert import keras_to_onnx
     from edgetl.host._tf import keras, tf
 
     tf().random.set_seed(0)

@@ -30,7 +30,8 @@ DEFAULT_RUN = "/tmp/edgetl-int8-run/mobilenetv2_035-96/run"
 
 
 def probe(run: str, target: str, roles: list[str]) -> None:
-    from edgetl.host._export import keras_to_onnx, onnx_int8, plan_export, split_model
+    from edgetl.host._convert import keras_to_onnx
+    from edgetl.host._export import onnx_int8, plan_export, split_model
     from edgetl.host._int8_onnx import _run
 
     plan = plan_export(run, quantize=["int8"])

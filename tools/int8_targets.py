@@ -210,7 +210,8 @@ def files_table(root: Path) -> bool:
 def explain(root: Path, top: int) -> None:
     """Why int8 misses: the TFLite layers with the most int8 noise (QuantizationDebugger, as the
     ladder ranks them) and the ONNX ladder's tensor sensitivity and rungs, from the manifests."""
-    from edgetl.host._export import plan_export, tflite_converter
+    from edgetl.host._convert import tflite_converter
+    from edgetl.host._export import plan_export
     from edgetl.host._int8_tflite import RANK_SAMPLES, _debugger, rank_layers
     from edgetl.host._tf import tf
 

@@ -39,7 +39,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgetl.host._backbones import create_backbone
-    from edgetl.host._export import QuantizeConfig, export_bundle, to_tflite
+    from edgetl.host._convert import to_tflite
+    from edgetl.host._export import QuantizeConfig, export_bundle
     from edgetl.host._pretrain import pretrain
     from edgetl.host._run import save_run
     from edgetl.host._transfer import TrainConfig

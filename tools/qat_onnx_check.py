@@ -31,7 +31,7 @@ def main() -> int:
     import tensorflow_model_optimization as tfmot
     import tf2onnx
 
-    from edgetl.host._export import keras_to_onnx
+    from edgetl.host._convert import keras_to_onnx
     from edgetl.host._tf import keras
 
     k = keras()

@@ -32,7 +32,7 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl._options import comma_list, option
-from edgetl._quiet import native_output_silenced, progress
+from edgetl._quiet import progress
 from edgetl.bundle import Bundle, format_checks, load_private_key, sign_bundle, write_bundle
 from edgetl.bundle import _contract as C
 from edgetl.bundle._contract import (
@@ -52,6 +52,7 @@ from edgetl.data import Dataset, image_size_arg, load_for_spec
 from edgetl.device._runtimes import load_model, run_batched
 from edgetl.device._verify import Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
+from edgetl.host._convert import keras_to_onnx, tflite_to_onnx, to_tflite
 from edgetl.host._export_mcu import McuConfig, mcu_export
 from edgetl.host._head_graphs import head_infer_onnx
 from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
@@ -63,7 +64,7 @@ from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
 from edgetl.host._qat import float_twin, train_qat
 from edgetl.host._run import Run, load_run
 from edgetl.host._selection import assign_roles, file_record
-from edgetl.host._tail_export import TrunkConverters, tail_step
+from edgetl.host._tail_export import tail_step
 from edgetl.host._tf import keras, tf
 from edgetl.host._tflite_metadata import TFLiteModelInfo, write_tflite_metadata
 
@@ -312,93 +313,6 @@ class ExportOptions:
         if options is not None and not isinstance(options, ExportOptions):
             raise InputError(f"options must be an ExportOptions, received {describe(options)}")
         return replace(options, **changes) if options is not None else cls(**changes)
-
-
-def _servable(model: Any, output_name: str) -> tuple[Any, Any]:
-    """A plain ``tf.Module`` holding the model's variables and one serving function.
-
-    Why not ``TFLiteConverter.from_keras_model``: it first saves a Keras SavedModel, and
-    tf_keras's SavedModel serialization traces every layer's call functions for Keras
-    metadata the converter never reads (cProfile: ~75% of a 14 s MobileNetV2-0.35
-    conversion). Converting this module's concrete function gives the same flatbuffer
-    outputs (max diff 1.7e-16) in ~3 s.
-    """
-    t = tf()
-    module = t.Module()
-    module.model_variables = list(model.variables)
-    spec = t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)
-    module.serve = t.function(lambda x: {output_name: model(x, training=False)}, input_signature=[spec])
-    return module, module.serve.get_concrete_function()
-
-
-def to_tflite(
-    model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
-) -> bytes:
-    """Convert a Keras model with ``tf.lite.TFLiteConverter`` (signature ``serving_default``)."""
-    conv = tflite_converter(model, q, calibration, output_name=output_name)
-    with warnings.catch_warnings(), native_output_silenced():
-        # TensorFlow's own int8 calibrator runs the deprecated tf.lite.Interpreter internally;
-        # edgetl itself runs models only with ai_edge_litert. Not actionable for users. The
-        # converter also prints "fully_quantize: 0, inference_type: 6, ..." from C++.
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs were expected.*")
-        return conv.convert()
-
-
-def tflite_converter(
-    model: Any, q: QuantizeConfig, calibration: np.ndarray | None = None, *, output_name: str = "output"
-) -> Any:
-    """The ``tf.lite.TFLiteConverter`` :func:`to_tflite` runs (the int8 ladder reuses it)."""
-    t = tf()
-    module, fn = _servable(model, output_name)
-    conv = t.lite.TFLiteConverter.from_concrete_functions([fn], module)
-    conv._edgetl_module = module  # keeps the variables alive as long as the converter
-    if q.mode == "dynamic":
-        conv.optimizations = [t.lite.Optimize.DEFAULT]
-    elif q.mode == "float16":
-        conv.optimizations = [t.lite.Optimize.DEFAULT]
-        conv.target_spec.supported_types = [t.float16]
-    elif q.mode in ("int8", "qat"):
-        if calibration is None or not len(calibration):
-            raise InputError(f"{q.mode} quantization needs calibration data (--calibration D)")
-        samples = calibration.astype(np.float32)
-
-        def representative() -> Any:
-            for i in range(len(samples)):
-                yield [samples[i : i + 1]]
-
-        conv.optimizations = [t.lite.Optimize.DEFAULT]
-        conv.representative_dataset = representative
-        conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        io = {"float32": t.float32, "int8": t.int8, "uint8": t.uint8}[q.io_dtype]
-        conv.inference_input_type = io
-        conv.inference_output_type = io
-    return conv
-
-
-def keras_to_onnx(model: Any, opset: int) -> bytes:
-    import tf2onnx
-
-    t = tf()
-    spec = [t.TensorSpec((None, *model.input_shape[1:]), t.float32, name=MODEL_INPUT)]
-    with native_output_silenced():
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    return proto.SerializeToString()
-
-
-def tflite_to_onnx(tflite: bytes, opset: int) -> bytes:
-    """Quantized ONNX converted from the quantized TFLite (the same int8 graph in both formats)."""
-    import tf2onnx
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "m.tflite")
-        Path(path).write_bytes(tflite)
-        with warnings.catch_warnings(), native_output_silenced():
-            # tf2onnx reads the .tflite with TensorFlow's deprecated tf.lite.Interpreter;
-            # not something edgetl users run or can change.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-            proto, _ = tf2onnx.convert.from_tflite(path, opset=opset)
-    return proto.SerializeToString()
 
 
 def _check_matches(data: Dataset, shape: tuple[int, ...], class_names: Sequence[str], what: str) -> None:
@@ -763,7 +677,7 @@ def _convert_one(
     tfl = to_tflite(model, c, calib, output_name=output)
     if "tflite" in plan.formats:
         climbed, extra = (
-            ladder_for(plan, c, role, model, output, calib, tfl, tflite_converter),
+            ladder_for(plan, c, role, model, output, calib, tfl),
             {"quantization": c.describe()},
         )
         if climbed is not None:  # the int8 remedy ladder (selective float fallback)
@@ -1168,8 +1082,9 @@ def export(run: str | os.PathLike[str] | Any, options: ExportOptions | None = No
     artifacts, timings = convert_models(plan, backbone)
     artifacts = with_metadata(plan, with_contract_names(artifacts))
     artifacts += head_artifacts(plan, classifier)
-    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references, trunk_converters())
-    artifacts += tail + data_artifacts(plan, backbone, references, trunk)
+    tail, tail_section, trunk = tail_step(plan, backbone, padded_head(plan, classifier), references)
+    artifacts += [Artifact(name, content, role, fmt, "fp32", more) for name, (content, role, fmt, more) in tail.items()]
+    artifacts += data_artifacts(plan, backbone, references, trunk)
     extra = target_outputs(plan, o.targets, backbone, classifier, o.mcu)
     artifacts += extra.artifacts
     manifest = build_manifest(plan, artifacts, classifier.get_weights()[0].shape[0], backbone_id(backbone, plan))
@@ -1217,13 +1132,6 @@ def int8_embedding_tflite(backbone: Any, calibration: np.ndarray) -> bytes:
     calibrated like the int8 bundle models; the MCU target's converter."""
     q = QuantizeConfig("int8", io_dtype="int8")
     return to_tflite(backbone, q, calibration[: q.calibration_samples], output_name=BACKBONE_OUTPUT)
-
-
-def trunk_converters() -> TrunkConverters:
-    """The converters the trainable tail's trunk models are written with (fp32 TFLite, ONNX)."""
-    return TrunkConverters(
-        tflite=lambda m: to_tflite(m, QuantizeConfig(), output_name=C.TRUNK), onnx=keras_to_onnx, artifact=Artifact
-    )
 
 
 def target_outputs(plan: ExportPlan, targets: Sequence[str], backbone: Any, classifier: Any, mcu: Any) -> TargetOutput:

@@ -35,6 +35,7 @@ from edgetl._quiet import native_output_silenced
 from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT, gate_outcome
 from edgetl.device._guard import paired
 from edgetl.device._runtimes import TFLiteModel, run_batched
+from edgetl.host._convert import tflite_converter
 from edgetl.host._tf import tf
 
 # The quality target the ladder climbs for (issue 23: int8 within 1 point of fp32 on the
@@ -267,12 +268,9 @@ def ladder_for(
     output: str,
     calibration: Any,
     ptq: bytes,
-    tflite_converter: Callable[..., Any],
 ) -> dict | None:
     """Climb the ladder for one int8 TFLite file of an export (``None`` where it does not
-    apply: other precisions, integer I/O, ``float_fallback`` off, no calibration data).
-    ``tflite_converter`` is ``host._export.tflite_converter``, handed in (export imports this
-    module)."""
+    apply: other precisions, integer I/O, ``float_fallback`` off, no calibration data)."""
 
     if q.mode != "int8" or q.io_dtype != "float32" or not q.float_fallback or calibration is None:
         return None

@@ -12,7 +12,7 @@ head-only and the manifest says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from edgetl.bundle._head import OPTIMIZERS
 from edgetl.device._tail import TailRuntime
 from edgetl.device._verify import HEAD_STEP_ATOL, HEAD_STEP_RTOL
 from edgetl.errors import BundleError
+from edgetl.host._convert import keras_to_onnx, to_tflite
 from edgetl.host._tail_graphs import tail_infer_onnx, tail_tflite, tail_train_loop_onnx
 from edgetl.host._tf import keras
 
@@ -226,9 +227,7 @@ def check_split(split: TailSplit, backbone: Any, x: np.ndarray) -> str | None:
     return None
 
 
-def tail_files(
-    split: TailSplit, head: tuple[np.ndarray, np.ndarray, np.ndarray], opset: int, convert: TrunkConverters
-) -> dict[str, Any]:
+def tail_files(split: TailSplit, head: tuple[np.ndarray, np.ndarray, np.ndarray], opset: int) -> dict[str, Any]:
     """``{file: (content, role, format, extra)}``: the trunk models and the tail's graphs."""
 
     f, d = split.init[C.TAIL_W].shape
@@ -236,8 +235,8 @@ def tail_files(
     buf = __import__("io").BytesIO()
     np.savez(buf, **split.init)
     files = {
-        "trunk.fp32.tflite": (convert.tflite(split.trunk), C.TRUNK, "tflite", {}),
-        "trunk.fp32.onnx": (convert.onnx(split.trunk, opset), C.TRUNK, "onnx", {}),
+        "trunk.fp32.tflite": (to_tflite(split.trunk, output_name=C.TRUNK), C.TRUNK, "tflite", {}),
+        "trunk.fp32.onnx": (keras_to_onnx(split.trunk, opset), C.TRUNK, "onnx", {}),
         T.INIT_FILE: (buf.getvalue(), "tail_init", "npz", {}),
         T.INFER_FILE: (tail_infer_onnx(f, d, cap, act, p), "tail_infer", "onnx", {}),
         T.TFLITE_FILE: (tail_tflite(f, d, cap, act, p), "tail", "tflite", {"signatures": list(T.TFLITE_SIGNATURES)}),
@@ -292,24 +291,14 @@ def verify_tail(
     return out
 
 
-@dataclass(frozen=True)
-class TrunkConverters:
-    """The export's converters and artifact type, handed in by ``host._export`` (which imports
-    this module: importing them back would make an import cycle)."""
-
-    tflite: Callable[[Any], bytes]  # fp32 Keras model -> .tflite bytes
-    onnx: Callable[[Any, int], bytes]  # (Keras model, opset) -> .onnx bytes
-    artifact: Callable[..., Any]  # host._export.Artifact
-
-
 def tail_step(
     plan: Any,
     backbone: Any,
     head: tuple[np.ndarray, np.ndarray, np.ndarray],
     references: Any,
-    convert: TrunkConverters,
-) -> tuple[list, dict, Any]:
-    """Export's tail step: ``(artifacts, manifest section, trunk model or None)``.
+) -> tuple[dict[str, Any], dict, Any]:
+    """Export's tail step: ``(files, manifest section, trunk model or None)``; ``files`` as
+    :func:`tail_files` gives them, all fp32.
 
     A backbone without an eligible last layer gives no files and a section that says why
     (``{"available": false, "reason": ...}``); a tail whose files fail their checks is an
@@ -318,21 +307,18 @@ def tail_step(
     """
     if getattr(plan.run.config, "fusion", "none") != "none" or getattr(plan.run.config, "head_hidden_units", 0):
         return (
-            [],
+            {},
             {"available": False, "reason": "the seam is not the backbone's embedding (fusion or hidden head layer)"},
             None,
         )
     split = find_tail(backbone, references.x)
     if isinstance(split, str):
-        return [], {"available": False, "reason": split}, None
-    files = tail_files(split, head, plan.opset, convert)
+        return {}, {"available": False, "reason": split}, None
+    files = tail_files(split, head, plan.opset)
     labels = np.argmax(references.probabilities, axis=1)
     checks = verify_tail(split, files, head, references.x, labels)
     if not checks["passed"]:
         raise BundleError("the trainable tail failed its checks: " + "; ".join(checks["failures"]))
-    artifacts = [
-        convert.artifact(name, content, role, fmt, "fp32", extra) for name, (content, role, fmt, extra) in files.items()
-    ]
     f, d = split.init[C.TAIL_W].shape
     section = {
         "available": True,
@@ -346,7 +332,7 @@ def tail_step(
         "replay": f"replay.npz key {T.REPLAY_KEY!r}",
         "checks": {k: v for k, v in checks.items() if k not in ("passed", "failures")},
     }
-    return artifacts, section, split.trunk
+    return files, section, split.trunk
 
 
 def _train_checks(

@@ -135,7 +135,6 @@ def test_a_committed_tail_is_a_store_version_the_classifier_runs_and_a_corrupt_o
 
 def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(tail_bundle):
     """A wrong graph (linear where the layer is relu) must fail verify_tail's checks."""
-    from edgetl.host._export import trunk_converters
     from edgetl.host._tail_export import TailSplit, tail_files, verify_tail
     from edgetl.host._tf import keras
 
@@ -147,7 +146,7 @@ def test_the_export_check_refuses_a_tail_graph_that_differs_from_the_reference(t
     flat = k.layers.Flatten()(k.layers.Conv2D(16, 3, padding="same")(inputs))
     trunk = k.Model(inputs, k.layers.Reshape((1, 1024))(flat))  # [N, P, F] = [N, 1, 1024]
     honest = TailSplit(trunk, "embedding_dense", "relu", init)
-    files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17, trunk_converters())
+    files = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
     x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype(np.float32)
     checks = verify_tail(honest, files, head, x, np.zeros(16, np.int64))
     assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
@@ -158,7 +157,6 @@ def test_the_export_check_allows_float32s_own_error_and_still_refuses_a_wrong_gr
     before a standardization with inv_std in the thousands) passes with the right graph, because
     numpy in float32 lands as far from the float64 reference as the runtimes do, and the wrong
     graph (linear where the layer is relu) is still refused on the same model."""
-    from edgetl.host._export import trunk_converters
     from edgetl.host._tail_export import INFER_TOLERANCE, TailSplit, tail_files, verify_tail
     from edgetl.host._tf import keras
 
@@ -181,11 +179,11 @@ def test_the_export_check_allows_float32s_own_error_and_still_refuses_a_wrong_gr
     y = np.arange(16) % 4
 
     honest = TailSplit(trunk, "embedding_dense", "relu", init)
-    checks = verify_tail(honest, tail_files(honest, head, 17, trunk_converters()), head, x, y)
+    checks = verify_tail(honest, tail_files(honest, head, 17), head, x, y)
     assert checks["passed"], checks["failures"]
     # The floor was needed: float32 itself misses the reference by more than the plain tolerance.
     assert checks["infer_float32_floor"] > INFER_TOLERANCE or checks["adam_float32_floor"] > 1e-4, checks
-    wrong = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17, trunk_converters())
+    wrong = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
     checks = verify_tail(honest, wrong, head, x, y)
     assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
 

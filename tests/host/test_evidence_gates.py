@@ -161,7 +161,8 @@ def test_full_integer_tflite_agrees_with_the_float_input_int8_model(tmp_path, sm
     top-1 agreement >= 0.98 with the float-input int8 model."""
     from edgetl.data import load_npz
     from edgetl.device._runtimes import TFLiteModel
-    from edgetl.host._export import QuantizeConfig, to_tflite
+    from edgetl.host._convert import to_tflite
+    from edgetl.host._export import QuantizeConfig
     from edgetl.host._run import load_run
 
     run = load_run(small_user_run[0])

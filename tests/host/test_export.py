@@ -206,7 +206,8 @@ def test_qat_onnx_is_the_float_graph_with_qats_weights_quantized_like_int8(targe
     layer cannot be read from gives a reason instead of a model."""
     from onnx_graphs import layout_transposes
 
-    from edgetl.host._export import keras_to_onnx, split_model
+    from edgetl.host._convert import keras_to_onnx
+    from edgetl.host._export import split_model
     from edgetl.host._int8_onnx import quantize_onnx_int8
     from edgetl.host._qat import float_twin, train_qat
     from edgetl.host._run import load_run

@@ -55,7 +55,8 @@ def fragile():
 
 
 def _climb(model, x, y):
-    from edgetl.host._export import QuantizeConfig, tflite_converter, to_tflite
+    from edgetl.host._convert import tflite_converter, to_tflite
+    from edgetl.host._export import QuantizeConfig
     from edgetl.host._int8_tflite import Judge, climb
     from edgetl.host._tf import tf
 

@@ -24,7 +24,8 @@ HARD_DROP = 0.05
 @pytest.fixture(scope="module")
 def plan_and_pool(digits_bundle):
     """The digits bundle's run planned for int8 export, its float ONNX, and every digit (x)."""
-    from edgetl.host._export import keras_to_onnx, plan_export
+    from edgetl.host._convert import keras_to_onnx
+    from edgetl.host._export import plan_export
 
     bundle, halves = digits_bundle
     run = bundle.manifest.to_json()["producer"]["run"]
@@ -77,7 +78,7 @@ def test_the_onnx_ladder_climbs_on_the_selection_split_not_the_reported_one(plan
 def test_the_tflite_ladder_climbs_on_the_selection_split_not_the_reported_one(plan_and_pool):
     from edgetl.bundle._contract import FUSED_OUTPUT
     from edgetl.device._runtimes import TFLiteModel
-    from edgetl.host._export import tflite_converter, to_tflite
+    from edgetl.host._convert import to_tflite
     from edgetl.host._int8_tflite import _run_tflite, ladder_for
 
     plan, _, x = plan_and_pool
@@ -89,7 +90,7 @@ def test_the_tflite_ladder_climbs_on_the_selection_split_not_the_reported_one(pl
 
     def ladder(select, report):
         plan.data.select, plan.data.test = select, report
-        return ladder_for(plan, q, "fused", model, FUSED_OUTPUT, calibration, ptq, tflite_converter)
+        return ladder_for(plan, q, "fused", model, FUSED_OUTPUT, calibration, ptq)
 
     climbed = ladder(select=hard, report=easy)["ladder"]
     assert climbed["tried"][0]["rung"] == "ptq" and climbed["tried"][0]["accuracy_drop"] == pytest.approx(HARD_DROP)

@@ -19,7 +19,8 @@ from edgetl.host._io_names import rename_onnx_io, rename_tflite_io
 @pytest.fixture(scope="module")
 def converted():
     """A small model as the exporter converts it: fp32 TFLite, int8 TFLite, ONNX from Keras and from int8 TFLite."""
-    from edgetl.host._export import QuantizeConfig, keras_to_onnx, tflite_to_onnx, to_tflite
+    from edgetl.host._convert import keras_to_onnx, tflite_to_onnx, to_tflite
+    from edgetl.host._export import QuantizeConfig
     from edgetl.host._tf import keras
 
     k = keras()

@@ -17,7 +17,7 @@ from edgetl.host._onnx_quantized import dynamic_onnx, float16_onnx
 
 @pytest.fixture(scope="module")
 def small_mobilenet():
-    from edgetl.host._export import keras_to_onnx
+    from edgetl.host._convert import keras_to_onnx
     from edgetl.host._tf import keras
 
     k = keras()

@@ -200,7 +200,8 @@ def _tiny_tflite(fn, dtype="float32"):
 
 def test_tflm_gate_names_the_op_it_lacks_and_a_float_interface():
     """A backbone ending in top_k converts to full-integer int8 (LiteRT has the kernel), but TFLM has none."""
-    from edgetl.host._export import QuantizeConfig, to_tflite
+    from edgetl.host._convert import to_tflite
+    from edgetl.host._export import QuantizeConfig
     from edgetl.host._export_mcu import check_tflm_runs
     from edgetl.host._tf import keras, tf
 
