@@ -63,7 +63,14 @@ class Rung:
 
     @property
     def meets_target(self) -> bool:
-        return self.outcome == "pass" and (self.accuracy_drop is None or self.accuracy_drop <= TARGET_DROP)
+        """Passes the gate and, with labels, is within :data:`TARGET_DROP` of fp32; without (a
+        backbone), its top-1 agreement reaches the gate's minimum as measured (see
+        ``edgetl.host._int8_onnx.meets_quality_target``)."""
+        if self.outcome != "pass":
+            return False
+        if self.accuracy_drop is None:
+            return self.agreement >= MIN_TOP1_AGREEMENT["int8"] - 1e-9
+        return self.accuracy_drop <= TARGET_DROP
 
     def to_json(self) -> dict[str, Any]:
         drop = None if self.accuracy_drop is None else round(self.accuracy_drop, 4)

@@ -119,3 +119,16 @@ def test_the_ladder_stops_before_a_file_that_is_mostly_float(fragile, monkeypatc
         "stopped before keeping 1 layer(s) float: 33% of the compute ops would run float "
         "(more than 20% is not an int8 model)"
     )
+
+
+def test_a_backbone_rung_meets_the_target_only_at_the_minimum_agreement():
+    """Without labels (a backbone) a rung the gate passes meets the ladder's target only when its
+    top-1 agreement with fp32 reaches MIN_TOP1_AGREEMENT as measured (0.896 climbs on)."""
+    from edgetl.host._int8_tflite import Rung
+
+    def rung(agreement, drop=None, outcome="pass"):
+        return Rung("ptq", b"", [], outcome, drop, agreement)
+
+    assert not rung(0.896).meets_target and rung(0.9).meets_target and rung(0.95).meets_target
+    assert not rung(0.95, outcome="thin").meets_target
+    assert rung(0.85, drop=0.0).meets_target and not rung(1.0, drop=0.015).meets_target  # labelled: the drop decides

@@ -107,6 +107,26 @@ def test_a_rung_the_gate_passes_above_the_accuracy_target_climbs_on(digit_cnns):
     assert untargeted.record["rung"] == "a1-minmax" and len(untargeted.record["tried"]) == 1
 
 
+def test_a_backbone_rung_climbs_until_its_agreement_reaches_the_minimum_as_measured(digit_cnns):
+    """A backbone's gate has no labels: it passes a candidate whose factory-head agreement is not
+    significantly below 0.9. Its target is the agreement itself reaching 0.9: a candidate at 0.896
+    (MobileNetV2-0.35's backbone on the selection data, refused on test) climbs on."""
+    from edgetl.host._int8_onnx import meets_quality_target
+
+    healthy, _, x, y = digit_cnns
+    real = _gate(healthy, x, y)
+    agreements = iter([0.896, 0.93])
+
+    def backbone_gate(content):
+        judged = {k: v for k, v in real(content).items() if k not in ("accuracy_drop", "labelled")}
+        return {**judged, "ok": True, "top1_agreement": next(agreements, 0.93), "min_agreement": 0.9}
+
+    result = quantize_onnx_int8(healthy, x[:200], backbone_gate, recipe=RECIPES["x86-vnni"], more_calibration=x[:1200])
+    assert [t["meets_target"] for t in result.record["tried"]] == [False, True], result.record["tried"]
+    assert result.record["rung"] == "a2-minmax-more-samples"
+    assert meets_quality_target({"accuracy_drop": 0.02, "top1_agreement": 1.0, "min_agreement": 0.9}, 0.01) is False
+
+
 def test_entropy_calibration_clips_an_outlier_minmax_keeps(digit_cnns, tmp_path):
     """Rung a4 is its own calibration (onnxruntime's quantize_static Entropy, with its default
     bins, searched one window, the whole range: byte-identical to MinMax): one calibration image
