@@ -283,7 +283,36 @@ def _calibration_rungs(prep: _Prepared) -> Iterator[tuple[str, str, np.ndarray]]
     if prep.more is not None:
         yield "a2-minmax-more-samples", "MinMax", more
     yield "a3-percentile", "Percentile", more
-    yield "a4-entropy", "Entropy", more
+    yield "a4-entropy", "Entropy", more[: entropy_sample_count(prep.model_path, len(more))]
+
+
+# The entropy rung collects in one pass (see _entropy_ranges), holding every input's activations:
+# it gets as many inputs as fit this budget (EfficientNetB0 at 128x128 holds ~15 MB per input,
+# so its 800 inputs would take 12 GB), and never fewer than ENTROPY_MIN_SAMPLES.
+ENTROPY_MEMORY_BUDGET = 1 << 30
+ENTROPY_MIN_SAMPLES = 32
+
+
+def activation_bytes(model_path: Path) -> int:
+    """Bytes of one input's float node outputs (batch 1), from the shapes ``quant_pre_process``
+    inferred: what a histogram calibrator holds per input."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    total = 0
+    for info in [*graph.value_info, *graph.output]:
+        tensor = info.type.tensor_type
+        if tensor.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]  # unknown (the batch): 1
+        total += 4 * int(np.prod(dims))
+    return total
+
+
+def entropy_sample_count(model_path: Path, available: int) -> int:
+    """How many of ``available`` calibration inputs the entropy rung uses (:data:`ENTROPY_MEMORY_BUDGET`)."""
+    fit = ENTROPY_MEMORY_BUDGET // max(activation_bytes(model_path), 1)
+    return int(min(available, max(ENTROPY_MIN_SAMPLES, fit)))
 
 
 # The calibrator sees at most this many inputs per pass. onnxruntime's histogram calibrators
@@ -373,7 +402,7 @@ def _entropy_ranges(model_path: Path, reader: Any, cache: Path, work: Path) -> N
     )
     # One pass (all inputs' activations held at once, unlike the strided quantize_static rungs):
     # collecting in passes of 16 made the outlier test minutes slower (each pass merges and
-    # re-bins every histogram); the memory risk on large models is in the issue 23 note.
+    # re-bins every histogram). The rung's inputs are capped instead (entropy_sample_count).
     calibrator.collect_data(reader)
     save_tensors_data(calibrator.compute_data(), cache)
 

@@ -69,9 +69,9 @@ def _peak_bytes(work: Path, x: np.ndarray, method: str) -> int:
 def test_histogram_calibration_memory_does_not_grow_with_the_inputs(tmp_path: Path, monkeypatch):
     x = np.random.default_rng(1).random((240, 4, SIZE, SIZE), dtype=np.float32)
     held_by_one_pass = len(x) * 4 * CHANNELS * SIZE * SIZE * 4  # every input's four activations, bytes
-    # Entropy is not here: its rung runs onnxruntime's calibrator itself (512 bins, _entropy_ranges) in
+    # Entropy is below: its rung runs onnxruntime's calibrator itself (512 bins, _entropy_ranges) in
     # one pass, because in passes ORT's histogram merge widens the bins to the largest range seen and the
-    # KL search then took minutes. It still holds every input's activations (issue 23, open).
+    # KL search then took minutes; its inputs are capped by a memory budget instead.
     for method in ("Percentile",):
         peak = _peak_bytes(tmp_path / method, x, method)
         # Measured: 3.3 MB in passes of 16 inputs, 36 MB in one pass of 240 (63 MB of activations).
@@ -92,3 +92,21 @@ def test_min_max_ranges_in_passes_equal_one_pass(tmp_path: Path, monkeypatch):
 
 def test_the_stride_divides_the_inputs():
     assert [calibration_stride(n) for n in (1, 13, 17, 200, 240, 800)] == [1, 13, 1, 10, 16, 16]
+
+
+def test_the_entropy_rung_takes_as_many_inputs_as_its_memory_budget_holds(tmp_path: Path, monkeypatch):
+    x = np.random.default_rng(1).random((240, 4, SIZE, SIZE), dtype=np.float32)
+    prep = _prepared(tmp_path / "work", x)
+    per_input = 4 * CHANNELS * SIZE * SIZE * 4  # c1, r1, c2, y: float32 [1, 16, 32, 32] each
+    assert int8_onnx.activation_bytes(prep.model_path) == per_input
+    assert int8_onnx.entropy_sample_count(prep.model_path, len(x)) == len(x)  # 63 MB fit the default 1 GiB
+    monkeypatch.setattr(int8_onnx, "ENTROPY_MEMORY_BUDGET", 40 * per_input)
+    n = int8_onnx.entropy_sample_count(prep.model_path, len(x))
+    assert n == 40
+    monkeypatch.setattr(int8_onnx, "ENTROPY_MEMORY_BUDGET", per_input)
+    assert int8_onnx.entropy_sample_count(prep.model_path, len(x)) == int8_onnx.ENTROPY_MIN_SAMPLES
+    rungs = {rung: len(samples) for rung, _, samples in int8_onnx._calibration_rungs(prep)}
+    assert rungs["a4-entropy"] == int8_onnx.ENTROPY_MIN_SAMPLES and rungs["a3-percentile"] == len(x)
+    # What the cap buys: the one-pass calibration of 40 inputs holds a sixth of what 240 did.
+    assert _peak_bytes(tmp_path / "capped", x[:n], "Entropy") < len(x) * per_input / 4
+    assert _peak_bytes(tmp_path / "uncapped", x, "Entropy") > len(x) * per_input / 4  # the measure sees it
