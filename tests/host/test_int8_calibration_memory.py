@@ -99,7 +99,7 @@ def test_the_entropy_rung_takes_as_many_inputs_as_its_memory_budget_holds(tmp_pa
     prep = _prepared(tmp_path / "work", x)
     per_input = 4 * CHANNELS * SIZE * SIZE * 4  # c1, r1, c2, y: float32 [1, 16, 32, 32] each
     assert int8_onnx.activation_bytes(prep.model_path) == per_input
-    assert int8_onnx.entropy_sample_count(prep.model_path, len(x)) == len(x)  # 63 MB fit the default 1 GiB
+    assert int8_onnx.entropy_sample_count(prep.model_path, len(x)) == len(x)  # 63 MB fit the default 4 GiB
     monkeypatch.setattr(int8_onnx, "ENTROPY_MEMORY_BUDGET", 40 * per_input)
     n = int8_onnx.entropy_sample_count(prep.model_path, len(x))
     assert n == 40
