@@ -18,8 +18,10 @@ exits 1 when any target is missed (without it, misses are printed, not fatal).
 head-only (embedding or trunk extraction included, one core, median of 5), and the extra peak
 memory (each in a fresh process: VmHWM), on three bundles: MobileNetV2-0.35 at 96x96 (weights=None,
 a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10 classes x 10 examples, the issue's
-target), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20)
-and tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
+target; built from 110 images per class so its replay buffer is the one export writes for 10
+classes of 1280-d embeddings, 81 per class, of which the tail trains on 40), the demo's
+backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
+tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
 """
 
 from __future__ import annotations
@@ -178,7 +180,9 @@ def tail_costs(targets: "Targets", only: str | None = None) -> None:
         np.savez(d / "mnv2.npz", x=rng.integers(0, 255, (100, 96, 96, 3)).astype(np.uint8), labels=np.arange(100) % 10)
         cases = {
             "MobileNetV2-0.35 96x96 (pooled 1x1 conv tail, F=112, P=9, D=1280), 10 classes x 10": (
-                lambda: build_app_bundle(d, "mobilenetv2_035", 96, classes=10, per_class=20)[0],
+                # 110 per class: 82 in the training split, so export keeps its full replay buffer (81 per
+                # class for 10 x 1280-d); with 20 per class it kept 15 and understated the tail's replay rows
+                lambda: build_app_bundle(d, "mobilenetv2_035", 96, classes=10, per_class=110)[0],
                 d / "mnv2.npz",
             ),
             "the demo's backbone edgetl_cnn_dense (Dense tail, F=256, D=256), 5 classes x 20": (
@@ -211,6 +215,15 @@ def tail_costs(targets: "Targets", only: str | None = None) -> None:
             )
 
 
+def cpu_line() -> str:
+    """The CPU model and the vector features speed figures depend on."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_suite import cpu_peak
+
+    cpu = cpu_peak()
+    return f"CPU {cpu['cpu']} ({', '.join(f for f, on in cpu['flags'].items() if on) or 'no AVX2'})"
+
+
 def main() -> int:
     """Measure every target, print PASS/MISS; with --strict, exit 1 on a miss."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -222,8 +235,9 @@ def main() -> int:
         os.sched_setaffinity(0, {0})
     targets = Targets()
     if args.tail:
-        print(open("/proc/loadavg").read().strip(), "(load average)", flush=True)
+        print(open("/proc/loadavg").read().strip(), "(load average)", cpu_line(), flush=True)
         tail_costs(targets, args.only)
+        print(open("/proc/loadavg").read().strip(), "(load average)", cpu_line(), flush=True)
         print("every target met" if not targets.misses else f"{len(targets.misses)} target(s) missed")
         return 1 if targets.misses and args.strict else 0
     seconds, rss = import_cost()

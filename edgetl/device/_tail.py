@@ -19,7 +19,7 @@ import numpy as np
 
 from edgetl.bundle import _contract as C
 from edgetl.bundle import _tail as T
-from edgetl.device._guard import SCORE_NAMES, CommitResult, _balanced, _balanced_accuracy, generalizes, paired
+from edgetl.device._guard import SCORE_NAMES, CommitResult, _balanced_accuracy, generalizes, paired
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import TrainSettings
 from edgetl.device._head_loop import plan_steps
@@ -44,6 +44,7 @@ ADAPT = ("head", "tail", "auto")
 #   points; 0.797 vs 0.805), but on the 1x1-conv user CNN's tuning-family users
 #   (tests/device/test_tail.py) no user gained 3 points any more (best +2.9; 30 epochs found one).
 TAIL_REPLAY_PER_CLASS = 40
+TAIL_REPLAY_RATIO = 1000.0  # TODO tune
 TAIL_SETTINGS = TrainSettings(learning_rate=0.3, l2=0.1)
 
 
@@ -139,9 +140,27 @@ class TailRuntime:
         momentum: float = 0.9,
         seed: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Train from ``weights`` (anchors: the starting W1 and W) with a zero optimizer state;
-        returns the trained state (:data:`edgetl.bundle._tail.STATE` keys) and ``losses``."""
+        """:meth:`train_steps` on the head's step plan over every row of ``trunk``."""
         order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
+        return self.train_steps(weights, trunk, onehot, optimizer, order, row_weight, lr=lr, l2=l2, momentum=momentum)
+
+    def train_steps(
+        self,
+        weights: Mapping[str, np.ndarray],
+        trunk: np.ndarray,
+        onehot: np.ndarray,
+        optimizer: str,
+        order: np.ndarray,
+        row_weight: np.ndarray,
+        *,
+        lr: float,
+        l2: float,
+        momentum: float = 0.9,
+    ) -> dict[str, np.ndarray]:
+        """Train from ``weights`` (anchors: the starting W1 and W) with a zero optimizer state
+        over the steps ``order[S, B]`` / ``row_weight[S, B]``; returns the trained state
+        (:data:`edgetl.bundle._tail.STATE` keys) and ``losses``."""
+        order, row_weight = np.asarray(order, np.int64), np.asarray(row_weight, np.float32)
         feed = self._feed(weights, trunk, onehot, optimizer, order, row_weight, lr, l2, momentum)
         if self.fmt == "onnx":
             if optimizer not in self._train:
@@ -231,9 +250,15 @@ class TailPersonalizer:
     """
 
     def __init__(
-        self, personalizer: Any, threads: int | None = None, replay_per_class: int = TAIL_REPLAY_PER_CLASS
+        self,
+        personalizer: Any,
+        threads: int | None = None,
+        replay_per_class: int = TAIL_REPLAY_PER_CLASS,
+        replay_ratio: float = TAIL_REPLAY_RATIO,
+        replay_weighted: bool = False,
     ) -> None:
-        self.p, self.replay_per_class = personalizer, replay_per_class
+        self.p, self.replay_per_class, self.replay_ratio = personalizer, replay_per_class, replay_ratio
+        self.replay_weighted = replay_weighted
         bundle = personalizer.classifier.bundle
         backend = personalizer.classifier.backend
         self.runtime = TailRuntime.from_bundle(bundle, backend, threads)
@@ -260,8 +285,7 @@ class TailPersonalizer:
         trunk = self.runtime.trunk(batch)
         self._trunks.append((batch, trunk))
         layer = self.p.classifier.head.tail or {C.TAIL_W: self.init[C.TAIL_W], C.TAIL_B: self.init[C.TAIL_B]}
-        pre = trunk @ layer[C.TAIL_W] + layer[C.TAIL_B]
-        pooled = T.activate(pre, self.runtime.activation).mean(axis=1)
+        pooled = T.layer(trunk, layer[C.TAIL_W], layer[C.TAIL_B], self.runtime.activation).mean(axis=1)
         return ((pooled - self.init[C.SEAM_MEAN]) * self.init[C.SEAM_INV_STD]).astype(np.float32)
 
     def user_trunk(self) -> np.ndarray:
@@ -317,26 +341,36 @@ class TailPersonalizer:
         return chosen.astype(np.int64), np.setdiff1d(np.arange(len(labels)), chosen).astype(np.int64)
 
     def train(self, settings: TrainSettings | None = None) -> TailCandidate:
-        """Train a candidate tail on the user's training examples and the tail's replay share, balanced."""
+        """Train a candidate tail on the user's training examples and the tail's replay share:
+        every epoch all user examples and a fresh window of replay, class-balanced
+        (:func:`edgetl.bundle._tail.tail_step_plan`, ``replay_ratio`` replay rows per user row)."""
 
         settings = settings or TAIL_SETTINGS
         user, _ = self.p._split()
         replay, _ = self.replay_split()
         trunk = np.concatenate([self.user_trunk()[user], self.replay_trunk[replay]])
         labels = [self.p._labels[i] for i in user] + [self.p.replay_labels[i] for i in replay]
-        index = _balanced(np.asarray(labels), np.random.default_rng(settings.seed))
-        onehot = self.p.onehot([labels[i] for i in index], self.p._base)
-        state = self.runtime.train_plan(
+        classes = sorted(set(labels))
+        rows_of = lambda part: [[i for i in part if labels[i] == c] for c in classes]  # noqa: E731
+        order, row_weight = T.tail_step_plan(
+            rows_of(range(len(user))),
+            rows_of(range(len(user), len(labels))),
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            replay_ratio=self.replay_ratio,
+            weighted=self.replay_weighted,
+        )
+        state = self.runtime.train_steps(
             self.start_weights(),
-            trunk[index],
-            onehot,
+            trunk,
+            self.p.onehot(labels, self.p._base),
             settings.optimizer,
+            order,
+            row_weight,
             lr=settings.learning_rate,
             l2=settings.l2,
-            epochs=settings.epochs,
-            batch=settings.batch_size,
             momentum=settings.momentum,
-            seed=settings.seed,
         )
         weights = {**self.start_weights(), **{w: state[w] for w in T.WEIGHTS}}
         self.candidate = TailCandidate(weights, state[C.LOSSES].tolist(), settings)
