@@ -210,31 +210,41 @@ def tail_step_plan(
     batch_size: int,
     seed: int,
     replay_ratio: float,
-    weighted: bool = False,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """edgetl's step plan for the tail (pure Python): every epoch trains on all of the user's
-    rows and a fresh window of the replay rows, class-balanced, in the head's shuffle.
+    rows and a fresh window of the replay rows, weighted to stand for all of them, class-balanced,
+    in the head's shuffle.
 
     ``user[c]`` and ``replay[c]`` are class ``c``'s rows (indices into the graph's ``trunk``
-    input), classes in a fixed order. With ``u = max(1, max_c len(user[c]))``, every epoch
-    holds ``K = min(u + ceil(replay_ratio * u), max_c(len(user[c]) + len(replay[c])))`` rows
-    (at least ``u``) of each class: its user rows, then the next ``K - len(user[c])`` rows of
-    its replay rows walked in their order from where the previous epoch stopped, wrapping
-    around (every replay row is used once every ``ceil(len(replay[c]) / (K - len(user[c])))``
-    epochs); a class without replay rows repeats its user rows in order up to ``K``. The epoch's
-    rows (classes concatenated in order) are shuffled and cut into batches exactly as
-    :func:`edgetl.bundle._head.step_plan` does (one xorshift32 state from ``seed``, continued
-    from epoch to epoch; ``B = min(batch_size, rows per epoch)``, padding at row weight 0).
+    input), classes in a fixed order; ``u_c``, ``r_c`` their counts. With ``u = max(1, max_c u_c)``,
+    every epoch holds ``K = max(u, min(u + ceil(replay_ratio * u), max_c(u_c + r_c)))`` slots
+    of each class:
+
+    * a class with replay rows: its user rows, then the next ``k_c = K - u_c`` of its replay
+      rows, walked in their order from where the previous epoch stopped and wrapping around
+      (every replay row is used once every ``ceil(r_c / k_c)`` epochs). Weights: a user row
+      ``K / (u_c + r_c)``, a replay row ``K r_c / (k_c (u_c + r_c))``, so the class weighs ``K``
+      and its user and replay rows weigh as ``u_c : r_c``, as if every replay row were in every
+      epoch (``k_c = 0``: user rows at 1);
+    * a class without replay rows: its user rows repeated in order up to ``K``, at 1.
+
+    The epoch's slots (classes concatenated in order) are shuffled and cut into batches exactly
+    as :func:`edgetl.bundle._head.step_plan` does (one xorshift32 state from ``seed``,
+    continued from epoch to epoch; ``B = min(batch_size, C K)``, padding at row weight 0); a
+    row's ``row_weight`` is its weight ``/ B_s``.
 
     Why: the replay rows (40 per factory class against forgetting) outnumber a user's 10 per
-    class several times, and each row costs the tail an ``F x D`` product forward and
-    backward; a window proportional to the user's rows keeps every replay row in the run at a
-    fraction of the steps.
+    class several times, and each row costs the tail an ``F x D`` product forward and backward;
+    a window as large as the user's rows keeps every replay row in the run at a third of the
+    rows per epoch. The weights matter: unweighted windows (replay rows at 1) tilted the tail
+    toward the user's style and the guard refused more tails for forgetting (see
+    ``edgetl/device/_tail.py``).
 
     Test vector: ``tail_step_plan([[0], [1, 2]], [[3, 4, 5], []], epochs=2, batch_size=4,
-    seed=0, replay_ratio=0.5)`` (K = 3) is order ``[[0, 1, 3, 2], [4, 1, 4, 4], [5, 2, 0, 1],
-    [3, 1, 3, 3]]`` with row weights ``[[.25, .25, .25, .25], [.5, .5, 0, 0], [.25, .25, .25,
-    .25], [.5, .5, 0, 0]]`` (tests/bundle/test_tail_plan.py checks it).
+    seed=0, replay_ratio=0.5)`` (K = 3; class 0's user row weighs 3/4, its replay rows 9/8) is
+    order ``[[0, 1, 3, 2], [4, 1, 4, 4], [5, 2, 0, 1], [3, 1, 3, 3]]`` with row weights
+    ``[[3/16, 1/4, 9/32, 1/4], [9/16, 1/2, 0, 0], [9/32, 1/4, 3/16, 1/4], [9/16, 1/2, 0, 0]]``
+    (tests/bundle/test_tail_plan.py checks it).
 
     Raises:
         ValueError: no rows, ``user`` and ``replay`` of different lengths, a bad count or seed.
@@ -252,9 +262,8 @@ def tail_step_plan(
             if pool:
                 rows += list(mine) + [pool[(walked[c] + j) % len(pool)] for j in range(fill)]
                 walked[c] = (walked[c] + fill) % len(pool)
-                mixed = weighted and fill > 0
-                keep = per_class / (len(mine) + len(pool)) if mixed else 1.0
-                stand_in = per_class * len(pool) / (fill * (len(mine) + len(pool))) if mixed else 1.0
+                keep = per_class / (len(mine) + len(pool)) if fill else 1.0
+                stand_in = per_class * len(pool) / (fill * (len(mine) + len(pool))) if fill else 1.0
                 weights += [keep] * len(mine) + [stand_in] * fill
             elif mine:
                 rows += [mine[j % len(mine)] for j in range(per_class)]

@@ -22,7 +22,12 @@ def test_tail_plan_test_vector_of_the_docs():
     """The vector written in tail_step_plan's docstring and in docs/integration.md."""
     order, row_weight = tail_step_plan([[0], [1, 2]], [[3, 4, 5], []], epochs=2, batch_size=4, seed=0, replay_ratio=0.5)
     assert order == [[0, 1, 3, 2], [4, 1, 4, 4], [5, 2, 0, 1], [3, 1, 3, 3]]
-    assert row_weight == [[0.25] * 4, [0.5, 0.5, 0.0, 0.0], [0.25] * 4, [0.5, 0.5, 0.0, 0.0]]
+    assert row_weight == [
+        [3 / 16, 1 / 4, 9 / 32, 1 / 4],
+        [9 / 16, 1 / 2, 0, 0],
+        [9 / 32, 1 / 4, 3 / 16, 1 / 4],
+        [9 / 16, 1 / 2, 0, 0],
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -49,6 +54,26 @@ def test_every_epoch_has_all_user_rows_a_balanced_replay_window_and_the_run_cove
     other = tail_step_plan(user, replay, epochs=epochs, batch_size=batch, seed=seed + 1, replay_ratio=1.0)
     assert other[0] != order  # the seed orders the batches
     assert sorted(map(sorted, _epochs(*other, steps))) == sorted(map(sorted, epochs_rows))  # ... not the windows
+
+
+def test_the_weights_make_a_window_stand_for_the_whole_replay_share():
+    """Per epoch, every class weighs K and its user and replay rows weigh as u_c : r_c, as if every
+    replay row were trained on (a window with replay rows at weight 1 tilted the tail to the user)."""
+    user = [list(range(0, 8)), list(range(8, 10)), []]
+    replay = [list(range(100, 140)), list(range(200, 230)), list(range(300, 320))]
+    order, row_weight = tail_step_plan(user, replay, epochs=4, batch_size=16, seed=3, replay_ratio=1.0)
+    batches = [sum(w > 0 for w in step) for step in row_weight]
+    per_class = 16
+    for epoch in range(4):
+        steps = range(epoch * 3, epoch * 3 + 3)  # 48 slots: 3 batches of 16
+        mass = Counter()
+        for s in steps:
+            for i, w in zip(order[s], row_weight[s]):
+                mass[(i // 100 if i >= 100 else (0 if i < 8 else 1) + 1, i >= 100)] += w * batches[s]
+        for c, (u, r) in enumerate(zip(user, replay), start=1):
+            total = mass[(c, False)] + mass[(c, True)]
+            assert total == pytest.approx(per_class)
+            assert mass[(c, False)] / total == pytest.approx(len(u) / (len(u) + len(r)))
 
 
 def test_a_large_ratio_trains_on_the_whole_replay_share_every_epoch():
