@@ -45,8 +45,9 @@ ADAPT = ("head", "tail", "auto")
 #   (3 Dense user CNNs x 8 kinds x 2 seeds; low-gain users' tail minus head-only, all users' tail
 #   accuracy, tails accepted of 48, factory tail minus head-only), and the same with
 #   `--embedding conv` (3 1x1-conv user CNNs, MobileNetV2's last block in small):
-#     whole replay share every epoch, lr 0.3, 30 epochs (before): Dense +5.7, 0.788, 41, +0.0;
-#       conv +5.9, 0.733, 45, -0.4
+#     whole replay share every epoch, lr 0.3, 30 epochs (before; at commit f13e5fe, smaller classes
+#       filled by repeats): Dense +5.7, 0.788, 41, +0.0; conv +5.9, 0.733, 45, -0.4 (entry 15 now,
+#       filled by weights: Dense +5.7, 0.784, 40, -0.0)
 #     weighted window x1, lr 0.6, 30 epochs:  Dense +6.1, 0.798, 44, +0.0; conv +6.2, 0.733, 46, -0.4
 #     weighted window x1, lr 1.0, 30 epochs:  Dense +5.7, 0.791, 41, +0.1; conv +6.6, 0.738, 46, -0.5
 #     weighted window x1, lr 2.0, 15 epochs:  Dense +5.6, 0.783, 40, +0.1; conv +6.6, 0.738, 47, -0.7  <- chosen
