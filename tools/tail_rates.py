@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What the trainable tail buys over head-only personalization, on the guard's EVALUATION family.
 
-    python tools/tail_rates.py [--seeds 2] [--per-class 10] [--bundle B | --bundles K] [--json F]
+    python tools/tail_rates.py [--seeds 2] [--per-class 10] [--bundle B [--bundle B2 ...] | --bundles K] [--json F]
+    python tools/tail_rates.py --tune [--grid 15,16] ...   (the tuning family: what settings are chosen on)
 
 The bundle: a user's own CNN (convolutions -> Flatten -> ``Dense(64, relu)`` embedding ->
 softmax), trained on digits 0-4, its head transferred to the train half of digits 5-9
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +94,20 @@ def build_tail_bundle(
     return result.bundle.path
 
 
-def run_user(w: Any, kind: str, per_class: int, seed: int, tail_settings: Any = None) -> dict[str, Any]:
-    """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples)."""
+def run_user(
+    w: Any,
+    kind: str,
+    per_class: int,
+    seed: int,
+    tail_settings: Any = None,
+    replay_ratio: float | None = None,
+) -> dict[str, Any]:
+    """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples);
+    ``replay_ratio``: the tail's replay rows per user row and epoch (default: the device's)."""
     from guard_rates import KINDS, accuracy, draw, draw_style
 
     from edgetl.device import Personalizer
-    from edgetl.device._tail import TailPersonalizer, choose_adapt
+    from edgetl.device._tail import TAIL_REPLAY_RATIO, TailPersonalizer, choose_adapt
 
     rng = np.random.default_rng([seed, per_class, 24, sorted(KINDS).index(kind)])
     idx, y = draw(w, per_class, rng, False)
@@ -108,8 +118,11 @@ def run_user(w: Any, kind: str, per_class: int, seed: int, tail_settings: Any = 
     p.add_examples(x, [str(v) for v in y])
     p.train()
     head_verdict = p.decide()
-    tp = TailPersonalizer(p)
+    ratio = TAIL_REPLAY_RATIO if replay_ratio is None else replay_ratio
+    tp = TailPersonalizer(p, replay_ratio=ratio)
+    started = time.perf_counter()
     tp.train(tail_settings)
+    tail_seconds = time.perf_counter() - started
     tail_verdict = tp.decide()
     choice = choose_adapt(tp, head_verdict, tail_verdict)
     user_x = draw_style(kind, w.test_x, [seed, per_class, 2])
@@ -120,7 +133,7 @@ def run_user(w: Any, kind: str, per_class: int, seed: int, tail_settings: Any = 
 
     head = p.candidate if head_verdict.accepted else clf.factory
     out = {"kind": kind, "per_class": per_class, "seed": seed, "head_accepted": head_verdict.accepted}
-    out["tail_accepted"], out["auto"] = tail_verdict.accepted, choice
+    out["tail_accepted"], out["auto"], out["tail_seconds"] = tail_verdict.accepted, choice, tail_seconds
     out["user_before"] = accuracy(clf, clf.factory, user_emb, w.test_y)
     out["factory_before"] = accuracy(clf, clf.factory, w.factory_emb, w.test_y)
     out["user_head"] = accuracy(clf, head, user_emb, w.test_y)
@@ -167,12 +180,16 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
     lines.append(
         f"all users: before {mean('user_before', records):.3f}, head-only {mean('user_head', records):.3f}, tail "
         f"{mean('user_tail', records):.3f}, auto {mean('user_auto', records):.3f}; guard accepted head "
-        f"{sum(r['head_accepted'] for r in records)}, tail {sum(r['tail_accepted'] for r in records)}"
+        f"{sum(r['head_accepted'] for r in records)}, tail {sum(r['tail_accepted'] for r in records)}; tail training "
+        f"{mean('tail_seconds', records) * 1000:.0f} ms per user (mean, informative: not under the bench lock)"
     )
     return lines, ok
 
 
-# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2[, epochs]).
+# Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2[, epochs[, batch size[,
+# replay ratio]]]). The replay ratio is edgetl.device._tail's TAIL_REPLAY_RATIO (a weighted window of replay rows
+# per user row in an epoch, edgetl.bundle._tail.tail_step_plan); 1000 trains on the whole replay share every epoch,
+# which is what entries 0-14 meant when they were measured (before issue 24's time work).
 TUNE_GRID = [
     ("sgd", 0.3, 1e-3),
     ("sgd", 1.0, 1e-3),
@@ -191,6 +208,17 @@ TUNE_GRID = [
     # weaker pull toward the factory layer (l2), pooled over --bundles 3
     ("sgd", 0.3, 1e-2),
     ("sgd", 1.0, 3e-2),
+    # issue 24's time: 15 = the settings before (whole replay share, 30 epochs at 0.3), 18 = chosen
+    ("sgd", 0.3, 1e-1, 30, 16, 1000.0),
+    ("sgd", 0.6, 1e-1, 30, 16, 1.0),
+    ("sgd", 1.0, 1e-1, 30, 16, 1.0),
+    ("sgd", 2.0, 1e-1, 15, 16, 1.0),
+    ("sgd", 1.0, 1e-1, 30, 16, 0.5),
+    ("sgd", 1.5, 1e-1, 20, 16, 1.0),
+    ("sgd", 1.5, 1e-1, 30, 16, 0.5),
+    ("sgd", 0.6, 1e-1, 30, 16, 0.5),
+    ("sgd", 1.0, 1e-1, 30, 16, 0.25),
+    ("sgd", 0.3, 1e-1, 30, 32, 1000.0),
 ]
 
 
@@ -200,17 +228,20 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None)
     from guard_rates import families
 
     from edgetl.device import TrainSettings
+    from edgetl.device._tail import TAIL_REPLAY_RATIO
 
     chosen = [TUNE_GRID[int(i)] for i in only.split(",")] if only else TUNE_GRID
-    for optimizer, lr, l2, *epochs in chosen:
-        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=(epochs or [30])[0])
+    for optimizer, lr, l2, *rest in chosen:
+        epochs, batch, ratio = (*rest, *(30, 16, TAIL_REPLAY_RATIO)[len(rest) :])
+        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=epochs, batch_size=batch)
         records = [
-            run_user(w, kind, per_class, seed, settings)
+            run_user(w, kind, per_class, seed, settings, ratio)
             for w in worlds
             for kind in families()["tuning"]
             for seed in range(seeds)
         ]
-        print(f"--- tail {optimizer} lr {lr} l2 {l2} epochs {settings.epochs} (tuning family)")
+        what = f"epochs {epochs} batch {batch} replay ratio {ratio}"
+        print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
 
 
@@ -220,22 +251,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--bundle", type=Path, help="a bundle with a tail (default: build one)")
+    ap.add_argument("--bundle", type=Path, action="append", help="a bundle with a tail, repeatable (default: build)")
     ap.add_argument("--bundles", type=int, default=1, help="build this many bundles (seeds 0..K-1); pooled targets")
     ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "litert"))
+    ap.add_argument(
+        "--embedding",
+        default="dense",
+        choices=("dense", "conv"),
+        help="the user CNN's last embedding layer (built ones)",
+    )
     ap.add_argument("--json", type=Path, help="write every record here")
     ap.add_argument("--tune", action="store_true", help="compare tail settings on the tuning family only")
     ap.add_argument("--grid", help="with --tune: indices into TUNE_GRID (default: all)")
     args = ap.parse_args(argv)
     if args.tune:
         with tempfile.TemporaryDirectory() as tmp:
-            bundles = [args.bundle] if args.bundle else [build_tail_bundle(Path(tmp), b) for b in range(args.bundles)]
+            made = [
+                build_tail_bundle(Path(tmp), b, embedding=args.embedding)
+                for b in range(0 if args.bundle else args.bundles)
+            ]
+            bundles = args.bundle or made
             tune([world(b, args.backend) for b in bundles], args.seeds, args.per_class, args.grid)
         return 0
-    records = []
-    for b in range(1 if args.bundle else args.bundles):
+    records, count = [], len(args.bundle) if args.bundle else args.bundles
+    for b in range(count):
         with tempfile.TemporaryDirectory() as tmp:
-            w = world(args.bundle or build_tail_bundle(Path(tmp), seed=b), args.backend)
+            path = args.bundle[b] if args.bundle else build_tail_bundle(Path(tmp), seed=b, embedding=args.embedding)
+            w = world(path, args.backend)
             mine = []
             for kind in families()["evaluation"]:
                 for seed in range(args.seeds):
@@ -247,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['factory_tail']:.3f}",
                         flush=True,
                     )
-        if args.bundles > 1:
+        if count > 1:
             print(f"--- bundle {b} alone\n" + "\n".join(summarize(mine)[0]), flush=True)
         records += mine
-    if args.bundles > 1:
-        print(f"--- all {args.bundles} bundles pooled")
+    if count > 1:
+        print(f"--- all {count} bundles pooled")
     lines, ok = summarize(records)
     print("\n".join(lines))
     if args.json:

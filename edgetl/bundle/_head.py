@@ -213,20 +213,40 @@ def step_plan(n: int, epochs: int, batch_size: int, seed: int) -> tuple[list[lis
             raise ValueError(f"{name} must be a positive integer, received {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _U32:
         raise ValueError(f"seed must be an integer in [0, 2^32), received {seed!r}")
-    state = (seed * _XORSHIFT_SEED_MUL + _XORSHIFT_SEED_ADD) & _U32 or 1
+    state = shuffle_state(seed)
     order, width = list(range(n)), min(batch_size, n)
     plan_order: list[list[int]] = []
     plan_weight: list[list[float]] = []
     for _ in range(epochs):
-        for i in range(n - 1, 0, -1):
-            state ^= (state << 13) & _U32
-            state ^= state >> 17
-            state ^= (state << 5) & _U32
-            j = state % (i + 1)
-            order[i], order[j] = order[j], order[i]
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            pad = width - len(batch)
-            plan_order.append(batch + [batch[0]] * pad)
-            plan_weight.append([1.0 / len(batch)] * len(batch) + [0.0] * pad)
+        state = shuffle_in_place(order, state)
+        cut_batches(order, batch_size, width, plan_order, plan_weight)
     return plan_order, plan_weight
+
+
+def shuffle_state(seed: int) -> int:
+    """:func:`step_plan`'s first state: ``(seed * 2654435761 + 0x9E3779B9) mod 2^32``, 0 -> 1."""
+    return (seed * _XORSHIFT_SEED_MUL + _XORSHIFT_SEED_ADD) & _U32 or 1
+
+
+def shuffle_in_place(order: list[int], state: int) -> int:
+    """One epoch's Fisher-Yates shuffle of ``order`` driven by xorshift32 (:func:`step_plan`,
+    step 3); returns the state the next shuffle continues from."""
+    for i in range(len(order) - 1, 0, -1):
+        state ^= (state << 13) & _U32
+        state ^= state >> 17
+        state ^= (state << 5) & _U32
+        j = state % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return state
+
+
+def cut_batches(
+    order: list[int], batch_size: int, width: int, plan_order: list[list[int]], plan_weight: list[list[float]]
+) -> None:
+    """Append one epoch's steps to the plan (:func:`step_plan`, step 4): batches of
+    ``batch_size`` in ``order``, each padded to ``width`` slots with its first row at weight 0."""
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        pad = width - len(batch)
+        plan_order.append(batch + [batch[0]] * pad)
+        plan_weight.append([1.0 / len(batch)] * len(batch) + [0.0] * pad)

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgetl.bundle import Bundle, read_bundle
 from edgetl.bundle import _contract as C
-from edgetl.bundle._tail import activate
+from edgetl.bundle._tail import layer
 from edgetl.device._advisor import advise
 from edgetl.device._head import HeadState
 from edgetl.device._head_loop import make_trainer
@@ -249,8 +249,7 @@ class Classifier:
         standardization (numpy: one matrix product, as :mod:`edgetl.bundle._tail` defines it)."""
 
         _, init, activation = self._tail_parts()
-        pre = np.asarray(trunk, np.float32) @ head.tail[C.TAIL_W] + head.tail[C.TAIL_B]  # [N, P, D]
-        pooled = activate(pre, activation).mean(axis=1)
+        pooled = layer(np.asarray(trunk, np.float32), head.tail[C.TAIL_W], head.tail[C.TAIL_B], activation).mean(axis=1)
         return ((pooled - init[C.SEAM_MEAN]) * init[C.SEAM_INV_STD]).astype(np.float32)
 
     def predict(self, x: Any, *, top_k: int = 3) -> Prediction:
