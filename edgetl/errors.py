@@ -17,6 +17,7 @@ __all__ = [
     "DependencyError",
     "EdgeTLWarning",
     "QuantizedModelLeftOut",
+    "TailLeftOut",
     "describe",
 ]
 
@@ -54,6 +55,11 @@ class DependencyError(EdgeTLError, ImportError):
 
 class EdgeTLWarning(UserWarning):
     """Base class of the warnings edgetl gives: something was done differently than asked."""
+
+
+class TailLeftOut(EdgeTLWarning):
+    """An export left the trainable tail out (its files failed their checks): the bundle
+    personalizes head-only, and its manifest's ``tail.reason`` says why."""
 
 
 class QuantizedModelLeftOut(EdgeTLWarning):

@@ -11,6 +11,7 @@ head-only and the manifest says why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +22,16 @@ from edgetl.bundle import _tail as T
 from edgetl.bundle._head import OPTIMIZERS
 from edgetl.device._tail import TailRuntime
 from edgetl.device._verify import HEAD_STEP_ATOL, HEAD_STEP_RTOL
-from edgetl.errors import BundleError
+from edgetl.errors import BundleError, TailLeftOut
 from edgetl.host._convert import keras_to_onnx, to_tflite
 from edgetl.host._tail_graphs import tail_infer_onnx, tail_tflite, tail_train_loop_onnx
 from edgetl.host._tf import keras
 
 SPLIT_TOLERANCE = 1e-3  # max |tail(trunk(x)) - backbone(x)| on standardized embeddings (float32 reorderings)
+# The trunk files against Keras, relative to the largest activation: float32 in another summation
+# order (XNNPACK, onnxruntime) through a deep network. 1e-4 refused a random-weight MobileNetV2-0.35
+# trunk once in several builds (4.5e-4, over 1e-4 x max|a|); a wrong conversion differs by O(1).
+TRUNK_TOLERANCE = 1e-3
 RUNTIME_TOLERANCE = 1e-5  # SGD: onnxruntime vs LiteRT after the same steps (issue 24's target)
 INFER_TOLERANCE = 1e-5  # max |p - p_ref| of the tail's inference graphs
 # Every check against the float64 reference also allows FLOOR_FACTOR x the precision floor: how
@@ -269,7 +274,7 @@ def verify_tail(
     for fmt in ("onnx", "tflite"):
         got = TailRuntime.trunk_outputs(files[f"trunk.fp32.{fmt}"][0], fmt, x)
         out[f"trunk_{fmt}_max_abs_diff"] = diff = float(np.abs(got - a_ref).max())
-        if not diff <= 1e-4 * max(1.0, float(np.abs(a_ref).max())):
+        if not diff <= TRUNK_TOLERANCE * max(1.0, float(np.abs(a_ref).max())):
             out["failures"].append(f"trunk.fp32.{fmt} differs from Keras by {diff:.3g}")
     weights = {**split.init, C.WEIGHTS: head[0], C.BIAS: head[1], C.MASK: head[2]}
     onehot = np.eye(head[0].shape[1], dtype=np.float32)[y]
@@ -301,9 +306,9 @@ def tail_step(
     :func:`tail_files` gives them, all fp32.
 
     A backbone without an eligible last layer gives no files and a section that says why
-    (``{"available": false, "reason": ...}``); a tail whose files fail their checks is an
-    export error (the files were asked for by an eligible backbone, and a device must be
-    able to trust them).
+    (``{"available": false, "reason": ...}``). A tail whose files fail their checks is left out
+    the same way, with a :class:`~edgetl.errors.TailLeftOut` warning (nobody asked for the tail:
+    the export must not fail for it), or is an export error with ``plan.strict``.
     """
     if getattr(plan.run.config, "fusion", "none") != "none" or getattr(plan.run.config, "head_hidden_units", 0):
         return (
@@ -318,7 +323,11 @@ def tail_step(
     labels = np.argmax(references.probabilities, axis=1)
     checks = verify_tail(split, files, head, references.x, labels)
     if not checks["passed"]:
-        raise BundleError("the trainable tail failed its checks: " + "; ".join(checks["failures"]))
+        reason = "the trainable tail failed its checks: " + "; ".join(checks["failures"])
+        if plan.strict:
+            raise BundleError(reason)
+        warnings.warn(f"{reason}; the bundle personalizes head-only", TailLeftOut, stacklevel=2)
+        return {}, {"available": False, "reason": reason, "checks": _measures(checks)}, None
     f, d = split.init[C.TAIL_W].shape
     section = {
         "available": True,
@@ -330,9 +339,13 @@ def tail_step(
         "optimizers": list(OPTIMIZERS),
         "loss": "softmax cross-entropy + l2/2 (||W - W0||^2 + ||W1 - W1_0||^2)",
         "replay": f"replay.npz key {T.REPLAY_KEY!r}",
-        "checks": {k: v for k, v in checks.items() if k not in ("passed", "failures")},
+        "checks": _measures(checks),
     }
     return files, section, split.trunk
+
+
+def _measures(checks: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in checks.items() if k not in ("passed", "failures")}
 
 
 def _train_checks(

@@ -4,6 +4,8 @@ the tail, and the guard accepts it; an ineligible backbone stays head-only and s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import load_tool
@@ -194,6 +196,29 @@ def test_the_export_check_allows_float32s_own_error_and_still_refuses_a_wrong_gr
     wrong = tail_files(TailSplit(trunk, "embedding_dense", "linear", init), head, 17)
     checks = verify_tail(honest, wrong, head, x, y)
     assert not checks["passed"] and any("reference" in f for f in checks["failures"]), checks
+
+
+def test_a_tail_that_fails_its_checks_leaves_the_bundle_head_only_unless_strict(tail_bundle, tmp_path, monkeypatch):
+    """Nobody asks for the tail: files that fail their checks (here a real wrong graph, linear where
+    the layer is relu) are left out with a warning and the reason in the manifest; the export of
+    everything else goes on. With strict, it is an export error."""
+    from guard_rates import digit_halves
+
+    import edgetl.host._tail_export as tail_export
+    from edgetl.errors import TailLeftOut
+    from edgetl.host._export import export_bundle
+
+    real = tail_export.tail_files
+    monkeypatch.setattr(tail_export, "tail_files", lambda split, *a: real(replace(split, activation="linear"), *a))
+    run, data = tail_bundle[0].parent / "tail_target_dense0", digit_halves().train
+    with pytest.warns(TailLeftOut, match="the trainable tail failed its checks: tail sgd in onnx differs"):
+        result = export_bundle(run, tmp_path / "b.edgetl", quantize=["none"], calibration=data)
+    section = result.bundle.manifest.extra["tail"]
+    assert result.ok and section["available"] is False and "failed its checks" in section["reason"]
+    assert not [a for a in result.bundle.artifacts() if a.role.value.startswith(("tail", "trunk"))]
+    with pytest.raises(BundleError, match="the trainable tail failed its checks"):
+        export_bundle(run, tmp_path / "s.edgetl", quantize=["none"], calibration=data, strict=True)
+    assert not (tmp_path / "s.edgetl").exists()
 
 
 def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):
