@@ -1165,10 +1165,10 @@ def verify_staged(plan: ExportPlan, manifest: dict[str, Any], artifacts: list[Ar
         # Gates judge on every example the export reports on: the reporting split (never the one
         # that chose between candidates, edgetl.host._selection) and the calibration inputs.
         report = verify_bundle(staged, test[0], test[1], inputs=plan.data.calibration_x)
-        drops = split_accuracy_drops(plan, staged)
+        if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
+            raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
+        drops = split_accuracy_drops(plan, staged)  # runs every file: after the runtimes are known to be there
     manifest = with_selection_records(plan, manifest, drops)
-    if report.not_checked:  # a device may run one runtime; an export must verify every file it writes
-        raise DependencyError("export verifies every file in both runtimes; " + "; ".join(report.not_checked))
     fatal, dropped = [], set()
     for c in report.failed():
         if c.precision != "fp32" and c.role in ("fused", "backbone") and not plan.strict:
