@@ -691,19 +691,17 @@ def _convert_one(
     if p == "fp32":
         fp32_onnx[role] = keras_to_onnx(model, plan.opset)
         out.append(Artifact(f"{stem}.{p}.onnx", fp32_onnx[role], role, "onnx", p))
-    elif p == "int8":
-        content, record = onnx_int8(plan, role, fp32_onnx[role], calib)
+    elif p == "int8" or (p == "qat" and qat_twin is not None and not isinstance(qat_twin, str)):
+        # int8: the float graph; QAT: the float graph with QAT's weights (qat_twin), quantized alike
+        source = fp32_onnx[role] if p == "int8" else keras_to_onnx(qat_twin, plan.opset)
+        method = "onnxruntime_qdq" if p == "int8" else QAT_ONNX_METHOD
+        content, record = onnx_int8(plan, role, source, calib)
         recipe = RECIPES[plan.target].describe()  # ONNX activations and weights differ from TFLite's
-        extra = {"quantization": {**float_io, **recipe}, "int8_method": "onnxruntime_qdq"}
-        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {**extra, "int8_ladder": record}))
+        extra = {"quantization": {**float_io, **recipe}, "int8_method": method, "int8_ladder": record}
+        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, extra))
     elif p in ("dynamic", "float16"):  # from the float graph: no layout Transposes
         content, how = onnx_from_float(plan, p, fp32_onnx[role])
         out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, {"quantization": {**float_io, **how}}))
-    elif qat_twin is not None and not isinstance(qat_twin, str):  # QAT's weights, quantized as int8 is
-        content, record = onnx_int8(plan, role, keras_to_onnx(qat_twin, plan.opset), calib)
-        recipe = RECIPES[plan.target].describe()
-        extra = {"quantization": {**float_io, **recipe}, "int8_method": QAT_ONNX_METHOD, "int8_ladder": record}
-        out.append(Artifact(f"{stem}.{p}.onnx", content, role, "onnx", p, extra))
     else:
         how = {"int8_method": "tf2onnx of the QAT TFLite file", "int8_method_reason": qat_twin} if p == "qat" else {}
         out.append(

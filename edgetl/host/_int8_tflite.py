@@ -36,11 +36,12 @@ from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT, 
 from edgetl.device._guard import paired
 from edgetl.device._runtimes import TFLiteModel, run_batched
 from edgetl.host._convert import tflite_converter
+from edgetl.host._int8_onnx import TARGET_ACCURACY_DROP, meets_quality_target
 from edgetl.host._tf import tf
 
-# The quality target the ladder climbs for (issue 23: int8 within 1 point of fp32 on the
-# test split); the gate itself (device/_evidence_gate.py) only refuses broken files.
-TARGET_DROP = 0.01
+# The quality target the ladder climbs for (issue 23: int8 within 1 point of fp32), the ONNX
+# ladder's; the gate itself (device/_evidence_gate.py) only refuses broken files.
+TARGET_DROP = TARGET_ACCURACY_DROP
 FALLBACK_STEPS = (1, 2, 4, 8, 16)
 # A rung that would leave more than this share of the compute ops float is not an int8 model: the
 # ladder stops before it (a user's 3-convolution CNN climbed to 16 deny-listed layers and shipped
@@ -65,12 +66,10 @@ class Rung:
     def meets_target(self) -> bool:
         """Passes the gate and, with labels, is within :data:`TARGET_DROP` of fp32; without (a
         backbone), its top-1 agreement reaches the gate's minimum as measured (see
-        ``edgetl.host._int8_onnx.meets_quality_target``)."""
-        if self.outcome != "pass":
-            return False
-        if self.accuracy_drop is None:
-            return self.agreement >= MIN_TOP1_AGREEMENT["int8"] - 1e-9
-        return self.accuracy_drop <= TARGET_DROP
+        the ONNX ladder's :func:`~edgetl.host._int8_onnx.meets_quality_target`, which decides)."""
+        measures = {"accuracy_drop": self.accuracy_drop, "top1_agreement": self.agreement}
+        measures["min_agreement"] = MIN_TOP1_AGREEMENT["int8"]
+        return self.outcome == "pass" and meets_quality_target(measures, TARGET_DROP)
 
     def to_json(self) -> dict[str, Any]:
         drop = None if self.accuracy_drop is None else round(self.accuracy_drop, 4)
