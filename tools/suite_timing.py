@@ -5,8 +5,8 @@ shared machine can be read for what it is.
     python tools/suite_timing.py -m "not slow"      # the fast suite (target: under 8 minutes on 2 cores)
     python tools/suite_timing.py                    # the whole suite (target: under 15 minutes)
 
-One directory at a time (never the whole suite in one process) so that other work on the
-machine is not starved; each directory builds its own session fixtures (the digits bundle and
+One directory at a time (each with the suite's two xdist workers, pyproject.toml's addopts)
+so that a figure can be tied to a directory; each directory builds its own session fixtures (the digits bundle and
 its source run), so the summed CPU time counts them once per directory and overstates what one
 `python -m pytest` run costs.
 """

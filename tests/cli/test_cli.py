@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from markdown_blocks import marked_blocks
 
 from edgetl.cli import main
 
@@ -81,13 +82,19 @@ def test_usage_errors_exit_non_zero(capsys):
 QUICK_SOURCE_IMAGES = "3000"
 
 
-@pytest.mark.slow  # the demo end to end, ~100 s; tests/docs runs the Quickstart's demo too
+@pytest.mark.slow  # the demo end to end, ~80 s
 def test_demo_console_script(tmp_path, chromium):
-    """The Quickstart's `edgetl demo`, run as users run it (console script, fresh process)."""
+    """The Quickstart's `edgetl demo`, as its README block writes it (which claims this test, so
+    the docs harness does not run the demo a second time), run as users run it: console script,
+    fresh process; shortened by --seeds and --source-images, and written to tmp_path."""
+    (block,) = marked_blocks("demo")
+    written = block.text.strip().split("&&")[-1].split()  # after the install: the command itself
+    assert written[:2] == ["edgetl", "demo"], block.text
     exe = shutil.which("edgetl", path=str(Path(sys.executable).parent)) or shutil.which("edgetl")
     assert exe, "the edgetl console script is not installed"
     env = {**os.environ, "EDGETL_CACHE_DIR": str(tmp_path / "cache")}  # never the user's cache
-    argv = [exe, "demo", "--seeds", "2", "--source-images", QUICK_SOURCE_IMAGES, "--out", str(tmp_path / "demo")]
+    shortened = ["--seeds", "2", "--source-images", QUICK_SOURCE_IMAGES, "--out", str(tmp_path / "demo")]
+    argv = [exe, *written[1:], *shortened]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
