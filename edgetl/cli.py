@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -612,6 +613,10 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_store(args: argparse.Namespace) -> int:
     from edgetl.device import HeadStore
 
+    if args.target is not None and args.action not in ("migrate", "trust"):  # a stray word is not ignored
+        raise InputError(
+            f"store {args.action} takes no BUNDLE|PUBKEY argument, received {args.target!r} (only migrate and trust do)"
+        )
     bundle = None
     if args.bundle:
         from edgetl.bundle import read_bundle
@@ -859,10 +864,30 @@ class _Stdout:
             raise ReportError(exc) from None
 
 
+# Library messages name the Python argument and its flag: "overwrite=True (--overwrite)",
+# "cut_layer=NAME (--cut-layer)", "safe_mode=False / --unsafe", "image_size / --image-size".
+_PYTHON_SPELLING = re.compile(
+    r"\b[a-z_]+=(?P<value>[\w.]+) \((?P<flag>--[\w-]+(?: [A-Z]+)?)\)|\b[a-z_]+(?:=[\w.]+)? / (?P<slash>--[\w-]+)"
+)
+
+
+def cli_spelling(text: str) -> str:
+    """``text`` as a command-line user reads it: the flag only ("pass --overwrite"), with the
+    placeholder the Python spelling gave it when the flag has none ("--cut-layer NAME")."""
+
+    def flag(m: re.Match) -> str:
+        if m["slash"]:
+            return m["slash"]
+        placeholder = m["value"].isupper() and " " not in m["flag"]
+        return f"{m['flag']} {m['value']}" if placeholder else m["flag"]
+
+    return _PYTHON_SPELLING.sub(flag, text)
+
+
 def _say(text: str) -> None:
     """Write an error message to stderr; a failing stderr is not worth a traceback either."""
     try:
-        print(text, file=sys.stderr, flush=True)
+        print(cli_spelling(text), file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 
@@ -883,7 +908,7 @@ def _warnings_as_lines() -> Iterator[None]:
             skipped += 1
             if skipped > SKIPS_SHOWN:
                 return
-        print(f"edgetl: warning: {text}", file=sys.stderr)
+        print(f"edgetl: warning: {cli_spelling(text)}", file=sys.stderr)
 
     with warnings.catch_warnings():  # restores showwarning; the filters (quiet third parties) stay
         warnings.showwarning = show
