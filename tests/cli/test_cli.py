@@ -392,3 +392,26 @@ def test_device_commands_print_one_json_document(tmp_path, digits_bundle, capsys
     assert history["history"] and "guard" in history["history"][-1]["metrics"]
     assert main(["store", "examples", "--store", store, "--json"]) == 0
     assert "classes" in json.loads(capsys.readouterr().out)
+
+
+def test_the_readmes_skipped_scale_commands_parse_as_written():
+    """The scale section's train commands cannot run here (imagenet weights need internet, the
+    cluster two hosts), so they are parsed as written instead: `--weights` and the strategy
+    reach the config (the command used to have no --weights)."""
+    import shlex
+
+    from markdown_blocks import marked_blocks
+
+    from edgetl._options import build_config
+    from edgetl.cli import parse_args
+    from edgetl.host import TrainConfig
+
+    (block,) = [b for b in marked_blocks("skip") if "--strategy multi-worker" in b.text]
+    commands = block.text.replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line.split("#")[0]) for line in commands if line.strip()]
+    argvs = [argv[argv.index("edgetl") + 1 :] for argv in argvs]  # after TF_CONFIG=... when there is one
+    configs = [build_config(TrainConfig, parse_args(argv), "train") for argv in argvs]
+    assert [(c.backbone, c.weights, c.strategy) for c in configs] == [
+        ("mobilenetv2", "imagenet", "default"),
+        ("mobilenetv2", "imagenet", "multi-worker"),
+    ]
