@@ -426,7 +426,8 @@ def _run_export(args: argparse.Namespace) -> int:
         result = host.export_bundle(
             args.run, args.out, options, quantize=quantize, mcu=mcu, overwrite=args.overwrite, sign=signer
         )
-    print(f"data: {result.manifest['data'].get('calibration')}")
+    source = result.manifest["data"].get("calibration")
+    print(f"data: {f'--calibration {args.calibration}' if source == 'given' else source}")
     print(result.describe())
     if not result.ok:
         print(
