@@ -451,19 +451,26 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _private_key(path: str) -> Any:
+    """The signing key; an encrypted one's passphrase from $EDGETL_KEY_PASSPHRASE, else asked
+    on the terminal (a script without either gets an error saying so, not a hang)."""
     import getpass
-    import os
 
     from edgetl.bundle import load_private_key
 
     try:
         return load_private_key(path)
     except InputError as exc:
-        if "passphrase" not in str(exc) or not sys.stdin.isatty():
+        if "passphrase" not in str(exc):
             raise
-    return load_private_key(
-        path, os.environ.get("EDGETL_KEY_PASSPHRASE") or getpass.getpass(f"passphrase for {path}: ")
-    )
+    passphrase = os.environ.get("EDGETL_KEY_PASSPHRASE")
+    if passphrase is None:
+        if not sys.stdin.isatty():
+            raise InputError(
+                f"private key file {path!r} is encrypted and there is no terminal to ask for its passphrase: "
+                "set EDGETL_KEY_PASSPHRASE"
+            )
+        passphrase = getpass.getpass(f"passphrase for {path}: ")
+    return load_private_key(path, passphrase)
 
 
 def _open_bundle(args: argparse.Namespace) -> Any:

@@ -415,3 +415,27 @@ def test_the_readmes_skipped_scale_commands_parse_as_written():
         ("mobilenetv2", "imagenet", "default"),
         ("mobilenetv2", "imagenet", "multi-worker"),
     ]
+
+
+def test_an_encrypted_signing_key_takes_its_passphrase_from_the_environment(tmp_path, monkeypatch, capsys):
+    """`export --sign` with an encrypted key (openssl genpkey -aes256): no terminal and no
+    EDGETL_KEY_PASSPHRASE is an error naming the variable, before any export work; with it set,
+    the key loads."""
+    import io
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgetl.cli import _private_key
+
+    key = Ed25519PrivateKey.generate()
+    pem = tmp_path / "vendor.pem"
+    encryption = serialization.BestAvailableEncryption(b"s3cret")
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    monkeypatch.delenv("EDGETL_KEY_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # not a terminal: nobody to ask
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "b.edgetl"), "--sign", str(pem)]) == 2
+    assert "set EDGETL_KEY_PASSPHRASE" in capsys.readouterr().err
+    monkeypatch.setenv("EDGETL_KEY_PASSPHRASE", "s3cret")
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    assert _private_key(str(pem)).public_key().public_bytes(*raw) == key.public_key().public_bytes(*raw)
