@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -425,7 +426,8 @@ def _run_export(args: argparse.Namespace) -> int:
         result = host.export_bundle(
             args.run, args.out, options, quantize=quantize, mcu=mcu, overwrite=args.overwrite, sign=signer
         )
-    print(f"data: {result.manifest['data'].get('calibration')}")
+    source = result.manifest["data"].get("calibration")
+    print(f"data: {f'--calibration {args.calibration}' if source == 'given' else source}")
     print(result.describe())
     if not result.ok:
         print(
@@ -449,19 +451,26 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _private_key(path: str) -> Any:
+    """The signing key; an encrypted one's passphrase from $EDGETL_KEY_PASSPHRASE, else asked
+    on the terminal (a script without either gets an error saying so, not a hang)."""
     import getpass
-    import os
 
     from edgetl.bundle import load_private_key
 
     try:
         return load_private_key(path)
     except InputError as exc:
-        if "passphrase" not in str(exc) or not sys.stdin.isatty():
+        if "passphrase" not in str(exc):
             raise
-    return load_private_key(
-        path, os.environ.get("EDGETL_KEY_PASSPHRASE") or getpass.getpass(f"passphrase for {path}: ")
-    )
+    passphrase = os.environ.get("EDGETL_KEY_PASSPHRASE")
+    if passphrase is None:
+        if not sys.stdin.isatty():
+            raise InputError(
+                f"private key file {path!r} is encrypted and there is no terminal to ask for its passphrase: "
+                "set EDGETL_KEY_PASSPHRASE"
+            )
+        passphrase = getpass.getpass(f"passphrase for {path}: ")
+    return load_private_key(path, passphrase)
 
 
 def _open_bundle(args: argparse.Namespace) -> Any:
@@ -612,6 +621,10 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_store(args: argparse.Namespace) -> int:
     from edgetl.device import HeadStore
 
+    if args.target is not None and args.action not in ("migrate", "trust"):  # a stray word is not ignored
+        raise InputError(
+            f"store {args.action} takes no BUNDLE|PUBKEY argument, received {args.target!r} (only migrate and trust do)"
+        )
     bundle = None
     if args.bundle:
         from edgetl.bundle import read_bundle
@@ -859,10 +872,30 @@ class _Stdout:
             raise ReportError(exc) from None
 
 
+# Library messages name the Python argument and its flag: "overwrite=True (--overwrite)",
+# "cut_layer=NAME (--cut-layer)", "safe_mode=False / --unsafe", "image_size / --image-size".
+_PYTHON_SPELLING = re.compile(
+    r"\b[a-z_]+=(?P<value>[\w.]+) \((?P<flag>--[\w-]+(?: [A-Z]+)?)\)|\b[a-z_]+(?:=[\w.]+)? / (?P<slash>--[\w-]+)"
+)
+
+
+def cli_spelling(text: str) -> str:
+    """``text`` as a command-line user reads it: the flag only ("pass --overwrite"), with the
+    placeholder the Python spelling gave it when the flag has none ("--cut-layer NAME")."""
+
+    def flag(m: re.Match) -> str:
+        if m["slash"]:
+            return m["slash"]
+        placeholder = m["value"].isupper() and " " not in m["flag"]
+        return f"{m['flag']} {m['value']}" if placeholder else m["flag"]
+
+    return _PYTHON_SPELLING.sub(flag, text)
+
+
 def _say(text: str) -> None:
     """Write an error message to stderr; a failing stderr is not worth a traceback either."""
     try:
-        print(text, file=sys.stderr, flush=True)
+        print(cli_spelling(text), file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 
@@ -883,7 +916,7 @@ def _warnings_as_lines() -> Iterator[None]:
             skipped += 1
             if skipped > SKIPS_SHOWN:
                 return
-        print(f"edgetl: warning: {text}", file=sys.stderr)
+        print(f"edgetl: warning: {cli_spelling(text)}", file=sys.stderr)
 
     with warnings.catch_warnings():  # restores showwarning; the filters (quiet third parties) stay
         warnings.showwarning = show

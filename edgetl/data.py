@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import warnings
 import zipfile
 from collections import Counter
@@ -34,6 +35,18 @@ import numpy as np
 
 from edgetl.bundle import InputSpec
 from edgetl.errors import DataError, DependencyError, InputError, describe
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # edgetl/
+
+
+def _warn(message: str) -> None:
+    """Warn at the first caller outside edgetl (the user's own line, as Python 3.12's
+    ``skip_file_prefixes`` does): the loader's line inside edgetl means nothing to them."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
 
 __all__ = [
     "Dataset",
@@ -417,12 +430,11 @@ def _load_folder(root: Path, image_size: tuple[int, int] | int | None, channels:
         ds = load_image_folder(root, image_size=image_size, channels=channels)
         return replace(ds, loading=reason)
     for message in listing.skipped:
-        warnings.warn(message, stacklevel=3)
+        _warn(message)
     if image_size is None and len(set(map(tuple, listing.sizes.tolist()))) > 1:
-        warnings.warn(
+        _warn(
             f"{root}: images have {len(set(map(tuple, listing.sizes.tolist())))} different sizes; resizing all to the "
-            f"most common, {size[0]}x{size[1]} (pass image_size / --image-size to choose)",
-            stacklevel=3,
+            f"most common, {size[0]}x{size[1]} (pass image_size / --image-size to choose)"
         )
     x = ImageFiles(root, listing.files, size=size, channels=chans)
     return Dataset(x, listing.labels, listing.class_names, "image", str(root), loading=reason)
@@ -510,16 +522,14 @@ def load_image_folder(
             if file.name.startswith(".") or file.is_dir():
                 continue
             if file.suffix.lower() not in IMAGE_SUFFIXES:
-                warnings.warn(
-                    f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})", stacklevel=2
-                )
+                _warn(f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})")
                 continue
             try:
                 with image.open(file) as im:
                     im.load()
                     images.append(im.copy())
             except (OSError, ValueError) as exc:
-                warnings.warn(f"skipping {file}: cannot be read as an image ({exc})", stacklevel=2)
+                _warn(f"skipping {file}: cannot be read as an image ({exc})")
                 continue
             labels.append(label)
     names = tuple(d.name for d in class_dirs)
@@ -530,10 +540,9 @@ def load_image_folder(
         sizes = Counter((im.height, im.width) for im in images)
         size = sizes.most_common(1)[0][0]
         if len(sizes) > 1:
-            warnings.warn(
+            _warn(
                 f"{root}: images have {len(sizes)} different sizes; resizing all to the most common, "
-                f"{size[0]}x{size[1]} (pass image_size / --image-size to choose)",
-                stacklevel=2,
+                f"{size[0]}x{size[1]} (pass image_size / --image-size to choose)"
             )
     x = np.stack([_to_array(im, size, channels) for im in images])
     return Dataset(x, np.asarray(labels, dtype=np.int64), names, "image", str(root))

@@ -243,3 +243,14 @@ def test_imports_inside_functions_only_defer_heavy_or_optional_packages():
     assert PENDING_DEFERRED - found == set(), (
         f"moved to the top: remove from PENDING_DEFERRED {PENDING_DEFERRED - found}"
     )
+
+
+def test_the_architecture_guide_names_every_module_and_bundle_role():
+    """docs/architecture.md shows the current shape: each module by its path under edgetl/
+    (a new module gets its line) and each artifact role of the manifest."""
+    from edgetl.bundle._manifest import Role
+
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    modules = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if m not in text] == []
+    assert [r.value for r in Role if f"`{r.value}`" not in text] == []

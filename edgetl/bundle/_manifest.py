@@ -521,13 +521,13 @@ class Check:
 
 def format_checks(checks: Iterable[Check | dict[str, Any]]) -> str:
     """The verification checks as a table: the one renderer for the CLI, export and demo."""
-    lines = [f"{'file':<26} {'role':<11} {'check':<40} {'accuracy':>8}  ok"]
+    lines = [f"{'file':<26} {'role':<15} {'check':<40} {'accuracy':>8}  ok"]
     for c in checks:
         c = c if isinstance(c, Check) else Check.from_json(c)
         acc = c.extra.get("accuracy")
         acc = f"{acc:.4f}" if isinstance(acc, (int, float)) else ""
         what = c.describe() + (f" ({c.extra['optimizer']})" if c.extra.get("optimizer") else "")
-        lines.append(f"{c.file:<26} {c.role:<11} {what:<40} {acc:>8}  {'yes' if c.ok else 'NO'}")
+        lines.append(f"{c.file:<26} {c.role:<15} {what:<40} {acc:>8}  {'yes' if c.ok else 'NO'}")
     return "\n".join(lines)
 
 
@@ -548,7 +548,7 @@ class Manifest:
     parity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     version: str | None = None  # the bundle's version, chosen at export
-    # sha256 of the backbone's weights and input spec (bundles from edgetl 0.2 on): equal ids
+    # sha256 of the backbone's weights and input spec (None in bundles written before it existed): equal ids
     # mean the same embedding, so a personalized head carries over to a new bundle.
     backbone_id: str | None = None
 

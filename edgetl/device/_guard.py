@@ -101,7 +101,7 @@ class PairedEvidence:
         if self.worst_class_lost > self.worst_class_gained:
             text += (
                 f"; class {self.worst_class!r}: {self.worst_class_lost} of {self.worst_class_n} lost and "
-                f"{self.worst_class_gained} gained, p = {self.p_class:.2g} (x classes)"
+                f"{self.worst_class_gained} gained, p = {self.p_class:.2g} (Bonferroni: times the number of classes)"
             )
         return text + (" [thin evidence]" if self.thin else "")
 

@@ -227,7 +227,7 @@ def _applications_builder(
                 raise BackboneError(
                     f"could not obtain imagenet weights for {constructor} ({exc}). Without internet, "
                     "download the weights file elsewhere and pass its path as weights=PATH (--weights PATH), "
-                    "or use weights=None"
+                    "or pretrain it from random weights (weights=None, no --weights: `edgetl pretrain`)"
                 ) from exc
             raise BackboneError(f"{constructor} cannot be built for input_shape={input_shape}: {exc}") from exc
         if preprocess == "mobilenet":

@@ -223,7 +223,7 @@ def test_device_cli_errors_exit_non_zero(tmp_path, digits_bundle, capsys):
         main(["personalize", str(bundle.path), "--data", str(tmp_path / "new.npz"), "--store", str(tmp_path / "s")])
         == 2
     )
-    assert "(--add-classes) to add them" in capsys.readouterr().err
+    assert "pass --add-classes to add them" in capsys.readouterr().err
     assert main(["store", "history", "--store", str(tmp_path / "nowhere")]) == 2
     assert "not a head store" in capsys.readouterr().err
     assert main(["store", "rollback", "--store", str(tmp_path / "s")]) == 2  # nothing was committed
@@ -315,7 +315,65 @@ def test_device_commands_as_the_readme_types_them(tmp_path, digits_bundle, capsy
 def test_keygen_refusal_names_the_flag(tmp_path, capsys):
     keys = ["keygen", "--private", str(tmp_path / "k.pem"), "--public", str(tmp_path / "k.pub")]
     assert main(keys) == 0
-    assert main(keys) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(keys) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err  # the flag, not the Python spelling
+
+
+@pytest.mark.parametrize(
+    "library, cli",
+    [
+        ("Choose another path or pass overwrite=True (--overwrite)", "Choose another path or pass --overwrite"),
+        ("pass its path as weights=PATH (--weights PATH), or", "pass its path as --weights PATH, or"),
+        ("2 outputs; pass cut_layer=NAME (--cut-layer). Layers:", "2 outputs; pass --cut-layer NAME. Layers:"),
+        ("(a note): pass calibration=Dataset (--calibration D)", "(a note): pass --calibration D"),
+        ("pass add_classes=True (--add-classes) to add them", "pass --add-classes to add them"),
+        ("Python code; pass safe_mode=False / --unsafe only if", "Python code; pass --unsafe only if"),
+        ("8x8 (pass image_size / --image-size to choose)", "8x8 (pass --image-size to choose)"),
+        # no Python spelling: left as written
+        ("int8 quantization needs calibration data (--calibration D)", None),
+        ("cannot take input_shape=(8, 8, 1)", None),
+        ("over the limit of 1,000 (--mcu-flash-limit): use", None),
+    ],
+)
+def test_errors_speak_the_command_lines_spelling(library, cli):
+    from edgetl.cli import cli_spelling
+
+    assert cli_spelling(library) == (cli or library)
+
+
+def test_store_commands_as_the_readme_types_them(tmp_path, digits_bundle, capsys):
+    """`store trust --store S KEY` and `store migrate --store S NEW`: options before the
+    positional (argparse used to bind it first: "unrecognized arguments"); the store's trust
+    then gates the migration; a stray word after another action is refused, not ignored."""
+    from edgetl.bundle import load_private_key, sign_bundle
+
+    bundle, halves = digits_bundle
+    store = str(tmp_path / "s")
+    np.savez(tmp_path / "user.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(bundle.labels))
+    assert main(["personalize", str(bundle.path), "--data", str(tmp_path / "user.npz"), "--store", store]) in (0, 3)
+    pem, pub = tmp_path / "vendor.pem", tmp_path / "vendor.pub"
+    assert main(["keygen", "--private", str(pem), "--public", str(pub)]) == 0
+    capsys.readouterr()
+    assert main(["store", "trust", "--store", store, str(pub)]) == 0
+    assert "must be signed by key(s) " in capsys.readouterr().out
+    new = tmp_path / "new.edgetl"
+    shutil.copytree(bundle.path, new)
+    assert main(["store", "migrate", "--store", store, str(new)]) == 2  # unsigned, and the store trusts a key
+    assert "not signed" in capsys.readouterr().err
+    sign_bundle(new, load_private_key(pem))
+    assert main(["store", "migrate", "--store", store, str(new)]) == 0
+    assert "of bundle digits" in capsys.readouterr().out  # a signed copy of the same bundle: unchanged
+    assert main(["store", "history", "--store", store, "new.edgetl"]) == 2
+    assert "store history takes no BUNDLE|PUBKEY argument, received 'new.edgetl'" in capsys.readouterr().err
+
+
+def test_bench_takes_backend_auto(digits_bundle, capsys):
+    """README's advisor section writes `--backend auto`; for bench it means every installed backend."""
+    bundle, _ = digits_bundle
+    assert main(["bench", str(bundle.path), "--backend", "auto", "--runs", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {r["backend"] for r in rows} == {"onnxruntime", "litert"}
 
 
 def test_device_commands_print_one_json_document(tmp_path, digits_bundle, capsys):
@@ -341,3 +399,50 @@ def test_device_commands_print_one_json_document(tmp_path, digits_bundle, capsys
     assert history["history"] and "guard" in history["history"][-1]["metrics"]
     assert main(["store", "examples", "--store", store, "--json"]) == 0
     assert "classes" in json.loads(capsys.readouterr().out)
+
+
+def test_the_readmes_skipped_scale_commands_parse_as_written():
+    """The scale section's train commands cannot run here (imagenet weights need internet, the
+    cluster two hosts), so they are parsed as written instead: `--weights` and the strategy
+    reach the config (the command used to have no --weights)."""
+    import shlex
+
+    from markdown_blocks import marked_blocks
+
+    from edgetl._options import build_config
+    from edgetl.cli import parse_args
+    from edgetl.host import TrainConfig
+
+    (block,) = [b for b in marked_blocks("skip") if "--strategy multi-worker" in b.text]
+    commands = block.text.replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line.split("#")[0]) for line in commands if line.strip()]
+    argvs = [argv[argv.index("edgetl") + 1 :] for argv in argvs]  # after TF_CONFIG=... when there is one
+    configs = [build_config(TrainConfig, parse_args(argv), "train") for argv in argvs]
+    assert [(c.backbone, c.weights, c.strategy) for c in configs] == [
+        ("mobilenetv2", "imagenet", "default"),
+        ("mobilenetv2", "imagenet", "multi-worker"),
+    ]
+
+
+def test_an_encrypted_signing_key_takes_its_passphrase_from_the_environment(tmp_path, monkeypatch, capsys):
+    """`export --sign` with an encrypted key (openssl genpkey -aes256): no terminal and no
+    EDGETL_KEY_PASSPHRASE is an error naming the variable, before any export work; with it set,
+    the key loads."""
+    import io
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgetl.cli import _private_key
+
+    key = Ed25519PrivateKey.generate()
+    pem = tmp_path / "vendor.pem"
+    encryption = serialization.BestAvailableEncryption(b"s3cret")
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    monkeypatch.delenv("EDGETL_KEY_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # not a terminal: nobody to ask
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "b.edgetl"), "--sign", str(pem)]) == 2
+    assert "set EDGETL_KEY_PASSPHRASE" in capsys.readouterr().err
+    monkeypatch.setenv("EDGETL_KEY_PASSPHRASE", "s3cret")
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    assert _private_key(str(pem)).public_key().public_bytes(*raw) == key.public_key().public_bytes(*raw)

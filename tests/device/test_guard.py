@@ -124,3 +124,14 @@ def test_forgetting_a_label_redacts_it_from_the_evidence():
     assert "'7'" not in kept and '"7"' not in kept and "'1'" in kept and "<forgotten>" in kept
     everything = json.dumps(redact(verdict.evidence(), None))
     assert "'1'" not in everything and '"1"' not in everything
+
+
+def test_the_worst_class_p_value_says_it_is_corrected():
+    """8 of class '7''s 20 examples lost: the class's own test, times the 2 classes tested, in words."""
+    factory = paired(
+        "factory", np.ones(40, bool), np.r_[np.zeros(8, bool), np.ones(32, bool)], 0.0, ["7"] * 20 + ["1"] * 20
+    )
+    assert factory.worst_class == "7" and factory.p_class == pytest.approx(min(1.0, 2 * 0.5**8))
+    assert "class '7': 8 of 20 lost and 0 gained, p = 0.0078 (Bonferroni: times the number of classes)" in (
+        factory.describe()
+    )

@@ -218,6 +218,7 @@ FILES = {
     "new.edgetl": lambda w, d: _copy(w.bundle("2", signed=True), d),
     "sensors.csv": lambda w, d: _sensors_csv(d),
     "runs/digits": lambda w, d: _copy(w.digits_run, d),
+    "runs/source": lambda w, d: _copy(w.request.getfixturevalue("source_run")[0], d),
     "edgetl-demo/digits.edgetl": lambda w, d: _copy(w.digits_bundle, d),
     "my_firmware/src/": lambda w, d: d.mkdir(parents=True),
 }

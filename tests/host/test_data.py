@@ -43,6 +43,15 @@ def test_image_folder_resizes_mixed_files_and_skips_broken_with_warning(image_fo
     assert gray.x.shape == (9, 8, 8, 1)
 
 
+def test_data_warnings_point_at_the_callers_line(image_folder):
+    """A Python user sees each skipped file at their own call, not at a line inside
+    edgetl/data.py followed by edgetl's source (in memory and streamed alike)."""
+    for streaming in ("off", "on"):
+        with pytest.warns(UserWarning) as record:
+            load_dataset(image_folder, streaming=streaming)  # mixed sizes warn too
+        assert len(record) >= 3 and {w.filename for w in record} == {__file__}, [w.filename for w in record]
+
+
 def test_image_folder_default_size_is_first_image(image_folder):
     with pytest.warns(UserWarning):
         ds = load_dataset(image_folder)

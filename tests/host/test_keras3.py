@@ -121,3 +121,29 @@ def test_a_keras3_layer_tf_keras_lacks_is_named(tmp_path, keras3):
     model.save(tmp_path / "rms.keras")
     with pytest.raises(BackboneError, match=r"layer 'rms' is a Keras 3 RMSNormalization, which tf_keras lacks"):
         load_keras_model(tmp_path / "rms.keras")
+
+
+def test_a_tf_keras_savedmodel_is_a_backbone(tmp_path, capsys):
+    """tf_keras's SavedModel (``model.save(dir, save_format="tf")``) keeps its Keras layers:
+    loaded as it is (not taken for Keras 3), same outputs, and `edgetl layers` shows the cut."""
+    import tf_keras
+
+    from edgetl.cli import main
+    from edgetl.host._backbones import load_keras_model
+    from edgetl.host._keras3 import saved_by_keras3
+
+    L = tf_keras.layers
+    model = tf_keras.Sequential(
+        [tf_keras.Input((8, 8, 1)), L.Conv2D(4, 3, activation="relu"), L.Flatten(), L.Dense(8, activation="relu")]
+        + [L.Dense(3, activation="softmax")]
+    )
+    path = tmp_path / "saved_model"
+    model.save(path, save_format="tf")
+    assert path.is_dir() and not saved_by_keras3(path)
+    loaded = load_keras_model(path)
+    assert isinstance(loaded, tf_keras.Model)
+    x = np.random.default_rng(2).uniform(0, 255, (8, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    assert main(["layers", str(path)]) == 0
+    cut = [line for line in capsys.readouterr().out.splitlines() if "<- embedding" in line]
+    assert len(cut) == 1 and cut[0].split()[1] == "Dense", cut
