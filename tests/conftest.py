@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import atexit
 import importlib
 import json
 import re
@@ -19,6 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Each test process (the suite runs two xdist workers) keeps edgetl's host cache (embeddings,
+# advisor measurements) in its own directory: never the user's cache, never shared between workers.
+os.environ["EDGETL_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="edgetl-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture(scope="session")
