@@ -287,3 +287,21 @@ def test_integer_io_int8_tflite(tmp_path, target_run, digits_target):
     assert int8["top1_agreement"] >= 0.9 and int8["accuracy_drop"] <= 0.03
     with pytest.raises(InputError, match="integer io_dtype"):
         QuantizeConfig("float16", io_dtype="int8")
+
+
+def test_a_qat_onnx_without_its_float_twin_is_converted_from_the_qat_tflite_file_and_says_why(
+    tmp_path, target_run, digits_target, monkeypatch
+):
+    """The fallback branch of the QAT ONNX, in a real export: when the QAT model's trained weights
+    cannot be read back into a float copy (float_twin's reason), the QAT TFLite file is converted
+    instead, and the manifest says which method made the file and why."""
+    import edgetl.host._export as export_module
+
+    reason = "the QAT model holds no weights ['classifier/kernel:0'] of layer 'classifier' ({})"
+    monkeypatch.setattr(export_module, "float_twin", lambda model, qat: reason)
+    result = export_bundle(target_run, tmp_path / "q.edgetl", quantize=["qat"], calibration=digits_target)
+    made = {a["file"]: a for a in result.bundle.manifest.to_json()["artifacts"]}
+    assert result.report.ok and "model.qat.onnx" in made, result.describe()  # verified like any QAT file
+    entry = made["model.qat.onnx"]
+    assert entry["int8_method"] == "tf2onnx of the QAT TFLite file" and entry["int8_method_reason"] == reason
+    assert "int8_ladder" not in entry  # the ladder belongs to the float-graph method only
