@@ -139,6 +139,7 @@ def run_user(
     head = p.candidate if head_verdict.accepted else clf.factory
     out = {"kind": kind, "per_class": per_class, "seed": seed, "head_accepted": head_verdict.accepted}
     out["tail_accepted"], out["auto"], out["tail_seconds"] = tail_verdict.accepted, choice, tail_seconds
+    out["head_reason"], out["tail_reason"] = head_verdict.reason, tail_verdict.reason
     out["user_before"] = accuracy(clf, clf.factory, user_emb, w.test_y)
     out["factory_before"] = accuracy(clf, clf.factory, w.factory_emb, w.test_y)
     out["user_head"] = accuracy(clf, head, user_emb, w.test_y)
@@ -259,6 +260,8 @@ TUNE_GRID = [
     ("adam", 3e-3, 3e-2, 15, 16, 1.0, 1.0),
     ("sgd", 2.0, 3e-2, 15, 8, 1.0, 1.0),
     ("sgd", 1.0, 3e-2, 15, 8, 1.0, 1.0),
+    # a tail trained harder (what the guard makes of it)
+    ("sgd", 2.0, 1e-3, 60, 16, 1.0, None),
 ]
 
 
@@ -284,6 +287,9 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None)
         what = f"epochs {epochs} batch {batch} replay ratio {ratio} replay targets {targets} start {start}"
         print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
+        refused = [r["tail_reason"] for r in records if not r["tail_accepted"]]
+        forgot = sum("forgets the factory classes" in why for why in refused)
+        print(f"tails refused: {len(refused)}, {forgot} of them for forgetting the factory classes", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
