@@ -101,13 +101,17 @@ def run_user(
     seed: int,
     tail_settings: Any = None,
     replay_ratio: float | None = None,
+    replay_temperature: Any = "device",
+    start: str = "base",
 ) -> dict[str, Any]:
     """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples);
-    ``replay_ratio``: the tail's replay rows per user row and epoch (default: the device's)."""
+    ``replay_ratio``, ``replay_temperature``: the tail's replay rows per user row and epoch, and
+    its replay targets (None: one-hot; default: the device's); ``start``: ``"candidate"`` starts
+    the tail's head from the head-only candidate (LP-FT) instead of the head being extended."""
     from guard_rates import KINDS, accuracy, draw, draw_style
 
     from edgetl.device import Personalizer
-    from edgetl.device._tail import TAIL_REPLAY_RATIO, TailPersonalizer, choose_adapt
+    from edgetl.device._tail import TAIL_REPLAY_RATIO, TAIL_REPLAY_TEMPERATURE, choose_adapt
 
     rng = np.random.default_rng([seed, per_class, 24, sorted(KINDS).index(kind)])
     idx, y = draw(w, per_class, rng, False)
@@ -119,7 +123,8 @@ def run_user(
     p.train()
     head_verdict = p.decide()
     ratio = TAIL_REPLAY_RATIO if replay_ratio is None else replay_ratio
-    tp = TailPersonalizer(p, replay_ratio=ratio)
+    temperature = TAIL_REPLAY_TEMPERATURE if replay_temperature == "device" else replay_temperature
+    tp = tail_personalizer(start)(p, replay_ratio=ratio, replay_temperature=temperature)
     started = time.perf_counter()
     tp.train(tail_settings)
     tail_seconds = time.perf_counter() - started
@@ -134,6 +139,7 @@ def run_user(
     head = p.candidate if head_verdict.accepted else clf.factory
     out = {"kind": kind, "per_class": per_class, "seed": seed, "head_accepted": head_verdict.accepted}
     out["tail_accepted"], out["auto"], out["tail_seconds"] = tail_verdict.accepted, choice, tail_seconds
+    out["head_reason"], out["tail_reason"] = head_verdict.reason, tail_verdict.reason
     out["user_before"] = accuracy(clf, clf.factory, user_emb, w.test_y)
     out["factory_before"] = accuracy(clf, clf.factory, w.factory_emb, w.test_y)
     out["user_head"] = accuracy(clf, head, user_emb, w.test_y)
@@ -147,6 +153,24 @@ def run_user(
     out["user_auto"], out["factory_auto"] = out[f"user_{pick}"], out[f"factory_{pick}"]
     out["head_gain"] = out["user_head"] - out["user_before"]
     return out
+
+
+def tail_personalizer(start: str) -> Any:
+    """The device's TailPersonalizer, or (``start="candidate"``) one whose training starts from
+    the head-only candidate's W and b (linear probe, then fine-tune: LP-FT, Kumar et al. 2022;
+    measured on the tuning family, not adopted: see edgetl/device/_tail.py)."""
+    from edgetl.bundle import _contract as C
+    from edgetl.device._tail import TailPersonalizer
+
+    if start == "base":
+        return TailPersonalizer
+
+    class FromCandidate(TailPersonalizer):
+        def start_weights(self) -> dict:
+            head = self.p.candidate or self.p._base
+            return {**super().start_weights(), C.WEIGHTS: head.W, C.BIAS: head.b}
+
+    return FromCandidate
 
 
 def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
@@ -219,6 +243,25 @@ TUNE_GRID = [
     ("sgd", 0.6, 1e-1, 30, 16, 0.5),
     ("sgd", 1.0, 1e-1, 30, 16, 0.25),
     ("sgd", 0.3, 1e-1, 30, 32, 1000.0),
+    # replay targets (7th field: the head's softmax at this temperature; None, and in entries 0-24: one-hot) and
+    # where the tail's head starts (8th: "candidate" = the head-only candidate, LP-FT). 28 = chosen.
+    ("sgd", 2.0, 1e-1, 15, 16, 1.0, None),
+    ("sgd", 2.0, 3e-2, 15, 16, 1.0, None),
+    ("sgd", 2.0, 1e-1, 15, 16, 1.0, 1.0),
+    ("sgd", 2.0, 3e-2, 15, 16, 1.0, 1.0),
+    ("sgd", 2.0, 1e-2, 15, 16, 1.0, 1.0),
+    ("sgd", 2.0, 1e-2, 15, 16, 1.0, 1.5),
+    ("sgd", 2.0, 1e-2, 15, 16, 1.0, 2.0),
+    ("sgd", 2.0, 1e-1, 15, 16, 1.0, None, "candidate"),
+    ("sgd", 2.0, 3e-2, 15, 16, 1.0, 1.0, "candidate"),
+    # around 28 at the same cost (rows per epoch): a higher rate, Adam, smaller batches (more steps)
+    ("sgd", 3.0, 3e-2, 15, 16, 1.0, 1.0),
+    ("adam", 1e-3, 3e-2, 15, 16, 1.0, 1.0),
+    ("adam", 3e-3, 3e-2, 15, 16, 1.0, 1.0),
+    ("sgd", 2.0, 3e-2, 15, 8, 1.0, 1.0),
+    ("sgd", 1.0, 3e-2, 15, 8, 1.0, 1.0),
+    # a tail trained harder (what the guard makes of it)
+    ("sgd", 2.0, 1e-3, 60, 16, 1.0, None),
 ]
 
 
@@ -232,17 +275,21 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None)
 
     chosen = [TUNE_GRID[int(i)] for i in only.split(",")] if only else TUNE_GRID
     for optimizer, lr, l2, *rest in chosen:
-        epochs, batch, ratio = (*rest, *(30, 16, TAIL_REPLAY_RATIO)[len(rest) :])
+        epochs, batch, ratio, temperature, start = (*rest, *(30, 16, TAIL_REPLAY_RATIO, None, "base")[len(rest) :])
         settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=epochs, batch_size=batch)
         records = [
-            run_user(w, kind, per_class, seed, settings, ratio)
+            run_user(w, kind, per_class, seed, settings, ratio, temperature, start)
             for w in worlds
             for kind in families()["tuning"]
             for seed in range(seeds)
         ]
-        what = f"epochs {epochs} batch {batch} replay ratio {ratio}"
+        targets = "one-hot" if temperature is None else f"soft T {temperature}"
+        what = f"epochs {epochs} batch {batch} replay ratio {ratio} replay targets {targets} start {start}"
         print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family)")
         print("\n".join(summarize(records)[0]), flush=True)
+        refused = [r["tail_reason"] for r in records if not r["tail_accepted"]]
+        forgot = sum("forgets the factory classes" in why for why in refused)
+        print(f"tails refused: {len(refused)}, {forgot} of them for forgetting the factory classes", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
