@@ -15,13 +15,13 @@ Every figure is compared with its target and printed with PASS or MISS; ``--stri
 exits 1 when any target is missed (without it, misses are printed, not fatal).
 
 ``--tail`` measures issue 24's costs instead: personalizing with the trainable tail against
-head-only (embedding or trunk extraction included, one core, median of 5; the guard's verdict
-timed apart and printed as an informative ratio), and the extra peak
-memory (each in a fresh process: VmHWM), on three bundles: MobileNetV2-0.35 at 96x96 (weights=None,
-a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10 classes x 10 examples, the issue's
-target; built from 110 images per class so its replay buffer is the one export writes for 10
-classes of 1280-d embeddings, 81 per class, of which the tail trains on 40), the demo's
-backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
+head-only (embedding or trunk extraction included, one core, median of 5 runs in a process; the
+guard's verdict timed apart and printed as an informative ratio), and the extra peak memory (VmHWM
+of a fresh process), each arm the median of 3 processes, alternated, on three bundles:
+MobileNetV2-0.35 at 96x96 (weights=None, a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10
+classes x 10 examples, the issue's target; built from 110 images per class so its replay buffer is
+the one export writes for 10 classes of 1280-d embeddings, 81 per class, of which the tail trains on
+40), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
 tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
 """
 
@@ -178,6 +178,12 @@ def _digits_user(d: Path, per_class: int) -> Path:
     return d / f"digits{per_class}.npz"
 
 
+# Fresh processes per arm whose medians are compared: one head-only process's peak RSS varied by
+# ~13 MB between runs (issue 24's bench: 188 vs 201 MB), a quarter of the 50 MB target, and once
+# turned a 36 MB difference into a 51 MB MISS.
+PROBE_PROCESSES = 3
+
+
 def tail_costs(targets: "Targets", only: str | None = None) -> None:
     """Tail vs head-only personalization on each bundle: time ratio and extra peak memory."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -209,12 +215,20 @@ def tail_costs(targets: "Targets", only: str | None = None) -> None:
             if only and only not in what:
                 continue
             bundle = build()
-            out = {}
-            for adapt in ("head", "tail"):
-                run = [sys.executable, "-c", TAIL_PROBE, str(bundle), adapt, str(user)]
-                done = subprocess.run(run, capture_output=True, text=True, check=True, env=env)
-                out[adapt] = [float(v) for v in done.stdout.split()]
+            probes: dict[str, list[list[float]]] = {"head": [], "tail": []}
+            for _ in range(PROBE_PROCESSES):  # alternated, so drifting load touches both arms alike
+                for adapt in ("head", "tail"):
+                    run = [sys.executable, "-c", TAIL_PROBE, str(bundle), adapt, str(user)]
+                    done = subprocess.run(run, capture_output=True, text=True, check=True, env=env)
+                    probes[adapt].append([float(v) for v in done.stdout.split()])
+            out = {adapt: np.median(np.asarray(runs), axis=0) for adapt, runs in probes.items()}
             (head_s, head_mb, head_guard), (tail_s, tail_mb, tail_guard) = out["head"], out["tail"]
+            spread = {a: f"{min(r[1] for r in runs):.0f}-{max(r[1] for r in runs):.0f}" for a, runs in probes.items()}
+            print(
+                f"{what}: peak RSS over {PROBE_PROCESSES} processes each (MB): head-only {spread['head']}, "
+                f"tail {spread['tail']}",
+                flush=True,
+            )
             print(f"{what}: personalize, one core: head-only {head_s:.3f}s, tail {tail_s:.3f}s", flush=True)
             with_guard = (tail_s + tail_guard) / (head_s + head_guard)
             print(
