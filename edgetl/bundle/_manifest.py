@@ -462,9 +462,20 @@ class Check:
     limit: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def _lower_is_better(self) -> bool:
+        return self.measure in ("max_abs_diff", "p99_abs_diff", "relative_error")
+
+    def measure_within_limit(self) -> bool:
+        """Whether the measure itself is within its limit (a check can still fail on its
+        accuracy drop or an evidence gate, which ``extra`` records)."""
+        if self.limit is None:
+            return True
+        return self.value <= self.limit if self._lower_is_better else self.value >= self.limit
+
     def describe(self) -> str:
         """The check in words, e.g. ``max|diff| 3.1e-06 <= 1.0e-04``."""
-        lower_is_better = self.measure in ("max_abs_diff", "p99_abs_diff", "relative_error")
+        lower_is_better = self._lower_is_better
         label = {
             "max_abs_diff": "max|diff|",
             "p99_abs_diff": "p99|diff|",
@@ -476,7 +487,7 @@ class Check:
         if self.limit is None:
             return f"{label} {value}"
         limit = f"{self.limit:.1e}" if lower_is_better else f"{self.limit:g}"
-        within = self.value <= self.limit if lower_is_better else self.value >= self.limit
+        within = self.measure_within_limit()
         op = ("<=" if within else ">") if lower_is_better else (">=" if within else "<")
         return f"{label} {value} {op} {limit}"
 
@@ -519,6 +530,17 @@ class Check:
         return self.to_json().get(key, default)
 
 
+def _failed_on(check: Check) -> str:
+    """What failed a check whose own measure passed, in a few words (the accuracy drop, or
+    an evidence gate whose counts the report's ``failed:`` lines give)."""
+    drop, allowed = check.extra.get("accuracy_drop"), check.extra.get("max_accuracy_drop")
+    if drop is not None and allowed is not None and drop > allowed:
+        return f"accuracy {drop * 100:.1f} points below fp32 > {allowed * 100:g}"
+    if check.extra.get("outcome") in ("fail", "thin"):
+        return f"evidence gate: {check.extra['outcome']}"
+    return "failed (see below)"
+
+
 def format_checks(checks: Iterable[Check | dict[str, Any]]) -> str:
     """The verification checks as a table: the one renderer for the CLI, export and demo."""
     lines = [f"{'file':<26} {'role':<15} {'check':<40} {'accuracy':>8}  ok"]
@@ -527,6 +549,8 @@ def format_checks(checks: Iterable[Check | dict[str, Any]]) -> str:
         acc = c.extra.get("accuracy")
         acc = f"{acc:.4f}" if isinstance(acc, (int, float)) else ""
         what = c.describe() + (f" ({c.extra['optimizer']})" if c.extra.get("optimizer") else "")
+        if not c.ok and c.measure_within_limit():  # the row's measure passed: say what failed instead
+            what += f"; {_failed_on(c)}"
         lines.append(f"{c.file:<26} {c.role:<15} {what:<40} {acc:>8}  {'yes' if c.ok else 'NO'}")
     return "\n".join(lines)
 

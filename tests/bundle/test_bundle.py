@@ -147,3 +147,20 @@ def test_the_published_json_schema_accepts_what_edgetl_writes_and_refuses_what_i
     broken["artifacts"][0]["file"] = "../escape.onnx"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_a_failed_rows_table_says_what_failed_when_its_measure_passed():
+    """issue 22: `verify --data` printed `top-1 agreement 1.000 >= 0.9  0.7667  NO` for a file
+    that failed on its accuracy drop: the row now names the failure beside the passing measure."""
+    from edgetl.bundle import Check, format_checks
+
+    base = dict(file="model.int8.tflite", role="fused", format="tflite", precision="int8", measure="top1_agreement")
+    dropped = Check(**base, ok=False, value=1.0, limit=0.9, extra={"accuracy_drop": 0.047, "max_accuracy_drop": 0.01})
+    gated = Check(**base, ok=False, value=0.99, limit=0.9, extra={"outcome": "fail", "gate": "fidelity: 40 lost"})
+    low = Check(**base, ok=False, value=0.5, limit=0.9)  # its own measure failed: the row says so already
+    passed = Check(**base, ok=True, value=1.0, limit=0.9, extra={"accuracy_drop": 0.0, "max_accuracy_drop": 0.01})
+    rows = format_checks([dropped, gated, low, passed]).splitlines()[1:]
+    assert "top-1 agreement 1.000 >= 0.9; accuracy 4.7 points below fp32 > 1" in rows[0] and rows[0].endswith("NO")
+    assert "; evidence gate: fail" in rows[1]
+    assert "top-1 agreement 0.500 < 0.9 " in rows[2] + " " and ";" not in rows[2]
+    assert ";" not in rows[3] and rows[3].endswith("yes")
