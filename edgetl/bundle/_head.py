@@ -208,11 +208,7 @@ def step_plan(n: int, epochs: int, batch_size: int, seed: int) -> tuple[list[lis
         ValueError: ``n``, ``epochs`` or ``batch_size`` is below 1, or ``seed`` is outside
             ``[0, 2^32)``.
     """
-    for name, value in (("n", n), ("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, received {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _U32:
-        raise ValueError(f"seed must be an integer in [0, 2^32), received {seed!r}")
+    check_plan_arguments(seed, n=n, epochs=epochs, batch_size=batch_size)
     state = shuffle_state(seed)
     order, width = list(range(n)), min(batch_size, n)
     plan_order: list[list[int]] = []
@@ -221,6 +217,15 @@ def step_plan(n: int, epochs: int, batch_size: int, seed: int) -> tuple[list[lis
         state = shuffle_in_place(order, state)
         cut_batches(order, batch_size, width, plan_order, plan_weight)
     return plan_order, plan_weight
+
+
+def check_plan_arguments(seed: int, **counts: int) -> None:
+    """A step plan's checks: every count a positive integer, ``seed`` in ``[0, 2^32)``."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, received {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _U32:
+        raise ValueError(f"seed must be an integer in [0, 2^32), received {seed!r}")
 
 
 def shuffle_state(seed: int) -> int:

@@ -44,11 +44,11 @@ from edgetl.bundle._head import (
     ADAM_BETA1,
     ADAM_BETA2,
     ADAM_EPS,
+    check_plan_arguments,
     cut_batches,
     masked_softmax,
     shuffle_in_place,
     shuffle_state,
-    step_plan,
 )
 
 ACTIVATIONS = ("linear", "relu", "relu6")  # of the last embedding layer; others keep the bundle head-only
@@ -250,7 +250,7 @@ def tail_step_plan(
         ValueError: no rows, ``user`` and ``replay`` of different lengths, a bad count or seed.
     """
     per_class = _rows_per_class(user, replay, replay_ratio)
-    step_plan(1, epochs, batch_size, seed)  # the head's checks of the counts and the seed
+    check_plan_arguments(seed, epochs=epochs, batch_size=batch_size)
     state, width, walked = shuffle_state(seed), min(batch_size, per_class * len(user)), [0] * len(user)
     plan_order: list[list[int]] = []
     plan_weight: list[list[float]] = []
