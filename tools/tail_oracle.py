@@ -40,14 +40,13 @@ REPLAY_PER_CLASS = 40
 
 def device(w: Any, kind: str, seed: int) -> tuple[dict[str, float], Any, np.ndarray]:
     """The device's figures for one user, its Personalizer and its examples."""
-    from guard_rates import KINDS, accuracy, draw, draw_style
+    from guard_rates import accuracy
+    from tail_rates import user_examples, user_test_images
 
     from edgetl.device import Personalizer
     from edgetl.device._tail import TailPersonalizer
 
-    rng = np.random.default_rng([seed, 10, 24, sorted(KINDS).index(kind)])
-    idx, y = draw(w, 10, rng, False)
-    x = draw_style(kind, w.pool_x[idx], [seed, 10, 1])
+    x, y = user_examples(w, kind, 10, seed)
     w.clf.set_head(w.clf.factory, 0)
     p = Personalizer(w.clf, None)
     p.add_examples(x, [str(v) for v in y])
@@ -56,7 +55,7 @@ def device(w: Any, kind: str, seed: int) -> tuple[dict[str, float], Any, np.ndar
     tp = TailPersonalizer(p)
     tail = tp.train()
     tail_ok = tp.decide().accepted
-    test_x = draw_style(kind, w.test_x, [seed, 10, 2])
+    test_x = user_test_images(w, kind, 10, seed)
     r = {"before": accuracy(w.clf, w.clf.factory, w.clf.embed(test_x), w.test_y)}
     r["device head, unguarded"] = accuracy(w.clf, p.candidate, w.clf.embed(test_x), w.test_y)
     r["device head"] = r["device head, unguarded"] if head_ok else r["before"]

@@ -94,6 +94,23 @@ def build_tail_bundle(
     return result.bundle.path
 
 
+def user_examples(w: Any, kind: str, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One new user's labelled examples, ``per_class`` of each class drawn from the bundle's train
+    half in the user's style (``kind``): the same draw for every tool that compares on users."""
+    from guard_rates import KINDS, draw, draw_style
+
+    rng = np.random.default_rng([seed, per_class, 24, sorted(KINDS).index(kind)])
+    idx, y = draw(w, per_class, rng, False)
+    return draw_style(kind, w.pool_x[idx], [seed, per_class, 1]), y
+
+
+def user_test_images(w: Any, kind: str, per_class: int, seed: int) -> np.ndarray:
+    """That user's held-out images: the bundle's test half in their style (labels: ``w.test_y``)."""
+    from guard_rates import draw_style
+
+    return draw_style(kind, w.test_x, [seed, per_class, 2])
+
+
 def run_user(
     w: Any,
     kind: str,
@@ -108,14 +125,12 @@ def run_user(
     ``replay_ratio``, ``replay_temperature``: the tail's replay rows per user row and epoch, and
     its replay targets (None: one-hot; default: the device's); ``start``: ``"candidate"`` starts
     the tail's head from the head-only candidate (LP-FT) instead of the head being extended."""
-    from guard_rates import KINDS, accuracy, draw, draw_style
+    from guard_rates import accuracy
 
     from edgetl.device import Personalizer
     from edgetl.device._tail import TAIL_REPLAY_RATIO, TAIL_REPLAY_TEMPERATURE, choose_adapt
 
-    rng = np.random.default_rng([seed, per_class, 24, sorted(KINDS).index(kind)])
-    idx, y = draw(w, per_class, rng, False)
-    x = draw_style(kind, w.pool_x[idx], [seed, per_class, 1])
+    x, y = user_examples(w, kind, per_class, seed)
     clf = w.clf
     clf.set_head(clf.factory, 0)
     p = Personalizer(clf, None)
@@ -130,7 +145,7 @@ def run_user(
     tail_seconds = time.perf_counter() - started
     tail_verdict = tp.decide()
     choice = choose_adapt(tp, head_verdict, tail_verdict)
-    user_x = draw_style(kind, w.test_x, [seed, per_class, 2])
+    user_x = user_test_images(w, kind, per_class, seed)
     user_emb, user_trunk, factory_trunk = clf.embed(user_x), tp.runtime.trunk(user_x), tp.runtime.trunk(w.test_x)
 
     def tail_acc(weights: dict, trunk: np.ndarray) -> float:
