@@ -201,6 +201,8 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
         f"{mean('user_head', low):.3f}, tail {mean('user_tail', low):.3f} ({gain * 100:+.1f} points, target >= "
         f"+{TARGET_TAIL_GAIN * 100:.0f}): {'PASS' if passed else 'MISS'}"
     )
+    if low:
+        lines.append("  " + spread([r["user_tail"] - r["user_head"] for r in low]))
     drop = mean("factory_head", records) - mean("factory_tail", records)
     passed = drop <= FACTORY_SLACK
     ok &= passed
@@ -223,6 +225,20 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
         f"{mean('tail_seconds', records) * 1000:.0f} ms per user (mean, informative: not under the bench lock)"
     )
     return lines, ok
+
+
+def spread(differences: list[float], resamples: int = 10_000) -> str:
+    """How the per-user differences (tail minus head-only) behind a mean are spread: median,
+    a 95% bootstrap interval of the mean (users resampled, seeded), and how many users the tail
+    helps or hurts. The mean of a few dozen users can rest on two of them (a head the guard
+    refused): this line says so."""
+    d = np.asarray(differences, np.float64) * 100
+    means = np.random.default_rng(0).choice(d, (resamples, len(d))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return (
+        f"per user: median {np.median(d):+.1f} points, mean's 95% bootstrap interval [{low:+.1f}, {high:+.1f}]; "
+        f"tail better for {int(np.sum(d > 0))}, worse for {int(np.sum(d < 0))}, largest {d.max():+.1f}"
+    )
 
 
 # Tail settings compared by --tune (tuning family only): (optimizer, learning rate, l2[, epochs[, batch size[,

@@ -88,6 +88,18 @@ ADAPT = ("head", "tail", "auto")
 #   starting the tail's head from the head-only candidate (LP-FT, Kumar et al. 2022): Dense +5.4
 #   (one-hot) / +5.9 (soft), conv +6.7 / +8.8, no consistent gain (the tail's own head moves as far).
 #   The evaluation family, run once after the choice: README ("What it buys").
+# * Another ratio between the layers' steps (it would change the graphs' normalisers, so the float32
+#   reference was asked first: `python tools/tail_scales.py --tail-rate K --head-rate H --tail-l2 L --
+#   --tune --bundle B0 --bundle B1 --bundle B2 --grid 28`, tuning family, the three Dense and three
+#   1x1-conv bundles above; low-gain users' tail minus head-only, tails refused of 48):
+#     K 1 (these settings): Dense +6.9, 6; conv +8.6, 1    K 0.5: Dense +5.5, 7; conv +8.0, 2
+#     K 3: Dense +6.6, 10; conv +7.8, 3                     K 2, H 0.5: Dense +7.8, 9; conv +7.6, 2
+#     K 10 / 30: Dense -1.0 / -2.1, 46 / 48; conv +2.2 / -3.8, 15 / 48
+#     H 2 / 0.5: Dense +6.9 / +6.9, 5 / 7; conv +8.1 / +7.1, 3 / 2
+#     W1's l2 x0.3 / x3: Dense +6.9 / +6.9, 6 / 5; conv +8.6 / +8.6, 1 / 1 (the soft targets hold W1, not l2)
+#   No ratio wins on both: a faster layer forgets the factory classes (all refusals were for forgetting).
+#   On the Dense CNNs the mean rests on users whose head-only candidate the guard refused: per user,
+#   the median gain is +1.6 points (tail_rates prints the spread).
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_REPLAY_RATIO = 1.0  # replay rows per user row in an epoch (a class's window: as many as its user rows)
 TAIL_REPLAY_TEMPERATURE: float | None = 1.0  # replay targets: the active head's softmax at this temperature

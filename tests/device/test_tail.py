@@ -440,3 +440,15 @@ def test_a_user_head_only_cannot_reach_gains_with_the_conv_tail_and_the_guard_ac
     assert verdict.accepted and verdict.evidence["adapt"] == "tail", verdict.reason
     assert tail_after >= head_after + MIN_GAIN, (kind, head_after, tail_after)
     assert tp.candidate.weights["W1"].shape == (64, 64) and not np.allclose(tp.candidate.weights["W1"], tp.init["W1"])
+
+
+def test_tail_rates_says_when_a_mean_rests_on_a_few_users():
+    """tools/tail_rates.py's spread line: a mean carried by two users (heads the guard refused)
+    shows a small median and a wide interval; the same mean spread evenly, a point interval."""
+    spread = load_tool("tail_rates").spread
+    carried = spread([0.01] * 20 + [0.45, 0.45])
+    assert "median +1.0 points" in carried and "largest +45.0" in carried
+    low, high = (float(v) for v in carried.split("[")[1].split("]")[0].split(", "))
+    assert low < 5.0 < high and high - low > 5  # mean +5.0: the interval says it could be far less
+    assert "[+5.0, +5.0]" in spread([0.05] * 22) and "worse for 0" in spread([0.05] * 22)
+    assert "better for 1, worse for 1" in spread([0.1, -0.1, 0.0])
