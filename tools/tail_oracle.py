@@ -15,7 +15,9 @@ as ``tail_rates.py``) it prints the user's test accuracy after
   Adam, no guard: the head alone (lr 1e-2), the head and the last embedding layer (1e-3),
   the whole CNN (1e-3).
 
-Means over all users, over the low-gain users (head-only gain under 10 points with the
+Each also on the factory classes as they are (the bundle's test half, undrawn: ``factory:``
+rows), which says how much of its gain an oracle would pay in forgetting. Means over all users,
+over the low-gain users (head-only gain under 10 points with the
 guard, tail_rates' target group) and over those who start above 0.85. A diagnosis, not a
 target: the oracles see no guard and their rates are not tuned per user.
 """
@@ -62,6 +64,9 @@ def device(w: Any, kind: str, seed: int) -> tuple[dict[str, float], Any, np.ndar
     hits = tp.predict(tail.weights, tp.runtime.trunk(test_x), w.clf.factory.labels) == w.test_y
     r["device tail, unguarded"] = float(np.mean(hits))
     r["device tail"] = r["device tail, unguarded"] if tail_ok else r["before"]
+    r["factory: device head, unguarded"] = accuracy(w.clf, p.candidate, w.factory_emb, w.test_y)
+    factory_hits = tp.predict(tail.weights, tp.runtime.trunk(w.test_x), w.clf.factory.labels) == w.test_y
+    r["factory: device tail, unguarded"] = float(np.mean(factory_hits))
     return r, p, test_x
 
 
@@ -98,6 +103,8 @@ def user(w: Any, run: Path, kind: str, seed: int, epochs: int) -> dict[str, floa
     for name, lr, what in ORACLES:
         model = oracle(run, layer, what, lr, epochs, x, y, seed)
         r[name] = float(np.mean(model.predict(test_x.astype(np.float32), verbose=0).argmax(axis=1) == truth))
+        factory = model.predict(w.test_x.astype(np.float32), verbose=0).argmax(axis=1)
+        r[f"factory: {name}"] = float(np.mean(factory == truth))
     return r
 
 

@@ -293,7 +293,27 @@ TUNE_GRID = [
     ("sgd", 1.0, 3e-2, 15, 8, 1.0, 1.0),
     # a tail trained harder (what the guard makes of it)
     ("sgd", 2.0, 1e-3, 60, 16, 1.0, None),
+    # 40-42: the host oracle's recipe on the device (tools/tail_oracle.py: Adam 1e-3, 30 epochs, every replay row
+    # every epoch, one-hot, no l2), then with soft targets, then with the weighted window
+    ("adam", 1e-3, 0.0, 30, 16, 1000.0, None),
+    ("adam", 1e-3, 0.0, 30, 16, 1000.0, 1.0),
+    ("adam", 1e-3, 0.0, 30, 16, 1.0, 1.0),
 ]
+
+
+TRAIN_FIELDS = ("optimizer", "learning_rate", "l2", "epochs", "batch_size")
+
+
+def grid_entry(index: int) -> tuple[Any, float, float | None, str]:
+    """``TUNE_GRID[index]`` with its omitted fields filled: (TrainSettings, replay ratio, replay
+    temperature, start)."""
+    from edgetl.device import TrainSettings
+    from edgetl.device._tail import TAIL_REPLAY_RATIO
+
+    optimizer, lr, l2, *rest = TUNE_GRID[index]
+    epochs, batch, ratio, temperature, start = (*rest, *(30, 16, TAIL_REPLAY_RATIO, None, "base")[len(rest) :])
+    settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=epochs, batch_size=batch)
+    return settings, ratio, temperature, start
 
 
 def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None) -> None:
@@ -301,13 +321,9 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None)
     of every bundle's world, pooled: the summary lines of each."""
     from guard_rates import families
 
-    from edgetl.device import TrainSettings
-    from edgetl.device._tail import TAIL_REPLAY_RATIO
-
-    chosen = [TUNE_GRID[int(i)] for i in only.split(",")] if only else TUNE_GRID
-    for optimizer, lr, l2, *rest in chosen:
-        epochs, batch, ratio, temperature, start = (*rest, *(30, 16, TAIL_REPLAY_RATIO, None, "base")[len(rest) :])
-        settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=epochs, batch_size=batch)
+    for index in [int(i) for i in only.split(",")] if only else range(len(TUNE_GRID)):
+        settings, ratio, temperature, start = grid_entry(index)
+        optimizer, lr, l2, epochs, batch = (getattr(settings, k) for k in TRAIN_FIELDS)
         records = [
             run_user(w, kind, per_class, seed, settings, ratio, temperature, start)
             for w in worlds
