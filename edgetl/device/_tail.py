@@ -100,10 +100,11 @@ ADAPT = ("head", "tail", "auto")
 #   No ratio wins on both: a faster layer forgets the factory classes (all refusals were for forgetting).
 #   On the Dense CNNs the mean rests on users whose head-only candidate the guard refused: per user,
 #   the median gain is +1.6 points (tail_rates prints the spread). The host oracle's recipe (Adam
-#   1e-3, 30 epochs, whole replay, one-hot, no l2: TUNE_GRID 40) keeps unseen factory digits on the
-#   host and the device alike (0.965 vs head-only 0.960) but the guard refused 34 of 48 for
-#   forgetting: its factory part is replay.npz's held-out half, training-split examples the factory
-#   head gets all right, so a candidate can only lose there (tools/guard_memorized.py; README).
+#   1e-3, 30 epochs, whole replay, one-hot, no l2: TUNE_GRID 40) on the device: the guard refused 34
+#   of 48 for forgetting. Its factory part is replay.npz's held-out half, training-split examples the
+#   factory head gets all right, so a candidate can only lose there (7-8 of 204 per user), while on
+#   448 unseen factory digits those candidates lose and gain (net +0.9, -5.9, -4.0 per bundle:
+#   -0.7 points on average): tools/guard_memorized.py; README.
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_REPLAY_RATIO = 1.0  # replay rows per user row in an epoch (a class's window: as many as its user rows)
 TAIL_REPLAY_TEMPERATURE: float | None = 1.0  # replay targets: the active head's softmax at this temperature
