@@ -120,11 +120,20 @@ def run_user(
     replay_ratio: float | None = None,
     replay_temperature: Any = "device",
     start: str = "base",
+    guard_factory: str = "replay",
 ) -> dict[str, Any]:
     """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples);
     ``replay_ratio``, ``replay_temperature``: the tail's replay rows per user row and epoch, and
     its replay targets (None: one-hot; default: the device's); ``start``: ``"candidate"`` starts
-    the tail's head from the head-only candidate (LP-FT) instead of the head being extended."""
+    the tail's head from the head-only candidate (LP-FT) instead of the head being extended;
+    ``guard_factory``: ``"unseen"`` simulates a guard that judges forgetting on factory digits
+    the head was not fit on (:func:`unseen_guard`) instead of replay.npz's held-out half."""
+    if guard_factory not in GUARD_FACTORY:
+        raise ValueError(f"guard_factory must be one of {GUARD_FACTORY}, received {guard_factory!r}")
+    guard_x = guard_y = None
+    if guard_factory == "unseen":  # the bundle's test half: even rows judge, odd rows are the truth
+        guard_x, guard_y = w.test_x[0::2], w.test_y[0::2]
+        w = w._replace(test_x=w.test_x[1::2], test_y=w.test_y[1::2], factory_emb=w.factory_emb[1::2])
     from guard_rates import accuracy
 
     from edgetl.device import Personalizer
@@ -140,6 +149,8 @@ def run_user(
     ratio = TAIL_REPLAY_RATIO if replay_ratio is None else replay_ratio
     temperature = TAIL_REPLAY_TEMPERATURE if replay_temperature == "device" else replay_temperature
     tp = tail_personalizer(start)(p, replay_ratio=ratio, replay_temperature=temperature)
+    if guard_x is not None:
+        unseen_guard(p, tp, guard_x, guard_y)
     started = time.perf_counter()
     tp.train(tail_settings)
     tail_seconds = time.perf_counter() - started
@@ -168,6 +179,22 @@ def run_user(
     out["user_auto"], out["factory_auto"] = out[f"user_{pick}"], out[f"factory_{pick}"]
     out["head_gain"] = out["user_head"] - out["user_before"]
     return out
+
+
+GUARD_FACTORY = ("replay", "unseen")
+
+
+def unseen_guard(p: Any, tp: Any, x: np.ndarray, labels: np.ndarray) -> None:
+    """A simulation, not the device's guard: the Personalizer ``p`` and its tail ``tp`` judge
+    forgetting on ``x`` (factory digits the head was never fit on) instead of replay.npz's
+    held-out half (training-split examples the factory head gets all right, where a candidate
+    can only lose: tools/guard_memorized.py). The user's held-out part stays as it is."""
+    factory = (p.classifier.embed(x), [str(v) for v in labels])
+    factory_trunk = (tp.runtime.trunk(x), factory[1])
+    held_out, held_out_trunk = p._held_out, tp.held_out_trunk
+    p._held_out = lambda: {**held_out(), "factory": factory}
+    tp.held_out = p._held_out
+    tp.held_out_trunk = lambda: {**held_out_trunk(), "factory": factory_trunk}
 
 
 def tail_personalizer(start: str) -> Any:
@@ -316,7 +343,7 @@ def grid_entry(index: int) -> tuple[Any, float, float | None, str]:
     return settings, ratio, temperature, start
 
 
-def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None) -> None:
+def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None, guard_factory: str = "replay") -> None:
     """Settings of :data:`TUNE_GRID` (``only``: their indices, e.g. "5,6") on the tuning family
     of every bundle's world, pooled: the summary lines of each."""
     from guard_rates import families
@@ -325,14 +352,15 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None)
         settings, ratio, temperature, start = grid_entry(index)
         optimizer, lr, l2, epochs, batch = (getattr(settings, k) for k in TRAIN_FIELDS)
         records = [
-            run_user(w, kind, per_class, seed, settings, ratio, temperature, start)
+            run_user(w, kind, per_class, seed, settings, ratio, temperature, start, guard_factory)
             for w in worlds
             for kind in families()["tuning"]
             for seed in range(seeds)
         ]
         targets = "one-hot" if temperature is None else f"soft T {temperature}"
         what = f"epochs {epochs} batch {batch} replay ratio {ratio} replay targets {targets} start {start}"
-        print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family)")
+        guard = "" if guard_factory == "replay" else f", guard judging forgetting on {guard_factory} factory digits"
+        print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family{guard})")
         print("\n".join(summarize(records)[0]), flush=True)
         refused = [r["tail_reason"] for r in records if not r["tail_accepted"]]
         forgot = sum("forgets the factory classes" in why for why in refused)
@@ -357,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every record here")
     ap.add_argument("--tune", action="store_true", help="compare tail settings on the tuning family only")
     ap.add_argument("--grid", help="with --tune: indices into TUNE_GRID (default: all)")
+    ap.add_argument(
+        "--guard-factory",
+        default="replay",
+        choices=GUARD_FACTORY,
+        help="simulate a guard judging forgetting on factory digits the head never saw (unseen; truth: the other half)",
+    )
     args = ap.parse_args(argv)
     if args.tune:
         with tempfile.TemporaryDirectory() as tmp:
@@ -365,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in range(0 if args.bundle else args.bundles)
             ]
             bundles = args.bundle or made
-            tune([world(b, args.backend) for b in bundles], args.seeds, args.per_class, args.grid)
+            tune([world(b, args.backend) for b in bundles], args.seeds, args.per_class, args.grid, args.guard_factory)
         return 0
     records, count = [], len(args.bundle) if args.bundle else args.bundles
     for b in range(count):
@@ -375,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             mine = []
             for kind in families()["evaluation"]:
                 for seed in range(args.seeds):
-                    r = {**run_user(w, kind, args.per_class, seed), "bundle": b}
+                    r = {**run_user(w, kind, args.per_class, seed, guard_factory=args.guard_factory), "bundle": b}
                     mine.append(r)
                     print(
                         f"bundle {b} {kind:<12} seed {seed}: before {r['user_before']:.3f} head {r['user_head']:.3f} "

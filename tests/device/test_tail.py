@@ -452,3 +452,34 @@ def test_tail_rates_says_when_a_mean_rests_on_a_few_users():
     assert low < 5.0 < high and high - low > 5  # mean +5.0: the interval says it could be far less
     assert "[+5.0, +5.0]" in spread([0.05] * 22) and "worse for 0" in spread([0.05] * 22)
     assert "better for 1, worse for 1" in spread([0.1, -0.1, 0.0])
+
+
+def test_tail_rates_unseen_guard_simulation_judges_on_the_digits_it_is_given(tail_bundle):
+    """tools/tail_rates.py --guard-factory unseen: both the head's and the tail's guard judge
+    forgetting on the factory digits handed to them (not replay.npz's held-out half), the user's
+    held-out part is untouched, and the truth is the other half of the test digits."""
+    from edgetl.device import Personalizer
+    from edgetl.device._tail import TailPersonalizer
+
+    tool, w = load_tool("tail_rates"), tail_bundle[1]
+    x, labels, _ = _user(w, ("blur", 0))
+    w.clf.set_head(w.clf.factory, 0)
+    p = Personalizer(w.clf, None)
+    p.add_examples(x, labels)
+    tp = TailPersonalizer(p)
+    user_before = p._held_out()["user"]
+    tool.unseen_guard(p, tp, w.test_x[0::2], w.test_y[0::2])
+    factory, trunk = p._held_out()["factory"], tp.held_out_trunk()["factory"]
+    assert factory[1] == [str(v) for v in w.test_y[0::2]] and trunk[1] == factory[1]
+    np.testing.assert_allclose(factory[0], w.factory_emb[0::2], atol=1e-5)
+    assert trunk[0].shape[0] == len(w.test_x[0::2]) and tp.held_out()["factory"][1] == factory[1]
+    assert p._held_out()["user"][1] == user_before[1]
+    p.train()
+    tp.train()
+    assert p.decide().evidence["factory"]["n"] == len(factory[1]) == tp.decide().evidence["factory"]["n"]
+    r = tool.run_user(w, "blur", 10, 0, guard_factory="unseen")
+    assert 0 <= r["user_tail"] <= 1 and r["factory_before"] == pytest.approx(
+        np.mean(np.asarray(p._predict(w.clf.factory, w.factory_emb[1::2])[0]) == w.test_y[1::2])
+    )
+    with pytest.raises(ValueError, match="guard_factory must be one of"):
+        tool.run_user(w, "blur", 10, 0, guard_factory="test")
