@@ -121,3 +121,54 @@ def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migra
     )
     assert "(the embedding comes from Flatten" in _tail_dropped(tailed, digits_bundle[0])  # its manifest's reason
     assert "another backbone, labels or head shape" in _tail_dropped(tailed, with_tail)
+
+
+@pytest.mark.slow  # the device-only venv of tests/device/test_device_install.py (~25 s when it is not built yet)
+def test_the_tail_in_a_device_only_install_on_both_backends(tail_bundle, tmp_path):
+    """A device-only install (no TensorFlow) personalizes the tail and `auto` on onnxruntime and
+    LiteRT, predicts with each store, and rolls back and forgets tail versions, as a user types it;
+    the two backends' tails predict the same probabilities."""
+    import json
+    import os
+    import subprocess
+
+    from test_device_install import _device_venv
+
+    py = _device_venv()
+    assert subprocess.run([str(py), "-c", "import tensorflow"], capture_output=True).returncode != 0
+    path, w = tail_bundle
+    x, labels = _user_examples(w, "thick_slant", 0)
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=[names.index(v) for v in labels], class_names=np.array(names))
+    np.save(tmp_path / "batch.npy", w.test_x[:8])
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    def edgetl(*args: str) -> str:
+        proc = subprocess.run([str(py.parent / "edgetl"), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr[-2000:])
+        return proc.stdout
+
+    opened = ("--margin", "1", "--forget-margin", "1", "--mislabel", "off")  # commits whatever trains
+    for adapt in ("tail", "auto"):
+        for backend in ("onnxruntime", "litert"):
+            out = edgetl("personalize", str(path), "--data", "u.npz", "--store", f"{adapt}_{backend}",
+                         "--adapt", adapt, "--backend", backend, *opened)  # fmt: skip
+            assert f"adapt {adapt}: judged the " in out and "committed; active version 1" in out, out
+
+    def probabilities(store: str | None) -> np.ndarray:
+        stored = ("--store", store) if store else ()
+        doc = json.loads(edgetl("predict", str(path), "batch.npy", "--json", "--top-k", str(len(names)), *stored))
+        return np.array([[dict((t["label"], t["probability"]) for t in p["top_k"])[n] for n in names]
+                         for p in doc["predictions"]])  # fmt: skip
+
+    tails = [probabilities(f"tail_{backend}") for backend in ("onnxruntime", "litert")]
+    np.testing.assert_allclose(tails[0], tails[1], atol=1e-5)  # the same weights from both runtimes
+    assert not np.allclose(tails[0], probabilities(None), atol=1e-3)  # and not the factory head's
+    assert "with a trained tail layer: [1]" in edgetl("store", "verify", "--store", "tail_litert")
+    assert "v1    commit" in edgetl("store", "history", "--store", "tail_litert")
+    assert "active version 0" in edgetl("store", "rollback", "--store", "tail_onnxruntime")
+    np.testing.assert_allclose(probabilities("tail_onnxruntime"), probabilities(None), atol=1e-6)
+    assert "head version(s) [1] destroyed; active version 0" in edgetl(
+        "store", "forget", "--store", "tail_litert", "--all"
+    )
+    np.testing.assert_allclose(probabilities("tail_litert"), probabilities(None), atol=1e-6)
