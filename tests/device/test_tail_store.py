@@ -123,6 +123,63 @@ def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migra
     assert "another backbone, labels or head shape" in _tail_dropped(tailed, with_tail)
 
 
+def _broken_bundles(path, tmp_path):
+    """The tail bundle with ``tail.tflite`` truncated, with ``trunk.fp32.onnx`` deleted, and with
+    ``tail.tflite`` left in the directory but dropped from a re-hashed manifest (every listed hash
+    valid, so only the tail's own lookup can refuse it)."""
+    import json
+
+    from edgetl.bundle import write_bundle
+
+    truncated, deleted = tmp_path / "truncated.edgetl", tmp_path / "deleted.edgetl"
+    for copy in (truncated, deleted):
+        shutil.copytree(path, copy)
+    (truncated / "tail.tflite").write_bytes((path / "tail.tflite").read_bytes()[:100])
+    (deleted / "trunk.fp32.onnx").unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["file"] != "tail.tflite"]
+    files = {a["file"]: (path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    unlisted = write_bundle(tmp_path / "unlisted.edgetl", manifest, files).path
+    shutil.copy(path / "tail.tflite", unlisted / "tail.tflite")
+    return [
+        (truncated, "litert", "artifact 'tail.tflite' is 100 bytes, the manifest says"),
+        (deleted, "onnxruntime", "artifact 'trunk.fp32.onnx' listed in the manifest is missing"),
+        (unlisted, "litert", "its manifest does not list tail.tflite (role tail); files the manifest does not list"),
+    ]
+
+
+def test_a_bundle_with_missing_truncated_or_unlisted_tail_files_is_refused_naming_the_file(
+    tail_bundle, tail_store, tmp_path, capsys
+):
+    """Personalizing the tail, or predicting with a stored tail, on a broken copy of the bundle: a
+    clear error naming the file, exit 2, and the store (two tail versions) exactly as it was."""
+    path, w = tail_bundle
+    store_dir = _copy(tail_store, tmp_path)
+    x, labels = _user_examples(w, "shift", 3)
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=[names.index(v) for v in labels], class_names=np.array(names))
+    np.save(tmp_path / "batch.npy", w.test_x[:4])
+
+    def state():
+        store = HeadStore(store_dir, read_bundle(path))
+        try:
+            return store.active().number, len(store.history()), store.active().head.tail["W1"].tobytes()
+        finally:
+            store.close()
+
+    before = state()
+    for bundle, backend, said in _broken_bundles(path, tmp_path):
+        b, store = str(bundle), ("--store", str(store_dir), "--backend", backend)
+        for argv in (
+            ["personalize", b, "--data", str(tmp_path / "u.npz"), "--adapt", "tail", *store],
+            ["predict", b, str(tmp_path / "batch.npy"), *store],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert said in err and "Traceback" not in err, (argv, err)
+        assert state() == before, bundle
+
+
 @pytest.mark.slow  # the device-only venv of tests/device/test_device_install.py (~25 s when it is not built yet)
 def test_the_tail_in_a_device_only_install_on_both_backends(tail_bundle, tmp_path):
     """A device-only install (no TensorFlow) personalizes the tail and `auto` on onnxruntime and
