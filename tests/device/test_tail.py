@@ -316,9 +316,11 @@ def test_personalize_cli_adapt_says_once_when_the_bundle_has_no_tail(tmp_path, d
         tmp_path / "u.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(halves.test.class_names)
     )
     args = ["personalize", str(bundle.path), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
-    assert main([*args, "--adapt", "auto"]) in (0, 3)  # the guard's verdict on the head
-    out = capsys.readouterr().out
-    assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+    for adapt in ("auto", "tail"):  # asked for the tail outright too: the head, said once, no error
+        assert main([*args, "--adapt", adapt]) in (0, 3)  # the guard's verdict on the head
+        out = capsys.readouterr().out
+        assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+        assert out.count("tail") == 1 and "guard: " in out, out
     assert main([*args, "--adapt", "sideways"]) == 2  # argparse refuses a value outside head|tail|auto
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
