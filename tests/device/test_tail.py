@@ -289,6 +289,21 @@ def test_a_tail_that_fails_its_checks_leaves_the_bundle_head_only_unless_strict(
     assert not (tmp_path / "s.edgetl").exists()
 
 
+def test_the_export_cost_tools_skipped_tail_step_is_one_export_takes(tail_bundle, tmp_path, monkeypatch):
+    """tools/tail_export_cost.py (README: what the tail adds to the demo's export) times export with
+    its tail step replaced by a stub; the stub must give what export takes (it once handed back a
+    list where export reads a dict: the README's command failed with an AttributeError)."""
+    from guard_rates import digit_halves
+
+    from edgetl.host import _export
+
+    monkeypatch.setattr(_export, "tail_step", load_tool("tail_export_cost").skipped_tail_step)
+    run = tail_bundle[0].parent / "tail_target_dense0"
+    result = _export.export_bundle(run, tmp_path / "b.edgetl", quantize=["none"], calibration=digit_halves().train)
+    assert result.ok and result.bundle.manifest.extra["tail"]["reason"] == "skipped (timing)"
+    assert not [a for a in result.bundle.artifacts() if a.role.value.startswith(("tail", "trunk"))]
+
+
 def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):
     from edgetl.device import Classifier, Personalizer
     from edgetl.device._tail import TailPersonalizer
