@@ -644,6 +644,8 @@ def _store_history(store: Any, args: argparse.Namespace) -> int:
         metrics = dict(h.get("metrics") or {})
         guard = metrics.pop("guard", None)  # the counts behind the decision: printed as its reason
         extra = metrics or {k: h[k] for k in ("from", "kind", "versions_removed", "key_ids") if k in h}
+        if "adapt" in (guard or {}):  # personalize --adapt tail|auto: what was trained and judged
+            extra["adapt"] = guard["adapt"]
         reason = (guard or {}).get("reason") or h.get("reason") or metrics.get("reason")
         line = f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}"
         print(f"{line}\n{'':>28}reason: {reason}" if reason else line)

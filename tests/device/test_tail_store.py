@@ -67,6 +67,15 @@ def test_rollback_restores_the_previous_versions_tail(tail_bundle, tail_store, t
     assert store.rollback() == 1 and store.active().head.tail is not None  # undoing the reset brings it back
 
 
+def test_store_history_says_which_versions_trained_the_tail(tail_store, tmp_path, capsys):
+    """A user reading `store history` sees which commits trained the tail (the guard's evidence
+    records it; the text showed only the head's scores)."""
+    store_dir = _copy(tail_store, tmp_path)
+    assert main(["store", "history", "--store", str(store_dir)]) == 0
+    commits = [line for line in capsys.readouterr().out.splitlines() if "commit " in line]
+    assert len(commits) == 2 and all(line.endswith('"adapt": "tail"}') for line in commits), commits
+
+
 def test_a_tail_carries_over_to_a_bundle_with_the_same_tail_and_predictions_use_it(
     tail_bundle, tail_store, tail_migration_bundles, tmp_path
 ):
