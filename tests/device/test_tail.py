@@ -340,6 +340,18 @@ def test_personalize_cli_adapt_says_once_when_the_bundle_has_no_tail(tmp_path, d
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
+def test_inspect_says_whether_the_bundle_has_a_tail_and_why_not(tail_bundle, digits_bundle, capsys):
+    """A user deciding on --adapt reads `edgetl inspect`: the layer a tail trains, or why there is none."""
+    from edgetl.cli import main
+
+    assert main(["inspect", str(tail_bundle[0])]) == 0
+    out = capsys.readouterr().out
+    assert "trainable tail: layer 'embedding_dense' (relu, trunk 1 x 1024 -> 64): personalize --adapt tail|auto" in out
+    assert main(["inspect", str(digits_bundle[0].path)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable tail: none, the head trains alone (the embedding comes from Flatten" in out, out
+
+
 def test_personalize_cli_adapt_tail_commits_a_tail_version(tmp_path, tail_bundle, tail_user, capsys):
     from edgetl.cli import main
     from edgetl.device import HeadStore
