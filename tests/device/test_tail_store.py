@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import TAIL_ROLES
 
 from edgetl.bundle import read_bundle
 from edgetl.cli import main
@@ -113,6 +114,45 @@ def test_a_bundle_without_tail_files_keeps_head_only_and_says_so_once(
     assert clf.head.tail is None and len(clf.predict(test_x).labels) == len(test_x)
     with pytest.raises(StoreError, match="nothing to roll back to"):
         store.rollback()  # the old bundle's versions (and their tails) cannot run with the new one
+
+
+def test_the_same_bundle_with_its_tail_files_taken_out_rebuilds_head_only_and_says_so_once(
+    tail_bundle, tail_store, tmp_path, capsys
+):
+    """The store's own bundle with its tail files taken out (a vendor shipping it smaller) has the
+    same identity (backbone and factory head), so `store migrate` said "unchanged" and every
+    prediction then failed on a missing tail_init. Now: opening it with the store names the way
+    out, and the migration rebuilds a head-only version, said once."""
+    import io
+    import json
+
+    from edgetl.bundle import write_bundle
+    from edgetl.bundle._tail import REPLAY_KEY
+    from edgetl.device._store import bundle_identity
+    from edgetl.errors import BundleError
+
+    path, w = tail_bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tail"] = {"available": False, "reason": "tail files left out of this build"}
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
+    files = {a["file"]: (path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    replay = next(a["file"] for a in manifest["artifacts"] if a["role"] == "replay")
+    with np.load(io.BytesIO(files[replay])) as z:
+        arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files[replay] = buffer.getvalue()
+    slim = write_bundle(tmp_path / "slim.edgetl", manifest, files)
+    assert bundle_identity(slim) == bundle_identity(read_bundle(path))
+    store_dir = _copy(tail_store, tmp_path)
+    with pytest.raises(BundleError, match="head version 2 trained the backbone's last layer .* store migrate"):
+        Classifier.open(slim.path, store=store_dir)
+    assert main(["store", "migrate", "--store", str(store_dir), str(slim.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("head only: the personalized tail layer does not carry over") == 1, out
+    assert "tail files left out of this build" in out and out.startswith(("retrained:", "factory:")), out
+    clf = Classifier.open(slim.path, store=store_dir)  # the rebuilt head, or the factory's if the guard refused it
+    assert clf.head.tail is None and len(clf.predict(w.test_x[:4]).labels) == 4
 
 
 def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migration_bundles, digits_bundle):
