@@ -47,6 +47,28 @@ def tail_store(tail_bundle, tmp_path_factory):
     return store, test_x, seen
 
 
+def test_the_public_personalizer_trains_the_tail(tail_bundle, digits_bundle, tmp_path):
+    """`Personalizer.personalize(..., adapt=...)`: the tail from the public API, as the CLI's
+    --adapt (it was reachable only through the private edgetl.device._tail); a typo is refused,
+    and a bundle without a tail personalizes the head and says why in the evidence."""
+    from edgetl.errors import InputError
+
+    path, w = tail_bundle
+    x, labels = _user_examples(w, "thick_slant", 0)
+    clf = Classifier.open(path, store=tmp_path / "s", new_store=True)
+    with pytest.raises(InputError, match="adapt must be one of .*received 'tial'"):
+        Personalizer(clf, tmp_path / "s").personalize(x, labels, adapt="tial")
+    result = Personalizer(clf, tmp_path / "s", guard=OPEN).personalize(x, labels, adapt="tail")
+    assert result.accepted and result.evidence["adapt"] == "tail" and clf.head.tail is not None, result.reason
+    assert HeadStore(tmp_path / "s", read_bundle(path)).active().head.tail is not None
+    bundle, halves = digits_bundle
+    head_only = Classifier.open(bundle.path)
+    verdict = Personalizer(head_only, None).personalize(
+        halves.test.x[:40], [halves.test.class_names[i] for i in halves.test.y[:40]], adapt="auto", commit=False
+    )
+    assert verdict.evidence["adapt"] == "head" and "Flatten" in verdict.evidence["tail_unavailable"]
+
+
 def _copy(tail_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(tail_store[0], store)
