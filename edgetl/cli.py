@@ -644,6 +644,8 @@ def _store_history(store: Any, args: argparse.Namespace) -> int:
         metrics = dict(h.get("metrics") or {})
         guard = metrics.pop("guard", None)  # the counts behind the decision: printed as its reason
         extra = metrics or {k: h[k] for k in ("from", "kind", "versions_removed", "key_ids") if k in h}
+        if "adapt" in (guard or {}):  # personalize --adapt tail|auto: what was trained and judged
+            extra["adapt"] = guard["adapt"]
         reason = (guard or {}).get("reason") or h.get("reason") or metrics.get("reason")
         line = f"{h['time']}  v{h['version']:<4} {h['action']:<9} {json.dumps(extra)}"
         print(f"{line}\n{'':>28}reason: {reason}" if reason else line)
@@ -901,31 +903,32 @@ def _say(text: str) -> None:
 
 
 SKIPS_SHOWN = 10  # skipped files listed one by one; the rest are counted
+# edgetl.data.SKIPPED_SUMMARY, matched here without importing the data module (numpy) for every command
+SKIPPED_COUNT = re.compile(r"skipped \d+ file\(s\) that are not readable images$")
 
 
 @contextlib.contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Library warnings as edgetl's own one-line messages on stderr (no source line), and the
-    files skipped while reading data counted: the first SKIPS_SHOWN are listed, then how many."""
-    skipped = 0
+    """Library warnings as edgetl's own one-line messages on stderr (no source line). Of the
+    files a folder's loading skips, the first SKIPS_SHOWN are listed; the loader's count of them
+    (said where the data is loaded) then tells how many were not."""
+    seen = 0
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        nonlocal skipped
+        nonlocal seen
         text = str(message)
         if text.startswith("skipping "):
-            skipped += 1
-            if skipped > SKIPS_SHOWN:
+            seen += 1
+            if seen > SKIPS_SHOWN:
                 return
+        elif SKIPPED_COUNT.search(text):  # a folder loaded: its count closes its list
+            text += f" ({seen - SKIPS_SHOWN} not listed)" if seen > SKIPS_SHOWN else ""
+            seen = 0
         print(f"edgetl: warning: {cli_spelling(text)}", file=sys.stderr)
 
     with warnings.catch_warnings():  # restores showwarning; the filters (quiet third parties) stay
         warnings.showwarning = show
-        try:
-            yield
-        finally:
-            if skipped:
-                more = f" ({skipped - SKIPS_SHOWN} not listed)" if skipped > SKIPS_SHOWN else ""
-                print(f"edgetl: warning: skipped {skipped} file(s) that are not readable images{more}", file=sys.stderr)
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:

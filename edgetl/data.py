@@ -48,6 +48,17 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
+SKIPPED_SUMMARY = "skipped {count} file(s) that are not readable images"
+
+
+def _warn_skipped(root: Path, count: int) -> None:
+    """One line counting a folder's skipped files, said where the folder is loaded (the CLI lists
+    only the first few ``skipping`` lines, so a long folder's count belongs with them, not after
+    the command's results)."""
+    if count:
+        _warn(f"{root}: " + SKIPPED_SUMMARY.format(count=count))
+
+
 __all__ = [
     "Dataset",
     "Splits",
@@ -431,6 +442,7 @@ def _load_folder(root: Path, image_size: tuple[int, int] | int | None, channels:
         return replace(ds, loading=reason)
     for message in listing.skipped:
         _warn(message)
+    _warn_skipped(root, len(listing.skipped))
     if image_size is None and len(set(map(tuple, listing.sizes.tolist()))) > 1:
         _warn(
             f"{root}: images have {len(set(map(tuple, listing.sizes.tolist())))} different sizes; resizing all to the "
@@ -517,12 +529,14 @@ def load_image_folder(
 
     images: list[Any] = []
     labels: list[int] = []
+    skipped = 0
     for label, class_dir in enumerate(class_dirs):
         for file in sorted(class_dir.iterdir()):
             if file.name.startswith(".") or file.is_dir():
                 continue
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 _warn(f"skipping {file}: not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})")
+                skipped += 1
                 continue
             try:
                 with image.open(file) as im:
@@ -530,8 +544,10 @@ def load_image_folder(
                     images.append(im.copy())
             except (OSError, ValueError) as exc:
                 _warn(f"skipping {file}: cannot be read as an image ({exc})")
+                skipped += 1
                 continue
             labels.append(label)
+    _warn_skipped(root, skipped)
     names = tuple(d.name for d in class_dirs)
     if not images:
         raise DataError(f"{str(root)!r} has no readable images in its class folders ({', '.join(names)})")

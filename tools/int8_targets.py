@@ -245,30 +245,46 @@ def explain(root: Path, top: int) -> None:
 
 def keep_float_experiment(root: Path, parts: list[str]) -> None:
     """The fused model's int8 ONNX with every node whose name contains one of ``parts`` kept
-    float, up the calibration rungs: how much such a float fallback recovers, and of how much."""
-    from edgetl.host._export import plan_export
+    float, up the calibration rungs: how much such a float fallback recovers, and of how much.
+
+    The rungs are chosen as the export chooses them: by the export's own gate on its selection
+    data (``int8_onnx_gate``: the validation split and the labelled calibration examples, see
+    edgetl/host/_selection.py); the result is then reported on the data the export reports on
+    (the run's test split, or its reporting half), which no choice looked at."""
+    from edgetl.host._export import int8_onnx_gate, plan_export
     from edgetl.host._int8_onnx import RECIPES, agreement_gate, quantize_onnx_int8
 
     bundle = root / "bundle.edgetl"
     target = json.loads((bundle / "manifest.json").read_text()).get("target", "any")
     fp32 = (bundle / "model.fp32.onnx").read_bytes()
-    x, y = _held_out(root)
-    calibration = plan_export(root / "run", quantize=["int8"]).data.calibration_x
+    plan = plan_export(root / "run", quantize=["int8"])
+    calibration = plan.data.calibration_x
     keep = ("embedding_standardize", *parts)
-    result = quantize_onnx_int8(
-        fp32, calibration, agreement_gate(fp32, x, y=y), recipe=RECIPES[target], keep_float=keep
-    )
+    gate = int8_onnx_gate(plan, "fused", fp32, calibration)
+    result = quantize_onnx_int8(fp32, calibration, gate, recipe=RECIPES[target], keep_float=keep)
     ops = result.record["ops"]
     kept, total = sum(ops["float"].values()), sum(ops["float"].values()) + sum(ops["quantized"].values())
+    roles = plan.data.source["selection"]
+    chooses, reports = roles["chooses"] or {"split": "calibration inputs (unlabelled)"}, roles["reports"]
     print(f"\nint8 ONNX with nodes matching {list(parts)} kept float: {kept} of {total} Conv/MatMul/Gemm float")
+    print(f"  rungs chosen on {chooses['split']} ({chooses.get('examples', '-')} examples):")
     for t in result.record["tried"]:
         g = t["gate"]
-        print(
-            f"  {t['rung']:<26} accuracy {-100 * g['accuracy_drop']:+.2f} points, agreement {g['top1_agreement']:.3f}"
-        )
+        drop = "" if "accuracy_drop" not in g else f"accuracy {0.0 - 100 * g['accuracy_drop']:+.2f} points, "
+        print(f"  {t['rung']:<26} {drop}agreement {g['top1_agreement']:.3f}")
     size = result.record["size_bytes"]
     verdict = "passed" if result.passed else "failed"
     print(f"  size {size['int8'] / 1024:.0f} KB (fp32 {size['fp32'] / 1024:.0f} KB); gate {verdict}")
+    if plan.data.test is None or reports is None:
+        print("  no labelled held-out data to report on")
+        return
+    x, y = np.asarray(plan.data.test[0], np.float32), np.asarray(plan.data.test[1])
+    shown = agreement_gate(fp32, x, y=y)(result.content)
+    print(
+        f"  reported on {reports['split']} ({reports['examples']} examples, never chosen on): rung "
+        f"{result.record['rung']}, accuracy {0.0 - 100 * shown['accuracy_drop']:+.2f} points, "
+        f"agreement {shown['top1_agreement']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

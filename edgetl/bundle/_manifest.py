@@ -686,6 +686,7 @@ class Manifest:
             f"  embedding size {self.embedding_size}; head {self.head.kind} with capacity {self.head.max_classes} "
             "classes"
         )
+        lines.append(f"  trainable tail: {self._describe_tail()}")
         lines.append(f"  {'file':<26} {'role':<15} {'format':<7} {'precision':<9} {'bytes':>10}  sha256")
         for a in self.artifacts:
             lines.append(
@@ -710,6 +711,14 @@ class Manifest:
         if producer:
             lines.append(f"  produced by {producer}")
         return "\n".join(lines)
+
+    def _describe_tail(self) -> str:
+        """Whether personalization can train the backbone's last layer, and if not, why."""
+        tail = self.extra.get("tail") or {}
+        if not tail.get("available"):
+            return f"none, the head trains alone ({tail.get('reason', 'exported before tails existed')})"
+        shape = f"{tail.get('positions')} x {tail.get('trunk_size')} -> {tail.get('embedding_size')}"
+        return f"layer {tail.get('layer')!r} ({tail.get('activation')}, trunk {shape}): personalize --adapt tail|auto"
 
 
 def validate_manifest(m: Any) -> dict[str, Any]:

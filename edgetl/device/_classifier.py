@@ -25,7 +25,7 @@ from edgetl.device._head_loop import make_trainer
 from edgetl.device._runtimes import BACKEND_FORMATS, check_io, install_hint, installed_backends, load_model
 from edgetl.device._store import HeadStore
 from edgetl.device._tail import TailRuntime
-from edgetl.errors import DependencyError, InputError, describe
+from edgetl.errors import BundleError, DependencyError, InputError, describe
 
 BACKENDS = ("onnxruntime", "litert")
 
@@ -188,6 +188,14 @@ class Classifier:
         if head.W.shape != self.factory.W.shape:
             raise InputError(f"head shape {head.W.shape} does not match the bundle's {self.factory.W.shape}")
         if head.tail is not None:
+            section = self.bundle.manifest.extra.get("tail") or {}
+            if not section.get("available"):  # a store's tail version, opened with a bundle that has none
+                why = section.get("reason", "exported before tails existed")
+                raise BundleError(
+                    f"head version {version} trained the backbone's last layer (a tail), and bundle "
+                    f"{self.bundle.name!r} has no trainable tail ({why}): `edgetl store migrate --store STORE "
+                    "BUNDLE` rebuilds a head-only version for it"
+                )
             self._tail_parts()  # a head with a tail needs the bundle's tail files: refused here, not on predict
         # One reference assignment: readers see old or new, never a mix. The active columns
         # and labels are computed here, once per head, not on every prediction.

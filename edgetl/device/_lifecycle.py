@@ -78,10 +78,12 @@ def migrate(
     trusted = trust if trust is not None else store.trusted_keys()
     if trusted is not None:  # on the manifest bytes new_bundle was parsed from
         check_signature(new_bundle, trusted)
-    if store.bundle_id == bundle_identity(new_bundle):
-        return Migration("unchanged", store.active_version, new_bundle.name, "the store already belongs to this bundle")
     active = store.active_version
     head = store.active().head if active else None  # checksum-verified
+    # The identity is the backbone and factory head: the same bundle with its tail files taken
+    # out is "the same", yet cannot run a version with a trained tail layer (rebuilt head-only).
+    if store.bundle_id == bundle_identity(new_bundle) and not _tail_dropped(head, new_bundle, same_backbone=True):
+        return Migration("unchanged", store.active_version, new_bundle.name, "the store already belongs to this bundle")
     entry = {"from_bundle": store.describe().get("bundle_name"), "to_bundle": new_bundle.name}
     if head is not None and _same_embedding(store, head, new_bundle):
         why = "same backbone and labels: the personalized head carries over unchanged"
@@ -113,14 +115,17 @@ def _same_embedding(store: HeadStore, head: HeadState, new: Bundle) -> bool:
     return bool(old_id) and old_id == new_id and head.W.shape == factory.W.shape and same_labels and tail_ok
 
 
-def _tail_dropped(head: HeadState | None, new: Bundle) -> str:
-    """Why the active version's trained tail layer does not move to ``new`` ("" when it has none)."""
+def _tail_dropped(head: HeadState | None, new: Bundle, *, same_backbone: bool = False) -> str:
+    """Why the active version's trained tail layer does not move to ``new`` ("" when it has none,
+    or when ``same_backbone`` and ``new`` has a tail to run it)."""
     if head is None or head.tail is None:
         return ""
     section = new.manifest.extra.get("tail") or {}
     if not section.get("available"):
         why = section.get("reason", "it was exported before tails existed")
         return f"bundle {new.name!r} has no trainable tail ({why})"
+    if same_backbone:
+        return ""
     return f"bundle {new.name!r} has another backbone, labels or head shape, and a migration rebuilds the head only"
 
 

@@ -42,6 +42,7 @@ from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
 from edgetl.device._store import HeadStore
 from edgetl.device._tail import ADAPT, check_adapt
+from edgetl.device._tail import personalize as personalize_adapting
 from edgetl.errors import BundleError, InputError, StoreError, describe
 
 
@@ -460,18 +461,28 @@ class Personalizer:
         add_classes: bool = False,
         settings: TrainSettings | None = None,
         commit: bool = True,
+        adapt: str = "head",
     ) -> CommitResult:
         """The whole flow in one call: add the examples, train a candidate, commit it if the
         guard accepts it (what ``edgetl personalize`` runs); ``commit=False`` stops at the
         guard's verdict (:meth:`decide`).
 
         Labels the head does not know become new classes (imprinted from their examples)
-        when ``add_classes`` is true, and are refused otherwise.
+        when ``add_classes`` is true, and are refused otherwise. ``adapt`` (``personalize
+        --adapt``): ``"head"``; ``"tail"``, the head and the backbone's last layer, guarded alike
+        (bundles with a trainable tail; any other personalizes the head and says so in the
+        result's evidence, ``tail_unavailable``); ``"auto"``, the tail only when the guard's
+        evidence prefers it to the head. ``settings`` apply to the head.
 
         Raises:
             InputError: bad inputs, a label count that differs from the example count, an
-                unknown label without ``add_classes``, a head without room for new classes.
+                unknown label without ``add_classes``, a head without room for new classes,
+                ``adapt`` not one of head, tail, auto.
         """
+        if adapt != "head":  # the tail's flow, which calls back here for the head candidate
+            return personalize_adapting(
+                self, x, labels, adapt=adapt, add_classes=add_classes, settings=settings, commit=commit
+            )
         self.add_labelled(x, labels, add_classes=add_classes)
         self.train(settings)
         return self.commit() if commit else self.decide()

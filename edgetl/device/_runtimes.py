@@ -59,12 +59,13 @@ def onnx_session(model: str | Path | bytes, *, threads: int | None = None) -> An
 
 
 class OnnxModel:
-    """A single-input, single-output ONNX model in onnxruntime (CPU)."""
+    """A single-input, single-output ONNX model in onnxruntime (CPU), from a path or the model's bytes."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path | bytes, *, threads: int | None = None) -> None:
         self.session = onnx_session(path, threads=threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.io = _io_signature(Path(path).name, [i.shape for i in inputs], [o.shape for o in outputs])
+        name = "an ONNX model given as bytes" if isinstance(path, bytes) else Path(path).name
+        self.io = _io_signature(name, [i.shape for i in inputs], [o.shape for o in outputs])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self._outputs = [self.output_name]

@@ -165,12 +165,13 @@ class TailRuntime:
                 f"this bundle has no trainable tail: {section.get('reason', 'exported before tails existed')}"
             )
         fmt = "onnx" if backend == "onnxruntime" else "tflite"
-        path = Path(bundle.path)
+        trunk = _listed(bundle, C.TRUNK, fmt, C.TRUNK_FILE.format(precision="fp32", format=fmt))
         if fmt == "onnx":
-            models = {C.TRUNK: path / "trunk.fp32.onnx", "infer": path / T.INFER_FILE}
-            models.update({f"train_{o}": path / T.TRAIN_FILE.format(optimizer=o) for o in ("sgd", "adam")})
+            models = {C.TRUNK: trunk, "infer": _listed(bundle, "tail_infer", "onnx", T.INFER_FILE)}
+            for o in ("sgd", "adam"):
+                models[f"train_{o}"] = _listed(bundle, "tail_train_loop", "onnx", T.TRAIN_FILE.format(optimizer=o))
         else:
-            models = {C.TRUNK: path / "trunk.fp32.tflite", "tail": path / T.TFLITE_FILE}
+            models = {C.TRUNK: trunk, "tail": _listed(bundle, "tail", "tflite", T.TFLITE_FILE)}
         return cls(models, fmt, section["activation"], threads)
 
     @staticmethod
@@ -293,6 +294,17 @@ class TailRuntime:
             dtype=dtype,
         )
         return state
+
+
+def _listed(bundle: Any, role: str, fmt: str, file: str) -> Path:
+    """The path of ``file``, the bundle's ``role`` artifact in ``fmt``, only if its manifest lists it
+    (so read_bundle checked its hash): a file that merely sits in the directory is never loaded."""
+    if not any(a.file == file for a in bundle.artifacts(role, fmt)):
+        raise BundleError(
+            f"bundle {Path(bundle.path).name!r} says it has a trainable tail, but its manifest does not list {file} "
+            f"(role {role}); files the manifest does not list and hash are never loaded: re-export the bundle"
+        )
+    return Path(bundle.path) / file
 
 
 def _trunk_embedder(tail: "TailPersonalizer") -> Callable[[np.ndarray], np.ndarray]:

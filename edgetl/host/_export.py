@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -733,6 +733,23 @@ QAT_ONNX_METHOD = "onnxruntime_qdq of the float graph with the QAT-trained weigh
 INT8_GATE_EXAMPLES = 1000
 
 
+def int8_onnx_gate(
+    plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.ndarray
+) -> Callable[[bytes], dict[str, Any]]:
+    """The gate :func:`onnx_int8` judges each int8 candidate with: on the selection data
+    (``plan.data.select``, at most :data:`INT8_GATE_EXAMPLES`; the calibration inputs, unlabelled,
+    when there is none). Also what tools/int8_targets.py's experiments choose with."""
+    select = plan.data.select  # holds the calibration examples, labelled
+    if select is not None and len(select[0]):
+        x, y, inputs = select[0][:INT8_GATE_EXAMPLES], select[1][:INT8_GATE_EXAMPLES], None
+    else:
+        x, y, inputs = calibration[:0], None, np.asarray(calibration, np.float32)
+    if role == "fused":
+        return agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y, inputs=inputs)
+    W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
+    return agreement_gate(fp32_onnx, np.asarray(x, np.float32), inputs=inputs, head=(W, b))
+
+
 def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.ndarray) -> tuple[bytes, dict[str, Any]]:
     """The int8 ONNX of one model: onnxruntime QDQ of the float ONNX for ``plan.target``, up the
     remedy ladder (``edgetl.host._int8_onnx``) until the gate ``verify`` applies passes.
@@ -747,16 +764,7 @@ def onnx_int8(plan: ExportPlan, role: str, fp32_onnx: bytes, calibration: np.nda
     so most factors round to 0 (issue 9: agreement 0.50 -> 0.98).
     """
 
-    select = plan.data.select  # holds the calibration examples, labelled
-    if select is not None and len(select[0]):
-        x, y, inputs = select[0][:INT8_GATE_EXAMPLES], select[1][:INT8_GATE_EXAMPLES], None
-    else:
-        x, y, inputs = calibration[:0], None, np.asarray(calibration, np.float32)
-    if role == "fused":
-        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), y=y, inputs=inputs)
-    else:
-        W, b = plan.run.model.get_layer("head").layers[-1].get_weights()  # the classifier (see split_model)
-        gate = agreement_gate(fp32_onnx, np.asarray(x, np.float32), inputs=inputs, head=(W, b))
+    gate = int8_onnx_gate(plan, role, fp32_onnx, calibration)
 
     def more(n: int) -> np.ndarray | None:
         if plan.data.train is None:

@@ -42,7 +42,7 @@ from edgetl._quiet import native_output_silenced
 from edgetl.device._bench import timings
 from edgetl.device._evidence_gate import gate_outcome
 from edgetl.device._guard import paired
-from edgetl.device._runtimes import OnnxModel
+from edgetl.device._runtimes import OnnxModel, run_batched
 from edgetl.device._verify import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT
 from edgetl.errors import InputError, describe
 
@@ -144,6 +144,8 @@ MAX_RANKED_TENSORS = 64
 # Rung b stops at this many float tensors: a model that needs more is not an int8 model.
 MAX_FLOAT_TENSORS = 8
 SENSITIVITY_SAMPLES = 32
+# Examples per onnxruntime run when a gate or the sensitivity pass scores a candidate (what it always was).
+GATE_BATCH = 64
 
 
 @dataclass
@@ -496,8 +498,8 @@ def output_sensitivity(
     at most :data:`MAX_RANKED_TENSORS` are ranked, the first in the graph: an error made early
     passes through every later layer (and the MobileNetV2-0.35 winners were all early).
     """
-    ref = _run(float_path.read_bytes(), x)
-    error = lambda content: round(_relative_error(_run(content, x), ref), 6)  # noqa: E731
+    ref = run_batched(OnnxModel(float_path.read_bytes()), x, GATE_BATCH)
+    error = lambda content: round(_relative_error(run_batched(OnnxModel(content), x, GATE_BATCH), ref), 6)  # noqa: E731
     local = sorted(tensor_sensitivity(float_path, int8, x), key=lambda t: t["depth"])[:MAX_RANKED_TENSORS]
     ranked = [{**t, "output_error": error(quantize(t["nodes"]))} for t in local]
     return error(int8), sorted(ranked, key=lambda t: t["output_error"])
@@ -630,12 +632,12 @@ def agreement_gate(
     min_cos = MIN_COSINE["int8"] if min_cosine is None and head is not None else min_cosine
     xs = np.concatenate([np.asarray(a, np.float32) for a in (x, inputs) if a is not None and len(a)])
     labelled = len(x) if y is not None and head is None else 0
-    ref = _run(fp32_onnx, xs)
+    ref = run_batched(OnnxModel(fp32_onnx), xs, GATE_BATCH)
     classes = (lambda e: (e @ head[0] + head[1]).argmax(1)) if head is not None else (lambda p: p.argmax(1))
     ref_top = classes(ref)
 
     def gate(int8: bytes) -> dict[str, Any]:
-        out = _run(int8, xs)
+        out = run_batched(OnnxModel(int8), xs, GATE_BATCH)
         top = classes(out)
         agree = top == ref_top
         tests = [(paired("fidelity", np.ones(len(xs), bool), agree, 1 - min_agreement), 1 - min_agreement)]
@@ -657,16 +659,6 @@ def agreement_gate(
         return {"ok": bool(ok), "score": round(score, 6), "outcome": outcome, "evidence": words, **measures}
 
     return gate
-
-
-def _run(content: bytes, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(content, opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 # --------------------------------------------------------------------------- sensitivity

@@ -268,9 +268,13 @@ def test_personalize_cli_exit_3_when_the_guard_rejects(tmp_path, digits_bundle, 
     assert " lost and " in history
 
 
-def test_skipped_files_are_one_line_warnings_with_a_count(tmp_path, capsys):
-    """A messy folder: a broken PNG and a text file are skipped with edgetl's own lines (no
-    Python warning with its source line), then counted."""
+def test_skipped_files_are_one_line_warnings_counted_where_the_data_is_loaded(tmp_path, monkeypatch):
+    """A messy folder: a broken PNG and a dozen text files are skipped with edgetl's own lines
+    (no Python warning with its source line), the first 10 listed, then counted once, right where
+    the folder is loaded: before the command's results, not after "wrote ...". stdout and stderr
+    go to one stream here, so the order is the order a terminal shows."""
+    import io
+
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -279,13 +283,19 @@ def test_skipped_files_are_one_line_warnings_with_a_count(tmp_path, capsys):
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     (tmp_path / "data" / "a" / "broken.png").write_bytes(b"not a png")
-    (tmp_path / "data" / "b" / "notes.txt").write_text("hello")
+    for i in range(12):
+        (tmp_path / "data" / "b" / f"notes{i}.txt").write_text("hello")
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
     args = ["train", "--data", tmp_path / "data", "--backbone", "edgetl_cnn", "--epochs", "1", "--quiet"]
     assert main([*map(str, args), "--out", str(tmp_path / "run")]) == 0
-    err = capsys.readouterr().err
-    assert "edgetl: warning: skipping " in err and "broken.png" in err and "notes.txt" in err
-    assert "UserWarning" not in err and "return " not in err
-    assert "edgetl: warning: skipped 2 file(s) that are not readable images" in err
+    out = terminal.getvalue()
+    assert out.count("edgetl: warning: skipping ") == 10 and "broken.png" in out and "notes0.txt" in out
+    assert "UserWarning" not in out and "return " not in out
+    count = f"edgetl: warning: {tmp_path / 'data'}: skipped 13 file(s) that are not readable images (3 not listed)"
+    assert out.count("skipped 13 file(s)") == 1 and count in out, out
+    assert out.index(count) < out.index("wrote "), out
 
 
 def test_device_commands_as_the_readme_types_them(tmp_path, digits_bundle, capsys):

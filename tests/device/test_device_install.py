@@ -9,6 +9,7 @@ made by the suite, with image files, ``.npy``, ``.npz`` and CSV inputs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -24,11 +25,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _device_venv(extra: str = "device") -> Path:
-    """A venv with ``edgetl[extra]`` only, reused while pyproject.toml and the package are unchanged."""
+    """A venv with ``edgetl[extra]`` only, reused while pyproject.toml and the package are unchanged.
+    Built under a file lock: tests in other files (tests/device/test_tail_store.py) use it too, and
+    the suite's two workers must not build the same venv at once."""
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
     for f in sorted((ROOT / "edgetl").rglob("*.py")):
         digest.update(f.read_bytes())
     venv = Path(tempfile.gettempdir()) / f"edgetl_{extra.replace('-', '_')}_venv_{digest.hexdigest()[:12]}"
+    with open(f"{venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _build_venv(venv, extra)
+
+
+def _build_venv(venv: Path, extra: str) -> Path:
     py = venv / "bin" / "python"
     if (venv / ".complete").exists():
         return py

@@ -289,6 +289,21 @@ def test_a_tail_that_fails_its_checks_leaves_the_bundle_head_only_unless_strict(
     assert not (tmp_path / "s.edgetl").exists()
 
 
+def test_the_export_cost_tools_skipped_tail_step_is_one_export_takes(tail_bundle, tmp_path, monkeypatch):
+    """tools/tail_export_cost.py (README: what the tail adds to the demo's export) times export with
+    its tail step replaced by a stub; the stub must give what export takes (it once handed back a
+    list where export reads a dict: the README's command failed with an AttributeError)."""
+    from guard_rates import digit_halves
+
+    from edgetl.host import _export
+
+    monkeypatch.setattr(_export, "tail_step", load_tool("tail_export_cost").skipped_tail_step)
+    run = tail_bundle[0].parent / "tail_target_dense0"
+    result = _export.export_bundle(run, tmp_path / "b.edgetl", quantize=["none"], calibration=digit_halves().train)
+    assert result.ok and result.bundle.manifest.extra["tail"]["reason"] == "skipped (timing)"
+    assert not [a for a in result.bundle.artifacts() if a.role.value.startswith(("tail", "trunk"))]
+
+
 def test_a_backbone_without_a_dense_last_layer_stays_head_only_and_says_why(digits_bundle):
     from edgetl.device import Classifier, Personalizer
     from edgetl.device._tail import TailPersonalizer
@@ -316,11 +331,25 @@ def test_personalize_cli_adapt_says_once_when_the_bundle_has_no_tail(tmp_path, d
         tmp_path / "u.npz", x=halves.test.x[:40], y=halves.test.y[:40], class_names=np.array(halves.test.class_names)
     )
     args = ["personalize", str(bundle.path), "--data", str(tmp_path / "u.npz"), "--store", str(tmp_path / "s")]
-    assert main([*args, "--adapt", "auto"]) in (0, 3)  # the guard's verdict on the head
-    out = capsys.readouterr().out
-    assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+    for adapt in ("auto", "tail"):  # asked for the tail outright too: the head, said once, no error
+        assert main([*args, "--adapt", adapt]) in (0, 3)  # the guard's verdict on the head
+        out = capsys.readouterr().out
+        assert out.count("head only: this bundle has no trainable tail (the embedding comes from Flatten") == 1, out
+        assert out.count("tail") == 1 and "guard: " in out, out
     assert main([*args, "--adapt", "sideways"]) == 2  # argparse refuses a value outside head|tail|auto
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_inspect_says_whether_the_bundle_has_a_tail_and_why_not(tail_bundle, digits_bundle, capsys):
+    """A user deciding on --adapt reads `edgetl inspect`: the layer a tail trains, or why there is none."""
+    from edgetl.cli import main
+
+    assert main(["inspect", str(tail_bundle[0])]) == 0
+    out = capsys.readouterr().out
+    assert "trainable tail: layer 'embedding_dense' (relu, trunk 1 x 1024 -> 64): personalize --adapt tail|auto" in out
+    assert main(["inspect", str(digits_bundle[0].path)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable tail: none, the head trains alone (the embedding comes from Flatten" in out, out
 
 
 def test_personalize_cli_adapt_tail_commits_a_tail_version(tmp_path, tail_bundle, tail_user, capsys):

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import TAIL_ROLES
 
 from edgetl.bundle import read_bundle
 from edgetl.cli import main
@@ -46,6 +47,28 @@ def tail_store(tail_bundle, tmp_path_factory):
     return store, test_x, seen
 
 
+def test_the_public_personalizer_trains_the_tail(tail_bundle, digits_bundle, tmp_path):
+    """`Personalizer.personalize(..., adapt=...)`: the tail from the public API, as the CLI's
+    --adapt (it was reachable only through the private edgetl.device._tail); a typo is refused,
+    and a bundle without a tail personalizes the head and says why in the evidence."""
+    from edgetl.errors import InputError
+
+    path, w = tail_bundle
+    x, labels = _user_examples(w, "thick_slant", 0)
+    clf = Classifier.open(path, store=tmp_path / "s", new_store=True)
+    with pytest.raises(InputError, match="adapt must be one of .*received 'tial'"):
+        Personalizer(clf, tmp_path / "s").personalize(x, labels, adapt="tial")
+    result = Personalizer(clf, tmp_path / "s", guard=OPEN).personalize(x, labels, adapt="tail")
+    assert result.accepted and result.evidence["adapt"] == "tail" and clf.head.tail is not None, result.reason
+    assert HeadStore(tmp_path / "s", read_bundle(path)).active().head.tail is not None
+    bundle, halves = digits_bundle
+    head_only = Classifier.open(bundle.path)
+    verdict = Personalizer(head_only, None).personalize(
+        halves.test.x[:40], [halves.test.class_names[i] for i in halves.test.y[:40]], adapt="auto", commit=False
+    )
+    assert verdict.evidence["adapt"] == "head" and "Flatten" in verdict.evidence["tail_unavailable"]
+
+
 def _copy(tail_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(tail_store[0], store)
@@ -65,6 +88,15 @@ def test_rollback_restores_the_previous_versions_tail(tail_bundle, tail_store, t
     np.testing.assert_allclose(clf.predict(test_x).probabilities, seen[1][1], atol=1e-6)
     assert store.reset() == 0 and Classifier.open(bundle.path, store=store_dir).head.tail is None
     assert store.rollback() == 1 and store.active().head.tail is not None  # undoing the reset brings it back
+
+
+def test_store_history_says_which_versions_trained_the_tail(tail_store, tmp_path, capsys):
+    """A user reading `store history` sees which commits trained the tail (the guard's evidence
+    records it; the text showed only the head's scores)."""
+    store_dir = _copy(tail_store, tmp_path)
+    assert main(["store", "history", "--store", str(store_dir)]) == 0
+    commits = [line for line in capsys.readouterr().out.splitlines() if "commit " in line]
+    assert len(commits) == 2 and all(line.endswith('"adapt": "tail"}') for line in commits), commits
 
 
 def test_a_tail_carries_over_to_a_bundle_with_the_same_tail_and_predictions_use_it(
@@ -106,6 +138,45 @@ def test_a_bundle_without_tail_files_keeps_head_only_and_says_so_once(
         store.rollback()  # the old bundle's versions (and their tails) cannot run with the new one
 
 
+def test_the_same_bundle_with_its_tail_files_taken_out_rebuilds_head_only_and_says_so_once(
+    tail_bundle, tail_store, tmp_path, capsys
+):
+    """The store's own bundle with its tail files taken out (a vendor shipping it smaller) has the
+    same identity (backbone and factory head), so `store migrate` said "unchanged" and every
+    prediction then failed on a missing tail_init. Now: opening it with the store names the way
+    out, and the migration rebuilds a head-only version, said once."""
+    import io
+    import json
+
+    from edgetl.bundle import write_bundle
+    from edgetl.bundle._tail import REPLAY_KEY
+    from edgetl.device._store import bundle_identity
+    from edgetl.errors import BundleError
+
+    path, w = tail_bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tail"] = {"available": False, "reason": "tail files left out of this build"}
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
+    files = {a["file"]: (path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    replay = next(a["file"] for a in manifest["artifacts"] if a["role"] == "replay")
+    with np.load(io.BytesIO(files[replay])) as z:
+        arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files[replay] = buffer.getvalue()
+    slim = write_bundle(tmp_path / "slim.edgetl", manifest, files)
+    assert bundle_identity(slim) == bundle_identity(read_bundle(path))
+    store_dir = _copy(tail_store, tmp_path)
+    with pytest.raises(BundleError, match="head version 2 trained the backbone's last layer .* store migrate"):
+        Classifier.open(slim.path, store=store_dir)
+    assert main(["store", "migrate", "--store", str(store_dir), str(slim.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("head only: the personalized tail layer does not carry over") == 1, out
+    assert "tail files left out of this build" in out and out.startswith(("retrained:", "factory:")), out
+    clf = Classifier.open(slim.path, store=store_dir)  # the rebuilt head, or the factory's if the guard refused it
+    assert clf.head.tail is None and len(clf.predict(w.test_x[:4]).labels) == 4
+
+
 def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migration_bundles, digits_bundle):
     """Nothing to say without a tail; a bundle without one, named with its manifest's reason;
     a bundle with a tail the migration does not carry to (another backbone: retrained head-only)."""
@@ -121,3 +192,111 @@ def test_the_migration_note_says_why_a_tail_stays_behind(tail_bundle, tail_migra
     )
     assert "(the embedding comes from Flatten" in _tail_dropped(tailed, digits_bundle[0])  # its manifest's reason
     assert "another backbone, labels or head shape" in _tail_dropped(tailed, with_tail)
+
+
+def _broken_bundles(path, tmp_path):
+    """The tail bundle with ``tail.tflite`` truncated, with ``trunk.fp32.onnx`` deleted, and with
+    ``tail.tflite`` left in the directory but dropped from a re-hashed manifest (every listed hash
+    valid, so only the tail's own lookup can refuse it)."""
+    import json
+
+    from edgetl.bundle import write_bundle
+
+    truncated, deleted = tmp_path / "truncated.edgetl", tmp_path / "deleted.edgetl"
+    for copy in (truncated, deleted):
+        shutil.copytree(path, copy)
+    (truncated / "tail.tflite").write_bytes((path / "tail.tflite").read_bytes()[:100])
+    (deleted / "trunk.fp32.onnx").unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["file"] != "tail.tflite"]
+    files = {a["file"]: (path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    unlisted = write_bundle(tmp_path / "unlisted.edgetl", manifest, files).path
+    shutil.copy(path / "tail.tflite", unlisted / "tail.tflite")
+    return [
+        (truncated, "litert", "artifact 'tail.tflite' is 100 bytes, the manifest says"),
+        (deleted, "onnxruntime", "artifact 'trunk.fp32.onnx' listed in the manifest is missing"),
+        (unlisted, "litert", "its manifest does not list tail.tflite (role tail); files the manifest does not list"),
+    ]
+
+
+def test_a_bundle_with_missing_truncated_or_unlisted_tail_files_is_refused_naming_the_file(
+    tail_bundle, tail_store, tmp_path, capsys
+):
+    """Personalizing the tail, or predicting with a stored tail, on a broken copy of the bundle: a
+    clear error naming the file, exit 2, and the store (two tail versions) exactly as it was."""
+    path, w = tail_bundle
+    store_dir = _copy(tail_store, tmp_path)
+    x, labels = _user_examples(w, "shift", 3)
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=[names.index(v) for v in labels], class_names=np.array(names))
+    np.save(tmp_path / "batch.npy", w.test_x[:4])
+
+    def state():
+        store = HeadStore(store_dir, read_bundle(path))
+        try:
+            return store.active().number, len(store.history()), store.active().head.tail["W1"].tobytes()
+        finally:
+            store.close()
+
+    before = state()
+    for bundle, backend, said in _broken_bundles(path, tmp_path):
+        b, store = str(bundle), ("--store", str(store_dir), "--backend", backend)
+        for argv in (
+            ["personalize", b, "--data", str(tmp_path / "u.npz"), "--adapt", "tail", *store],
+            ["predict", b, str(tmp_path / "batch.npy"), *store],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert said in err and "Traceback" not in err, (argv, err)
+        assert state() == before, bundle
+
+
+@pytest.mark.slow  # the device-only venv of tests/device/test_device_install.py (~25 s when it is not built yet)
+def test_the_tail_in_a_device_only_install_on_both_backends(tail_bundle, tmp_path):
+    """A device-only install (no TensorFlow) personalizes the tail and `auto` on onnxruntime and
+    LiteRT, predicts with each store, and rolls back and forgets tail versions, as a user types it;
+    the two backends' tails predict the same probabilities."""
+    import json
+    import os
+    import subprocess
+
+    from test_device_install import _device_venv
+
+    py = _device_venv()
+    assert subprocess.run([str(py), "-c", "import tensorflow"], capture_output=True).returncode != 0
+    path, w = tail_bundle
+    x, labels = _user_examples(w, "thick_slant", 0)
+    names = sorted(set(labels))
+    np.savez(tmp_path / "u.npz", x=x, y=[names.index(v) for v in labels], class_names=np.array(names))
+    np.save(tmp_path / "batch.npy", w.test_x[:8])
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    def edgetl(*args: str) -> str:
+        proc = subprocess.run([str(py.parent / "edgetl"), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stdout, proc.stderr[-2000:])
+        return proc.stdout
+
+    opened = ("--margin", "1", "--forget-margin", "1", "--mislabel", "off")  # commits whatever trains
+    for adapt in ("tail", "auto"):
+        for backend in ("onnxruntime", "litert"):
+            out = edgetl("personalize", str(path), "--data", "u.npz", "--store", f"{adapt}_{backend}",
+                         "--adapt", adapt, "--backend", backend, *opened)  # fmt: skip
+            assert f"adapt {adapt}: judged the " in out and "committed; active version 1" in out, out
+
+    def probabilities(store: str | None) -> np.ndarray:
+        stored = ("--store", store) if store else ()
+        doc = json.loads(edgetl("predict", str(path), "batch.npy", "--json", "--top-k", str(len(names)), *stored))
+        return np.array([[dict((t["label"], t["probability"]) for t in p["top_k"])[n] for n in names]
+                         for p in doc["predictions"]])  # fmt: skip
+
+    tails = [probabilities(f"tail_{backend}") for backend in ("onnxruntime", "litert")]
+    np.testing.assert_allclose(tails[0], tails[1], atol=1e-5)  # the same weights from both runtimes
+    assert not np.allclose(tails[0], probabilities(None), atol=1e-3)  # and not the factory head's
+    assert "with a trained tail layer: [1]" in edgetl("store", "verify", "--store", "tail_litert")
+    assert "v1    commit" in edgetl("store", "history", "--store", "tail_litert")
+    assert "active version 0" in edgetl("store", "rollback", "--store", "tail_onnxruntime")
+    np.testing.assert_allclose(probabilities("tail_onnxruntime"), probabilities(None), atol=1e-6)
+    assert "head version(s) [1] destroyed; active version 0" in edgetl(
+        "store", "forget", "--store", "tail_litert", "--all"
+    )
+    np.testing.assert_allclose(probabilities("tail_litert"), probabilities(None), atol=1e-6)

@@ -213,3 +213,25 @@ def test_export_target_sets_the_recipe_and_is_recorded(tmp_path, digits_bundle):
     entry = next(a for a in vnni.manifest.to_json()["artifacts"] if a["file"] == "model.int8.onnx")
     assert vnni.manifest.to_json()["target"] == "x86-vnni" and entry["quantization"]["target"] == "x86-vnni"
     assert _max_int8_weight((vnni.path / "model.int8.onnx").read_bytes()) > 64
+
+
+def test_candidates_are_scored_with_the_devices_batched_runner_to_the_same_bits(digit_cnns):
+    """The gates and the sensitivity pass run a candidate's bytes through the device's
+    ``run_batched(OnnxModel(...))``, 64 rows per run, instead of a session of their own: the
+    outputs are the very bits of one onnxruntime session run 64 rows at a time (what they used to
+    be), and bytes that are no model are refused as such."""
+    import onnxruntime as ort
+
+    from edgetl.device._runtimes import OnnxModel, run_batched
+    from edgetl.errors import BundleError
+    from edgetl.host._int8_onnx import GATE_BATCH
+
+    healthy, _, x, _ = digit_cnns
+    session = ort.InferenceSession(healthy, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rows = x[:150]  # two full runs and a part
+    before = np.concatenate([session.run(None, {name: rows[i : i + 64]})[0] for i in range(0, len(rows), 64)])
+    assert GATE_BATCH == 64
+    np.testing.assert_array_equal(run_batched(OnnxModel(healthy), rows, GATE_BATCH), before)
+    with pytest.raises(BundleError, match="an ONNX model given as bytes cannot be loaded by onnxruntime"):
+        OnnxModel(b"not a model")
