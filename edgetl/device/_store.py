@@ -444,16 +444,21 @@ class HeadStore:
             self._log(db, txn, "rejected", self._active(db), {"metrics": dict(info)})
 
     def rollback(self) -> int:
-        """Make the previously active version active again; returns its number."""
+        """Make the previously active version active again; returns its number.
+
+        Entries naming the version that is active already are passed over (and dropped): after a
+        reset at the factory head, or a forget that removed the versions between, they would
+        "roll back" to where the store is."""
         with self._transaction("roll back") as (db, txn):
             self._check_owner(db)
-            top = db.execute("SELECT position, version FROM rollback_stack ORDER BY position DESC LIMIT 1").fetchone()
+            previous = self._active(db)
+            stack = db.execute("SELECT position, version FROM rollback_stack ORDER BY position DESC").fetchall()
+            top = next((entry for entry in stack if entry[1] != previous), None)
             if top is None:
-                raise StoreError("nothing to roll back to: the store is at its first version")
+                raise StoreError(f"nothing to roll back to: no earlier version than the active one ({previous})")
             if top[1]:
                 self._load(db, top[1])  # refuse to activate a damaged version
-            previous = self._active(db)
-            db.execute("DELETE FROM rollback_stack WHERE position=?", (top[0],))
+            db.execute("DELETE FROM rollback_stack WHERE position>=?", (top[0],))
             self._set_active(db, top[1])
             self._log(db, txn, "rollback", top[1], {"from": previous})
         return top[1]

@@ -59,6 +59,27 @@ def test_heads_are_little_endian_float32_blobs_any_sqlite_reads(tmp_path, digits
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_rollback_never_rolls_back_to_the_active_version(tmp_path, digits_bundle):
+    """A reset at the factory head, or a forget of every version, leaves stack entries naming the
+    active version: rollback passes over them instead of "succeeding" from version 0 to 0."""
+    bundle, _ = digits_bundle
+    store = HeadStore(tmp_path / "s", bundle)
+    factory = HeadState.factory(bundle)
+    store.reset()  # at version 0 already: the stack now holds 0
+    with pytest.raises(StoreError, match=r"nothing to roll back to: no earlier version than the active one \(0\)"):
+        store.rollback()
+    store.commit(replace(factory, W=factory.W + np.float32(1)), {"step": 1})
+    store.commit(replace(factory, W=factory.W + np.float32(2)), {"step": 2})
+    assert store.rollback_stack() == [0, 0, 1]
+    assert store.forget()["active"] == 0 and store.rollback_stack() == [0, 0]
+    with pytest.raises(StoreError, match="nothing to roll back to"):
+        store.rollback()
+    assert store.history()[-1]["action"] == "forget"  # the refusal changed nothing
+    store.commit(replace(factory, W=factory.W + np.float32(3)), {"step": 3})
+    store.reset()
+    assert store.rollback() == 3 and store.rollback() == 0  # the entries that differ still roll back, in order
+
+
 def test_rollback_reset_and_damage_are_refused_or_undone(tmp_path, digits_bundle):
     bundle, _ = digits_bundle
     store = HeadStore(tmp_path / "s", bundle)
