@@ -36,17 +36,12 @@ def changes(before: np.ndarray, after: np.ndarray) -> tuple[int, int]:
 def candidates(w: Any, kind: str, seed: int, recipes: list[int]) -> list[dict[str, Any]]:
     """One user's head-only candidate and one tail per recipe: lost/gained on the guard's
     held-out factory part and on the unseen factory digits, and the guard's verdict."""
-    from tail_rates import grid_entry, user_examples
+    from tail_rates import grid_entry, head_only
 
-    from edgetl.device import Personalizer
     from edgetl.device._tail import TailPersonalizer
 
-    x, y = user_examples(w, kind, 10, seed)
-    w.clf.set_head(w.clf.factory, 0)
-    p = Personalizer(w.clf, None)
-    p.add_examples(x, [str(v) for v in y])
-    p.train()
-    head_ok = p.decide().accepted
+    p, verdict = head_only(w, kind, 10, seed)
+    head_ok = verdict.accepted
     held_emb, held_labels = p._held_out()["factory"]
     held_before = p._correct(w.clf.factory, held_emb, held_labels)
     unseen_before = p._correct(w.clf.factory, w.factory_emb, [str(v) for v in w.test_y])

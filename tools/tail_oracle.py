@@ -43,17 +43,12 @@ REPLAY_PER_CLASS = 40
 def device(w: Any, kind: str, seed: int) -> tuple[dict[str, float], Any, np.ndarray]:
     """The device's figures for one user, its Personalizer and its examples."""
     from guard_rates import accuracy
-    from tail_rates import user_examples, user_test_images
+    from tail_rates import head_only, user_test_images
 
-    from edgetl.device import Personalizer
     from edgetl.device._tail import TailPersonalizer
 
-    x, y = user_examples(w, kind, 10, seed)
-    w.clf.set_head(w.clf.factory, 0)
-    p = Personalizer(w.clf, None)
-    p.add_examples(x, [str(v) for v in y])
-    p.train()
-    head_ok = p.decide().accepted
+    p, verdict = head_only(w, kind, 10, seed)
+    head_ok = verdict.accepted
     tp = TailPersonalizer(p)
     tail = tp.train()
     tail_ok = tp.decide().accepted

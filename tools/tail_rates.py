@@ -111,6 +111,19 @@ def user_test_images(w: Any, kind: str, per_class: int, seed: int) -> np.ndarray
     return draw_style(kind, w.test_x, [seed, per_class, 2])
 
 
+def head_only(w: Any, kind: str, per_class: int, seed: int) -> tuple[Any, Any]:
+    """One user's head-only personalization from the factory head (no store): the Personalizer,
+    holding the user's examples and its candidate, and the guard's verdict."""
+    from edgetl.device import Personalizer
+
+    x, y = user_examples(w, kind, per_class, seed)
+    w.clf.set_head(w.clf.factory, 0)
+    p = Personalizer(w.clf, None)
+    p.add_examples(x, [str(v) for v in y])
+    p.train()
+    return p, p.decide()
+
+
 def run_user(
     w: Any,
     kind: str,
@@ -136,16 +149,10 @@ def run_user(
         w = w._replace(test_x=w.test_x[1::2], test_y=w.test_y[1::2], factory_emb=w.factory_emb[1::2])
     from guard_rates import accuracy
 
-    from edgetl.device import Personalizer
     from edgetl.device._tail import TAIL_REPLAY_RATIO, TAIL_REPLAY_TEMPERATURE, choose_adapt
 
-    x, y = user_examples(w, kind, per_class, seed)
     clf = w.clf
-    clf.set_head(clf.factory, 0)
-    p = Personalizer(clf, None)
-    p.add_examples(x, [str(v) for v in y])
-    p.train()
-    head_verdict = p.decide()
+    p, head_verdict = head_only(w, kind, per_class, seed)
     ratio = TAIL_REPLAY_RATIO if replay_ratio is None else replay_ratio
     temperature = TAIL_REPLAY_TEMPERATURE if replay_temperature == "device" else replay_temperature
     tp = tail_personalizer(start)(p, replay_ratio=ratio, replay_temperature=temperature)
