@@ -12,6 +12,10 @@ the Keras reference outputs (``parity.npz``, written at export):
 The head graphs are run by the device's own trainers (the code personalization runs):
 several steps from the factory head, so that momentum and Adam's moments are in play,
 against the float64 numpy reference over the same batches, on both runtimes.
+
+A bundle with a trainable tail also gets its tail checked on the same parity data, per runtime:
+the trunk, the tail's inference graph and its SGD and Adam training graphs
+(:mod:`edgetl.device._verify_tail`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model, run_batched
+from edgetl.device._verify_tail import tail_checks
 from edgetl.errors import DependencyError
 
 # fp32 exports must match Keras to this max abs difference on probabilities, and on
@@ -95,7 +100,8 @@ def _why(check: Check) -> str:
         )
     if check.extra.get("outcome") in ("fail", "thin"):  # the evidence gates' words, with the counts
         return f"{check.describe()}: {check.extra['gate']}"
-    return check.describe() + (f" ({check.extra['optimizer']})" if check.extra.get("optimizer") else "")
+    inputs = f" (through {', '.join(check.extra['inputs'])})" if check.extra.get("inputs") else ""  # tail rows
+    return check.describe() + (f" ({check.extra['optimizer']})" if check.extra.get("optimizer") else "") + inputs
 
 
 def verify_bundle(
@@ -104,7 +110,8 @@ def verify_bundle(
     """Run every check of ``bundle`` in the runtimes installed here; with labelled ``x``/``y``,
     also measure accuracy. With ``x`` and/or unlabelled ``inputs`` (an export passes its
     calibration examples), quantized models are gated on that evidence (:func:`evidence_gates`)
-    instead of the 32 parity examples.
+    instead of the 32 parity examples. A bundle with a trainable tail also gets the tail's rows
+    (trunk, inference graph, SGD and Adam training graphs per runtime: :func:`tail_checks`).
 
     Artifacts for a runtime that is not installed (a ``device-onnxruntime`` or
     ``device-litert`` install) are listed in ``report.not_checked``, not failed.
@@ -129,7 +136,7 @@ def verify_bundle(
             report.not_checked.append(f"{len(files)} files need {missing}, not installed: {install_hint(missing)}")
     models = [_model_check(bundle, a, ref, init, x, y) for a in runnable if a.role in ("fused", "backbone")]
     models = evidence_gates(bundle, _with_accuracy_drops(models), x, y, inputs, init)
-    report.checks = models + _head_checks(bundle, ref, init, backends)
+    report.checks = models + _head_checks(bundle, ref, init, backends) + tail_checks(bundle, ref, backends)
     return report
 
 
