@@ -21,7 +21,7 @@ from edgetl.bundle import _contract as C
 from edgetl.bundle import _tail as T
 from edgetl.bundle._head import OPTIMIZERS
 from edgetl.device._tail import TailRuntime
-from edgetl.device._verify_tail import (
+from edgetl.device._verify import (
     FLOOR_FACTOR,
     TAIL_CHECK_RATES,
     TAIL_CHECK_STEPS,
@@ -41,7 +41,7 @@ TRUNK_TOLERANCE = 1e-3
 RUNTIME_TOLERANCE = 1e-5  # SGD: onnxruntime vs LiteRT after the same steps (issue 24's target)
 INFER_TOLERANCE = 1e-5  # max |p - p_ref| of the tail's inference graphs
 # Every check against the float64 reference also allows FLOOR_FACTOR x the precision floor
-# (why: edgetl.device._verify_tail, which verify shares with this check).
+# (why: edgetl.device._verify, which verify shares with this check).
 
 
 @dataclass
