@@ -380,7 +380,7 @@ def tail_train_tolerance(moved: float, floor: float) -> float:
 
 def weights_difference(got: dict, want: dict, optimizer: str) -> float:
     """Max (SGD) or 99th percentile (Adam: its update carries float32's relative error of each
-    gradient, see edgetl.device._verify._train_check) of the four tail tensors' differences."""
+    gradient, see :func:`_train_check`) of the four tail tensors' differences."""
     d = np.concatenate([np.abs(np.asarray(got[w], np.float64) - want[w]).ravel() for w in T.WEIGHTS])
     return float(d.max() if optimizer == "sgd" else np.percentile(d, 99))
 
@@ -408,7 +408,7 @@ def tail_checks(bundle: Bundle, ref: dict[str, np.ndarray], backends: tuple[str,
         extra = {"inputs": [trunk_file, T.INIT_FILE], "compared_with": "parity embeddings"}
         out.append(Check(trunk_file, C.TRUNK, fmt, "fp32", diff <= limit, "max_abs_diff", diff, limit, extra))
         diff = float(np.max(np.abs(runtime.probabilities(weights, trunk) - want_probs)))
-        extra = {"inputs": [trunk_file, *infer[:1], T.INIT_FILE, "head_init.npz"], "signature": "infer"}
+        extra = {"inputs": [trunk_file, *infer[:1], T.INIT_FILE, C.HEAD_INIT_NPZ_FILE], "signature": "infer"}
         out.append(Check(*infer, fmt, "fp32", diff <= FP32_TOLERANCE, "max_abs_diff", diff, FP32_TOLERANCE, extra))
         out += [_tail_train_check(runtime, weights, trunk, onehot, opt, trunk_file) for opt in TAIL_CHECK_RATES]
     return out
@@ -432,7 +432,7 @@ def _tail_train_check(
         C.OPTIMIZER: opt,
         "steps": int(len(np.asarray(got[C.LOSSES]).ravel())),
         "float32_floor": floor,
-        "inputs": [trunk_file, file, T.INIT_FILE, "head_init.npz"],
+        "inputs": [trunk_file, file, T.INIT_FILE, C.HEAD_INIT_NPZ_FILE],
     }
     if runtime.fmt == "tflite":
         extra["signature"] = f"train_steps_{opt}"
