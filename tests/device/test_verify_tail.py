@@ -77,6 +77,10 @@ def _perturbed_w1(old: bytes) -> bytes:
 BROKEN = {
     "tail_init W1 x1.01": (lambda b: {"tail_init.npz": _perturbed_w1}, "tail_init.npz"),
     "trunk scaled x1.01": (lambda b: {"trunk.fp32.onnx": lambda old: scaled(old, 1.01)}, "trunk.fp32.onnx"),
+    "trunk of another model": (
+        lambda b: {"trunk.fp32.onnx": lambda old: (b.path / "backbone.fp32.onnx").read_bytes()},
+        "trunk.fp32.onnx",
+    ),
     "infer graph linear": (lambda b: {"tail_infer.onnx": _linear_infer(b)}, "tail_infer.onnx"),
     "sgd loop linear": (lambda b: {"tail_train_loop_sgd.onnx": _linear_loop(b, "sgd")}, "tail_train_loop_sgd.onnx"),
     "adam loop linear": (lambda b: {"tail_train_loop_adam.onnx": _linear_loop(b, "adam")}, "tail_train_loop_adam.onnx"),
