@@ -85,3 +85,32 @@ def rebuilt(src, out, changes):
     for name, change in changes.items():
         files[name] = change(files[name])
     return write_bundle(out, manifest, files)
+
+
+TAIL_ROLES = ("trunk", "tail", "tail_infer", "tail_train_loop", "tail_init")
+
+
+def without_tail(src_path, out, tail=None, **manifest_fields):
+    """The bundle at ``src_path`` with its tail taken out, re-hashed at ``out``: no tail files, no
+    trunk activations in replay.npz, the manifest's ``tail`` section set to ``tail`` (``None``:
+    removed) and ``manifest_fields`` (e.g. ``name``) replaced. The backbone and head are unchanged."""
+    import io
+
+    from edgetl.bundle._tail import REPLAY_KEY
+
+    manifest = json.loads((src_path / "manifest.json").read_text())
+    manifest.pop("signature", None)
+    manifest.pop("tail", None)
+    if tail is not None:
+        manifest["tail"] = tail
+    manifest.update(manifest_fields)
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
+    files = {a["file"]: (src_path / a["file"]).read_bytes() for a in manifest["artifacts"]}
+    replay = next((a["file"] for a in manifest["artifacts"] if a["role"] == "replay"), None)
+    if replay is not None:
+        with np.load(io.BytesIO(files[replay])) as z:
+            arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files[replay] = buffer.getvalue()
+    return write_bundle(out, manifest, files)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_edits import TAIL_ROLES, without_tail  # noqa: F401  (TAIL_ROLES: imported from here by tests)
 
 # Each test process (the suite runs two xdist workers) keeps edgetl's host cache (embeddings,
 # advisor measurements) in its own directory: never the user's cache, never shared between workers.
@@ -172,20 +173,14 @@ def tail_bundle(tmp_path_factory):
     return path, world(path)
 
 
-TAIL_ROLES = ("trunk", "tail", "tail_infer", "tail_train_loop", "tail_init")
-
-
 @pytest.fixture(scope="session")
 def tail_migration_bundles(tail_bundle, tmp_path_factory):
     """Bundles a store with a personalized tail migrates to, both with ``tail_bundle``'s
     backbone: v2 of the same run with its tail files, and v2 without them (its manifest and
     replay buffer as a bundle exported before tails existed, re-hashed)."""
-    import io
-
     from guard_rates import digit_halves
 
-    from edgetl.bundle import read_bundle, write_bundle
-    from edgetl.bundle._tail import REPLAY_KEY
+    from edgetl.bundle import read_bundle
     from edgetl.device._store import bundle_identity
     from edgetl.host._export import export_bundle
 
@@ -194,22 +189,11 @@ def tail_migration_bundles(tail_bundle, tmp_path_factory):
     with_tail = export_bundle(
         run, base / "tail_v2.edgetl", quantize=["none"], calibration=digit_halves().train, version="2"
     ).bundle
-    manifest = json.loads((with_tail.path / "manifest.json").read_text())
-    manifest.pop("tail")
-    manifest["name"] = "head_only_v2"
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
-    files = {a["file"]: (with_tail.path / a["file"]).read_bytes() for a in manifest["artifacts"]}
-    replay = next(a["file"] for a in manifest["artifacts"] if a["role"] == "replay")
-    with np.load(io.BytesIO(files[replay])) as z:
-        arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    files[replay] = buffer.getvalue()
-    without_tail = write_bundle(base / "head_only_v2.edgetl", manifest, files)
+    head_only = without_tail(with_tail.path, base / "head_only_v2.edgetl", name="head_only_v2")
     old = read_bundle(tail_bundle[0])
-    assert with_tail.manifest.backbone_id == without_tail.manifest.backbone_id == old.manifest.backbone_id
+    assert with_tail.manifest.backbone_id == head_only.manifest.backbone_id == old.manifest.backbone_id
     assert bundle_identity(with_tail) != bundle_identity(old), "a re-export is a new bundle to migrate to"
-    return with_tail, read_bundle(without_tail.path)
+    return with_tail, read_bundle(head_only.path)
 
 
 class Chromium:

@@ -48,21 +48,8 @@ def patch(tail_rate: float, head_rate: float, tail_l2: float) -> None:
 
     def train_steps(self: Any, weights: dict, trunk: np.ndarray, onehot: np.ndarray, optimizer: str, order: Any,
                     row_weight: Any, *, lr: float, l2: float, momentum: float = 0.9) -> dict:  # fmt: skip
-        fixed = {k: weights[k] for k in T.CONSTANTS}
-        fixed.update({anchor: weights.get(anchor, weights[w]) for w, anchor in T.ANCHORS.items()})
-        state, losses = T.reference_train(
-            T.initial_state(weights, optimizer),
-            fixed,
-            trunk,
-            onehot,
-            np.asarray(order, np.int64),
-            np.asarray(row_weight, np.float32),
-            optimizer=optimizer,
-            activation=self.activation,
-            lr=lr,
-            l2=l2,
-            momentum=momentum,
-            dtype=np.float32,
+        state, losses = self.reference_steps(
+            weights, trunk, onehot, optimizer, order, row_weight, lr=lr, l2=l2, momentum=momentum, dtype=np.float32
         )
         return {**{s: np.asarray(state[s], np.float32) for s in T.STATE[optimizer]}, C.LOSSES: np.asarray(losses)}
 

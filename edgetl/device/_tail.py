@@ -277,15 +277,36 @@ class TailRuntime:
         """The float64 reference of :meth:`train_plan` (same plan; ``dtype`` float32: the same
         steps in numpy at the runtimes' precision)."""
         order, row_weight = _plan(len(trunk), epochs, min(batch, len(trunk)), seed)
+        state, _ = self.reference_steps(
+            weights, trunk, onehot, optimizer, order, row_weight, lr=lr, l2=l2, momentum=momentum, dtype=dtype
+        )
+        return state
+
+    def reference_steps(  # noqa: ANN201
+        self,
+        weights,
+        trunk,
+        onehot,
+        optimizer,
+        order,
+        row_weight,
+        *,
+        lr,
+        l2,
+        momentum=0.9,
+        dtype=np.float64,  # noqa: ANN001
+    ):
+        """The float64 reference of :meth:`train_steps` (the same steps, from the same weights and
+        anchors): the trained state and the step losses."""
         fixed = {k: weights[k] for k in T.CONSTANTS}
         fixed.update({anchor: weights.get(anchor, weights[w]) for w, anchor in T.ANCHORS.items()})
-        state, _ = T.reference_train(
+        return T.reference_train(
             T.initial_state(weights, optimizer),
             fixed,
             trunk,
             onehot,
-            order,
-            row_weight,
+            np.asarray(order, np.int64),
+            np.asarray(row_weight, dtype),
             optimizer=optimizer,
             activation=self.activation,
             lr=lr,
@@ -293,7 +314,6 @@ class TailRuntime:
             momentum=momentum,
             dtype=dtype,
         )
-        return state
 
 
 def _listed(bundle: Any, role: str, fmt: str, file: str) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import TAIL_ROLES
+from bundle_edits import without_tail
 
 from edgetl.bundle import read_bundle
 from edgetl.cli import main
@@ -145,26 +145,12 @@ def test_the_same_bundle_with_its_tail_files_taken_out_rebuilds_head_only_and_sa
     same identity (backbone and factory head), so `store migrate` said "unchanged" and every
     prediction then failed on a missing tail_init. Now: opening it with the store names the way
     out, and the migration rebuilds a head-only version, said once."""
-    import io
-    import json
-
-    from edgetl.bundle import write_bundle
-    from edgetl.bundle._tail import REPLAY_KEY
     from edgetl.device._store import bundle_identity
     from edgetl.errors import BundleError
 
     path, w = tail_bundle
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["tail"] = {"available": False, "reason": "tail files left out of this build"}
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in TAIL_ROLES]
-    files = {a["file"]: (path / a["file"]).read_bytes() for a in manifest["artifacts"]}
-    replay = next(a["file"] for a in manifest["artifacts"] if a["role"] == "replay")
-    with np.load(io.BytesIO(files[replay])) as z:
-        arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    files[replay] = buffer.getvalue()
-    slim = write_bundle(tmp_path / "slim.edgetl", manifest, files)
+    tail = {"available": False, "reason": "tail files left out of this build"}
+    slim = without_tail(path, tmp_path / "slim.edgetl", tail=tail)
     assert bundle_identity(slim) == bundle_identity(read_bundle(path))
     store_dir = _copy(tail_store, tmp_path)
     with pytest.raises(BundleError, match="head version 2 trained the backbone's last layer .* store migrate"):

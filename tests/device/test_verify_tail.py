@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
-from bundle_edits import rebuilt, scaled
+from bundle_edits import rebuilt, scaled, without_tail
 
 from edgetl.bundle import _contract as C
-from edgetl.bundle import read_bundle, write_bundle
+from edgetl.bundle import read_bundle
 from edgetl.device import verify_bundle
 
 TAIL_ROLES = ("trunk", "tail", "tail_infer", "tail_train_loop")
@@ -128,12 +128,7 @@ def test_one_runtime_lists_the_other_runtimes_tail_files_and_a_bundle_without_a_
     assert report.not_checked == [f"{len(tflite)} files need litert, not installed: {runtimes.install_hint('litert')}"]
     monkeypatch.undo()
 
-    manifest = json.loads((bundle.path / "manifest.json").read_text())
-    manifest.pop("signature", None)
-    manifest.pop("tail")
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] not in (*TAIL_ROLES, "tail_init")]
-    files = {a["file"]: (bundle.path / a["file"]).read_bytes() for a in manifest["artifacts"]}
-    head_only = read_bundle(write_bundle(tmp_path / "head_only.edgetl", manifest, files).path)
+    head_only = read_bundle(without_tail(bundle.path, tmp_path / "head_only.edgetl").path)
     report = verify_bundle(head_only)
     assert report.ok and not _tail_rows(report) and report.checks, report.describe()
 
