@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,31 @@ def test_the_architecture_guide_names_every_module_and_bundle_role():
     modules = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
     assert [m for m in modules if m not in text] == []
     assert [r.value for r in Role if f"`{r.value}`" not in text] == []
+
+
+def _missing_edgetl_names(paths) -> list[str]:
+    """``from edgetl.x import name`` statements (function-local ones included) in ``paths`` whose
+    name edgetl.x no longer has."""
+    missing = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgetl")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                if not hasattr(module, alias.name) and not submodule:
+                    missing.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
+    return missing
+
+
+def test_tools_and_tests_import_only_names_edgetl_has(tmp_path):
+    """A renamed or removed private helper breaks the tools and tests that import it inside a
+    function only when they run (tools/int8_onnx_probe.py and a test imported _int8_onnx._run
+    after it was removed); this finds them all at once."""
+    root = PACKAGE.parent
+    files = [*sorted((root / "tools").glob("*.py")), *sorted((root / "tests").rglob("*.py"))]
+    assert _missing_edgetl_names(files) == []
+    stale = tmp_path / "stale.py"  # the check sees a function-local import of a removed name
+    stale.write_text("def f():\n    from edgetl.host._int8_onnx import RECIPES, _run\n")
+    assert _missing_edgetl_names([stale]) == ["stale.py:2: edgetl.host._int8_onnx._run"]

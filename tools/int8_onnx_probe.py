@@ -30,9 +30,10 @@ DEFAULT_RUN = "/tmp/edgetl-int8-run/mobilenetv2_035-96/run"
 
 
 def probe(run: str, target: str, roles: list[str]) -> None:
+    from edgetl.device._runtimes import OnnxModel, run_batched
     from edgetl.host._convert import keras_to_onnx
     from edgetl.host._export import onnx_int8, plan_export, split_model
-    from edgetl.host._int8_onnx import _run
+    from edgetl.host._int8_onnx import GATE_BATCH
 
     plan = plan_export(run, quantize=["int8"])
     plan.target = target
@@ -60,7 +61,8 @@ def probe(run: str, target: str, roles: list[str]) -> None:
               f"{record['float_share_macs']}, ops {record['ops']}, sizes {record['size_bytes']}, "
               f"latency {record.get('latency_ms')}")  # fmt: skip
         if role == "fused":
-            acc = lambda c: float(np.mean(_run(c, np.asarray(xt, np.float32)).argmax(1) == yt))  # noqa: E731
+            x = np.asarray(xt, np.float32)
+            acc = lambda c: float(np.mean(run_batched(OnnxModel(c), x, GATE_BATCH).argmax(1) == yt))  # noqa: E731
             a32, a8 = acc(fp32), acc(content)
             print(f"  test split ({len(yt)}): fp32 {a32:.4f}, int8 {a8:.4f}, {100 * (a8 - a32):+.2f} points")
 

@@ -52,15 +52,17 @@ def _onnx_choice(plan, fp32, calibration, select, report):
 
 
 def test_the_onnx_ladder_climbs_on_the_selection_split_not_the_reported_one(plan_and_pool):
-    from edgetl.host._int8_onnx import RECIPES, _run, quantize_onnx_int8
+    from edgetl.device._runtimes import OnnxModel, run_batched
+    from edgetl.host._int8_onnx import GATE_BATCH, RECIPES, quantize_onnx_int8
 
     plan, fp32, x = plan_and_pool
+    run = lambda content: run_batched(OnnxModel(content), x, GATE_BATCH)  # noqa: E731  (what the gates run)
     calibration = plan.data.calibration_x[:200] * 0.5  # clips: some examples flip
     accept = lambda _: {"ok": True, "score": 1.0}  # noqa: E731
     a1 = quantize_onnx_int8(
         fp32, calibration, accept, recipe=RECIPES[plan.target], keep_float=("embedding_standardize",), ladder=False
     )
-    hard, easy = _splits(_run(fp32, x).argmax(1), _run(a1.content, x).argmax(1), x)
+    hard, easy = _splits(run(fp32).argmax(1), run(a1.content).argmax(1), x)
     assert agreement_gate(fp32, *hard[:1], y=hard[1])(a1.content)["accuracy_drop"] == pytest.approx(HARD_DROP)
 
     # Chosen on the hard split, reported on the easy one: a1 misses the target where it is chosen, so the
