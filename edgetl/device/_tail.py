@@ -106,7 +106,7 @@ ADAPT = ("head", "tail", "auto")
 #   448 unseen factory digits those candidates lose and gain (net +0.9, -5.9, -4.0 per bundle:
 #   -0.7 points on average): tools/guard_memorized.py; README. Simulated with a guard judging on
 #   unseen factory digits (`tail_rates.py --tune --guard-factory unseen`), that recipe would pass
-#   47 of 48 (Dense +15.4, conv +9.5 points); these defaults +9.0 / +4.7. Not the device's guard.
+#   47 / 38 of 48 (Dense +15.4, conv +9.5 points); these defaults +9.0 / +4.7. Not the device's guard.
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_REPLAY_RATIO = 1.0  # replay rows per user row in an epoch (a class's window: as many as its user rows)
 TAIL_REPLAY_TEMPERATURE: float | None = 1.0  # replay targets: the active head's softmax at this temperature
