@@ -380,6 +380,19 @@ def tail_train_tolerance(moved: float, floor: float) -> float:
     return HEAD_STEP_ATOL + HEAD_STEP_RTOL * moved + FLOOR_FACTOR * floor
 
 
+def tail_reference(
+    runtime: Any, weights: dict, trunk: np.ndarray, onehot: np.ndarray, opt: str, lr: float
+) -> tuple[dict, float, float]:
+    """The float64 reference of the tail check's steps (:data:`TAIL_CHECK_STEPS` at ``lr``), the
+    float32 floor (the same steps in numpy float32, against it) and the limit a runtime's trained
+    weights must meet (:func:`tail_train_tolerance`): export's check and verify's rows."""
+    steps = dict(lr=lr, **TAIL_CHECK_STEPS)
+    want = runtime.reference(weights, trunk, onehot, opt, **steps)
+    floor = weights_difference(runtime.reference(weights, trunk, onehot, opt, **steps, dtype=np.float32), want, opt)
+    moved = max(float(np.abs(want[w] - weights[w]).max()) for w in T.WEIGHTS)
+    return want, floor, tail_train_tolerance(moved, floor)
+
+
 def weights_difference(got: dict, want: dict, optimizer: str) -> float:
     """Max (SGD) or 99th percentile (Adam: its update carries float32's relative error of each
     gradient, see :func:`_train_check`) of the four tail tensors' differences."""
@@ -399,6 +412,7 @@ def tail_checks(bundle: Bundle, ref: dict[str, np.ndarray], backends: tuple[str,
     want_probs = np.zeros((len(ref[C.PARITY_X]), weights[C.WEIGHTS].shape[1]))
     want_probs[:, :n_active] = ref[C.PARITY_PROBABILITIES]  # inactive classes must get exactly 0
     onehot = np.eye(want_probs.shape[1], dtype=np.float32)[ref[C.PARITY_PROBABILITIES].argmax(1)]
+    limit = _fp32_tolerance(ref[C.PARITY_EMBEDDINGS], "backbone")
     out = []
     for backend in backends:
         runtime = TailRuntime.from_bundle(bundle, backend)
@@ -406,7 +420,6 @@ def tail_checks(bundle: Bundle, ref: dict[str, np.ndarray], backends: tuple[str,
         trunk_file = C.TRUNK_FILE.format(precision="fp32", format=fmt)
         infer = (T.INFER_FILE, "tail_infer") if fmt == "onnx" else (T.TFLITE_FILE, "tail")
         trunk = runtime.trunk(ref[C.PARITY_X])
-        limit = _fp32_tolerance(ref[C.PARITY_EMBEDDINGS], "backbone")
         extra = {"inputs": [trunk_file, T.INIT_FILE], "compared_with": "parity embeddings"}
         expected = (len(trunk), positions, weights[C.TAIL_W].shape[0])
         if trunk.shape != expected:  # another model's trunk: nothing after it can run
@@ -427,12 +440,8 @@ def _tail_train_check(
     runtime: Any, weights: dict, trunk: np.ndarray, onehot: np.ndarray, opt: str, trunk_file: str
 ) -> Check:
     """One optimizer's training graph against the float64 reference on the same plan."""
-    steps = dict(lr=TAIL_CHECK_RATES[opt], **TAIL_CHECK_STEPS)
-    got = runtime.train_plan(weights, trunk, onehot, opt, **steps)
-    want = runtime.reference(weights, trunk, onehot, opt, **steps)
-    floor = weights_difference(runtime.reference(weights, trunk, onehot, opt, **steps, dtype=np.float32), want, opt)
-    moved = max(float(np.abs(want[w] - weights[w]).max()) for w in T.WEIGHTS)
-    limit = tail_train_tolerance(moved, floor)
+    got = runtime.train_plan(weights, trunk, onehot, opt, lr=TAIL_CHECK_RATES[opt], **TAIL_CHECK_STEPS)
+    want, floor, limit = tail_reference(runtime, weights, trunk, onehot, opt, TAIL_CHECK_RATES[opt])
     diff = weights_difference(got, want, opt)
     file, role = (
         (T.TRAIN_FILE.format(optimizer=opt), "tail_train_loop") if runtime.fmt == "onnx" else (T.TFLITE_FILE, "tail")

@@ -25,7 +25,7 @@ from edgetl.device._verify import (
     FLOOR_FACTOR,
     TAIL_CHECK_RATES,
     TAIL_CHECK_STEPS,
-    tail_train_tolerance,
+    tail_reference,
     weights_difference,
 )
 from edgetl.errors import BundleError, TailLeftOut
@@ -357,18 +357,11 @@ def _train_checks(
     :data:`FLOOR_FACTOR` x the precision floor, and the runtimes against each other (SGD: within
     :data:`RUNTIME_TOLERANCE`)."""
 
-    steps = dict(lr=lr, **TAIL_CHECK_STEPS)
-    trained = {fmt: rt.train_plan(weights, a, onehot, opt, **steps) for fmt, rt in runtimes.items()}
-    ref = runtimes["onnx"].reference(weights, a, onehot, opt, **steps)
-    moved = max(float(np.abs(ref[w] - weights[w]).max()) for w in T.WEIGHTS)
+    trained = {fmt: rt.train_plan(weights, a, onehot, opt, lr=lr, **TAIL_CHECK_STEPS) for fmt, rt in runtimes.items()}
+    ref, out[f"{opt}_float32_floor"], tolerance = tail_reference(runtimes["onnx"], weights, a, onehot, opt, lr)
 
     def diff(x: dict, y: dict) -> float:
         return weights_difference(x, y, opt)
-
-    out[f"{opt}_float32_floor"] = floor = diff(
-        runtimes["onnx"].reference(weights, a, onehot, opt, **steps, dtype=np.float32), ref
-    )
-    tolerance = tail_train_tolerance(moved, floor)
 
     for fmt, state in trained.items():
         out[f"{opt}_{fmt}_vs_reference"] = d = diff(state, ref)
