@@ -482,11 +482,10 @@ class TailPersonalizer:
             seed=settings.seed,
             replay_ratio=self.replay_ratio,
         )
-        targets = self.p.onehot(labels, self.p._base)
-        targets[len(user) :] = self.replay_targets(replay, labels[len(user) :])
+        targets = [self.p.onehot(labels[: len(user)], self.p._base), self.replay_targets(replay, labels[len(user) :])]
         return {
             C.TRUNK: np.concatenate([self.user_trunk()[user], self.replay_trunk[replay]]),
-            C.LABELS: targets,
+            C.LABELS: np.concatenate(targets),
             C.ORDER: np.asarray(order, np.int64),
             C.ROW_WEIGHT: np.asarray(row_weight, np.float32),
         }
