@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", action="store_true", help="also build and measure the test suite's tail bundle")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f} " in cpu]
-    print(f"CPU {model} ({platform.machine()}), flags {flags}; load {Path('/proc/loadavg').read_text().strip()}")
+    from suite_timing import cpu_model
+
+    print(f"CPU {cpu_model()} ({platform.machine()}); load {Path('/proc/loadavg').read_text().strip()}")
     paths = list(args.bundles)
     with tempfile.TemporaryDirectory() as tmp:
         if args.suite:
