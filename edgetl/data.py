@@ -215,9 +215,20 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Splits:
+    """``train`` fits the model, ``val`` selects (and fits a small head too), ``test``
+    reports. ``guard`` (``None``: none held out) is never trained on: the bundle ships some of
+    it so the device's guard judges forgetting on factory examples the head has not
+    memorized (see :func:`stratified_split`)."""
+
     train: Dataset
     val: Dataset
     test: Dataset
+    guard: Dataset | None = None
+
+    def parts(self) -> dict[str, Dataset]:
+        """Every non-None split by name (``guard`` last, when there is one)."""
+        out = {"train": self.train, "val": self.val, "test": self.test}
+        return out if self.guard is None else {**out, "guard": self.guard}
 
 
 def load_dataset(
@@ -1182,28 +1193,55 @@ def load_csv(path: str | os.PathLike[str], *, label_column: str = "label") -> Da
     return Dataset(np.asarray(features, dtype=np.float32), y, names, "features", str(path))
 
 
-def stratified_split(ds: Dataset, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+# A class's guard split never holds more than this: the bundle ships at most this many
+# held-out replay examples per class (edgetl.host._export.REPLAY_PER_CLASS), so a large
+# dataset gives up a few examples per class, not a tenth of itself.
+GUARD_MAX_PER_CLASS = 100
+
+
+def stratified_split(
+    ds: Dataset,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    guard_fraction: float = 0.0,
+) -> Splits:
     """Split each class by the same fractions, deterministically for a given seed.
 
     Every class keeps at least one training example; a class too small for a validation
-    or test example simply has none there.
+    or test example simply has none there. ``guard_fraction`` > 0 also holds out a guard
+    split (at most :data:`GUARD_MAX_PER_CLASS` per class) taken from what would have been
+    the class's training examples, so train, val and test are otherwise the same as with
+    ``guard_fraction=0`` (runs recorded before the guard split re-split identically).
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise InputError(f"{name} must be in [0, 1), received {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise InputError(f"val_fraction + test_fraction must be below 1, received {val_fraction} + {test_fraction}")
+    for name, value in (
+        ("val_fraction", val_fraction),
+        ("test_fraction", test_fraction),
+        ("guard_fraction", guard_fraction),
+    ):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise InputError(f"{name} must be a number in [0, 1), received {value!r}")
+    if val_fraction + test_fraction + guard_fraction >= 1.0:
+        raise InputError(
+            "val_fraction + test_fraction + guard_fraction must be below 1, received "
+            f"{val_fraction} + {test_fraction} + {guard_fraction}"
+        )
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": [], "guard": []}
     for c in range(ds.num_classes):
         idx = rng.permutation(np.flatnonzero(ds.y == c))
         n = len(idx)
         n_test = min(int(round(n * test_fraction)), max(n - 1, 0))
         n_val = min(int(round(n * val_fraction)), max(n - 1 - n_test, 0))
+        n_guard = min(int(round(n * guard_fraction)), GUARD_MAX_PER_CLASS, max(n - 1 - n_test - n_val, 0))
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])
-        parts["train"].append(idx[n_test + n_val :])
+        parts["train"].append(idx[n_test + n_val : n - n_guard])
+        parts["guard"].append(idx[n - n_guard :])
     out = {k: ds.subset(np.sort(np.concatenate(v))) for k, v in parts.items()}
+    if not guard_fraction:
+        out.pop("guard")
     return Splits(**out)
 
 

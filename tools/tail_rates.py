@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,17 @@ def user_cnn(path: Path, seed: int = 0, epochs: int = 15, embedding: str = "dens
 
 
 def build_tail_bundle(
-    out: Path, seed: int = 0, *, source_epochs: int = 15, epochs: int = 60, embedding: str = "dense"
+    out: Path,
+    seed: int = 0,
+    *,
+    source_epochs: int = 15,
+    epochs: int = 60,
+    embedding: str = "dense",
+    guard_fraction: float | None = None,
 ) -> Path:
     """An fp32 bundle whose backbone ends in the user CNN's embedding layer (:func:`user_cnn`):
-    it has a tail (fewer ``epochs`` for the tests)."""
+    it has a tail (fewer ``epochs`` for the tests). ``guard_fraction``: the run's guard split
+    (default: training's default)."""
     from guard_rates import digit_halves
 
     from edgetl.host._export import export_bundle
@@ -88,6 +96,8 @@ def build_tail_bundle(
     out.mkdir(parents=True, exist_ok=True)
     model = user_cnn(out / f"user_{embedding}{seed}.keras", seed, source_epochs, embedding)
     config = TrainConfig(backbone=str(model), epochs=epochs, learning_rate=1e-2, val_fraction=0.1, test_fraction=0.0)
+    if guard_fraction is not None:
+        config = replace(config, guard_fraction=guard_fraction)
     halves = digit_halves()
     run = save_run(train_transfer(halves.train, config), out / f"tail_target_{embedding}{seed}")
     result = export_bundle(run, out / f"tail_{embedding}{seed}.edgetl", quantize=["none"], calibration=halves.train)
@@ -134,13 +144,15 @@ def run_user(
     replay_temperature: Any = "device",
     start: str = "base",
     guard_factory: str = "replay",
+    replay_per_class: int | None = None,
 ) -> dict[str, Any]:
     """One genuine user personalized head-only, with the tail, and with ``auto`` (same examples);
     ``replay_ratio``, ``replay_temperature``: the tail's replay rows per user row and epoch, and
     its replay targets (None: one-hot; default: the device's); ``start``: ``"candidate"`` starts
     the tail's head from the head-only candidate (LP-FT) instead of the head being extended;
     ``guard_factory``: ``"unseen"`` simulates a guard that judges forgetting on factory digits
-    the head was not fit on (:func:`unseen_guard`) instead of replay.npz's held-out half."""
+    the head was not fit on (:func:`unseen_guard`) instead of replay.npz's held-out half;
+    ``replay_per_class``: replay rows per class the tail trains on (default: the device's)."""
     if guard_factory not in GUARD_FACTORY:
         raise ValueError(f"guard_factory must be one of {GUARD_FACTORY}, received {guard_factory!r}")
     guard_x = guard_y = None
@@ -155,7 +167,8 @@ def run_user(
     p, head_verdict = head_only(w, kind, per_class, seed)
     ratio = TAIL_REPLAY_RATIO if replay_ratio is None else replay_ratio
     temperature = TAIL_REPLAY_TEMPERATURE if replay_temperature == "device" else replay_temperature
-    tp = tail_personalizer(start)(p, replay_ratio=ratio, replay_temperature=temperature)
+    rows = {} if replay_per_class is None else {"replay_per_class": replay_per_class}
+    tp = tail_personalizer(start)(p, replay_ratio=ratio, replay_temperature=temperature, **rows)
     if guard_x is not None:
         unseen_guard(p, tp, guard_x, guard_y)
     started = time.perf_counter()
@@ -332,6 +345,28 @@ TUNE_GRID = [
     ("adam", 1e-3, 0.0, 30, 16, 1000.0, None),
     ("adam", 1e-3, 0.0, 30, 16, 1000.0, 1.0),
     ("adam", 1e-3, 0.0, 30, 16, 1.0, 1.0),
+    # 43-49: with the guard split (the guard judges on factory examples the head never fitted), within the time
+    # target's row budget (15 epochs of the user's rows and an equal window, ~entry 28's): which of 40's parts pays
+    ("adam", 1e-3, 0.0, 30, 16, 1.0, None),
+    ("adam", 1e-3, 0.0, 15, 16, 1000.0, None),
+    ("adam", 3e-3, 0.0, 15, 16, 1.0, None),
+    ("sgd", 2.0, 0.0, 15, 16, 1.0, None),
+    ("adam", 1e-3, 0.0, 5, 16, 1000.0, None),
+    ("adam", 3e-3, 0.0, 5, 16, 1000.0, None),
+    ("adam", 3e-3, 0.0, 15, 16, 1.0, 1.0),
+    # 50-55: the whole replay share every epoch with fewer replay rows per class (9th field; default
+    # TAIL_REPLAY_PER_CLASS): 44's smoother replay at the row budget of 28
+    ("adam", 1e-3, 0.0, 15, 16, 1000.0, None, "base", 10),
+    ("adam", 1e-3, 0.0, 15, 16, 1000.0, None, "base", 20),
+    ("sgd", 2.0, 0.0, 15, 16, 1000.0, None, "base", 10),
+    ("sgd", 2.0, 0.0, 15, 16, 2.0, None),
+    ("adam", 2e-3, 0.0, 15, 16, 1000.0, None, "base", 10),
+    ("adam", 1e-3, 0.0, 20, 16, 1000.0, None, "base", 10),
+    # 56-59: more passes over the user's rows, fewer replay rows, at ~1.3-1.6x entry 28's rows
+    ("adam", 1e-3, 0.0, 25, 16, 1000.0, None, "base", 5),
+    ("adam", 1e-3, 0.0, 30, 16, 1000.0, None, "base", 5),
+    ("adam", 1.5e-3, 0.0, 20, 16, 1000.0, None, "base", 8),
+    ("adam", 1e-3, 0.0, 30, 16, 0.5, None),
 ]
 
 
@@ -345,9 +380,17 @@ def grid_entry(index: int) -> tuple[Any, float, float | None, str]:
     from edgetl.device._tail import TAIL_REPLAY_RATIO
 
     optimizer, lr, l2, *rest = TUNE_GRID[index]
-    epochs, batch, ratio, temperature, start = (*rest, *(30, 16, TAIL_REPLAY_RATIO, None, "base")[len(rest) :])
+    epochs, batch, ratio, temperature, start = (*rest, *(30, 16, TAIL_REPLAY_RATIO, None, "base")[len(rest) :])[:5]
     settings = TrainSettings(optimizer=optimizer, learning_rate=lr, l2=l2, epochs=epochs, batch_size=batch)
     return settings, ratio, temperature, start
+
+
+def grid_replay_per_class(index: int) -> int:
+    """``TUNE_GRID[index]``'s replay rows per class trained on (9th field), else the device's."""
+    from edgetl.device._tail import TAIL_REPLAY_PER_CLASS
+
+    entry = TUNE_GRID[index]
+    return int(entry[8]) if len(entry) > 8 else TAIL_REPLAY_PER_CLASS
 
 
 def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None, guard_factory: str = "replay") -> None:
@@ -357,15 +400,19 @@ def tune(worlds: list[Any], seeds: int, per_class: int, only: str | None = None,
 
     for index in [int(i) for i in only.split(",")] if only else range(len(TUNE_GRID)):
         settings, ratio, temperature, start = grid_entry(index)
+        replay_rows = grid_replay_per_class(index)
         optimizer, lr, l2, epochs, batch = (getattr(settings, k) for k in TRAIN_FIELDS)
         records = [
-            run_user(w, kind, per_class, seed, settings, ratio, temperature, start, guard_factory)
+            run_user(w, kind, per_class, seed, settings, ratio, temperature, start, guard_factory, replay_rows)
             for w in worlds
             for kind in families()["tuning"]
             for seed in range(seeds)
         ]
         targets = "one-hot" if temperature is None else f"soft T {temperature}"
-        what = f"epochs {epochs} batch {batch} replay ratio {ratio} replay targets {targets} start {start}"
+        what = (
+            f"epochs {epochs} batch {batch} replay ratio {ratio} replay targets {targets} start {start} "
+            f"replay rows per class {replay_rows}"
+        )
         guard = "" if guard_factory == "replay" else f", guard judging forgetting on {guard_factory} factory digits"
         print(f"--- tail {optimizer} lr {lr} l2 {l2} {what} (tuning family{guard})")
         print("\n".join(summarize(records)[0]), flush=True)

@@ -185,6 +185,10 @@ REPLAY_TRUNK = TRUNK  # replay.npz: float32 [R, P, F], the trunk activations of 
 
 HEAD_INIT_MEMBERS = (WEIGHTS, BIAS, MASK)  # shapes [D, C], [C], [C]
 REPLAY_MEMBERS = ("embeddings", "labels")  # float32 [R, D], int64 [R] (label indices)
+# replay.npz, optional: bool [R], true for rows of the run's guard split (never trained on:
+# the device judges forgetting on them and trains on the others). Absent (bundles before it,
+# runs without a guard split): the device trains on every other row and judges on the rest.
+REPLAY_GUARD = "guard"
 PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS = "x", "probabilities", "embeddings"
 PARITY_MEMBERS = (PARITY_X, PARITY_PROBABILITIES, PARITY_EMBEDDINGS)  # Keras inputs and outputs
 

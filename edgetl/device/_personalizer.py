@@ -37,6 +37,7 @@ from edgetl.device._guard import (
     generalizes,
     label_check,
     paired,
+    part_scores,
 )
 from edgetl.device._guard import decide as decide_guard
 from edgetl.device._head import HeadState, TrainSettings
@@ -155,31 +156,61 @@ class Personalizer:
     # ------------------------------------------------------------------ data
 
     def _load_replay(self, per_class: int) -> tuple[np.ndarray, list[str]]:
-        """The bundle's whole replay buffer; ``per_class`` of each class are trained on."""
+        """The bundle's whole replay buffer; ``per_class`` of each class are trained on.
+        Sets ``replay_guard``: per row, whether it is a guard row (held out of the factory
+        head's training: only those judge forgetting), or ``None`` for a bundle without them."""
         self._replay_train_per_class = max(0, per_class)
+        self.replay_guard: np.ndarray | None = None
         found = self.classifier.bundle.artifacts("replay", "npz")
         if not found:
             return np.zeros((0, self._emb.shape[1]), np.float32), []
         arrays = self.classifier.bundle.arrays("replay", ("embeddings", "labels"))
         emb, y = _checked_replay(arrays, self._emb.shape[1], len(self.classifier.bundle.labels))
+        if "guard_examples" in found[0].extra:  # the manifest (hashed) says the rows are flagged
+            flag = self.classifier.bundle.arrays("replay", (C.REPLAY_GUARD,))[C.REPLAY_GUARD]
+            self.replay_guard = _checked_guard(flag, len(y), found[0].extra["guard_examples"])
         if self.classifier.head.tail is not None:  # the active version's tail layer gives the embeddings
             trunk = self.classifier.bundle.arrays("replay", (C.TRUNK,))[C.TRUNK]
             emb = self.classifier.tail_embed(trunk, self.classifier.head)
         return emb, [self.classifier.bundle.labels[int(i)] for i in y]
 
-    def _replay_split(self) -> tuple[np.ndarray, np.ndarray]:
-        """Replay examples to train on (against forgetting) and to judge with (never trained
-        on, so the guard can see forgetting): per class, every other example up to
-        ``replay_per_class`` is trained on, and everything else is held out. A bundle with
-        a small buffer (20 per class) still holds out half of it."""
+    def _replay_split(self, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Replay examples to train on (against forgetting) and to judge forgetting with
+        (never trained on by the candidate), ``per_class`` of each class trained on (default
+        ``replay_per_class``).
+
+        A bundle with guard rows (the run's guard split, which the factory head was never
+        fitted on) trains on the first ``per_class`` other rows of each class and judges on
+        every guard row. An older bundle (or a run without a guard split) has training
+        examples only: every other one up to ``per_class`` is trained on and the rest judge
+        (a small buffer, 20 per class, still holds out half)."""
+        train, parts = self._replay_parts(per_class)
+        return train, parts["factory"]
+
+    def _replay_parts(self, per_class: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Replay rows trained on, and the guard's factory parts: ``"factory"`` (the rows
+        :meth:`_replay_split` holds out) and, with guard rows, ``"memorized"``: the other
+        training rows the candidate does not train on (the factory head was fitted on them;
+        the guard tests them with ``memorized_tolerance``, see :mod:`edgetl.device._guard`)."""
+        per_class = self._replay_train_per_class if per_class is None else per_class
         labels = np.asarray(self.replay_labels)
-        train, held = [], []
+        train, held, memorized = [], [], []
         for name in sorted(set(self.replay_labels)):
             idx = np.flatnonzero(labels == name)
-            chosen = idx[0::2][: self._replay_train_per_class]
+            if self.replay_guard is not None:
+                fitted = idx[~self.replay_guard[idx]]
+                chosen = fitted[:per_class]
+                held += idx[self.replay_guard[idx]].tolist()
+                memorized += fitted[per_class:].tolist()
+            else:
+                chosen = idx[0::2][:per_class]
+                held += np.setdiff1d(idx, chosen).tolist()
             train += chosen.tolist()
-            held += np.setdiff1d(idx, chosen).tolist()
-        return np.asarray(sorted(train), dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)
+        rows = lambda v: np.asarray(sorted(v), dtype=np.int64)  # noqa: E731
+        parts = {"factory": rows(held)}
+        if self.replay_guard is not None:
+            parts["memorized"] = rows(memorized)
+        return rows(train), parts
 
     @property
     def examples(self) -> int:
@@ -330,14 +361,16 @@ class Personalizer:
             raise InputError("nothing to evaluate on: no held-out examples and no replay buffer")
         return float(np.mean(list(scores.values())))
 
-    def _held_out(self) -> dict[str, tuple[np.ndarray, list[str]]]:
-        """The guard's held-out examples: ``{"user": ..., "factory": ...}`` (embeddings, labels)."""
+    def _held_out(self, per_class: int | None = None) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """The guard's held-out examples: ``{"user": ..., "factory": ...}`` and, for a bundle
+        with guard rows, ``"memorized"`` (embeddings, labels); ``per_class``: replay rows per
+        class the candidate trained on (default ``replay_per_class``)."""
         _, held = self._split()
-        _, replay = self._replay_split()
-        return {
-            "user": (self._emb[held], [self._labels[i] for i in held]),
-            "factory": (self.replay_emb[replay], [self.replay_labels[i] for i in replay]),
-        }
+        _, replay = self._replay_parts(per_class)
+        out = {"user": (self._emb[held], [self._labels[i] for i in held])}
+        for part, rows in replay.items():
+            out[part] = (self.replay_emb[rows], [self.replay_labels[i] for i in rows])
+        return out
 
     def guard_scores(self, head: HeadState) -> dict[str, float]:
         """``{"user": ..., "replay": ...}``: class-balanced accuracy on the held-out user
@@ -346,7 +379,7 @@ class Personalizer:
         return {
             SCORE_NAMES[part]: self._accuracy(head, emb, labels, balanced=True)
             for part, (emb, labels) in self._held_out().items()
-            if len(labels)
+            if part in SCORE_NAMES and len(labels)
         }
 
     def _predict(self, head: HeadState, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,13 +427,8 @@ class Personalizer:
         # Each head runs once per part; the evidence and the scores both come from these.
         before = {part: self._correct(active, *parts[part]) for part in parts}
         after = {part: self._correct(self.candidate, *parts[part]) for part in parts}
-        user = paired("user", before["user"], after["user"], policy.user_tolerance)
-        factory = paired("factory", before["factory"], after["factory"], policy.forget_tolerance, parts["factory"][1])
-        verdict = decide_guard(user, factory, self._label_check(generalizes(user, policy)), policy)
-        cur_scores, cand_scores = (
-            {SCORE_NAMES[p]: _balanced_accuracy(hits[p], parts[p][1]) for p in parts if len(parts[p][1])}
-            for hits in (before, after)
-        )
+        verdict = self.judge(before, after, parts, policy)
+        cur_scores, cand_scores = (part_scores(hits, parts) for hits in (before, after))
         return CommitResult(
             verdict.accepted,
             self.classifier.head_version,
@@ -412,6 +440,24 @@ class Personalizer:
             cur_scores,
             verdict.evidence(),
         )
+
+    def judge(
+        self,
+        before: dict[str, np.ndarray],
+        after: dict[str, np.ndarray],
+        parts: dict[str, tuple[Any, list[str]]],
+        policy: GuardPolicy,
+    ) -> Any:
+        """The guard's decision from the active head's and the candidate's per-example
+        correctness on each held-out part (a head's or a tail's: the same rule)."""
+        user = paired("user", before["user"], after["user"], policy.user_tolerance)
+        factory = paired("factory", before["factory"], after["factory"], policy.forget_tolerance, parts["factory"][1])
+        memorized = None
+        if "memorized" in parts:
+            memorized = paired(
+                "memorized", before["memorized"], after["memorized"], policy.memorized_tolerance, parts["memorized"][1]
+            )
+        return decide_guard(user, factory, self._label_check(generalizes(user, policy)), policy, memorized)
 
     def commit(self, margin: float | None = None, *, decision: CommitResult | None = None) -> CommitResult:
         """Store the trained candidate if the guard accepts it (:meth:`decide`); the
@@ -532,6 +578,18 @@ class Personalizer:
         active = self.store.active()
         self.classifier.set_head(active.head, active.number)
         self._base, self.candidate = active.head, None
+
+
+def _checked_guard(flag: np.ndarray, rows: int, declared: Any) -> np.ndarray:
+    """replay.npz's ``guard`` member: one bool per row, as many true as the manifest declares
+    (a file edited to judge on training rows, or to train on guard rows, is refused)."""
+    if flag.shape != (rows,) or flag.dtype != np.bool_:
+        raise BundleError(
+            f"replay.npz: guard must be {rows} booleans (one per row), received {flag.shape} {flag.dtype}"
+        )
+    if int(flag.sum()) != declared:
+        raise BundleError(f"replay.npz: {int(flag.sum())} guard rows, the manifest declares {declared!r}")
+    return flag
 
 
 def _checked_replay(arrays: dict[str, np.ndarray], width: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,7 @@ import numpy as np
 from edgetl.bundle import _contract as C
 from edgetl.bundle import _tail as T
 from edgetl.bundle._head import masked_softmax
-from edgetl.device._guard import SCORE_NAMES, CommitResult, _balanced_accuracy, generalizes, paired
-from edgetl.device._guard import decide as decide_guard
+from edgetl.device._guard import CommitResult, paired, part_scores
 from edgetl.device._head import TrainSettings
 from edgetl.device._head_loop import plan_steps
 from edgetl.device._runtimes import LiteRTSignature, litert_interpreter, onnx_session
@@ -457,12 +456,9 @@ class TailPersonalizer:
         return self.p.commit(decision=decision)
 
     def replay_split(self) -> tuple[np.ndarray, np.ndarray]:
-        """The Personalizer's rule (every other example of a class, up to a count, is trained
-        on; the rest held out) with the tail's count, :data:`TAIL_REPLAY_PER_CLASS`."""
-        labels = np.asarray(self.p.replay_labels)
-        train = [np.flatnonzero(labels == c)[0::2][: self.replay_per_class] for c in sorted(set(labels.tolist()))]
-        chosen = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
-        return chosen.astype(np.int64), np.setdiff1d(np.arange(len(labels)), chosen).astype(np.int64)
+        """The Personalizer's rule (:meth:`Personalizer._replay_split`: guard rows judge when the
+        bundle has them) with the tail's count, :data:`TAIL_REPLAY_PER_CLASS`."""
+        return self.p._replay_split(self.replay_per_class)
 
     def training_plan(self, settings: TrainSettings) -> dict[str, np.ndarray]:
         """What :meth:`train` feeds the graph: ``trunk`` and ``labels`` of the user's training
@@ -524,19 +520,17 @@ class TailPersonalizer:
 
     def held_out(self) -> dict[str, tuple[np.ndarray, list[str]]]:
         """The guard's held-out parts for the tail (embeddings, for the active head): the
-        Personalizer's user part, the replay examples the tail did not train on."""
-        _, replay = self.replay_split()
-        parts = dict(self.p._held_out())
-        parts["factory"] = (self.p.replay_emb[replay], [self.p.replay_labels[i] for i in replay])
-        return parts
+        Personalizer's user part and its replay parts with the tail's count trained on."""
+        return self.p._held_out(self.replay_per_class)
 
     def held_out_trunk(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """:meth:`held_out`'s parts as trunk activations (what the tail's graphs take)."""
         _, held = self.p._split()
-        _, replay = self.replay_split()
-        return {
-            "user": (self.user_trunk()[held], [self.p._labels[i] for i in held]),
-            "factory": (self.replay_trunk[replay], [self.p.replay_labels[i] for i in replay]),
-        }
+        _, replay = self.p._replay_parts(self.replay_per_class)
+        out = {"user": (self.user_trunk()[held], [self.p._labels[i] for i in held])}
+        for part, rows in replay.items():
+            out[part] = (self.replay_trunk[rows], [self.p.replay_labels[i] for i in rows])
+        return out
 
     def predict(self, weights: dict, trunk: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray:
         active = np.flatnonzero(np.asarray(weights[C.MASK]) > 0)
@@ -561,13 +555,8 @@ class TailPersonalizer:
         policy, parts = self.p.guard, self.held_out()
         before = {part: self.p._correct(self.p.classifier.head, *parts[part]) for part in parts}
         after = self.correct(self.candidate.weights)
-        user = paired("user", before["user"], after["user"], policy.user_tolerance)
-        factory = paired("factory", before["factory"], after["factory"], policy.forget_tolerance, parts["factory"][1])
-        verdict = decide_guard(user, factory, self.p._label_check(generalizes(user, policy)), policy)
-        scores = [
-            {SCORE_NAMES[p]: _balanced_accuracy(hits[p], parts[p][1]) for p in parts if len(parts[p][1])}
-            for hits in (after, before)
-        ]
+        verdict = self.p.judge(before, after, parts, policy)
+        scores = [part_scores(hits, parts) for hits in (after, before)]
         return CommitResult(
             verdict.accepted,
             self.p.classifier.head_version,

@@ -78,9 +78,10 @@ REPLAY_MIN_PER_CLASS = 20
 REPLAY_BYTES = 4 << 20
 
 
-def replay_per_class(classes: int, width: int) -> int:
-    """Replay examples per class for ``classes`` classes of ``width``-d float32 embeddings."""
-    fit = REPLAY_BYTES // max(1, classes * width * 4)
+def replay_per_class(classes: int, width: int, parts: int = 1) -> int:
+    """Replay examples per class and part (training rows; guard rows when there are
+    ``parts=2``) for ``classes`` classes of ``width``-d float32 embeddings."""
+    fit = REPLAY_BYTES // max(1, parts * classes * width * 4)
     return int(min(REPLAY_PER_CLASS, max(REPLAY_MIN_PER_CLASS, fit)))
 
 
@@ -439,6 +440,7 @@ class ExportData:
     calibration_x: np.ndarray | None = None
     calibration_y: np.ndarray | None = None  # their labels: the calibration examples also choose (select)
     train: tuple[Any, np.ndarray] | None = None
+    guard: tuple[Any, np.ndarray] | None = None  # the run's guard split, when the run vouches for it
     test: tuple[np.ndarray, np.ndarray] | None = None
     select: tuple[np.ndarray, np.ndarray] | None = None  # chooses between quantized candidates (never reports)
     source: dict[str, Any] = field(default_factory=lambda: {"calibration": "none"})
@@ -542,6 +544,7 @@ def resolve_data(
         rows = np.random.default_rng(0).permutation(len(splits.train))[:samples]
         out.calibration_x, out.calibration_y = splits.train.x[rows].astype(np.float32), np.asarray(splits.train.y)[rows]
         out.train = (splits.train.x, splits.train.y)
+        out.guard, out.source["guard"] = _guard_split(run, splits)
         held_out_split = "test" if len(splits.test) else "val" if len(splits.val) else None
         held_out = {"test": splits.test, "val": splits.val}.get(held_out_split)
         out.test = _in_memory(held_out, out.source) if held_out is not None else None
@@ -555,6 +558,22 @@ def resolve_data(
         out.source["evaluation"] = "given"
     _assign_roles(out, held_out_split, val if held_out_split != "val" else None)  # val reports: halve it
     return out
+
+
+def _guard_split(run: Any, splits: Any) -> tuple[tuple[Any, np.ndarray] | None, str]:
+    """The guard split export ships as replay.npz's held-out rows, and what ``source`` says
+    about it: only when the run recorded a guard split with exactly these examples (its
+    sha256), since a row the head was fitted on would make the device's guard judge on
+    memorized examples again (tools/guard_memorized.py)."""
+    recorded = getattr(run, "metrics", {}) or {}
+    if splits.guard is None or not len(splits.guard) or not recorded.get("guard_sha256"):
+        return None, "none: the run held out no guard split (the device judges forgetting on training examples)"
+    if splits.guard.fingerprint() != recorded["guard_sha256"]:
+        return None, (
+            "none: the data's guard split is not the one the run held out (other data than training's), so the "
+            "device judges forgetting on training examples"
+        )
+    return (splits.guard.x, splits.guard.y), f"the run's guard split ({len(splits.guard)} examples, never trained on)"
 
 
 def _assign_roles(out: ExportData, held_out_split: str | None, val: Dataset | None) -> None:
@@ -904,32 +923,41 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     return out
 
 
+def replay_rows(y: np.ndarray, classes: int, per_class: int) -> np.ndarray:
+    """Indices of up to ``per_class`` examples of each class of ``y``, drawn the same way for
+    replay.npz and the MCU's replay (seeded permutation per class, class by class)."""
+    rng = np.random.default_rng(1)
+    return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(classes)])
+
+
 def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trunk: Any = None) -> list[Artifact]:
-    """``replay.npz`` (class-balanced embeddings of training examples, so personalization can
-    train against and detect forgetting of the factory classes; with a ``trunk`` model, also
-    their trunk activations, for the tail) and ``parity.npz``."""
+    """``replay.npz`` (class-balanced embeddings of factory-class examples, so personalization
+    can train against and detect forgetting of the factory classes; with a ``trunk`` model,
+    also their trunk activations, for the tail) and ``parity.npz``.
+
+    With the run's guard split (:func:`_guard_split`), replay.npz holds training examples to
+    train on and guard examples to judge on, flagged by its ``guard`` member; without one,
+    training examples only (the device then judges on every other one)."""
     out = []
     if plan.data.train is not None:
-        x, y = plan.data.train
-        rng = np.random.default_rng(1)
-        per_class = replay_per_class(len(plan.run.class_names), int(backbone.output_shape[-1]))
-        keep = np.concatenate(
-            [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(len(plan.run.class_names))]
-        )
-        emb = backbone.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
-        arrays = dict(zip(REPLAY_MEMBERS, (emb, y[keep].astype(np.int64))))
+        classes, width = len(plan.run.class_names), int(backbone.output_shape[-1])
+        parts = [plan.data.train] + ([plan.data.guard] if plan.data.guard is not None else [])
+        per_class = replay_per_class(classes, width, len(parts))
+        xs, ys = [], []
+        for x, y in parts:
+            keep = replay_rows(np.asarray(y), classes, per_class)
+            xs.append(np.asarray(x[keep], np.float32))
+            ys.append(np.asarray(y)[keep].astype(np.int64))
+        x_all = np.concatenate(xs)
+        emb = backbone.predict(x_all, verbose=0).astype(np.float32)
+        arrays = dict(zip(REPLAY_MEMBERS, (emb, np.concatenate(ys))))
+        fields: dict[str, Any] = {"per_class": per_class}
+        if len(parts) == 2:
+            arrays[C.REPLAY_GUARD] = np.repeat([False, True], [len(ys[0]), len(ys[1])])
+            fields["guard_examples"] = int(len(ys[1]))
         if trunk is not None:
-            arrays[C.TRUNK] = trunk.predict(x[keep].astype(np.float32), verbose=0).astype(np.float32)
-        out.append(
-            Artifact(
-                "replay.npz",
-                _npz(**arrays),
-                "replay",
-                "npz",
-                "fp32",
-                {"per_class": per_class},
-            )
-        )
+            arrays[C.TRUNK] = trunk.predict(x_all, verbose=0).astype(np.float32)
+        out.append(Artifact("replay.npz", _npz(**arrays), "replay", "npz", "fp32", fields))
     parity = _npz(
         **{
             PARITY_X: references.x,

@@ -458,15 +458,17 @@ void edgetl_quantize_pixels(const uint8_t *pixels, int8_t *input) {
 
 
 def replay_examples(plan: Any, per_class: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw inputs and class indices of replay examples: per class, every other example of
-    replay.npz's (drawn from ``pool`` per class; the half the device Personalizer trains
-    on), up to ``per_class``."""
+    """Raw inputs and class indices of replay examples, up to ``per_class`` of each class: the
+    ones the device Personalizer trains on. With a guard split (replay.npz's ``guard`` rows
+    judge), the first training rows of replay.npz's draw; without one, every other example of
+    its draw of ``pool`` per class (the other half judges)."""
     if plan.data.train is None or per_class == 0:
         return np.zeros((0, *plan.shape), np.float32), np.zeros(0, np.int32)
     x, y = plan.data.train
     rng = np.random.default_rng(1)
     per = [rng.permutation(np.flatnonzero(y == c))[:pool] for c in range(len(plan.run.class_names))]
-    keep = np.concatenate([p[0::2][:per_class] for p in per])
+    step = 1 if plan.data.guard is not None else 2
+    keep = np.concatenate([p[0::step][:per_class] for p in per])
     return np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
 
 

@@ -44,6 +44,9 @@ def pretrain(
     k = keras()
     if config.fusion != "none" or config.fine_tune_layers:
         raise InputError("pretrain trains every layer; fusion and fine_tune_layers apply to `train` only")
+    # A source network, not a device's factory head: nothing is held out for the guard (and a
+    # pretrain run's export keeps the older every-other replay rule, saying so).
+    config = replace(config, guard_fraction=0.0)
     splits = config.split(data)
     splits.train.require_trainable()
     k.utils.set_random_seed(config.seed)

@@ -45,6 +45,7 @@ from edgetl.host._tf_data import Augmentation
 STRATEGIES = ("default", "mirrored", "multi-worker")
 FUSIONS = ("none", "concat")
 TRAIN = ("train",)  # command-line options only `edgetl train` takes
+DEFAULT_GUARD_FRACTION = 0.1
 # Adam's step is about lr per weight whatever the gradient's scale, so one rate moves
 # every backbone by about the same absolute amount. 1e-5 (the usual advice when all of a
 # large ImageNet backbone is unfrozen) left a small CNN where it was (issue 9: val 0.43 ->
@@ -101,6 +102,11 @@ class TrainConfig:
             only when nothing before the seam is trainable or random (no fusion, no
             augmentation).
         val_fraction, test_fraction: the stratified split when one dataset is given.
+        guard_fraction: the share of each class (at most
+            :data:`edgetl.data.GUARD_MAX_PER_CLASS`) held out of training as the guard
+            split: never fitted, the bundle ships it so the device's guard judges
+            forgetting on factory examples the head did not memorize. 0 holds none out
+            (the device then judges on training examples, and export says so).
         streaming: how ``edgetl train`` loads the data: ``"auto"`` streams it from disk when
             it would not fit comfortably in memory (see :func:`edgetl.data.choose_streaming`),
             ``"on"`` always streams folders (and uncompressed ``.npz``), ``"off"`` loads into
@@ -187,6 +193,17 @@ class TrainConfig:
     cache_embeddings: bool = True
     val_fraction: float = option(0.1)
     test_fraction: float = option(0.2)
+    # Why 0.1, on the guard's tuning family (tools/guard_rates.py --tune --guard-fraction F, the
+    # transfer of digits 5-9 with ~90 examples per class): with 0.1 the tuned guard accepted 1 of 407
+    # forgetting heads and 98% of helpful ones (shuffled batches apart); with 0.2, 0 and 88%, and the
+    # head fitted on a fifth less data. Capped at 100 per class, so large datasets give up little.
+    guard_fraction: float = option(
+        DEFAULT_GUARD_FRACTION,
+        commands=TRAIN,
+        help="share of each class (at most 100 examples) never trained on and shipped in the bundle, so the "
+        "device's guard judges forgetting on examples the head has not memorized; 0 holds none out "
+        "(default: %(default)s)",
+    )
     # `pretrain` trains every layer on arrays in memory; only `train` streams.
     streaming: Literal["auto", "on", "off"] = option(
         "auto",
@@ -220,7 +237,7 @@ class TrainConfig:
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
                 raise InputError(f"{n} must be a number in (0, 10), received {n}={describe(v)}")
-        for n in ("dropout", "label_smoothing"):
+        for n in ("dropout", "label_smoothing", "guard_fraction"):
             v = getattr(self, n)
             if not 0 <= v < 1:
                 raise InputError(f"{n} must be in [0, 1), received {n}={describe(v)}")
@@ -248,7 +265,13 @@ class TrainConfig:
         fractions and seed (the split export reproduces)."""
         if isinstance(data, Splits):
             return data
-        return stratified_split(data, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+        return stratified_split(
+            data,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            guard_fraction=self.guard_fraction,
+            seed=self.seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -264,6 +287,8 @@ class TrainConfig:
         if unknown:
             warnings.warn(f"ignoring unknown TrainConfig keys {unknown}", stacklevel=2)
         kwargs = {k: v for k, v in data.items() if k in known}
+        # A run recorded before the guard split held none out: re-split it exactly as it trained.
+        kwargs.setdefault("guard_fraction", 0.0)
         if isinstance(kwargs.get("augmentation"), dict):
             kwargs["augmentation"] = Augmentation(**kwargs["augmentation"])
         return cls(**kwargs)
@@ -501,6 +526,7 @@ def train_transfer(
     record = data.record() if isinstance(data, Dataset) and data.origin else None
     splits = config.split(data)
     splits.train.require_trainable()
+    guard = guard_record(splits)  # before conforming: export re-splits the data as loaded
     if config.augmentation is not None and splits.train.kind != "image":
         raise InputError(f"augmentation applies to image data only; the data is {splits.train.kind!r}")
     k.utils.set_random_seed(config.seed)
@@ -534,10 +560,20 @@ def train_transfer(
         tm.model, splits.test if len(splits.test) else splits.val, splits.train.num_classes
     )
     metrics.update(_run_metrics(tm, splits, strategy, stats, info, timings))
+    metrics.update(guard)
     spec = {**backbone.input_spec, "shape": list(splits.train.input_shape)}
     if config.standardize_embeddings:
         spec["embedding_standardized"] = True
     return TrainResult(tm, config, splits.train.class_names, history, metrics, confusion, spec, record, assumptions)
+
+
+def guard_record(splits: Splits) -> dict[str, Any]:
+    """What a run records about its guard split: how many examples and their sha256, so
+    export ships them as unseen only when it re-splits exactly these (data given to export
+    that differs, or a :class:`Splits` trained on directly, has none the run can vouch for)."""
+    if splits.guard is None or not len(splits.guard):
+        return {"guard_examples": 0}
+    return {"guard_examples": len(splits.guard), "guard_sha256": splits.guard.fingerprint()}
 
 
 def _prepare_backbone(

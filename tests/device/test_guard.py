@@ -135,3 +135,26 @@ def test_the_worst_class_p_value_says_it_is_corrected():
     assert "class '7': 8 of 20 lost and 0 gained, p = 0.0078 (Bonferroni: times the number of classes)" in (
         factory.describe()
     )
+
+
+def test_the_memorized_part_is_tested_beyond_its_own_larger_tolerance():
+    """Beside a guard split, the replay rows the factory head was fitted on are a second factory
+    part: losing 3% of 200 (the drift of any new head there) passes its 3% tolerance, losing 10%
+    is forgetting, and a reason names the part; without the part, decide is as before."""
+    user, factory = _evidence("user", 25, 0, 9, tolerance=0.0), _evidence("factory", 50, 2, 2, tolerance=0.01)
+    policy = GuardPolicy(memorized_tolerance=0.03)
+    drift = _evidence("memorized", 200, 6, 0, tolerance=policy.memorized_tolerance)
+    verdict = decide(user, factory, NO_LABEL_DOUBT, policy, drift)
+    assert verdict.accepted and "factory examples the factory head was fitted on: 6 of 200 lost" in verdict.reason
+    assert verdict.evidence()["memorized"]["lost"] == 6
+    forgot = _evidence("memorized", 200, 20, 0, tolerance=policy.memorized_tolerance)
+    verdict = decide(user, factory, NO_LABEL_DOUBT, policy, forgot)
+    assert not verdict.accepted
+    assert "it forgets the factory classes (factory examples the factory head was fitted on: 20 of 200" in (
+        verdict.reason
+    )
+    opened = GuardPolicy(memorized_tolerance=1.0)
+    assert decide(user, factory, NO_LABEL_DOUBT, opened, _evidence("memorized", 200, 20, 0, tolerance=1.0)).accepted
+    assert "memorized" not in decide(user, factory, NO_LABEL_DOUBT, policy).evidence()
+    with pytest.raises(InputError, match="memorized_tolerance must be in"):
+        GuardPolicy(memorized_tolerance=-0.1)

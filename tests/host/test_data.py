@@ -150,6 +150,37 @@ def test_stratified_split_is_deterministic_disjoint_and_stratified(digits_target
         stratified_split(digits_target, val_fraction=0.5, test_fraction=0.5)
 
 
+def test_guard_split_is_held_out_of_training_and_leaves_val_and_test_as_they_were(digits_target):
+    from edgetl.data import GUARD_MAX_PER_CLASS
+
+    old = stratified_split(digits_target, val_fraction=0.1, test_fraction=0.2, seed=3)
+    new = stratified_split(digits_target, val_fraction=0.1, test_fraction=0.2, guard_fraction=0.1, seed=3)
+    assert old.guard is None and set(old.parts()) == {"train", "val", "test"}
+    # val and test are the same examples; guard and the new train are the old train, disjoint
+    for name in ("val", "test"):
+        assert np.array_equal(getattr(old, name).x, getattr(new, name).x)
+    old_rows = {r.tobytes() for r in old.train.x}
+    guard_rows, train_rows = [{r.tobytes() for r in d.x} for d in (new.guard, new.train)]
+    assert guard_rows | train_rows == old_rows and not guard_rows & train_rows
+    counts = np.bincount(new.guard.y, minlength=5)
+    per_class = np.bincount(digits_target.y, minlength=5)
+    assert np.array_equal(counts, np.round(per_class * 0.1).astype(int)), (counts, per_class)
+    # capped per class: a large dataset gives up at most GUARD_MAX_PER_CLASS of a class
+    big = Dataset(
+        np.repeat(digits_target.x, 8, axis=0), np.repeat(digits_target.y, 8), digits_target.class_names, "image"
+    )
+    capped = stratified_split(big, val_fraction=0.0, test_fraction=0.0, guard_fraction=0.5)
+    assert np.bincount(capped.guard.y).max() == GUARD_MAX_PER_CLASS
+    # a class of one example keeps it for training
+    tiny = Dataset(digits_target.x[:2], np.array([0, 1]), ["a", "b"], "image")
+    assert len(stratified_split(tiny, guard_fraction=0.5).train) == 2
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(InputError, match=r"guard_fraction must be a number in \[0, 1\)"):
+            stratified_split(digits_target, guard_fraction=bad)
+    with pytest.raises(InputError, match="val_fraction \\+ test_fraction \\+ guard_fraction must be below 1"):
+        stratified_split(digits_target, val_fraction=0.4, test_fraction=0.4, guard_fraction=0.2)
+
+
 def test_sample_shots(digits_target):
     s = sample_shots(digits_target, 3, seed=1)
     assert np.bincount(s.y).tolist() == [3] * 5
