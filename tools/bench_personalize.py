@@ -20,8 +20,8 @@ guard's verdict timed apart and printed as an informative ratio), and the extra 
 of a fresh process), each arm the median of 3 processes, alternated, on three bundles:
 MobileNetV2-0.35 at 96x96 (weights=None, a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10
 classes x 10 examples, the issue's target; built from 110 images per class so its replay buffer is
-the one export writes for 10 classes of 1280-d embeddings, 81 per class, of which the tail trains on
-40), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
+the one export writes for 10 classes of 1280-d embeddings: 40 training rows per class, all of which
+the tail trains on, beside 11 guard rows), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
 tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
 """
 
@@ -196,8 +196,9 @@ def tail_costs(targets: "Targets", only: str | None = None) -> None:
         np.savez(d / "mnv2.npz", x=rng.integers(0, 255, (100, 96, 96, 3)).astype(np.uint8), labels=np.arange(100) % 10)
         cases = {
             "MobileNetV2-0.35 96x96 (pooled 1x1 conv tail, F=112, P=9, D=1280), 10 classes x 10": (
-                # 110 per class: 82 in the training split, so export keeps its full replay buffer (81 per
-                # class for 10 x 1280-d); with 20 per class it kept 15 and understated the tail's replay rows
+                # 110 per class: ~71 in the training split and 11 in the guard split, so export keeps its full
+                # replay buffer (40 training rows per class for 10 x 1280-d, beside the guard rows); with 20
+                # per class it kept 15 and understated the tail's replay rows
                 lambda: build_app_bundle(d, "mobilenetv2_035", 96, classes=10, per_class=110)[0],
                 d / "mnv2.npz",
             ),

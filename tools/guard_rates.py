@@ -586,21 +586,28 @@ def main() -> int:
     )
     parser.add_argument("--migrate-to", type=Path, help="also migrate genuine users to this bundle (another backbone)")
     args = parser.parse_args()
-    from edgetl.device import GuardPolicy
 
     family = "tuning" if args.tune else args.family
     kinds = families()[family]
     t0 = time.perf_counter()
+    # One directory for every bundle built here: the migration at the end still reads the first.
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or build_bundle(Path(tmp), guard_fraction=args.guard_fraction)
-        records = measure(
-            bundle,
-            kinds=kinds,
-            scenarios=args.scenarios.split(","),
-            sizes=tuple(int(s) for s in args.sizes.split(",")),
-            seeds=range(args.seeds),
-            backend=args.backend,
-        )
+        return _report(args, kinds, family, t0, Path(tmp))
+
+
+def _report(args: Any, kinds: list[str], family: str, t0: float, tmp: Path) -> int:
+    """main's measuring and printing, with ``tmp`` alive for every bundle it builds."""
+    from edgetl.device import GuardPolicy
+
+    bundle = args.bundle or build_bundle(tmp, guard_fraction=args.guard_fraction)
+    records = measure(
+        bundle,
+        kinds=kinds,
+        scenarios=args.scenarios.split(","),
+        sizes=tuple(int(s) for s in args.sizes.split(",")),
+        seeds=range(args.seeds),
+        backend=args.backend,
+    )
     if args.json:
         args.json.write_text(json.dumps(records))
     print(f"{family} family: {', '.join(kinds)}; {len(records)} cases in {time.perf_counter() - t0:.0f}s")
@@ -613,15 +620,17 @@ def main() -> int:
     print(f"\n{family} family, pooled: {json.dumps(s)}")
     if args.tune:
         best, _ = tune(records)
-        print(f"\ntuned (the rule: every target met, then most helpful accepted, then fewest false accepts):\n{best}")
+        print(
+            "\ntuned (the rule: every target met, else the fewest forgetting heads accepted and most shuffled "
+            f"refused; then most helpful accepted, then fewest false accepts):\n{best}"
+        )
         return 0
     checks = passes(s)
     if args.migrate_to or not args.bundle:
-        with tempfile.TemporaryDirectory() as tmp:
-            other = args.migrate_to or build_bundle(Path(tmp), seed=1, guard_fraction=args.guard_fraction)
-            moved = migrations(
-                bundle, other, kinds=kinds, sizes=tuple(int(s) for s in args.sizes.split(",")), seeds=range(args.seeds)
-            )
+        other = args.migrate_to or build_bundle(tmp, seed=1, guard_fraction=args.guard_fraction)
+        moved = migrations(
+            bundle, other, kinds=kinds, sizes=tuple(int(s) for s in args.sizes.split(",")), seeds=range(args.seeds)
+        )
         m = migration_summary(moved)
         print(f"\nmigration to another backbone (genuine users): {json.dumps(m)}")
         checks["migrated within 2 points of personalizing the new bundle, >= 90% of helpful"] = (

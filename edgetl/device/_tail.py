@@ -106,6 +106,16 @@ ADAPT = ("head", "tail", "auto")
 #   -0.7 points on average): tools/guard_memorized.py; README. Simulated with a guard judging on
 #   unseen factory digits (`tail_rates.py --tune --guard-factory unseen`), that recipe would pass
 #   47 / 38 of 48 (Dense +15.4, conv +9.5 points); these defaults +9.0 / +4.7. Not the device's guard.
+# * Then the real thing: bundles with a guard split (edgetl.host TrainConfig.guard_fraction 0.1), the
+#   guard judging on its rows and on the fitted rows with their own tolerance (_guard.py). Three
+#   bundles of each ending, tuning family, low-gain users over head-only (TUNE_GRID entry: Dense/conv):
+#     memorized tolerance 0.03 (a first guess): 28 (these defaults) +2.6/+2.2; 40 (the oracle's) +9.1/+6.1;
+#     at 28's rows (time target): 46 (SGD 2.0, one-hot, l2 0) +4.1/+2.8, 50 (Adam, whole replay of 10
+#     per class) +5.8/+3.8, 54 +5.0/+5.1 (factory -3.8 Dense); 44 (15 epochs whole replay, 3x rows)
+#     +7.1/+4.0.
+#   The guard's own tuning then chose 0.01 (every larger tolerance accepted heads that forget: see
+#   _guard.py). With it: 28 +6.0/+5.2 (9/6 tails refused), 50 -2.1/-2.9 and 51 +2.0/+1.7 (48/45 and
+#   39/19 refused), 44 +3.3/+9.7 (34/2), 40 +8.2/+9.0 (26/6 refused; ~6x the rows). So these defaults stay.
 TAIL_REPLAY_PER_CLASS = 40
 TAIL_REPLAY_RATIO = 1.0  # replay rows per user row in an epoch (a class's window: as many as its user rows)
 TAIL_REPLAY_TEMPERATURE: float | None = 1.0  # replay targets: the active head's softmax at this temperature
