@@ -21,8 +21,9 @@ of a fresh process), each arm the median of 3 processes, alternated, on three bu
 MobileNetV2-0.35 at 96x96 (weights=None, a pooled 1x1 convolution tail: trunk 3x3x112 -> 1280; 10
 classes x 10 examples, the issue's target; built from 110 images per class so its replay buffer is
 the one export writes for 10 classes of 1280-d embeddings: 40 training rows per class, all of which
-the tail trains on, beside 11 guard rows), the demo's backbone (``edgetl_cnn_dense``, a Dense(256, relu) tail; 5 classes x 20) and
-tools/tail_rates.py's user CNN (a Dense(64, relu) tail over F = 1024; 5 classes x 20).
+the tail trains on, beside 11 guard rows), the demo's backbone (``edgetl_cnn_dense``, a
+Dense(256, relu) tail; 5 classes x 20) and tools/tail_rates.py's user CNN (a Dense(64, relu) tail
+over F = 1024; 5 classes x 20).
 """
 
 from __future__ import annotations
