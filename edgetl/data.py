@@ -1087,7 +1087,9 @@ def _conform_array(x: np.ndarray, h: int, w: int, c: int) -> tuple[np.ndarray, l
             x = np.round(x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(
                 np.uint8
             )
-    if x.shape[1:3] != (h, w):
+    if x.shape[1:3] != (h, w) and not len(x):  # an empty split (e.g. --test-fraction 0) has nothing to resize
+        x = np.zeros((0, h, w, x.shape[-1]), x.dtype)
+    elif x.shape[1:3] != (h, w):
         image = _pillow()
         x = np.stack(
             [_to_array(image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), (h, w), im.shape[-1]) for im in x]

@@ -283,3 +283,21 @@ def test_tools_and_tests_import_only_names_edgetl_has(tmp_path):
     stale = tmp_path / "stale.py"  # the check sees a function-local import of a removed name
     stale.write_text("def f():\n    from edgetl.host._int8_onnx import RECIPES, _run\n")
     assert _missing_edgetl_names([stale]) == ["stale.py:2: edgetl.host._int8_onnx._run"]
+
+
+def test_ci_exits_with_the_readme_test_commands_status(tmp_path):
+    """`.ci/run` under `set -e`: a failing command early in the README's && list (ruff) does not
+    stop bash, so the script must keep the list's status. Its own lines up to that check, with the
+    list replaced by one whose middle command fails, must exit non-zero and say so."""
+    import subprocess
+
+    lines = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    command = next(i for i, line in enumerate(lines) if line.startswith("python3 -m venv .venv && "))
+    end = next(i for i in range(command, len(lines)) if lines[i] == "fi")
+    script = ["set -euo pipefail", "true && false && true", *lines[command + 1 : end + 1], "echo reached"]
+    (tmp_path / "run").write_text("\n".join(script) + "\n")
+    done = subprocess.run(["bash", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 1 and "README test command: exit 1" in done.stdout and "reached" not in done.stdout
+    script[1] = "true && true && true"
+    (tmp_path / "run").write_text("\n".join(script) + "\n")
+    assert "reached" in subprocess.run(["bash", str(tmp_path / "run")], capture_output=True, text=True).stdout

@@ -208,13 +208,14 @@ def unseen_guard(p: Any, tp: Any, x: np.ndarray, labels: np.ndarray) -> None:
     """A simulation, not the device's guard: the Personalizer ``p`` and its tail ``tp`` judge
     forgetting on ``x`` (factory digits the head was never fit on) instead of replay.npz's
     held-out half (training-split examples the factory head gets all right, where a candidate
-    can only lose: tools/guard_memorized.py). The user's held-out part stays as it is."""
+    can only lose: tools/guard_memorized.py). The user's held-out part stays as it is; the
+    memorized part of a bundle with guard rows is left out (only the unseen digits judge)."""
     factory = (p.classifier.embed(x), [str(v) for v in labels])
     factory_trunk = (tp.runtime.trunk(x), factory[1])
     held_out, held_out_trunk = p._held_out, tp.held_out_trunk
-    p._held_out = lambda: {**held_out(), "factory": factory}
+    p._held_out = lambda per_class=None: {"user": held_out(per_class)["user"], "factory": factory}
     tp.held_out = p._held_out
-    tp.held_out_trunk = lambda: {**held_out_trunk(), "factory": factory_trunk}
+    tp.held_out_trunk = lambda: {"user": held_out_trunk()["user"], "factory": factory_trunk}
 
 
 def tail_personalizer(start: str) -> Any:

@@ -238,6 +238,8 @@ ARTIFACT_FIELDS = (
     "byte_order",
     "ladder",  # int8 TFLite: the remedy ladder's rung and what stayed float (edgetl/host/_int8_tflite.py)
     "selection",  # quantized models: the split that chose the file and the one it is reported on (host/_selection.py)
+    "per_class",  # replay: examples drawn per class (and per part, with guard rows)
+    "guard_examples",  # replay: rows of the run's guard split, flagged by REPLAY_GUARD
 )
 TENSOR_FIELDS = ("name", "shape", "dtype", "quantization")
 

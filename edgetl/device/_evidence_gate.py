@@ -46,6 +46,9 @@ MIN_COSINE = {"dynamic": 0.99, "float16": 0.999, "int8": 0.9, "qat": None}
 # of the same format. A gate against broken artifacts, not the quality target (int8 within
 # 1 point, measured by tools/measure_export.py): on a few hundred test images one example
 # is a third of a point, so a 1-point gate would leave out healthy models by chance.
+# Check.extra key: a quantized model's parity verdict before verify's fixed accuracy-drop limit
+# (popped by evidence_gates, which judges the drop on the paired evidence instead).
+PARITY_OK = "parity_ok"
 MAX_ACCURACY_DROP = {"dynamic": 0.01, "float16": 0.01, "int8": 0.02, "qat": 0.02}
 
 GATE_ALPHA = DEFAULT_ALPHA
@@ -128,11 +131,13 @@ def evidence_gates(
         outcome, words = gate_outcome(tests)
         extra = {**c.extra, "outcome": outcome, "gate": words, "evidence": {e.part: evidence_json(e) for e, _ in tests}}
         extra.pop("max_accuracy_drop", None)  # the paired test decides, not the fixed limit
+        parity_ok = extra.pop(PARITY_OK, c.ok)  # ... so thin evidence keeps the parity verdict without it
         # Thin evidence: an export (which has its calibration inputs) leaves the file out rather
         # than ship it by chance; a later `verify` on a user's few examples keeps the parity
         # gate's verdict and says the evidence was thin (a healthy bundle does not turn FAILED
-        # because the user brought 80 examples).
-        ok = outcome == "pass" or (outcome == "thin" and inputs is None and c.ok)
+        # because the user brought 80 examples, nor because 2 of 20 of them flipped: the fixed
+        # accuracy-drop limit on those few examples is what the paired test replaces).
+        ok = outcome == "pass" or (outcome == "thin" and inputs is None and parity_ok)
         if c.role == "backbone":  # the embeddings must still point the same way (QAT's are its own: no limit)
             norms = np.linalg.norm(got, axis=1) * np.linalg.norm(base, axis=1)
             cosine = float(np.mean(np.sum(got * base, axis=1) / np.maximum(norms, 1e-12)))

@@ -277,7 +277,8 @@ class GuardPolicy:
         forget_tolerance: share of the held-out factory examples a candidate may lose net
             before the loss is tested (1 opens the guard on the factory side).
         memorized_tolerance: the same on the ``memorized`` part (replay examples the factory
-            head was fitted on, tested beside a guard split; see the module docstring).
+            head was fitted on, tested beside a guard split; see the module docstring). A
+            ``forget_tolerance`` of 1 opens this part too.
         user_tolerance: the same on the user's held-out examples (1 opens that side).
         mislabel: ``"refuse"`` a head trained on labels that look wrong, ``"warn"`` and
             decide on the other checks, or ``"off"``.
@@ -290,7 +291,7 @@ class GuardPolicy:
         DEFAULT_FORGET_TOLERANCE,
         flag="--forget-margin",
         help="share of the held-out factory-class examples a new head may lose before the loss is tested "
-        "(1 opens the guard)",
+        "(1 opens the guard's factory side, --memorized-margin included)",
     )
     memorized_tolerance: float = option(
         DEFAULT_MEMORIZED_TOLERANCE,
@@ -364,6 +365,8 @@ def decide(
     or beyond ``memorized_tolerance`` on the ``memorized`` part) or is worse for the user, by
     the evidence; refuse (or warn about) one trained on labels that look wrong."""
     why, said = [], set()
+    if policy.forget_tolerance >= 1:  # --forget-margin 1 opens the whole factory side, as it always did
+        memorized = None
     for part in (factory, memorized):
         if part is not None and part.n and min(part.p_loss, part.p_class) < policy.alpha:
             why.append(f"it forgets the factory classes ({part.describe()} < {policy.alpha})")

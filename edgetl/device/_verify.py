@@ -53,7 +53,7 @@ from edgetl.bundle._contract import (
     WEIGHTS,
 )
 from edgetl.bundle._head import ADAM_EPS, masked_softmax
-from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT, evidence_gates
+from edgetl.device._evidence_gate import MAX_ACCURACY_DROP, MIN_COSINE, MIN_TOP1_AGREEMENT, PARITY_OK, evidence_gates
 from edgetl.device._head import HeadState, ReferenceHeadTrainer, TrainSettings
 from edgetl.device._head_loop import LiteRTLoopHeadTrainer, OnnxLoopHeadTrainer
 from edgetl.device._runtimes import FORMAT_BACKENDS, install_hint, load_model, run_batched
@@ -252,6 +252,7 @@ def _with_accuracy_drops(checks: list[Check]) -> list[Check]:
             ok = c.ok
             if c.precision != "fp32":  # the fixed limit, unless evidence_gates decides on the paired evidence
                 extra["max_accuracy_drop"] = MAX_ACCURACY_DROP[c.precision]
+                extra[PARITY_OK] = ok  # the parity verdict alone, which thin evidence keeps
                 ok = ok and drop <= MAX_ACCURACY_DROP[c.precision]
             c = replace(c, ok=ok, extra=extra)
         out.append(c)

@@ -541,8 +541,12 @@ def resolve_data(
     if calibration is not None:
         _check_matches(calibration, shape, names, "calibration")
         splits = run.config.split(calibration)  # exactly the split training made
-        rows = np.random.default_rng(0).permutation(len(splits.train))[:samples]
-        out.calibration_x, out.calibration_y = splits.train.x[rows].astype(np.float32), np.asarray(splits.train.y)[rows]
+        # Quantization calibrates on the training split as it was before the guard split (train and
+        # guard in their order): activation ranges are not a fit of the head, and the same run gets the
+        # same calibration examples whatever its guard fraction.
+        pool = splits.train if splits.guard is None else _without_guard(run, calibration).train
+        rows = np.random.default_rng(0).permutation(len(pool))[:samples]
+        out.calibration_x, out.calibration_y = pool.x[rows].astype(np.float32), np.asarray(pool.y)[rows]
         out.train = (splits.train.x, splits.train.y)
         out.guard, out.source["guard"] = _guard_split(run, splits)
         held_out_split = "test" if len(splits.test) else "val" if len(splits.val) else None
@@ -558,6 +562,11 @@ def resolve_data(
         out.source["evaluation"] = "given"
     _assign_roles(out, held_out_split, val if held_out_split != "val" else None)  # val reports: halve it
     return out
+
+
+def _without_guard(run: Any, data: Dataset) -> Any:
+    """``data`` split by the run's config with no guard split (its train = train + guard)."""
+    return replace(run.config, guard_fraction=0.0).split(data)
 
 
 def _guard_split(run: Any, splits: Any) -> tuple[tuple[Any, np.ndarray] | None, str]:

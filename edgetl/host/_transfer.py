@@ -526,12 +526,12 @@ def train_transfer(
     record = data.record() if isinstance(data, Dataset) and data.origin else None
     splits = config.split(data)
     splits.train.require_trainable()
-    guard = guard_record(splits)  # before conforming: export re-splits the data as loaded
     if config.augmentation is not None and splits.train.kind != "image":
         raise InputError(f"augmentation applies to image data only; the data is {splits.train.kind!r}")
     k.utils.set_random_seed(config.seed)
     strategy = make_strategy(config.strategy)
     backbone, splits, assumptions = _prepare_backbone(splits, config, backbone, strategy, safe_mode)
+    guard = guard_record(splits)  # conformed, as export's data is when it re-splits
     start = time.perf_counter()
     streamed = _embed_streamed(splits, backbone, config, strategy, record)
     if streamed is not None:
@@ -608,7 +608,7 @@ def _as_configured(data: Splits | Dataset, config: TrainConfig) -> Splits | Data
     if config.streaming != "off":
         return data
     if isinstance(data, Splits):
-        return Splits(data.train.materialize(), data.val.materialize(), data.test.materialize())
+        return Splits(*(d.materialize() for d in (data.train, data.val, data.test)), guard=data.guard)
     return data.materialize()
 
 
@@ -645,8 +645,11 @@ def _embed_streamed(
 ) -> _Streamed | None:
     """Embeddings of every streamed example (``None`` for in-memory data: embedded as before)."""
 
-    parts = [ds.x for ds in (splits.train, splits.val, splits.test) if len(ds)]
-    if not splits.train.streamed or not all(ds.streamed for ds in (splits.train, splits.val, splits.test) if len(ds)):
+    # Every split, the guard split included: the run's cache then covers all of its data, which
+    # export reuses (and the guard rows' embeddings go into replay.npz).
+    split_data = [ds for ds in splits.parts().values() if len(ds)]
+    parts = [ds.x for ds in split_data]
+    if not splits.train.streamed or not all(ds.streamed for ds in split_data):
         return None
     groups: list[Any] = []
     for part in parts:
@@ -700,7 +703,7 @@ def _conform_splits(splits: Splits, backbone: Backbone) -> tuple[Splits, list[st
         raise InputError(
             f"backbone {backbone.name!r} takes inputs of shape {shape}, the data has {splits.train.input_shape}"
         )
-    parts = {name: conform_images(getattr(splits, name), shape) for name in ("train", "val", "test")}
+    parts = {name: conform_images(ds, shape) for name, ds in splits.parts().items()}
     notes = parts["train"][1]
     warnings.warn(f"{'; '.join(notes)} to fit backbone {backbone.name!r} (input {shape})", stacklevel=3)
     return Splits(**{name: ds for name, (ds, _) in parts.items()}), notes

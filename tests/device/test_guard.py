@@ -155,6 +155,8 @@ def test_the_memorized_part_is_tested_beyond_its_own_larger_tolerance():
     )
     opened = GuardPolicy(memorized_tolerance=1.0)
     assert decide(user, factory, NO_LABEL_DOUBT, opened, _evidence("memorized", 200, 20, 0, tolerance=1.0)).accepted
+    # --forget-margin 1 opens the whole factory side, as it did before the memorized part
+    assert decide(user, factory, NO_LABEL_DOUBT, GuardPolicy(forget_tolerance=1.0), forgot).accepted
     assert "memorized" not in decide(user, factory, NO_LABEL_DOUBT, policy).evidence()
     with pytest.raises(InputError, match="memorized_tolerance must be in"):
         GuardPolicy(memorized_tolerance=-0.1)

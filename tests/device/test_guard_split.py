@@ -153,3 +153,26 @@ def test_export_ships_guard_rows_only_when_the_run_held_exactly_them_out(tail_bu
     config = TrainConfig(backbone="x").to_dict()
     config.pop("guard_fraction")
     assert TrainConfig.from_dict(config).guard_fraction == 0.0
+
+
+def test_a_run_on_images_of_another_size_ships_its_guard_split(source_run, digits_target, tmp_path):
+    """Training resizes 16x16 images to the backbone's 8x8 before it records the guard split, as
+    export's reload of the run's own data is resized before it re-splits: the fingerprints agree
+    and the bundle has guard rows (recorded on the raw images, they never matched)."""
+    from edgetl.data import load_dataset
+    from edgetl.host._export import export_bundle
+    from edgetl.host._run import save_run
+    from edgetl.host._transfer import TrainConfig, train_transfer
+
+    big = np.kron(np.asarray(digits_target.x), np.ones((1, 2, 2, 1), np.uint8))  # 8x8 -> 16x16, same digits
+    names = np.asarray([digits_target.class_names[i] for i in digits_target.y])
+    np.savez(tmp_path / "big.npz", x=big, y=names)
+    data = load_dataset(tmp_path / "big.npz")
+    assert data.input_shape[:2] == (16, 16)
+    with pytest.warns(UserWarning, match="fit backbone"):
+        result = train_transfer(data, TrainConfig(backbone=str(source_run[0]), epochs=5, test_fraction=0.0))
+    run = save_run(result, tmp_path / "run")
+    bundle = export_bundle(run, tmp_path / "big.edgetl", quantize=["none"]).bundle
+    entry = next(a for a in bundle.manifest.artifacts if a.role.value == "replay")
+    assert entry.extra["guard_examples"] == result.metrics["guard_examples"] > 0
+    assert "never trained on" in bundle.manifest.data["guard"]

@@ -204,3 +204,13 @@ def test_dataset_validates_itself():
         Dataset(np.zeros((2, 3), np.float32), np.zeros(3, np.int64), ("a", "b"), "features")
     with pytest.raises(DataError, match="rank 4"):
         Dataset(np.zeros((2, 3), np.float32), np.zeros(2, np.int64), ("a", "b"), "image")
+
+
+def test_an_empty_split_is_conformed_to_the_models_input(digits_target):
+    """`--test-fraction 0` on images of another size: the empty test split is resized too (it
+    raised numpy's "need at least one array to stack")."""
+    from edgetl.data import conform_images
+
+    big = Dataset(np.zeros((0, 16, 16, 1), np.uint8), np.zeros(0, np.int64), digits_target.class_names, "image")
+    out, notes = conform_images(big, (8, 8, 1))
+    assert out.x.shape == (0, 8, 8, 1) and out.x.dtype == np.uint8 and notes == ["images resized from 16x16 to 8x8"]

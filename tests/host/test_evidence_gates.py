@@ -147,7 +147,7 @@ def test_a_corrupted_int8_file_is_refused_and_thin_evidence_is_said(tmp_path, sm
     check = {c.file: c for c in thin.checks}["model.int8.tflite"]
     # a device's verify keeps the parity gate's verdict and says the evidence was thin; an
     # export (which passes its calibration inputs) leaves the file out instead
-    assert check.extra["outcome"] == "thin" and check.ok
+    assert check.extra["outcome"] == "thin" and check.ok, (check.value, check.extra)
     at_export = verify_bundle(bundle, x[:10], y[:10], inputs=x[10:20])
     exported = {c.file: c for c in at_export.checks}["model.int8.tflite"]
     assert exported.extra["outcome"] == "thin" and not exported.ok
