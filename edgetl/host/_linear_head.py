@@ -310,6 +310,9 @@ class Standardization:
 # keras.applications network in inference mode collapses them to ~1e-16 (measured on
 # MobileNetV2-0.35), where float32 arithmetic in the convolutions is mostly rounding.
 _VANISHING = 1e-8
+# A dimension whose std is under this share of the median dimension's is nearly dead (see
+# standardization); the suite's backbones have such units at 0.002-0.006 and the next at 0.085.
+NEARLY_DEAD = 0.01
 
 
 def standardization(e: np.ndarray) -> Standardization:
@@ -327,6 +330,12 @@ def standardization(e: np.ndarray) -> Standardization:
     std = e.std(axis=0)
     # Relative to the embedding's own scale: float32 rounding of a constant output is ~1e-7.
     alive = std > max(1e-6 * scale, 1e-30)
+    # A nearly dead unit (it fired on one or two training examples) is constant too: divided by
+    # its tiny std, it scaled those examples' values ~500x beyond every other dimension, and an int8
+    # backbone's output range, calibrated on them, rounded the rest of the embedding away (the
+    # README's `edgetl export runs/digits --target mcu`: cosine 0.82 with the unit, 0.999 without).
+    if alive.any():
+        alive &= std > NEARLY_DEAD * float(np.median(std[alive]))
     mean = e.mean(axis=0)
     typical = float(np.median(std[alive] ** 2)) if alive.any() else 1.0
     var = np.where(alive, std**2, typical)

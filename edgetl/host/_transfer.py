@@ -745,7 +745,10 @@ def _stats_notes(stats: Standardization, config: TrainConfig) -> list[str]:
         return [f"embeddings not standardized (mean |e| = {stats.scale:.3g})"]
     note = f"embeddings standardized with training-split statistics (mean |e| was {stats.scale:.3g})"
     if stats.constant_dims:
-        note += f"; {stats.constant_dims} dimension(s) constant on the training data are ignored"
+        note += (
+            f"; {stats.constant_dims} dimension(s) constant (or nearly: under 1% of the median std) on the "
+            "training data are ignored"
+        )
     return [note]
 
 

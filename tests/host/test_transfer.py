@@ -353,3 +353,23 @@ def test_dead_embedding_dimensions_are_scaled_like_a_typical_one():
     fired = e[:1].copy()
     fired[0, 4] = 400.0  # dead in training, fires on the device: a bounded, typical-scale value
     assert abs(st.apply(fired)[0, 4]) < 400 * factors[:4].max()
+
+
+def test_a_nearly_dead_dimension_is_scaled_like_a_typical_one():
+    """A unit that fired on one training example of 1,000 has a std ~500x under the others':
+    divided by it, that example's value lands ~30x beyond every other dimension's (what made
+    the README's int8 TFLite backbone lose its cosine). It is treated as constant; a dimension
+    merely 10x quieter than the median is not."""
+    from edgetl.host._linear_head import NEARLY_DEAD, standardization
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (1000, 6))
+    rare = np.zeros(1000)
+    rare[7] = 0.06  # std 0.0019 against ~1
+    quiet = rng.normal(0, 0.1, 1000)
+    st = standardization(np.c_[normal, rare, quiet])
+    assert st.constant_dims == 1
+    scaled = st.apply(np.c_[normal, rare, quiet])
+    assert np.abs(scaled[:, 6]).max() < np.abs(scaled[:, :6]).max()
+    np.testing.assert_allclose(scaled[:, 7].std(), 1, rtol=1e-3)
+    assert 0.0019 < NEARLY_DEAD < 0.1
