@@ -131,18 +131,24 @@ def manifests_follow_the_published_schema():
 
 
 @pytest.fixture(scope="session")
-def lifecycle_bundles(tmp_path_factory, digits_bundle, source_run):
+def lifecycle_bundles(tmp_path_factory, digits_bundle, digits_source):
     """Bundles to migrate to (tests/device/test_lifecycle.py, tests/reliability/test_store_faults.py):
-    v2 of the same run (same backbone) and a run whose backbone was fine-tuned (different)."""
+    v2 of the same run (same backbone) and a run on another backbone (edgetl_cnn pretrained on the
+    same source digits with another seed). Fine-tuning the first backbone made one only while
+    fine-tuning beat head-only on validation, which a change of the training split undid."""
     from edgetl import host
+    from edgetl.host._pretrain import pretrain
 
     bundle, halves = digits_bundle
     base = tmp_path_factory.mktemp("lifecycle")
     run = bundle.manifest.producer["run"]
     same = host.export_bundle(run, base / "same_v2.edgetl", calibration=halves.train, version="2").bundle
-    config = host.TrainConfig(
-        backbone=str(source_run[0]), fine_tune_layers=2, fine_tune_epochs=5, val_fraction=0.1, test_fraction=0.0
+    source = host.save_run(
+        pretrain(digits_source, host.TrainConfig(backbone="edgetl_cnn", epochs=8, seed=1)),
+        base / "source1",
+        kind="pretrain",
     )
+    config = host.TrainConfig(backbone=str(source), val_fraction=0.1, test_fraction=0.0)
     tuned = host.train(halves.train, config)
     tuned_run = host.save_run(tuned, base / "tuned")
     other = host.export_bundle(tuned_run, base / "tuned_v3.edgetl", calibration=halves.train, version="3").bundle

@@ -1,8 +1,8 @@
 """Personalization that survives model updates: kept examples, migration, forgetting, trust.
 
 Bundles are real (tests/conftest.py: digits 5-9 from a pretrained edgetl_cnn): the same run
-exported again as version 2 has the same backbone; a run fine-tuned one more phase has a
-different one.
+exported again as version 2 has the same backbone; a run on edgetl_cnn pretrained with another
+seed has a different one.
 """
 
 from __future__ import annotations

@@ -209,7 +209,9 @@ def test_standardization_is_a_frozen_layer_at_the_seam(transfer_result, target_s
     norm = features.get_layer("embedding_standardize")
     assert not norm.trainable and norm in features.layers
     emb = features.predict(target_splits.train.x.astype(np.float32), verbose=0)
-    alive = emb.std(axis=0) > 1e-3
+    # Dimensions standardization treats as constant (dead or nearly dead: under 1% of the median
+    # std) are scaled by a typical std, so their output std stays under 0.01; the rest become 1.
+    alive = emb.std(axis=0) > 0.05
     np.testing.assert_allclose(emb[:, alive].mean(axis=0), 0.0, atol=1e-3)
     np.testing.assert_allclose(emb[:, alive].std(axis=0), 1.0, atol=1e-2)
     assert transfer_result.input_spec["embedding_standardized"] is True
