@@ -53,7 +53,7 @@ from edgetl.device._runtimes import load_model, run_batched
 from edgetl.device._verify import Report, verify_bundle
 from edgetl.errors import BundleError, DependencyError, InputError, QuantizedModelLeftOut, describe
 from edgetl.host._convert import keras_to_onnx, tflite_to_onnx, to_tflite
-from edgetl.host._export_mcu import McuConfig, mcu_export
+from edgetl.host._export_mcu import McuConfig, mcu_export, replay_draw
 from edgetl.host._head_graphs import head_infer_onnx
 from edgetl.host._head_loop_graphs import head_tflite_loop, head_train_loop_onnx
 from edgetl.host._int8_onnx import CPU_TARGETS, RECIPES, agreement_gate, quantize_onnx_int8, recipe_for
@@ -932,13 +932,6 @@ def head_artifacts(plan: ExportPlan, classifier: Any) -> list[Artifact]:
     return out
 
 
-def replay_rows(y: np.ndarray, classes: int, per_class: int) -> np.ndarray:
-    """Indices of up to ``per_class`` examples of each class of ``y``, drawn the same way for
-    replay.npz and the MCU's replay (seeded permutation per class, class by class)."""
-    rng = np.random.default_rng(1)
-    return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(classes)])
-
-
 def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trunk: Any = None) -> list[Artifact]:
     """``replay.npz`` (class-balanced embeddings of factory-class examples, so personalization
     can train against and detect forgetting of the factory classes; with a ``trunk`` model,
@@ -954,7 +947,7 @@ def data_artifacts(plan: ExportPlan, backbone: Any, references: References, trun
         per_class = replay_per_class(classes, width, len(parts))
         xs, ys = [], []
         for x, y in parts:
-            keep = replay_rows(np.asarray(y), classes, per_class)
+            keep = np.concatenate(replay_draw(np.asarray(y), classes, per_class))
             xs.append(np.asarray(x[keep], np.float32))
             ys.append(np.asarray(y)[keep].astype(np.int64))
         x_all = np.concatenate(xs)

@@ -457,6 +457,14 @@ void edgetl_quantize_pixels(const uint8_t *pixels, int8_t *input) {
     return out
 
 
+def replay_draw(y: np.ndarray, classes: int, per_class: int) -> list[np.ndarray]:
+    """Per class, the indices of up to ``per_class`` examples of ``y``: a seeded permutation,
+    class by class. replay.npz is drawn this way (edgetl.host._export.data_artifacts), and the
+    MCU's replay takes from the same draw the rows the device trains on."""
+    rng = np.random.default_rng(1)
+    return [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(classes)]
+
+
 def replay_examples(plan: Any, per_class: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw inputs and class indices of replay examples, up to ``per_class`` of each class: the
     ones the device Personalizer trains on. With a guard split (replay.npz's ``guard`` rows
@@ -465,8 +473,7 @@ def replay_examples(plan: Any, per_class: int, pool: int) -> tuple[np.ndarray, n
     if plan.data.train is None or per_class == 0:
         return np.zeros((0, *plan.shape), np.float32), np.zeros(0, np.int32)
     x, y = plan.data.train
-    rng = np.random.default_rng(1)
-    per = [rng.permutation(np.flatnonzero(y == c))[:pool] for c in range(len(plan.run.class_names))]
+    per = replay_draw(np.asarray(y), len(plan.run.class_names), pool)
     step = 1 if plan.data.guard is not None else 2
     keep = np.concatenate([p[0::step][:per_class] for p in per])
     return np.asarray(x[keep], np.float32), np.asarray(y[keep], np.int32)
