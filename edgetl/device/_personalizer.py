@@ -376,11 +376,8 @@ class Personalizer:
         """``{"user": ..., "replay": ...}``: class-balanced accuracy on the held-out user
         examples and on the held-out replay examples (the factory classes); a part without
         examples is absent."""
-        return {
-            SCORE_NAMES[part]: self._accuracy(head, emb, labels, balanced=True)
-            for part, (emb, labels) in self._held_out().items()
-            if part in SCORE_NAMES and len(labels)
-        }
+        parts = self._held_out()
+        return part_scores({p: self._correct(head, *parts[p]) for p in parts if p in SCORE_NAMES}, parts)
 
     def _predict(self, head: HeadState, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted label names and their probabilities (over the head's active classes)."""

@@ -46,7 +46,7 @@ from edgetl.host._pretrain import pretrain
 from edgetl.host._reference_head import keras_retrain
 from edgetl.host._run import save_run
 from edgetl.host._tf import keras
-from edgetl.host._transfer import DEFAULT_GUARD_FRACTION, TrainConfig, train_transfer
+from edgetl.host._transfer import TrainConfig, train_transfer
 
 SOURCE = GlyphSourceRecipe()
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -179,12 +179,10 @@ def _compare_with_scratch(
     final_result = final_halves = None
     for seed in progress(seeds, desc="demo: seeds"):
         halves = stratified_split(target, val_fraction=0.0, test_fraction=0.5, seed=seed)
-        # With all shots (the model the demo exports), the guard split is held out as `edgetl
-        # train` would, and the config says how to re-split for it: export ships it only when
-        # its re-split of halves.train gives exactly these examples.
-        held = stratified_split(
-            halves.train, val_fraction=0.0, test_fraction=0.0, guard_fraction=DEFAULT_GUARD_FRACTION, seed=seed
-        )
+        # With all shots (the model the demo exports), the guard split is held out by the split of
+        # the run's own config (no val or test: halves.test tests), which export re-splits
+        # halves.train with: it ships the guard rows only when they are exactly these.
+        held = TrainConfig(backbone=DEMO_BACKBONE, val_fraction=0.0, test_fraction=0.0, seed=seed).split(halves.train)
         for k_shots in shots:
             train = held.train if k_shots == "all" else sample_shots(halves.train, int(k_shots), seed=seed)
             splits = Splits(

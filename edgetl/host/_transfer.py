@@ -608,7 +608,7 @@ def _as_configured(data: Splits | Dataset, config: TrainConfig) -> Splits | Data
     if config.streaming != "off":
         return data
     if isinstance(data, Splits):
-        return Splits(*(d.materialize() for d in (data.train, data.val, data.test)), guard=data.guard)
+        return Splits(**{name: ds.materialize() for name, ds in data.parts().items()})
     return data.materialize()
 
 
