@@ -77,14 +77,33 @@ def scaled(model_bytes: bytes, factor: float) -> bytes:
     return _rewrite_output(model_bytes, extra)
 
 
-def rebuilt(src, out, changes):
-    """``src`` with some files replaced (``changes``: name -> function of the old bytes), re-hashed."""
+def rebuilt(src, out, changes, artifact_changes=None):
+    """``src`` with some files replaced (``changes``: name -> function of the old bytes) and, with
+    ``artifact_changes`` (name -> function editing its manifest entry in place), their entries
+    edited, re-hashed."""
     manifest = json.loads((src.path / "manifest.json").read_text())
     manifest.pop("signature", None)
     files = {a["file"]: (src.path / a["file"]).read_bytes() for a in manifest["artifacts"]}
     for name, change in changes.items():
         files[name] = change(files[name])
+    for entry in manifest["artifacts"]:
+        (artifact_changes or {}).get(entry["file"], lambda e: None)(entry)
     return write_bundle(out, manifest, files)
+
+
+def npz_edited(change):
+    """A ``rebuilt`` change of an ``.npz`` file: ``change`` maps its arrays (a dict) to new ones."""
+
+    def edit(content: bytes) -> bytes:
+        import io
+
+        with np.load(io.BytesIO(content)) as z:
+            arrays = change({k: z[k] for k in z.files})
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    return edit
 
 
 TAIL_ROLES = ("trunk", "tail", "tail_infer", "tail_train_loop", "tail_init")
@@ -94,7 +113,6 @@ def without_tail(src_path, out, tail=None, **manifest_fields):
     """The bundle at ``src_path`` with its tail taken out, re-hashed at ``out``: no tail files, no
     trunk activations in replay.npz, the manifest's ``tail`` section set to ``tail`` (``None``:
     removed) and ``manifest_fields`` (e.g. ``name``) replaced. The backbone and head are unchanged."""
-    import io
 
     from edgetl.bundle._tail import REPLAY_KEY
 
@@ -108,9 +126,5 @@ def without_tail(src_path, out, tail=None, **manifest_fields):
     files = {a["file"]: (src_path / a["file"]).read_bytes() for a in manifest["artifacts"]}
     replay = next((a["file"] for a in manifest["artifacts"] if a["role"] == "replay"), None)
     if replay is not None:
-        with np.load(io.BytesIO(files[replay])) as z:
-            arrays = {k: z[k] for k in z.files if k != REPLAY_KEY}
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        files[replay] = buffer.getvalue()
+        files[replay] = npz_edited(lambda arrays: {k: v for k, v in arrays.items() if k != REPLAY_KEY})(files[replay])
     return write_bundle(out, manifest, files)

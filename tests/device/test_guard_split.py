@@ -4,7 +4,6 @@ on training examples the factory head had memorized: tools/guard_memorized.py)."
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -76,24 +75,6 @@ def test_the_bundle_ships_the_runs_guard_split_and_the_guard_judges_only_on_it(t
     assert set(p.decide().candidate_scores) == {"user", "replay"}  # the memorized part is evidence, not a score
 
 
-def _edited(src, out, change_replay, change_entry=None):
-    """``src`` re-hashed at ``out`` with replay.npz's arrays changed (and its manifest entry)."""
-    from edgetl.bundle import write_bundle
-
-    manifest = json.loads((src / "manifest.json").read_text())
-    manifest.pop("signature", None)
-    files = {a["file"]: (src / a["file"]).read_bytes() for a in manifest["artifacts"]}
-    arrays = change_replay(_replay(src))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    files["replay.npz"] = buffer.getvalue()
-    if change_entry is not None:
-        for a in manifest["artifacts"]:
-            if a["role"] == "replay":
-                change_entry(a)
-    return write_bundle(out, manifest, files)
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -105,9 +86,12 @@ def _edited(src, out, change_replay, change_entry=None):
     ids=["int-flags", "short", "all-flagged", "missing"],
 )
 def test_guard_flags_that_disagree_with_the_manifest_are_refused(tail_bundle, tmp_path, change, message):
+    from bundle_edits import npz_edited, rebuilt
+
+    from edgetl.bundle import read_bundle
     from edgetl.device import Classifier, Personalizer
 
-    bundle = _edited(tail_bundle[0], tmp_path / "edited.edgetl", change)
+    bundle = rebuilt(read_bundle(tail_bundle[0]), tmp_path / "edited.edgetl", {"replay.npz": npz_edited(change)})
     clf = Classifier.open(bundle.path)
     with pytest.raises(BundleError, match=message):
         Personalizer(clf, None)
@@ -116,12 +100,20 @@ def test_guard_flags_that_disagree_with_the_manifest_are_refused(tail_bundle, tm
 def test_a_bundle_without_guard_rows_keeps_the_every_other_rule(tail_bundle, tmp_path):
     """A bundle exported before the guard split (no ``guard`` member, no manifest field): every
     other replay row of a class, up to replay_per_class, trains; the rest judge."""
+    from bundle_edits import npz_edited, rebuilt
+
+    from edgetl.bundle import read_bundle
     from edgetl.device import Classifier, Personalizer
 
     def drop(a):
         return {k: v for k, v in a.items() if k != "guard"}
 
-    bundle = _edited(tail_bundle[0], tmp_path / "old.edgetl", drop, lambda e: e.pop("guard_examples"))
+    bundle = rebuilt(
+        read_bundle(tail_bundle[0]),
+        tmp_path / "old.edgetl",
+        {"replay.npz": npz_edited(drop)},
+        {"replay.npz": lambda entry: entry.pop("guard_examples")},
+    )
     p = Personalizer(Classifier.open(bundle.path), None)
     assert p.replay_guard is None
     train, held = p._replay_split()
